@@ -1,0 +1,176 @@
+//! The provider-neutral chat request every ingress parses into and every provider translates.
+//!
+//! OpenAI's Chat Completions shape is the lingua franca: it is what most SDKs and
+//! OpenAI-compatible servers speak, and every other API maps onto it. Only the fields the
+//! sidecar reads are typed; everything else rides in `rest` and reaches a provider of the same
+//! API untouched.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A parsed, validated chat request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    /// The model alias the app asked for; picks the route.
+    pub model: String,
+    /// The conversation so far.
+    pub messages: Vec<Message>,
+    /// Whether the app asked for a server-sent-event stream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    /// Every other field, passed through as the app sent it.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+/// One message of the conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// Text, an array of content parts, or null (an assistant turn with only tool calls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Value>,
+    /// Every other field (`name`, `tool_calls`, `tool_call_id`, ...), passed through.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+/// Why a request body is not a chat request; the message is shown to the app.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{message}")]
+pub struct InvalidRequest {
+    /// What is wrong, naming the field.
+    pub message: String,
+    /// The offending top-level field, when there is one (OpenAI's `param`).
+    pub param: Option<&'static str>,
+}
+
+impl InvalidRequest {
+    fn new(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        InvalidRequest { message: message.into(), param }
+    }
+}
+
+impl ChatRequest {
+    /// Parses an OpenAI Chat Completions request body, rejecting what no provider would take.
+    pub fn from_openai_json(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            InvalidRequest::new(format!("request body is not valid JSON: {e}"), None)
+        })?;
+        let Value::Object(mut object) = value else {
+            return Err(InvalidRequest::new("request body must be a JSON object", None));
+        };
+        let model = match object.remove("model") {
+            Some(Value::String(model)) if !model.is_empty() => model,
+            Some(Value::String(_)) => {
+                return Err(InvalidRequest::new("`model` must not be empty", Some("model")));
+            }
+            Some(_) => return Err(InvalidRequest::new("`model` must be a string", Some("model"))),
+            None => {
+                return Err(InvalidRequest::new(
+                    "you must provide a model parameter (`model` is missing)",
+                    Some("model"),
+                ));
+            }
+        };
+        let messages = match object.remove("messages") {
+            Some(Value::Array(items)) if !items.is_empty() => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    serde_json::from_value::<Message>(item).map_err(|e| {
+                        InvalidRequest::new(format!("`messages[{i}]` is invalid: {e}"), Some("messages"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(Value::Array(_)) => {
+                return Err(InvalidRequest::new("`messages` must not be empty", Some("messages")));
+            }
+            Some(_) => {
+                return Err(InvalidRequest::new("`messages` must be an array", Some("messages")));
+            }
+            None => return Err(InvalidRequest::new("`messages` is missing", Some("messages"))),
+        };
+        let stream = match object.remove("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(stream)) => stream,
+            Some(_) => return Err(InvalidRequest::new("`stream` must be a boolean", Some("stream"))),
+        };
+        Ok(ChatRequest { model, messages, stream, rest: object })
+    }
+
+    /// The request body for one target: this request with `model` replaced.
+    pub fn to_openai_json(&self, model: &str) -> Result<Vec<u8>, serde_json::Error> {
+        #[derive(Serialize)]
+        struct Outgoing<'a> {
+            model: &'a str,
+            messages: &'a [Message],
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            stream: bool,
+            #[serde(flatten)]
+            rest: &'a Map<String, Value>,
+        }
+        serde_json::to_vec(&Outgoing { model, messages: &self.messages, stream: self.stream, rest: &self.rest })
+    }
+
+    /// A rough prompt size in tokens (four characters a token), for providers that must
+    /// report usage without a tokenizer.
+    pub fn estimated_prompt_tokens(&self) -> u64 {
+        let chars: usize = self
+            .messages
+            .iter()
+            .map(|m| match &m.content {
+                Some(Value::String(s)) => s.len(),
+                Some(other) => other.to_string().len(),
+                None => 0,
+            })
+            .sum();
+        (chars as u64).div_ceil(4).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_fields_pass_through() {
+        let body = json!({
+            "model": "chat",
+            "messages": [{"role": "user", "content": "hi", "name": "ann"}],
+            "temperature": 0.2,
+            "logit_bias": {"50256": -100},
+            "stream": true
+        });
+        let request = ChatRequest::from_openai_json(body.to_string().as_bytes()).expect("parses");
+        assert!(request.stream);
+        let out: Value = serde_json::from_slice(&request.to_openai_json("gpt-4o").expect("serializes"))
+            .expect("json");
+        assert_eq!(out["model"], "gpt-4o");
+        assert_eq!(out["temperature"], 0.2);
+        assert_eq!(out["logit_bias"], json!({"50256": -100}));
+        assert_eq!(out["messages"][0], json!({"role": "user", "content": "hi", "name": "ann"}));
+        assert_eq!(out["stream"], true);
+    }
+
+    #[test]
+    fn rejects_what_no_provider_would_take() {
+        let cases = [
+            ("{", "not valid JSON"),
+            ("[]", "must be a JSON object"),
+            (r#"{"messages":[{"role":"user","content":"x"}]}"#, "`model` is missing"),
+            (r#"{"model":"","messages":[{"role":"user"}]}"#, "`model` must not be empty"),
+            (r#"{"model":3,"messages":[{"role":"user"}]}"#, "`model` must be a string"),
+            (r#"{"model":"m"}"#, "`messages` is missing"),
+            (r#"{"model":"m","messages":[]}"#, "`messages` must not be empty"),
+            (r#"{"model":"m","messages":[{"content":"x"}]}"#, "`messages[0]` is invalid"),
+            (r#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#, "`stream` must be a boolean"),
+        ];
+        for (body, expected) in cases {
+            let err = ChatRequest::from_openai_json(body.as_bytes()).expect_err(body);
+            assert!(err.message.contains(expected), "{body}: {}", err.message);
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The `backstop` binary: thin subcommands over the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use backstop::chain::{LocalKeys, PolicyStore};
+use backstop::control::file::{self, PolicyFile};
+use backstop::proxy::{DEFAULT_MAX_REQUEST_BYTES, Sidecar, SidecarConfig};
+use backstop::telemetry::{LogFormat, init_logging};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "backstop", version, about = "LLM fallback layer for Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar: an OpenAI-compatible endpoint on loopback that falls back across providers.
+    Sidecar(SidecarArgs),
+    /// Check a policy file and report every problem with its field path.
+    Check {
+        /// The `FallbackPolicy` YAML file.
+        policy_file: PathBuf,
+    },
+    /// Print the `FallbackPolicy` CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(clap::Args)]
+struct SidecarArgs {
+    /// The `FallbackPolicy` YAML file to serve; reloaded when it changes.
+    #[arg(long, env = "BACKSTOP_POLICY_FILE")]
+    policy_file: PathBuf,
+    /// Address of the LLM listener apps send requests to.
+    #[arg(long, env = "BACKSTOP_LISTEN", default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Address of the admin listener (`/healthz`, `/readyz`, `/config`).
+    #[arg(long, env = "BACKSTOP_ADMIN", default_value = "0.0.0.0:7401")]
+    admin: SocketAddr,
+    /// Largest request body accepted, in bytes; larger ones get a 413.
+    #[arg(long, env = "BACKSTOP_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
+    /// Log format.
+    #[arg(long, env = "BACKSTOP_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Crd => {
+            print!("{}", backstop::policy::crd_yaml()?);
+            Ok(())
+        }
+        Command::Check { policy_file } => {
+            let (snapshot, _) = match file::load(&policy_file, &LocalKeys) {
+                Ok(loaded) => loaded,
+                Err(file::LoadError::Invalid(invalid)) => {
+                    let lines: Vec<String> = invalid.errors.iter().map(|e| format!("  {e}")).collect();
+                    anyhow::bail!("{} is not a valid FallbackPolicy:\n{}", policy_file.display(), lines.join("\n"));
+                }
+                Err(other) => anyhow::bail!("{} is not a usable policy: {other}", policy_file.display()),
+            };
+            println!("{}: ok, policy {} routes {}", policy_file.display(), snapshot.source, snapshot.aliases().join(", "));
+            Ok(())
+        }
+        Command::Sidecar(args) => {
+            init_logging(args.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(sidecar(args))
+        }
+    }
+}
+
+async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
+    let store = Arc::new(PolicyStore::new());
+    let config = SidecarConfig { listen: args.listen, admin: args.admin, max_request_bytes: args.max_request_bytes };
+    let sidecar = Sidecar::bind(&config, store.clone(), backstop::provider::http_client())
+        .await
+        .context("cannot bind the sidecar's listeners")?;
+    tracing::info!(llm = %sidecar.llm_addr()?, admin = %sidecar.admin_addr()?, "backstop sidecar listening");
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let watcher = tokio::spawn(PolicyFile::new(args.policy_file, store, Arc::new(LocalKeys)).watch(shutdown_rx.clone()));
+    let server = tokio::spawn(sidecar.run(shutdown_rx));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new connections; finishing requests in flight");
+    let _ = shutdown_tx.send(true);
+    let _ = watcher.await;
+    server.await.context("server task failed")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,237 @@
+//! The built-in `mock` provider: answers in-process like a real OpenAI-style upstream, with
+//! latency and failures set in the policy, so demos, drills and tests need no network or key.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::{HeaderMap, HeaderValue};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+use super::{AttemptError, ChunkStream, Reply};
+use crate::chat::ChatRequest;
+
+/// The reply when the policy sets none.
+pub const DEFAULT_REPLY: &str = "Hello from the mock provider.";
+
+/// A mock provider's behaviour, compiled from `spec.providers[].mock`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockBehaviour {
+    /// The answer's text.
+    pub reply: String,
+    /// Delay before the answer's headers.
+    pub latency: Duration,
+    /// Further delay before a stream's first content chunk.
+    pub first_token_latency: Duration,
+    /// Content chunks in a streamed answer (at least 1).
+    pub chunks: u32,
+    /// Share of requests that fail, 0 to 1.
+    pub failure_rate: f64,
+    /// Status of a failure.
+    pub failure_status: u16,
+    /// `Retry-After` seconds sent with a 429 or 503.
+    pub retry_after: Option<u32>,
+    /// Seed for the failure draw.
+    pub seed: Option<u64>,
+}
+
+impl Default for MockBehaviour {
+    fn default() -> Self {
+        MockBehaviour {
+            reply: DEFAULT_REPLY.to_string(),
+            latency: Duration::ZERO,
+            first_token_latency: Duration::ZERO,
+            chunks: 4,
+            failure_rate: 0.0,
+            failure_status: 503,
+            retry_after: None,
+            seed: None,
+        }
+    }
+}
+
+/// A running mock provider. Its random draw is shared by every request to it, so a seeded
+/// mock fails the same sequence of requests on every run.
+#[derive(Debug)]
+pub struct Mock {
+    behaviour: MockBehaviour,
+    rng: Mutex<StdRng>,
+}
+
+impl Mock {
+    /// A mock with this behaviour.
+    pub fn new(behaviour: MockBehaviour) -> Self {
+        let rng = match behaviour.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Mock { behaviour, rng: Mutex::new(rng) }
+    }
+
+    fn draws_failure(&self) -> bool {
+        if self.behaviour.failure_rate <= 0.0 {
+            return false;
+        }
+        if self.behaviour.failure_rate >= 1.0 {
+            return true;
+        }
+        // The lock guards a few arithmetic steps and is never held across an await.
+        let mut rng = self.rng.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        rng.random_bool(self.behaviour.failure_rate)
+    }
+
+    /// Answers one request.
+    pub async fn send(&self, model: &str, request: &ChatRequest) -> Result<Reply, AttemptError> {
+        let failing = self.draws_failure();
+        if !self.behaviour.latency.is_zero() {
+            tokio::time::sleep(self.behaviour.latency).await;
+        }
+        if failing {
+            return Err(self.failure());
+        }
+        let id = format!("chatcmpl-mock-{:x}", rand::random::<u64>());
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let prompt_tokens = request.estimated_prompt_tokens();
+        let completion_tokens = self.behaviour.reply.split_whitespace().count().max(1) as u64;
+        let usage = json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        });
+        if !request.stream {
+            return Ok(Reply::Complete(json!({
+                "id": id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": self.behaviour.reply, "refusal": null},
+                    "logprobs": null,
+                    "finish_reason": "stop",
+                }],
+                "usage": usage,
+                "system_fingerprint": "backstop-mock",
+            })));
+        }
+        let include_usage = request
+            .rest
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let chunk = |choices: Value| {
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices})
+        };
+        let mut chunks = vec![chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]))];
+        for piece in split_reply(&self.behaviour.reply, self.behaviour.chunks) {
+            chunks.push(chunk(json!([{"index": 0, "delta": {"content": piece}, "finish_reason": null}])));
+        }
+        chunks.push(chunk(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}])));
+        if include_usage {
+            let mut last = chunk(json!([]));
+            last["usage"] = usage;
+            chunks.push(last);
+        }
+        let first_token_latency = self.behaviour.first_token_latency;
+        let stream: ChunkStream = Box::pin(stream::unfold(
+            (chunks.into_iter(), 0usize),
+            move |(mut rest, index)| async move {
+                // The role chunk goes out at once, content waits for the first token.
+                if index == 1 && !first_token_latency.is_zero() {
+                    tokio::time::sleep(first_token_latency).await;
+                }
+                rest.next().map(|chunk| (Ok(chunk), (rest, index + 1)))
+            },
+        ));
+        Ok(Reply::Stream(stream))
+    }
+
+    fn failure(&self) -> AttemptError {
+        let status = self.behaviour.failure_status;
+        let (kind, code, message) = match status {
+            429 => ("requests", "rate_limit_exceeded", "Rate limit reached (mock provider)."),
+            401 => ("invalid_request_error", "invalid_api_key", "Incorrect API key provided (mock provider)."),
+            400 => ("invalid_request_error", "invalid_value", "Invalid request (mock provider)."),
+            503 | 529 => ("server_error", "overloaded", "The server is overloaded (mock provider)."),
+            _ => ("server_error", "server_error", "The server had an error (mock provider)."),
+        };
+        let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+        let mut headers = HeaderMap::new();
+        if let Some(secs) = self.behaviour.retry_after
+            && matches!(status, 429 | 503)
+        {
+            headers.insert("retry-after", HeaderValue::from(secs));
+        }
+        AttemptError::from_response(status, &headers, Bytes::from(body.to_string()))
+    }
+}
+
+/// Cuts `reply` into `parts` pieces at character boundaries, as evenly as it can.
+fn split_reply(reply: &str, parts: u32) -> Vec<String> {
+    let chars: Vec<char> = reply.chars().collect();
+    let parts = (parts.max(1) as usize).min(chars.len().max(1));
+    let size = chars.len().div_ceil(parts).max(1);
+    let pieces: Vec<String> = chars.chunks(size).map(|c| c.iter().collect()).collect();
+    if pieces.is_empty() { vec![String::new()] } else { pieces }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::FailureClass;
+    use futures_util::StreamExt;
+
+    fn request(stream: bool) -> ChatRequest {
+        ChatRequest::from_openai_json(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hello there"}], "stream": stream,
+                   "stream_options": {"include_usage": true}})
+            .to_string()
+            .as_bytes(),
+        )
+        .expect("valid")
+    }
+
+    #[test]
+    fn splits_replies_evenly() {
+        assert_eq!(split_reply("abcdefgh", 4), ["ab", "cd", "ef", "gh"]);
+        assert_eq!(split_reply("abc", 10), ["a", "b", "c"]);
+        assert_eq!(split_reply("", 3), [""]);
+        assert_eq!(split_reply("héllo", 2).concat(), "héllo");
+    }
+
+    #[tokio::test]
+    async fn seeded_failures_repeat_exactly() {
+        let behaviour = MockBehaviour { failure_rate: 0.5, failure_status: 429, seed: Some(7), ..Default::default() };
+        let draw = |mock: &Mock| (0..64).map(|_| mock.draws_failure()).collect::<Vec<_>>();
+        let first = draw(&Mock::new(behaviour.clone()));
+        assert_eq!(first, draw(&Mock::new(behaviour)));
+        let failures = first.iter().filter(|f| **f).count();
+        assert!((16..=48).contains(&failures), "{failures} of 64");
+    }
+
+    #[tokio::test]
+    async fn failures_carry_status_and_retry_after() {
+        let mock = Mock::new(MockBehaviour { failure_rate: 1.0, failure_status: 429, retry_after: Some(3), ..Default::default() });
+        let error = mock.send("m", &request(false)).await.expect_err("fails");
+        assert_eq!(error.class, FailureClass::RateLimited);
+        assert_eq!(error.status, Some(429));
+        assert_eq!(error.retry_after, Some(Duration::from_secs(3)));
+    }
+
+    #[tokio::test]
+    async fn streams_the_reply_with_usage() {
+        let mock = Mock::new(MockBehaviour { reply: "one two three".into(), chunks: 3, ..Default::default() });
+        let Ok(Reply::Stream(stream)) = mock.send("m", &request(true)).await else { panic!("expected a stream") };
+        let chunks: Vec<Value> = stream.map(|c| c.expect("chunk")).collect().await;
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c.pointer("/choices/0/delta/content").and_then(Value::as_str))
+            .collect();
+        assert_eq!(text, "one two three");
+        assert_eq!(chunks.last().and_then(|c| c.pointer("/usage/completion_tokens")), Some(&json!(3)));
+    }
+}

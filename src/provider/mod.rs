@@ -1,0 +1,360 @@
+//! Upstream providers: one file per wire API, behind one closed enum.
+//!
+//! A provider turns the neutral [`ChatRequest`] into its API's request, sends it, and turns the
+//! answer back into the neutral reply (OpenAI's `chat.completion` and `chat.completion.chunk`
+//! shapes) or into an [`AttemptError`] that has classified itself. Timeouts, retries and
+//! fall-through are the chain's business, not the provider's.
+
+pub mod mock;
+pub mod openai;
+pub mod sse;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use http::HeaderMap;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use crate::chat::ChatRequest;
+use crate::policy::{FailureClass, ProviderKind};
+
+/// The shared upstream HTTP client: pooled connections, HTTPS through rustls, HTTP/1.1 and
+/// HTTP/2 (chosen by ALPN).
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Builds the upstream client. Call once per process: its pool is shared by every provider
+/// and survives policy reloads.
+pub fn http_client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        .unwrap_or_else(|_| {
+            // Only fails if the ring provider lacks every TLS version, which it does not.
+            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots()
+        })
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(https)
+}
+
+/// An API key. Its `Debug` never shows the key, so it cannot leak through a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(Arc<str>);
+
+impl ApiKey {
+    /// Wraps a key.
+    pub fn new(key: impl Into<Arc<str>>) -> Self {
+        ApiKey(key.into())
+    }
+
+    /// The key itself, for the one header that carries it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// A configured upstream: one entry of `spec.providers`, ready to send.
+#[derive(Debug)]
+pub struct Provider {
+    /// The policy's name for it.
+    pub name: String,
+    backend: Backend,
+}
+
+#[derive(Debug)]
+enum Backend {
+    OpenAi(openai::OpenAi),
+    Mock(mock::Mock),
+}
+
+impl Provider {
+    /// An OpenAI or OpenAI-compatible provider.
+    pub fn openai(name: String, upstream: openai::OpenAi) -> Self {
+        Provider { name, backend: Backend::OpenAi(upstream) }
+    }
+
+    /// A built-in mock provider.
+    pub fn mock(name: String, mock: mock::Mock) -> Self {
+        Provider { name, backend: Backend::Mock(mock) }
+    }
+
+    /// The wire API it speaks.
+    pub fn kind(&self) -> ProviderKind {
+        match &self.backend {
+            Backend::OpenAi(o) => o.kind(),
+            Backend::Mock(_) => ProviderKind::Mock,
+        }
+    }
+
+    /// Sends `request` to `model` at this provider. A `Stream` reply has answered with a 2xx
+    /// but may still fail before its first chunk; the caller bounds every wait.
+    pub async fn send(
+        &self,
+        http: &HttpClient,
+        model: &str,
+        request: &ChatRequest,
+    ) -> Result<Reply, AttemptError> {
+        match &self.backend {
+            Backend::OpenAi(upstream) => upstream.send(http, model, request).await,
+            Backend::Mock(mock) => mock.send(model, request).await,
+        }
+    }
+}
+
+/// A successful answer, in the neutral (OpenAI) shape.
+pub enum Reply {
+    /// A whole `chat.completion` object.
+    Complete(Value),
+    /// `chat.completion.chunk` objects as they arrive. The stream ends after the provider's
+    /// end marker; an early end or an error event is an `Err` item.
+    Stream(ChunkStream),
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Complete(v) => f.debug_tuple("Complete").field(v).finish(),
+            Reply::Stream(_) => f.write_str("Stream(..)"),
+        }
+    }
+}
+
+/// A stream of neutral chunks.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Value, AttemptError>> + Send>>;
+
+/// A failed attempt at one target, already classified.
+#[derive(Clone, Debug)]
+pub struct AttemptError {
+    /// Why it failed, in the terms `fallbackOn` uses.
+    pub class: FailureClass,
+    /// The upstream's HTTP status, when it answered with one.
+    pub status: Option<u16>,
+    /// How long the upstream asked us to wait (`Retry-After`, `retry-after-ms`).
+    pub retry_after: Option<Duration>,
+    /// A one-line description safe to show the app: never an authentication error's body.
+    pub message: String,
+    /// The upstream's error body, kept to return as is when the failure is final.
+    /// Never kept for `authError`.
+    pub body: Option<Bytes>,
+}
+
+impl AttemptError {
+    /// A failure with no upstream answer (timeout, connection error, malformed reply).
+    pub fn new(class: FailureClass, message: impl Into<String>) -> Self {
+        AttemptError { class, status: None, retry_after: None, message: message.into(), body: None }
+    }
+
+    /// A failure the upstream answered with an error status.
+    pub fn from_response(status: u16, headers: &HeaderMap, body: Bytes) -> Self {
+        let class = classify_openai_error(Some(status), &body);
+        let retry_after = retry_after(headers, SystemTime::now());
+        let message = if class == FailureClass::AuthError {
+            format!("upstream rejected the credentials (HTTP {status})")
+        } else {
+            let detail = error_message(&body).unwrap_or_else(|| snippet(&body));
+            format!("HTTP {status}: {detail}")
+        };
+        let body = (class != FailureClass::AuthError).then_some(body);
+        AttemptError { class, status: Some(status), retry_after, message, body }
+    }
+
+    /// An error event inside a 2xx stream, such as `data: {"error": {...}}`.
+    pub fn from_stream_error(error: &Value) -> Self {
+        let status = error.get("code").and_then(Value::as_u64).and_then(|c| u16::try_from(c).ok());
+        let class = classify_error_value(status.filter(|s| (400..600).contains(s)), error);
+        let message = if class == FailureClass::AuthError {
+            "upstream rejected the credentials (in-stream error)".to_string()
+        } else {
+            let detail = error.get("message").and_then(Value::as_str).unwrap_or("unknown error");
+            format!("error event in stream: {}", truncate(detail, 300))
+        };
+        AttemptError { class, status: None, retry_after: None, message, body: None }
+    }
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.class, self.message)
+    }
+}
+
+impl std::error::Error for AttemptError {}
+
+/// Classifies an error answer in OpenAI's format (`{"error": {"message", "type", "code"}}`),
+/// which OpenAI-compatible servers and the mock provider share.
+pub fn classify_openai_error(status: Option<u16>, body: &[u8]) -> FailureClass {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let error = parsed.as_ref().map(|v| v.get("error").unwrap_or(v)).cloned().unwrap_or(Value::Null);
+    classify_error_value(status, &error)
+}
+
+/// Classifies a status and an OpenAI-style error object (either may be missing).
+fn classify_error_value(status: Option<u16>, error: &Value) -> FailureClass {
+    let field = |name: &str| {
+        error.get(name).and_then(Value::as_str).map(str::to_ascii_lowercase).unwrap_or_default()
+    };
+    let (code, kind, message) = (field("code"), field("type"), field("message"));
+    let says = |needle: &str| code.contains(needle) || kind.contains(needle);
+    if says("insufficient_quota") || says("billing") || says("quota") {
+        return FailureClass::QuotaExceeded;
+    }
+    if says("context_length") || message.contains("maximum context length") || message.contains("context window") {
+        return FailureClass::ContextWindowExceeded;
+    }
+    if says("content_filter") || says("content_policy") {
+        return FailureClass::ContentFiltered;
+    }
+    match status {
+        Some(429) => FailureClass::RateLimited,
+        Some(402) => FailureClass::QuotaExceeded,
+        Some(401 | 403) => FailureClass::AuthError,
+        Some(408) => FailureClass::Timeout,
+        Some(503 | 529) => FailureClass::Overloaded,
+        Some(500..=599) => FailureClass::ServerError,
+        Some(400..=499) => FailureClass::BadRequest,
+        Some(_) => FailureClass::ServerError,
+        None if says("rate_limit") => FailureClass::RateLimited,
+        None if says("overloaded") => FailureClass::Overloaded,
+        None if says("authentication") || says("permission") => FailureClass::AuthError,
+        None if says("invalid_request") => FailureClass::BadRequest,
+        None => FailureClass::ServerError,
+    }
+}
+
+/// The wait an upstream asked for: `retry-after-ms` (OpenAI, Azure), else `Retry-After` as
+/// seconds or an HTTP date.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
+        && ms.is_finite()
+        && ms >= 0.0
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let value = text("retry-after")?;
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+fn error_message(body: &[u8]) -> Option<String> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let message = value.pointer("/error/message").or_else(|| value.get("message"))?.as_str()?;
+    Some(truncate(message, 300))
+}
+
+fn snippet(body: &[u8]) -> String {
+    if body.is_empty() {
+        return "empty body".to_string();
+    }
+    truncate(&String::from_utf8_lossy(body), 120)
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    if line.len() <= max {
+        return line.to_string();
+    }
+    let mut end = max;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &line[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use serde_json::json;
+
+    fn class(status: u16, body: Value) -> FailureClass {
+        classify_openai_error(Some(status), body.to_string().as_bytes())
+    }
+
+    #[test]
+    fn classifies_openai_error_bodies() {
+        use FailureClass::*;
+        assert_eq!(class(429, json!({"error": {"type": "requests", "code": "rate_limit_exceeded"}})), RateLimited);
+        assert_eq!(class(429, json!({"error": {"type": "insufficient_quota", "code": "insufficient_quota"}})), QuotaExceeded);
+        assert_eq!(class(402, json!({})), QuotaExceeded);
+        assert_eq!(class(401, json!({"error": {"code": "invalid_api_key"}})), AuthError);
+        assert_eq!(class(403, json!({})), AuthError);
+        assert_eq!(class(503, json!({})), Overloaded);
+        assert_eq!(class(529, json!({"type": "error", "error": {"type": "overloaded_error"}})), Overloaded);
+        assert_eq!(class(500, json!({})), ServerError);
+        assert_eq!(class(502, json!({})), ServerError);
+        assert_eq!(class(408, json!({})), Timeout);
+        assert_eq!(class(400, json!({"error": {"code": "context_length_exceeded"}})), ContextWindowExceeded);
+        assert_eq!(
+            class(400, json!({"error": {"message": "This model's maximum context length is 8192 tokens"}})),
+            ContextWindowExceeded
+        );
+        assert_eq!(class(400, json!({"error": {"code": "content_filter"}})), ContentFiltered);
+        assert_eq!(class(400, json!({"error": {"code": "invalid_value"}})), BadRequest);
+        assert_eq!(class(404, json!({"error": {"code": "model_not_found"}})), BadRequest);
+        assert_eq!(classify_openai_error(Some(500), b"<html>oops"), ServerError);
+    }
+
+    #[test]
+    fn classifies_in_stream_error_events() {
+        use FailureClass::*;
+        let e = |v: Value| AttemptError::from_stream_error(&v).class;
+        assert_eq!(e(json!({"message": "slow down", "type": "rate_limit_error"})), RateLimited);
+        assert_eq!(e(json!({"message": "busy", "type": "overloaded_error"})), Overloaded);
+        assert_eq!(e(json!({"message": "boom", "code": 500})), ServerError);
+        assert_eq!(e(json!({"message": "bad", "type": "invalid_request_error"})), BadRequest);
+        assert_eq!(e(json!({"message": "?"})), ServerError);
+    }
+
+    #[test]
+    fn auth_failures_never_keep_the_body() {
+        let body = Bytes::from_static(br#"{"error":{"message":"Incorrect API key provided: sk-abc...xyz"}}"#);
+        let error = AttemptError::from_response(401, &HeaderMap::new(), body);
+        assert_eq!(error.class, FailureClass::AuthError);
+        assert!(error.body.is_none());
+        assert!(!error.message.contains("sk-abc"), "{}", error.message);
+    }
+
+    #[test]
+    fn reads_retry_after_in_every_form() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers, now), None);
+        headers.insert("retry-after", HeaderValue::from_static("5"));
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(5)));
+        headers.insert("retry-after", HeaderValue::from_static("1.5"));
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_millis(1500)));
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        headers.insert("retry-after", HeaderValue::from_str(&date).expect("header"));
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(7)));
+        headers.insert("retry-after-ms", HeaderValue::from_static("250"));
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_millis(250)));
+        headers.insert("retry-after-ms", HeaderValue::from_static("nonsense"));
+        headers.insert("retry-after", HeaderValue::from_static("garbage"));
+        assert_eq!(retry_after(&headers, now), None);
+    }
+}
