@@ -92,10 +92,13 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let sidecar = Sidecar::bind(&config, store.clone(), backstop::provider::http_client())
         .await
         .context("cannot bind the sidecar's listeners")?;
+    // Load before serving, so the first request never finds the store empty.
+    let mut policy_file = PolicyFile::new(args.policy_file, store, Arc::new(LocalKeys));
+    policy_file.reload_and_log();
     tracing::info!(llm = %sidecar.llm_addr()?, admin = %sidecar.admin_addr()?, "backstop sidecar listening");
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let watcher = tokio::spawn(PolicyFile::new(args.policy_file, store, Arc::new(LocalKeys)).watch(shutdown_rx.clone()));
+    let watcher = tokio::spawn(policy_file.watch(shutdown_rx.clone()));
     let server = tokio::spawn(sidecar.run(shutdown_rx));
 
     shutdown_signal().await;

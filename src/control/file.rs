@@ -106,7 +106,8 @@ impl PolicyFile {
         Ok(Some(version))
     }
 
-    fn reload_and_log(&mut self) {
+    /// Loads the file now and logs the outcome; an invalid file leaves the store as it was.
+    pub fn reload_and_log(&mut self) {
         if let Err(error) = self.reload() {
             let kept = self.store.load().map(|s| s.version);
             tracing::error!(file = %self.path.display(), %error, kept_version = ?kept, "policy not loaded; the last good policy stays");

@@ -118,6 +118,7 @@ fn answer(answered: Answered) -> Response<Body> {
 enum SseState {
     Held(std::vec::IntoIter<Value>, ChunkStream, Duration),
     Live(ChunkStream, Duration),
+    Failing(BoxError),
     Done,
 }
 
@@ -128,32 +129,38 @@ fn sse_body(held: Vec<Value>, rest: ChunkStream, idle_timeout: Duration) -> Body
     let frames = stream::unfold(SseState::Held(held.into_iter(), rest, idle_timeout), |state| async move {
         match state {
             SseState::Held(mut held, rest, idle) => match held.next() {
-                Some(chunk) => Some((Ok(event(&chunk)), SseState::Held(held, rest, idle))),
+                Some(chunk) => Some((Ok(Frame::data(event(&chunk))), SseState::Held(held, rest, idle))),
                 None => next_live(rest, idle).await,
             },
             SseState::Live(rest, idle) => next_live(rest, idle).await,
+            SseState::Failing(error) => {
+                // Give the connection a moment to flush the error event: an aborted body
+                // discards whatever is still buffered.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Some((Err(error), SseState::Done))
+            }
             SseState::Done => None,
         }
-    })
-    .flat_map(|item: Result<Bytes, (Bytes, BoxError)>| match item {
-        Ok(bytes) => stream::iter(vec![Ok(Frame::data(bytes))]),
-        Err((last_words, error)) => stream::iter(vec![Ok(Frame::data(last_words)), Err(error)]),
     });
     Body::new(http_body_util::StreamBody::new(frames))
 }
 
-async fn next_live(mut rest: ChunkStream, idle: Duration) -> Option<(Result<Bytes, (Bytes, BoxError)>, SseState)> {
+type SseItem = (Result<Frame<Bytes>, BoxError>, SseState);
+
+async fn next_live(mut rest: ChunkStream, idle: Duration) -> Option<SseItem> {
     match tokio::time::timeout(idle, rest.next()).await {
-        Ok(Some(Ok(chunk))) => Some((Ok(event(&chunk)), SseState::Live(rest, idle))),
-        Ok(None) => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), SseState::Done)),
+        Ok(Some(Ok(chunk))) => Some((Ok(Frame::data(event(&chunk))), SseState::Live(rest, idle))),
+        Ok(None) => Some((Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))), SseState::Done)),
         Ok(Some(Err(error))) => {
             tracing::warn!(class = %error.class, error = %error.message, "stream failed after its first token");
-            Some((Err(cut(&error.message, error_type(error.class))), SseState::Done))
+            let (last_words, error) = cut(&error.message, error_type(error.class));
+            Some((Ok(Frame::data(last_words)), SseState::Failing(error)))
         }
         Err(_) => {
             let message = format!("upstream sent nothing for {}ms", idle.as_millis());
             tracing::warn!(error = %message, "stream stalled after its first token");
-            Some((Err(cut(&message, "timeout")), SseState::Done))
+            let (last_words, error) = cut(&message, "timeout");
+            Some((Ok(Frame::data(last_words)), SseState::Failing(error)))
         }
     }
 }

@@ -1,0 +1,159 @@
+//! The real `backstop` binary: the README's quickstart, secrets kept out of logs, start-up with
+//! a broken policy, and the `check` and `crd` subcommands.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_backstop");
+
+struct Running {
+    child: Child,
+    llm: SocketAddr,
+    admin: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Running {
+    async fn start(policy_file: &std::path::Path, log_level: &str) -> Running {
+        let mut child = Command::new(BIN)
+            .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "json", "--policy-file"])
+            .arg(policy_file)
+            .env("BACKSTOP_LOG", log_level)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start backstop");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(event) = serde_json::from_str::<Value>(&line)
+                    && event["message"] == "backstop sidecar listening"
+                    && let Some(tx) = tx.take()
+                {
+                    let addr = |k: &str| event[k].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
+                    let _ = tx.send((addr("llm"), addr("admin")));
+                }
+                sink.lock().expect("lock").push_str(&(line + "\n"));
+            }
+        });
+        let (llm, admin) = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("the sidecar reports its addresses within 10 s")
+            .expect("listening line");
+        Running { child, llm: llm.expect("llm addr"), admin: admin.expect("admin addr"), log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().expect("lock").clone()
+    }
+
+    async fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("pid");
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.expect("exits on SIGTERM").expect("wait")
+    }
+}
+
+fn repo_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_falls_back_from_the_rate_limited_primary() {
+    let sidecar = Running::start(&repo_file("deploy/examples/quickstart.yaml"), "info").await;
+    let url = format!("http://{}/v1/chat/completions", sidecar.llm);
+    let answer = post(&url, &chat(false)).await;
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(answer.header("x-backstop-provider"), Some("fallback"));
+    assert_eq!(answer.header("x-backstop-model"), Some("claude-sonnet-4-5"));
+    assert_eq!(answer.header("x-backstop-fallback-reason"), Some("primary/gpt-4o=rateLimited"));
+    assert_eq!(answer.header("x-backstop-attempts"), Some("2"));
+    let streamed = post_stream(&url, &chat(true)).await;
+    assert!(streamed.done());
+    assert!(streamed.text().starts_with("Answered by the fallback target"), "{}", streamed.text());
+    assert!(sidecar.log().contains("answered after falling through"), "{}", sidecar.log());
+    let status = sidecar.stop().await;
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_never_reach_logs_or_config() {
+    let upstream = Upstream::start(Fault::status(401)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, two_target_policy(&upstream.base_url(), "")).expect("write");
+    let sidecar = Running::start(&policy, "trace").await;
+    let url = format!("http://{}/v1/chat/completions", sidecar.llm);
+    let answer = post(&url, &chat(false)).await;
+    assert_eq!(answer.status, 200);
+    let config = get(&format!("http://{}/config", sidecar.admin)).await;
+    assert_eq!(config.status, 200);
+    // A rejected reload must not print the key either.
+    std::fs::write(&policy, two_target_policy(&upstream.base_url(), "  retry: {attempts: 0}\n")).expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = sidecar.log();
+    assert!(log.contains("policy not loaded"), "the invalid rewrite should be logged:\n{log}");
+    assert!(upstream.received()[0].headers.get("authorization").is_some(), "the key was sent upstream");
+    for (place, text) in [("log", log.as_str()), ("/config", &String::from_utf8_lossy(&config.body)), ("answer", &String::from_utf8_lossy(&answer.body))] {
+        assert!(!text.contains("sk-test-primary-SECRET"), "the API key leaked into the {place}:\n{text}");
+        assert!(!text.contains("sk-upstream-echo-SECRET"), "the upstream's 401 body leaked into the {place}:\n{text}");
+    }
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_unready_on_a_broken_policy_and_recovers_when_it_is_fixed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    let good = std::fs::read_to_string(repo_file("deploy/examples/quickstart.yaml")).expect("quickstart");
+    std::fs::write(&policy, good.replace("total: 90s", "total: never")).expect("write");
+    let sidecar = Running::start(&policy, "info").await;
+    let ready = get(&format!("http://{}/readyz", sidecar.admin)).await;
+    assert_eq!(ready.status, 503);
+    let answer = post(&format!("http://{}/v1/chat/completions", sidecar.llm), &chat(false)).await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.json()["error"]["code"], "no_policy");
+    assert!(sidecar.log().contains("spec.timeouts.total"), "the log names the field:\n{}", sidecar.log());
+    std::fs::write(&policy, good).expect("fix");
+    let until = Instant::now() + Duration::from_secs(10);
+    while get(&format!("http://{}/readyz", sidecar.admin)).await.status != 200 {
+        assert!(Instant::now() < until, "never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = post(&format!("http://{}/v1/chat/completions", sidecar.llm), &chat(false)).await;
+    assert_eq!(answer.status, 200);
+    sidecar.stop().await;
+}
+
+#[test]
+fn check_reports_field_paths_and_crd_matches_the_checked_in_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.yaml");
+    let good = std::fs::read_to_string(repo_file("deploy/examples/quickstart.yaml")).expect("quickstart");
+    std::fs::write(&bad, good.replace("provider: fallback,", "provider: nowhere,")).expect("write");
+    let out = std::process::Command::new(BIN).arg("check").arg(&bad).output().expect("run check");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`spec.routes[0].chain[1].provider`: `nowhere` is not defined"), "{stderr}");
+    let ok = std::process::Command::new(BIN).arg("check").arg(repo_file("deploy/examples/quickstart.yaml")).output().expect("run check");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let crd = std::process::Command::new(BIN).arg("crd").output().expect("run crd");
+    let checked_in = std::fs::read(repo_file("crds/fallbackpolicy.yaml")).expect("crd file");
+    assert!(crd.stdout == checked_in, "crds/fallbackpolicy.yaml differs from `backstop crd`");
+}

@@ -1,0 +1,448 @@
+//! Test harness: a fault-injecting OpenAI-format upstream, a sidecar on port 0, and a client.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backstop::chain::{LocalKeys, PolicyStore};
+use backstop::control::file::PolicyFile;
+use backstop::proxy::{Sidecar, SidecarConfig};
+use bytes::Bytes;
+use futures_util::stream;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type UpBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// What the upstream does with one request.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answers normally (streaming if asked), with the text `from upstream`.
+    Ok,
+    /// Answers with this status, JSON body and extra headers.
+    Status { status: u16, body: Value, headers: Vec<(&'static str, String)> },
+    /// Never sends headers.
+    StallBeforeHeaders,
+    /// Sends 200 headers (and for streams the role chunk) and then nothing.
+    StallAfterHeaders,
+    /// Sends part of the answer (for streams the first content chunk) and then resets.
+    CutAfterFirstChunk,
+    /// Sends 200 with a body that is not JSON (for streams an event that is not JSON).
+    Garbage,
+    /// Sends 200 with an OpenAI error object (for streams as the first event).
+    ErrorEvent { kind: &'static str },
+}
+
+impl Fault {
+    /// A plain status with an OpenAI-style error body.
+    pub fn status(status: u16) -> Fault {
+        let (kind, code) = match status {
+            429 => ("requests", "rate_limit_exceeded"),
+            401 => ("invalid_request_error", "invalid_api_key"),
+            400 => ("invalid_request_error", "invalid_value"),
+            _ => ("server_error", "server_error"),
+        };
+        let message = format!("upstream says {status}; key sk-upstream-echo-SECRET");
+        Fault::Status { status, body: json!({"error": {"message": message, "type": kind, "code": code, "param": null}}), headers: vec![] }
+    }
+
+    /// A status with a `Retry-After` header.
+    pub fn with_retry_after(status: u16, retry_after: &str) -> Fault {
+        match Fault::status(status) {
+            Fault::Status { status, body, .. } => Fault::Status { status, body, headers: vec![("retry-after", retry_after.to_string())] },
+            other => other,
+        }
+    }
+}
+
+/// One request the upstream received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub at: Instant,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+/// A fault-injecting upstream speaking OpenAI's Chat Completions wire format on 127.0.0.1.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Script {
+    queue: Mutex<VecDeque<Fault>>,
+    default: Fault,
+}
+
+impl Upstream {
+    /// An upstream that answers every request with `fault`.
+    pub async fn start(fault: Fault) -> Upstream {
+        Upstream::scripted(vec![], fault).await
+    }
+
+    /// An upstream that answers with `script` in order, then with `then`.
+    pub async fn scripted(script: Vec<Fault>, then: Fault) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = listener.local_addr().expect("upstream addr");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Script { queue: Mutex::new(script.into()), default: then });
+        let seen = received.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else { return };
+                let (seen, script) = (seen.clone(), script.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let (seen, script) = (seen.clone(), script.clone());
+                        async move { Ok::<_, Infallible>(answer(request, &seen, &script).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(socket), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, received, task }
+    }
+
+    /// The base URL to put in a policy.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().expect("lock").clone()
+    }
+
+    /// How many requests it has received.
+    pub fn count(&self) -> usize {
+        self.received.lock().expect("lock").len()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn whole(status: u16, body: impl Into<Bytes>, headers: &[(&'static str, String)]) -> Response<UpBody> {
+    let mut response = Response::new(UpBody::new(Full::new(body.into()).map_err(|never| match never {})));
+    *response.status_mut() = StatusCode::from_u16(status).expect("status");
+    response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
+    for (name, value) in headers {
+        response.headers_mut().insert(*name, value.parse().expect("header"));
+    }
+    response
+}
+
+fn streamed(frames: Vec<Result<Bytes, BoxError>>, then_stall: bool) -> Response<UpBody> {
+    // Each frame after a short pause, so hyper flushes what came before a reset.
+    let items = futures_util::StreamExt::then(stream::iter(frames), |frame| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        frame.map(Frame::data)
+    });
+    let body: UpBody = if then_stall {
+        UpBody::new(StreamBody::new(futures_util::StreamExt::chain(items, stream::pending())))
+    } else {
+        UpBody::new(StreamBody::new(items))
+    };
+    let mut response = Response::new(body);
+    response.headers_mut().insert("content-type", "text/event-stream".parse().expect("header"));
+    response
+}
+
+fn sse(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+fn chunk(delta: Value, finish: Option<&str>) -> Value {
+    json!({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": "up-model",
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+}
+
+async fn answer(request: Request<Incoming>, seen: &Mutex<Vec<Received>>, script: &Script) -> Response<UpBody> {
+    let headers = request.headers().clone();
+    let bytes = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    seen.lock().expect("lock").push(Received { at: Instant::now(), headers, body });
+    let fault = script.queue.lock().expect("lock").pop_front().unwrap_or_else(|| script.default.clone());
+    let role = sse(&chunk(json!({"role": "assistant", "content": ""}), None));
+    let first = sse(&chunk(json!({"content": "from"}), None));
+    match fault {
+        Fault::Ok if stream => streamed(
+            vec![
+                Ok(role),
+                Ok(first),
+                Ok(sse(&chunk(json!({"content": " upstream"}), None))),
+                Ok(sse(&chunk(json!({}), Some("stop")))),
+                Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+            ],
+            false,
+        ),
+        Fault::Ok => whole(
+            200,
+            json!({"id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "up-model",
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "from upstream"}, "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}, "upstream_extra": "kept"})
+            .to_string(),
+            &[],
+        ),
+        Fault::Status { status, body, headers } => whole(status, body.to_string(), &headers),
+        Fault::StallBeforeHeaders => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            whole(500, "", &[])
+        }
+        Fault::StallAfterHeaders if stream => streamed(vec![Ok(role)], true),
+        Fault::StallAfterHeaders => {
+            let mut response = streamed(vec![Ok(Bytes::from_static(b"{\"id\":"))], true);
+            response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
+            response
+        }
+        Fault::CutAfterFirstChunk if stream => streamed(vec![Ok(role), Ok(first), Err("reset".into())], false),
+        Fault::CutAfterFirstChunk => {
+            let mut response = streamed(vec![Ok(Bytes::from_static(b"{\"id\":\"chatcmpl-up\",")), Err("reset".into())], false);
+            response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
+            response
+        }
+        Fault::Garbage if stream => streamed(vec![Ok(Bytes::from_static(b"data: <html>upstream exploded</html>\n\n"))], false),
+        Fault::Garbage => whole(200, "<html>upstream exploded</html>", &[]),
+        Fault::ErrorEvent { kind } if stream => streamed(
+            vec![Ok(role), Ok(sse(&json!({"error": {"message": "upstream failed mid-stream", "type": kind}})))],
+            false,
+        ),
+        Fault::ErrorEvent { kind } => whole(200, json!({"error": {"message": "upstream failed", "type": kind}}).to_string(), &[]),
+    }
+}
+
+/// A sidecar serving a policy file, in this process, on ports the OS picks.
+pub struct TestSidecar {
+    pub llm: SocketAddr,
+    pub admin: SocketAddr,
+    pub policy_path: PathBuf,
+    pub store: Arc<PolicyStore>,
+    _dir: tempfile::TempDir,
+    shutdown: watch::Sender<bool>,
+}
+
+impl TestSidecar {
+    /// Writes `policy` to a file and starts a sidecar on it, waiting until it is loaded.
+    pub async fn start(policy: &str) -> TestSidecar {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy_path = dir.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy).expect("write policy");
+        let store = Arc::new(PolicyStore::new());
+        let config = SidecarConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            admin: "127.0.0.1:0".parse().expect("addr"),
+            max_request_bytes: 64 * 1024,
+        };
+        let sidecar = Sidecar::bind(&config, store.clone(), backstop::provider::http_client()).await.expect("bind sidecar");
+        let (llm, admin) = (sidecar.llm_addr().expect("addr"), sidecar.admin_addr().expect("addr"));
+        let (shutdown, rx) = watch::channel(false);
+        tokio::spawn(PolicyFile::new(policy_path.clone(), store.clone(), Arc::new(LocalKeys)).watch(rx.clone()));
+        tokio::spawn(sidecar.run(rx));
+        let loaded = Instant::now() + Duration::from_secs(5);
+        while store.load().is_none() {
+            assert!(Instant::now() < loaded, "the sidecar did not load its policy:\n{policy}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        TestSidecar { llm, admin, policy_path, store, _dir: dir, shutdown }
+    }
+
+    /// The URL of an LLM endpoint path.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.llm)
+    }
+
+    /// The URL of an admin endpoint path.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// The active policy version.
+    pub fn version(&self) -> u64 {
+        self.store.load().map(|s| s.version).unwrap_or(0)
+    }
+}
+
+impl Drop for TestSidecar {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// The standard two-target policy: `primary` (an OpenAI-compatible upstream) then `fallback`
+/// (a mock that answers `from fallback`). `extra` is appended to `spec`.
+pub fn two_target_policy(primary_base_url: &str, extra: &str) -> String {
+    format!(
+        r#"apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {{name: test, namespace: tests}}
+spec:
+  providers:
+    - {{name: primary, type: openai-compatible, baseUrl: "{primary_base_url}", apiKey: {{value: sk-test-primary-SECRET}}}}
+    - {{name: fallback, type: mock, mock: {{reply: "from fallback", chunks: 2}}}}
+  routes:
+    - model: chat
+      chain:
+        - {{provider: primary, model: up-model}}
+        - {{provider: fallback, model: mock-model}}
+  retry: {{attempts: 2, backoff: {{base: 10ms, max: 2s}}}}
+  timeouts: {{attempt: 500ms, firstToken: 500ms, total: 10s}}
+{extra}"#
+    )
+}
+
+/// A whole HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The text of a non-streamed completion.
+    pub fn text(&self) -> String {
+        self.json().pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or_default().to_string()
+    }
+}
+
+/// A streamed answer, read to its end.
+#[derive(Debug)]
+pub struct Streamed {
+    pub status: u16,
+    pub headers: HeaderMap,
+    /// Every `data:` payload in order (`[DONE]` included).
+    pub events: Vec<String>,
+    /// Set when the body ended with an error (a cut) rather than cleanly.
+    pub broken: Option<String>,
+}
+
+impl Streamed {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The concatenated content deltas.
+    pub fn text(&self) -> String {
+        self.events
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+            .filter_map(|v| v.pointer("/choices/0/delta/content").and_then(Value::as_str).map(str::to_string))
+            .collect()
+    }
+
+    pub fn done(&self) -> bool {
+        self.events.last().is_some_and(|e| e == "[DONE]")
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// POSTs `body` (raw bytes) and reads the whole answer, within 20 s.
+pub async fn post_raw(url: &str, body: impl Into<Bytes>, headers: &[(&str, &str)]) -> Answer {
+    let mut request = Request::post(url).header("content-type", "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(body.into())).expect("request");
+    let work = async {
+        let response = client().request(request).await.expect("sidecar answers");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("whole body").to_bytes();
+        Answer { status: parts.status.as_u16(), headers: parts.headers, body }
+    };
+    tokio::time::timeout(Duration::from_secs(20), work).await.expect("answer within 20 s")
+}
+
+/// POSTs a JSON body.
+pub async fn post(url: &str, body: &Value) -> Answer {
+    post_raw(url, body.to_string(), &[]).await
+}
+
+/// GETs a URL.
+pub async fn get(url: &str) -> Answer {
+    let request = Request::get(url).body(Full::new(Bytes::new())).expect("request");
+    let work = async {
+        let response = client().request(request).await.expect("answers");
+        let (parts, body) = response.into_parts();
+        Answer { status: parts.status.as_u16(), headers: parts.headers, body: body.collect().await.expect("body").to_bytes() }
+    };
+    tokio::time::timeout(Duration::from_secs(20), work).await.expect("answer within 20 s")
+}
+
+/// POSTs a streaming request and reads every event until the body ends or breaks.
+pub async fn post_stream(url: &str, body: &Value) -> Streamed {
+    let request = Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let work = async {
+        let response = client().request(request).await.expect("sidecar answers");
+        let (parts, mut body) = response.into_parts();
+        let mut decoder = backstop::provider::sse::Decoder::new(1 << 20);
+        let mut events = Vec::new();
+        let mut broken = None;
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        decoder.push(&data);
+                        while let Some(event) = decoder.next_event().expect("event size") {
+                            events.push(event.data);
+                        }
+                    }
+                }
+                Some(Err(error)) => {
+                    broken = Some(error.to_string());
+                    break;
+                }
+                None => break,
+            }
+        }
+        events.extend(decoder.finish().map(|e| e.data));
+        Streamed { status: parts.status.as_u16(), headers: parts.headers, events, broken }
+    };
+    tokio::time::timeout(Duration::from_secs(20), work).await.expect("stream within 20 s")
+}
+
+/// A chat request for the `chat` route.
+pub fn chat(stream: bool) -> Value {
+    json!({"model": "chat", "messages": [{"role": "user", "content": "hello"}], "stream": stream})
+}
+
+/// An address on which nothing listens.
+pub async fn refused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    addr
+}
