@@ -14,8 +14,8 @@ use arc_swap::ArcSwapOption;
 use serde_json::Value;
 
 use crate::policy::{
-    ApiKeySource, ChainStepSpec, FailureClass, FallbackPolicy, FallbackPolicySpec, MockSpec, ProviderKind,
-    ProviderSpec, RetrySpec, TimeoutsSpec,
+    ApiKeySource, ChainStepSpec, FailureClass, FallbackPolicy, FallbackPolicySpec, MockSpec,
+    ProviderKind, ProviderSpec, RetrySpec, TimeoutsSpec,
 };
 use crate::provider::mock::{Mock, MockBehaviour};
 use crate::provider::openai::{self, OpenAi};
@@ -73,7 +73,12 @@ impl std::fmt::Display for InvalidPolicy {
 impl InvalidPolicy {
     /// A single problem.
     pub fn at(path: impl Into<String>, problem: impl Into<String>) -> Self {
-        InvalidPolicy { errors: vec![FieldError { path: path.into(), problem: problem.into() }] }
+        InvalidPolicy {
+            errors: vec![FieldError {
+                path: path.into(),
+                problem: problem.into(),
+            }],
+        }
     }
 }
 
@@ -114,7 +119,10 @@ pub struct ClassSet(u16);
 impl ClassSet {
     /// The classes that fall through when `fallbackOn` is not set.
     pub fn default_fallback() -> Self {
-        FailureClass::ALL.into_iter().filter(|c| c.falls_through_by_default()).collect()
+        FailureClass::ALL
+            .into_iter()
+            .filter(|c| c.falls_through_by_default())
+            .collect()
     }
 
     /// Whether `class` is in the set.
@@ -232,13 +240,19 @@ pub struct PolicySnapshot {
 
 impl PolicySnapshot {
     /// Compiles a policy, collecting every problem with its field path.
-    pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<PolicySnapshot, InvalidPolicy> {
+    pub fn compile(
+        policy: &FallbackPolicy,
+        keys: &dyn KeyResolver,
+    ) -> Result<PolicySnapshot, InvalidPolicy> {
         let mut errors = Errors::default();
         let spec = &policy.spec;
         let providers = compile_providers(spec, keys, &mut errors);
-        let fallback_on = spec.fallback_on.as_ref().map_or_else(ClassSet::default_fallback, |classes| {
-            classes.iter().copied().collect()
-        });
+        let fallback_on = spec
+            .fallback_on
+            .as_ref()
+            .map_or_else(ClassSet::default_fallback, |classes| {
+                classes.iter().copied().collect()
+            });
         let retry = compile_retry(spec.retry.as_ref(), &mut errors);
         let timeouts = compile_timeouts(spec.timeouts.as_ref(), &mut errors);
 
@@ -255,7 +269,10 @@ impl PolicySnapshot {
             } else if route.model != "*" && routes.contains_key(&route.model)
                 || route.model == "*" && catch_all.is_some()
             {
-                errors.push(format!("{path}.model"), format!("`{}` is routed twice", route.model));
+                errors.push(
+                    format!("{path}.model"),
+                    format!("`{}` is routed twice", route.model),
+                );
             }
             if route.chain.is_empty() {
                 errors.push(format!("{path}.chain"), "must have at least one step");
@@ -265,10 +282,22 @@ impl PolicySnapshot {
                 .iter()
                 .enumerate()
                 .filter_map(|(s, step)| {
-                    compile_step(step, &format!("{path}.chain[{s}]"), &providers, timeouts.attempt, &mut errors)
+                    compile_step(
+                        step,
+                        &format!("{path}.chain[{s}]"),
+                        &providers,
+                        timeouts.attempt,
+                        &mut errors,
+                    )
                 })
                 .collect();
-            let compiled = Arc::new(Route { alias: route.model.clone(), steps, fallback_on, retry, timeouts });
+            let compiled = Arc::new(Route {
+                alias: route.model.clone(),
+                steps,
+                fallback_on,
+                retry,
+                timeouts,
+            });
             if route.model == "*" {
                 catch_all = Some(compiled);
             } else {
@@ -312,11 +341,18 @@ struct Errors(Vec<FieldError>);
 
 impl Errors {
     fn push(&mut self, path: impl Into<String>, problem: impl Into<String>) {
-        self.0.push(FieldError { path: path.into(), problem: problem.into() });
+        self.0.push(FieldError {
+            path: path.into(),
+            problem: problem.into(),
+        });
     }
 
     fn finish(self) -> Result<(), InvalidPolicy> {
-        if self.0.is_empty() { Ok(()) } else { Err(InvalidPolicy { errors: self.0 }) }
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidPolicy { errors: self.0 })
+        }
     }
 }
 
@@ -324,17 +360,25 @@ impl Errors {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     if trimmed.starts_with('-') {
-        return Err(format!("`{text}` is negative; durations must be greater than zero"));
+        return Err(format!(
+            "`{text}` is negative; durations must be greater than zero"
+        ));
     }
-    let duration = humantime::parse_duration(trimmed)
-        .map_err(|_| format!("`{text}` is not a duration (write it like `500ms`, `30s` or `1m30s`)"))?;
+    let duration = humantime::parse_duration(trimmed).map_err(|_| {
+        format!("`{text}` is not a duration (write it like `500ms`, `30s` or `1m30s`)")
+    })?;
     if duration.is_zero() {
         return Err("must be greater than zero".to_string());
     }
     Ok(duration)
 }
 
-fn duration_field(value: Option<&String>, path: String, default: Duration, errors: &mut Errors) -> Duration {
+fn duration_field(
+    value: Option<&String>,
+    path: String,
+    default: Duration,
+    errors: &mut Errors,
+) -> Duration {
     match value.map(|v| parse_duration(v)) {
         None => default,
         Some(Ok(duration)) => duration,
@@ -345,7 +389,11 @@ fn duration_field(value: Option<&String>, path: String, default: Duration, error
     }
 }
 
-fn compile_providers(spec: &FallbackPolicySpec, keys: &dyn KeyResolver, errors: &mut Errors) -> BTreeMap<String, Arc<Provider>> {
+fn compile_providers(
+    spec: &FallbackPolicySpec,
+    keys: &dyn KeyResolver,
+    errors: &mut Errors,
+) -> BTreeMap<String, Arc<Provider>> {
     let mut providers = BTreeMap::new();
     if spec.providers.is_empty() {
         errors.push("spec.providers", "must name at least one provider");
@@ -353,11 +401,17 @@ fn compile_providers(spec: &FallbackPolicySpec, keys: &dyn KeyResolver, errors: 
     for (i, provider) in spec.providers.iter().enumerate() {
         let path = format!("spec.providers[{i}]");
         if provider.name.is_empty() || provider.name.contains('/') {
-            errors.push(format!("{path}.name"), "must be non-empty and contain no `/`");
+            errors.push(
+                format!("{path}.name"),
+                "must be non-empty and contain no `/`",
+            );
             continue;
         }
         if providers.contains_key(&provider.name) {
-            errors.push(format!("{path}.name"), format!("`{}` is defined twice", provider.name));
+            errors.push(
+                format!("{path}.name"),
+                format!("`{}` is defined twice", provider.name),
+            );
             continue;
         }
         if let Some(built) = compile_provider(provider, &path, keys, errors) {
@@ -367,11 +421,23 @@ fn compile_providers(spec: &FallbackPolicySpec, keys: &dyn KeyResolver, errors: 
     providers
 }
 
-fn compile_provider(spec: &ProviderSpec, path: &str, keys: &dyn KeyResolver, errors: &mut Errors) -> Option<Provider> {
+fn compile_provider(
+    spec: &ProviderSpec,
+    path: &str,
+    keys: &dyn KeyResolver,
+    errors: &mut Errors,
+) -> Option<Provider> {
     let api_key = spec.api_key.as_ref().and_then(|source| {
-        let set = [source.value.is_some(), source.env.is_some(), source.secret_key_ref.is_some()];
+        let set = [
+            source.value.is_some(),
+            source.env.is_some(),
+            source.secret_key_ref.is_some(),
+        ];
         if set.iter().filter(|s| **s).count() != 1 {
-            errors.push(format!("{path}.apiKey"), "set exactly one of `value`, `env` or `secretKeyRef`");
+            errors.push(
+                format!("{path}.apiKey"),
+                "set exactly one of `value`, `env` or `secretKeyRef`",
+            );
             return None;
         }
         match keys.resolve(source) {
@@ -398,14 +464,21 @@ fn compile_provider(spec: &ProviderSpec, path: &str, keys: &dyn KeyResolver, err
                 (Some(url), _) => url.as_str(),
                 (None, ProviderKind::OpenAi) => openai::DEFAULT_BASE_URL,
                 (None, _) => {
-                    errors.push(format!("{path}.baseUrl"), "is required for `openai-compatible`");
+                    errors.push(
+                        format!("{path}.baseUrl"),
+                        "is required for `openai-compatible`",
+                    );
                     return None;
                 }
             };
             match OpenAi::new(kind, base_url, api_key) {
                 Ok(upstream) => Some(Provider::openai(spec.name.clone(), upstream)),
                 Err(problem) => {
-                    let field = if problem.contains("API key") { "apiKey" } else { "baseUrl" };
+                    let field = if problem.contains("API key") {
+                        "apiKey"
+                    } else {
+                        "baseUrl"
+                    };
                     errors.push(format!("{path}.{field}"), problem);
                     None
                 }
@@ -420,9 +493,18 @@ fn compile_mock(spec: Option<&MockSpec>, path: &str, errors: &mut Errors) -> Moc
     if let Some(reply) = &spec.reply {
         behaviour.reply = reply.clone();
     }
-    behaviour.latency = duration_field(spec.latency.as_ref(), format!("{path}.latency"), Duration::ZERO, errors);
-    behaviour.first_token_latency =
-        duration_field(spec.first_token_latency.as_ref(), format!("{path}.firstTokenLatency"), Duration::ZERO, errors);
+    behaviour.latency = duration_field(
+        spec.latency.as_ref(),
+        format!("{path}.latency"),
+        Duration::ZERO,
+        errors,
+    );
+    behaviour.first_token_latency = duration_field(
+        spec.first_token_latency.as_ref(),
+        format!("{path}.firstTokenLatency"),
+        Duration::ZERO,
+        errors,
+    );
     match spec.chunks {
         Some(0) => errors.push(format!("{path}.chunks"), "must be at least 1"),
         Some(chunks) => behaviour.chunks = chunks,
@@ -430,14 +512,20 @@ fn compile_mock(spec: Option<&MockSpec>, path: &str, errors: &mut Errors) -> Moc
     }
     match spec.failure_rate {
         Some(rate) if !(0.0..=1.0).contains(&rate) => {
-            errors.push(format!("{path}.failureRate"), format!("{rate} is not between 0 and 1"));
+            errors.push(
+                format!("{path}.failureRate"),
+                format!("{rate} is not between 0 and 1"),
+            );
         }
         Some(rate) => behaviour.failure_rate = rate,
         None => {}
     }
     match spec.failure_status {
         Some(status) if !(400..=599).contains(&status) => {
-            errors.push(format!("{path}.failureStatus"), format!("{status} is not an HTTP error status (400-599)"));
+            errors.push(
+                format!("{path}.failureStatus"),
+                format!("{status} is not an HTTP error status (400-599)"),
+            );
         }
         Some(status) => behaviour.failure_status = status,
         None => {}
@@ -451,28 +539,63 @@ fn compile_retry(spec: Option<&RetrySpec>, errors: &mut Errors) -> RetryPolicy {
     let spec = spec.cloned().unwrap_or_default();
     let attempts = match spec.attempts {
         Some(n) if !(1..=10).contains(&n) => {
-            errors.push("spec.retry.attempts", format!("{n} is not between 1 and 10"));
+            errors.push(
+                "spec.retry.attempts",
+                format!("{n} is not between 1 and 10"),
+            );
             defaults::RETRY_ATTEMPTS
         }
         Some(n) => n,
         None => defaults::RETRY_ATTEMPTS,
     };
     let backoff = spec.backoff.unwrap_or_default();
-    let base = duration_field(backoff.base.as_ref(), "spec.retry.backoff.base".into(), defaults::BACKOFF_BASE, errors);
-    let max = duration_field(backoff.max.as_ref(), "spec.retry.backoff.max".into(), defaults::BACKOFF_MAX, errors);
+    let base = duration_field(
+        backoff.base.as_ref(),
+        "spec.retry.backoff.base".into(),
+        defaults::BACKOFF_BASE,
+        errors,
+    );
+    let max = duration_field(
+        backoff.max.as_ref(),
+        "spec.retry.backoff.max".into(),
+        defaults::BACKOFF_MAX,
+        errors,
+    );
     if max < base {
         errors.push("spec.retry.backoff.max", "must not be shorter than `base`");
     }
-    RetryPolicy { attempts, base, max }
+    RetryPolicy {
+        attempts,
+        base,
+        max,
+    }
 }
 
 fn compile_timeouts(spec: Option<&TimeoutsSpec>, errors: &mut Errors) -> Timeouts {
     let spec = spec.cloned().unwrap_or_default();
-    let attempt = duration_field(spec.attempt.as_ref(), "spec.timeouts.attempt".into(), defaults::ATTEMPT_TIMEOUT, errors);
-    let first_token =
-        duration_field(spec.first_token.as_ref(), "spec.timeouts.firstToken".into(), defaults::FIRST_TOKEN_TIMEOUT, errors);
-    let total = duration_field(spec.total.as_ref(), "spec.timeouts.total".into(), defaults::TOTAL_TIMEOUT, errors);
-    Timeouts { attempt, first_token, total }
+    let attempt = duration_field(
+        spec.attempt.as_ref(),
+        "spec.timeouts.attempt".into(),
+        defaults::ATTEMPT_TIMEOUT,
+        errors,
+    );
+    let first_token = duration_field(
+        spec.first_token.as_ref(),
+        "spec.timeouts.firstToken".into(),
+        defaults::FIRST_TOKEN_TIMEOUT,
+        errors,
+    );
+    let total = duration_field(
+        spec.total.as_ref(),
+        "spec.timeouts.total".into(),
+        defaults::TOTAL_TIMEOUT,
+        errors,
+    );
+    Timeouts {
+        attempt,
+        first_token,
+        total,
+    }
 }
 
 fn compile_step(
@@ -495,22 +618,49 @@ fn compile_step(
                     let member_path = format!("{path}.group[{m}]");
                     let weight = member.weight.unwrap_or(1);
                     if !(1..=1000).contains(&weight) {
-                        errors.push(format!("{member_path}.weight"), format!("{weight} is not between 1 and 1000"));
+                        errors.push(
+                            format!("{member_path}.weight"),
+                            format!("{weight} is not between 1 and 1000"),
+                        );
                     }
                     if !seen.insert((&member.provider, &member.model)) {
-                        errors.push(member_path.clone(), "the same provider and model appear twice in this group");
+                        errors.push(
+                            member_path.clone(),
+                            "the same provider and model appear twice in this group",
+                        );
                     }
-                    compile_target(&member.provider, &member.model, member.timeout.as_ref(), weight.clamp(1, 1000), &member_path, providers, default_timeout, errors)
+                    compile_target(
+                        &member.provider,
+                        &member.model,
+                        member.timeout.as_ref(),
+                        weight.clamp(1, 1000),
+                        &member_path,
+                        providers,
+                        default_timeout,
+                        errors,
+                    )
                 })
                 .collect()
         }
         (Some(_), _, _) => {
-            errors.push(path, "set either `group` or `provider` and `model`, not both");
+            errors.push(
+                path,
+                "set either `group` or `provider` and `model`, not both",
+            );
             return None;
         }
-        (None, Some(provider), Some(model)) => {
-            compile_target(provider, model, spec.timeout.as_ref(), 1, path, providers, default_timeout, errors).into_iter().collect()
-        }
+        (None, Some(provider), Some(model)) => compile_target(
+            provider,
+            model,
+            spec.timeout.as_ref(),
+            1,
+            path,
+            providers,
+            default_timeout,
+            errors,
+        )
+        .into_iter()
+        .collect(),
         (None, None, Some(_)) => {
             errors.push(format!("{path}.provider"), "is required (or use `group`)");
             return None;
@@ -521,13 +671,19 @@ fn compile_step(
         }
     };
     if spec.group.is_some() && spec.timeout.is_some() {
-        errors.push(format!("{path}.timeout"), "set `timeout` on each group member instead");
+        errors.push(
+            format!("{path}.timeout"),
+            "set `timeout` on each group member instead",
+        );
     }
     if members.is_empty() {
         return None;
     }
     let total_weight = members.iter().map(|m| m.weight).sum();
-    Some(Step { members, total_weight })
+    Some(Step {
+        members,
+        total_weight,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -554,7 +710,10 @@ fn compile_target(
             label: format!("{provider}/{model}"),
         })),
         None => {
-            errors.push(format!("{path}.provider"), format!("`{provider}` is not defined in `spec.providers`"));
+            errors.push(
+                format!("{path}.provider"),
+                format!("`{provider}` is not defined in `spec.providers`"),
+            );
             None
         }
     }
@@ -646,13 +805,29 @@ spec:
         let chat = snapshot.route("chat").expect("chat route");
         assert_eq!(chat.steps.len(), 2);
         assert_eq!(chat.steps[0].members[0].label, "primary/gpt-4o");
-        assert_eq!(chat.steps[0].members[0].attempt_timeout, Duration::from_secs(20));
-        assert_eq!(chat.steps[1].members[1].attempt_timeout, Duration::from_secs(5));
-        assert_eq!(chat.retry, RetryPolicy { attempts: 3, base: Duration::from_millis(100), max: Duration::from_secs(1) });
+        assert_eq!(
+            chat.steps[0].members[0].attempt_timeout,
+            Duration::from_secs(20)
+        );
+        assert_eq!(
+            chat.steps[1].members[1].attempt_timeout,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            chat.retry,
+            RetryPolicy {
+                attempts: 3,
+                base: Duration::from_millis(100),
+                max: Duration::from_secs(1)
+            }
+        );
         assert_eq!(chat.timeouts.total, Duration::from_secs(90));
         assert!(chat.fallback_on.contains(FailureClass::RateLimited));
         assert!(!chat.fallback_on.contains(FailureClass::ServerError));
-        assert_eq!(snapshot.route("anything-else").map(|r| r.alias.as_str()), Some("*"));
+        assert_eq!(
+            snapshot.route("anything-else").map(|r| r.alias.as_str()),
+            Some("*")
+        );
     }
 
     #[test]
@@ -666,7 +841,11 @@ spec:
         assert_eq!(route.timeouts.first_token, defaults::FIRST_TOKEN_TIMEOUT);
         assert_eq!(route.fallback_on, ClassSet::default_fallback());
         assert!(!route.fallback_on.contains(FailureClass::BadRequest));
-        assert!(!route.fallback_on.contains(FailureClass::ContextWindowExceeded));
+        assert!(
+            !route
+                .fallback_on
+                .contains(FailureClass::ContextWindowExceeded)
+        );
         assert!(route.fallback_on.contains(FailureClass::AuthError));
         assert!(snapshot.route("other").is_none());
     }
@@ -674,35 +853,109 @@ spec:
     #[test]
     fn every_problem_is_named_by_its_field_path() {
         let cases = [
-            (GOOD.replace("provider: fake, model: any", "provider: nope, model: any"), "`spec.routes[1].chain[0].provider`: `nope` is not defined"),
-            (GOOD.replace("timeout: 20s", "timeout: -5s"), "`spec.routes[0].chain[0].timeout`: `-5s` is negative"),
-            (GOOD.replace("timeout: 20s", "timeout: 0s"), "`spec.routes[0].chain[0].timeout`: must be greater than zero"),
-            (GOOD.replace("timeout: 20s", "timeout: soon"), "`spec.routes[0].chain[0].timeout`: `soon` is not a duration"),
-            (GOOD.replace("name: local", "name: primary"), "`spec.providers[1].name`: `primary` is defined twice"),
-            (GOOD.replace("model: \"*\"", "model: chat"), "`spec.routes[1].model`: `chat` is routed twice"),
-            (GOOD.replace("chain: [{provider: fake, model: any}]", "chain: []"), "`spec.routes[1].chain`: must have at least one step"),
-            (GOOD.replace("weight: 3", "weight: 0"), "`spec.routes[0].chain[1].group[0].weight`: 0 is not between 1 and 1000"),
-            (GOOD.replace(", baseUrl: \"http://127.0.0.1:8000/v1\"", ""), "`spec.providers[1].baseUrl`: is required for `openai-compatible`"),
-            (GOOD.replace("http://127.0.0.1:8000/v1", "ftp://x"), "`spec.providers[1].baseUrl`: must start with http"),
-            (GOOD.replace("{value: sk-secret-123}", "{env: BACKSTOP_TEST_SURELY_UNSET}"), "`spec.providers[0].apiKey`: environment variable `BACKSTOP_TEST_SURELY_UNSET` is not set"),
-            (GOOD.replace("{value: sk-secret-123}", "{secretKeyRef: {name: k, key: openai}}"), "`spec.providers[0].apiKey`: `secretKeyRef` is resolved by the operator"),
-            (GOOD.replace("{value: sk-secret-123}", "{value: a, env: B}"), "`spec.providers[0].apiKey`: set exactly one"),
-            (GOOD.replace("attempts: 3", "attempts: 0"), "`spec.retry.attempts`: 0 is not between 1 and 10"),
-            (GOOD.replace("max: 1s", "max: 10ms"), "`spec.retry.backoff.max`: must not be shorter than `base`"),
-            (GOOD.replace("latency: 10ms}", "latency: 10ms, failureRate: 1.5}"), "`spec.providers[2].mock.failureRate`: 1.5 is not between 0 and 1"),
-            (GOOD.replace("latency: 10ms}", "latency: 10ms, failureStatus: 200}"), "`spec.providers[2].mock.failureStatus`: 200 is not an HTTP error status"),
-            (GOOD.replace("- {provider: primary, model: gpt-4o, timeout: 20s}", "- {model: gpt-4o}"), "`spec.routes[0].chain[0].provider`: is required"),
-            (GOOD.replace("{name: local, type: openai-compatible", "{name: local, type: openai-compatible, mock: {}"), "`spec.providers[1].mock`: only valid with `type: mock`"),
+            (
+                GOOD.replace("provider: fake, model: any", "provider: nope, model: any"),
+                "`spec.routes[1].chain[0].provider`: `nope` is not defined",
+            ),
+            (
+                GOOD.replace("timeout: 20s", "timeout: -5s"),
+                "`spec.routes[0].chain[0].timeout`: `-5s` is negative",
+            ),
+            (
+                GOOD.replace("timeout: 20s", "timeout: 0s"),
+                "`spec.routes[0].chain[0].timeout`: must be greater than zero",
+            ),
+            (
+                GOOD.replace("timeout: 20s", "timeout: soon"),
+                "`spec.routes[0].chain[0].timeout`: `soon` is not a duration",
+            ),
+            (
+                GOOD.replace("name: local", "name: primary"),
+                "`spec.providers[1].name`: `primary` is defined twice",
+            ),
+            (
+                GOOD.replace("model: \"*\"", "model: chat"),
+                "`spec.routes[1].model`: `chat` is routed twice",
+            ),
+            (
+                GOOD.replace("chain: [{provider: fake, model: any}]", "chain: []"),
+                "`spec.routes[1].chain`: must have at least one step",
+            ),
+            (
+                GOOD.replace("weight: 3", "weight: 0"),
+                "`spec.routes[0].chain[1].group[0].weight`: 0 is not between 1 and 1000",
+            ),
+            (
+                GOOD.replace(", baseUrl: \"http://127.0.0.1:8000/v1\"", ""),
+                "`spec.providers[1].baseUrl`: is required for `openai-compatible`",
+            ),
+            (
+                GOOD.replace("http://127.0.0.1:8000/v1", "ftp://x"),
+                "`spec.providers[1].baseUrl`: must start with http",
+            ),
+            (
+                GOOD.replace(
+                    "{value: sk-secret-123}",
+                    "{env: BACKSTOP_TEST_SURELY_UNSET}",
+                ),
+                "`spec.providers[0].apiKey`: environment variable `BACKSTOP_TEST_SURELY_UNSET` is not set",
+            ),
+            (
+                GOOD.replace(
+                    "{value: sk-secret-123}",
+                    "{secretKeyRef: {name: k, key: openai}}",
+                ),
+                "`spec.providers[0].apiKey`: `secretKeyRef` is resolved by the operator",
+            ),
+            (
+                GOOD.replace("{value: sk-secret-123}", "{value: a, env: B}"),
+                "`spec.providers[0].apiKey`: set exactly one",
+            ),
+            (
+                GOOD.replace("attempts: 3", "attempts: 0"),
+                "`spec.retry.attempts`: 0 is not between 1 and 10",
+            ),
+            (
+                GOOD.replace("max: 1s", "max: 10ms"),
+                "`spec.retry.backoff.max`: must not be shorter than `base`",
+            ),
+            (
+                GOOD.replace("latency: 10ms}", "latency: 10ms, failureRate: 1.5}"),
+                "`spec.providers[2].mock.failureRate`: 1.5 is not between 0 and 1",
+            ),
+            (
+                GOOD.replace("latency: 10ms}", "latency: 10ms, failureStatus: 200}"),
+                "`spec.providers[2].mock.failureStatus`: 200 is not an HTTP error status",
+            ),
+            (
+                GOOD.replace(
+                    "- {provider: primary, model: gpt-4o, timeout: 20s}",
+                    "- {model: gpt-4o}",
+                ),
+                "`spec.routes[0].chain[0].provider`: is required",
+            ),
+            (
+                GOOD.replace(
+                    "{name: local, type: openai-compatible",
+                    "{name: local, type: openai-compatible, mock: {}",
+                ),
+                "`spec.providers[1].mock`: only valid with `type: mock`",
+            ),
         ];
         for (yaml, expected) in cases {
             let error = compile(&yaml).expect_err(expected).to_string();
-            assert!(error.contains(expected), "expected {expected:?} in {error:?}");
+            assert!(
+                error.contains(expected),
+                "expected {expected:?} in {error:?}"
+            );
         }
     }
 
     #[test]
     fn reports_every_problem_at_once() {
-        let yaml = GOOD.replace("timeout: 20s", "timeout: soon").replace("attempts: 3", "attempts: 99");
+        let yaml = GOOD
+            .replace("timeout: 20s", "timeout: soon")
+            .replace("attempts: 3", "attempts: 99");
         let error = compile(&yaml).expect_err("invalid");
         assert_eq!(error.errors.len(), 2, "{error}");
     }
@@ -726,7 +979,11 @@ spec:
 
     #[test]
     fn backoff_grows_to_its_cap_with_bounded_jitter() {
-        let retry = RetryPolicy { attempts: 5, base: Duration::from_millis(200), max: Duration::from_secs(2) };
+        let retry = RetryPolicy {
+            attempts: 5,
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+        };
         assert_eq!(retry.backoff(1, 0.0), Duration::from_millis(100));
         assert_eq!(retry.backoff(1, 1.0), Duration::from_millis(200));
         assert_eq!(retry.backoff(2, 1.0), Duration::from_millis(400));
@@ -739,8 +996,13 @@ spec:
     fn weighted_pick_honours_weights() {
         let snapshot = compile(GOOD).expect("valid");
         let step = &snapshot.route("chat").expect("route").steps[1];
-        let picks: Vec<&str> = (0..4).map(|i| step.pick(f64::from(i) / 4.0).label.as_str()).collect();
-        assert_eq!(picks, ["local/llama", "local/llama", "local/llama", "fake/m"]);
+        let picks: Vec<&str> = (0..4)
+            .map(|i| step.pick(f64::from(i) / 4.0).label.as_str())
+            .collect();
+        assert_eq!(
+            picks,
+            ["local/llama", "local/llama", "local/llama", "fake/m"]
+        );
         assert_eq!(step.pick(0.999_999).label, "fake/m");
     }
 

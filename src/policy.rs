@@ -233,7 +233,9 @@ pub struct GroupMemberSpec {
 }
 
 /// How one failed request is classified. Each class is a reason a request can fall through.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum FailureClass {
     /// HTTP 429: the provider's rate limit.
@@ -404,7 +406,13 @@ mod tests {
         let extension = obj.contains_key("x-kubernetes-int-or-string")
             || obj.contains_key("x-kubernetes-preserve-unknown-fields");
         if in_logic {
-            for key in ["type", "description", "default", "additionalProperties", "nullable"] {
+            for key in [
+                "type",
+                "description",
+                "default",
+                "additionalProperties",
+                "nullable",
+            ] {
                 if obj.contains_key(key) {
                     out.push(format!("{path}: `{key}` inside anyOf/oneOf/allOf/not"));
                 }
@@ -452,7 +460,11 @@ mod tests {
         assert!(schema.is_object(), "CRD has no openAPIV3Schema");
         let mut violations = Vec::new();
         structural_violations(schema, "openAPIV3Schema", false, &mut violations);
-        assert!(violations.is_empty(), "not a structural schema:\n{}", violations.join("\n"));
+        assert!(
+            violations.is_empty(),
+            "not a structural schema:\n{}",
+            violations.join("\n")
+        );
         // The checker itself must be able to fail.
         let mut bad = Vec::new();
         structural_violations(
@@ -482,7 +494,13 @@ mod tests {
         assert_eq!(crd.spec.names.short_names, Some(vec!["fbp".to_string()]));
         assert_eq!(crd.spec.scope, "Namespaced");
         let version = &crd.spec.versions[0];
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some()
+        );
         let columns: Vec<_> = version
             .additional_printer_columns
             .iter()
@@ -498,7 +516,11 @@ mod tests {
             if let Some(props) = schema.get("properties").and_then(Value::as_object) {
                 for (name, sub) in props {
                     let here = format!("{path}.{name}");
-                    if sub.get("description").and_then(Value::as_str).is_none_or(str::is_empty) {
+                    if sub
+                        .get("description")
+                        .and_then(Value::as_str)
+                        .is_none_or(str::is_empty)
+                    {
                         out.push(here.clone());
                     }
                     undocumented(sub, &here, out);
@@ -514,6 +536,9 @@ mod tests {
         undocumented(spec, "spec", &mut missing);
         // `selector` comes from Kubernetes' own LabelSelector, whose inner docs are upstream's.
         missing.retain(|p| !p.starts_with("spec.selector."));
-        assert!(missing.is_empty(), "fields without a description: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "fields without a description: {missing:?}"
+        );
     }
 }

@@ -68,7 +68,10 @@ impl Mock {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Mock { behaviour, rng: Mutex::new(rng) }
+        Mock {
+            behaviour,
+            rng: Mutex::new(rng),
+        }
     }
 
     fn draws_failure(&self) -> bool {
@@ -79,7 +82,10 @@ impl Mock {
             return true;
         }
         // The lock guards a few arithmetic steps and is never held across an await.
-        let mut rng = self.rng.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut rng = self
+            .rng
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         rng.random_bool(self.behaviour.failure_rate)
     }
 
@@ -93,7 +99,10 @@ impl Mock {
             return Err(self.failure());
         }
         let id = format!("chatcmpl-mock-{:x}", rand::random::<u64>());
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let created = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let prompt_tokens = request.estimated_prompt_tokens();
         let completion_tokens = self.behaviour.reply.split_whitespace().count().max(1) as u64;
         let usage = json!({
@@ -123,14 +132,18 @@ impl Mock {
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let chunk = |choices: Value| {
-            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices})
-        };
-        let mut chunks = vec![chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]))];
+        let chunk = |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
+        let mut chunks = vec![chunk(
+            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+        )];
         for piece in split_reply(&self.behaviour.reply, self.behaviour.chunks) {
-            chunks.push(chunk(json!([{"index": 0, "delta": {"content": piece}, "finish_reason": null}])));
+            chunks.push(chunk(
+                json!([{"index": 0, "delta": {"content": piece}, "finish_reason": null}]),
+            ));
         }
-        chunks.push(chunk(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}])));
+        chunks.push(chunk(
+            json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+        ));
         if include_usage {
             let mut last = chunk(json!([]));
             last["usage"] = usage;
@@ -153,13 +166,34 @@ impl Mock {
     fn failure(&self) -> AttemptError {
         let status = self.behaviour.failure_status;
         let (kind, code, message) = match status {
-            429 => ("requests", "rate_limit_exceeded", "Rate limit reached (mock provider)."),
-            401 => ("invalid_request_error", "invalid_api_key", "Incorrect API key provided (mock provider)."),
-            400 => ("invalid_request_error", "invalid_value", "Invalid request (mock provider)."),
-            503 | 529 => ("server_error", "overloaded", "The server is overloaded (mock provider)."),
-            _ => ("server_error", "server_error", "The server had an error (mock provider)."),
+            429 => (
+                "requests",
+                "rate_limit_exceeded",
+                "Rate limit reached (mock provider).",
+            ),
+            401 => (
+                "invalid_request_error",
+                "invalid_api_key",
+                "Incorrect API key provided (mock provider).",
+            ),
+            400 => (
+                "invalid_request_error",
+                "invalid_value",
+                "Invalid request (mock provider).",
+            ),
+            503 | 529 => (
+                "server_error",
+                "overloaded",
+                "The server is overloaded (mock provider).",
+            ),
+            _ => (
+                "server_error",
+                "server_error",
+                "The server had an error (mock provider).",
+            ),
         };
-        let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+        let body =
+            json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
         let mut headers = HeaderMap::new();
         if let Some(secs) = self.behaviour.retry_after
             && matches!(status, 429 | 503)
@@ -176,7 +210,11 @@ fn split_reply(reply: &str, parts: u32) -> Vec<String> {
     let parts = (parts.max(1) as usize).min(chars.len().max(1));
     let size = chars.len().div_ceil(parts).max(1);
     let pieces: Vec<String> = chars.chunks(size).map(|c| c.iter().collect()).collect();
-    if pieces.is_empty() { vec![String::new()] } else { pieces }
+    if pieces.is_empty() {
+        vec![String::new()]
+    } else {
+        pieces
+    }
 }
 
 #[cfg(test)]
@@ -205,7 +243,12 @@ mod tests {
 
     #[tokio::test]
     async fn seeded_failures_repeat_exactly() {
-        let behaviour = MockBehaviour { failure_rate: 0.5, failure_status: 429, seed: Some(7), ..Default::default() };
+        let behaviour = MockBehaviour {
+            failure_rate: 0.5,
+            failure_status: 429,
+            seed: Some(7),
+            ..Default::default()
+        };
         let draw = |mock: &Mock| (0..64).map(|_| mock.draws_failure()).collect::<Vec<_>>();
         let first = draw(&Mock::new(behaviour.clone()));
         assert_eq!(first, draw(&Mock::new(behaviour)));
@@ -215,7 +258,12 @@ mod tests {
 
     #[tokio::test]
     async fn failures_carry_status_and_retry_after() {
-        let mock = Mock::new(MockBehaviour { failure_rate: 1.0, failure_status: 429, retry_after: Some(3), ..Default::default() });
+        let mock = Mock::new(MockBehaviour {
+            failure_rate: 1.0,
+            failure_status: 429,
+            retry_after: Some(3),
+            ..Default::default()
+        });
         let error = mock.send("m", &request(false)).await.expect_err("fails");
         assert_eq!(error.class, FailureClass::RateLimited);
         assert_eq!(error.status, Some(429));
@@ -224,14 +272,28 @@ mod tests {
 
     #[tokio::test]
     async fn streams_the_reply_with_usage() {
-        let mock = Mock::new(MockBehaviour { reply: "one two three".into(), chunks: 3, ..Default::default() });
-        let Ok(Reply::Stream(stream)) = mock.send("m", &request(true)).await else { panic!("expected a stream") };
+        let mock = Mock::new(MockBehaviour {
+            reply: "one two three".into(),
+            chunks: 3,
+            ..Default::default()
+        });
+        let Ok(Reply::Stream(stream)) = mock.send("m", &request(true)).await else {
+            panic!("expected a stream")
+        };
         let chunks: Vec<Value> = stream.map(|c| c.expect("chunk")).collect().await;
         let text: String = chunks
             .iter()
-            .filter_map(|c| c.pointer("/choices/0/delta/content").and_then(Value::as_str))
+            .filter_map(|c| {
+                c.pointer("/choices/0/delta/content")
+                    .and_then(Value::as_str)
+            })
             .collect();
         assert_eq!(text, "one two three");
-        assert_eq!(chunks.last().and_then(|c| c.pointer("/usage/completion_tokens")), Some(&json!(3)));
+        assert_eq!(
+            chunks
+                .last()
+                .and_then(|c| c.pointer("/usage/completion_tokens")),
+            Some(&json!(3))
+        );
     }
 }

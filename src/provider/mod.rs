@@ -85,18 +85,24 @@ pub struct Provider {
 #[derive(Debug)]
 enum Backend {
     OpenAi(openai::OpenAi),
-    Mock(mock::Mock),
+    Mock(Box<mock::Mock>),
 }
 
 impl Provider {
     /// An OpenAI or OpenAI-compatible provider.
     pub fn openai(name: String, upstream: openai::OpenAi) -> Self {
-        Provider { name, backend: Backend::OpenAi(upstream) }
+        Provider {
+            name,
+            backend: Backend::OpenAi(upstream),
+        }
     }
 
     /// A built-in mock provider.
     pub fn mock(name: String, mock: mock::Mock) -> Self {
-        Provider { name, backend: Backend::Mock(mock) }
+        Provider {
+            name,
+            backend: Backend::Mock(Box::new(mock)),
+        }
     }
 
     /// The wire API it speaks.
@@ -162,7 +168,13 @@ pub struct AttemptError {
 impl AttemptError {
     /// A failure with no upstream answer (timeout, connection error, malformed reply).
     pub fn new(class: FailureClass, message: impl Into<String>) -> Self {
-        AttemptError { class, status: None, retry_after: None, message: message.into(), body: None }
+        AttemptError {
+            class,
+            status: None,
+            retry_after: None,
+            message: message.into(),
+            body: None,
+        }
     }
 
     /// A failure the upstream answered with an error status.
@@ -176,20 +188,38 @@ impl AttemptError {
             format!("HTTP {status}: {detail}")
         };
         let body = (class != FailureClass::AuthError).then_some(body);
-        AttemptError { class, status: Some(status), retry_after, message, body }
+        AttemptError {
+            class,
+            status: Some(status),
+            retry_after,
+            message,
+            body,
+        }
     }
 
     /// An error event inside a 2xx stream, such as `data: {"error": {...}}`.
     pub fn from_stream_error(error: &Value) -> Self {
-        let status = error.get("code").and_then(Value::as_u64).and_then(|c| u16::try_from(c).ok());
+        let status = error
+            .get("code")
+            .and_then(Value::as_u64)
+            .and_then(|c| u16::try_from(c).ok());
         let class = classify_error_value(status.filter(|s| (400..600).contains(s)), error);
         let message = if class == FailureClass::AuthError {
             "upstream rejected the credentials (in-stream error)".to_string()
         } else {
-            let detail = error.get("message").and_then(Value::as_str).unwrap_or("unknown error");
+            let detail = error
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error");
             format!("error event in stream: {}", truncate(detail, 300))
         };
-        AttemptError { class, status: None, retry_after: None, message, body: None }
+        AttemptError {
+            class,
+            status: None,
+            retry_after: None,
+            message,
+            body: None,
+        }
     }
 }
 
@@ -205,21 +235,32 @@ impl std::error::Error for AttemptError {}
 /// which OpenAI-compatible servers and the mock provider share.
 pub fn classify_openai_error(status: Option<u16>, body: &[u8]) -> FailureClass {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let error = parsed.as_ref().map(|v| v.get("error").unwrap_or(v)).cloned().unwrap_or(Value::Null);
+    let error = parsed
+        .as_ref()
+        .map(|v| v.get("error").unwrap_or(v))
+        .cloned()
+        .unwrap_or(Value::Null);
     classify_error_value(status, &error)
 }
 
 /// Classifies a status and an OpenAI-style error object (either may be missing).
 fn classify_error_value(status: Option<u16>, error: &Value) -> FailureClass {
     let field = |name: &str| {
-        error.get(name).and_then(Value::as_str).map(str::to_ascii_lowercase).unwrap_or_default()
+        error
+            .get(name)
+            .and_then(Value::as_str)
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_default()
     };
     let (code, kind, message) = (field("code"), field("type"), field("message"));
     let says = |needle: &str| code.contains(needle) || kind.contains(needle);
     if says("insufficient_quota") || says("billing") || says("quota") {
         return FailureClass::QuotaExceeded;
     }
-    if says("context_length") || message.contains("maximum context length") || message.contains("context window") {
+    if says("context_length")
+        || message.contains("maximum context length")
+        || message.contains("context window")
+    {
         return FailureClass::ContextWindowExceeded;
     }
     if says("content_filter") || says("content_policy") {
@@ -245,7 +286,12 @@ fn classify_error_value(status: Option<u16>, error: &Value) -> FailureClass {
 /// The wait an upstream asked for: `retry-after-ms` (OpenAI, Azure), else `Retry-After` as
 /// seconds or an HTTP date.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
     if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
         && ms.is_finite()
         && ms >= 0.0
@@ -254,7 +300,8 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     }
     let value = text("retry-after")?;
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(86_400.0)));
     }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
@@ -262,7 +309,10 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 
 fn error_message(body: &[u8]) -> Option<String> {
     let value: Value = serde_json::from_slice(body).ok()?;
-    let message = value.pointer("/error/message").or_else(|| value.get("message"))?.as_str()?;
+    let message = value
+        .pointer("/error/message")
+        .or_else(|| value.get("message"))?
+        .as_str()?;
     Some(truncate(message, 300))
 }
 
@@ -298,24 +348,60 @@ mod tests {
     #[test]
     fn classifies_openai_error_bodies() {
         use FailureClass::*;
-        assert_eq!(class(429, json!({"error": {"type": "requests", "code": "rate_limit_exceeded"}})), RateLimited);
-        assert_eq!(class(429, json!({"error": {"type": "insufficient_quota", "code": "insufficient_quota"}})), QuotaExceeded);
+        assert_eq!(
+            class(
+                429,
+                json!({"error": {"type": "requests", "code": "rate_limit_exceeded"}})
+            ),
+            RateLimited
+        );
+        assert_eq!(
+            class(
+                429,
+                json!({"error": {"type": "insufficient_quota", "code": "insufficient_quota"}})
+            ),
+            QuotaExceeded
+        );
         assert_eq!(class(402, json!({})), QuotaExceeded);
-        assert_eq!(class(401, json!({"error": {"code": "invalid_api_key"}})), AuthError);
+        assert_eq!(
+            class(401, json!({"error": {"code": "invalid_api_key"}})),
+            AuthError
+        );
         assert_eq!(class(403, json!({})), AuthError);
         assert_eq!(class(503, json!({})), Overloaded);
-        assert_eq!(class(529, json!({"type": "error", "error": {"type": "overloaded_error"}})), Overloaded);
+        assert_eq!(
+            class(
+                529,
+                json!({"type": "error", "error": {"type": "overloaded_error"}})
+            ),
+            Overloaded
+        );
         assert_eq!(class(500, json!({})), ServerError);
         assert_eq!(class(502, json!({})), ServerError);
         assert_eq!(class(408, json!({})), Timeout);
-        assert_eq!(class(400, json!({"error": {"code": "context_length_exceeded"}})), ContextWindowExceeded);
         assert_eq!(
-            class(400, json!({"error": {"message": "This model's maximum context length is 8192 tokens"}})),
+            class(400, json!({"error": {"code": "context_length_exceeded"}})),
             ContextWindowExceeded
         );
-        assert_eq!(class(400, json!({"error": {"code": "content_filter"}})), ContentFiltered);
-        assert_eq!(class(400, json!({"error": {"code": "invalid_value"}})), BadRequest);
-        assert_eq!(class(404, json!({"error": {"code": "model_not_found"}})), BadRequest);
+        assert_eq!(
+            class(
+                400,
+                json!({"error": {"message": "This model's maximum context length is 8192 tokens"}})
+            ),
+            ContextWindowExceeded
+        );
+        assert_eq!(
+            class(400, json!({"error": {"code": "content_filter"}})),
+            ContentFiltered
+        );
+        assert_eq!(
+            class(400, json!({"error": {"code": "invalid_value"}})),
+            BadRequest
+        );
+        assert_eq!(
+            class(404, json!({"error": {"code": "model_not_found"}})),
+            BadRequest
+        );
         assert_eq!(classify_openai_error(Some(500), b"<html>oops"), ServerError);
     }
 
@@ -323,16 +409,27 @@ mod tests {
     fn classifies_in_stream_error_events() {
         use FailureClass::*;
         let e = |v: Value| AttemptError::from_stream_error(&v).class;
-        assert_eq!(e(json!({"message": "slow down", "type": "rate_limit_error"})), RateLimited);
-        assert_eq!(e(json!({"message": "busy", "type": "overloaded_error"})), Overloaded);
+        assert_eq!(
+            e(json!({"message": "slow down", "type": "rate_limit_error"})),
+            RateLimited
+        );
+        assert_eq!(
+            e(json!({"message": "busy", "type": "overloaded_error"})),
+            Overloaded
+        );
         assert_eq!(e(json!({"message": "boom", "code": 500})), ServerError);
-        assert_eq!(e(json!({"message": "bad", "type": "invalid_request_error"})), BadRequest);
+        assert_eq!(
+            e(json!({"message": "bad", "type": "invalid_request_error"})),
+            BadRequest
+        );
         assert_eq!(e(json!({"message": "?"})), ServerError);
     }
 
     #[test]
     fn auth_failures_never_keep_the_body() {
-        let body = Bytes::from_static(br#"{"error":{"message":"Incorrect API key provided: sk-abc...xyz"}}"#);
+        let body = Bytes::from_static(
+            br#"{"error":{"message":"Incorrect API key provided: sk-abc...xyz"}}"#,
+        );
         let error = AttemptError::from_response(401, &HeaderMap::new(), body);
         assert_eq!(error.class, FailureClass::AuthError);
         assert!(error.body.is_none());
@@ -347,7 +444,10 @@ mod tests {
         headers.insert("retry-after", HeaderValue::from_static("5"));
         assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(5)));
         headers.insert("retry-after", HeaderValue::from_static("1.5"));
-        assert_eq!(retry_after(&headers, now), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            retry_after(&headers, now),
+            Some(Duration::from_millis(1500))
+        );
         let date = httpdate::fmt_http_date(now + Duration::from_secs(7));
         headers.insert("retry-after", HeaderValue::from_str(&date).expect("header"));
         assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(7)));

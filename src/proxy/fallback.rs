@@ -83,7 +83,11 @@ pub enum Unanswered {
 }
 
 /// Runs `request` down `route`'s chain.
-pub async fn run(route: &Route, request: &ChatRequest, http: &HttpClient) -> Result<Answered, Unanswered> {
+pub async fn run(
+    route: &Route,
+    request: &ChatRequest,
+    http: &HttpClient,
+) -> Result<Answered, Unanswered> {
     let deadline = Instant::now() + route.timeouts.total;
     let mut attempts = Vec::new();
     let mut fell_through = Vec::new();
@@ -109,7 +113,12 @@ pub async fn run(route: &Route, request: &ChatRequest, http: &HttpClient) -> Res
                         message: "answered".into(),
                         elapsed,
                     });
-                    return Ok(Answered { target: target.clone(), reply, attempts, fell_through });
+                    return Ok(Answered {
+                        target: target.clone(),
+                        reply,
+                        attempts,
+                        fell_through,
+                    });
                 }
                 Err(error) => error,
             };
@@ -146,10 +155,18 @@ pub async fn run(route: &Route, request: &ChatRequest, http: &HttpClient) -> Res
                 fell_through.push((target.label.clone(), error.class));
                 continue 'steps;
             }
-            return Err(Unanswered::Final { target: target.clone(), error, attempts });
+            return Err(Unanswered::Final {
+                target: target.clone(),
+                error,
+                attempts,
+            });
         }
     }
-    Err(Unanswered::Exhausted { attempts, deadline_exceeded, retry_after })
+    Err(Unanswered::Exhausted {
+        attempts,
+        deadline_exceeded,
+        retry_after,
+    })
 }
 
 /// One attempt at one target, bounded in time. A stream is read up to its first content chunk.
@@ -163,13 +180,24 @@ async fn attempt(
     let started = Instant::now();
     if !request.stream {
         let limit = (started + target.attempt_timeout).min(deadline);
-        return match tokio::time::timeout_at(limit, target.provider.send(http, &target.model, request)).await {
+        return match tokio::time::timeout_at(
+            limit,
+            target.provider.send(http, &target.model, request),
+        )
+        .await
+        {
             Ok(Ok(Reply::Complete(answer))) => Ok(Committed::Complete(answer)),
-            Ok(Ok(Reply::Stream(_))) => Err(AttemptError::new(FailureClass::ServerError, "upstream streamed an answer that was not asked to stream")),
+            Ok(Ok(Reply::Stream(_))) => Err(AttemptError::new(
+                FailureClass::ServerError,
+                "upstream streamed an answer that was not asked to stream",
+            )),
             Ok(Err(error)) => Err(error),
             Err(_) => Err(AttemptError::new(
                 FailureClass::Timeout,
-                format!("no answer within {}ms", millis(limit.saturating_duration_since(started))),
+                format!(
+                    "no answer within {}ms",
+                    millis(limit.saturating_duration_since(started))
+                ),
             )),
         };
     }
@@ -179,7 +207,10 @@ async fn attempt(
         let mut stream = match target.provider.send(http, &target.model, request).await? {
             Reply::Stream(stream) => stream,
             Reply::Complete(_) => {
-                return Err(AttemptError::new(FailureClass::ServerError, "upstream did not stream the answer"));
+                return Err(AttemptError::new(
+                    FailureClass::ServerError,
+                    "upstream did not stream the answer",
+                ));
             }
         };
         let mut held = Vec::new();
@@ -198,11 +229,18 @@ async fn attempt(
         }
     };
     match tokio::time::timeout_at(limit, opening).await {
-        Ok(Ok((held, rest))) => Ok(Committed::Stream { held, rest, idle_timeout: target.attempt_timeout }),
+        Ok(Ok((held, rest))) => Ok(Committed::Stream {
+            held,
+            rest,
+            idle_timeout: target.attempt_timeout,
+        }),
         Ok(Err(error)) => Err(error),
         Err(_) => Err(AttemptError::new(
             FailureClass::Timeout,
-            format!("no first token within {}ms", millis(limit.saturating_duration_since(started))),
+            format!(
+                "no first token within {}ms",
+                millis(limit.saturating_duration_since(started))
+            ),
         )),
     }
 }

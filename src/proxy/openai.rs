@@ -17,11 +17,21 @@ use crate::policy::FailureClass;
 use crate::provider::{ChunkStream, HttpClient};
 
 /// Answers one Chat Completions request whose body has been read.
-pub async fn chat_completions(snapshot: Option<std::sync::Arc<PolicySnapshot>>, body: &[u8], http: &HttpClient) -> Response<Body> {
+pub async fn chat_completions(
+    snapshot: Option<std::sync::Arc<PolicySnapshot>>,
+    body: &[u8],
+    http: &HttpClient,
+) -> Response<Body> {
     let request = match ChatRequest::from_openai_json(body) {
         Ok(request) => request,
         Err(invalid) => {
-            return error_response(StatusCode::BAD_REQUEST, &invalid.message, "invalid_request_error", None, invalid.param);
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                &invalid.message,
+                "invalid_request_error",
+                None,
+                invalid.param,
+            );
         }
     };
     let Some(snapshot) = snapshot else {
@@ -37,7 +47,10 @@ pub async fn chat_completions(snapshot: Option<std::sync::Arc<PolicySnapshot>>, 
         let known = snapshot.aliases().join(", ");
         return error_response(
             StatusCode::NOT_FOUND,
-            &format!("The model `{}` does not exist in this sidecar's policy; routed models: {known}", request.model),
+            &format!(
+                "The model `{}` does not exist in this sidecar's policy; routed models: {known}",
+                request.model
+            ),
             "invalid_request_error",
             Some("model_not_found"),
             Some("model"),
@@ -49,7 +62,11 @@ pub async fn chat_completions(snapshot: Option<std::sync::Arc<PolicySnapshot>>, 
             log_answered(&route.alias, &answered);
             answer(answered)
         }
-        Err(Unanswered::Final { target, error, attempts }) => {
+        Err(Unanswered::Final {
+            target,
+            error,
+            attempts,
+        }) => {
             tracing::info!(route = %route.alias, target_label = %target.label, class = %error.class, status = ?error.status,
                 attempts = attempts.len(), "returning the provider's error: `fallbackOn` does not cover it");
             let status = error.status.and_then(|s| StatusCode::from_u16(s).ok());
@@ -57,7 +74,10 @@ pub async fn chat_completions(snapshot: Option<std::sync::Arc<PolicySnapshot>>, 
                 (Some(status), Some(body)) if serde_json::from_slice::<Value>(body).is_ok() => {
                     let mut response = Response::new(full(body.clone()));
                     *response.status_mut() = status;
-                    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
                     response
                 }
                 _ => error_response(
@@ -70,12 +90,18 @@ pub async fn chat_completions(snapshot: Option<std::sync::Arc<PolicySnapshot>>, 
             };
             set_header(&mut response, "x-backstop-provider", &target.provider.name);
             set_header(&mut response, "x-backstop-model", &target.model);
-            set_header(&mut response, "x-backstop-attempts", &attempts.len().to_string());
+            set_header(
+                &mut response,
+                "x-backstop-attempts",
+                &attempts.len().to_string(),
+            );
             response
         }
-        Err(Unanswered::Exhausted { attempts, deadline_exceeded, retry_after }) => {
-            exhausted(&route.alias, &attempts, deadline_exceeded, retry_after)
-        }
+        Err(Unanswered::Exhausted {
+            attempts,
+            deadline_exceeded,
+            retry_after,
+        }) => exhausted(&route.alias, &attempts, deadline_exceeded, retry_after),
     };
     set_header(&mut response, "x-backstop-route", &route.alias);
     response
@@ -91,26 +117,50 @@ fn log_answered(route: &str, answered: &Answered) {
 }
 
 fn fallback_reason(fell_through: &[(String, FailureClass)]) -> String {
-    fell_through.iter().map(|(target, class)| format!("{target}={class}")).collect::<Vec<_>>().join(", ")
+    fell_through
+        .iter()
+        .map(|(target, class)| format!("{target}={class}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn answer(answered: Answered) -> Response<Body> {
-    let Answered { target, reply, attempts, fell_through } = answered;
+    let Answered {
+        target,
+        reply,
+        attempts,
+        fell_through,
+    } = answered;
     let mut response = match reply {
         Committed::Complete(body) => json_response(StatusCode::OK, &body),
-        Committed::Stream { held, rest, idle_timeout } => {
+        Committed::Stream {
+            held,
+            rest,
+            idle_timeout,
+        } => {
             let mut response = Response::new(sse_body(held, rest, idle_timeout));
             let headers = response.headers_mut();
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             response
         }
     };
     set_header(&mut response, "x-backstop-provider", &target.provider.name);
     set_header(&mut response, "x-backstop-model", &target.model);
-    set_header(&mut response, "x-backstop-attempts", &attempts.len().to_string());
+    set_header(
+        &mut response,
+        "x-backstop-attempts",
+        &attempts.len().to_string(),
+    );
     if !fell_through.is_empty() {
-        set_header(&mut response, "x-backstop-fallback-reason", &fallback_reason(&fell_through));
+        set_header(
+            &mut response,
+            "x-backstop-fallback-reason",
+            &fallback_reason(&fell_through),
+        );
     }
     response
 }
@@ -126,22 +176,28 @@ enum SseState {
 /// after commit sends an `error` event (the OpenAI SDKs raise it as `APIError`) and then
 /// aborts the body, so no client mistakes a cut stream for a finished one.
 fn sse_body(held: Vec<Value>, rest: ChunkStream, idle_timeout: Duration) -> Body {
-    let frames = stream::unfold(SseState::Held(held.into_iter(), rest, idle_timeout), |state| async move {
-        match state {
-            SseState::Held(mut held, rest, idle) => match held.next() {
-                Some(chunk) => Some((Ok(Frame::data(event(&chunk))), SseState::Held(held, rest, idle))),
-                None => next_live(rest, idle).await,
-            },
-            SseState::Live(rest, idle) => next_live(rest, idle).await,
-            SseState::Failing(error) => {
-                // Give the connection a moment to flush the error event: an aborted body
-                // discards whatever is still buffered.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                Some((Err(error), SseState::Done))
+    let frames = stream::unfold(
+        SseState::Held(held.into_iter(), rest, idle_timeout),
+        |state| async move {
+            match state {
+                SseState::Held(mut held, rest, idle) => match held.next() {
+                    Some(chunk) => Some((
+                        Ok(Frame::data(event(&chunk))),
+                        SseState::Held(held, rest, idle),
+                    )),
+                    None => next_live(rest, idle).await,
+                },
+                SseState::Live(rest, idle) => next_live(rest, idle).await,
+                SseState::Failing(error) => {
+                    // Give the connection a moment to flush the error event: an aborted body
+                    // discards whatever is still buffered.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    Some((Err(error), SseState::Done))
+                }
+                SseState::Done => None,
             }
-            SseState::Done => None,
-        }
-    });
+        },
+    );
     Body::new(http_body_util::StreamBody::new(frames))
 }
 
@@ -150,7 +206,10 @@ type SseItem = (Result<Frame<Bytes>, BoxError>, SseState);
 async fn next_live(mut rest: ChunkStream, idle: Duration) -> Option<SseItem> {
     match tokio::time::timeout(idle, rest.next()).await {
         Ok(Some(Ok(chunk))) => Some((Ok(Frame::data(event(&chunk))), SseState::Live(rest, idle))),
-        Ok(None) => Some((Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))), SseState::Done)),
+        Ok(None) => Some((
+            Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))),
+            SseState::Done,
+        )),
         Ok(Some(Err(error))) => {
             tracing::warn!(class = %error.class, error = %error.message, "stream failed after its first token");
             let (last_words, error) = cut(&error.message, error_type(error.class));
@@ -183,16 +242,35 @@ fn event(value: &Value) -> Bytes {
 /// The answer when every target failed: 429 if every attempt was rate limited, 504 if the
 /// deadline ran out, 503 if every attempt found the targets overloaded, else 502. The message
 /// lists each attempt; authentication errors show only their status.
-fn exhausted(route: &str, attempts: &[Attempt], deadline_exceeded: bool, retry_after: Option<Duration>) -> Response<Body> {
-    let every = |class: FailureClass| !attempts.is_empty() && attempts.iter().all(|a| a.class == Some(class));
+fn exhausted(
+    route: &str,
+    attempts: &[Attempt],
+    deadline_exceeded: bool,
+    retry_after: Option<Duration>,
+) -> Response<Body> {
+    let every = |class: FailureClass| {
+        !attempts.is_empty() && attempts.iter().all(|a| a.class == Some(class))
+    };
     let (status, kind, code) = if every(FailureClass::RateLimited) {
-        (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "all_targets_rate_limited")
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "all_targets_rate_limited",
+        )
     } else if deadline_exceeded {
         (StatusCode::GATEWAY_TIMEOUT, "timeout", "deadline_exceeded")
     } else if every(FailureClass::Overloaded) {
-        (StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", "all_targets_overloaded")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded_error",
+            "all_targets_overloaded",
+        )
     } else {
-        (StatusCode::BAD_GATEWAY, "upstream_error", "all_targets_failed")
+        (
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "all_targets_failed",
+        )
     };
     let listed: Vec<String> = attempts
         .iter()
@@ -205,9 +283,17 @@ fn exhausted(route: &str, attempts: &[Attempt], deadline_exceeded: bool, retry_a
         })
         .collect();
     let message = if deadline_exceeded {
-        format!("the request's deadline ran out after {} attempt(s): {}", attempts.len(), listed.join("; "))
+        format!(
+            "the request's deadline ran out after {} attempt(s): {}",
+            attempts.len(),
+            listed.join("; ")
+        )
     } else {
-        format!("every target failed ({} attempt(s)): {}", attempts.len(), listed.join("; "))
+        format!(
+            "every target failed ({} attempt(s)): {}",
+            attempts.len(),
+            listed.join("; ")
+        )
     };
     tracing::warn!(route, attempts = attempts.len(), status = status.as_u16(), %message, "no target answered");
     let detail: Vec<Value> = attempts
@@ -216,9 +302,17 @@ fn exhausted(route: &str, attempts: &[Attempt], deadline_exceeded: bool, retry_a
         .collect();
     let body = json!({"error": {"message": message, "type": kind, "code": code, "param": null, "attempts": detail}});
     let mut response = json_response(status, &body);
-    set_header(&mut response, "x-backstop-attempts", &attempts.len().to_string());
+    set_header(
+        &mut response,
+        "x-backstop-attempts",
+        &attempts.len().to_string(),
+    );
     if let Some(wait) = retry_after {
-        set_header(&mut response, "retry-after", &wait.as_secs_f64().ceil().max(1.0).to_string());
+        set_header(
+            &mut response,
+            "retry-after",
+            &wait.as_secs_f64().ceil().max(1.0).to_string(),
+        );
     }
     response
 }
@@ -231,9 +325,9 @@ fn status_for(class: FailureClass) -> StatusCode {
         FailureClass::ServerError | FailureClass::ConnectError => StatusCode::BAD_GATEWAY,
         FailureClass::AuthError => StatusCode::BAD_GATEWAY,
         FailureClass::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
-        FailureClass::ContextWindowExceeded | FailureClass::ContentFiltered | FailureClass::BadRequest => {
-            StatusCode::BAD_REQUEST
-        }
+        FailureClass::ContextWindowExceeded
+        | FailureClass::ContentFiltered
+        | FailureClass::BadRequest => StatusCode::BAD_REQUEST,
     }
 }
 
@@ -243,16 +337,25 @@ fn error_type(class: FailureClass) -> &'static str {
         FailureClass::Overloaded => "overloaded_error",
         FailureClass::Timeout => "timeout",
         FailureClass::AuthError => "upstream_authentication_error",
-        FailureClass::BadRequest | FailureClass::ContextWindowExceeded | FailureClass::ContentFiltered => {
-            "invalid_request_error"
-        }
+        FailureClass::BadRequest
+        | FailureClass::ContextWindowExceeded
+        | FailureClass::ContentFiltered => "invalid_request_error",
         FailureClass::ServerError | FailureClass::ConnectError => "upstream_error",
     }
 }
 
 /// An OpenAI-format error: `{"error": {"message", "type", "param", "code"}}`.
-pub fn error_response(status: StatusCode, message: &str, kind: &str, code: Option<&str>, param: Option<&str>) -> Response<Body> {
-    json_response(status, &json!({"error": {"message": message, "type": kind, "param": param, "code": code}}))
+pub fn error_response(
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    code: Option<&str>,
+    param: Option<&str>,
+) -> Response<Body> {
+    json_response(
+        status,
+        &json!({"error": {"message": message, "type": kind, "param": param, "code": code}}),
+    )
 }
 
 /// `GET /v1/models`: the route aliases, as OpenAI's model list.

@@ -1,6 +1,8 @@
 //! Integration tests: the real sidecar on 127.0.0.1 against fault-injecting upstreams, and the
 //! real binary. One test binary, one module per area.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod binary;
 mod faults;
 mod ingress;

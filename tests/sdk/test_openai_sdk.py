@@ -1,0 +1,121 @@
+"""The official OpenAI Python SDK and LangChain's ChatOpenAI, pointed at a real sidecar."""
+
+import httpx
+import openai
+import pytest
+
+REPLY = "Answered by the fallback target."
+
+POLICY = """
+apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {{name: sdk, namespace: tests}}
+spec:
+  providers:
+    - {{name: primary, type: {primary}}}
+    - {{name: fallback, type: mock, mock: {{reply: "{reply}", chunks: 5{fallback_extra}}}}}
+  routes:
+    - model: chat
+      chain:
+        - {{provider: primary, model: gpt-4o}}
+        - {{provider: fallback, model: claude-sonnet-4-5}}
+  timeouts: {{attempt: 2s, firstToken: 2s, total: 10s}}
+"""
+
+RATE_LIMITED = "mock, mock: {failureRate: 1, failureStatus: 429, retryAfter: 30}"
+
+
+def policy(primary=RATE_LIMITED, fallback_extra=""):
+    return POLICY.format(primary=primary, reply=REPLY, fallback_extra=fallback_extra)
+
+
+def client(s):
+    # The app's own key is a placeholder: the sidecar holds the real ones.
+    return openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0, timeout=20)
+
+
+def test_non_streaming_falls_back_and_says_why(sidecar):
+    s = sidecar(policy())
+    raw = client(s).chat.completions.with_raw_response.create(
+        model="chat", messages=[{"role": "user", "content": "hello"}], temperature=0.1)
+    assert raw.headers["x-backstop-provider"] == "fallback"
+    assert raw.headers["x-backstop-model"] == "claude-sonnet-4-5"
+    assert raw.headers["x-backstop-fallback-reason"] == "primary/gpt-4o=rateLimited"
+    completion = raw.parse()
+    assert completion.choices[0].message.content == REPLY
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.total_tokens > 0
+
+
+def test_streaming_falls_back_with_usage(sidecar):
+    s = sidecar(policy())
+    stream = client(s).chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "hello"}], stream=True,
+        stream_options={"include_usage": True})
+    text, usage = "", None
+    for event in stream:
+        if event.choices:
+            text += event.choices[0].delta.content or ""
+        if event.usage:
+            usage = event.usage
+    assert text == REPLY
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_models_lists_route_aliases(sidecar):
+    s = sidecar(policy())
+    assert [m.id for m in client(s).models.list()] == ["chat"]
+
+
+def test_every_target_rate_limited_raises_rate_limit_error(sidecar):
+    s = sidecar(policy(fallback_extra=", failureRate: 1, failureStatus: 429"))
+    with pytest.raises(openai.RateLimitError) as caught:
+        client(s).chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 429
+    assert caught.value.response.headers["retry-after"] == "30"
+    # the fallback sent no Retry-After, so it was retried once after a backoff
+    assert [a["class"] for a in caught.value.body["attempts"]] == ["rateLimited"] * 3
+
+
+def test_every_target_failing_raises_api_status_error(sidecar):
+    s = sidecar(policy(primary="mock, mock: {failureRate: 1, failureStatus: 500}",
+                       fallback_extra=", failureRate: 1, failureStatus: 401"))
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(s).chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+    assert "authError" in caught.value.message
+
+
+def test_malformed_requests_raise_bad_request_error(sidecar):
+    s = sidecar(policy())
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(s).chat.completions.create(model="chat", messages=[])
+    assert "messages" in caught.value.message
+
+
+def test_unknown_model_raises_not_found_error(sidecar):
+    s = sidecar(policy())
+    with pytest.raises(openai.NotFoundError):
+        client(s).chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_stream_cut_after_its_first_token_raises(sidecar, cutting_upstream):
+    s = sidecar(policy(primary=f'openai-compatible, baseUrl: "{cutting_upstream}"'))
+    stream = client(s).chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "hi"}], stream=True)
+    text = ""
+    with pytest.raises((openai.APIError, httpx.HTTPError)) as caught:
+        for event in stream:
+            if event.choices:
+                text += event.choices[0].delta.content or ""
+    assert text == "partial", "the first chunk reached the app before the cut"
+    assert "interrupted" in str(caught.value)
+
+
+def test_langchain_chat_openai(sidecar):
+    from langchain_openai import ChatOpenAI
+
+    s = sidecar(policy())
+    llm = ChatOpenAI(model="chat", base_url=s.base_url, api_key="unused", max_retries=0)
+    assert llm.invoke("hello").content == REPLY
+    assert "".join(part.content for part in llm.stream("hello")) == REPLY
