@@ -40,34 +40,22 @@ const CHUNKS: [&str; 4] = [
 const REQUEST: &str = r#"{"model":"MODEL","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say something about foxes."}],"temperature":0.2}"#;
 
 async fn upstream(request: Request<hyper::body::Incoming>) -> Result<Response<UpBody>, Infallible> {
-    let body = request
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let stream = memchr_stream(&body);
     let mut response = if stream {
         let frames = futures_util::stream::iter(
-            CHUNKS
-                .iter()
-                .map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from_static(c.as_bytes())))),
+            CHUNKS.iter().map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from_static(c.as_bytes())))),
         );
         let mut r = Response::new(UpBody::new(StreamBody::new(frames)));
-        r.headers_mut()
-            .insert("content-type", "text/event-stream".parse().expect("header"));
+        r.headers_mut().insert("content-type", "text/event-stream".parse().expect("header"));
         r
     } else {
-        let mut r = Response::new(UpBody::new(
-            Full::new(Bytes::from_static(COMPLETION.as_bytes())).map_err(|n| match n {}),
-        ));
-        r.headers_mut()
-            .insert("content-type", "application/json".parse().expect("header"));
+        let mut r =
+            Response::new(UpBody::new(Full::new(Bytes::from_static(COMPLETION.as_bytes())).map_err(|n| match n {})));
+        r.headers_mut().insert("content-type", "application/json".parse().expect("header"));
         r
     };
-    response
-        .headers_mut()
-        .insert("x-request-id", "bench".parse().expect("header"));
+    response.headers_mut().insert("x-request-id", "bench".parse().expect("header"));
     Ok(response)
 }
 
@@ -76,9 +64,7 @@ fn memchr_stream(body: &[u8]) -> bool {
 }
 
 async fn start_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind upstream");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
     let addr = listener.local_addr().expect("addr");
     // Runs for the whole benchmark; the process exit ends it.
     tokio::spawn(async move {
@@ -114,16 +100,7 @@ async fn start_sidecar(upstream: SocketAddr) -> Sidecar {
     )
     .expect("write policy");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args([
-            "sidecar",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--policy-file",
-        ])
+        .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "json", "--policy-file"])
         .arg(&policy)
         .env("BACKSTOP_LOG", "warn,backstop=info")
         .stdin(Stdio::null())
@@ -134,34 +111,21 @@ async fn start_sidecar(upstream: SocketAddr) -> Sidecar {
         .expect("start the sidecar");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
     let llm = loop {
-        let line = lines
-            .next_line()
-            .await
-            .expect("read stderr")
-            .expect("sidecar exited early");
+        let line = lines.next_line().await.expect("read stderr").expect("sidecar exited early");
         let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         if event["message"] == "backstop sidecar listening" {
-            break event["llm"]
-                .as_str()
-                .and_then(|a| a.parse().ok())
-                .expect("llm address");
+            break event["llm"].as_str().and_then(|a| a.parse().ok()).expect("llm address");
         }
     };
     // Drain the rest of its log so it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Sidecar {
-        child,
-        llm,
-        _dir: dir,
-    }
+    Sidecar { child, llm, _dir: dir }
 }
 
 fn client() -> Client<HttpConnector, Full<Bytes>> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(1024)
-        .build(http)
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(http)
 }
 
 fn request(addr: SocketAddr, model: &str, stream: bool) -> Request<Full<Bytes>> {
@@ -186,10 +150,7 @@ async fn load(addr: SocketAddr, model: &'static str, concurrency: usize, seconds
     let client = client();
     // Warm the connection pool.
     for _ in 0..concurrency.min(8) {
-        let _ = client
-            .request(request(addr, model, false))
-            .await
-            .map(|r| r.into_body());
+        let _ = client.request(request(addr, model, false)).await.map(|r| r.into_body());
     }
     let started = Instant::now();
     let end = started + Duration::from_secs_f64(seconds);
@@ -225,16 +186,9 @@ async fn load(addr: SocketAddr, model: &'static str, concurrency: usize, seconds
     let elapsed = started.elapsed().as_secs_f64();
     all.sort();
     let pick = |q: f64| {
-        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
+        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or_default()
     };
-    Load {
-        rps: all.len() as f64 / elapsed,
-        p50: pick(0.50),
-        p99: pick(0.99),
-        errors,
-    }
+    Load { rps: all.len() as f64 / elapsed, p50: pick(0.50), p99: pick(0.99), errors }
 }
 
 /// Median time to the first body byte of a streamed answer, over `n` sequential requests.
@@ -243,10 +197,7 @@ async fn ttfb(addr: SocketAddr, model: &str, n: usize) -> Duration {
     let mut samples = Vec::with_capacity(n);
     for i in 0..n + 10 {
         let sent = Instant::now();
-        let response = client
-            .request(request(addr, model, true))
-            .await
-            .expect("stream answers");
+        let response = client.request(request(addr, model, true)).await.expect("stream answers");
         let mut body = response.into_body();
         let _ = body.frame().await;
         let first = sent.elapsed();
@@ -277,15 +228,8 @@ fn us(d: Duration) -> f64 {
 }
 
 fn main() {
-    let seconds: f64 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let seconds: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     runtime.block_on(async move {
         let upstream = start_upstream().await;
         let sidecar = start_sidecar(upstream).await;

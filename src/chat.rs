@@ -48,38 +48,25 @@ pub struct InvalidRequest {
 
 impl InvalidRequest {
     fn new(message: impl Into<String>, param: Option<&'static str>) -> Self {
-        InvalidRequest {
-            message: message.into(),
-            param,
-        }
+        InvalidRequest { message: message.into(), param }
     }
 }
 
 impl ChatRequest {
     /// Parses an OpenAI Chat Completions request body, rejecting what no provider would take.
     pub fn from_openai_json(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| {
-            InvalidRequest::new(format!("request body is not valid JSON: {e}"), None)
-        })?;
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| InvalidRequest::new(format!("request body is not valid JSON: {e}"), None))?;
         let Value::Object(mut object) = value else {
-            return Err(InvalidRequest::new(
-                "request body must be a JSON object",
-                None,
-            ));
+            return Err(InvalidRequest::new("request body must be a JSON object", None));
         };
         let model = match object.remove("model") {
             Some(Value::String(model)) if !model.is_empty() => model,
             Some(Value::String(_)) => {
-                return Err(InvalidRequest::new(
-                    "`model` must not be empty",
-                    Some("model"),
-                ));
+                return Err(InvalidRequest::new("`model` must not be empty", Some("model")));
             }
             Some(_) => {
-                return Err(InvalidRequest::new(
-                    "`model` must be a string",
-                    Some("model"),
-                ));
+                return Err(InvalidRequest::new("`model` must be a string", Some("model")));
             }
             None => {
                 return Err(InvalidRequest::new(
@@ -93,49 +80,28 @@ impl ChatRequest {
                 .into_iter()
                 .enumerate()
                 .map(|(i, item)| {
-                    serde_json::from_value::<Message>(item).map_err(|e| {
-                        InvalidRequest::new(
-                            format!("`messages[{i}]` is invalid: {e}"),
-                            Some("messages"),
-                        )
-                    })
+                    serde_json::from_value::<Message>(item)
+                        .map_err(|e| InvalidRequest::new(format!("`messages[{i}]` is invalid: {e}"), Some("messages")))
                 })
                 .collect::<Result<Vec<_>, _>>()?,
             Some(Value::Array(_)) => {
-                return Err(InvalidRequest::new(
-                    "`messages` must not be empty",
-                    Some("messages"),
-                ));
+                return Err(InvalidRequest::new("`messages` must not be empty", Some("messages")));
             }
             Some(_) => {
-                return Err(InvalidRequest::new(
-                    "`messages` must be an array",
-                    Some("messages"),
-                ));
+                return Err(InvalidRequest::new("`messages` must be an array", Some("messages")));
             }
             None => {
-                return Err(InvalidRequest::new(
-                    "`messages` is missing",
-                    Some("messages"),
-                ));
+                return Err(InvalidRequest::new("`messages` is missing", Some("messages")));
             }
         };
         let stream = match object.remove("stream") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(stream)) => stream,
             Some(_) => {
-                return Err(InvalidRequest::new(
-                    "`stream` must be a boolean",
-                    Some("stream"),
-                ));
+                return Err(InvalidRequest::new("`stream` must be a boolean", Some("stream")));
             }
         };
-        Ok(ChatRequest {
-            model,
-            messages,
-            stream,
-            rest: object,
-        })
+        Ok(ChatRequest { model, messages, stream, rest: object })
     }
 
     /// The request body for one target: this request with `model` replaced.
@@ -149,12 +115,7 @@ impl ChatRequest {
             #[serde(flatten)]
             rest: &'a Map<String, Value>,
         }
-        serde_json::to_vec(&Outgoing {
-            model,
-            messages: &self.messages,
-            stream: self.stream,
-            rest: &self.rest,
-        })
+        serde_json::to_vec(&Outgoing { model, messages: &self.messages, stream: self.stream, rest: &self.rest })
     }
 
     /// A rough prompt size in tokens (four characters a token), for providers that must
@@ -189,16 +150,11 @@ mod tests {
         });
         let request = ChatRequest::from_openai_json(body.to_string().as_bytes()).expect("parses");
         assert!(request.stream);
-        let out: Value =
-            serde_json::from_slice(&request.to_openai_json("gpt-4o").expect("serializes"))
-                .expect("json");
+        let out: Value = serde_json::from_slice(&request.to_openai_json("gpt-4o").expect("serializes")).expect("json");
         assert_eq!(out["model"], "gpt-4o");
         assert_eq!(out["temperature"], 0.2);
         assert_eq!(out["logit_bias"], json!({"50256": -100}));
-        assert_eq!(
-            out["messages"][0],
-            json!({"role": "user", "content": "hi", "name": "ann"})
-        );
+        assert_eq!(out["messages"][0], json!({"role": "user", "content": "hi", "name": "ann"}));
         assert_eq!(out["stream"], true);
     }
 
@@ -207,31 +163,13 @@ mod tests {
         let cases = [
             ("{", "not valid JSON"),
             ("[]", "must be a JSON object"),
-            (
-                r#"{"messages":[{"role":"user","content":"x"}]}"#,
-                "`model` is missing",
-            ),
-            (
-                r#"{"model":"","messages":[{"role":"user"}]}"#,
-                "`model` must not be empty",
-            ),
-            (
-                r#"{"model":3,"messages":[{"role":"user"}]}"#,
-                "`model` must be a string",
-            ),
+            (r#"{"messages":[{"role":"user","content":"x"}]}"#, "`model` is missing"),
+            (r#"{"model":"","messages":[{"role":"user"}]}"#, "`model` must not be empty"),
+            (r#"{"model":3,"messages":[{"role":"user"}]}"#, "`model` must be a string"),
             (r#"{"model":"m"}"#, "`messages` is missing"),
-            (
-                r#"{"model":"m","messages":[]}"#,
-                "`messages` must not be empty",
-            ),
-            (
-                r#"{"model":"m","messages":[{"content":"x"}]}"#,
-                "`messages[0]` is invalid",
-            ),
-            (
-                r#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#,
-                "`stream` must be a boolean",
-            ),
+            (r#"{"model":"m","messages":[]}"#, "`messages` must not be empty"),
+            (r#"{"model":"m","messages":[{"content":"x"}]}"#, "`messages[0]` is invalid"),
+            (r#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#, "`stream` must be a boolean"),
         ];
         for (body, expected) in cases {
             let err = ChatRequest::from_openai_json(body.as_bytes()).expect_err(body);

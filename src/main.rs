@@ -12,11 +12,7 @@ use backstop::telemetry::{LogFormat, init_logging};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "backstop",
-    version,
-    about = "LLM fallback layer for Kubernetes"
-)]
+#[command(name = "backstop", version, about = "LLM fallback layer for Kubernetes")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,13 +70,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (snapshot, _) = match file::load(&policy_file, &LocalKeys) {
                 Ok(loaded) => loaded,
                 Err(file::LoadError::Invalid(invalid)) => {
-                    let lines: Vec<String> =
-                        invalid.errors.iter().map(|e| format!("  {e}")).collect();
-                    anyhow::bail!(
-                        "{} is not a valid FallbackPolicy:\n{}",
-                        policy_file.display(),
-                        lines.join("\n")
-                    );
+                    let lines: Vec<String> = invalid.errors.iter().map(|e| format!("  {e}")).collect();
+                    anyhow::bail!("{} is not a valid FallbackPolicy:\n{}", policy_file.display(), lines.join("\n"));
                 }
                 Err(other) => {
                     anyhow::bail!("{} is not a usable policy: {other}", policy_file.display())
@@ -96,9 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sidecar(args) => {
             init_logging(args.log_format);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(sidecar(args))
         }
     }
@@ -106,11 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let store = Arc::new(PolicyStore::new());
-    let config = SidecarConfig {
-        listen: args.listen,
-        admin: args.admin,
-        max_request_bytes: args.max_request_bytes,
-    };
+    let config = SidecarConfig { listen: args.listen, admin: args.admin, max_request_bytes: args.max_request_bytes };
     let sidecar = Sidecar::bind(&config, store.clone(), backstop::provider::http_client())
         .await
         .context("cannot bind the sidecar's listeners")?;
@@ -135,14 +120,13 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}

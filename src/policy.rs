@@ -58,6 +58,80 @@ pub struct FallbackPolicySpec {
     /// Time limits for one attempt, the first streamed token, and the whole request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<TimeoutsSpec>,
+
+    /// When a target is taken out of rotation, and how it is let back in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+
+    /// Request headers an app may use to tighten this policy for one request: `noFallback`
+    /// honours `x-backstop-no-fallback: true`, `maxAttempts` honours `x-backstop-max-attempts:
+    /// N` (lower only), `deadline` honours `x-backstop-deadline: 5s` (shorter only). Headers not
+    /// allowed here are ignored and logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_request_overrides: Option<Vec<RequestOverride>>,
+}
+
+/// A per-request control an app may send as a header, when the policy allows it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RequestOverride {
+    /// `x-backstop-no-fallback: true`: try only the first step of the chain.
+    NoFallback,
+    /// `x-backstop-max-attempts: N`: at most N attempts for this request.
+    MaxAttempts,
+    /// `x-backstop-deadline: DURATION`: a shorter total deadline for this request.
+    Deadline,
+}
+
+/// Circuit-breaker settings, applied to every target (provider + model + key) separately.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerSpec {
+    /// Consecutive counted failures that open a target's breaker. Default 5; 0 turns this
+    /// rule off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+
+    /// Opens a breaker when this share of recent requests failed. Default: 50% over `30s`,
+    /// once at least 20 requests were seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_rate: Option<FailureRateSpec>,
+
+    /// How long a breaker stays open the first time. Each reopening without a recovery in
+    /// between doubles it, up to `maxOpenFor`. A 429 or 503 with `Retry-After` keeps a target
+    /// out at least that long. Default `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_for: Option<String>,
+
+    /// The longest open period. Default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_open_for: Option<String>,
+
+    /// Probe requests let through at once when the open period ends; a probe's success closes
+    /// the breaker. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub half_open_probes: Option<u32>,
+
+    /// Failure classes that count against a target. Default: `rateLimited`, `overloaded`,
+    /// `serverError`, `timeout`, `connectError`, `authError`, `quotaExceeded`. `badRequest`
+    /// may not be listed: it says nothing about the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count_on: Option<Vec<FailureClass>>,
+}
+
+/// The failure-rate rule of a circuit breaker.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailureRateSpec {
+    /// Failure share, 1 to 100, that opens the breaker. Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    /// How far back requests are counted. Default `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    /// Requests the window must hold before the rule applies. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u32>,
 }
 
 /// One upstream LLM API endpoint and its credentials.
@@ -81,6 +155,12 @@ pub struct ProviderSpec {
     /// Ollama) and for `mock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<ApiKeySource>,
+
+    /// Several keys for one provider, instead of `apiKey`: every chain target that names this
+    /// provider is balanced across them, and a 429 or 401 on one key moves to another before
+    /// the chain falls through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys: Option<Vec<ApiKeySource>>,
 
     /// Behaviour of a `mock` provider; only valid with `type: mock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -189,6 +269,34 @@ pub struct RouteSpec {
     /// Targets tried in order. Each step is either one target (`provider` and `model`) or a
     /// `group` of targets balanced by weight.
     pub chain: Vec<ChainStepSpec>,
+
+    /// A chain to switch to when a target says the prompt is longer than its context window
+    /// (typically models with larger windows). Without it, that error goes back to the app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_context_window_exceeded: Option<Vec<ChainStepSpec>>,
+
+    /// A chain to switch to when a target's content filter refuses the request. Without it,
+    /// that error goes back to the app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_content_filtered: Option<Vec<ChainStepSpec>>,
+
+    /// Hedging: when the current target has not produced its first token after a delay, start
+    /// the next target too; the first to produce a token answers and the other is cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<HedgeSpec>,
+}
+
+/// Hedging on slow first tokens.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HedgeSpec {
+    /// How long to wait for a first token (for non-streamed requests, the answer) before
+    /// starting the next target, such as `2s`.
+    pub after_first_token_delay: String,
+    /// Extra targets one request may start this way, 1 to 3. Default 1. Hedges count against
+    /// the retry budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_extra: Option<u32>,
 }
 
 /// One step of a chain: a single target, or a weighted group of equivalent targets.
@@ -233,9 +341,7 @@ pub struct GroupMemberSpec {
 }
 
 /// How one failed request is classified. Each class is a reason a request can fall through.
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
-)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum FailureClass {
     /// HTTP 429: the provider's rate limit.
@@ -258,11 +364,14 @@ pub enum FailureClass {
     ContentFiltered,
     /// Any other 4xx: the request itself is wrong and would fail everywhere.
     BadRequest,
+    /// A 200 whose answer has no content and no tool call. Falls through only when listed in
+    /// `fallbackOn`.
+    EmptyCompletion,
 }
 
 impl FailureClass {
     /// Every class, in declaration order.
-    pub const ALL: [FailureClass; 10] = [
+    pub const ALL: [FailureClass; 11] = [
         FailureClass::RateLimited,
         FailureClass::Overloaded,
         FailureClass::ServerError,
@@ -273,6 +382,7 @@ impl FailureClass {
         FailureClass::ContextWindowExceeded,
         FailureClass::ContentFiltered,
         FailureClass::BadRequest,
+        FailureClass::EmptyCompletion,
     ];
 
     /// The name users write in `fallbackOn`.
@@ -288,6 +398,7 @@ impl FailureClass {
             FailureClass::ContextWindowExceeded => "contextWindowExceeded",
             FailureClass::ContentFiltered => "contentFiltered",
             FailureClass::BadRequest => "badRequest",
+            FailureClass::EmptyCompletion => "emptyCompletion",
         }
     }
 
@@ -310,7 +421,41 @@ impl FailureClass {
             FailureClass::BadRequest
                 | FailureClass::ContextWindowExceeded
                 | FailureClass::ContentFiltered
+                | FailureClass::EmptyCompletion
         )
+    }
+
+    /// Classes that count against a target's circuit breaker when `countOn` is not set: the
+    /// ones that say something about the target rather than the request.
+    pub fn counts_against_target_by_default(self) -> bool {
+        self.is_transient() || matches!(self, FailureClass::AuthError | FailureClass::QuotaExceeded)
+    }
+}
+
+/// A set of failure classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ClassSet(u16);
+
+impl ClassSet {
+    /// The classes that fall through when `fallbackOn` is not set.
+    pub fn default_fallback() -> Self {
+        FailureClass::ALL.into_iter().filter(|c| c.falls_through_by_default()).collect()
+    }
+
+    /// The classes a breaker counts when `circuitBreaker.countOn` is not set.
+    pub fn breaker_default() -> Self {
+        FailureClass::ALL.into_iter().filter(|c| c.counts_against_target_by_default()).collect()
+    }
+
+    /// Whether `class` is in the set.
+    pub fn contains(self, class: FailureClass) -> bool {
+        self.0 & (1 << class as u16) != 0
+    }
+}
+
+impl FromIterator<FailureClass> for ClassSet {
+    fn from_iter<I: IntoIterator<Item = FailureClass>>(iter: I) -> Self {
+        ClassSet(iter.into_iter().fold(0, |bits, c| bits | 1 << c as u16))
     }
 }
 
@@ -332,6 +477,20 @@ pub struct RetrySpec {
     /// Exponential backoff with jitter between attempts at one target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<BackoffSpec>,
+
+    /// Retries, fall-throughs and hedges of a route may add at most this percentage of its
+    /// requests over the last 10 s (plus `minRetriesPerSecond`); beyond it a request gets its
+    /// own error instead of adding load to an outage. 0 to 1000; default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_percent: Option<u32>,
+
+    /// Extra attempts always allowed per second, however little traffic there is. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retries_per_second: Option<u32>,
+
+    /// A hard cap on attempts per request, across every target. 1 to 20; default 6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_attempts: Option<u32>,
 }
 
 /// Exponential backoff: the n-th retry waits about `base * 2^(n-1)`, capped at `max`, with
@@ -403,16 +562,10 @@ mod tests {
                 out.push(format!("{path}: has `{key}`"));
             }
         }
-        let extension = obj.contains_key("x-kubernetes-int-or-string")
-            || obj.contains_key("x-kubernetes-preserve-unknown-fields");
+        let extension =
+            obj.contains_key("x-kubernetes-int-or-string") || obj.contains_key("x-kubernetes-preserve-unknown-fields");
         if in_logic {
-            for key in [
-                "type",
-                "description",
-                "default",
-                "additionalProperties",
-                "nullable",
-            ] {
+            for key in ["type", "description", "default", "additionalProperties", "nullable"] {
                 if obj.contains_key(key) {
                     out.push(format!("{path}: `{key}` inside anyOf/oneOf/allOf/not"));
                 }
@@ -460,11 +613,7 @@ mod tests {
         assert!(schema.is_object(), "CRD has no openAPIV3Schema");
         let mut violations = Vec::new();
         structural_violations(schema, "openAPIV3Schema", false, &mut violations);
-        assert!(
-            violations.is_empty(),
-            "not a structural schema:\n{}",
-            violations.join("\n")
-        );
+        assert!(violations.is_empty(), "not a structural schema:\n{}", violations.join("\n"));
         // The checker itself must be able to fail.
         let mut bad = Vec::new();
         structural_violations(
@@ -494,19 +643,8 @@ mod tests {
         assert_eq!(crd.spec.names.short_names, Some(vec!["fbp".to_string()]));
         assert_eq!(crd.spec.scope, "Namespaced");
         let version = &crd.spec.versions[0];
-        assert!(
-            version
-                .subresources
-                .as_ref()
-                .and_then(|s| s.status.as_ref())
-                .is_some()
-        );
-        let columns: Vec<_> = version
-            .additional_printer_columns
-            .iter()
-            .flatten()
-            .map(|c| c.name.as_str())
-            .collect();
+        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        let columns: Vec<_> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
         assert_eq!(columns, ["Ready", "Reason", "Age"]);
     }
 
@@ -516,11 +654,7 @@ mod tests {
             if let Some(props) = schema.get("properties").and_then(Value::as_object) {
                 for (name, sub) in props {
                     let here = format!("{path}.{name}");
-                    if sub
-                        .get("description")
-                        .and_then(Value::as_str)
-                        .is_none_or(str::is_empty)
-                    {
+                    if sub.get("description").and_then(Value::as_str).is_none_or(str::is_empty) {
                         out.push(here.clone());
                     }
                     undocumented(sub, &here, out);
@@ -536,9 +670,6 @@ mod tests {
         undocumented(spec, "spec", &mut missing);
         // `selector` comes from Kubernetes' own LabelSelector, whose inner docs are upstream's.
         missing.retain(|p| !p.starts_with("spec.selector."));
-        assert!(
-            missing.is_empty(),
-            "fields without a description: {missing:?}"
-        );
+        assert!(missing.is_empty(), "fields without a description: {missing:?}");
     }
 }

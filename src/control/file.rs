@@ -9,6 +9,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::chain::{InvalidPolicy, KeyResolver, PolicySnapshot, PolicyStore};
+use crate::health::HealthRegistry;
 use crate::policy::{API_VERSION, FallbackPolicy};
 
 /// How often the file is re-read even without a change notification, for file systems that
@@ -45,19 +46,15 @@ pub fn parse_policy(yaml: &str) -> Result<FallbackPolicy, LoadError> {
         api_version: Option<String>,
         kind: Option<String>,
     }
-    let types: Types = serde_yaml_ng::from_str(yaml)
-        .map_err(|e| LoadError::Parse(format!("not a FallbackPolicy document: {e}")))?;
+    let types: Types =
+        serde_yaml_ng::from_str(yaml).map_err(|e| LoadError::Parse(format!("not a FallbackPolicy document: {e}")))?;
     let api_version = types.api_version.unwrap_or_default();
     if api_version != API_VERSION {
-        return Err(LoadError::Parse(format!(
-            "`apiVersion`: must be `{API_VERSION}`, found `{api_version}`"
-        )));
+        return Err(LoadError::Parse(format!("`apiVersion`: must be `{API_VERSION}`, found `{api_version}`")));
     }
     let kind = types.kind.unwrap_or_default();
     if kind != "FallbackPolicy" {
-        return Err(LoadError::Parse(format!(
-            "`kind`: must be `FallbackPolicy`, found `{kind}`"
-        )));
+        return Err(LoadError::Parse(format!("`kind`: must be `FallbackPolicy`, found `{kind}`")));
     }
     serde_yaml_ng::from_str(yaml).map_err(|e| LoadError::Parse(with_quoted_path(&e.to_string())))
 }
@@ -66,9 +63,7 @@ pub fn parse_policy(yaml: &str) -> Result<FallbackPolicy, LoadError> {
 /// compile errors do, so every policy error reads alike.
 fn with_quoted_path(message: &str) -> String {
     match message.split_once(": ") {
-        Some((path, rest))
-            if !path.contains(' ') && path.starts_with(|c: char| c.is_ascii_alphabetic()) =>
-        {
+        Some((path, rest)) if !path.contains(' ') && path.starts_with(|c: char| c.is_ascii_alphabetic()) => {
             format!("`{path}`: {rest}")
         }
         _ => format!("not a FallbackPolicy document: {message}"),
@@ -77,12 +72,9 @@ fn with_quoted_path(message: &str) -> String {
 
 /// Reads, parses and compiles a policy file.
 pub fn load(path: &Path, keys: &dyn KeyResolver) -> Result<(PolicySnapshot, String), LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
     let policy = parse_policy(&text)?;
-    Ok((PolicySnapshot::compile(&policy, keys)?, text))
+    Ok((PolicySnapshot::compile(&policy, keys, &HealthRegistry::new())?, text))
 }
 
 /// Keeps a [`PolicyStore`] in step with a policy file.
@@ -95,30 +87,19 @@ pub struct PolicyFile {
 
 impl PolicyFile {
     /// A watcher for `path` feeding `store`.
-    pub fn new(
-        path: PathBuf,
-        store: Arc<PolicyStore>,
-        keys: Arc<dyn KeyResolver + Send + Sync>,
-    ) -> Self {
-        PolicyFile {
-            path,
-            store,
-            keys,
-            last_text: None,
-        }
+    pub fn new(path: PathBuf, store: Arc<PolicyStore>, keys: Arc<dyn KeyResolver + Send + Sync>) -> Self {
+        PolicyFile { path, store, keys, last_text: None }
     }
 
     /// Loads the file now. An invalid file leaves the store as it was.
     pub fn reload(&mut self) -> Result<Option<u64>, LoadError> {
-        let text = std::fs::read_to_string(&self.path).map_err(|source| LoadError::Read {
-            path: self.path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&self.path)
+            .map_err(|source| LoadError::Read { path: self.path.clone(), source })?;
         if self.last_text.as_deref() == Some(text.as_str()) {
             return Ok(None);
         }
         let policy = parse_policy(&text)?;
-        let snapshot = PolicySnapshot::compile(&policy, self.keys.as_ref())?;
+        let snapshot = PolicySnapshot::compile(&policy, self.keys.as_ref(), self.store.health())?;
         let source = snapshot.source.clone();
         let version = self.store.publish(snapshot);
         self.last_text = Some(text);
@@ -140,23 +121,15 @@ impl PolicyFile {
     pub async fn watch(mut self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         self.reload_and_log();
         let (tx, mut rx) = mpsc::channel::<()>(1);
-        let watched_dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
+        let watched_dir =
+            self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             if event.is_ok() {
                 // A full channel already holds a pending reload; dropping this one loses nothing.
                 let _ = tx.try_send(());
             }
         })
-        .and_then(|mut watcher| {
-            watcher
-                .watch(&watched_dir, RecursiveMode::NonRecursive)
-                .map(|()| watcher)
-        });
+        .and_then(|mut watcher| watcher.watch(&watched_dir, RecursiveMode::NonRecursive).map(|()| watcher));
         let _watcher = match watcher {
             Ok(watcher) => Some(watcher),
             Err(error) => {
@@ -190,48 +163,24 @@ mod tests {
         let base = "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {name: x}\nspec:\n  providers: [{name: m, type: mock}]\n  routes: [{model: chat, chain: [{provider: m, model: x}]}]\n";
         assert!(parse_policy(base).is_ok());
         let cases = [
+            (base.replace("model: x}", "modle: x}"), "`spec.routes[0].chain[0]`: unknown field `modle`"),
+            (base.replace("type: mock", "type: openia"), "`spec.providers[0].type`: unknown variant `openia`"),
             (
-                base.replace("model: x}", "modle: x}"),
-                "`spec.routes[0].chain[0]`: unknown field `modle`",
-            ),
-            (
-                base.replace("type: mock", "type: openia"),
-                "`spec.providers[0].type`: unknown variant `openia`",
-            ),
-            (
-                base.replace(
-                    "[{name: m, type: mock}]",
-                    "[{name: m, type: mock, mock: {chunks: many}}]",
-                ),
+                base.replace("[{name: m, type: mock}]", "[{name: m, type: mock, mock: {chunks: many}}]"),
                 "`spec.providers[0].mock.chunks`: invalid type",
             ),
+            (base.replace("backstop.dev/v1alpha1", "v1"), "`apiVersion`: must be `backstop.dev/v1alpha1`"),
+            (base.replace("kind: FallbackPolicy", "kind: ConfigMap"), "`kind`: must be `FallbackPolicy`"),
+            (base.replace("  routes:", "  fallbakOn: [timeout]\n  routes:"), "`spec`: unknown field `fallbakOn`"),
             (
-                base.replace("backstop.dev/v1alpha1", "v1"),
-                "`apiVersion`: must be `backstop.dev/v1alpha1`",
-            ),
-            (
-                base.replace("kind: FallbackPolicy", "kind: ConfigMap"),
-                "`kind`: must be `FallbackPolicy`",
-            ),
-            (
-                base.replace("  routes:", "  fallbakOn: [timeout]\n  routes:"),
-                "`spec`: unknown field `fallbakOn`",
-            ),
-            (
-                base.replace(
-                    "  routes: [{model: chat, chain: [{provider: m, model: x}]}]\n",
-                    "",
-                ),
+                base.replace("  routes: [{model: chat, chain: [{provider: m, model: x}]}]\n", ""),
                 "`spec`: missing field `routes`",
             ),
             ("just text".to_string(), "not a FallbackPolicy document"),
         ];
         for (yaml, expected) in cases {
             let error = parse_policy(&yaml).expect_err(expected).to_string();
-            assert!(
-                error.contains(expected),
-                "expected {expected:?} in {error:?}"
-            );
+            assert!(error.contains(expected), "expected {expected:?} in {error:?}");
         }
     }
 }

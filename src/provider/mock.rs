@@ -68,10 +68,12 @@ impl Mock {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Mock {
-            behaviour,
-            rng: Mutex::new(rng),
-        }
+        Mock { behaviour, rng: Mutex::new(rng) }
+    }
+
+    /// Its behaviour.
+    pub fn behaviour(&self) -> &MockBehaviour {
+        &self.behaviour
     }
 
     fn draws_failure(&self) -> bool {
@@ -82,10 +84,7 @@ impl Mock {
             return true;
         }
         // The lock guards a few arithmetic steps and is never held across an await.
-        let mut rng = self
-            .rng
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut rng = self.rng.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         rng.random_bool(self.behaviour.failure_rate)
     }
 
@@ -99,10 +98,7 @@ impl Mock {
             return Err(self.failure());
         }
         let id = format!("chatcmpl-mock-{:x}", rand::random::<u64>());
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let prompt_tokens = request.estimated_prompt_tokens();
         let completion_tokens = self.behaviour.reply.split_whitespace().count().max(1) as u64;
         let usage = json!({
@@ -133,67 +129,39 @@ impl Mock {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         let chunk = |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
-        let mut chunks = vec![chunk(
-            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
-        )];
+        let mut chunks =
+            vec![chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]))];
         for piece in split_reply(&self.behaviour.reply, self.behaviour.chunks) {
-            chunks.push(chunk(
-                json!([{"index": 0, "delta": {"content": piece}, "finish_reason": null}]),
-            ));
+            chunks.push(chunk(json!([{"index": 0, "delta": {"content": piece}, "finish_reason": null}])));
         }
-        chunks.push(chunk(
-            json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
-        ));
+        chunks.push(chunk(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}])));
         if include_usage {
             let mut last = chunk(json!([]));
             last["usage"] = usage;
             chunks.push(last);
         }
         let first_token_latency = self.behaviour.first_token_latency;
-        let stream: ChunkStream = Box::pin(stream::unfold(
-            (chunks.into_iter(), 0usize),
-            move |(mut rest, index)| async move {
+        let stream: ChunkStream =
+            Box::pin(stream::unfold((chunks.into_iter(), 0usize), move |(mut rest, index)| async move {
                 // The role chunk goes out at once, content waits for the first token.
                 if index == 1 && !first_token_latency.is_zero() {
                     tokio::time::sleep(first_token_latency).await;
                 }
                 rest.next().map(|chunk| (Ok(chunk), (rest, index + 1)))
-            },
-        ));
+            }));
         Ok(Reply::Stream(stream))
     }
 
     fn failure(&self) -> AttemptError {
         let status = self.behaviour.failure_status;
         let (kind, code, message) = match status {
-            429 => (
-                "requests",
-                "rate_limit_exceeded",
-                "Rate limit reached (mock provider).",
-            ),
-            401 => (
-                "invalid_request_error",
-                "invalid_api_key",
-                "Incorrect API key provided (mock provider).",
-            ),
-            400 => (
-                "invalid_request_error",
-                "invalid_value",
-                "Invalid request (mock provider).",
-            ),
-            503 | 529 => (
-                "server_error",
-                "overloaded",
-                "The server is overloaded (mock provider).",
-            ),
-            _ => (
-                "server_error",
-                "server_error",
-                "The server had an error (mock provider).",
-            ),
+            429 => ("requests", "rate_limit_exceeded", "Rate limit reached (mock provider)."),
+            401 => ("invalid_request_error", "invalid_api_key", "Incorrect API key provided (mock provider)."),
+            400 => ("invalid_request_error", "invalid_value", "Invalid request (mock provider)."),
+            503 | 529 => ("server_error", "overloaded", "The server is overloaded (mock provider)."),
+            _ => ("server_error", "server_error", "The server had an error (mock provider)."),
         };
-        let body =
-            json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+        let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
         let mut headers = HeaderMap::new();
         if let Some(secs) = self.behaviour.retry_after
             && matches!(status, 429 | 503)
@@ -210,11 +178,7 @@ fn split_reply(reply: &str, parts: u32) -> Vec<String> {
     let parts = (parts.max(1) as usize).min(chars.len().max(1));
     let size = chars.len().div_ceil(parts).max(1);
     let pieces: Vec<String> = chars.chunks(size).map(|c| c.iter().collect()).collect();
-    if pieces.is_empty() {
-        vec![String::new()]
-    } else {
-        pieces
-    }
+    if pieces.is_empty() { vec![String::new()] } else { pieces }
 }
 
 #[cfg(test)]
@@ -243,12 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn seeded_failures_repeat_exactly() {
-        let behaviour = MockBehaviour {
-            failure_rate: 0.5,
-            failure_status: 429,
-            seed: Some(7),
-            ..Default::default()
-        };
+        let behaviour = MockBehaviour { failure_rate: 0.5, failure_status: 429, seed: Some(7), ..Default::default() };
         let draw = |mock: &Mock| (0..64).map(|_| mock.draws_failure()).collect::<Vec<_>>();
         let first = draw(&Mock::new(behaviour.clone()));
         assert_eq!(first, draw(&Mock::new(behaviour)));
@@ -272,28 +231,12 @@ mod tests {
 
     #[tokio::test]
     async fn streams_the_reply_with_usage() {
-        let mock = Mock::new(MockBehaviour {
-            reply: "one two three".into(),
-            chunks: 3,
-            ..Default::default()
-        });
-        let Ok(Reply::Stream(stream)) = mock.send("m", &request(true)).await else {
-            panic!("expected a stream")
-        };
+        let mock = Mock::new(MockBehaviour { reply: "one two three".into(), chunks: 3, ..Default::default() });
+        let Ok(Reply::Stream(stream)) = mock.send("m", &request(true)).await else { panic!("expected a stream") };
         let chunks: Vec<Value> = stream.map(|c| c.expect("chunk")).collect().await;
-        let text: String = chunks
-            .iter()
-            .filter_map(|c| {
-                c.pointer("/choices/0/delta/content")
-                    .and_then(Value::as_str)
-            })
-            .collect();
+        let text: String =
+            chunks.iter().filter_map(|c| c.pointer("/choices/0/delta/content").and_then(Value::as_str)).collect();
         assert_eq!(text, "one two three");
-        assert_eq!(
-            chunks
-                .last()
-                .and_then(|c| c.pointer("/usage/completion_tokens")),
-            Some(&json!(3))
-        );
+        assert_eq!(chunks.last().and_then(|c| c.pointer("/usage/completion_tokens")), Some(&json!(3)));
     }
 }

@@ -66,6 +66,15 @@ impl ApiKey {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// A hash of the key that tells keys apart in memory without revealing them. Never
+    /// shown anywhere.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.0.hash(&mut hasher);
+        hasher.finish()
+    }
 }
 
 impl std::fmt::Debug for ApiKey {
@@ -91,18 +100,12 @@ enum Backend {
 impl Provider {
     /// An OpenAI or OpenAI-compatible provider.
     pub fn openai(name: String, upstream: openai::OpenAi) -> Self {
-        Provider {
-            name,
-            backend: Backend::OpenAi(upstream),
-        }
+        Provider { name, backend: Backend::OpenAi(upstream) }
     }
 
     /// A built-in mock provider.
     pub fn mock(name: String, mock: mock::Mock) -> Self {
-        Provider {
-            name,
-            backend: Backend::Mock(Box::new(mock)),
-        }
+        Provider { name, backend: Backend::Mock(Box::new(mock)) }
     }
 
     /// The wire API it speaks.
@@ -113,19 +116,112 @@ impl Provider {
         }
     }
 
-    /// Sends `request` to `model` at this provider. A `Stream` reply has answered with a 2xx
-    /// but may still fail before its first chunk; the caller bounds every wait.
+    /// How many API keys it balances across (at least 1; keyless counts as one).
+    pub fn key_count(&self) -> usize {
+        match &self.backend {
+            Backend::OpenAi(o) => o.key_count(),
+            Backend::Mock(_) => 1,
+        }
+    }
+
+    /// A stable identity for key `key` at this provider's endpoint, for health state that
+    /// survives reloads: kind, URL and a fingerprint of the key (never the key itself).
+    pub fn endpoint_id(&self, key: usize) -> String {
+        match &self.backend {
+            Backend::OpenAi(o) => o.endpoint_id(key),
+            Backend::Mock(m) => format!("mock:{}:{:?}", self.name, m.behaviour()),
+        }
+    }
+
+    /// Sends `request` to `model` at this provider with its `key`-th API key. A `Stream`
+    /// reply has answered with a 2xx but may still fail before its first chunk; the caller
+    /// bounds every wait.
     pub async fn send(
         &self,
         http: &HttpClient,
         model: &str,
         request: &ChatRequest,
-    ) -> Result<Reply, AttemptError> {
+        key: usize,
+    ) -> Result<Sent, AttemptError> {
         match &self.backend {
-            Backend::OpenAi(upstream) => upstream.send(http, model, request).await,
-            Backend::Mock(mock) => mock.send(model, request).await,
+            Backend::OpenAi(upstream) => upstream.send(http, model, request, key).await,
+            Backend::Mock(mock) => {
+                mock.send(model, request).await.map(|reply| Sent { reply, headroom: Headroom::default() })
+            }
         }
     }
+}
+
+/// A successful send: the reply and what the provider said about its rate limits.
+#[derive(Debug)]
+pub struct Sent {
+    /// The reply.
+    pub reply: Reply,
+    /// Rate-limit headroom from the response headers.
+    pub headroom: Headroom,
+}
+
+/// What a provider's `x-ratelimit-*` headers say about the key's remaining quota.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Headroom {
+    /// `x-ratelimit-remaining-requests`.
+    pub remaining_requests: Option<u64>,
+    /// `x-ratelimit-remaining-tokens`.
+    pub remaining_tokens: Option<u64>,
+    /// `x-ratelimit-reset-requests`.
+    pub reset_requests: Option<Duration>,
+    /// `x-ratelimit-reset-tokens`.
+    pub reset_tokens: Option<Duration>,
+}
+
+impl Headroom {
+    /// Reads OpenAI-style rate-limit headers.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        Headroom {
+            remaining_requests: text("x-ratelimit-remaining-requests").and_then(|v| v.parse().ok()),
+            remaining_tokens: text("x-ratelimit-remaining-tokens").and_then(|v| v.parse().ok()),
+            reset_requests: text("x-ratelimit-reset-requests").and_then(parse_reset),
+            reset_tokens: text("x-ratelimit-reset-tokens").and_then(parse_reset),
+        }
+    }
+
+    /// How long the key is out of requests or tokens, if the headers say it is: the balancer
+    /// steers away from it until then, before it returns a 429.
+    pub fn exhausted_for(&self) -> Option<Duration> {
+        let requests =
+            (self.remaining_requests == Some(0)).then(|| self.reset_requests.unwrap_or(Duration::from_secs(1)));
+        let tokens = (self.remaining_tokens == Some(0)).then(|| self.reset_tokens.unwrap_or(Duration::from_secs(1)));
+        requests.into_iter().chain(tokens).max()
+    }
+}
+
+/// Parses a rate-limit reset such as `1s`, `6m0s`, `59.5s`, `120ms` or a bare number of seconds.
+fn parse_reset(text: &str) -> Option<Duration> {
+    if let Ok(secs) = text.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let mut total = 0.0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let split = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let (number, tail) = rest.split_at(split);
+        let value: f64 = number.parse().ok()?;
+        let unit_end = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let scale = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = tail;
+    }
+    Some(Duration::from_secs_f64(total))
 }
 
 /// A successful answer, in the neutral (OpenAI) shape.
@@ -163,6 +259,9 @@ pub struct AttemptError {
     /// The upstream's error body, kept to return as is when the failure is final.
     /// Never kept for `authError`.
     pub body: Option<Bytes>,
+    /// How long the key is out of requests or tokens, per the error response's
+    /// `x-ratelimit-*` headers.
+    pub saturated_for: Option<Duration>,
 }
 
 impl AttemptError {
@@ -174,6 +273,7 @@ impl AttemptError {
             retry_after: None,
             message: message.into(),
             body: None,
+            saturated_for: None,
         }
     }
 
@@ -194,32 +294,21 @@ impl AttemptError {
             retry_after,
             message,
             body,
+            saturated_for: Headroom::from_headers(headers).exhausted_for(),
         }
     }
 
     /// An error event inside a 2xx stream, such as `data: {"error": {...}}`.
     pub fn from_stream_error(error: &Value) -> Self {
-        let status = error
-            .get("code")
-            .and_then(Value::as_u64)
-            .and_then(|c| u16::try_from(c).ok());
+        let status = error.get("code").and_then(Value::as_u64).and_then(|c| u16::try_from(c).ok());
         let class = classify_error_value(status.filter(|s| (400..600).contains(s)), error);
         let message = if class == FailureClass::AuthError {
             "upstream rejected the credentials (in-stream error)".to_string()
         } else {
-            let detail = error
-                .get("message")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown error");
+            let detail = error.get("message").and_then(Value::as_str).unwrap_or("unknown error");
             format!("error event in stream: {}", truncate(detail, 300))
         };
-        AttemptError {
-            class,
-            status: None,
-            retry_after: None,
-            message,
-            body: None,
-        }
+        AttemptError { class, status: None, retry_after: None, message, body: None, saturated_for: None }
     }
 }
 
@@ -235,32 +324,19 @@ impl std::error::Error for AttemptError {}
 /// which OpenAI-compatible servers and the mock provider share.
 pub fn classify_openai_error(status: Option<u16>, body: &[u8]) -> FailureClass {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let error = parsed
-        .as_ref()
-        .map(|v| v.get("error").unwrap_or(v))
-        .cloned()
-        .unwrap_or(Value::Null);
+    let error = parsed.as_ref().map(|v| v.get("error").unwrap_or(v)).cloned().unwrap_or(Value::Null);
     classify_error_value(status, &error)
 }
 
 /// Classifies a status and an OpenAI-style error object (either may be missing).
 fn classify_error_value(status: Option<u16>, error: &Value) -> FailureClass {
-    let field = |name: &str| {
-        error
-            .get(name)
-            .and_then(Value::as_str)
-            .map(str::to_ascii_lowercase)
-            .unwrap_or_default()
-    };
+    let field = |name: &str| error.get(name).and_then(Value::as_str).map(str::to_ascii_lowercase).unwrap_or_default();
     let (code, kind, message) = (field("code"), field("type"), field("message"));
     let says = |needle: &str| code.contains(needle) || kind.contains(needle);
     if says("insufficient_quota") || says("billing") || says("quota") {
         return FailureClass::QuotaExceeded;
     }
-    if says("context_length")
-        || message.contains("maximum context length")
-        || message.contains("context window")
-    {
+    if says("context_length") || message.contains("maximum context length") || message.contains("context window") {
         return FailureClass::ContextWindowExceeded;
     }
     if says("content_filter") || says("content_policy") {
@@ -286,12 +362,7 @@ fn classify_error_value(status: Option<u16>, error: &Value) -> FailureClass {
 /// The wait an upstream asked for: `retry-after-ms` (OpenAI, Azure), else `Retry-After` as
 /// seconds or an HTTP date.
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    };
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok())
         && ms.is_finite()
         && ms >= 0.0
@@ -300,8 +371,7 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     }
     let value = text("retry-after")?;
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0)
-            .then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
     }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
@@ -309,10 +379,7 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 
 fn error_message(body: &[u8]) -> Option<String> {
     let value: Value = serde_json::from_slice(body).ok()?;
-    let message = value
-        .pointer("/error/message")
-        .or_else(|| value.get("message"))?
-        .as_str()?;
+    let message = value.pointer("/error/message").or_else(|| value.get("message"))?.as_str()?;
     Some(truncate(message, 300))
 }
 
@@ -348,60 +415,27 @@ mod tests {
     #[test]
     fn classifies_openai_error_bodies() {
         use FailureClass::*;
+        assert_eq!(class(429, json!({"error": {"type": "requests", "code": "rate_limit_exceeded"}})), RateLimited);
         assert_eq!(
-            class(
-                429,
-                json!({"error": {"type": "requests", "code": "rate_limit_exceeded"}})
-            ),
-            RateLimited
-        );
-        assert_eq!(
-            class(
-                429,
-                json!({"error": {"type": "insufficient_quota", "code": "insufficient_quota"}})
-            ),
+            class(429, json!({"error": {"type": "insufficient_quota", "code": "insufficient_quota"}})),
             QuotaExceeded
         );
         assert_eq!(class(402, json!({})), QuotaExceeded);
-        assert_eq!(
-            class(401, json!({"error": {"code": "invalid_api_key"}})),
-            AuthError
-        );
+        assert_eq!(class(401, json!({"error": {"code": "invalid_api_key"}})), AuthError);
         assert_eq!(class(403, json!({})), AuthError);
         assert_eq!(class(503, json!({})), Overloaded);
-        assert_eq!(
-            class(
-                529,
-                json!({"type": "error", "error": {"type": "overloaded_error"}})
-            ),
-            Overloaded
-        );
+        assert_eq!(class(529, json!({"type": "error", "error": {"type": "overloaded_error"}})), Overloaded);
         assert_eq!(class(500, json!({})), ServerError);
         assert_eq!(class(502, json!({})), ServerError);
         assert_eq!(class(408, json!({})), Timeout);
+        assert_eq!(class(400, json!({"error": {"code": "context_length_exceeded"}})), ContextWindowExceeded);
         assert_eq!(
-            class(400, json!({"error": {"code": "context_length_exceeded"}})),
+            class(400, json!({"error": {"message": "This model's maximum context length is 8192 tokens"}})),
             ContextWindowExceeded
         );
-        assert_eq!(
-            class(
-                400,
-                json!({"error": {"message": "This model's maximum context length is 8192 tokens"}})
-            ),
-            ContextWindowExceeded
-        );
-        assert_eq!(
-            class(400, json!({"error": {"code": "content_filter"}})),
-            ContentFiltered
-        );
-        assert_eq!(
-            class(400, json!({"error": {"code": "invalid_value"}})),
-            BadRequest
-        );
-        assert_eq!(
-            class(404, json!({"error": {"code": "model_not_found"}})),
-            BadRequest
-        );
+        assert_eq!(class(400, json!({"error": {"code": "content_filter"}})), ContentFiltered);
+        assert_eq!(class(400, json!({"error": {"code": "invalid_value"}})), BadRequest);
+        assert_eq!(class(404, json!({"error": {"code": "model_not_found"}})), BadRequest);
         assert_eq!(classify_openai_error(Some(500), b"<html>oops"), ServerError);
     }
 
@@ -409,31 +443,38 @@ mod tests {
     fn classifies_in_stream_error_events() {
         use FailureClass::*;
         let e = |v: Value| AttemptError::from_stream_error(&v).class;
-        assert_eq!(
-            e(json!({"message": "slow down", "type": "rate_limit_error"})),
-            RateLimited
-        );
-        assert_eq!(
-            e(json!({"message": "busy", "type": "overloaded_error"})),
-            Overloaded
-        );
+        assert_eq!(e(json!({"message": "slow down", "type": "rate_limit_error"})), RateLimited);
+        assert_eq!(e(json!({"message": "busy", "type": "overloaded_error"})), Overloaded);
         assert_eq!(e(json!({"message": "boom", "code": 500})), ServerError);
-        assert_eq!(
-            e(json!({"message": "bad", "type": "invalid_request_error"})),
-            BadRequest
-        );
+        assert_eq!(e(json!({"message": "bad", "type": "invalid_request_error"})), BadRequest);
         assert_eq!(e(json!({"message": "?"})), ServerError);
     }
 
     #[test]
     fn auth_failures_never_keep_the_body() {
-        let body = Bytes::from_static(
-            br#"{"error":{"message":"Incorrect API key provided: sk-abc...xyz"}}"#,
-        );
+        let body = Bytes::from_static(br#"{"error":{"message":"Incorrect API key provided: sk-abc...xyz"}}"#);
         let error = AttemptError::from_response(401, &HeaderMap::new(), body);
         assert_eq!(error.class, FailureClass::AuthError);
         assert!(error.body.is_none());
         assert!(!error.message.contains("sk-abc"), "{}", error.message);
+    }
+
+    #[test]
+    fn reads_rate_limit_headroom() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(Headroom::from_headers(&headers).exhausted_for(), None);
+        headers.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("0"));
+        headers.insert("x-ratelimit-reset-requests", HeaderValue::from_static("1m30.5s"));
+        headers.insert("x-ratelimit-remaining-tokens", HeaderValue::from_static("1200"));
+        headers.insert("x-ratelimit-reset-tokens", HeaderValue::from_static("120ms"));
+        let headroom = Headroom::from_headers(&headers);
+        assert_eq!(headroom.reset_tokens, Some(Duration::from_millis(120)));
+        assert_eq!(headroom.exhausted_for(), Some(Duration::from_secs_f64(90.5)));
+        headers.insert("x-ratelimit-remaining-requests", HeaderValue::from_static("7"));
+        assert_eq!(Headroom::from_headers(&headers).exhausted_for(), None);
+        assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_reset("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_reset("soon"), None);
     }
 
     #[test]
@@ -444,10 +485,7 @@ mod tests {
         headers.insert("retry-after", HeaderValue::from_static("5"));
         assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(5)));
         headers.insert("retry-after", HeaderValue::from_static("1.5"));
-        assert_eq!(
-            retry_after(&headers, now),
-            Some(Duration::from_millis(1500))
-        );
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_millis(1500)));
         let date = httpdate::fmt_http_date(now + Duration::from_secs(7));
         headers.insert("retry-after", HeaderValue::from_str(&date).expect("header"));
         assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(7)));

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::sse::Decoder;
-use super::{ApiKey, AttemptError, HttpClient, Reply};
+use super::{ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent};
 use crate::chat::ChatRequest;
 use crate::policy::{FailureClass, ProviderKind};
 
@@ -29,21 +29,16 @@ const MAX_EVENT_BYTES: usize = 4 << 20;
 pub struct OpenAi {
     kind: ProviderKind,
     completions: Uri,
-    api_key: Option<ApiKey>,
-    authorization: Option<HeaderValue>,
+    /// One `Authorization` value per key; empty for keyless endpoints.
+    authorizations: Vec<HeaderValue>,
+    fingerprints: Vec<u64>,
 }
 
 impl OpenAi {
-    /// An upstream at `base_url` (such as `https://api.openai.com/v1`).
-    pub fn new(
-        kind: ProviderKind,
-        base_url: &str,
-        api_key: Option<ApiKey>,
-    ) -> Result<Self, String> {
+    /// An upstream at `base_url` (such as `https://api.openai.com/v1`) with these keys.
+    pub fn new(kind: ProviderKind, base_url: &str, api_keys: Vec<ApiKey>) -> Result<Self, String> {
         let completions = format!("{}/chat/completions", base_url.trim_end_matches('/'));
-        let completions: Uri = completions
-            .parse()
-            .map_err(|e| format!("not a valid URL: {e}"))?;
+        let completions: Uri = completions.parse().map_err(|e| format!("not a valid URL: {e}"))?;
         match completions.scheme_str() {
             Some("http" | "https") => {}
             _ => return Err("must start with http:// or https://".to_string()),
@@ -51,33 +46,32 @@ impl OpenAi {
         if completions.host().is_none() {
             return Err("has no host".to_string());
         }
-        let authorization = match &api_key {
-            Some(key) => {
+        let authorizations = api_keys
+            .iter()
+            .map(|key| {
                 let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                    .map_err(|_| {
-                        "API key holds characters not allowed in an HTTP header".to_string()
-                    })?;
+                    .map_err(|_| "API key holds characters not allowed in an HTTP header".to_string())?;
                 value.set_sensitive(true);
-                Some(value)
-            }
-            None => None,
-        };
-        Ok(OpenAi {
-            kind,
-            completions,
-            api_key,
-            authorization,
-        })
+                Ok(value)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let fingerprints = api_keys.iter().map(ApiKey::fingerprint).collect();
+        Ok(OpenAi { kind, completions, authorizations, fingerprints })
+    }
+
+    /// Keys balanced across (keyless counts as one).
+    pub fn key_count(&self) -> usize {
+        self.authorizations.len().max(1)
+    }
+
+    /// Endpoint identity for health state: URL and key fingerprint.
+    pub fn endpoint_id(&self, key: usize) -> String {
+        format!("{}:{}:{:x}", self.kind.as_str(), self.completions, self.fingerprints.get(key).copied().unwrap_or(0))
     }
 
     /// `openai` or `openai-compatible`.
     pub fn kind(&self) -> ProviderKind {
         self.kind
-    }
-
-    /// Whether a key is configured.
-    pub fn has_key(&self) -> bool {
-        self.api_key.is_some()
     }
 
     /// Sends one Chat Completions request.
@@ -86,68 +80,45 @@ impl OpenAi {
         http: &HttpClient,
         model: &str,
         request: &ChatRequest,
-    ) -> Result<Reply, AttemptError> {
-        let body = request.to_openai_json(model).map_err(|e| {
-            AttemptError::new(
-                FailureClass::BadRequest,
-                format!("cannot encode request: {e}"),
-            )
-        })?;
+        key: usize,
+    ) -> Result<Sent, AttemptError> {
+        let body = request
+            .to_openai_json(model)
+            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
         let mut builder = Request::builder()
             .method(Method::POST)
             .uri(self.completions.clone())
             .header(header::CONTENT_TYPE, "application/json")
-            .header(
-                header::USER_AGENT,
-                concat!("backstop/", env!("CARGO_PKG_VERSION")),
-            )
-            .header(
-                header::ACCEPT,
-                if request.stream {
-                    "text/event-stream"
-                } else {
-                    "application/json"
-                },
-            );
-        if let Some(authorization) = &self.authorization {
+            .header(header::USER_AGENT, concat!("backstop/", env!("CARGO_PKG_VERSION")))
+            .header(header::ACCEPT, if request.stream { "text/event-stream" } else { "application/json" });
+        if let Some(authorization) = self.authorizations.get(key) {
             builder = builder.header(header::AUTHORIZATION, authorization.clone());
         }
-        let outgoing = builder.body(Full::new(Bytes::from(body))).map_err(|e| {
-            AttemptError::new(
-                FailureClass::BadRequest,
-                format!("cannot build request: {e}"),
-            )
-        })?;
-        let response = http
-            .request(outgoing)
-            .await
-            .map_err(|e| connect_error(&e))?;
+        let outgoing = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot build request: {e}")))?;
+        let response = http.request(outgoing).await.map_err(|e| connect_error(&e))?;
         let status = response.status();
         if !status.is_success() {
             let headers = response.headers().clone();
             let body = read_body(response.into_body()).await?;
             return Err(AttemptError::from_response(status.as_u16(), &headers, body));
         }
+        let headroom = Headroom::from_headers(response.headers());
         if request.stream {
-            return Ok(Reply::Stream(chunk_stream(response.into_body())));
+            return Ok(Sent { reply: Reply::Stream(chunk_stream(response.into_body())), headroom });
         }
         let body = read_body(response.into_body()).await?;
         let answer: Value = serde_json::from_slice(&body).map_err(|e| {
-            AttemptError::new(
-                FailureClass::ServerError,
-                format!("upstream answered 200 with invalid JSON: {e}"),
-            )
+            AttemptError::new(FailureClass::ServerError, format!("upstream answered 200 with invalid JSON: {e}"))
         })?;
         if let Some(error) = answer.get("error").filter(|e| e.is_object()) {
             return Err(AttemptError::from_stream_error(error));
         }
         if !answer.get("choices").is_some_and(Value::is_array) {
-            return Err(AttemptError::new(
-                FailureClass::ServerError,
-                "upstream answer has no `choices`",
-            ));
+            return Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `choices`"));
         }
-        Ok(Reply::Complete(answer))
+        Ok(Sent { reply: Reply::Complete(answer), headroom })
     }
 }
 
@@ -159,11 +130,7 @@ fn connect_error(error: &hyper_util::client::legacy::Error) -> AttemptError {
         source = e.source();
     }
     // Whether the connection never opened or broke before an answer, the next target can fix it.
-    let what = if error.is_connect() {
-        "connection failed"
-    } else {
-        "connection broke before an answer"
-    };
+    let what = if error.is_connect() { "connection failed" } else { "connection broke before an answer" };
     AttemptError::new(FailureClass::ConnectError, format!("{what}: {detail}"))
 }
 
@@ -172,9 +139,7 @@ async fn read_body(body: Incoming) -> Result<Bytes, AttemptError> {
         .collect()
         .await
         .map(|collected| collected.to_bytes())
-        .map_err(|e| {
-            AttemptError::new(FailureClass::ConnectError, format!("answer broke off: {e}"))
-        })
+        .map_err(|e| AttemptError::new(FailureClass::ConnectError, format!("answer broke off: {e}")))
 }
 
 struct StreamState {
@@ -187,12 +152,7 @@ struct StreamState {
 /// Turns an SSE body into neutral chunks. `[DONE]` ends it cleanly; an end without it (unless
 /// a `finish_reason` already came), an undecodable event or an `error` event is an `Err`.
 fn chunk_stream(body: Incoming) -> super::ChunkStream {
-    let state = StreamState {
-        body,
-        decoder: Decoder::new(MAX_EVENT_BYTES),
-        finished: false,
-        saw_finish_reason: false,
-    };
+    let state = StreamState { body, decoder: Decoder::new(MAX_EVENT_BYTES), finished: false, saw_finish_reason: false };
     Box::pin(stream::unfold(state, |mut state| async move {
         if state.finished {
             return None;
@@ -202,13 +162,7 @@ fn chunk_stream(body: Incoming) -> super::ChunkStream {
                 Ok(event) => event,
                 Err(too_large) => {
                     state.finished = true;
-                    return Some((
-                        Err(AttemptError::new(
-                            FailureClass::ServerError,
-                            too_large.to_string(),
-                        )),
-                        state,
-                    ));
+                    return Some((Err(AttemptError::new(FailureClass::ServerError, too_large.to_string())), state));
                 }
             };
             if let Some(event) = event {
@@ -230,10 +184,7 @@ fn chunk_stream(body: Incoming) -> super::ChunkStream {
                 }
                 Some(Err(e)) => {
                     state.finished = true;
-                    let error = AttemptError::new(
-                        FailureClass::ServerError,
-                        format!("stream broke off: {e}"),
-                    );
+                    let error = AttemptError::new(FailureClass::ServerError, format!("stream broke off: {e}"));
                     return Some((Err(error), state));
                 }
                 None => {
@@ -246,10 +197,7 @@ fn chunk_stream(body: Incoming) -> super::ChunkStream {
                     if state.saw_finish_reason {
                         return None;
                     }
-                    let error = AttemptError::new(
-                        FailureClass::ServerError,
-                        "stream ended before its end marker",
-                    );
+                    let error = AttemptError::new(FailureClass::ServerError, "stream ended before its end marker");
                     return Some((Err(error), state));
                 }
             }
@@ -258,20 +206,13 @@ fn chunk_stream(body: Incoming) -> super::ChunkStream {
 }
 
 fn parse_chunk(data: &str) -> Result<Value, AttemptError> {
-    let chunk: Value = serde_json::from_str(data).map_err(|e| {
-        AttemptError::new(
-            FailureClass::ServerError,
-            format!("undecodable stream event: {e}"),
-        )
-    })?;
+    let chunk: Value = serde_json::from_str(data)
+        .map_err(|e| AttemptError::new(FailureClass::ServerError, format!("undecodable stream event: {e}")))?;
     if let Some(error) = chunk.get("error").filter(|e| e.is_object()) {
         return Err(AttemptError::from_stream_error(error));
     }
     if !chunk.is_object() {
-        return Err(AttemptError::new(
-            FailureClass::ServerError,
-            "stream event is not a JSON object",
-        ));
+        return Err(AttemptError::new(FailureClass::ServerError, "stream event is not a JSON object"));
     }
     Ok(chunk)
 }
@@ -280,11 +221,32 @@ fn has_finish_reason(chunk: &Value) -> bool {
     chunk
         .get("choices")
         .and_then(Value::as_array)
-        .is_some_and(|choices| {
-            choices
-                .iter()
-                .any(|c| c.get("finish_reason").is_some_and(|r| !r.is_null()))
-        })
+        .is_some_and(|choices| choices.iter().any(|c| c.get("finish_reason").is_some_and(|r| !r.is_null())))
+}
+
+/// Whether a chunk's delta has text, a refusal or a tool call (a finish alone does not count).
+pub fn carries_content(chunk: &Value) -> bool {
+    chunk
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(|choices| choices.iter().any(|choice| choice.get("delta").is_some_and(message_has_content)))
+}
+
+/// Whether a complete answer has text, a refusal or a tool call in any choice.
+pub fn completion_has_content(answer: &Value) -> bool {
+    answer
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(|choices| choices.iter().any(|choice| choice.get("message").is_some_and(message_has_content)))
+}
+
+fn message_has_content(message: &Value) -> bool {
+    let text = |name: &str| message.get(name).and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+    text("content")
+        || text("refusal")
+        || message.get("tool_calls").is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
+        || message.get("function_call").is_some_and(Value::is_object)
+        || message.get("content").is_some_and(|c| c.as_array().is_some_and(|a| !a.is_empty()))
 }
 
 /// Whether a chunk carries content the app will show: text, a refusal, or a tool call. The
@@ -297,17 +259,10 @@ pub fn is_content_chunk(chunk: &Value) -> bool {
         let Some(delta) = choice.get("delta") else {
             return false;
         };
-        let text = |name: &str| {
-            delta
-                .get(name)
-                .and_then(Value::as_str)
-                .is_some_and(|s| !s.is_empty())
-        };
+        let text = |name: &str| delta.get(name).and_then(Value::as_str).is_some_and(|s| !s.is_empty());
         text("content")
             || text("refusal")
-            || delta
-                .get("tool_calls")
-                .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
+            || delta.get("tool_calls").is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
             || delta.get("function_call").is_some_and(Value::is_object)
     }) || has_finish_reason(chunk)
 }
@@ -324,50 +279,28 @@ mod tests {
 
     #[test]
     fn content_chunks_are_recognised() {
-        assert!(!is_content_chunk(
-            &json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]})
-        ));
-        assert!(is_content_chunk(
-            &json!({"choices": [{"delta": {"content": "Hi"}}]})
-        ));
-        assert!(is_content_chunk(
-            &json!({"choices": [{"delta": {"tool_calls": [{"index": 0}]}}]})
-        ));
-        assert!(is_content_chunk(
-            &json!({"choices": [{"delta": {}, "finish_reason": "stop"}]})
-        ));
-        assert!(!is_content_chunk(
-            &json!({"choices": [], "usage": {"total_tokens": 3}})
-        ));
+        assert!(!is_content_chunk(&json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]})));
+        assert!(is_content_chunk(&json!({"choices": [{"delta": {"content": "Hi"}}]})));
+        assert!(is_content_chunk(&json!({"choices": [{"delta": {"tool_calls": [{"index": 0}]}}]})));
+        assert!(is_content_chunk(&json!({"choices": [{"delta": {}, "finish_reason": "stop"}]})));
+        assert!(!is_content_chunk(&json!({"choices": [], "usage": {"total_tokens": 3}})));
     }
 
     #[test]
     fn rejects_base_urls_that_cannot_work() {
-        assert!(OpenAi::new(ProviderKind::OpenAi, DEFAULT_BASE_URL, None).is_ok());
-        assert!(OpenAi::new(ProviderKind::OpenAiCompatible, "ftp://x/v1", None).is_err());
-        assert!(OpenAi::new(ProviderKind::OpenAiCompatible, "not a url", None).is_err());
-        assert!(
-            OpenAi::new(
-                ProviderKind::OpenAi,
-                DEFAULT_BASE_URL,
-                Some(ApiKey::new("bad\nkey"))
-            )
-            .is_err()
-        );
+        assert!(OpenAi::new(ProviderKind::OpenAi, DEFAULT_BASE_URL, vec![]).is_ok());
+        assert!(OpenAi::new(ProviderKind::OpenAiCompatible, "ftp://x/v1", vec![]).is_err());
+        assert!(OpenAi::new(ProviderKind::OpenAiCompatible, "not a url", vec![]).is_err());
+        assert!(OpenAi::new(ProviderKind::OpenAi, DEFAULT_BASE_URL, vec![ApiKey::new("bad\nkey")]).is_err());
     }
 
     #[test]
     fn in_stream_errors_and_garbage_fail_the_chunk() {
         assert_eq!(
-            parse_chunk(r#"{"error":{"message":"x","type":"rate_limit_error"}}"#)
-                .expect_err("error")
-                .class,
+            parse_chunk(r#"{"error":{"message":"x","type":"rate_limit_error"}}"#).expect_err("error").class,
             FailureClass::RateLimited
         );
-        assert_eq!(
-            parse_chunk("not json").expect_err("garbage").class,
-            FailureClass::ServerError
-        );
+        assert_eq!(parse_chunk("not json").expect_err("garbage").class, FailureClass::ServerError);
         assert!(parse_chunk(r#"{"choices":[]}"#).is_ok());
     }
 }

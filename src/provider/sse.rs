@@ -35,13 +35,7 @@ pub struct Decoder {
 impl Decoder {
     /// A decoder that fails on any event or line larger than `limit` bytes.
     pub fn new(limit: usize) -> Self {
-        Decoder {
-            buffer: BytesMut::new(),
-            event: None,
-            data: String::new(),
-            has_data: false,
-            limit,
-        }
+        Decoder { buffer: BytesMut::new(), event: None, data: String::new(), has_data: false, limit }
     }
 
     /// Appends bytes read from the stream.
@@ -63,11 +57,7 @@ impl Decoder {
                 return Ok(None);
             }
             let line = self.buffer.split_to(end);
-            let newline = if self.buffer.starts_with(b"\r\n") {
-                2
-            } else {
-                1
-            };
+            let newline = if self.buffer.starts_with(b"\r\n") { 2 } else { 1 };
             self.buffer.advance(newline);
             if let Some(event) = self.line(&line)? {
                 return Ok(Some(event));
@@ -122,10 +112,7 @@ impl Decoder {
             return None;
         }
         self.has_data = false;
-        Some(Event {
-            event,
-            data: std::mem::take(&mut self.data),
-        })
+        Some(Event { event, data: std::mem::take(&mut self.data) })
     }
 }
 
@@ -153,18 +140,9 @@ mod tests {
         assert_eq!(
             whole,
             vec![
-                Event {
-                    event: None,
-                    data: "{\"a\":1}".into()
-                },
-                Event {
-                    event: Some("message_start".into()),
-                    data: "x\ny".into()
-                },
-                Event {
-                    event: None,
-                    data: "[DONE]".into()
-                },
+                Event { event: None, data: "{\"a\":1}".into() },
+                Event { event: Some("message_start".into()), data: "x\ny".into() },
+                Event { event: None, data: "[DONE]".into() },
             ]
         );
         for split in 1..stream.len() {
@@ -177,13 +155,7 @@ mod tests {
 
     #[test]
     fn unterminated_last_event_is_returned_on_finish() {
-        assert_eq!(
-            decode_all(&[b"data: tail"]),
-            vec![Event {
-                event: None,
-                data: "tail".into()
-            }]
-        );
+        assert_eq!(decode_all(&[b"data: tail"]), vec![Event { event: None, data: "tail".into() }]);
     }
 
     #[test]

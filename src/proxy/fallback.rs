@@ -1,29 +1,47 @@
-//! The fallback loop: walk a route's chain, retry transient failures with backoff, fall through
-//! on what the next target can fix, and stop on what would fail everywhere.
+//! The fallback loop: walk a route's chain, retry transient failures with backoff, move to
+//! another key or endpoint of the same step, fall through on what the next target can fix, and
+//! stop on what would fail everywhere — within the retry budget, skipping targets whose breaker
+//! is open, and hedging a slow first token with the next target.
 //!
 //! Every attempt's outcome is classified by the provider and recorded here, in one place, in
-//! order. Streams are committed only once their first content chunk has arrived, so anything
-//! that fails before it falls through with nothing sent to the app.
+//! order: into the request's attempt log and into the target's health. Streams are committed
+//! only once their first content chunk has arrived, so anything that fails before it falls
+//! through with nothing sent to the app.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::{StreamExt, stream};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::chain::{Route, Target};
+use crate::chain::{Route, Step, Target};
 use crate::chat::ChatRequest;
+use crate::health::breaker::Admission;
+use crate::health::{Permit, pick};
 use crate::policy::FailureClass;
-use crate::provider::openai::{is_content_chunk, millis};
-use crate::provider::{AttemptError, ChunkStream, HttpClient, Reply};
+use crate::provider::openai::{carries_content, completion_has_content, is_content_chunk, millis};
+use crate::provider::{AttemptError, ChunkStream, Headroom, HttpClient, Reply};
+
+/// Per-request controls from headers, already limited to what the policy allows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Controls {
+    /// Try only the first step.
+    pub no_fallback: bool,
+    /// At most this many attempts (never more than the policy's cap).
+    pub max_attempts: Option<u32>,
+    /// A shorter total deadline.
+    pub deadline: Option<Duration>,
+}
 
 /// One attempt at one target, as recorded for headers, errors and logs.
 #[derive(Clone, Debug)]
 pub struct Attempt {
     /// `provider/model`.
     pub target: String,
-    /// `None` for the attempt that answered.
+    /// `None` for the attempt that answered, and for one cancelled because another answered.
     pub class: Option<FailureClass>,
     /// The upstream's status, when it sent one.
     pub status: Option<u16>,
@@ -48,6 +66,17 @@ pub enum Committed {
     },
 }
 
+impl Committed {
+    /// Whether the answer has no content and no tool call (so far, for a stream: a stream is
+    /// committed at its first content chunk or its end).
+    fn is_empty(&self) -> bool {
+        match self {
+            Committed::Complete(answer) => !completion_has_content(answer),
+            Committed::Stream { held, .. } => !held.iter().any(carries_content),
+        }
+    }
+}
+
 /// A request the chain answered.
 pub struct Answered {
     /// The target that answered.
@@ -56,8 +85,9 @@ pub struct Answered {
     pub reply: Committed,
     /// Every attempt, the answering one last.
     pub attempts: Vec<Attempt>,
-    /// Each target left behind and the class that made the chain leave it.
-    pub fell_through: Vec<(String, FailureClass)>,
+    /// Each target left behind and why: a failure class, `circuitOpen` (skipped without an
+    /// attempt) or `hedged` (slower than the target that answered).
+    pub fell_through: Vec<(String, &'static str)>,
 }
 
 /// A request the chain could not answer.
@@ -71,15 +101,132 @@ pub enum Unanswered {
         /// Every attempt, the final one last.
         attempts: Vec<Attempt>,
     },
-    /// Every target failed (or the deadline ran out).
+    /// Every target failed, was open, or the deadline, budget or attempt cap ran out.
     Exhausted {
         /// Every attempt, in order.
         attempts: Vec<Attempt>,
+        /// Targets skipped because their breaker was open.
+        skipped: Vec<String>,
         /// Whether the total deadline ended the walk.
         deadline_exceeded: bool,
+        /// Why the walk stopped early, if the retry budget or the attempt cap stopped it.
+        stopped: Option<&'static str>,
         /// The shortest wait any upstream asked for.
         retry_after: Option<Duration>,
     },
+}
+
+type Outcome = (Arc<Target>, Permit, u64, Instant, Result<(Committed, Headroom), AttemptError>);
+type InFlight<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+
+/// Where the walk stands in the chain.
+struct Walk<'r> {
+    chain: &'r [Step],
+    switched: bool,
+    step: usize,
+    tried: Vec<usize>,
+    attempts_here: u32,
+}
+
+impl<'r> Walk<'r> {
+    fn new(route: &'r Route) -> Self {
+        Walk { chain: &route.steps, switched: false, step: 0, tried: Vec::new(), attempts_here: 0 }
+    }
+
+    /// Picks and admits an untried member of the current step: weighted power of two choices
+    /// over the members whose breaker lets a request through.
+    fn admit_member(&mut self, now: Instant) -> Option<(Arc<Target>, Permit)> {
+        let step = self.chain.get(self.step)?;
+        let mut excluded = self.tried.clone();
+        loop {
+            let open: Vec<usize> = (0..step.members.len())
+                .filter(|i| !excluded.contains(i))
+                .filter(|&i| !matches!(step.members[i].health.peek(now), Admission::Refused { .. }))
+                .collect();
+            let candidates: Vec<_> =
+                open.iter().map(|&i| step.members[i].health.candidate(step.members[i].weight, now)).collect();
+            let chosen = open[pick(&candidates, (rand::random(), rand::random()))?];
+            let member = &step.members[chosen];
+            match member.health.admit(now) {
+                Some(permit) => {
+                    self.tried.push(chosen);
+                    self.attempts_here = 1;
+                    return Some((member.clone(), permit));
+                }
+                // Lost a race for the last probe slot.
+                None => excluded.push(chosen),
+            }
+        }
+    }
+
+    /// Moves to the next step that has an admitted member, noting steps skipped as open.
+    fn advance(&mut self, now: Instant, skipped: &mut Vec<String>) -> Option<(Arc<Target>, Permit)> {
+        loop {
+            self.step += 1;
+            self.tried.clear();
+            let step = self.chain.get(self.step)?;
+            if let Some(admitted) = self.admit_member(now) {
+                return Some(admitted);
+            }
+            skipped.extend(step.members.iter().map(|m| m.label.clone()));
+        }
+    }
+
+    /// The first target: the first admitted one in chain order, or, when every target is
+    /// open, the one whose breaker opened earliest (better than failing without trying).
+    fn first(&mut self, now: Instant, skipped: &mut Vec<String>) -> (Arc<Target>, Permit) {
+        self.step = 0;
+        if let Some(admitted) = self.admit_member(now) {
+            return admitted;
+        }
+        skipped.extend(self.chain[0].members.iter().map(|m| m.label.clone()));
+        if let Some(admitted) = self.advance(now, skipped) {
+            return admitted;
+        }
+        skipped.clear();
+        let (step, member) = self
+            .chain
+            .iter()
+            .enumerate()
+            .flat_map(|(s, step)| step.members.iter().enumerate().map(move |(m, target)| (s, m, target)))
+            .min_by_key(|(_, _, target)| match target.health.peek(now) {
+                Admission::Refused { since, .. } => since,
+                _ => now,
+            })
+            .map(|(s, m, _)| (s, m))
+            .unwrap_or((0, 0));
+        self.step = step;
+        self.tried = vec![member];
+        let target = self.chain[step].members[member].clone();
+        self.attempts_here = 1;
+        let permit = target.health.admit_forced(now);
+        (target, permit)
+    }
+
+    /// Switches to a special-purpose chain (`onContextWindowExceeded`, `onContentFiltered`).
+    fn switch(&mut self, chain: &'r [Step], now: Instant, skipped: &mut Vec<String>) -> Option<(Arc<Target>, Permit)> {
+        self.chain = chain;
+        self.switched = true;
+        self.step = 0;
+        self.tried.clear();
+        if let Some(admitted) = self.admit_member(now) {
+            return Some(admitted);
+        }
+        skipped.extend(chain.first()?.members.iter().map(|m| m.label.clone()));
+        self.advance(now, skipped)
+    }
+}
+
+/// What to do after the attempt at the current target failed, with nothing else in flight.
+enum Next {
+    /// Wait, then try the same target again.
+    Retry(Duration),
+    /// Try this target (another member of the step, the next step, or a special chain).
+    Launch(Arc<Target>, Permit, Option<&'static str>),
+    /// Return this failure to the app.
+    Final,
+    /// Nothing left to try.
+    Exhausted,
 }
 
 /// Runs `request` down `route`'s chain.
@@ -87,86 +234,265 @@ pub async fn run(
     route: &Route,
     request: &ChatRequest,
     http: &HttpClient,
+    controls: Controls,
 ) -> Result<Answered, Unanswered> {
-    let deadline = Instant::now() + route.timeouts.total;
-    let mut attempts = Vec::new();
-    let mut fell_through = Vec::new();
+    let started = Instant::now();
+    let total = controls.deadline.map_or(route.timeouts.total, |d| d.min(route.timeouts.total));
+    let deadline = started + total;
+    let max_attempts = controls
+        .max_attempts
+        .map_or(route.retry.max_request_attempts, |n| n.min(route.retry.max_request_attempts))
+        .max(1);
+    route.budget.deposit(started);
+
+    let mut attempts: Vec<Attempt> = Vec::new();
+    let mut fell_through: Vec<(String, &'static str)> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
     let mut retry_after: Option<Duration> = None;
     let mut deadline_exceeded = false;
+    let mut stopped: Option<&'static str> = None;
+    let mut walk = Walk::new(route);
+    let mut in_flight: FuturesUnordered<InFlight<'_>> = FuturesUnordered::new();
+    let mut pending: Vec<(u64, String, Instant)> = Vec::new();
+    let mut launches: u32 = 0;
+    let mut hedges: u32 = 0;
+    let mut last_launch = started;
 
-    'steps: for step in &route.steps {
-        let target = step.pick(rand::random::<f64>());
-        for number in 1..=route.retry.attempts {
-            if Instant::now() >= deadline {
-                deadline_exceeded = true;
-                break 'steps;
-            }
-            let started = Instant::now();
-            let outcome = attempt(target, route, request, http, deadline).await;
-            let elapsed = started.elapsed();
-            let error = match outcome {
-                Ok(reply) => {
-                    attempts.push(Attempt {
-                        target: target.label.clone(),
-                        class: None,
-                        status: Some(200),
-                        message: "answered".into(),
-                        elapsed,
-                    });
-                    return Ok(Answered {
-                        target: target.clone(),
-                        reply,
-                        attempts,
-                        fell_through,
-                    });
-                }
-                Err(error) => error,
-            };
-            tracing::debug!(target_label = %target.label, attempt = number, class = %error.class, status = ?error.status,
-                elapsed_ms = millis(elapsed), error = %error.message, "attempt failed");
-            attempts.push(Attempt {
-                target: target.label.clone(),
-                class: Some(error.class),
-                status: error.status,
-                message: error.message.clone(),
-                elapsed,
-            });
-            if let Some(wait) = error.retry_after {
-                retry_after = Some(retry_after.map_or(wait, |w| w.min(wait)));
-            }
-            if error.class == FailureClass::Timeout && Instant::now() >= deadline {
-                deadline_exceeded = true;
-                break 'steps;
-            }
-            let falls_through = route.fallback_on.contains(error.class);
-            if error.class.is_transient() && number < route.retry.attempts {
-                let backoff = route.retry.backoff(number, rand::random::<f64>());
-                let asked = error.retry_after.unwrap_or_default();
-                let wait = backoff.max(asked);
-                // A provider that asks for more than our longest backoff is better left for
-                // the next target; so is a wait the deadline cannot afford.
-                let worth_waiting = asked <= route.retry.max && Instant::now() + wait < deadline;
-                if worth_waiting || !falls_through && Instant::now() + wait < deadline {
-                    tokio::time::sleep(wait).await;
+    let launch = |target: Arc<Target>, permit: Permit, id: u64| -> InFlight<'_> {
+        Box::pin(async move {
+            let launched = Instant::now();
+            let outcome = attempt(&target, route, request, http, deadline).await;
+            (target, permit, id, launched, outcome)
+        })
+    };
+
+    let (first, permit) = walk.first(started, &mut skipped);
+    for label in skipped.drain(..) {
+        fell_through.push((label, "circuitOpen"));
+    }
+    pending.push((launches.into(), first.label.clone(), started));
+    in_flight.push(launch(first, permit, launches.into()));
+    launches += 1;
+
+    loop {
+        let hedge_at = match route.hedge {
+            Some(hedge) if hedges < hedge.max_extra && !in_flight.is_empty() => Some(last_launch + hedge.delay),
+            _ => None,
+        };
+        let finished = tokio::select! {
+            finished = in_flight.next(), if !in_flight.is_empty() => finished,
+            () = sleep_until_opt(hedge_at), if hedge_at.is_some() => {
+                let now = Instant::now();
+                let Some(hedge) = route.hedge else { continue };
+                if now >= deadline || launches >= max_attempts || !route.budget.withdraw(now) {
+                    // No hedge this time; the attempts in flight carry on.
+                    hedges = hedge.max_extra;
                     continue;
                 }
+                match walk.advance(now, &mut skipped) {
+                    Some((target, permit)) => {
+                        tracing::debug!(route = %route.alias, target_label = %target.label, "hedging a slow first token");
+                        for label in skipped.drain(..) {
+                            fell_through.push((label, "circuitOpen"));
+                        }
+                        pending.push((launches.into(), target.label.clone(), now));
+                        in_flight.push(launch(target, permit, launches.into()));
+                        launches += 1;
+                        hedges += 1;
+                        last_launch = now;
+                    }
+                    None => hedges = hedge.max_extra,
+                }
+                continue;
             }
-            if falls_through {
-                fell_through.push((target.label.clone(), error.class));
-                continue 'steps;
+            else => None,
+        };
+        let Some((target, permit, id, launched, outcome)) = finished else { break };
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(launched);
+        pending.retain(|(p, _, _)| *p != id);
+        let outcome = outcome.and_then(|(committed, headroom)| {
+            target.health.note_saturation(now, headroom.exhausted_for());
+            if route.fallback_on.contains(FailureClass::EmptyCompletion) && committed.is_empty() {
+                Err(AttemptError::new(FailureClass::EmptyCompletion, "the answer had no content"))
+            } else {
+                Ok(committed)
             }
-            return Err(Unanswered::Final {
-                target: target.clone(),
-                error,
-                attempts,
-            });
+        });
+        let error = match outcome {
+            Ok(reply) => {
+                permit.succeeded(now, elapsed);
+                attempts.push(Attempt {
+                    target: target.label.clone(),
+                    class: None,
+                    status: Some(200),
+                    message: "answered".into(),
+                    elapsed,
+                });
+                for (_, label, since) in pending.drain(..) {
+                    attempts.push(Attempt {
+                        target: label.clone(),
+                        class: None,
+                        status: None,
+                        message: "cancelled: another target answered first".into(),
+                        elapsed: now.saturating_duration_since(since),
+                    });
+                    fell_through.push((label, "hedged"));
+                }
+                return Ok(Answered { target, reply, attempts, fell_through });
+            }
+            Err(error) => error,
+        };
+        permit.failed(now, elapsed, error.class, error.retry_after, &error.message);
+        target.health.note_saturation(now, error.saturated_for);
+        tracing::debug!(target_label = %target.label, class = %error.class, status = ?error.status,
+            elapsed_ms = millis(elapsed), error = %error.message, "attempt failed");
+        attempts.push(Attempt {
+            target: target.label.clone(),
+            class: Some(error.class),
+            status: error.status,
+            message: error.message.clone(),
+            elapsed,
+        });
+        if let Some(wait) = error.retry_after {
+            retry_after = Some(retry_after.map_or(wait, |w| w.min(wait)));
+        }
+        if !in_flight.is_empty() {
+            // A hedge race is still on; whoever is left may yet answer.
+            fell_through.push((target.label.clone(), error.class.as_str()));
+            continue;
+        }
+        if error.class == FailureClass::Timeout && now >= deadline {
+            deadline_exceeded = true;
+            break;
+        }
+        let next = decide(&mut walk, route, &error, controls, now, deadline, &mut skipped);
+        for label in skipped.drain(..) {
+            fell_through.push((label, "circuitOpen"));
+        }
+        let (target, permit) = match next {
+            Next::Final => return Err(Unanswered::Final { target, error, attempts }),
+            Next::Exhausted => break,
+            Next::Retry(wait) => {
+                if launches >= max_attempts {
+                    stopped = Some("the per-request attempt cap was reached");
+                    break;
+                }
+                if !route.budget.withdraw(now) {
+                    stopped = Some("the route's retry budget is spent");
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+                let now = Instant::now();
+                match target.health.admit(now) {
+                    Some(permit) => {
+                        walk.attempts_here += 1;
+                        (target, permit)
+                    }
+                    // Its breaker opened meanwhile: move on as a fall-through would.
+                    None if route.fallback_on.contains(error.class) && !controls.no_fallback => {
+                        fell_through.push((target.label.clone(), error.class.as_str()));
+                        match walk.advance(now, &mut skipped) {
+                            Some(admitted) => admitted,
+                            None => break,
+                        }
+                    }
+                    None => return Err(Unanswered::Final { target, error, attempts }),
+                }
+            }
+            Next::Launch(next, permit, reason) => {
+                if launches >= max_attempts {
+                    stopped = Some("the per-request attempt cap was reached");
+                    break;
+                }
+                if !route.budget.withdraw(now) {
+                    stopped = Some("the route's retry budget is spent");
+                    break;
+                }
+                if let Some(reason) = reason {
+                    fell_through.push((target.label.clone(), reason));
+                }
+                (next, permit)
+            }
+        };
+        for label in skipped.drain(..) {
+            fell_through.push((label, "circuitOpen"));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            deadline_exceeded = true;
+            break;
+        }
+        pending.push((launches.into(), target.label.clone(), now));
+        in_flight.push(launch(target, permit, launches.into()));
+        launches += 1;
+        last_launch = now;
+    }
+    let skipped_targets =
+        fell_through.iter().filter(|(_, why)| *why == "circuitOpen").map(|(t, _)| t.clone()).collect();
+    Err(Unanswered::Exhausted { attempts, skipped: skipped_targets, deadline_exceeded, stopped, retry_after })
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The decision after a failure at the current target: the whole retry and fall-through policy
+/// in one place.
+#[allow(clippy::too_many_arguments)]
+fn decide<'r>(
+    walk: &mut Walk<'r>,
+    route: &'r Route,
+    error: &AttemptError,
+    controls: Controls,
+    now: Instant,
+    deadline: Instant,
+    skipped: &mut Vec<String>,
+) -> Next {
+    let class = error.class;
+    let falls_through = route.fallback_on.contains(class) && !controls.no_fallback;
+    let reason = Some(class.as_str());
+    if !falls_through && !class.is_transient() {
+        let special = match class {
+            FailureClass::ContextWindowExceeded => &route.on_context_window_exceeded,
+            FailureClass::ContentFiltered => &route.on_content_filtered,
+            _ => return Next::Final,
+        };
+        if special.is_empty() || walk.switched || controls.no_fallback {
+            return Next::Final;
+        }
+        return match walk.switch(special, now, skipped) {
+            Some((target, permit)) => Next::Launch(target, permit, reason),
+            None => Next::Exhausted,
+        };
+    }
+    // Another key or endpoint of the same step first: it shares the model, not the failure.
+    if (falls_through || class.is_transient())
+        && let Some((target, permit)) = walk.admit_member(now)
+    {
+        return Next::Launch(target, permit, reason);
+    }
+    if class.is_transient() && walk.attempts_here < route.retry.attempts {
+        let backoff = route.retry.backoff(walk.attempts_here, rand::random::<f64>());
+        let asked = error.retry_after.unwrap_or_default();
+        let wait = backoff.max(asked);
+        let fits = now + wait < deadline;
+        // A provider that asks for more than our longest backoff is better left for the next
+        // target; so is a wait the deadline cannot afford.
+        if fits && (asked <= route.retry.max || !falls_through) {
+            return Next::Retry(wait);
         }
     }
-    Err(Unanswered::Exhausted {
-        attempts,
-        deadline_exceeded,
-        retry_after,
-    })
+    if falls_through {
+        return match walk.advance(now, skipped) {
+            Some((target, permit)) => Next::Launch(target, permit, reason),
+            None => Next::Exhausted,
+        };
+    }
+    Next::Final
 }
 
 /// One attempt at one target, bounded in time. A stream is read up to its first content chunk.
@@ -176,41 +502,35 @@ async fn attempt(
     request: &ChatRequest,
     http: &HttpClient,
     deadline: Instant,
-) -> Result<Committed, AttemptError> {
+) -> Result<(Committed, Headroom), AttemptError> {
     let started = Instant::now();
     if !request.stream {
         let limit = (started + target.attempt_timeout).min(deadline);
-        return match tokio::time::timeout_at(
-            limit,
-            target.provider.send(http, &target.model, request),
-        )
-        .await
+        return match tokio::time::timeout_at(limit, target.provider.send(http, &target.model, request, target.key))
+            .await
         {
-            Ok(Ok(Reply::Complete(answer))) => Ok(Committed::Complete(answer)),
-            Ok(Ok(Reply::Stream(_))) => Err(AttemptError::new(
-                FailureClass::ServerError,
-                "upstream streamed an answer that was not asked to stream",
-            )),
+            Ok(Ok(sent)) => match sent.reply {
+                Reply::Complete(answer) => Ok((Committed::Complete(answer), sent.headroom)),
+                Reply::Stream(_) => Err(AttemptError::new(
+                    FailureClass::ServerError,
+                    "upstream streamed an answer that was not asked to stream",
+                )),
+            },
             Ok(Err(error)) => Err(error),
             Err(_) => Err(AttemptError::new(
                 FailureClass::Timeout,
-                format!(
-                    "no answer within {}ms",
-                    millis(limit.saturating_duration_since(started))
-                ),
+                format!("no answer within {}ms", millis(limit.saturating_duration_since(started))),
             )),
         };
     }
     let first_token = route.timeouts.first_token.min(target.attempt_timeout);
     let limit = (started + first_token).min(deadline);
     let opening = async {
-        let mut stream = match target.provider.send(http, &target.model, request).await? {
+        let sent = target.provider.send(http, &target.model, request, target.key).await?;
+        let mut stream = match sent.reply {
             Reply::Stream(stream) => stream,
             Reply::Complete(_) => {
-                return Err(AttemptError::new(
-                    FailureClass::ServerError,
-                    "upstream did not stream the answer",
-                ));
+                return Err(AttemptError::new(FailureClass::ServerError, "upstream did not stream the answer"));
             }
         };
         let mut held = Vec::new();
@@ -220,27 +540,22 @@ async fn attempt(
                     let content = is_content_chunk(&chunk);
                     held.push(chunk);
                     if content {
-                        return Ok((held, stream));
+                        return Ok((held, stream, sent.headroom));
                     }
                 }
                 Some(Err(error)) => return Err(error),
-                None => return Ok((held, Box::pin(stream::empty()) as ChunkStream)),
+                None => return Ok((held, Box::pin(stream::empty()) as ChunkStream, sent.headroom)),
             }
         }
     };
     match tokio::time::timeout_at(limit, opening).await {
-        Ok(Ok((held, rest))) => Ok(Committed::Stream {
-            held,
-            rest,
-            idle_timeout: target.attempt_timeout,
-        }),
+        Ok(Ok((held, rest, headroom))) => {
+            Ok((Committed::Stream { held, rest, idle_timeout: target.attempt_timeout }, headroom))
+        }
         Ok(Err(error)) => Err(error),
         Err(_) => Err(AttemptError::new(
             FailureClass::Timeout,
-            format!(
-                "no first token within {}ms",
-                millis(limit.saturating_duration_since(started))
-            ),
+            format!("no first token within {}ms", millis(limit.saturating_duration_since(started))),
         )),
     }
 }

@@ -60,18 +60,10 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// Binds both listeners. Port 0 picks a free port; see [`Sidecar::llm_addr`].
-    pub async fn bind(
-        config: &SidecarConfig,
-        store: Arc<PolicyStore>,
-        http: HttpClient,
-    ) -> std::io::Result<Sidecar> {
+    pub async fn bind(config: &SidecarConfig, store: Arc<PolicyStore>, http: HttpClient) -> std::io::Result<Sidecar> {
         let llm = TcpListener::bind(config.listen).await?;
         let admin = TcpListener::bind(config.admin).await?;
-        let state = Arc::new(State {
-            store,
-            http,
-            max_request_bytes: config.max_request_bytes,
-        });
+        let state = Arc::new(State { store, http, max_request_bytes: config.max_request_bytes });
         Ok(Sidecar { state, llm, admin })
     }
 
@@ -140,14 +132,8 @@ where
         }
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "requests still in flight after {}s; closing them",
-            DRAIN_TIMEOUT.as_secs()
-        );
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("requests still in flight after {}s; closing them", DRAIN_TIMEOUT.as_secs());
     }
 }
 
@@ -156,11 +142,12 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
     let path = path.strip_prefix("/v1").unwrap_or(&path);
     match (request.method(), path) {
         (&Method::POST, "/chat/completions") => {
+            let headers = request.headers().clone();
             let body = match read_body(request, state.max_request_bytes).await {
                 Ok(body) => body,
                 Err(response) => return response,
             };
-            openai::chat_completions(state.store.load(), &body, &state.http).await
+            openai::chat_completions(state.store.load(), &headers, &body, &state.http).await
         }
         (&Method::GET, "/models") => openai::models(state.store.load().as_deref()),
         (_, "/chat/completions" | "/models") => openai::error_response(
@@ -172,11 +159,7 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
         ),
         _ => openai::error_response(
             StatusCode::NOT_FOUND,
-            &format!(
-                "no such endpoint: {} {}",
-                request.method(),
-                request.uri().path()
-            ),
+            &format!("no such endpoint: {} {}", request.method(), request.uri().path()),
             "invalid_request_error",
             Some("unknown_url"),
             None,
@@ -225,30 +208,19 @@ fn handle_admin(state: &State, request: &Request<Incoming>) -> Response<Body> {
         "/readyz" => match state.store.load() {
             Some(snapshot) => text_response(
                 StatusCode::OK,
-                &format!(
-                    "ready: policy {} version {}\n",
-                    snapshot.source, snapshot.version
-                ),
+                &format!("ready: policy {} version {}\n", snapshot.source, snapshot.version),
             ),
-            None => text_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: no valid policy loaded\n",
-            ),
+            None => text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: no valid policy loaded\n"),
         },
         "/config" => match state.store.load() {
             Some(snapshot) => json_response(
                 StatusCode::OK,
                 &json!({"source": snapshot.source, "version": snapshot.version, "policy": snapshot.redacted()}),
             ),
-            None => json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"error": "no valid policy loaded"}),
-            ),
+            None => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": "no valid policy loaded"})),
         },
-        _ => text_response(
-            StatusCode::NOT_FOUND,
-            "not found; try /healthz, /readyz or /config\n",
-        ),
+        "/health" => json_response(StatusCode::OK, &state.store.health().report(tokio::time::Instant::now())),
+        _ => text_response(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz, /health or /config\n"),
     }
 }
 
@@ -261,19 +233,13 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 pub fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     let mut response = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
 fn text_response(status: StatusCode, text: &str) -> Response<Body> {
     let mut response = Response::new(full(text.to_string()));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }

@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use hyper::body::Frame;
 use serde_json::{Value, json};
 
-use super::fallback::{self, Answered, Attempt, Committed, Unanswered};
+use super::fallback::{self, Answered, Attempt, Committed, Controls, Unanswered};
 use super::{Body, BoxError, full, json_response};
-use crate::chain::PolicySnapshot;
+use crate::chain::{PolicySnapshot, Route};
 use crate::chat::ChatRequest;
 use crate::policy::FailureClass;
 use crate::provider::{ChunkStream, HttpClient};
@@ -19,6 +19,7 @@ use crate::provider::{ChunkStream, HttpClient};
 /// Answers one Chat Completions request whose body has been read.
 pub async fn chat_completions(
     snapshot: Option<std::sync::Arc<PolicySnapshot>>,
+    headers: &HeaderMap,
     body: &[u8],
     http: &HttpClient,
 ) -> Response<Body> {
@@ -47,26 +48,19 @@ pub async fn chat_completions(
         let known = snapshot.aliases().join(", ");
         return error_response(
             StatusCode::NOT_FOUND,
-            &format!(
-                "The model `{}` does not exist in this sidecar's policy; routed models: {known}",
-                request.model
-            ),
+            &format!("The model `{}` does not exist in this sidecar's policy; routed models: {known}", request.model),
             "invalid_request_error",
             Some("model_not_found"),
             Some("model"),
         );
     };
-    let outcome = fallback::run(route, &request, http).await;
+    let outcome = fallback::run(route, &request, http, controls(route, headers)).await;
     let mut response = match outcome {
         Ok(answered) => {
             log_answered(&route.alias, &answered);
             answer(answered)
         }
-        Err(Unanswered::Final {
-            target,
-            error,
-            attempts,
-        }) => {
+        Err(Unanswered::Final { target, error, attempts }) => {
             tracing::info!(route = %route.alias, target_label = %target.label, class = %error.class, status = ?error.status,
                 attempts = attempts.len(), "returning the provider's error: `fallbackOn` does not cover it");
             let status = error.status.and_then(|s| StatusCode::from_u16(s).ok());
@@ -74,10 +68,7 @@ pub async fn chat_completions(
                 (Some(status), Some(body)) if serde_json::from_slice::<Value>(body).is_ok() => {
                     let mut response = Response::new(full(body.clone()));
                     *response.status_mut() = status;
-                    response.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    );
+                    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                     response
                 }
                 _ => error_response(
@@ -90,18 +81,12 @@ pub async fn chat_completions(
             };
             set_header(&mut response, "x-backstop-provider", &target.provider.name);
             set_header(&mut response, "x-backstop-model", &target.model);
-            set_header(
-                &mut response,
-                "x-backstop-attempts",
-                &attempts.len().to_string(),
-            );
+            set_header(&mut response, "x-backstop-attempts", &attempts.len().to_string());
             response
         }
-        Err(Unanswered::Exhausted {
-            attempts,
-            deadline_exceeded,
-            retry_after,
-        }) => exhausted(&route.alias, &attempts, deadline_exceeded, retry_after),
+        Err(Unanswered::Exhausted { attempts, skipped, deadline_exceeded, stopped, retry_after }) => {
+            exhausted(&route.alias, &attempts, &skipped, deadline_exceeded, stopped, retry_after)
+        }
     };
     set_header(&mut response, "x-backstop-route", &route.alias);
     response
@@ -116,51 +101,70 @@ fn log_answered(route: &str, answered: &Answered) {
     }
 }
 
-fn fallback_reason(fell_through: &[(String, FailureClass)]) -> String {
-    fell_through
-        .iter()
-        .map(|(target, class)| format!("{target}={class}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+fn fallback_reason(fell_through: &[(String, &'static str)]) -> String {
+    fell_through.iter().map(|(target, why)| format!("{target}={why}")).collect::<Vec<_>>().join(", ")
+}
+
+/// The per-request controls an app sent as `x-backstop-*` headers, limited to what the policy
+/// allows; every other such header, and every malformed one, is ignored and logged.
+pub fn controls(route: &Route, headers: &HeaderMap) -> Controls {
+    let mut controls = Controls::default();
+    for (name, value) in headers {
+        let name = name.as_str();
+        if !name.starts_with("x-backstop-") {
+            continue;
+        }
+        let value = value.to_str().unwrap_or_default().trim();
+        let applied = match name {
+            "x-backstop-no-fallback" if route.overrides.no_fallback => match value {
+                "true" | "1" => {
+                    controls.no_fallback = true;
+                    true
+                }
+                "false" | "0" => true,
+                _ => false,
+            },
+            "x-backstop-max-attempts" if route.overrides.max_attempts => match value.parse::<u32>() {
+                Ok(n) if n >= 1 => {
+                    controls.max_attempts = Some(n);
+                    true
+                }
+                _ => false,
+            },
+            "x-backstop-deadline" if route.overrides.deadline => match crate::chain::parse_duration(value) {
+                Ok(deadline) => {
+                    controls.deadline = Some(deadline);
+                    true
+                }
+                Err(_) => false,
+            },
+            _ => false,
+        };
+        if !applied {
+            tracing::info!(header = name, value, route = %route.alias,
+                "ignoring a request control header: unknown, malformed, or not allowed by `allowRequestOverrides`");
+        }
+    }
+    controls
 }
 
 fn answer(answered: Answered) -> Response<Body> {
-    let Answered {
-        target,
-        reply,
-        attempts,
-        fell_through,
-    } = answered;
+    let Answered { target, reply, attempts, fell_through } = answered;
     let mut response = match reply {
         Committed::Complete(body) => json_response(StatusCode::OK, &body),
-        Committed::Stream {
-            held,
-            rest,
-            idle_timeout,
-        } => {
+        Committed::Stream { held, rest, idle_timeout } => {
             let mut response = Response::new(sse_body(held, rest, idle_timeout));
             let headers = response.headers_mut();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             response
         }
     };
     set_header(&mut response, "x-backstop-provider", &target.provider.name);
     set_header(&mut response, "x-backstop-model", &target.model);
-    set_header(
-        &mut response,
-        "x-backstop-attempts",
-        &attempts.len().to_string(),
-    );
+    set_header(&mut response, "x-backstop-attempts", &attempts.len().to_string());
     if !fell_through.is_empty() {
-        set_header(
-            &mut response,
-            "x-backstop-fallback-reason",
-            &fallback_reason(&fell_through),
-        );
+        set_header(&mut response, "x-backstop-fallback-reason", &fallback_reason(&fell_through));
     }
     response
 }
@@ -176,28 +180,22 @@ enum SseState {
 /// after commit sends an `error` event (the OpenAI SDKs raise it as `APIError`) and then
 /// aborts the body, so no client mistakes a cut stream for a finished one.
 fn sse_body(held: Vec<Value>, rest: ChunkStream, idle_timeout: Duration) -> Body {
-    let frames = stream::unfold(
-        SseState::Held(held.into_iter(), rest, idle_timeout),
-        |state| async move {
-            match state {
-                SseState::Held(mut held, rest, idle) => match held.next() {
-                    Some(chunk) => Some((
-                        Ok(Frame::data(event(&chunk))),
-                        SseState::Held(held, rest, idle),
-                    )),
-                    None => next_live(rest, idle).await,
-                },
-                SseState::Live(rest, idle) => next_live(rest, idle).await,
-                SseState::Failing(error) => {
-                    // Give the connection a moment to flush the error event: an aborted body
-                    // discards whatever is still buffered.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    Some((Err(error), SseState::Done))
-                }
-                SseState::Done => None,
+    let frames = stream::unfold(SseState::Held(held.into_iter(), rest, idle_timeout), |state| async move {
+        match state {
+            SseState::Held(mut held, rest, idle) => match held.next() {
+                Some(chunk) => Some((Ok(Frame::data(event(&chunk))), SseState::Held(held, rest, idle))),
+                None => next_live(rest, idle).await,
+            },
+            SseState::Live(rest, idle) => next_live(rest, idle).await,
+            SseState::Failing(error) => {
+                // Give the connection a moment to flush the error event: an aborted body
+                // discards whatever is still buffered.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Some((Err(error), SseState::Done))
             }
-        },
-    );
+            SseState::Done => None,
+        }
+    });
     Body::new(http_body_util::StreamBody::new(frames))
 }
 
@@ -206,10 +204,7 @@ type SseItem = (Result<Frame<Bytes>, BoxError>, SseState);
 async fn next_live(mut rest: ChunkStream, idle: Duration) -> Option<SseItem> {
     match tokio::time::timeout(idle, rest.next()).await {
         Ok(Some(Ok(chunk))) => Some((Ok(Frame::data(event(&chunk))), SseState::Live(rest, idle))),
-        Ok(None) => Some((
-            Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))),
-            SseState::Done,
-        )),
+        Ok(None) => Some((Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))), SseState::Done)),
         Ok(Some(Err(error))) => {
             tracing::warn!(class = %error.class, error = %error.message, "stream failed after its first token");
             let (last_words, error) = cut(&error.message, error_type(error.class));
@@ -245,74 +240,54 @@ fn event(value: &Value) -> Bytes {
 fn exhausted(
     route: &str,
     attempts: &[Attempt],
+    skipped: &[String],
     deadline_exceeded: bool,
+    stopped: Option<&'static str>,
     retry_after: Option<Duration>,
 ) -> Response<Body> {
-    let every = |class: FailureClass| {
-        !attempts.is_empty() && attempts.iter().all(|a| a.class == Some(class))
-    };
+    let failed: Vec<&Attempt> = attempts.iter().filter(|a| a.class.is_some()).collect();
+    let every = |class: FailureClass| !failed.is_empty() && failed.iter().all(|a| a.class == Some(class));
     let (status, kind, code) = if every(FailureClass::RateLimited) {
-        (
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "all_targets_rate_limited",
-        )
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "all_targets_rate_limited")
     } else if deadline_exceeded {
         (StatusCode::GATEWAY_TIMEOUT, "timeout", "deadline_exceeded")
     } else if every(FailureClass::Overloaded) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded_error",
-            "all_targets_overloaded",
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", "all_targets_overloaded")
     } else {
-        (
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            "all_targets_failed",
-        )
+        (StatusCode::BAD_GATEWAY, "upstream_error", "all_targets_failed")
     };
     let listed: Vec<String> = attempts
         .iter()
         .map(|a| {
-            let class = a.class.map_or("answered", FailureClass::as_str);
+            let class = a.class.map_or("cancelled", FailureClass::as_str);
             match a.status {
                 Some(s) => format!("{} {class} ({s}): {}", a.target, a.message),
                 None => format!("{} {class}: {}", a.target, a.message),
             }
         })
         .collect();
-    let message = if deadline_exceeded {
-        format!(
-            "the request's deadline ran out after {} attempt(s): {}",
-            attempts.len(),
-            listed.join("; ")
-        )
+    let mut message = if deadline_exceeded {
+        format!("the request's deadline ran out after {} attempt(s): {}", attempts.len(), listed.join("; "))
     } else {
-        format!(
-            "every target failed ({} attempt(s)): {}",
-            attempts.len(),
-            listed.join("; ")
-        )
+        format!("every target failed ({} attempt(s)): {}", attempts.len(), listed.join("; "))
     };
+    if !skipped.is_empty() {
+        message.push_str(&format!("; skipped with an open circuit: {}", skipped.join(", ")));
+    }
+    if let Some(stopped) = stopped {
+        message.push_str(&format!("; not tried further: {stopped}"));
+    }
     tracing::warn!(route, attempts = attempts.len(), status = status.as_u16(), %message, "no target answered");
     let detail: Vec<Value> = attempts
         .iter()
         .map(|a| json!({"target": a.target, "class": a.class.map(FailureClass::as_str), "status": a.status, "message": a.message}))
         .collect();
-    let body = json!({"error": {"message": message, "type": kind, "code": code, "param": null, "attempts": detail}});
+    let body = json!({"error": {"message": message, "type": kind, "code": code, "param": null,
+        "attempts": detail, "skipped": skipped, "stopped": stopped}});
     let mut response = json_response(status, &body);
-    set_header(
-        &mut response,
-        "x-backstop-attempts",
-        &attempts.len().to_string(),
-    );
+    set_header(&mut response, "x-backstop-attempts", &attempts.len().to_string());
     if let Some(wait) = retry_after {
-        set_header(
-            &mut response,
-            "retry-after",
-            &wait.as_secs_f64().ceil().max(1.0).to_string(),
-        );
+        set_header(&mut response, "retry-after", &wait.as_secs_f64().ceil().max(1.0).to_string());
     }
     response
 }
@@ -325,9 +300,10 @@ fn status_for(class: FailureClass) -> StatusCode {
         FailureClass::ServerError | FailureClass::ConnectError => StatusCode::BAD_GATEWAY,
         FailureClass::AuthError => StatusCode::BAD_GATEWAY,
         FailureClass::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
-        FailureClass::ContextWindowExceeded
-        | FailureClass::ContentFiltered
-        | FailureClass::BadRequest => StatusCode::BAD_REQUEST,
+        FailureClass::ContextWindowExceeded | FailureClass::ContentFiltered | FailureClass::BadRequest => {
+            StatusCode::BAD_REQUEST
+        }
+        FailureClass::EmptyCompletion => StatusCode::BAD_GATEWAY,
     }
 }
 
@@ -337,10 +313,10 @@ fn error_type(class: FailureClass) -> &'static str {
         FailureClass::Overloaded => "overloaded_error",
         FailureClass::Timeout => "timeout",
         FailureClass::AuthError => "upstream_authentication_error",
-        FailureClass::BadRequest
-        | FailureClass::ContextWindowExceeded
-        | FailureClass::ContentFiltered => "invalid_request_error",
-        FailureClass::ServerError | FailureClass::ConnectError => "upstream_error",
+        FailureClass::BadRequest | FailureClass::ContextWindowExceeded | FailureClass::ContentFiltered => {
+            "invalid_request_error"
+        }
+        FailureClass::ServerError | FailureClass::ConnectError | FailureClass::EmptyCompletion => "upstream_error",
     }
 }
 
@@ -352,10 +328,7 @@ pub fn error_response(
     code: Option<&str>,
     param: Option<&str>,
 ) -> Response<Body> {
-    json_response(
-        status,
-        &json!({"error": {"message": message, "type": kind, "param": param, "code": code}}),
-    )
+    json_response(status, &json!({"error": {"message": message, "type": kind, "param": param, "code": code}}))
 }
 
 /// `GET /v1/models`: the route aliases, as OpenAI's model list.

@@ -55,8 +55,7 @@ impl Running {
                     && event["message"] == "backstop sidecar listening"
                     && let Some(tx) = tx.take()
                 {
-                    let addr =
-                        |k: &str| event[k].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
+                    let addr = |k: &str| event[k].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
                     let _ = tx.send((addr("llm"), addr("admin")));
                 }
                 sink.lock().expect("lock").push_str(&(line + "\n"));
@@ -66,12 +65,7 @@ impl Running {
             .await
             .expect("the sidecar reports its addresses within 10 s")
             .expect("listening line");
-        Running {
-            child,
-            llm: llm.expect("llm addr"),
-            admin: admin.expect("admin addr"),
-            log,
-        }
+        Running { child, llm: llm.expect("llm addr"), admin: admin.expect("admin addr"), log }
     }
 
     fn log(&self) -> String {
@@ -80,13 +74,8 @@ impl Running {
 
     async fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("pid");
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .expect("exits on SIGTERM")
-            .expect("wait")
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.expect("exits on SIGTERM").expect("wait")
     }
 }
 
@@ -99,33 +88,15 @@ async fn quickstart_falls_back_from_the_rate_limited_primary() {
     let sidecar = Running::start(&repo_file("deploy/examples/quickstart.yaml"), "info").await;
     let url = format!("http://{}/v1/chat/completions", sidecar.llm);
     let answer = post(&url, &chat(false)).await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
     assert_eq!(answer.header("x-backstop-provider"), Some("fallback"));
     assert_eq!(answer.header("x-backstop-model"), Some("claude-sonnet-4-5"));
-    assert_eq!(
-        answer.header("x-backstop-fallback-reason"),
-        Some("primary/gpt-4o=rateLimited")
-    );
+    assert_eq!(answer.header("x-backstop-fallback-reason"), Some("primary/gpt-4o=rateLimited"));
     assert_eq!(answer.header("x-backstop-attempts"), Some("2"));
     let streamed = post_stream(&url, &chat(true)).await;
     assert!(streamed.done());
-    assert!(
-        streamed
-            .text()
-            .starts_with("Answered by the fallback target"),
-        "{}",
-        streamed.text()
-    );
-    assert!(
-        sidecar.log().contains("answered after falling through"),
-        "{}",
-        sidecar.log()
-    );
+    assert!(streamed.text().starts_with("Answered by the fallback target"), "{}", streamed.text());
+    assert!(sidecar.log().contains("answered after falling through"), "{}", sidecar.log());
     let status = sidecar.stop().await;
     assert!(status.success(), "exit status {status}");
 }
@@ -143,37 +114,18 @@ async fn api_keys_never_reach_logs_or_config() {
     let config = get(&format!("http://{}/config", sidecar.admin)).await;
     assert_eq!(config.status, 200);
     // A rejected reload must not print the key either.
-    std::fs::write(
-        &policy,
-        two_target_policy(&upstream.base_url(), "  retry: {attempts: 0}\n"),
-    )
-    .expect("write");
+    std::fs::write(&policy, two_target_policy(&upstream.base_url(), "  retry: {attempts: 0}\n")).expect("write");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = sidecar.log();
-    assert!(
-        log.contains("policy not loaded"),
-        "the invalid rewrite should be logged:\n{log}"
-    );
-    assert!(
-        upstream.received()[0]
-            .headers
-            .get("authorization")
-            .is_some(),
-        "the key was sent upstream"
-    );
+    assert!(log.contains("policy not loaded"), "the invalid rewrite should be logged:\n{log}");
+    assert!(upstream.received()[0].headers.get("authorization").is_some(), "the key was sent upstream");
     for (place, text) in [
         ("log", log.as_str()),
         ("/config", &String::from_utf8_lossy(&config.body)),
         ("answer", &String::from_utf8_lossy(&answer.body)),
     ] {
-        assert!(
-            !text.contains("sk-test-primary-SECRET"),
-            "the API key leaked into the {place}:\n{text}"
-        );
-        assert!(
-            !text.contains("sk-upstream-echo-SECRET"),
-            "the upstream's 401 body leaked into the {place}:\n{text}"
-        );
+        assert!(!text.contains("sk-test-primary-SECRET"), "the API key leaked into the {place}:\n{text}");
+        assert!(!text.contains("sk-upstream-echo-SECRET"), "the upstream's 401 body leaked into the {place}:\n{text}");
     }
     sidecar.stop().await;
 }
@@ -182,39 +134,22 @@ async fn api_keys_never_reach_logs_or_config() {
 async fn starts_unready_on_a_broken_policy_and_recovers_when_it_is_fixed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let policy = dir.path().join("policy.yaml");
-    let good =
-        std::fs::read_to_string(repo_file("deploy/examples/quickstart.yaml")).expect("quickstart");
+    let good = std::fs::read_to_string(repo_file("deploy/examples/quickstart.yaml")).expect("quickstart");
     std::fs::write(&policy, good.replace("total: 90s", "total: never")).expect("write");
     let sidecar = Running::start(&policy, "info").await;
     let ready = get(&format!("http://{}/readyz", sidecar.admin)).await;
     assert_eq!(ready.status, 503);
-    let answer = post(
-        &format!("http://{}/v1/chat/completions", sidecar.llm),
-        &chat(false),
-    )
-    .await;
+    let answer = post(&format!("http://{}/v1/chat/completions", sidecar.llm), &chat(false)).await;
     assert_eq!(answer.status, 503);
     assert_eq!(answer.json()["error"]["code"], "no_policy");
-    assert!(
-        sidecar.log().contains("spec.timeouts.total"),
-        "the log names the field:\n{}",
-        sidecar.log()
-    );
+    assert!(sidecar.log().contains("spec.timeouts.total"), "the log names the field:\n{}", sidecar.log());
     std::fs::write(&policy, good).expect("fix");
     let until = Instant::now() + Duration::from_secs(10);
-    while get(&format!("http://{}/readyz", sidecar.admin))
-        .await
-        .status
-        != 200
-    {
+    while get(&format!("http://{}/readyz", sidecar.admin)).await.status != 200 {
         assert!(Instant::now() < until, "never became ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let answer = post(
-        &format!("http://{}/v1/chat/completions", sidecar.llm),
-        &chat(false),
-    )
-    .await;
+    let answer = post(&format!("http://{}/v1/chat/completions", sidecar.llm), &chat(false)).await;
     assert_eq!(answer.status, 200);
     sidecar.stop().await;
 }
@@ -223,41 +158,19 @@ async fn starts_unready_on_a_broken_policy_and_recovers_when_it_is_fixed() {
 fn check_reports_field_paths_and_crd_matches_the_checked_in_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.yaml");
-    let good =
-        std::fs::read_to_string(repo_file("deploy/examples/quickstart.yaml")).expect("quickstart");
-    std::fs::write(
-        &bad,
-        good.replace("provider: fallback,", "provider: nowhere,"),
-    )
-    .expect("write");
-    let out = std::process::Command::new(BIN)
-        .arg("check")
-        .arg(&bad)
-        .output()
-        .expect("run check");
+    let good = std::fs::read_to_string(repo_file("deploy/examples/quickstart.yaml")).expect("quickstart");
+    std::fs::write(&bad, good.replace("provider: fallback,", "provider: nowhere,")).expect("write");
+    let out = std::process::Command::new(BIN).arg("check").arg(&bad).output().expect("run check");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("`spec.routes[0].chain[1].provider`: `nowhere` is not defined"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("`spec.routes[0].chain[1].provider`: `nowhere` is not defined"), "{stderr}");
     let ok = std::process::Command::new(BIN)
         .arg("check")
         .arg(repo_file("deploy/examples/quickstart.yaml"))
         .output()
         .expect("run check");
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let crd = std::process::Command::new(BIN)
-        .arg("crd")
-        .output()
-        .expect("run crd");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let crd = std::process::Command::new(BIN).arg("crd").output().expect("run crd");
     let checked_in = std::fs::read(repo_file("crds/fallbackpolicy.yaml")).expect("crd file");
-    assert!(
-        crd.stdout == checked_in,
-        "crds/fallbackpolicy.yaml differs from `backstop crd`"
-    );
+    assert!(crd.stdout == checked_in, "crds/fallbackpolicy.yaml differs from `backstop crd`");
 }

@@ -12,16 +12,8 @@ async fn malformed_requests_get_400_and_no_upstream_call() {
     let url = sidecar.url("/v1/chat/completions");
     let cases: [(&str, &str, Option<&str>); 4] = [
         ("{not json", "not valid JSON", None),
-        (
-            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
-            "`model` is missing",
-            Some("model"),
-        ),
-        (
-            r#"{"model":"chat"}"#,
-            "`messages` is missing",
-            Some("messages"),
-        ),
+        (r#"{"messages":[{"role":"user","content":"hi"}]}"#, "`model` is missing", Some("model")),
+        (r#"{"model":"chat"}"#, "`messages` is missing", Some("messages")),
         (
             r#"{"model":"chat","messages":[{"role":"user"}],"stream":"yes"}"#,
             "`stream` must be a boolean",
@@ -33,20 +25,10 @@ async fn malformed_requests_get_400_and_no_upstream_call() {
         assert_eq!(answer.status, 400, "{body}");
         let error = &answer.json()["error"];
         assert_eq!(error["type"], "invalid_request_error", "{body}");
-        assert!(
-            error["message"]
-                .as_str()
-                .unwrap_or_default()
-                .contains(message),
-            "{body}: {error}"
-        );
+        assert!(error["message"].as_str().unwrap_or_default().contains(message), "{body}: {error}");
         assert_eq!(error["param"].as_str(), param, "{body}");
     }
-    assert_eq!(
-        upstream.count(),
-        0,
-        "a malformed request must never reach an upstream"
-    );
+    assert_eq!(upstream.count(), 0, "a malformed request must never reach an upstream");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,12 +56,7 @@ async fn unknown_models_get_404_and_models_lists_the_routes() {
     assert_eq!(answer.json()["error"]["code"], "model_not_found");
     let models = get(&sidecar.url("/v1/models")).await;
     assert_eq!(models.status, 200);
-    let ids: Vec<Value> = models.json()["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|m| m["id"].clone())
-        .collect();
+    let ids: Vec<Value> = models.json()["data"].as_array().expect("data").iter().map(|m| m["id"].clone()).collect();
     assert_eq!(ids, [json!("chat")]);
     assert_eq!(get(&sidecar.url("/v1/nothing")).await.status, 404);
     assert_eq!(get(&sidecar.url("/v1/chat/completions")).await.status, 405);
@@ -98,42 +75,21 @@ async fn unknown_fields_pass_through_and_the_policy_key_replaces_the_apps() {
         "response_format": {"type": "json_object"},
         "vendor_extension": {"nested": [1, 2, 3]}
     });
-    let answer = post_raw(
-        &sidecar.url("/v1/chat/completions"),
-        body.to_string(),
-        &[("authorization", "Bearer app-dummy-key")],
-    )
-    .await;
+    let answer =
+        post_raw(&sidecar.url("/v1/chat/completions"), body.to_string(), &[("authorization", "Bearer app-dummy-key")])
+            .await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("x-backstop-model"), Some("up-model"));
     assert_eq!(answer.header("x-backstop-route"), Some("chat"));
     let received = upstream.received();
     let sent = &received[0].body;
-    assert_eq!(
-        sent["model"], "up-model",
-        "the alias is replaced by the target's model"
-    );
-    for field in [
-        "temperature",
-        "logit_bias",
-        "response_format",
-        "vendor_extension",
-    ] {
-        assert_eq!(
-            sent[field], body[field],
-            "{field} must pass through untouched"
-        );
+    assert_eq!(sent["model"], "up-model", "the alias is replaced by the target's model");
+    for field in ["temperature", "logit_bias", "response_format", "vendor_extension"] {
+        assert_eq!(sent[field], body[field], "{field} must pass through untouched");
     }
     assert_eq!(sent["messages"], body["messages"]);
-    let auth = received[0]
-        .headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok());
-    assert_eq!(
-        auth,
-        Some("Bearer sk-test-primary-SECRET"),
-        "the policy's key, never the app's"
-    );
+    let auth = received[0].headers.get("authorization").and_then(|v| v.to_str().ok());
+    assert_eq!(auth, Some("Bearer sk-test-primary-SECRET"), "the policy's key, never the app's");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,12 +100,7 @@ async fn streams_relay_every_chunk_and_finish_with_done() {
     assert_eq!(answer.status, 200);
     assert_eq!(answer.text(), "from upstream");
     assert!(answer.done());
-    assert_eq!(
-        answer.events.len(),
-        5,
-        "role, two content chunks, finish, [DONE]: {:?}",
-        answer.events
-    );
+    assert_eq!(answer.events.len(), 5, "role, two content chunks, finish, [DONE]: {:?}", answer.events);
     assert_eq!(upstream.received()[0].body["stream"], true);
 }
 
@@ -164,9 +115,6 @@ async fn admin_endpoints_report_readiness_and_a_redacted_config() {
     assert_eq!(config.status, 200);
     let text = String::from_utf8_lossy(&config.body).to_string();
     assert!(!text.contains("sk-test-primary-SECRET"), "{text}");
-    assert_eq!(
-        config.json()["policy"]["spec"]["providers"][0]["apiKey"]["value"],
-        "<redacted>"
-    );
+    assert_eq!(config.json()["policy"]["spec"]["providers"][0]["apiKey"]["value"], "<redacted>");
     assert_eq!(config.json()["source"], "tests/test");
 }

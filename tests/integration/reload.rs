@@ -27,11 +27,7 @@ spec:
 async fn wait_for_version(sidecar: &TestSidecar, version: u64) {
     let until = Instant::now() + Duration::from_secs(10);
     while sidecar.version() < version {
-        assert!(
-            Instant::now() < until,
-            "policy version {version} never loaded (at {})",
-            sidecar.version()
-        );
+        assert!(Instant::now() < until, "policy version {version} never loaded (at {})", sidecar.version());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -48,11 +44,7 @@ async fn requests_in_flight_finish_on_their_snapshot() {
     std::fs::write(&sidecar.policy_path, mock_policy("new", "1ms")).expect("rewrite");
     wait_for_version(&sidecar, 2).await;
     let old = in_flight.await.expect("request task");
-    assert_eq!(
-        (old.status, old.text().as_str()),
-        (200, "old"),
-        "the request in flight kept its snapshot"
-    );
+    assert_eq!((old.status, old.text().as_str()), (200, "old"), "the request in flight kept its snapshot");
     let new = post(&url, &chat(false)).await;
     assert_eq!(new.text(), "new");
 }
@@ -64,8 +56,7 @@ async fn reload_under_load_fails_no_request_and_an_invalid_rewrite_changes_nothi
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let mut load = Vec::new();
     for worker in 0..6 {
-        let (sidecar, stop, ok, failed) =
-            (sidecar.clone(), stop.clone(), ok.clone(), failed.clone());
+        let (sidecar, stop, ok, failed) = (sidecar.clone(), stop.clone(), ok.clone(), failed.clone());
         load.push(tokio::spawn(async move {
             let url = sidecar.url("/v1/chat/completions");
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -100,18 +91,9 @@ async fn reload_under_load_fails_no_request_and_an_invalid_rewrite_changes_nothi
         task.await.expect("load task");
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {} requests failed during reloads",
-        ok + failed
-    );
+    assert_eq!(failed, 0, "{failed} of {} requests failed during reloads", ok + failed);
     assert!(ok >= 100, "only {ok} requests ran during the reloads");
-    assert_eq!(
-        sidecar.version(),
-        rewrites + 1,
-        "the invalid rewrite must not replace the last good policy"
-    );
+    assert_eq!(sidecar.version(), rewrites + 1, "the invalid rewrite must not replace the last good policy");
     let after = post(&sidecar.url("/v1/chat/completions"), &chat(false)).await;
     assert_eq!(after.text(), format!("v{rewrites}"));
     let ready = get(&sidecar.admin_url("/readyz")).await;

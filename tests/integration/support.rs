@@ -33,11 +33,7 @@ pub enum Fault {
     /// Answers normally (streaming if asked), with the text `from upstream`.
     Ok,
     /// Answers with this status, JSON body and extra headers.
-    Status {
-        status: u16,
-        body: Value,
-        headers: Vec<(&'static str, String)>,
-    },
+    Status { status: u16, body: Value, headers: Vec<(&'static str, String)> },
     /// Never sends headers.
     StallBeforeHeaders,
     /// Sends 200 headers (and for streams the role chunk) and then nothing.
@@ -70,11 +66,9 @@ impl Fault {
     /// A status with a `Retry-After` header.
     pub fn with_retry_after(status: u16, retry_after: &str) -> Fault {
         match Fault::status(status) {
-            Fault::Status { status, body, .. } => Fault::Status {
-                status,
-                body,
-                headers: vec![("retry-after", retry_after.to_string())],
-            },
+            Fault::Status { status, body, .. } => {
+                Fault::Status { status, body, headers: vec![("retry-after", retry_after.to_string())] }
+            }
             other => other,
         }
     }
@@ -108,15 +102,10 @@ impl Upstream {
 
     /// An upstream that answers with `script` in order, then with `then`.
     pub async fn scripted(script: Vec<Fault>, then: Fault) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let received = Arc::new(Mutex::new(Vec::new()));
-        let script = Arc::new(Script {
-            queue: Mutex::new(script.into()),
-            default: then,
-        });
+        let script = Arc::new(Script { queue: Mutex::new(script.into()), default: then });
         let seen = received.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -135,11 +124,7 @@ impl Upstream {
                 });
             }
         });
-        Upstream {
-            addr,
-            received,
-            task,
-        }
+        Upstream { addr, received, task }
     }
 
     /// The base URL to put in a policy.
@@ -164,22 +149,12 @@ impl Drop for Upstream {
     }
 }
 
-fn whole(
-    status: u16,
-    body: impl Into<Bytes>,
-    headers: &[(&'static str, String)],
-) -> Response<UpBody> {
-    let mut response = Response::new(UpBody::new(
-        Full::new(body.into()).map_err(|never| match never {}),
-    ));
+fn whole(status: u16, body: impl Into<Bytes>, headers: &[(&'static str, String)]) -> Response<UpBody> {
+    let mut response = Response::new(UpBody::new(Full::new(body.into()).map_err(|never| match never {})));
     *response.status_mut() = StatusCode::from_u16(status).expect("status");
-    response
-        .headers_mut()
-        .insert("content-type", "application/json".parse().expect("header"));
+    response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
     for (name, value) in headers {
-        response
-            .headers_mut()
-            .insert(*name, value.parse().expect("header"));
+        response.headers_mut().insert(*name, value.parse().expect("header"));
     }
     response
 }
@@ -191,17 +166,12 @@ fn streamed(frames: Vec<Result<Bytes, BoxError>>, then_stall: bool) -> Response<
         frame.map(Frame::data)
     });
     let body: UpBody = if then_stall {
-        UpBody::new(StreamBody::new(futures_util::StreamExt::chain(
-            items,
-            stream::pending(),
-        )))
+        UpBody::new(StreamBody::new(futures_util::StreamExt::chain(items, stream::pending())))
     } else {
         UpBody::new(StreamBody::new(items))
     };
     let mut response = Response::new(body);
-    response
-        .headers_mut()
-        .insert("content-type", "text/event-stream".parse().expect("header"));
+    response.headers_mut().insert("content-type", "text/event-stream".parse().expect("header"));
     response
 }
 
@@ -214,31 +184,13 @@ fn chunk(delta: Value, finish: Option<&str>) -> Value {
            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 }
 
-async fn answer(
-    request: Request<Incoming>,
-    seen: &Mutex<Vec<Received>>,
-    script: &Script,
-) -> Response<UpBody> {
+async fn answer(request: Request<Incoming>, seen: &Mutex<Vec<Received>>, script: &Script) -> Response<UpBody> {
     let headers = request.headers().clone();
-    let bytes = request
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let bytes = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    seen.lock().expect("lock").push(Received {
-        at: Instant::now(),
-        headers,
-        body,
-    });
-    let fault = script
-        .queue
-        .lock()
-        .expect("lock")
-        .pop_front()
-        .unwrap_or_else(|| script.default.clone());
+    seen.lock().expect("lock").push(Received { at: Instant::now(), headers, body });
+    let fault = script.queue.lock().expect("lock").pop_front().unwrap_or_else(|| script.default.clone());
     let role = sse(&chunk(json!({"role": "assistant", "content": ""}), None));
     let first = sse(&chunk(json!({"content": "from"}), None));
     match fault {
@@ -309,35 +261,18 @@ impl TestSidecar {
             admin: "127.0.0.1:0".parse().expect("addr"),
             max_request_bytes: 64 * 1024,
         };
-        let sidecar = Sidecar::bind(&config, store.clone(), backstop::provider::http_client())
-            .await
-            .expect("bind sidecar");
-        let (llm, admin) = (
-            sidecar.llm_addr().expect("addr"),
-            sidecar.admin_addr().expect("addr"),
-        );
+        let sidecar =
+            Sidecar::bind(&config, store.clone(), backstop::provider::http_client()).await.expect("bind sidecar");
+        let (llm, admin) = (sidecar.llm_addr().expect("addr"), sidecar.admin_addr().expect("addr"));
         let (shutdown, rx) = watch::channel(false);
-        tokio::spawn(
-            PolicyFile::new(policy_path.clone(), store.clone(), Arc::new(LocalKeys))
-                .watch(rx.clone()),
-        );
+        tokio::spawn(PolicyFile::new(policy_path.clone(), store.clone(), Arc::new(LocalKeys)).watch(rx.clone()));
         tokio::spawn(sidecar.run(rx));
         let loaded = Instant::now() + Duration::from_secs(5);
         while store.load().is_none() {
-            assert!(
-                Instant::now() < loaded,
-                "the sidecar did not load its policy:\n{policy}"
-            );
+            assert!(Instant::now() < loaded, "the sidecar did not load its policy:\n{policy}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        TestSidecar {
-            llm,
-            admin,
-            policy_path,
-            store,
-            _dir: dir,
-            shutdown,
-        }
+        TestSidecar { llm, admin, policy_path, store, _dir: dir, shutdown }
     }
 
     /// The URL of an LLM endpoint path.
@@ -404,11 +339,7 @@ impl Answer {
 
     /// The text of a non-streamed completion.
     pub fn text(&self) -> String {
-        self.json()
-            .pointer("/choices/0/message/content")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
+        self.json().pointer("/choices/0/message/content").and_then(Value::as_str).unwrap_or_default().to_string()
     }
 }
 
@@ -433,11 +364,7 @@ impl Streamed {
         self.events
             .iter()
             .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-            .filter_map(|v| {
-                v.pointer("/choices/0/delta/content")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
+            .filter_map(|v| v.pointer("/choices/0/delta/content").and_then(Value::as_str).map(str::to_string))
             .collect()
     }
 
@@ -461,15 +388,9 @@ pub async fn post_raw(url: &str, body: impl Into<Bytes>, headers: &[(&str, &str)
         let response = client().request(request).await.expect("sidecar answers");
         let (parts, body) = response.into_parts();
         let body = body.collect().await.expect("whole body").to_bytes();
-        Answer {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body,
-        }
+        Answer { status: parts.status.as_u16(), headers: parts.headers, body }
     };
-    tokio::time::timeout(Duration::from_secs(20), work)
-        .await
-        .expect("answer within 20 s")
+    tokio::time::timeout(Duration::from_secs(20), work).await.expect("answer within 20 s")
 }
 
 /// POSTs a JSON body.
@@ -479,9 +400,7 @@ pub async fn post(url: &str, body: &Value) -> Answer {
 
 /// GETs a URL.
 pub async fn get(url: &str) -> Answer {
-    let request = Request::get(url)
-        .body(Full::new(Bytes::new()))
-        .expect("request");
+    let request = Request::get(url).body(Full::new(Bytes::new())).expect("request");
     let work = async {
         let response = client().request(request).await.expect("answers");
         let (parts, body) = response.into_parts();
@@ -491,9 +410,7 @@ pub async fn get(url: &str) -> Answer {
             body: body.collect().await.expect("body").to_bytes(),
         }
     };
-    tokio::time::timeout(Duration::from_secs(20), work)
-        .await
-        .expect("answer within 20 s")
+    tokio::time::timeout(Duration::from_secs(20), work).await.expect("answer within 20 s")
 }
 
 /// POSTs a streaming request and reads every event until the body ends or breaks.
@@ -526,16 +443,9 @@ pub async fn post_stream(url: &str, body: &Value) -> Streamed {
             }
         }
         events.extend(decoder.finish().map(|e| e.data));
-        Streamed {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            events,
-            broken,
-        }
+        Streamed { status: parts.status.as_u16(), headers: parts.headers, events, broken }
     };
-    tokio::time::timeout(Duration::from_secs(20), work)
-        .await
-        .expect("stream within 20 s")
+    tokio::time::timeout(Duration::from_secs(20), work).await.expect("stream within 20 s")
 }
 
 /// A chat request for the `chat` route.

@@ -1,0 +1,434 @@
+//! Target health in the sidecar: one circuit breaker, in-flight count, peak-EWMA latency and
+//! rate-limit headroom per target, and one retry budget per route.
+//!
+//! State lives in a [`HealthRegistry`] that outlives policy snapshots, so a reload keeps what
+//! the sidecar has learnt about targets it still uses. Every lock here guards a few arithmetic
+//! steps and is never held across an `.await`; the breaker and budget themselves are pure
+//! state machines ([`breaker`], [`budget`]) tested with paused time.
+
+pub mod breaker;
+pub mod budget;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::policy::FailureClass;
+use breaker::{Admission, Breaker, BreakerSettings, Phase};
+use budget::{BudgetSettings, RetryBudget};
+
+/// How fast the latency estimate forgets: after this long, an old sample weighs 1/e.
+const LATENCY_DECAY: Duration = Duration::from_secs(10);
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the state half-updated in a way
+    // that matters more than losing the health data, so keep going.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Latency estimate that jumps up at once and decays down slowly (Finagle's and Linkerd's
+/// "peak EWMA"), so a slowing target is avoided quickly and trusted again gradually.
+#[derive(Clone, Copy, Debug)]
+pub struct PeakEwma {
+    seconds: f64,
+    stamp: Option<Instant>,
+}
+
+impl PeakEwma {
+    /// No samples yet: an estimate of zero, so a new target gets tried.
+    pub fn new() -> Self {
+        PeakEwma { seconds: 0.0, stamp: None }
+    }
+
+    /// Adds one observed latency.
+    pub fn observe(&mut self, now: Instant, latency: Duration) {
+        let sample = latency.as_secs_f64();
+        match self.stamp {
+            Some(stamp) if sample <= self.seconds => {
+                let age = now.saturating_duration_since(stamp).as_secs_f64();
+                let keep = (-age / LATENCY_DECAY.as_secs_f64()).exp();
+                self.seconds = self.seconds * keep + sample * (1.0 - keep);
+            }
+            _ => self.seconds = sample,
+        }
+        self.stamp = Some(now);
+    }
+
+    /// The estimate, in seconds.
+    pub fn seconds(&self) -> f64 {
+        self.seconds
+    }
+}
+
+impl Default for PeakEwma {
+    fn default() -> Self {
+        PeakEwma::new()
+    }
+}
+
+/// What the balancer knows of one group member.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Candidate {
+    /// Its configured weight.
+    pub weight: u32,
+    /// Expected cost of one more request: latency × (in flight + 1).
+    pub cost: f64,
+    /// The provider said it is out of requests or tokens until its reset.
+    pub saturated: bool,
+}
+
+/// Power of two choices by weight: draws two distinct candidates in proportion to their
+/// weights (`draws` uniform in `[0, 1)`) and keeps the cheaper one. Saturated candidates are
+/// drawn only when every candidate is saturated.
+pub fn pick(candidates: &[Candidate], draws: (f64, f64)) -> Option<usize> {
+    let any_fresh = candidates.iter().any(|c| !c.saturated);
+    let pool: Vec<usize> = (0..candidates.len()).filter(|&i| !any_fresh || !candidates[i].saturated).collect();
+    let weighted = |pool: &[usize], draw: f64| -> Option<usize> {
+        let total: u64 = pool.iter().map(|&i| u64::from(candidates[i].weight.max(1))).sum();
+        let point = (total as f64 * draw.clamp(0.0, 0.999_999_999)) as u64;
+        let mut passed = 0;
+        for &i in pool {
+            passed += u64::from(candidates[i].weight.max(1));
+            if point < passed {
+                return Some(i);
+            }
+        }
+        pool.last().copied()
+    };
+    let first = weighted(&pool, draws.0)?;
+    let rest: Vec<usize> = pool.iter().copied().filter(|&i| i != first).collect();
+    let Some(second) = weighted(&rest, draws.1) else { return Some(first) };
+    Some(if candidates[second].cost < candidates[first].cost { second } else { first })
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    latency: PeakEwma,
+    saturated_until: Option<Instant>,
+    successes: u64,
+    failures: BTreeMap<FailureClass, u64>,
+    last_failure: Option<String>,
+}
+
+/// Everything the sidecar knows about one target's health.
+#[derive(Debug)]
+pub struct TargetHealth {
+    label: String,
+    breaker: Mutex<Breaker>,
+    in_flight: AtomicU32,
+    stats: Mutex<Stats>,
+}
+
+impl TargetHealth {
+    /// A healthy target.
+    pub fn new(label: String, settings: BreakerSettings) -> Self {
+        TargetHealth {
+            label,
+            breaker: Mutex::new(Breaker::new(settings)),
+            in_flight: AtomicU32::new(0),
+            stats: Mutex::default(),
+        }
+    }
+
+    /// `provider/model`.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Whether a request would be admitted now (no probe slot is taken).
+    pub fn peek(&self, now: Instant) -> Admission {
+        lock(&self.breaker).peek(now)
+    }
+
+    /// Asks to send one request; `None` while the breaker refuses.
+    pub fn admit(self: &Arc<Self>, now: Instant) -> Option<Permit> {
+        let probe = match lock(&self.breaker).admit(now) {
+            Admission::Allowed => false,
+            Admission::Probe => true,
+            Admission::Refused { .. } => return None,
+        };
+        Some(self.permit(probe))
+    }
+
+    /// Sends one request even while the breaker is open: every target is open and this one
+    /// opened earliest, which beats failing without trying.
+    pub fn admit_forced(self: &Arc<Self>, now: Instant) -> Permit {
+        let probe = match lock(&self.breaker).admit(now) {
+            Admission::Probe => true,
+            Admission::Allowed | Admission::Refused { .. } => false,
+        };
+        self.permit(probe)
+    }
+
+    fn permit(self: &Arc<Self>, probe: bool) -> Permit {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Permit { health: self.clone(), probe, done: false }
+    }
+
+    /// The balancer's view of this target.
+    pub fn candidate(&self, weight: u32, now: Instant) -> Candidate {
+        let stats = lock(&self.stats);
+        let in_flight = f64::from(self.in_flight.load(Ordering::Relaxed));
+        Candidate {
+            weight,
+            cost: stats.latency.seconds() * (in_flight + 1.0),
+            saturated: stats.saturated_until.is_some_and(|until| until > now),
+        }
+    }
+
+    /// Notes the provider's rate-limit headroom: out of requests or tokens for `for_how_long`.
+    pub fn note_saturation(&self, now: Instant, for_how_long: Option<Duration>) {
+        if let Some(wait) = for_how_long {
+            lock(&self.stats).saturated_until = Some(now + wait);
+        }
+    }
+
+    fn reconfigure(&self, settings: BreakerSettings) {
+        lock(&self.breaker).reconfigure(settings);
+    }
+
+    /// This target's state as shown by the admin `/health` endpoint.
+    pub fn report(&self, now: Instant) -> Value {
+        let breaker = lock(&self.breaker);
+        let stats = lock(&self.stats);
+        let (state, retry_in) = match breaker.phase(now) {
+            Phase::Closed => ("closed", None),
+            Phase::Open { until, .. } => ("open", Some(until.saturating_duration_since(now))),
+            Phase::HalfOpen { .. } => ("halfOpen", Some(Duration::ZERO)),
+        };
+        let failures: serde_json::Map<String, Value> =
+            stats.failures.iter().map(|(c, n)| (c.as_str().to_string(), json!(n))).collect();
+        json!({
+            "target": self.label,
+            "state": state,
+            "retryInMs": retry_in.map(|d| d.as_millis() as u64),
+            "consecutiveFailures": breaker.consecutive_failures(),
+            "inFlight": self.in_flight.load(Ordering::Relaxed),
+            "latencyMs": (stats.latency.seconds() * 1000.0 * 10.0).round() / 10.0,
+            "successes": stats.successes,
+            "failures": failures,
+            "lastFailure": stats.last_failure,
+            "rateLimitedForMs": stats.saturated_until.map(|u| u.saturating_duration_since(now).as_millis() as u64).filter(|ms| *ms > 0),
+        })
+    }
+}
+
+/// Permission to send one request to a target; report its outcome through it. Dropped without
+/// an outcome (the request was cancelled), it frees its probe slot and counts nothing.
+#[derive(Debug)]
+pub struct Permit {
+    health: Arc<TargetHealth>,
+    probe: bool,
+    done: bool,
+}
+
+impl Permit {
+    /// The request succeeded after `latency`.
+    pub fn succeeded(mut self, now: Instant, latency: Duration) {
+        self.done = true;
+        lock(&self.health.breaker).on_success(now);
+        let mut stats = lock(&self.health.stats);
+        stats.successes += 1;
+        stats.latency.observe(now, latency);
+    }
+
+    /// The request failed.
+    pub fn failed(
+        mut self,
+        now: Instant,
+        latency: Duration,
+        class: FailureClass,
+        retry_after: Option<Duration>,
+        message: &str,
+    ) {
+        self.done = true;
+        lock(&self.health.breaker).on_failure(now, class, retry_after, self.probe);
+        let mut stats = lock(&self.health.stats);
+        *stats.failures.entry(class).or_default() += 1;
+        stats.last_failure = Some(format!("{class}: {message}"));
+        // A timeout says the target is at least this slow.
+        if class == FailureClass::Timeout {
+            stats.latency.observe(now, latency);
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if !self.done {
+            lock(&self.health.breaker).on_cancel(self.probe);
+        }
+        self.health.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A route's retry budget, shared by its requests.
+#[derive(Debug)]
+pub struct SharedBudget {
+    route: String,
+    budget: Mutex<RetryBudget>,
+}
+
+impl SharedBudget {
+    /// A request arrived.
+    pub fn deposit(&self, now: Instant) {
+        lock(&self.budget).deposit(now);
+    }
+
+    /// Asks for one extra attempt (retry, fall-through or hedge).
+    pub fn withdraw(&self, now: Instant) -> bool {
+        lock(&self.budget).withdraw(now)
+    }
+
+    fn report(&self, now: Instant) -> Value {
+        let mut budget = lock(&self.budget);
+        let available = budget.available(now).max(0.0).floor();
+        let (requests, extra) = budget.totals();
+        json!({"route": self.route, "requests": requests, "extraAttempts": extra, "available": available})
+    }
+}
+
+/// All health state, keyed so that it survives policy reloads.
+#[derive(Debug, Default)]
+pub struct HealthRegistry {
+    targets: Mutex<HashMap<String, Arc<TargetHealth>>>,
+    budgets: Mutex<HashMap<String, Arc<SharedBudget>>>,
+}
+
+impl HealthRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        HealthRegistry::default()
+    }
+
+    /// The health of the target identified by `key` (provider, endpoint, model and key),
+    /// created with `settings` if new. Settings of an existing target change only through
+    /// [`HealthRegistry::apply`], once the whole policy is known to be valid.
+    pub fn target(&self, key: &str, label: &str, settings: &BreakerSettings) -> Arc<TargetHealth> {
+        lock(&self.targets)
+            .entry(key.to_string())
+            .or_insert_with(|| Arc::new(TargetHealth::new(label.to_string(), settings.clone())))
+            .clone()
+    }
+
+    /// The retry budget of a route, created if new.
+    pub fn budget(&self, route: &str, settings: BudgetSettings) -> Arc<SharedBudget> {
+        lock(&self.budgets)
+            .entry(route.to_string())
+            .or_insert_with(|| {
+                Arc::new(SharedBudget { route: route.to_string(), budget: Mutex::new(RetryBudget::new(settings)) })
+            })
+            .clone()
+    }
+
+    /// Applies a valid policy's settings to the state it uses, and forgets state no snapshot
+    /// uses any more.
+    pub fn apply(
+        &self,
+        targets: &[Arc<TargetHealth>],
+        breaker: &BreakerSettings,
+        budgets: &[(Arc<SharedBudget>, BudgetSettings)],
+    ) {
+        for target in targets {
+            target.reconfigure(breaker.clone());
+        }
+        for (budget, settings) in budgets {
+            lock(&budget.budget).reconfigure(*settings);
+        }
+    }
+
+    /// Drops state that only the registry still holds.
+    pub fn prune(&self) {
+        lock(&self.targets).retain(|_, target| Arc::strong_count(target) > 1);
+        lock(&self.budgets).retain(|_, budget| Arc::strong_count(budget) > 1);
+    }
+
+    /// Every target's and route's state, for the admin `/health` endpoint.
+    pub fn report(&self, now: Instant) -> Value {
+        let mut targets: Vec<Value> = lock(&self.targets).values().map(|t| t.report(now)).collect();
+        targets.sort_by(|a, b| a["target"].as_str().cmp(&b["target"].as_str()));
+        let mut budgets: Vec<Value> = lock(&self.budgets).values().map(|b| b.report(now)).collect();
+        budgets.sort_by(|a, b| a["route"].as_str().cmp(&b["route"].as_str()));
+        json!({"targets": targets, "retryBudgets": budgets})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(weight: u32, cost: f64, saturated: bool) -> Candidate {
+        Candidate { weight, cost, saturated }
+    }
+
+    #[test]
+    fn two_choices_keep_the_cheaper() {
+        let c = [candidate(1, 5.0, false), candidate(1, 1.0, false)];
+        assert_eq!(pick(&c, (0.1, 0.5)), Some(1));
+        assert_eq!(pick(&c, (0.9, 0.5)), Some(1));
+        assert_eq!(pick(&[candidate(1, 1.0, false)], (0.3, 0.3)), Some(0));
+        assert_eq!(pick(&[], (0.3, 0.3)), None);
+    }
+
+    #[test]
+    fn weights_decide_who_is_drawn() {
+        // Three equal-cost candidates: the first drawn wins ties, so the draw shows the weights.
+        let c = [candidate(8, 1.0, false), candidate(1, 1.0, false), candidate(1, 1.0, false)];
+        let firsts: Vec<usize> = (0..10).map(|i| pick(&c, (f64::from(i) / 10.0, 0.0)).expect("pick")).collect();
+        assert_eq!(firsts, [0, 0, 0, 0, 0, 0, 0, 0, 1, 2]);
+    }
+
+    #[test]
+    fn saturated_members_are_avoided_while_others_have_headroom() {
+        let c = [candidate(100, 0.0, true), candidate(1, 9.0, false)];
+        for draw in [0.0, 0.5, 0.99] {
+            assert_eq!(pick(&c, (draw, draw)), Some(1));
+        }
+        let all = [candidate(1, 2.0, true), candidate(1, 1.0, true)];
+        assert_eq!(pick(&all, (0.0, 0.9)), Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_jumps_up_and_decays_down() {
+        let mut e = PeakEwma::new();
+        let t0 = Instant::now();
+        e.observe(t0, Duration::from_millis(100));
+        e.observe(t0, Duration::from_millis(500));
+        assert!((e.seconds() - 0.5).abs() < 1e-9, "a slower sample is taken at once");
+        e.observe(t0 + LATENCY_DECAY, Duration::from_millis(100));
+        let expected = 0.5 / std::f64::consts::E + 0.1 * (1.0 - 1.0 / std::f64::consts::E);
+        assert!((e.seconds() - expected).abs() < 1e-9, "{} vs {expected}", e.seconds());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permits_count_in_flight_and_free_probe_slots_when_dropped() {
+        let settings = BreakerSettings {
+            consecutive_failures: 1,
+            failure_rate: None,
+            open_for: Duration::from_secs(1),
+            max_open_for: Duration::from_secs(1),
+            half_open_probes: 1,
+            counts: crate::policy::ClassSet::breaker_default(),
+        };
+        let health = Arc::new(TargetHealth::new("p/m".into(), settings));
+        let now = Instant::now();
+        let permit = health.admit(now).expect("closed");
+        assert_eq!(health.in_flight.load(Ordering::Relaxed), 1);
+        permit.failed(now, Duration::from_millis(5), FailureClass::ServerError, None, "boom");
+        assert_eq!(health.in_flight.load(Ordering::Relaxed), 0);
+        assert!(health.admit(now).is_none(), "open");
+        drop(health.admit_forced(now));
+        assert_eq!(health.in_flight.load(Ordering::Relaxed), 0);
+        let later = now + Duration::from_secs(1);
+        let probe = health.admit(later).expect("half-open probe");
+        assert!(health.admit(later).is_none(), "one probe at a time");
+        drop(probe);
+        let probe = health.admit(later).expect("the cancelled probe's slot is free again");
+        probe.succeeded(later, Duration::from_millis(3));
+        assert_eq!(health.report(later)["state"], "closed");
+    }
+}
