@@ -89,13 +89,26 @@ struct Sidecar {
     _dir: tempfile::TempDir,
 }
 
-async fn start_sidecar(upstream: SocketAddr) -> Sidecar {
+/// A "dead" upstream that accepts connections and never answers, like a blackholed endpoint.
+async fn start_dead_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind dead upstream");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    addr
+}
+
+async fn start_sidecar(upstream: SocketAddr, dead: SocketAddr) -> Sidecar {
     let dir = tempfile::tempdir().expect("tempdir");
     let policy = dir.path().join("policy.yaml");
     std::fs::write(
         &policy,
         format!(
-            "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: bench}}\nspec:\n  providers:\n    - {{name: up, type: openai-compatible, baseUrl: \"http://{upstream}/v1\", apiKey: {{value: sk-bench}}}}\n    - {{name: spare, type: mock}}\n  routes:\n    - model: chat\n      chain:\n        - {{provider: up, model: bench-model}}\n        - {{provider: spare, model: m}}\n"
+            "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: bench}}\nspec:\n  providers:\n    - {{name: up, type: openai-compatible, baseUrl: \"http://{upstream}/v1\", apiKey: {{value: sk-bench}}}}\n    - {{name: dead, type: openai-compatible, baseUrl: \"http://{dead}/v1\"}}\n    - {{name: spare, type: mock}}\n  routes:\n    - model: chat\n      chain:\n        - {{provider: up, model: bench-model}}\n        - {{provider: spare, model: m}}\n    - model: dead-primary\n      chain:\n        - {{provider: dead, model: bench-model, timeout: 200ms}}\n        - {{provider: up, model: bench-model}}\n"
         ),
     )
     .expect("write policy");
@@ -210,6 +223,48 @@ async fn ttfb(addr: SocketAddr, model: &str, n: usize) -> Duration {
     samples[samples.len() / 2]
 }
 
+/// The latency a request pays for a dead primary (never answers; 200 ms attempt timeout,
+/// two attempts), before and after its breaker opens (default: 5 consecutive failures).
+async fn dead_primary(upstream: SocketAddr, sidecar: SocketAddr) {
+    let client = client();
+    let mut before = Vec::new();
+    let mut after = Vec::new();
+    for _ in 0..203 {
+        let sent = Instant::now();
+        let response = client.request(request(sidecar, "dead-primary", false)).await.expect("answer");
+        let opened = response.headers().get("x-backstop-fallback-reason").and_then(|v| v.to_str().ok())
+            == Some("dead/bench-model=circuitOpen");
+        assert!(response.status().is_success());
+        let _ = response.into_body().collect().await;
+        let took = sent.elapsed();
+        if opened { after.push(took) } else { before.push(took) }
+    }
+    let direct = {
+        let mut samples = Vec::new();
+        for _ in 0..200 {
+            let sent = Instant::now();
+            let response = client.request(request(upstream, "bench-model", false)).await.expect("answer");
+            let _ = response.into_body().collect().await;
+            samples.push(sent.elapsed());
+        }
+        samples.sort();
+        samples[samples.len() / 2]
+    };
+    before.sort();
+    after.sort();
+    let median = |v: &[Duration]| v.get(v.len() / 2).copied().unwrap_or_default();
+    println!(
+        "\ndead primary (never answers, 200 ms attempt timeout): {} request(s) before its breaker opened paid a median {:.0} ms; \
+         the {} after it opened paid a median {:.0} µs (direct call {:.0} µs, ratio {:.2})",
+        before.len(),
+        median(&before).as_secs_f64() * 1e3,
+        after.len(),
+        us(median(&after)),
+        us(direct),
+        us(median(&after)) / us(direct)
+    );
+}
+
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -232,7 +287,8 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     runtime.block_on(async move {
         let upstream = start_upstream().await;
-        let sidecar = start_sidecar(upstream).await;
+        let dead = start_dead_upstream().await;
+        let sidecar = start_sidecar(upstream, dead).await;
         let pid = sidecar.child.id().expect("pid");
         let (idle_rss, _) = rss_kib(pid);
         println!("backstop sidecar overhead: {seconds} s per measurement, same machine, same run\n");
@@ -265,6 +321,7 @@ fn main() {
             us(proxied_ttfb) - us(direct_ttfb),
             us(proxied_ttfb) / us(direct_ttfb)
         );
+        dead_primary(upstream, sidecar.llm).await;
         let (rss, peak) = rss_kib(pid);
         println!("sidecar memory: {:.1} MiB resident idle, {:.1} MiB after the run, {:.1} MiB peak", idle_rss as f64 / 1024.0, rss as f64 / 1024.0, peak as f64 / 1024.0);
     });

@@ -44,6 +44,17 @@ pub enum Fault {
     Garbage,
     /// Sends 200 with an OpenAI error object (for streams as the first event).
     ErrorEvent { kind: &'static str },
+    /// Waits, then does the inner fault.
+    Delayed(Duration, Box<Fault>),
+    /// Does `matched` when the request's `Authorization` holds `key`, else `other`.
+    ByKey { key: &'static str, matched: Box<Fault>, other: Box<Fault> },
+    /// Answers normally (not streamed) with these extra headers.
+    OkWith(Vec<(&'static str, String)>),
+    /// Answers 200 with no content at all.
+    Empty,
+    /// Streams the role chunk at once and the content only after this long; counts a
+    /// cancellation if the client goes away before the end.
+    SlowFirstToken(Duration),
 }
 
 impl Fault {
@@ -86,12 +97,14 @@ pub struct Received {
 pub struct Upstream {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
+    cancelled: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 struct Script {
     queue: Mutex<VecDeque<Fault>>,
     default: Fault,
+    cancelled: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Upstream {
@@ -105,7 +118,8 @@ impl Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let received = Arc::new(Mutex::new(Vec::new()));
-        let script = Arc::new(Script { queue: Mutex::new(script.into()), default: then });
+        let cancelled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let script = Arc::new(Script { queue: Mutex::new(script.into()), default: then, cancelled: cancelled.clone() });
         let seen = received.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -124,7 +138,7 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, received, task }
+        Upstream { addr, received, cancelled, task }
     }
 
     /// The base URL to put in a policy.
@@ -140,6 +154,11 @@ impl Upstream {
     /// How many requests it has received.
     pub fn count(&self) -> usize {
         self.received.lock().expect("lock").len()
+    }
+
+    /// How many slow streams were abandoned by the client before their end.
+    pub fn cancelled(&self) -> usize {
+        self.cancelled.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -189,8 +208,37 @@ async fn answer(request: Request<Incoming>, seen: &Mutex<Vec<Received>>, script:
     let bytes = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    seen.lock().expect("lock").push(Received { at: Instant::now(), headers, body });
+    seen.lock().expect("lock").push(Received { at: Instant::now(), headers: headers.clone(), body });
     let fault = script.queue.lock().expect("lock").pop_front().unwrap_or_else(|| script.default.clone());
+    respond(fault, stream, headers, script.cancelled.clone()).await
+}
+
+/// Counts a cancellation when dropped before `finished` is set.
+struct CancelGuard(Arc<std::sync::atomic::AtomicUsize>, bool);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+fn respond(
+    fault: Fault,
+    stream: bool,
+    headers: HeaderMap,
+    cancelled: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::pin::Pin<Box<dyn Future<Output = Response<UpBody>> + Send>> {
+    Box::pin(async move { respond_now(fault, stream, headers, cancelled).await })
+}
+
+async fn respond_now(
+    fault: Fault,
+    stream: bool,
+    headers: HeaderMap,
+    cancelled: Arc<std::sync::atomic::AtomicUsize>,
+) -> Response<UpBody> {
     let role = sse(&chunk(json!({"role": "assistant", "content": ""}), None));
     let first = sse(&chunk(json!({"content": "from"}), None));
     match fault {
@@ -231,6 +279,62 @@ async fn answer(request: Request<Incoming>, seen: &Mutex<Vec<Received>>, script:
         }
         Fault::Garbage if stream => streamed(vec![Ok(Bytes::from_static(b"data: <html>upstream exploded</html>\n\n"))], false),
         Fault::Garbage => whole(200, "<html>upstream exploded</html>", &[]),
+        Fault::Delayed(wait, inner) => {
+            tokio::time::sleep(wait).await;
+            respond(*inner, stream, headers, cancelled).await
+        }
+        Fault::ByKey { key, matched, other } => {
+            let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let chosen = if auth.contains(key) { *matched } else { *other };
+            respond(chosen, stream, headers, cancelled).await
+        }
+        Fault::OkWith(extra) => whole(
+            200,
+            json!({"id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "up-model",
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "from upstream"}, "finish_reason": "stop"}]})
+            .to_string(),
+            &extra,
+        ),
+        Fault::Empty if stream => streamed(
+            vec![Ok(role), Ok(sse(&chunk(json!({}), Some("stop")))), Ok(Bytes::from_static(b"data: [DONE]\n\n"))],
+            false,
+        ),
+        Fault::Empty => whole(
+            200,
+            json!({"id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "up-model",
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}]})
+            .to_string(),
+            &[],
+        ),
+        Fault::SlowFirstToken(wait) => {
+            let mut guard = Some(CancelGuard(cancelled, false));
+            let frames = futures_util::StreamExt::then(stream::iter(0..4), move |i| {
+                let role = role.clone();
+                let first = first.clone();
+                async move {
+                    match i {
+                        0 => Ok::<_, BoxError>(role),
+                        1 => {
+                            tokio::time::sleep(wait).await;
+                            Ok(first)
+                        }
+                        2 => Ok(sse(&chunk(json!({}), Some("stop")))),
+                        _ => Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+                    }
+                }
+            });
+            let frames = futures_util::StreamExt::map(frames, move |data| {
+                if data.as_ref().is_ok_and(|d| d.starts_with(b"data: [DONE]"))
+                    && let Some(guard) = guard.as_mut()
+                {
+                    guard.1 = true;
+                }
+                data.map(Frame::data)
+            });
+            let mut response = Response::new(UpBody::new(StreamBody::new(frames)));
+            response.headers_mut().insert("content-type", "text/event-stream".parse().expect("header"));
+            response
+        }
         Fault::ErrorEvent { kind } if stream => streamed(
             vec![Ok(role), Ok(sse(&json!({"error": {"message": "upstream failed mid-stream", "type": kind}})))],
             false,

@@ -1,0 +1,325 @@
+//! Target health end to end: breakers keep a failing target out and probe it back in, a
+//! `Retry-After` is respected across requests, keys rotate, hedges race, the retry budget caps
+//! an outage's extra load, special chains and per-request controls apply.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::support::*;
+
+fn reason(answer: &Answer) -> String {
+    answer.header("x-backstop-fallback-reason").unwrap_or_default().to_string()
+}
+
+async fn health(sidecar: &TestSidecar, target: &str) -> Value {
+    let report = get(&sidecar.admin_url("/health")).await.json();
+    report["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .find(|t| t["target"] == target)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_keeps_the_target_out_then_lets_exactly_the_probes_through() {
+    let failing = Fault::status(500);
+    let script = vec![
+        failing.clone(),
+        failing.clone(),
+        failing.clone(),
+        Fault::Delayed(Duration::from_millis(300), Box::new(failing)),
+    ];
+    let upstream = Upstream::scripted(script, Fault::Ok).await;
+    let policy = two_target_policy(
+        &upstream.base_url(),
+        "  circuitBreaker: {consecutiveFailures: 3, openFor: 1s, maxOpenFor: 10s, halfOpenProbes: 1}\n",
+    )
+    .replace("attempts: 2", "attempts: 1");
+    let sidecar = TestSidecar::start(&policy).await;
+    let url = sidecar.url("/v1/chat/completions");
+
+    for _ in 0..3 {
+        let answer = post(&url, &chat(false)).await;
+        assert_eq!((answer.status, reason(&answer).as_str()), (200, "primary/up-model=serverError"));
+    }
+    assert_eq!(upstream.count(), 3);
+    let state = health(&sidecar, "primary/up-model").await;
+    assert_eq!(state["state"], "open", "{state}");
+    assert_eq!(state["failures"]["serverError"], 3, "{state}");
+
+    // Open: skipped without an attempt.
+    for stream in [false, true, false] {
+        let answer = post(&url, &chat(stream)).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.header("x-backstop-provider"), Some("fallback"));
+        assert_eq!(reason(&answer), "primary/up-model=circuitOpen");
+        assert_eq!(answer.header("x-backstop-attempts"), Some("1"));
+    }
+    assert_eq!(upstream.count(), 3, "no request reaches an open target");
+
+    // Half-open: of four concurrent requests exactly one probes; it fails, so it reopens.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let concurrent: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { post(&url, &chat(false)).await })
+        })
+        .collect();
+    for request in concurrent {
+        let answer = request.await.expect("request");
+        assert_eq!(answer.header("x-backstop-provider"), Some("fallback"));
+    }
+    assert_eq!(upstream.count(), 4, "exactly one probe");
+    assert_eq!(health(&sidecar, "primary/up-model").await["state"], "open");
+
+    // The second open period is twice as long; after it a successful probe closes it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        post(&url, &chat(false)).await.header("x-backstop-provider"),
+        Some("fallback"),
+        "still open at 1.2 s of 2 s"
+    );
+    assert_eq!(upstream.count(), 4);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for _ in 0..3 {
+        let answer = post(&url, &chat(false)).await;
+        assert_eq!(answer.header("x-backstop-provider"), Some("primary"));
+    }
+    assert_eq!(upstream.count(), 7);
+    assert_eq!(health(&sidecar, "primary/up-model").await["state"], "closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_retry_after_5_keeps_the_target_out_for_5_seconds() {
+    let upstream = Upstream::scripted(vec![Fault::with_retry_after(429, "5")], Fault::Ok).await;
+    let sidecar = TestSidecar::start(&two_target_policy(&upstream.base_url(), "")).await;
+    let url = sidecar.url("/v1/chat/completions");
+    let started = Instant::now();
+    let first = post(&url, &chat(false)).await;
+    assert_eq!(
+        reason(&first),
+        "primary/up-model=rateLimited",
+        "5 s is beyond the 2 s backoff cap: fall through at once"
+    );
+    let back = loop {
+        let answer = post(&url, &chat(false)).await;
+        if answer.header("x-backstop-provider") == Some("primary") {
+            break started.elapsed();
+        }
+        assert_eq!(reason(&answer), "primary/up-model=circuitOpen");
+        assert!(started.elapsed() < Duration::from_secs(8), "the target never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(back >= Duration::from_secs(5), "came back after {back:?}");
+    assert!(back < Duration::from_millis(5600), "came back only after {back:?}");
+    assert_eq!(upstream.count(), 2, "nothing in between");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_key_moves_to_another_key_before_falling_through() {
+    let upstream = Upstream::start(Fault::ByKey {
+        key: "sk-revoked",
+        matched: Box::new(Fault::status(401)),
+        other: Box::new(Fault::Ok),
+    })
+    .await;
+    let policy = two_target_policy(&upstream.base_url(), "")
+        .replace("apiKey: {value: sk-test-primary-SECRET}", "apiKeys: [{value: sk-revoked}, {value: sk-good}]");
+    let sidecar = TestSidecar::start(&policy).await;
+    for i in 0..12 {
+        let answer = post(&sidecar.url("/v1/chat/completions"), &chat(i % 2 == 0)).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.header("x-backstop-provider"), Some("primary"), "never the fallback: another key works");
+        let why = reason(&answer);
+        assert!(
+            why.is_empty() || why == "primary/up-model#1=authError" || why == "primary/up-model#1=circuitOpen",
+            "{why}"
+        );
+    }
+    let revoked = upstream
+        .received()
+        .iter()
+        .filter(|r| r.headers.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer sk-revoked"))
+        .count();
+    assert!(revoked <= 5, "the revoked key's breaker opens after 5 failures; it was tried {revoked} times");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_headers_steer_away_from_an_exhausted_key_before_it_429s() {
+    let exhausted =
+        vec![("x-ratelimit-remaining-requests", "0".to_string()), ("x-ratelimit-reset-requests", "30s".to_string())];
+    let upstream = Upstream::start(Fault::ByKey {
+        key: "sk-busy",
+        matched: Box::new(Fault::OkWith(exhausted)),
+        other: Box::new(Fault::OkWith(vec![("x-ratelimit-remaining-requests", "999".to_string())])),
+    })
+    .await;
+    let policy = two_target_policy(&upstream.base_url(), "")
+        .replace("apiKey: {value: sk-test-primary-SECRET}", "apiKeys: [{value: sk-busy}, {value: sk-free}]");
+    let sidecar = TestSidecar::start(&policy).await;
+    for _ in 0..20 {
+        assert_eq!(post(&sidecar.url("/v1/chat/completions"), &chat(false)).await.status, 200);
+    }
+    let busy = upstream
+        .received()
+        .iter()
+        .filter(|r| r.headers.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer sk-busy"))
+        .count();
+    assert_eq!(busy, 1, "after it said it had no requests left, the busy key got none");
+    assert!(health(&sidecar, "primary/up-model#1").await["rateLimitedForMs"].as_u64().is_some_and(|ms| ms > 20_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedge_answers_from_the_faster_target_and_cancels_the_slow_one() {
+    let upstream = Upstream::start(Fault::SlowFirstToken(Duration::from_secs(5))).await;
+    let policy = two_target_policy(&upstream.base_url(), "")
+        .replace("chain:\n", "hedge: {afterFirstTokenDelay: 300ms}\n      chain:\n")
+        .replace("firstToken: 500ms", "firstToken: 8s")
+        .replace("attempt: 500ms", "attempt: 8s")
+        .replace("chunks: 2}", "chunks: 2, firstTokenLatency: 100ms}");
+    let sidecar = TestSidecar::start(&policy).await;
+    for stream in [true, false] {
+        let started = Instant::now();
+        let (provider, why, text) = if stream {
+            let a = post_stream(&sidecar.url("/v1/chat/completions"), &chat(true)).await;
+            assert!(a.done());
+            (
+                a.header("x-backstop-provider").map(str::to_string),
+                a.header("x-backstop-fallback-reason").map(str::to_string),
+                a.text(),
+            )
+        } else {
+            let a = post(&sidecar.url("/v1/chat/completions"), &chat(false)).await;
+            (a.header("x-backstop-provider").map(str::to_string), Some(reason(&a)), a.text())
+        };
+        let took = started.elapsed();
+        assert_eq!(provider.as_deref(), Some("fallback"), "stream={stream}");
+        assert_eq!(text, "from fallback");
+        assert_eq!(why.as_deref(), Some("primary/up-model=hedged"));
+        assert!(
+            took < Duration::from_millis(1200),
+            "the hedge delay plus the fallback's latency, not the primary's 5 s: {took:?}"
+        );
+    }
+    // Only the streamed request reaches `SlowFirstToken`'s body; its connection is closed.
+    let until = Instant::now() + Duration::from_secs(3);
+    while upstream.cancelled() < 1 {
+        assert!(Instant::now() < until, "the slow attempt was never cancelled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_total_outage_upstream_load_stays_within_the_retry_budget() {
+    let first = Upstream::start(Fault::status(503)).await;
+    let second = Upstream::start(Fault::status(503)).await;
+    let policy = format!(
+        r#"apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {{name: outage, namespace: tests}}
+spec:
+  providers:
+    - {{name: a, type: openai-compatible, baseUrl: "{}"}}
+    - {{name: b, type: openai-compatible, baseUrl: "{}"}}
+  routes:
+    - model: chat
+      chain: [{{provider: a, model: m}}, {{provider: b, model: m}}]
+  retry: {{attempts: 3, backoff: {{base: 1ms, max: 5ms}}, budgetPercent: 20, minRetriesPerSecond: 0}}
+  circuitBreaker: {{consecutiveFailures: 0, failureRate: {{percent: 100, minRequests: 1000000}}}}
+"#,
+        first.base_url(),
+        second.base_url()
+    );
+    let sidecar = TestSidecar::start(&policy).await;
+    let requests = 100;
+    let mut budget_stops = 0;
+    for _ in 0..requests {
+        let answer = post(&sidecar.url("/v1/chat/completions"), &chat(false)).await;
+        assert_eq!(answer.status, 503);
+        if answer.json()["error"]["stopped"].as_str().is_some_and(|s| s.contains("retry budget")) {
+            budget_stops += 1;
+        }
+    }
+    let sent = first.count() + second.count();
+    // Without a budget every request would make 6 attempts (600 in all).
+    assert!(sent <= requests + requests / 5, "{sent} upstream requests for {requests} app requests");
+    assert!(sent >= requests, "every request gets at least its own attempt");
+    assert!(budget_stops >= 60, "{budget_stops} requests were stopped by the budget");
+    let budget = &get(&sidecar.admin_url("/health")).await.json()["retryBudgets"][0];
+    assert_eq!(budget["route"], "chat");
+    assert_eq!(budget["requests"], requests);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_window_errors_switch_to_the_special_chain() {
+    let too_long = Fault::Status {
+        status: 400,
+        body: serde_json::json!({"error": {"message": "This model's maximum context length is 8192 tokens", "type": "invalid_request_error", "code": "context_length_exceeded"}}),
+        headers: vec![],
+    };
+    let upstream = Upstream::start(too_long).await;
+    let policy = two_target_policy(&upstream.base_url(), "")
+        .replace("chain:\n", "onContextWindowExceeded: [{provider: fallback, model: long-context}]\n      chain:\n");
+    let sidecar = TestSidecar::start(&policy).await;
+    let answer = post(&sidecar.url("/v1/chat/completions"), &chat(false)).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-backstop-model"), Some("long-context"));
+    assert_eq!(reason(&answer), "primary/up-model=contextWindowExceeded");
+    assert_eq!(upstream.count(), 1, "not retried: a longer wait does not make the prompt shorter");
+
+    // Without the special chain, the provider's 400 goes back as is.
+    let plain = TestSidecar::start(&two_target_policy(&upstream.base_url(), "")).await;
+    let answer = post(&plain.url("/v1/chat/completions"), &chat(false)).await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.json()["error"]["code"], "context_length_exceeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_completions_fall_through_when_asked() {
+    let upstream = Upstream::start(Fault::Empty).await;
+    let with = TestSidecar::start(&two_target_policy(
+        &upstream.base_url(),
+        "  fallbackOn: [rateLimited, overloaded, serverError, timeout, connectError, emptyCompletion]\n",
+    ))
+    .await;
+    for stream in [false, true] {
+        let (text, why) = if stream {
+            let a = post_stream(&with.url("/v1/chat/completions"), &chat(true)).await;
+            (a.text(), a.header("x-backstop-fallback-reason").map(str::to_string))
+        } else {
+            let a = post(&with.url("/v1/chat/completions"), &chat(false)).await;
+            (a.text(), Some(reason(&a)))
+        };
+        assert_eq!(text, "from fallback", "stream={stream}");
+        assert_eq!(why.as_deref(), Some("primary/up-model=emptyCompletion"));
+    }
+    let without = TestSidecar::start(&two_target_policy(&upstream.base_url(), "")).await;
+    let answer = post(&without.url("/v1/chat/completions"), &chat(false)).await;
+    assert_eq!((answer.header("x-backstop-provider"), answer.text().as_str()), (Some("primary"), ""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_controls_apply_only_where_the_policy_allows_them() {
+    let upstream = Upstream::start(Fault::status(500)).await;
+    let policy = two_target_policy(&upstream.base_url(), "  allowRequestOverrides: [noFallback, maxAttempts]\n");
+    let sidecar = TestSidecar::start(&policy).await;
+    let url = sidecar.url("/v1/chat/completions");
+    let body = chat(false).to_string();
+
+    let no_fallback = post_raw(&url, body.clone(), &[("x-backstop-no-fallback", "true")]).await;
+    assert_eq!(no_fallback.status, 500, "the primary's own error, not the fallback's answer");
+    assert_eq!(no_fallback.header("x-backstop-attempts"), Some("2"), "retries still apply");
+
+    let capped = post_raw(&url, body.clone(), &[("x-backstop-max-attempts", "1")]).await;
+    assert_eq!(capped.status, 502);
+    assert!(capped.json()["error"]["stopped"].as_str().is_some_and(|s| s.contains("attempt cap")), "{}", capped.json());
+    assert_eq!(capped.header("x-backstop-attempts"), Some("1"));
+
+    // Not allowed by the policy: ignored.
+    let ignored = post_raw(&url, body, &[("x-backstop-deadline", "1ms"), ("x-backstop-bogus", "x")]).await;
+    assert_eq!((ignored.status, ignored.header("x-backstop-provider")), (200, Some("fallback")));
+}
