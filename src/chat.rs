@@ -118,6 +118,11 @@ impl ChatRequest {
         serde_json::to_vec(&Outgoing { model, messages: &self.messages, stream: self.stream, rest: &self.rest })
     }
 
+    /// Whether the app asked for a usage chunk at the end of a stream.
+    pub fn include_usage(&self) -> bool {
+        self.rest.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false)
+    }
+
     /// A rough prompt size in tokens (four characters a token), for providers that must
     /// report usage without a tokenizer.
     pub fn estimated_prompt_tokens(&self) -> u64 {

@@ -147,7 +147,7 @@ impl Mock {
                 if index == 1 && !first_token_latency.is_zero() {
                     tokio::time::sleep(first_token_latency).await;
                 }
-                rest.next().map(|chunk| (Ok(chunk), (rest, index + 1)))
+                rest.next().map(|chunk| (Ok(super::openai::chunk_event(chunk)), (rest, index + 1)))
             }));
         Ok(Reply::Stream(stream))
     }
@@ -233,7 +233,7 @@ mod tests {
     async fn streams_the_reply_with_usage() {
         let mock = Mock::new(MockBehaviour { reply: "one two three".into(), chunks: 3, ..Default::default() });
         let Ok(Reply::Stream(stream)) = mock.send("m", &request(true)).await else { panic!("expected a stream") };
-        let chunks: Vec<Value> = stream.map(|c| c.expect("chunk")).collect().await;
+        let chunks: Vec<Value> = stream.map(|c| c.expect("chunk").data).collect().await;
         let text: String =
             chunks.iter().filter_map(|c| c.pointer("/choices/0/delta/content").and_then(Value::as_str)).collect();
         assert_eq!(text, "one two three");

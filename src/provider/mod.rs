@@ -5,6 +5,7 @@
 //! shapes) or into an [`AttemptError`] that has classified itself. Timeouts, retries and
 //! fall-through are the chain's business, not the provider's.
 
+pub mod convert;
 pub mod mock;
 pub mod openai;
 pub mod sse;
@@ -145,9 +146,11 @@ impl Provider {
     ) -> Result<Sent, AttemptError> {
         match &self.backend {
             Backend::OpenAi(upstream) => upstream.send(http, model, request, key).await,
-            Backend::Mock(mock) => {
-                mock.send(model, request).await.map(|reply| Sent { reply, headroom: Headroom::default() })
-            }
+            Backend::Mock(mock) => mock.send(model, request).await.map(|reply| Sent {
+                reply,
+                headroom: Headroom::default(),
+                api: Api::OpenAi,
+            }),
         }
     }
 }
@@ -155,10 +158,61 @@ impl Provider {
 /// A successful send: the reply and what the provider said about its rate limits.
 #[derive(Debug)]
 pub struct Sent {
-    /// The reply.
+    /// The reply, in the provider's own wire format.
     pub reply: Reply,
     /// Rate-limit headroom from the response headers.
     pub headroom: Headroom,
+    /// The wire format of `reply`.
+    pub api: Api,
+}
+
+/// A wire API that requests and answers can be written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Api {
+    /// OpenAI Chat Completions (and every OpenAI-compatible server): the neutral shape.
+    OpenAi,
+    /// Anthropic Messages.
+    Anthropic,
+    /// Google Gemini `generateContent`.
+    Gemini,
+}
+
+/// One streamed event in its provider's own format, with what the fallback loop needs to
+/// know of it.
+#[derive(Clone, Debug)]
+pub struct StreamEvent {
+    /// The event's JSON payload.
+    pub data: Value,
+    /// It carries text, a refusal or a tool call.
+    pub content: bool,
+    /// It ends the answer (a finish or stop reason).
+    pub end: bool,
+}
+
+/// The largest complete answer or error body read from an upstream.
+pub(crate) const MAX_ANSWER_BYTES: usize = 32 << 20;
+
+/// Reads a whole upstream body, bounded.
+pub(crate) async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, AttemptError> {
+    use http_body_util::BodyExt;
+    http_body_util::Limited::new(body, MAX_ANSWER_BYTES)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .map_err(|e| AttemptError::new(FailureClass::ConnectError, format!("answer broke off: {e}")))
+}
+
+/// Classifies a failed connection: whether it never opened or broke before an answer, the
+/// next target can fix it.
+pub(crate) fn connect_error(error: &hyper_util::client::legacy::Error) -> AttemptError {
+    let mut source: Option<&dyn std::error::Error> = Some(error);
+    let mut detail = String::new();
+    while let Some(e) = source {
+        detail = e.to_string();
+        source = e.source();
+    }
+    let what = if error.is_connect() { "connection failed" } else { "connection broke before an answer" };
+    AttemptError::new(FailureClass::ConnectError, format!("{what}: {detail}"))
 }
 
 /// What a provider's `x-ratelimit-*` headers say about the key's remaining quota.
@@ -224,12 +278,12 @@ fn parse_reset(text: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(total))
 }
 
-/// A successful answer, in the neutral (OpenAI) shape.
+/// A successful answer, in the provider's own format (see [`Sent::api`]).
 pub enum Reply {
-    /// A whole `chat.completion` object.
+    /// A whole answer.
     Complete(Value),
-    /// `chat.completion.chunk` objects as they arrive. The stream ends after the provider's
-    /// end marker; an early end or an error event is an `Err` item.
+    /// Events as they arrive. The stream ends after the provider's end marker; an early end
+    /// or an error event is an `Err` item.
     Stream(ChunkStream),
 }
 
@@ -242,8 +296,8 @@ impl std::fmt::Debug for Reply {
     }
 }
 
-/// A stream of neutral chunks.
-pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Value, AttemptError>> + Send>>;
+/// A stream of a provider's events.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, AttemptError>> + Send>>;
 
 /// A failed attempt at one target, already classified.
 #[derive(Clone, Debug)]

@@ -5,24 +5,17 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream;
 use http::{HeaderValue, Method, Request, Uri, header};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::Full;
 use serde_json::Value;
 
-use super::sse::Decoder;
-use super::{ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent};
+use super::sse::{self, Parsed, WireStream};
+use super::{Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, connect_error, read_body};
 use crate::chat::ChatRequest;
 use crate::policy::{FailureClass, ProviderKind};
 
 /// OpenAI's own API.
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
-
-/// The largest complete answer or error body read from an upstream.
-const MAX_ANSWER_BYTES: usize = 32 << 20;
-/// The largest single stream event.
-const MAX_EVENT_BYTES: usize = 4 << 20;
 
 /// An OpenAI-compatible upstream.
 #[derive(Debug)]
@@ -106,7 +99,11 @@ impl OpenAi {
         }
         let headroom = Headroom::from_headers(response.headers());
         if request.stream {
-            return Ok(Sent { reply: Reply::Stream(chunk_stream(response.into_body())), headroom });
+            return Ok(Sent {
+                reply: Reply::Stream(sse::event_stream(response.into_body(), ChunkParser::default())),
+                headroom,
+                api: Api::OpenAi,
+            });
         }
         let body = read_body(response.into_body()).await?;
         let answer: Value = serde_json::from_slice(&body).map_err(|e| {
@@ -118,91 +115,41 @@ impl OpenAi {
         if !answer.get("choices").is_some_and(Value::is_array) {
             return Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `choices`"));
         }
-        Ok(Sent { reply: Reply::Complete(answer), headroom })
+        if filtered_without_content(&answer) {
+            return Err(AttemptError::new(
+                FailureClass::ContentFiltered,
+                "the provider's content filter withheld the answer",
+            ));
+        }
+        Ok(Sent { reply: Reply::Complete(answer), headroom, api: Api::OpenAi })
     }
 }
 
-fn connect_error(error: &hyper_util::client::legacy::Error) -> AttemptError {
-    let mut source: Option<&dyn std::error::Error> = Some(error);
-    let mut detail = String::new();
-    while let Some(e) = source {
-        detail = e.to_string();
-        source = e.source();
-    }
-    // Whether the connection never opened or broke before an answer, the next target can fix it.
-    let what = if error.is_connect() { "connection failed" } else { "connection broke before an answer" };
-    AttemptError::new(FailureClass::ConnectError, format!("{what}: {detail}"))
-}
-
-async fn read_body(body: Incoming) -> Result<Bytes, AttemptError> {
-    Limited::new(body, MAX_ANSWER_BYTES)
-        .collect()
-        .await
-        .map(|collected| collected.to_bytes())
-        .map_err(|e| AttemptError::new(FailureClass::ConnectError, format!("answer broke off: {e}")))
-}
-
-struct StreamState {
-    body: Incoming,
-    decoder: Decoder,
+/// Reads Chat Completions chunks: `[DONE]` ends the stream; an end without it is clean only
+/// once a `finish_reason` has come.
+#[derive(Debug, Default)]
+struct ChunkParser {
     finished: bool,
-    saw_finish_reason: bool,
 }
 
-/// Turns an SSE body into neutral chunks. `[DONE]` ends it cleanly; an end without it (unless
-/// a `finish_reason` already came), an undecodable event or an `error` event is an `Err`.
-fn chunk_stream(body: Incoming) -> super::ChunkStream {
-    let state = StreamState { body, decoder: Decoder::new(MAX_EVENT_BYTES), finished: false, saw_finish_reason: false };
-    Box::pin(stream::unfold(state, |mut state| async move {
-        if state.finished {
-            return None;
+impl WireStream for ChunkParser {
+    fn event(&mut self, event: sse::Event) -> Parsed {
+        if event.data.trim() == "[DONE]" {
+            return Parsed::End;
         }
-        loop {
-            let event = match state.decoder.next_event() {
-                Ok(event) => event,
-                Err(too_large) => {
-                    state.finished = true;
-                    return Some((Err(AttemptError::new(FailureClass::ServerError, too_large.to_string())), state));
-                }
-            };
-            if let Some(event) = event {
-                if event.data.trim() == "[DONE]" {
-                    return None;
-                }
-                let item = parse_chunk(&event.data);
-                match &item {
-                    Ok(chunk) => state.saw_finish_reason |= has_finish_reason(chunk),
-                    Err(_) => state.finished = true,
-                }
-                return Some((item, state));
+        match parse_chunk(&event.data) {
+            Ok(chunk) => {
+                let event = chunk_event(chunk);
+                self.finished |= event.end;
+                Parsed::Event(event)
             }
-            match state.body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        state.decoder.push(&data);
-                    }
-                }
-                Some(Err(e)) => {
-                    state.finished = true;
-                    let error = AttemptError::new(FailureClass::ServerError, format!("stream broke off: {e}"));
-                    return Some((Err(error), state));
-                }
-                None => {
-                    state.finished = true;
-                    if let Some(event) = state.decoder.finish()
-                        && event.data.trim() != "[DONE]"
-                    {
-                        return Some((parse_chunk(&event.data), state));
-                    }
-                    if state.saw_finish_reason {
-                        return None;
-                    }
-                    let error = AttemptError::new(FailureClass::ServerError, "stream ended before its end marker");
-                    return Some((Err(error), state));
-                }
-            }
+            Err(error) => Parsed::Fail(error),
         }
-    }))
+    }
+
+    fn may_end(&self) -> bool {
+        self.finished
+    }
 }
 
 fn parse_chunk(data: &str) -> Result<Value, AttemptError> {
@@ -222,6 +169,20 @@ fn has_finish_reason(chunk: &Value) -> bool {
         .get("choices")
         .and_then(Value::as_array)
         .is_some_and(|choices| choices.iter().any(|c| c.get("finish_reason").is_some_and(|r| !r.is_null())))
+}
+
+/// A Chat Completions chunk as a stream event.
+pub fn chunk_event(chunk: Value) -> StreamEvent {
+    StreamEvent { content: carries_content(&chunk), end: has_finish_reason(&chunk), data: chunk }
+}
+
+/// A `content_filter` finish with nothing to show (Azure's output filter, for one): a failure
+/// `onContentFiltered` can act on rather than an empty answer.
+fn filtered_without_content(answer: &Value) -> bool {
+    let choices = answer.get("choices").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    !choices.is_empty()
+        && choices.iter().all(|c| c.get("finish_reason").and_then(Value::as_str) == Some("content_filter"))
+        && !completion_has_content(answer)
 }
 
 /// Whether a chunk's delta has text, a refusal or a tool call (a finish alone does not count).

@@ -4,6 +4,102 @@
 //! an upstream that sends an endless line must fail the attempt, not grow memory.
 
 use bytes::{Buf, BytesMut};
+use futures_util::stream;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{AttemptError, ChunkStream, StreamEvent};
+use crate::policy::FailureClass;
+
+/// The largest single stream event read from an upstream.
+pub const MAX_EVENT_BYTES: usize = 4 << 20;
+
+/// What one SSE event means in a provider's stream format.
+#[derive(Debug)]
+pub enum Parsed {
+    /// An event to pass on.
+    Event(StreamEvent),
+    /// Nothing to pass on (a ping, a comment).
+    Skip,
+    /// The provider's end marker: the stream ended cleanly.
+    End,
+    /// An error event, or an event that cannot be read.
+    Fail(AttemptError),
+}
+
+/// A provider's stream format, one event at a time.
+pub trait WireStream: Send + 'static {
+    /// Interprets one event.
+    fn event(&mut self, event: Event) -> Parsed;
+    /// Whether the body may end here without an end marker and still be complete.
+    fn may_end(&self) -> bool;
+}
+
+struct Reader<P> {
+    body: Incoming,
+    decoder: Decoder,
+    parser: P,
+    finished: bool,
+}
+
+/// Turns an SSE response body into the provider's events. An early end, an undecodable or
+/// oversized event, and an error event are `Err` items, after which the stream ends.
+pub fn event_stream<P: WireStream>(body: Incoming, parser: P) -> ChunkStream {
+    let reader = Reader { body, decoder: Decoder::new(MAX_EVENT_BYTES), parser, finished: false };
+    Box::pin(stream::unfold(reader, |mut reader| async move {
+        loop {
+            if reader.finished {
+                return None;
+            }
+            let next = match reader.decoder.next_event() {
+                Ok(next) => next,
+                Err(too_large) => {
+                    reader.finished = true;
+                    return Some((Err(AttemptError::new(FailureClass::ServerError, too_large.to_string())), reader));
+                }
+            };
+            if let Some(event) = next {
+                match reader.parser.event(event) {
+                    Parsed::Event(event) => return Some((Ok(event), reader)),
+                    Parsed::Skip => continue,
+                    Parsed::End => return None,
+                    Parsed::Fail(error) => {
+                        reader.finished = true;
+                        return Some((Err(error), reader));
+                    }
+                }
+            }
+            match reader.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        reader.decoder.push(&data);
+                    }
+                }
+                Some(Err(e)) => {
+                    reader.finished = true;
+                    let error = AttemptError::new(FailureClass::ServerError, format!("stream broke off: {e}"));
+                    return Some((Err(error), reader));
+                }
+                None => {
+                    reader.finished = true;
+                    if let Some(event) = reader.decoder.finish() {
+                        match reader.parser.event(event) {
+                            Parsed::Event(event) => return Some((Ok(event), reader)),
+                            Parsed::End => return None,
+                            Parsed::Fail(error) => return Some((Err(error), reader)),
+                            Parsed::Skip => {}
+                        }
+                    }
+                    if reader.parser.may_end() {
+                        return None;
+                    }
+                    let error = AttemptError::new(FailureClass::ServerError, "stream ended before its end marker");
+                    return Some((Err(error), reader));
+                }
+            }
+        }
+    }))
+}
 
 /// One decoded event.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,8 +22,9 @@ use crate::chat::ChatRequest;
 use crate::health::breaker::Admission;
 use crate::health::{Permit, pick};
 use crate::policy::FailureClass;
-use crate::provider::openai::{carries_content, completion_has_content, is_content_chunk, millis};
-use crate::provider::{AttemptError, ChunkStream, Headroom, HttpClient, Reply};
+use crate::provider::convert;
+use crate::provider::openai::millis;
+use crate::provider::{Api, AttemptError, ChunkStream, Headroom, HttpClient, Reply, StreamEvent};
 
 /// Per-request controls from headers, already limited to what the policy allows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -51,28 +52,35 @@ pub struct Attempt {
     pub elapsed: Duration,
 }
 
-/// A committed answer: what the app will receive.
+/// A committed answer: what the app will receive, still in the answering provider's format.
 pub enum Committed {
-    /// A whole completion.
-    Complete(Value),
-    /// A stream whose first content chunk (or clean end) has arrived.
+    /// A whole answer.
+    Complete {
+        /// The answer.
+        body: Value,
+        /// Its wire format.
+        api: Api,
+    },
+    /// A stream whose first content event (or clean end) has arrived.
     Stream {
-        /// Chunks read while deciding whether to commit, the content chunk last.
-        held: Vec<Value>,
+        /// Events read while deciding whether to commit, the content event last.
+        held: Vec<StreamEvent>,
         /// The rest of the upstream stream.
         rest: ChunkStream,
-        /// The longest gap allowed between two chunks from now on.
+        /// The longest gap allowed between two events from now on.
         idle_timeout: Duration,
+        /// Their wire format.
+        api: Api,
     },
 }
 
 impl Committed {
-    /// Whether the answer has no content and no tool call (so far, for a stream: a stream is
-    /// committed at its first content chunk or its end).
+    /// Whether the answer has no content and no tool call (for a stream: before commit; a
+    /// stream is committed at its first content event or its end).
     fn is_empty(&self) -> bool {
         match self {
-            Committed::Complete(answer) => !completion_has_content(answer),
-            Committed::Stream { held, .. } => !held.iter().any(carries_content),
+            Committed::Complete { body, api } => !convert::has_content(*api, body),
+            Committed::Stream { held, .. } => !held.iter().any(|e| e.content),
         }
     }
 }
@@ -510,7 +518,7 @@ async fn attempt(
             .await
         {
             Ok(Ok(sent)) => match sent.reply {
-                Reply::Complete(answer) => Ok((Committed::Complete(answer), sent.headroom)),
+                Reply::Complete(body) => Ok((Committed::Complete { body, api: sent.api }, sent.headroom)),
                 Reply::Stream(_) => Err(AttemptError::new(
                     FailureClass::ServerError,
                     "upstream streamed an answer that was not asked to stream",
@@ -536,21 +544,21 @@ async fn attempt(
         let mut held = Vec::new();
         loop {
             match stream.next().await {
-                Some(Ok(chunk)) => {
-                    let content = is_content_chunk(&chunk);
-                    held.push(chunk);
-                    if content {
-                        return Ok((held, stream, sent.headroom));
+                Some(Ok(event)) => {
+                    let commit = event.content || event.end;
+                    held.push(event);
+                    if commit {
+                        return Ok((held, stream, sent.headroom, sent.api));
                     }
                 }
                 Some(Err(error)) => return Err(error),
-                None => return Ok((held, Box::pin(stream::empty()) as ChunkStream, sent.headroom)),
+                None => return Ok((held, Box::pin(stream::empty()) as ChunkStream, sent.headroom, sent.api)),
             }
         }
     };
     match tokio::time::timeout_at(limit, opening).await {
-        Ok(Ok((held, rest, headroom))) => {
-            Ok((Committed::Stream { held, rest, idle_timeout: target.attempt_timeout }, headroom))
+        Ok(Ok((held, rest, headroom, api))) => {
+            Ok((Committed::Stream { held, rest, idle_timeout: target.attempt_timeout, api }, headroom))
         }
         Ok(Err(error)) => Err(error),
         Err(_) => Err(AttemptError::new(

@@ -3,6 +3,7 @@
 
 pub mod fallback;
 pub mod openai;
+pub mod stream;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

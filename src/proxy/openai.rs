@@ -4,17 +4,16 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{StreamExt, stream};
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
-use hyper::body::Frame;
 use serde_json::{Value, json};
 
 use super::fallback::{self, Answered, Attempt, Committed, Controls, Unanswered};
-use super::{Body, BoxError, full, json_response};
+use super::stream::{self, StreamRenderer};
+use super::{Body, full, json_response};
 use crate::chain::{PolicySnapshot, Route};
 use crate::chat::ChatRequest;
 use crate::policy::FailureClass;
-use crate::provider::{ChunkStream, HttpClient};
+use crate::provider::{HttpClient, StreamEvent, convert};
 
 /// Answers one Chat Completions request whose body has been read.
 pub async fn chat_completions(
@@ -58,7 +57,7 @@ pub async fn chat_completions(
     let mut response = match outcome {
         Ok(answered) => {
             log_answered(&route.alias, &answered);
-            answer(answered)
+            answer(answered, request.include_usage())
         }
         Err(Unanswered::Final { target, error, attempts }) => {
             tracing::info!(route = %route.alias, target_label = %target.label, class = %error.class, status = ?error.status,
@@ -148,12 +147,13 @@ pub fn controls(route: &Route, headers: &HeaderMap) -> Controls {
     controls
 }
 
-fn answer(answered: Answered) -> Response<Body> {
+fn answer(answered: Answered, include_usage: bool) -> Response<Body> {
     let Answered { target, reply, attempts, fell_through } = answered;
     let mut response = match reply {
-        Committed::Complete(body) => json_response(StatusCode::OK, &body),
-        Committed::Stream { held, rest, idle_timeout } => {
-            let mut response = Response::new(sse_body(held, rest, idle_timeout));
+        Committed::Complete { body, api } => json_response(StatusCode::OK, &convert::to_openai_completion(api, &body)),
+        Committed::Stream { held, rest, idle_timeout, api } => {
+            let renderer = OpenAiStream { translate: convert::ToOpenAiStream::new(api, include_usage) };
+            let mut response = Response::new(stream::sse_body(held, rest, idle_timeout, renderer));
             let headers = response.headers_mut();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -169,63 +169,30 @@ fn answer(answered: Answered) -> Response<Body> {
     response
 }
 
-enum SseState {
-    Held(std::vec::IntoIter<Value>, ChunkStream, Duration),
-    Live(ChunkStream, Duration),
-    Failing(BoxError),
-    Done,
+/// Renders a committed stream as OpenAI SSE: chunks, then `[DONE]`. A failure after commit
+/// sends an `error` event, which the OpenAI SDKs raise as `APIError`.
+struct OpenAiStream {
+    translate: convert::ToOpenAiStream,
 }
 
-/// The committed stream as SSE: held chunks, then the upstream's, then `[DONE]`. A failure
-/// after commit sends an `error` event (the OpenAI SDKs raise it as `APIError`) and then
-/// aborts the body, so no client mistakes a cut stream for a finished one.
-fn sse_body(held: Vec<Value>, rest: ChunkStream, idle_timeout: Duration) -> Body {
-    let frames = stream::unfold(SseState::Held(held.into_iter(), rest, idle_timeout), |state| async move {
-        match state {
-            SseState::Held(mut held, rest, idle) => match held.next() {
-                Some(chunk) => Some((Ok(Frame::data(event(&chunk))), SseState::Held(held, rest, idle))),
-                None => next_live(rest, idle).await,
-            },
-            SseState::Live(rest, idle) => next_live(rest, idle).await,
-            SseState::Failing(error) => {
-                // Give the connection a moment to flush the error event: an aborted body
-                // discards whatever is still buffered.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                Some((Err(error), SseState::Done))
-            }
-            SseState::Done => None,
-        }
-    });
-    Body::new(http_body_util::StreamBody::new(frames))
-}
+impl StreamRenderer for OpenAiStream {
+    fn event(&mut self, event: &StreamEvent) -> Vec<Bytes> {
+        self.translate.push(event).iter().map(data_event).collect()
+    }
 
-type SseItem = (Result<Frame<Bytes>, BoxError>, SseState);
+    fn finish(&mut self) -> Vec<Bytes> {
+        let mut frames: Vec<Bytes> = self.translate.finish().iter().map(data_event).collect();
+        frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        frames
+    }
 
-async fn next_live(mut rest: ChunkStream, idle: Duration) -> Option<SseItem> {
-    match tokio::time::timeout(idle, rest.next()).await {
-        Ok(Some(Ok(chunk))) => Some((Ok(Frame::data(event(&chunk))), SseState::Live(rest, idle))),
-        Ok(None) => Some((Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))), SseState::Done)),
-        Ok(Some(Err(error))) => {
-            tracing::warn!(class = %error.class, error = %error.message, "stream failed after its first token");
-            let (last_words, error) = cut(&error.message, error_type(error.class));
-            Some((Ok(Frame::data(last_words)), SseState::Failing(error)))
-        }
-        Err(_) => {
-            let message = format!("upstream sent nothing for {}ms", idle.as_millis());
-            tracing::warn!(error = %message, "stream stalled after its first token");
-            let (last_words, error) = cut(&message, "timeout");
-            Some((Ok(Frame::data(last_words)), SseState::Failing(error)))
-        }
+    fn failure(&mut self, message: &str, class: Option<FailureClass>) -> Bytes {
+        let kind = class.map_or("timeout", error_type);
+        data_event(&json!({"error": {"message": message, "type": kind, "code": "stream_interrupted", "param": null}}))
     }
 }
 
-fn cut(message: &str, kind: &str) -> (Bytes, BoxError) {
-    let text = format!("stream interrupted after it began: {message}");
-    let error = json!({"error": {"message": text, "type": kind, "code": "stream_interrupted", "param": null}});
-    (event(&error), text.into())
-}
-
-fn event(value: &Value) -> Bytes {
+fn data_event(value: &Value) -> Bytes {
     let mut bytes = Vec::with_capacity(256);
     bytes.extend_from_slice(b"data: ");
     // Serializing a `Value` to a Vec cannot fail.

@@ -1,0 +1,85 @@
+//! Relaying a committed upstream stream to the app as server-sent events, in the app's own
+//! format, with an idle timeout between events. A failure after commit is sent as an error
+//! event in the app's format and then the body is aborted, so no client mistakes a cut stream
+//! for a finished one.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{StreamExt, stream};
+use hyper::body::Frame;
+
+use super::{Body, BoxError};
+use crate::policy::FailureClass;
+use crate::provider::{ChunkStream, StreamEvent};
+
+/// Writes one ingress API's stream format.
+pub trait StreamRenderer: Send + 'static {
+    /// SSE frames for one upstream event (none, one or several).
+    fn event(&mut self, event: &StreamEvent) -> Vec<Bytes>;
+    /// SSE frames that close a stream that ended cleanly.
+    fn finish(&mut self) -> Vec<Bytes>;
+    /// An error event for a stream cut after it began.
+    fn failure(&mut self, message: &str, class: Option<FailureClass>) -> Bytes;
+}
+
+enum State<R> {
+    Live { pending: std::vec::IntoIter<Bytes>, held: std::vec::IntoIter<StreamEvent>, rest: ChunkStream, renderer: R },
+    Closing(std::vec::IntoIter<Bytes>),
+    Failing(BoxError),
+    Done,
+}
+
+/// The response body for a committed stream: `held` events first, then the rest.
+pub fn sse_body<R: StreamRenderer>(held: Vec<StreamEvent>, rest: ChunkStream, idle: Duration, renderer: R) -> Body {
+    let start = State::Live { pending: Vec::new().into_iter(), held: held.into_iter(), rest, renderer };
+    let frames = stream::unfold(start, move |state| async move {
+        let mut state = state;
+        loop {
+            match state {
+                State::Live { mut pending, mut held, mut rest, mut renderer } => {
+                    if let Some(frame) = pending.next() {
+                        return Some((Ok(Frame::data(frame)), State::Live { pending, held, rest, renderer }));
+                    }
+                    let next = match held.next() {
+                        Some(event) => Ok(Some(Ok(event))),
+                        None => tokio::time::timeout(idle, rest.next()).await,
+                    };
+                    state = match next {
+                        Ok(Some(Ok(event))) => {
+                            let pending = renderer.event(&event).into_iter();
+                            State::Live { pending, held, rest, renderer }
+                        }
+                        Ok(None) => State::Closing(renderer.finish().into_iter()),
+                        Ok(Some(Err(error))) => {
+                            tracing::warn!(class = %error.class, error = %error.message, "stream failed after its first token");
+                            let message = format!("stream interrupted after it began: {}", error.message);
+                            let last = renderer.failure(&message, Some(error.class));
+                            return Some((Ok(Frame::data(last)), State::Failing(message.into())));
+                        }
+                        Err(_) => {
+                            let message = format!(
+                                "stream interrupted after it began: upstream sent nothing for {}ms",
+                                idle.as_millis()
+                            );
+                            tracing::warn!(error = %message, "stream stalled after its first token");
+                            let last = renderer.failure(&message, None);
+                            return Some((Ok(Frame::data(last)), State::Failing(message.into())));
+                        }
+                    };
+                }
+                State::Closing(mut frames) => {
+                    return frames.next().map(|frame| (Ok(Frame::data(frame)), State::Closing(frames)));
+                }
+                State::Failing(error) => {
+                    // Give the connection a moment to flush the error event: an aborted body
+                    // discards whatever is still buffered.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    return Some((Err(error), State::Done));
+                }
+                State::Done => return None,
+            }
+        }
+    });
+    Body::new(http_body_util::StreamBody::new(frames))
+}
