@@ -14,13 +14,16 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use serde_json::Value;
 
+use crate::chat::ChatRequest;
 use crate::health::breaker::{BreakerSettings, FailureRate};
 use crate::health::budget::BudgetSettings;
 use crate::health::{HealthRegistry, SharedBudget, TargetHealth};
 use crate::policy::{
     ApiKeySource, ChainStepSpec, CircuitBreakerSpec, ClassSet, FailureClass, FallbackPolicy, FallbackPolicySpec,
-    MockSpec, ProviderKind, ProviderSpec, RequestOverride, RetrySpec, RouteSpec, TimeoutsSpec,
+    MockSpec, ProviderKind, ProviderSpec, RequestFeature, RequestOverride, RetrySpec, RouteSpec, TimeoutsSpec,
 };
+use crate::provider::anthropic::Anthropic;
+use crate::provider::gemini::Gemini;
 use crate::provider::mock::{Mock, MockBehaviour};
 use crate::provider::openai::{self, OpenAi};
 use crate::provider::{ApiKey, Provider};
@@ -209,6 +212,18 @@ pub struct Target {
     pub label: String,
     /// What the sidecar knows of its health; shared across reloads.
     pub health: Arc<TargetHealth>,
+    /// Requests the policy keeps away from this target (`skipFor`).
+    pub skip_for: Vec<RequestFeature>,
+}
+
+impl Target {
+    /// Why the policy keeps `request` away from this target, if it does.
+    pub fn skip_for(&self, request: &ChatRequest) -> Option<String> {
+        self.skip_for
+            .iter()
+            .find(|feature| request.uses(**feature))
+            .map(|feature| format!("`skipFor` excludes requests with {}", feature.as_str()))
+    }
 }
 
 /// One step of a chain: one target, or several equivalent ones balanced by weight, latency
@@ -495,6 +510,16 @@ fn compile_provider(spec: &ProviderSpec, path: &str, keys: &dyn KeyResolver, err
     if spec.mock.is_some() && spec.kind != ProviderKind::Mock {
         errors.push(format!("{path}.mock"), "only valid with `type: mock`");
     }
+    if spec.api_version.is_some() && !matches!(spec.kind, ProviderKind::Anthropic | ProviderKind::AzureOpenAi) {
+        errors.push(format!("{path}.apiVersion"), "only valid with `type: anthropic` or `type: azure-openai`");
+    }
+    match spec.default_max_tokens {
+        Some(_) if spec.kind != ProviderKind::Anthropic => {
+            errors.push(format!("{path}.defaultMaxTokens"), "only valid with `type: anthropic`");
+        }
+        Some(0) => errors.push(format!("{path}.defaultMaxTokens"), "must be at least 1"),
+        _ => {}
+    }
     match spec.kind {
         ProviderKind::Mock => {
             if spec.base_url.is_some() {
@@ -502,6 +527,51 @@ fn compile_provider(spec: &ProviderSpec, path: &str, keys: &dyn KeyResolver, err
             }
             let behaviour = compile_mock(spec.mock.as_ref(), &format!("{path}.mock"), errors);
             Some(Provider::mock(spec.name.clone(), Mock::new(behaviour)))
+        }
+        ProviderKind::Anthropic => {
+            let base_url = spec.base_url.as_deref().unwrap_or(crate::provider::anthropic::DEFAULT_BASE_URL);
+            match Anthropic::new(base_url, api_keys, spec.api_version.as_deref(), spec.default_max_tokens) {
+                Ok(upstream) => Some(Provider::anthropic(spec.name.clone(), upstream)),
+                Err(problem) => {
+                    let field = if problem.contains("API key") {
+                        "apiKey"
+                    } else if problem.contains("apiVersion") {
+                        "apiVersion"
+                    } else {
+                        "baseUrl"
+                    };
+                    errors.push(format!("{path}.{field}"), problem);
+                    None
+                }
+            }
+        }
+        ProviderKind::Gemini => {
+            let base_url = spec.base_url.as_deref().unwrap_or(crate::provider::gemini::DEFAULT_BASE_URL);
+            match Gemini::new(base_url, api_keys) {
+                Ok(upstream) => Some(Provider::gemini(spec.name.clone(), upstream)),
+                Err(problem) => {
+                    let field = if problem.contains("API key") { "apiKey" } else { "baseUrl" };
+                    errors.push(format!("{path}.{field}"), problem);
+                    None
+                }
+            }
+        }
+        ProviderKind::AzureOpenAi => {
+            let Some(base_url) = spec.base_url.as_deref() else {
+                errors.push(
+                    format!("{path}.baseUrl"),
+                    "is required for `azure-openai` (https://RESOURCE.openai.azure.com)",
+                );
+                return None;
+            };
+            match OpenAi::azure(base_url, api_keys, spec.api_version.as_deref()) {
+                Ok(upstream) => Some(Provider::openai(spec.name.clone(), upstream)),
+                Err(problem) => {
+                    let field = if problem.contains("API key") { "apiKey" } else { "baseUrl" };
+                    errors.push(format!("{path}.{field}"), problem);
+                    None
+                }
+            }
         }
         kind @ (ProviderKind::OpenAi | ProviderKind::OpenAiCompatible) => {
             let base_url = match (&spec.base_url, kind) {
@@ -733,6 +803,7 @@ impl Compiler<'_> {
                         &member.model,
                         member.timeout.as_ref(),
                         weight,
+                        member.skip_for.as_deref(),
                         &member_path,
                     ));
                 }
@@ -742,7 +813,9 @@ impl Compiler<'_> {
                 self.errors.push(path, "set either `group` or `provider` and `model`, not both");
                 return None;
             }
-            (None, Some(provider), Some(model)) => self.targets(provider, model, spec.timeout.as_ref(), 1, path),
+            (None, Some(provider), Some(model)) => {
+                self.targets(provider, model, spec.timeout.as_ref(), 1, spec.skip_for.as_deref(), path)
+            }
             (None, None, Some(_)) => {
                 self.errors.push(format!("{path}.provider"), "is required (or use `group`)");
                 return None;
@@ -762,6 +835,7 @@ impl Compiler<'_> {
         model: &str,
         timeout: Option<&String>,
         weight: u32,
+        skip_for: Option<&[RequestFeature]>,
         path: &str,
     ) -> Vec<Arc<Target>> {
         let attempt_timeout =
@@ -791,6 +865,7 @@ impl Compiler<'_> {
                     weight,
                     label,
                     health,
+                    skip_for: skip_for.unwrap_or_default().to_vec(),
                 })
             })
             .collect()

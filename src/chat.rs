@@ -8,6 +8,41 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+/// A wire API that requests and answers can be written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Api {
+    /// OpenAI Chat Completions (and every OpenAI-compatible server): the neutral shape.
+    OpenAi,
+    /// Anthropic Messages.
+    Anthropic,
+    /// Google Gemini `generateContent`.
+    Gemini,
+}
+
+impl Api {
+    /// A short name for logs and reasons.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::OpenAi => "openai",
+            Api::Anthropic => "anthropic",
+            Api::Gemini => "gemini",
+        }
+    }
+}
+
+/// The request as the app sent it, when it came in another API than the neutral one: a
+/// provider of that same API sends it on untouched but for `model`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Origin {
+    /// The ingress API.
+    pub api: Api,
+    /// The body as received.
+    pub body: Map<String, Value>,
+    /// Fields of it that only a provider of the same API can honour (a provider of another
+    /// API is not eligible for the request).
+    pub unportable: Vec<String>,
+}
+
 /// A parsed, validated chat request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChatRequest {
@@ -18,9 +53,13 @@ pub struct ChatRequest {
     /// Whether the app asked for a server-sent-event stream.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stream: bool,
-    /// Every other field, passed through as the app sent it.
+    /// Every other field, in OpenAI's names: passed through as the app sent it when it spoke
+    /// OpenAI, or translated from the ingress API.
     #[serde(flatten)]
     pub rest: Map<String, Value>,
+    /// The original request, when the app spoke another API.
+    #[serde(skip)]
+    pub origin: Option<std::sync::Arc<Origin>>,
 }
 
 /// One message of the conversation.
@@ -101,7 +140,7 @@ impl ChatRequest {
                 return Err(InvalidRequest::new("`stream` must be a boolean", Some("stream")));
             }
         };
-        Ok(ChatRequest { model, messages, stream, rest: object })
+        Ok(ChatRequest { model, messages, stream, rest: object, origin: None })
     }
 
     /// The request body for one target: this request with `model` replaced.
@@ -116,6 +155,23 @@ impl ChatRequest {
             rest: &'a Map<String, Value>,
         }
         serde_json::to_vec(&Outgoing { model, messages: &self.messages, stream: self.stream, rest: &self.rest })
+    }
+
+    /// Whether the request uses `feature`.
+    pub fn uses(&self, feature: crate::policy::RequestFeature) -> bool {
+        use crate::policy::RequestFeature;
+        match feature {
+            RequestFeature::Tools => self.rest.get("tools").and_then(Value::as_array).is_some_and(|t| !t.is_empty()),
+            RequestFeature::Images => self.messages.iter().any(|m| {
+                m.content.as_ref().and_then(Value::as_array).is_some_and(|parts| {
+                    parts.iter().any(|p| p.get("type").and_then(Value::as_str) == Some("image_url"))
+                })
+            }),
+            RequestFeature::StructuredOutput => matches!(
+                self.rest.get("response_format").and_then(|f| f.get("type")).and_then(Value::as_str),
+                Some("json_object" | "json_schema")
+            ),
+        }
     }
 
     /// Whether the app asked for a usage chunk at the end of a stream.

@@ -145,9 +145,11 @@ pub struct ProviderSpec {
     #[serde(rename = "type")]
     pub kind: ProviderKind,
 
-    /// The API's base URL, up to and including the version path, as an SDK's `base_url`
-    /// (for example `http://vllm.inference:8000/v1`). Defaults per type: `openai` uses
-    /// `https://api.openai.com/v1`; `openai-compatible` has no default and requires it.
+    /// The API's base URL, as the provider's SDK takes it. Defaults per type: `openai`
+    /// `https://api.openai.com/v1`, `anthropic` `https://api.anthropic.com`, `gemini`
+    /// `https://generativelanguage.googleapis.com/v1beta`; `openai-compatible` (for example
+    /// `http://vllm.inference:8000/v1`) and `azure-openai` (`https://RESOURCE.openai.azure.com`)
+    /// have no default and require it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
 
@@ -161,6 +163,16 @@ pub struct ProviderSpec {
     /// the chain falls through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys: Option<Vec<ApiKeySource>>,
+
+    /// The API version: `anthropic-version` for `anthropic` (default `2023-06-01`),
+    /// `api-version` for `azure-openai` (default `2024-10-21`; `v1` selects Azure's v1 API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+
+    /// `max_tokens` sent to an `anthropic` provider when the app gave none (Messages requires
+    /// it). Default 4096.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_max_tokens: Option<u64>,
 
     /// Behaviour of a `mock` provider; only valid with `type: mock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,6 +188,16 @@ pub enum ProviderKind {
     /// Any server that speaks OpenAI's Chat Completions API: vLLM, Ollama, Together, Groq ...
     #[serde(rename = "openai-compatible")]
     OpenAiCompatible,
+    /// Anthropic's Messages API (`x-api-key`, `anthropic-version`).
+    #[serde(rename = "anthropic")]
+    Anthropic,
+    /// Google's Gemini API (`generateContent`, `x-goog-api-key`).
+    #[serde(rename = "gemini")]
+    Gemini,
+    /// Azure OpenAI: deployment URLs, `api-version`, `api-key`. The target's `model` is the
+    /// deployment name.
+    #[serde(rename = "azure-openai")]
+    AzureOpenAi,
     /// A provider built into the sidecar that answers in-process, for demos, drills and tests.
     #[serde(rename = "mock")]
     Mock,
@@ -187,6 +209,9 @@ impl ProviderKind {
         match self {
             ProviderKind::OpenAi => "openai",
             ProviderKind::OpenAiCompatible => "openai-compatible",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::AzureOpenAi => "azure-openai",
             ProviderKind::Mock => "mock",
         }
     }
@@ -315,6 +340,11 @@ pub struct ChainStepSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
 
+    /// Requests this target should not be sent, such as `[tools]` for a model that handles
+    /// them poorly: the chain skips it for them (reason `ineligible`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_for: Option<Vec<RequestFeature>>,
+
     /// Equivalent targets (keys, regions, endpoints of one model) that share this step; each
     /// request picks one by weight. Set instead of `provider` and `model`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -338,6 +368,33 @@ pub struct GroupMemberSpec {
     /// Relative share of the step's requests, 1 to 1000. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+
+    /// Requests this member should not be sent (see the step's `skipFor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_for: Option<Vec<RequestFeature>>,
+}
+
+/// A kind of request a target can be kept out of with `skipFor`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RequestFeature {
+    /// Requests that offer the model tools (function calling).
+    Tools,
+    /// Requests with image input.
+    Images,
+    /// Requests for JSON output (`response_format` of `json_object` or `json_schema`).
+    StructuredOutput,
+}
+
+impl RequestFeature {
+    /// The name users write.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestFeature::Tools => "tools",
+            RequestFeature::Images => "images",
+            RequestFeature::StructuredOutput => "structuredOutput",
+        }
+    }
 }
 
 /// How one failed request is classified. Each class is a reason a request can fall through.

@@ -5,7 +5,10 @@
 //! shapes) or into an [`AttemptError`] that has classified itself. Timeouts, retries and
 //! fall-through are the chain's business, not the provider's.
 
+pub mod anthropic;
+pub mod azure;
 pub mod convert;
+pub mod gemini;
 pub mod mock;
 pub mod openai;
 pub mod sse;
@@ -95,6 +98,8 @@ pub struct Provider {
 #[derive(Debug)]
 enum Backend {
     OpenAi(openai::OpenAi),
+    Anthropic(anthropic::Anthropic),
+    Gemini(gemini::Gemini),
     Mock(Box<mock::Mock>),
 }
 
@@ -104,16 +109,52 @@ impl Provider {
         Provider { name, backend: Backend::OpenAi(upstream) }
     }
 
+    /// An Anthropic Messages provider.
+    pub fn anthropic(name: String, upstream: anthropic::Anthropic) -> Self {
+        Provider { name, backend: Backend::Anthropic(upstream) }
+    }
+
+    /// A Gemini provider.
+    pub fn gemini(name: String, upstream: gemini::Gemini) -> Self {
+        Provider { name, backend: Backend::Gemini(upstream) }
+    }
+
     /// A built-in mock provider.
     pub fn mock(name: String, mock: mock::Mock) -> Self {
         Provider { name, backend: Backend::Mock(Box::new(mock)) }
+    }
+
+    /// The wire format of its answers.
+    pub fn api(&self) -> Api {
+        match &self.backend {
+            Backend::OpenAi(_) | Backend::Mock(_) => Api::OpenAi,
+            Backend::Anthropic(_) => Api::Anthropic,
+            Backend::Gemini(_) => Api::Gemini,
+        }
     }
 
     /// The wire API it speaks.
     pub fn kind(&self) -> ProviderKind {
         match &self.backend {
             Backend::OpenAi(o) => o.kind(),
+            Backend::Anthropic(_) => ProviderKind::Anthropic,
+            Backend::Gemini(_) => ProviderKind::Gemini,
             Backend::Mock(_) => ProviderKind::Mock,
+        }
+    }
+
+    /// Why this provider cannot serve `request` faithfully, if it cannot: a parameter or
+    /// content its API has no way to express. The chain skips it rather than send a request
+    /// that means something else.
+    pub fn unsupported(&self, request: &ChatRequest) -> Option<String> {
+        match &self.backend {
+            Backend::OpenAi(_) | Backend::Mock(_) => request.origin.as_ref().and_then(|origin| {
+                origin.unportable.first().map(|field| {
+                    format!("`{field}` from the {} request has no Chat Completions equivalent", origin.api.as_str())
+                })
+            }),
+            Backend::Anthropic(_) => anthropic::unsupported(request),
+            Backend::Gemini(_) => gemini::unsupported(request),
         }
     }
 
@@ -121,6 +162,8 @@ impl Provider {
     pub fn key_count(&self) -> usize {
         match &self.backend {
             Backend::OpenAi(o) => o.key_count(),
+            Backend::Anthropic(a) => a.key_count(),
+            Backend::Gemini(g) => g.key_count(),
             Backend::Mock(_) => 1,
         }
     }
@@ -130,6 +173,8 @@ impl Provider {
     pub fn endpoint_id(&self, key: usize) -> String {
         match &self.backend {
             Backend::OpenAi(o) => o.endpoint_id(key),
+            Backend::Anthropic(a) => a.endpoint_id(key),
+            Backend::Gemini(g) => g.endpoint_id(key),
             Backend::Mock(m) => format!("mock:{}:{:?}", self.name, m.behaviour()),
         }
     }
@@ -146,6 +191,8 @@ impl Provider {
     ) -> Result<Sent, AttemptError> {
         match &self.backend {
             Backend::OpenAi(upstream) => upstream.send(http, model, request, key).await,
+            Backend::Anthropic(upstream) => upstream.send(http, model, request, key).await,
+            Backend::Gemini(upstream) => upstream.send(http, model, request, key).await,
             Backend::Mock(mock) => mock.send(model, request).await.map(|reply| Sent {
                 reply,
                 headroom: Headroom::default(),
@@ -166,16 +213,7 @@ pub struct Sent {
     pub api: Api,
 }
 
-/// A wire API that requests and answers can be written in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Api {
-    /// OpenAI Chat Completions (and every OpenAI-compatible server): the neutral shape.
-    OpenAi,
-    /// Anthropic Messages.
-    Anthropic,
-    /// Google Gemini `generateContent`.
-    Gemini,
-}
+pub use crate::chat::Api;
 
 /// One streamed event in its provider's own format, with what the fallback loop needs to
 /// know of it.
@@ -331,9 +369,15 @@ impl AttemptError {
         }
     }
 
-    /// A failure the upstream answered with an error status.
+    /// A failure the upstream answered with an error status, in OpenAI's error format.
     pub fn from_response(status: u16, headers: &HeaderMap, body: Bytes) -> Self {
         let class = classify_openai_error(Some(status), &body);
+        AttemptError::classified(class, status, headers, body)
+    }
+
+    /// A failure the upstream answered with an error status, already classified by its
+    /// provider's rules. The body is kept to return as is, except for `authError`.
+    pub fn classified(class: FailureClass, status: u16, headers: &HeaderMap, body: Bytes) -> Self {
         let retry_after = retry_after(headers, SystemTime::now());
         let message = if class == FailureClass::AuthError {
             format!("upstream rejected the credentials (HTTP {status})")

@@ -9,6 +9,7 @@ use http::{HeaderValue, Method, Request, Uri, header};
 use http_body_util::Full;
 use serde_json::Value;
 
+use super::azure::Deployments;
 use super::sse::{self, Parsed, WireStream};
 use super::{Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, connect_error, read_body};
 use crate::chat::ChatRequest;
@@ -17,14 +18,35 @@ use crate::policy::{FailureClass, ProviderKind};
 /// OpenAI's own API.
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
+/// Where requests go.
+#[derive(Debug)]
+enum Endpoint {
+    /// One URL for every model: OpenAI and OpenAI-compatible servers.
+    Fixed(Uri),
+    /// A URL per deployment: Azure OpenAI.
+    Azure(Deployments),
+}
+
 /// An OpenAI-compatible upstream.
 #[derive(Debug)]
 pub struct OpenAi {
     kind: ProviderKind,
-    completions: Uri,
-    /// One `Authorization` value per key; empty for keyless endpoints.
+    endpoint: Endpoint,
+    /// One credential header value per key; empty for keyless endpoints.
     authorizations: Vec<HeaderValue>,
     fingerprints: Vec<u64>,
+}
+
+fn credential_headers(keys: &[ApiKey], bearer: bool) -> Result<Vec<HeaderValue>, String> {
+    keys.iter()
+        .map(|key| {
+            let text = if bearer { format!("Bearer {}", key.expose()) } else { key.expose().to_string() };
+            let mut value = HeaderValue::from_str(&text)
+                .map_err(|_| "API key holds characters not allowed in an HTTP header".to_string())?;
+            value.set_sensitive(true);
+            Ok(value)
+        })
+        .collect()
 }
 
 impl OpenAi {
@@ -39,17 +61,22 @@ impl OpenAi {
         if completions.host().is_none() {
             return Err("has no host".to_string());
         }
-        let authorizations = api_keys
-            .iter()
-            .map(|key| {
-                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                    .map_err(|_| "API key holds characters not allowed in an HTTP header".to_string())?;
-                value.set_sensitive(true);
-                Ok(value)
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let authorizations = credential_headers(&api_keys, true)?;
         let fingerprints = api_keys.iter().map(ApiKey::fingerprint).collect();
-        Ok(OpenAi { kind, completions, authorizations, fingerprints })
+        Ok(OpenAi { kind, endpoint: Endpoint::Fixed(completions), authorizations, fingerprints })
+    }
+
+    /// An Azure OpenAI resource at `base_url`, with `api-key` credentials.
+    pub fn azure(base_url: &str, api_keys: Vec<ApiKey>, api_version: Option<&str>) -> Result<Self, String> {
+        let deployments = Deployments::new(base_url, api_version)?;
+        let authorizations = credential_headers(&api_keys, false)?;
+        let fingerprints = api_keys.iter().map(ApiKey::fingerprint).collect();
+        Ok(OpenAi {
+            kind: ProviderKind::AzureOpenAi,
+            endpoint: Endpoint::Azure(deployments),
+            authorizations,
+            fingerprints,
+        })
     }
 
     /// Keys balanced across (keyless counts as one).
@@ -59,10 +86,14 @@ impl OpenAi {
 
     /// Endpoint identity for health state: URL and key fingerprint.
     pub fn endpoint_id(&self, key: usize) -> String {
-        format!("{}:{}:{:x}", self.kind.as_str(), self.completions, self.fingerprints.get(key).copied().unwrap_or(0))
+        let url = match &self.endpoint {
+            Endpoint::Fixed(uri) => uri.to_string(),
+            Endpoint::Azure(d) => d.base().to_string(),
+        };
+        format!("{}:{url}:{:x}", self.kind.as_str(), self.fingerprints.get(key).copied().unwrap_or(0))
     }
 
-    /// `openai` or `openai-compatible`.
+    /// `openai`, `openai-compatible` or `azure-openai`.
     pub fn kind(&self) -> ProviderKind {
         self.kind
     }
@@ -78,14 +109,21 @@ impl OpenAi {
         let body = request
             .to_openai_json(model)
             .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
+        let uri = match &self.endpoint {
+            Endpoint::Fixed(uri) => uri.clone(),
+            Endpoint::Azure(deployments) => {
+                deployments.completions(model).map_err(|e| AttemptError::new(FailureClass::BadRequest, e))?
+            }
+        };
         let mut builder = Request::builder()
             .method(Method::POST)
-            .uri(self.completions.clone())
+            .uri(uri)
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::USER_AGENT, concat!("backstop/", env!("CARGO_PKG_VERSION")))
             .header(header::ACCEPT, if request.stream { "text/event-stream" } else { "application/json" });
-        if let Some(authorization) = self.authorizations.get(key) {
-            builder = builder.header(header::AUTHORIZATION, authorization.clone());
+        if let Some(credential) = self.authorizations.get(key) {
+            let name = if matches!(self.endpoint, Endpoint::Azure(_)) { "api-key" } else { "authorization" };
+            builder = builder.header(name, credential.clone());
         }
         let outgoing = builder
             .body(Full::new(Bytes::from(body)))

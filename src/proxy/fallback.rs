@@ -109,6 +109,11 @@ pub enum Unanswered {
         /// Every attempt, the final one last.
         attempts: Vec<Attempt>,
     },
+    /// No target in the chain can serve this request faithfully.
+    Ineligible {
+        /// Each target and why it cannot.
+        reasons: Vec<(String, String)>,
+    },
     /// Every target failed, was open, or the deadline, budget or attempt cap ran out.
     Exhausted {
         /// Every attempt, in order.
@@ -129,23 +134,57 @@ type InFlight<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
 
 /// Where the walk stands in the chain.
 struct Walk<'r> {
+    request: &'r ChatRequest,
     chain: &'r [Step],
     switched: bool,
     step: usize,
     tried: Vec<usize>,
     attempts_here: u32,
+    /// Targets that cannot serve this request, and why; filled as steps are reached.
+    ineligible: Vec<(String, String)>,
 }
 
 impl<'r> Walk<'r> {
-    fn new(route: &'r Route) -> Self {
-        Walk { chain: &route.steps, switched: false, step: 0, tried: Vec::new(), attempts_here: 0 }
+    fn new(route: &'r Route, request: &'r ChatRequest) -> Self {
+        Walk {
+            request,
+            chain: &route.steps,
+            switched: false,
+            step: 0,
+            tried: Vec::new(),
+            attempts_here: 0,
+            ineligible: Vec::new(),
+        }
     }
 
-    /// Picks and admits an untried member of the current step: weighted power of two choices
-    /// over the members whose breaker lets a request through.
+    /// Whether a target can serve the request faithfully; notes why not, once.
+    fn eligible(&mut self, target: &Target) -> bool {
+        if self.ineligible.iter().any(|(label, _)| *label == target.label) {
+            return false;
+        }
+        match target.provider.unsupported(self.request).or_else(|| target.skip_for(self.request)) {
+            None => true,
+            Some(reason) => {
+                self.ineligible.push((target.label.clone(), reason));
+                false
+            }
+        }
+    }
+
+    fn skip_reason(&self, label: &str) -> &'static str {
+        if self.ineligible.iter().any(|(l, _)| l == label) { "ineligible" } else { "circuitOpen" }
+    }
+
+    /// Picks and admits an untried, eligible member of the current step: weighted power of two
+    /// choices over the members whose breaker lets a request through.
     fn admit_member(&mut self, now: Instant) -> Option<(Arc<Target>, Permit)> {
         let step = self.chain.get(self.step)?;
         let mut excluded = self.tried.clone();
+        for (i, member) in step.members.iter().enumerate() {
+            if !self.eligible(member) {
+                excluded.push(i);
+            }
+        }
         loop {
             let open: Vec<usize> = (0..step.members.len())
                 .filter(|i| !excluded.contains(i))
@@ -167,8 +206,12 @@ impl<'r> Walk<'r> {
         }
     }
 
-    /// Moves to the next step that has an admitted member, noting steps skipped as open.
-    fn advance(&mut self, now: Instant, skipped: &mut Vec<String>) -> Option<(Arc<Target>, Permit)> {
+    fn note_skipped(&self, step: &Step, skipped: &mut Vec<(String, &'static str)>) {
+        skipped.extend(step.members.iter().map(|m| (m.label.clone(), self.skip_reason(&m.label))));
+    }
+
+    /// Moves to the next step that has an admitted member, noting the steps skipped.
+    fn advance(&mut self, now: Instant, skipped: &mut Vec<(String, &'static str)>) -> Option<(Arc<Target>, Permit)> {
         loop {
             self.step += 1;
             self.tried.clear();
@@ -176,43 +219,50 @@ impl<'r> Walk<'r> {
             if let Some(admitted) = self.admit_member(now) {
                 return Some(admitted);
             }
-            skipped.extend(step.members.iter().map(|m| m.label.clone()));
+            self.note_skipped(step, skipped);
         }
     }
 
-    /// The first target: the first admitted one in chain order, or, when every target is
-    /// open, the one whose breaker opened earliest (better than failing without trying).
-    fn first(&mut self, now: Instant, skipped: &mut Vec<String>) -> (Arc<Target>, Permit) {
+    /// The first target: the first admitted one in chain order, or, when every eligible target
+    /// is open, the one whose breaker opened earliest (better than failing without trying).
+    /// `None` when no target can serve the request at all.
+    fn first(&mut self, now: Instant, skipped: &mut Vec<(String, &'static str)>) -> Option<(Arc<Target>, Permit)> {
         self.step = 0;
         if let Some(admitted) = self.admit_member(now) {
-            return admitted;
+            return Some(admitted);
         }
-        skipped.extend(self.chain[0].members.iter().map(|m| m.label.clone()));
+        self.note_skipped(&self.chain[0], skipped);
         if let Some(admitted) = self.advance(now, skipped) {
-            return admitted;
+            return Some(admitted);
         }
-        skipped.clear();
-        let (step, member) = self
+        skipped.retain(|(_, why)| *why == "ineligible");
+        let eligible: Vec<(usize, usize)> = self
             .chain
             .iter()
             .enumerate()
-            .flat_map(|(s, step)| step.members.iter().enumerate().map(move |(m, target)| (s, m, target)))
-            .min_by_key(|(_, _, target)| match target.health.peek(now) {
+            .flat_map(|(s, step)| (0..step.members.len()).map(move |m| (s, m)))
+            .filter(|&(s, m)| !self.ineligible.iter().any(|(l, _)| *l == self.chain[s].members[m].label))
+            .collect();
+        let (step, member) =
+            eligible.into_iter().min_by_key(|&(s, m)| match self.chain[s].members[m].health.peek(now) {
                 Admission::Refused { since, .. } => since,
                 _ => now,
-            })
-            .map(|(s, m, _)| (s, m))
-            .unwrap_or((0, 0));
+            })?;
         self.step = step;
         self.tried = vec![member];
         let target = self.chain[step].members[member].clone();
         self.attempts_here = 1;
         let permit = target.health.admit_forced(now);
-        (target, permit)
+        Some((target, permit))
     }
 
     /// Switches to a special-purpose chain (`onContextWindowExceeded`, `onContentFiltered`).
-    fn switch(&mut self, chain: &'r [Step], now: Instant, skipped: &mut Vec<String>) -> Option<(Arc<Target>, Permit)> {
+    fn switch(
+        &mut self,
+        chain: &'r [Step],
+        now: Instant,
+        skipped: &mut Vec<(String, &'static str)>,
+    ) -> Option<(Arc<Target>, Permit)> {
         self.chain = chain;
         self.switched = true;
         self.step = 0;
@@ -220,7 +270,7 @@ impl<'r> Walk<'r> {
         if let Some(admitted) = self.admit_member(now) {
             return Some(admitted);
         }
-        skipped.extend(chain.first()?.members.iter().map(|m| m.label.clone()));
+        self.note_skipped(chain.first()?, skipped);
         self.advance(now, skipped)
     }
 }
@@ -255,11 +305,11 @@ pub async fn run(
 
     let mut attempts: Vec<Attempt> = Vec::new();
     let mut fell_through: Vec<(String, &'static str)> = Vec::new();
-    let mut skipped: Vec<String> = Vec::new();
+    let mut skipped: Vec<(String, &'static str)> = Vec::new();
     let mut retry_after: Option<Duration> = None;
     let mut deadline_exceeded = false;
     let mut stopped: Option<&'static str> = None;
-    let mut walk = Walk::new(route);
+    let mut walk = Walk::new(route, request);
     let mut in_flight: FuturesUnordered<InFlight<'_>> = FuturesUnordered::new();
     let mut pending: Vec<(u64, String, Instant)> = Vec::new();
     let mut launches: u32 = 0;
@@ -274,9 +324,11 @@ pub async fn run(
         })
     };
 
-    let (first, permit) = walk.first(started, &mut skipped);
-    for label in skipped.drain(..) {
-        fell_through.push((label, "circuitOpen"));
+    let Some((first, permit)) = walk.first(started, &mut skipped) else {
+        return Err(Unanswered::Ineligible { reasons: walk.ineligible });
+    };
+    for (label, why) in skipped.drain(..) {
+        fell_through.push((label, why));
     }
     pending.push((launches.into(), first.label.clone(), started));
     in_flight.push(launch(first, permit, launches.into()));
@@ -300,8 +352,8 @@ pub async fn run(
                 match walk.advance(now, &mut skipped) {
                     Some((target, permit)) => {
                         tracing::debug!(route = %route.alias, target_label = %target.label, "hedging a slow first token");
-                        for label in skipped.drain(..) {
-                            fell_through.push((label, "circuitOpen"));
+                        for (label, why) in skipped.drain(..) {
+                            fell_through.push((label, why));
                         }
                         pending.push((launches.into(), target.label.clone(), now));
                         in_flight.push(launch(target, permit, launches.into()));
@@ -375,8 +427,8 @@ pub async fn run(
             break;
         }
         let next = decide(&mut walk, route, &error, controls, now, deadline, &mut skipped);
-        for label in skipped.drain(..) {
-            fell_through.push((label, "circuitOpen"));
+        for (label, why) in skipped.drain(..) {
+            fell_through.push((label, why));
         }
         let (target, permit) = match next {
             Next::Final => return Err(Unanswered::Final { target, error, attempts }),
@@ -423,8 +475,8 @@ pub async fn run(
                 (next, permit)
             }
         };
-        for label in skipped.drain(..) {
-            fell_through.push((label, "circuitOpen"));
+        for (label, why) in skipped.drain(..) {
+            fell_through.push((label, why));
         }
         let now = Instant::now();
         if now >= deadline {
@@ -458,7 +510,7 @@ fn decide<'r>(
     controls: Controls,
     now: Instant,
     deadline: Instant,
-    skipped: &mut Vec<String>,
+    skipped: &mut Vec<(String, &'static str)>,
 ) -> Next {
     let class = error.class;
     let falls_through = route.fallback_on.contains(class) && !controls.no_fallback;

@@ -1,6 +1,8 @@
 //! The sidecar's request path: the LLM listener apps point their SDKs at, and the admin
 //! listener for probes and the redacted config.
 
+pub mod anthropic;
+pub mod chat;
 pub mod fallback;
 pub mod openai;
 pub mod stream;
@@ -141,47 +143,54 @@ where
 async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().trim_end_matches('/').to_string();
     let path = path.strip_prefix("/v1").unwrap_or(&path);
+    let anthropic = path == "/messages";
+    let fail = |status: StatusCode, message: &str, code: &str| {
+        if anthropic {
+            anthropic::error(status, message, code, serde_json::Value::Null)
+        } else {
+            openai::error_response(status, message, "invalid_request_error", Some(code), None)
+        }
+    };
     match (request.method(), path) {
-        (&Method::POST, "/chat/completions") => {
+        (&Method::POST, "/chat/completions" | "/messages") => {
             let headers = request.headers().clone();
             let body = match read_body(request, state.max_request_bytes).await {
                 Ok(body) => body,
-                Err(response) => return response,
+                Err((status, message, code)) => return fail(status, &message, code),
             };
-            openai::chat_completions(state.store.load(), &headers, &body, &state.http).await
+            let snapshot = state.store.load();
+            if anthropic {
+                chat::serve::<anthropic::AnthropicDialect>(snapshot, &headers, &body, &state.http).await
+            } else {
+                chat::serve::<openai::OpenAiDialect>(snapshot, &headers, &body, &state.http).await
+            }
         }
         (&Method::GET, "/models") => openai::models(state.store.load().as_deref()),
-        (_, "/chat/completions" | "/models") => openai::error_response(
+        (_, "/chat/completions" | "/messages" | "/models") => fail(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{} is not allowed here", request.method()),
-            "invalid_request_error",
-            None,
-            None,
+            "method_not_allowed",
         ),
-        _ => openai::error_response(
+        _ => fail(
             StatusCode::NOT_FOUND,
             &format!("no such endpoint: {} {}", request.method(), request.uri().path()),
-            "invalid_request_error",
-            Some("unknown_url"),
-            None,
+            "unknown_url",
         ),
     }
 }
 
 /// Reads the whole request body (it is replayed to every target), up to `limit` bytes.
-async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
+async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, (StatusCode, String, &'static str)> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     let too_large = || {
-        openai::error_response(
+        (
             StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("request body is larger than the sidecar's limit of {limit} bytes"),
-            "invalid_request_error",
-            Some("request_too_large"),
-            None,
+            format!("request body is larger than the sidecar's limit of {limit} bytes"),
+            "request_too_large",
         )
     };
     if declared.is_some_and(|len| len > limit) {
@@ -190,13 +199,9 @@ async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Re
     match Limited::new(request.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(error) => Err(openai::error_response(
-            StatusCode::BAD_REQUEST,
-            &format!("could not read the request body: {error}"),
-            "invalid_request_error",
-            None,
-            None,
-        )),
+        Err(error) => {
+            Err((StatusCode::BAD_REQUEST, format!("could not read the request body: {error}"), "unreadable_body"))
+        }
     }
 }
 
