@@ -148,11 +148,7 @@ impl Provider {
     /// that means something else.
     pub fn unsupported(&self, request: &ChatRequest) -> Option<String> {
         match &self.backend {
-            Backend::OpenAi(_) | Backend::Mock(_) => request.origin.as_ref().and_then(|origin| {
-                origin.unportable.first().map(|field| {
-                    format!("`{field}` from the {} request has no Chat Completions equivalent", origin.api.as_str())
-                })
-            }),
+            Backend::OpenAi(_) | Backend::Mock(_) => openai::unsupported(request),
             Backend::Anthropic(_) => anthropic::unsupported(request),
             Backend::Gemini(_) => gemini::unsupported(request),
         }

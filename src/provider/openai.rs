@@ -166,7 +166,7 @@ impl OpenAi {
 /// Reads Chat Completions chunks: `[DONE]` ends the stream; an end without it is clean only
 /// once a `finish_reason` has come.
 #[derive(Debug, Default)]
-struct ChunkParser {
+pub struct ChunkParser {
     finished: bool,
 }
 
@@ -207,6 +207,16 @@ fn has_finish_reason(chunk: &Value) -> bool {
         .get("choices")
         .and_then(Value::as_array)
         .is_some_and(|choices| choices.iter().any(|c| c.get("finish_reason").is_some_and(|r| !r.is_null())))
+}
+
+/// Why a Chat Completions target cannot serve `request` faithfully, if it cannot: only fields
+/// of a request that came in another API can be missing here.
+pub fn unsupported(request: &ChatRequest) -> Option<String> {
+    let origin = request.origin.as_ref()?;
+    origin
+        .unportable
+        .first()
+        .map(|field| format!("`{field}` from the {} request has no Chat Completions equivalent", origin.api.as_str()))
 }
 
 /// A Chat Completions chunk as a stream event.

@@ -5,6 +5,7 @@
 
 mod binary;
 mod faults;
+mod golden;
 mod health;
 mod ingress;
 mod reload;

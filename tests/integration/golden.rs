@@ -1,0 +1,150 @@
+//! Golden fixtures for every translation direction, streaming and not, with tools: inputs in
+//! `tests/fixtures/`, expected outputs as insta snapshots beside this file.
+
+use backstop::chat::ChatRequest;
+use backstop::provider::sse::{Decoder, Parsed, WireStream};
+use backstop::provider::{StreamEvent, anthropic, convert, gemini, openai};
+use serde_json::{Value, json};
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
+}
+
+fn json_fixture(name: &str) -> Value {
+    serde_json::from_str(&fixture(name)).expect("fixture JSON")
+}
+
+/// Reads an SSE fixture through a provider's stream parser, as the sidecar does.
+fn events(name: &str, mut parser: impl WireStream) -> Vec<StreamEvent> {
+    let mut decoder = Decoder::new(1 << 20);
+    decoder.push(fixture(name).as_bytes());
+    let mut out = Vec::new();
+    while let Some(event) = decoder.next_event().expect("event size") {
+        match parser.event(event) {
+            Parsed::Event(event) => out.push(event),
+            Parsed::Skip => {}
+            Parsed::End => break,
+            Parsed::Fail(error) => panic!("fixture event failed: {error}"),
+        }
+    }
+    assert!(parser.may_end(), "{name} ends where the provider's stream may end");
+    out
+}
+
+fn openai_request() -> ChatRequest {
+    ChatRequest::from_openai_json(fixture("openai_request_tools.json").as_bytes()).expect("valid request")
+}
+
+#[test]
+fn openai_request_to_anthropic() {
+    let request = openai_request();
+    assert_eq!(anthropic::unsupported(&request), None);
+    insta::assert_json_snapshot!(anthropic::to_messages_request(&request, "claude-sonnet-4-5", 4096));
+    let mut streaming = request;
+    streaming.stream = true;
+    streaming.rest.remove("max_tokens");
+    let body = anthropic::to_messages_request(&streaming, "claude-sonnet-4-5", 1024);
+    assert_eq!(
+        (body["stream"].clone(), body["max_tokens"].clone()),
+        (json!(true), json!(1024)),
+        "the policy default fills max_tokens"
+    );
+}
+
+#[test]
+fn openai_request_to_gemini() {
+    let mut request = openai_request();
+    assert!(
+        gemini::unsupported(&request).is_some_and(|why| why.contains("parallel_tool_calls")),
+        "Gemini cannot promise one call"
+    );
+    request.rest.remove("parallel_tool_calls");
+    assert_eq!(gemini::unsupported(&request), None);
+    insta::assert_json_snapshot!(gemini::to_gemini_request(&request));
+}
+
+#[test]
+fn anthropic_request_to_neutral_and_back() {
+    let body = fixture("anthropic_request_tools.json");
+    let request = anthropic::from_messages_request(body.as_bytes()).expect("valid Messages request");
+    insta::assert_json_snapshot!(
+        "anthropic_request_to_neutral",
+        json!({"messages": request.messages, "rest": request.rest, "stream": request.stream})
+    );
+    // To an Anthropic target the app's own body goes through untouched but for the model.
+    let mut original: Value = serde_json::from_str(&body).expect("json");
+    original["model"] = json!("claude-opus-4-1");
+    assert_eq!(anthropic::to_messages_request(&request, "claude-opus-4-1", 4096), original);
+    // To an OpenAI or Gemini target, the neutral form.
+    assert_eq!(openai::unsupported(&request), None);
+    insta::assert_json_snapshot!("anthropic_request_to_gemini", gemini::to_gemini_request(&request));
+}
+
+#[test]
+fn anthropic_message_to_openai() {
+    insta::assert_json_snapshot!(anthropic::to_openai_completion(&json_fixture("anthropic_message_tools.json")), {".created" => "[created]"});
+}
+
+#[test]
+fn gemini_response_to_openai() {
+    insta::assert_json_snapshot!(gemini::to_openai_completion(&json_fixture("gemini_response_tools.json")), {".created" => "[created]"});
+}
+
+#[test]
+fn openai_completion_to_anthropic() {
+    insta::assert_json_snapshot!(anthropic::from_openai_completion(&json_fixture("openai_completion_tools.json")));
+}
+
+#[test]
+fn anthropic_stream_to_openai_chunks() {
+    let mut translate = convert::ToOpenAiStream::new(backstop::chat::Api::Anthropic, true);
+    let events = events("anthropic_stream_tools.sse", anthropic::EventParser::default());
+    let mut chunks: Vec<Value> = events.iter().flat_map(|e| translate.push(e)).collect();
+    chunks.extend(translate.finish());
+    insta::assert_json_snapshot!(chunks, {"[].created" => "[created]"});
+}
+
+#[test]
+fn gemini_stream_to_openai_chunks() {
+    let mut translate = convert::ToOpenAiStream::new(backstop::chat::Api::Gemini, true);
+    let events = events("gemini_stream_tools.sse", gemini::EventParser::default());
+    let mut chunks: Vec<Value> = events.iter().flat_map(|e| translate.push(e)).collect();
+    chunks.extend(translate.finish());
+    insta::assert_json_snapshot!(chunks, {"[].created" => "[created]"});
+}
+
+#[test]
+fn openai_stream_to_anthropic_events() {
+    let mut translate = convert::ToAnthropicStream::new(backstop::chat::Api::OpenAi);
+    let events = events("openai_stream_tools.sse", openai::ChunkParser::default());
+    let mut out: Vec<Value> = events
+        .iter()
+        .flat_map(|e| translate.push(e))
+        .map(|(name, data)| json!({"event": name, "data": data}))
+        .collect();
+    out.extend(translate.finish().into_iter().map(|(name, data)| json!({"event": name, "data": data})));
+    insta::assert_json_snapshot!(out);
+}
+
+#[test]
+fn gemini_stream_to_anthropic_events() {
+    let mut translate = convert::ToAnthropicStream::new(backstop::chat::Api::Gemini);
+    let events = events("gemini_stream_tools.sse", gemini::EventParser::default());
+    let mut out: Vec<Value> = events
+        .iter()
+        .flat_map(|e| translate.push(e))
+        .map(|(name, data)| json!({"event": name, "data": data}))
+        .collect();
+    out.extend(translate.finish().into_iter().map(|(name, data)| json!({"event": name, "data": data})));
+    insta::assert_json_snapshot!(out);
+}
+
+#[test]
+fn anthropic_stream_passes_through_to_anthropic_apps() {
+    let mut translate = convert::ToAnthropicStream::new(backstop::chat::Api::Anthropic);
+    let events = events("anthropic_stream_tools.sse", anthropic::EventParser::default());
+    let names: Vec<String> = events.iter().flat_map(|e| translate.push(e)).map(|(name, _)| name).collect();
+    assert_eq!(names.first().map(String::as_str), Some("message_start"));
+    assert_eq!(names.last().map(String::as_str), Some("message_stop"));
+    assert_eq!(names.len(), 11, "every event but the ping: {names:?}");
+}
