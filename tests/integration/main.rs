@@ -10,3 +10,4 @@ mod health;
 mod ingress;
 mod reload;
 mod support;
+mod translate;

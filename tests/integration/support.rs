@@ -89,8 +89,17 @@ impl Fault {
 #[derive(Clone, Debug)]
 pub struct Received {
     pub at: Instant,
+    pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
+}
+
+/// The wire API an upstream speaks when it answers normally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    OpenAi,
+    Anthropic,
+    Gemini,
 }
 
 /// A fault-injecting upstream speaking OpenAI's Chat Completions wire format on 127.0.0.1.
@@ -105,6 +114,7 @@ struct Script {
     queue: Mutex<VecDeque<Fault>>,
     default: Fault,
     cancelled: Arc<std::sync::atomic::AtomicUsize>,
+    wire: Wire,
 }
 
 impl Upstream {
@@ -115,11 +125,18 @@ impl Upstream {
 
     /// An upstream that answers with `script` in order, then with `then`.
     pub async fn scripted(script: Vec<Fault>, then: Fault) -> Upstream {
+        Upstream::speaking(Wire::OpenAi, script, then).await
+    }
+
+    /// An upstream of another wire API: `Fault::Ok` answers `from anthropic` / `from gemini`
+    /// in that API's format; other faults behave as for OpenAI.
+    pub async fn speaking(wire: Wire, script: Vec<Fault>, then: Fault) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let received = Arc::new(Mutex::new(Vec::new()));
         let cancelled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let script = Arc::new(Script { queue: Mutex::new(script.into()), default: then, cancelled: cancelled.clone() });
+        let script =
+            Arc::new(Script { queue: Mutex::new(script.into()), default: then, cancelled: cancelled.clone(), wire });
         let seen = received.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -205,12 +222,76 @@ fn chunk(delta: Value, finish: Option<&str>) -> Value {
 
 async fn answer(request: Request<Incoming>, seen: &Mutex<Vec<Received>>, script: &Script) -> Response<UpBody> {
     let headers = request.headers().clone();
+    let path = request.uri().path_and_query().map(ToString::to_string).unwrap_or_default();
     let bytes = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    seen.lock().expect("lock").push(Received { at: Instant::now(), headers: headers.clone(), body });
+    let stream =
+        body.get("stream").and_then(Value::as_bool).unwrap_or(false) || path.contains(":streamGenerateContent");
+    seen.lock().expect("lock").push(Received { at: Instant::now(), path, headers: headers.clone(), body });
     let fault = script.queue.lock().expect("lock").pop_front().unwrap_or_else(|| script.default.clone());
-    respond(fault, stream, headers, script.cancelled.clone()).await
+    match (script.wire, fault) {
+        (Wire::Anthropic, Fault::Ok) => anthropic_answer(stream),
+        (Wire::Gemini, Fault::Ok) => gemini_answer(stream),
+        (_, fault) => respond(fault, stream, headers, script.cancelled.clone()).await,
+    }
+}
+
+fn anthropic_answer(stream: bool) -> Response<UpBody> {
+    if !stream {
+        return whole(
+            200,
+            json!({"id": "msg_up", "type": "message", "role": "assistant", "model": "claude-up",
+                   "content": [{"type": "text", "text": "from anthropic"}], "stop_reason": "end_turn", "stop_sequence": null,
+                   "usage": {"input_tokens": 11, "output_tokens": 3}, "vendor_extra": "kept"})
+            .to_string(),
+            &[],
+        );
+    }
+    let events = [
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+            "model": "claude-up", "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 11, "output_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        ("ping", json!({"type": "ping"})),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "from"}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " anthropic"}}),
+        ),
+        ("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 3}}),
+        ),
+        ("message_stop", json!({"type": "message_stop"})),
+    ];
+    streamed(
+        events.iter().map(|(name, data)| Ok(Bytes::from(format!("event: {name}\ndata: {data}\n\n")))).collect(),
+        false,
+    )
+}
+
+fn gemini_answer(stream: bool) -> Response<UpBody> {
+    let part = |text: &str, finish: Option<&str>| {
+        let mut candidate = json!({"content": {"role": "model", "parts": [{"text": text}]}, "index": 0});
+        if let Some(finish) = finish {
+            candidate["finishReason"] = json!(finish);
+        }
+        json!({"candidates": [candidate], "usageMetadata": {"promptTokenCount": 7, "candidatesTokenCount": 2, "totalTokenCount": 9},
+               "modelVersion": "gemini-up", "responseId": "r1"})
+    };
+    if !stream {
+        return whole(200, part("from gemini", Some("STOP")).to_string(), &[]);
+    }
+    streamed(vec![Ok(sse(&part("from", None))), Ok(sse(&part(" gemini", Some("STOP"))))], false)
 }
 
 /// Counts a cancellation when dropped before `finished` is set.
