@@ -43,6 +43,16 @@ pub struct Origin {
     pub unportable: Vec<String>,
 }
 
+/// What a request asks the model for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Operation {
+    /// A chat completion (Chat Completions, Messages, `generateContent`).
+    #[default]
+    Chat,
+    /// Embeddings of `input` (`/v1/embeddings`); `messages` is empty.
+    Embeddings,
+}
+
 /// A parsed, validated chat request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChatRequest {
@@ -60,6 +70,9 @@ pub struct ChatRequest {
     /// The original request, when the app spoke another API.
     #[serde(skip)]
     pub origin: Option<std::sync::Arc<Origin>>,
+    /// Chat or embeddings.
+    #[serde(skip)]
+    pub operation: Operation,
 }
 
 /// One message of the conversation.
@@ -140,11 +153,65 @@ impl ChatRequest {
                 return Err(InvalidRequest::new("`stream` must be a boolean", Some("stream")));
             }
         };
-        Ok(ChatRequest { model, messages, stream, rest: object, origin: None })
+        Ok(ChatRequest { model, messages, stream, rest: object, origin: None, operation: Operation::Chat })
+    }
+
+    /// Parses an OpenAI embeddings request body (`model`, `input`, and optional
+    /// `encoding_format`, `dimensions`, `user`).
+    pub fn from_openai_embeddings_json(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| InvalidRequest::new(format!("request body is not valid JSON: {e}"), None))?;
+        let Value::Object(mut object) = value else {
+            return Err(InvalidRequest::new("request body must be a JSON object", None));
+        };
+        let model = match object.remove("model") {
+            Some(Value::String(model)) if !model.is_empty() => model,
+            _ => return Err(InvalidRequest::new("`model` must be a non-empty string", Some("model"))),
+        };
+        let valid_input = match object.get("input") {
+            Some(Value::String(text)) => !text.is_empty(),
+            Some(Value::Array(items)) => {
+                !items.is_empty()
+                    && (items.iter().all(|i| i.as_str().is_some_and(|s| !s.is_empty()))
+                        || items.iter().all(|i| i.is_u64())
+                        || items
+                            .iter()
+                            .all(|i| i.as_array().is_some_and(|t| !t.is_empty() && t.iter().all(Value::is_u64))))
+            }
+            _ => false,
+        };
+        if !valid_input {
+            return Err(InvalidRequest::new(
+                "`input` must be a non-empty string, array of strings, array of tokens or array of token arrays",
+                Some("input"),
+            ));
+        }
+        Ok(ChatRequest {
+            model,
+            messages: Vec::new(),
+            stream: false,
+            rest: object,
+            origin: None,
+            operation: Operation::Embeddings,
+        })
+    }
+
+    /// The texts to embed, when `input` is text rather than tokens.
+    pub fn input_texts(&self) -> Option<Vec<&str>> {
+        match self.rest.get("input")? {
+            Value::String(text) => Some(vec![text.as_str()]),
+            Value::Array(items) => items.iter().map(Value::as_str).collect(),
+            _ => None,
+        }
     }
 
     /// The request body for one target: this request with `model` replaced.
     pub fn to_openai_json(&self, model: &str) -> Result<Vec<u8>, serde_json::Error> {
+        if self.operation == Operation::Embeddings {
+            let mut body = self.rest.clone();
+            body.insert("model".into(), Value::String(model.to_string()));
+            return serde_json::to_vec(&body);
+        }
         #[derive(Serialize)]
         struct Outgoing<'a> {
             model: &'a str,

@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 
 use super::sse::{self, Parsed, WireStream};
 use super::{Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, connect_error, read_body};
-use crate::chat::{ChatRequest, InvalidRequest, Message, Origin};
+use crate::chat::{ChatRequest, InvalidRequest, Message, Operation, Origin};
 use crate::policy::FailureClass;
 
 /// Anthropic's own API.
@@ -184,6 +184,9 @@ fn anthropic_headroom(headers: &http::HeaderMap) -> Headroom {
 
 /// Why an Anthropic target cannot serve `request` faithfully, if it cannot.
 pub fn unsupported(request: &ChatRequest) -> Option<String> {
+    if request.operation == Operation::Embeddings {
+        return Some("the Messages API has no embeddings".to_string());
+    }
     if let Some(origin) = &request.origin {
         if origin.api == Api::Anthropic {
             return None;
@@ -793,6 +796,7 @@ pub fn from_messages_request(body: &[u8]) -> Result<ChatRequest, InvalidRequest>
         stream,
         rest,
         origin: Some(std::sync::Arc::new(Origin { api: Api::Anthropic, body: raw, unportable })),
+        operation: Operation::Chat,
     })
 }
 

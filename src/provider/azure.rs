@@ -38,6 +38,16 @@ impl Deployments {
         url.parse().map_err(|e| format!("not a valid URL: {e}"))
     }
 
+    /// The embeddings URL for a deployment.
+    pub fn embeddings(&self, deployment: &str) -> Result<Uri, String> {
+        let url = if self.api_version == "v1" {
+            format!("{}/openai/v1/embeddings", self.base)
+        } else {
+            format!("{}/openai/deployments/{deployment}/embeddings?api-version={}", self.base, self.api_version)
+        };
+        url.parse().map_err(|e| format!("not a valid URL: {e}"))
+    }
+
     /// The base URL, for health identities.
     pub fn base(&self) -> &str {
         &self.base

@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 
 use super::sse::{self, Parsed, WireStream};
 use super::{Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, connect_error, read_body};
-use crate::chat::ChatRequest;
+use crate::chat::{ChatRequest, Operation};
 use crate::policy::FailureClass;
 
 /// Google AI's Gemini API.
@@ -86,7 +86,7 @@ impl Gemini {
         format!("gemini:{}:{:x}", self.base, self.fingerprints.get(key).copied().unwrap_or(0))
     }
 
-    /// Sends one `generateContent` (or streaming) request.
+    /// Sends one `generateContent` (or streaming, or `batchEmbedContents`) request.
     pub async fn send(
         &self,
         http: &HttpClient,
@@ -94,12 +94,18 @@ impl Gemini {
         request: &ChatRequest,
         key: usize,
     ) -> Result<Sent, AttemptError> {
-        let method = if request.stream { "streamGenerateContent?alt=sse" } else { "generateContent" };
+        let embeddings = request.operation == Operation::Embeddings;
+        let method = match (embeddings, request.stream) {
+            (true, _) => "batchEmbedContents",
+            (false, true) => "streamGenerateContent?alt=sse",
+            (false, false) => "generateContent",
+        };
         let model = model.strip_prefix("models/").unwrap_or(model);
         let uri: Uri = format!("{}/models/{model}:{method}", self.base).parse().map_err(|e| {
             AttemptError::new(FailureClass::BadRequest, format!("model `{model}` does not fit in a URL: {e}"))
         })?;
-        let body = serde_json::to_vec(&to_gemini_request(request))
+        let wire = if embeddings { to_embed_request(request, model) } else { to_gemini_request(request) };
+        let body = serde_json::to_vec(&wire)
             .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
         let mut builder = Request::builder()
             .method(Method::POST)
@@ -128,6 +134,15 @@ impl Gemini {
         let answer: Value = serde_json::from_slice(&body).map_err(|e| {
             AttemptError::new(FailureClass::ServerError, format!("upstream answered 200 with invalid JSON: {e}"))
         })?;
+        if embeddings {
+            let base64 = request.rest.get("encoding_format").and_then(Value::as_str) == Some("base64");
+            return match embeddings_to_openai(&answer, model, base64) {
+                Some(list) => {
+                    Ok(Sent { reply: Reply::Complete(list), headroom: Headroom::default(), api: Api::OpenAi })
+                }
+                None => Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `embeddings`")),
+            };
+        }
         if let Some(error) = blocked(&answer) {
             return Err(error);
         }
@@ -167,8 +182,52 @@ fn parts_of(candidate: &Value) -> Vec<&Value> {
         .collect()
 }
 
+/// A `batchEmbedContents` request for an embeddings request.
+fn to_embed_request(request: &ChatRequest, model: &str) -> Value {
+    let dimensions = request.rest.get("dimensions").cloned();
+    let requests: Vec<Value> = request
+        .input_texts()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|text| {
+            let mut one = json!({"model": format!("models/{model}"), "content": {"parts": [{"text": text}]}});
+            if let Some(dimensions) = &dimensions {
+                one["outputDimensionality"] = dimensions.clone();
+            }
+            one
+        })
+        .collect();
+    json!({ "requests": requests })
+}
+
+/// A `batchEmbedContents` answer as an OpenAI embeddings list.
+fn embeddings_to_openai(answer: &Value, model: &str, base64: bool) -> Option<Value> {
+    let data: Vec<Value> = answer
+        .get("embeddings")?
+        .as_array()?
+        .iter()
+        .enumerate()
+        .map(|(index, e)| {
+            let values: Vec<f64> =
+                e.get("values").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_f64).collect();
+            json!({"object": "embedding", "index": index, "embedding": super::embedding_value(&values, base64)})
+        })
+        .collect();
+    Some(json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 0, "total_tokens": 0}}))
+}
+
 /// Why a Gemini target cannot serve `request` faithfully, if it cannot.
 pub fn unsupported(request: &ChatRequest) -> Option<String> {
+    if request.operation == Operation::Embeddings {
+        if request.input_texts().is_none() {
+            return Some("token-array embedding input (Gemini embeds text only)".to_string());
+        }
+        return request
+            .rest
+            .keys()
+            .find(|k| !["input", "dimensions", "user", "encoding_format"].contains(&k.as_str()))
+            .map(|k| format!("`{k}` has no Gemini embeddings equivalent"));
+    }
     if let Some(origin) = &request.origin
         && let Some(field) = origin.unportable.first()
     {

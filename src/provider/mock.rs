@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 use super::{AttemptError, ChunkStream, Reply};
-use crate::chat::ChatRequest;
+use crate::chat::{ChatRequest, Operation};
 
 /// The reply when the policy sets none.
 pub const DEFAULT_REPLY: &str = "Hello from the mock provider.";
@@ -97,6 +97,9 @@ impl Mock {
         if failing {
             return Err(self.failure());
         }
+        if request.operation == Operation::Embeddings {
+            return Ok(Reply::Complete(embeddings(model, request)));
+        }
         let id = format!("chatcmpl-mock-{:x}", rand::random::<u64>());
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let prompt_tokens = request.estimated_prompt_tokens();
@@ -170,6 +173,38 @@ impl Mock {
         }
         AttemptError::from_response(status, &headers, Bytes::from(body.to_string()))
     }
+}
+
+/// Deterministic unit vectors, one per input, so the same text always embeds the same way.
+fn embeddings(model: &str, request: &ChatRequest) -> Value {
+    use std::hash::{Hash, Hasher};
+    let dimensions = request.rest.get("dimensions").and_then(Value::as_u64).unwrap_or(8).clamp(1, 4096) as usize;
+    let base64 = request.rest.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    let inputs: Vec<String> = match request.rest.get("input") {
+        Some(Value::Array(items)) => {
+            items.iter().map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string)).collect()
+        }
+        Some(Value::String(text)) => vec![text.clone()],
+        _ => Vec::new(),
+    };
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            let raw: Vec<f64> = (0..dimensions)
+                .map(|d| {
+                    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                    (text, d).hash(&mut hasher);
+                    (hasher.finish() % 2001) as f64 / 1000.0 - 1.0
+                })
+                .collect();
+            let norm = raw.iter().map(|v| v * v).sum::<f64>().sqrt().max(f64::EPSILON);
+            let unit: Vec<f64> = raw.iter().map(|v| v / norm).collect();
+            json!({"object": "embedding", "index": index, "embedding": super::embedding_value(&unit, base64)})
+        })
+        .collect();
+    let tokens: u64 = inputs.iter().map(|t| (t.len() as u64).div_ceil(4)).sum();
+    json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 }
 
 /// Cuts `reply` into `parts` pieces at character boundaries, as evenly as it can.

@@ -223,6 +223,17 @@ pub struct StreamEvent {
     pub end: bool,
 }
 
+/// One embedding as OpenAI writes it: a float array, or with `encoding_format: base64`
+/// (the OpenAI SDKs' default) the little-endian `f32`s, base64-encoded.
+pub(crate) fn embedding_value(values: &[f64], base64: bool) -> Value {
+    use base64::Engine as _;
+    if !base64 {
+        return Value::from(values.to_vec());
+    }
+    let bytes: Vec<u8> = values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
+    Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
 /// The largest complete answer or error body read from an upstream.
 pub(crate) const MAX_ANSWER_BYTES: usize = 32 << 20;
 
@@ -551,6 +562,12 @@ mod tests {
         assert_eq!(error.class, FailureClass::AuthError);
         assert!(error.body.is_none());
         assert!(!error.message.contains("sk-abc"), "{}", error.message);
+    }
+
+    #[test]
+    fn embeddings_encode_as_the_sdks_expect() {
+        assert_eq!(embedding_value(&[1.0, -0.5], false), serde_json::json!([1.0, -0.5]));
+        assert_eq!(embedding_value(&[1.0, -0.5], true), serde_json::json!("AACAPwAAAL8="));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::azure::Deployments;
 use super::sse::{self, Parsed, WireStream};
 use super::{Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, connect_error, read_body};
-use crate::chat::ChatRequest;
+use crate::chat::{ChatRequest, Operation};
 use crate::policy::{FailureClass, ProviderKind};
 
 /// OpenAI's own API.
@@ -21,8 +21,8 @@ pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 /// Where requests go.
 #[derive(Debug)]
 enum Endpoint {
-    /// One URL for every model: OpenAI and OpenAI-compatible servers.
-    Fixed(Uri),
+    /// One URL per operation for every model: OpenAI and OpenAI-compatible servers.
+    Fixed { completions: Uri, embeddings: Uri },
     /// A URL per deployment: Azure OpenAI.
     Azure(Deployments),
 }
@@ -61,9 +61,12 @@ impl OpenAi {
         if completions.host().is_none() {
             return Err("has no host".to_string());
         }
+        let embeddings: Uri = format!("{}/embeddings", base_url.trim_end_matches('/'))
+            .parse()
+            .map_err(|e| format!("not a valid URL: {e}"))?;
         let authorizations = credential_headers(&api_keys, true)?;
         let fingerprints = api_keys.iter().map(ApiKey::fingerprint).collect();
-        Ok(OpenAi { kind, endpoint: Endpoint::Fixed(completions), authorizations, fingerprints })
+        Ok(OpenAi { kind, endpoint: Endpoint::Fixed { completions, embeddings }, authorizations, fingerprints })
     }
 
     /// An Azure OpenAI resource at `base_url`, with `api-key` credentials.
@@ -87,7 +90,7 @@ impl OpenAi {
     /// Endpoint identity for health state: URL and key fingerprint.
     pub fn endpoint_id(&self, key: usize) -> String {
         let url = match &self.endpoint {
-            Endpoint::Fixed(uri) => uri.to_string(),
+            Endpoint::Fixed { completions, .. } => completions.to_string(),
             Endpoint::Azure(d) => d.base().to_string(),
         };
         format!("{}:{url}:{:x}", self.kind.as_str(), self.fingerprints.get(key).copied().unwrap_or(0))
@@ -109,10 +112,15 @@ impl OpenAi {
         let body = request
             .to_openai_json(model)
             .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
-        let uri = match &self.endpoint {
-            Endpoint::Fixed(uri) => uri.clone(),
-            Endpoint::Azure(deployments) => {
+        let embeddings = request.operation == Operation::Embeddings;
+        let uri = match (&self.endpoint, embeddings) {
+            (Endpoint::Fixed { completions, .. }, false) => completions.clone(),
+            (Endpoint::Fixed { embeddings, .. }, true) => embeddings.clone(),
+            (Endpoint::Azure(deployments), false) => {
                 deployments.completions(model).map_err(|e| AttemptError::new(FailureClass::BadRequest, e))?
+            }
+            (Endpoint::Azure(deployments), true) => {
+                deployments.embeddings(model).map_err(|e| AttemptError::new(FailureClass::BadRequest, e))?
             }
         };
         let mut builder = Request::builder()
@@ -149,6 +157,12 @@ impl OpenAi {
         })?;
         if let Some(error) = answer.get("error").filter(|e| e.is_object()) {
             return Err(AttemptError::from_stream_error(error));
+        }
+        if embeddings {
+            if !answer.get("data").is_some_and(Value::is_array) {
+                return Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `data`"));
+            }
+            return Ok(Sent { reply: Reply::Complete(answer), headroom, api: Api::OpenAi });
         }
         if !answer.get("choices").is_some_and(Value::is_array) {
             return Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `choices`"));

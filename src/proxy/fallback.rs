@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::chain::{Route, Step, Target};
-use crate::chat::ChatRequest;
+use crate::chat::{ChatRequest, Operation};
 use crate::health::breaker::Admission;
 use crate::health::{Permit, pick};
 use crate::policy::FailureClass;
@@ -373,7 +373,10 @@ pub async fn run(
         pending.retain(|(p, _, _)| *p != id);
         let outcome = outcome.and_then(|(committed, headroom)| {
             target.health.note_saturation(now, headroom.exhausted_for());
-            if route.fallback_on.contains(FailureClass::EmptyCompletion) && committed.is_empty() {
+            if route.fallback_on.contains(FailureClass::EmptyCompletion)
+                && request.operation == Operation::Chat
+                && committed.is_empty()
+            {
                 Err(AttemptError::new(FailureClass::EmptyCompletion, "the answer had no content"))
             } else {
                 Ok(committed)

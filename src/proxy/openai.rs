@@ -50,6 +50,31 @@ impl Dialect for OpenAiDialect {
     }
 }
 
+/// OpenAI embeddings (`POST /v1/embeddings`): same errors, never streamed.
+pub struct EmbeddingsDialect;
+
+impl Dialect for EmbeddingsDialect {
+    const API: Api = Api::OpenAi;
+    type Renderer = OpenAiStream;
+
+    fn parse(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+        ChatRequest::from_openai_embeddings_json(body)
+    }
+
+    fn error(status: StatusCode, message: &str, code: &str, param: Option<&str>, extra: Value) -> Response<Body> {
+        OpenAiDialect::error(status, message, code, param, extra)
+    }
+
+    fn complete(_api: Api, answer: &Value) -> Value {
+        // Every provider that embeds answers in OpenAI's list format.
+        answer.clone()
+    }
+
+    fn renderer(api: Api, request: &ChatRequest) -> OpenAiStream {
+        OpenAiDialect::renderer(api, request)
+    }
+}
+
 /// Renders a committed stream as OpenAI SSE: chunks, then `[DONE]`. A failure after commit
 /// sends an `error` event, which the OpenAI SDKs raise as `APIError`.
 pub struct OpenAiStream {

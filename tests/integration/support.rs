@@ -229,11 +229,35 @@ async fn answer(request: Request<Incoming>, seen: &Mutex<Vec<Received>>, script:
         body.get("stream").and_then(Value::as_bool).unwrap_or(false) || path.contains(":streamGenerateContent");
     seen.lock().expect("lock").push(Received { at: Instant::now(), path, headers: headers.clone(), body });
     let fault = script.queue.lock().expect("lock").pop_front().unwrap_or_else(|| script.default.clone());
+    let inputs = received_inputs(seen);
     match (script.wire, fault) {
+        (Wire::OpenAi, Fault::Ok) if inputs.0.ends_with("/embeddings") || inputs.0.contains("/embeddings?") => {
+            let data: Vec<Value> = (0..inputs.1)
+                .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.5, -0.5, i as f64]}))
+                .collect();
+            whole(200, json!({"object": "list", "data": data, "model": "embed-up", "usage": {"prompt_tokens": 4, "total_tokens": 4}}).to_string(), &[])
+        }
+        (Wire::Gemini, Fault::Ok) if inputs.0.contains(":batchEmbedContents") => {
+            let embeddings: Vec<Value> = (0..inputs.1).map(|i| json!({"values": [0.25, i as f64]})).collect();
+            whole(200, json!({"embeddings": embeddings}).to_string(), &[])
+        }
         (Wire::Anthropic, Fault::Ok) => anthropic_answer(stream),
         (Wire::Gemini, Fault::Ok) => gemini_answer(stream),
         (_, fault) => respond(fault, stream, headers, script.cancelled.clone()).await,
     }
+}
+
+/// The last request's path and how many inputs it asked to embed.
+fn received_inputs(seen: &Mutex<Vec<Received>>) -> (String, usize) {
+    let seen = seen.lock().expect("lock");
+    let Some(last) = seen.last() else { return (String::new(), 0) };
+    let count = match (&last.body["input"], &last.body["requests"]) {
+        (Value::Array(items), _) => items.len(),
+        (Value::String(_), _) => 1,
+        (_, Value::Array(requests)) => requests.len(),
+        _ => 0,
+    };
+    (last.path.clone(), count)
 }
 
 fn anthropic_answer(stream: bool) -> Response<UpBody> {

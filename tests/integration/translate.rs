@@ -287,3 +287,52 @@ async fn errors_reach_anthropic_apps_in_their_own_format() {
     assert_eq!((missing.status, missing.json()["error"]["type"].as_str()), (400, Some("invalid_request_error")));
     assert_eq!(limited.count(), 1, "the malformed request never reached the upstream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_fall_back_across_targets_that_serve_the_same_model() {
+    let down = Upstream::start(Fault::status(503)).await;
+    let gemini = Upstream::speaking(Wire::Gemini, vec![], Fault::Ok).await;
+    let openai = Upstream::start(Fault::Ok).await;
+    let providers = format!(
+        "    - {{name: claude, type: anthropic, baseUrl: \"http://{}\"}}\n    - {{name: down, type: openai-compatible, baseUrl: \"{}\"}}\n    - {{name: g, type: gemini, baseUrl: \"http://{}/v1beta\"}}\n    - {{name: oai, type: openai-compatible, baseUrl: \"{}\"}}\n    - {{name: m, type: mock}}",
+        down.addr,
+        down.base_url(),
+        gemini.addr,
+        openai.base_url()
+    );
+    let chain = "[{provider: claude, model: c}, {provider: down, model: text-embedding-3-small}, {provider: g, model: gemini-embedding-001}, {provider: oai, model: text-embedding-3-small}]";
+    let sidecar = TestSidecar::start(&policy(&providers, chain, "")).await;
+    let url = sidecar.url("/v1/embeddings");
+    let answer = post(&url, &json!({"model": "chat", "input": ["first", "second"], "dimensions": 2})).await;
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(answer.header("x-backstop-provider"), Some("g"));
+    assert_eq!(
+        answer.header("x-backstop-fallback-reason"),
+        Some("claude/c=ineligible, down/text-embedding-3-small=overloaded")
+    );
+    let list = answer.json();
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(list["data"][1]["embedding"], json!([0.25, 1.0]));
+    let sent = &gemini.received()[0];
+    assert_eq!(sent.path, "/v1beta/models/gemini-embedding-001:batchEmbedContents");
+    assert_eq!(
+        sent.body["requests"][1],
+        json!({"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "second"}]}, "outputDimensionality": 2})
+    );
+    assert_eq!(down.received()[0].path, "/v1/embeddings");
+    assert_eq!(
+        down.received()[0].body,
+        json!({"model": "text-embedding-3-small", "input": ["first", "second"], "dimensions": 2})
+    );
+
+    // Token input: Gemini cannot take it, the OpenAI target can.
+    let tokens = post(&url, &json!({"model": "chat", "input": [[1, 2, 3]]})).await;
+    assert_eq!(tokens.header("x-backstop-provider"), Some("oai"), "{}", String::from_utf8_lossy(&tokens.body));
+    assert!(
+        tokens.header("x-backstop-fallback-reason").is_some_and(|r| r.contains("g/gemini-embedding-001=ineligible"))
+    );
+
+    let bad = post(&url, &json!({"model": "chat", "input": []})).await;
+    assert_eq!((bad.status, bad.json()["error"]["param"].as_str()), (400, Some("input")));
+}

@@ -119,3 +119,29 @@ def test_langchain_chat_openai(sidecar):
     llm = ChatOpenAI(model="chat", base_url=s.base_url, api_key="unused", max_retries=0)
     assert llm.invoke("hello").content == REPLY
     assert "".join(part.content for part in llm.stream("hello")) == REPLY
+
+
+EMBED_POLICY = """
+apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {name: embed, namespace: tests}
+spec:
+  providers:
+    - {name: down, type: mock, mock: {failureRate: 1, failureStatus: 503}}
+    - {name: up, type: mock}
+  routes:
+    - model: embed
+      chain: [{provider: down, model: e1}, {provider: up, model: e2}]
+  retry: {attempts: 1}
+"""
+
+
+def test_embeddings_fall_back(sidecar):
+    s = sidecar(EMBED_POLICY)
+    raw = client(s).embeddings.with_raw_response.create(model="embed", input=["alpha", "beta"], dimensions=4)
+    assert raw.headers["x-backstop-provider"] == "up"
+    result = raw.parse()
+    assert [d.index for d in result.data] == [0, 1]
+    assert all(len(d.embedding) == 4 for d in result.data)
+    again = client(s).embeddings.create(model="embed", input="alpha", dimensions=4)
+    assert again.data[0].embedding == result.data[0].embedding, "the same text embeds the same way"
