@@ -17,6 +17,8 @@ pub enum Api {
     Anthropic,
     /// Google Gemini `generateContent`.
     Gemini,
+    /// OpenAI Responses (`/v1/responses`).
+    Responses,
 }
 
 impl Api {
@@ -26,6 +28,7 @@ impl Api {
             Api::OpenAi => "openai",
             Api::Anthropic => "anthropic",
             Api::Gemini => "gemini",
+            Api::Responses => "responses",
         }
     }
 }
@@ -52,6 +55,23 @@ pub enum Operation {
     /// Embeddings of `input` (`/v1/embeddings`); `messages` is empty.
     Embeddings,
 }
+
+impl Origin {
+    /// Why a provider of another API (named `target`) cannot serve this request, if it cannot.
+    pub fn unportable_reason(&self, target: &str) -> Option<String> {
+        let field = self.unportable.first()?;
+        Some(if field == STATEFUL {
+            "a stateful Responses request (`store` is not false, or it names a `previous_response_id`, \
+             `conversation` or `background`) keeps state at OpenAI, so only an `openai` target can serve it"
+                .to_string()
+        } else {
+            format!("`{field}` from the {} request has no {target} equivalent", self.api.as_str())
+        })
+    }
+}
+
+/// The `unportable` entry of a Responses request that keeps state at OpenAI.
+pub const STATEFUL: &str = "store";
 
 /// A parsed, validated chat request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -191,8 +191,8 @@ pub fn unsupported(request: &ChatRequest) -> Option<String> {
         if origin.api == Api::Anthropic {
             return None;
         }
-        if let Some(field) = origin.unportable.first() {
-            return Some(format!("`{field}` from the {} request has no Messages equivalent", origin.api.as_str()));
+        if let Some(reason) = origin.unportable_reason("Messages") {
+            return Some(reason);
         }
     }
     for (name, value) in &request.rest {

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::{Api, StreamEvent, anthropic, gemini, openai};
+use super::{Api, StreamEvent, anthropic, gemini, openai, responses};
 
 /// Whether a complete answer has text, a refusal or a tool call.
 pub fn has_content(api: Api, answer: &Value) -> bool {
@@ -17,6 +17,7 @@ pub fn to_openai_completion(api: Api, answer: &Value) -> Value {
         Api::OpenAi => answer.clone(),
         Api::Anthropic => anthropic::to_openai_completion(answer),
         Api::Gemini => gemini::to_openai_completion(answer),
+        Api::Responses => responses::to_chat_completion(answer),
     }
 }
 
@@ -36,6 +37,8 @@ pub enum ToOpenAiStream {
     Anthropic(anthropic::ToOpenAiStream),
     /// From Gemini partial answers.
     Gemini(gemini::ToOpenAiStream),
+    /// From Responses events.
+    Responses,
 }
 
 impl ToOpenAiStream {
@@ -46,6 +49,7 @@ impl ToOpenAiStream {
             Api::OpenAi => ToOpenAiStream::Same,
             Api::Anthropic => ToOpenAiStream::Anthropic(anthropic::ToOpenAiStream::new(include_usage)),
             Api::Gemini => ToOpenAiStream::Gemini(gemini::ToOpenAiStream::new(include_usage)),
+            Api::Responses => ToOpenAiStream::Responses,
         }
     }
 
@@ -55,6 +59,7 @@ impl ToOpenAiStream {
             ToOpenAiStream::Same => vec![event.data.clone()],
             ToOpenAiStream::Anthropic(t) => t.push(&event.data),
             ToOpenAiStream::Gemini(t) => t.push(&event.data),
+            ToOpenAiStream::Responses => responses::event_to_chunks(&event.data),
         }
     }
 
@@ -62,7 +67,7 @@ impl ToOpenAiStream {
     pub fn finish(&mut self) -> Vec<Value> {
         match self {
             ToOpenAiStream::Gemini(t) => t.finish(),
-            ToOpenAiStream::Same | ToOpenAiStream::Anthropic(_) => Vec::new(),
+            ToOpenAiStream::Same | ToOpenAiStream::Anthropic(_) | ToOpenAiStream::Responses => Vec::new(),
         }
     }
 }
@@ -118,6 +123,55 @@ impl ToAnthropicStream {
                     .map(|(name, data)| (name.to_string(), data))
                     .collect();
                 out.extend(to_anthropic.finish().into_iter().map(|(name, data)| (name.to_string(), data)));
+                out
+            }
+        }
+    }
+}
+
+/// Turns a provider's stream events into Responses events `(event type, data)`.
+pub enum ToResponsesStream {
+    /// Already Responses events.
+    Same,
+    /// Through chat chunks.
+    Via(Box<(ToOpenAiStream, responses::FromChatStream)>),
+}
+
+impl ToResponsesStream {
+    /// A translator for events in `api`'s format, answering the app's `request`.
+    pub fn new(api: Api, request: &crate::chat::ChatRequest) -> Self {
+        match api {
+            Api::Responses => ToResponsesStream::Same,
+            other => ToResponsesStream::Via(Box::new((
+                ToOpenAiStream::new(other, true),
+                responses::FromChatStream::new(request),
+            ))),
+        }
+    }
+
+    /// The events for one upstream event.
+    pub fn push(&mut self, event: &StreamEvent) -> Vec<(String, Value)> {
+        match self {
+            ToResponsesStream::Same => {
+                let name = event.data.get("type").and_then(Value::as_str).unwrap_or("message").to_string();
+                vec![(name, event.data.clone())]
+            }
+            ToResponsesStream::Via(pair) => {
+                let (to_chat, to_responses) = &mut **pair;
+                to_chat.push(event).iter().flat_map(|chunk| to_responses.push(chunk)).collect()
+            }
+        }
+    }
+
+    /// Events owed when the stream has ended cleanly.
+    pub fn finish(&mut self) -> Vec<(String, Value)> {
+        match self {
+            ToResponsesStream::Same => Vec::new(),
+            ToResponsesStream::Via(pair) => {
+                let (to_chat, to_responses) = &mut **pair;
+                let mut out: Vec<(String, Value)> =
+                    to_chat.finish().iter().flat_map(|chunk| to_responses.push(chunk)).collect();
+                out.extend(to_responses.finish());
                 out
             }
         }

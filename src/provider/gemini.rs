@@ -228,10 +228,8 @@ pub fn unsupported(request: &ChatRequest) -> Option<String> {
             .find(|k| !["input", "dimensions", "user", "encoding_format"].contains(&k.as_str()))
             .map(|k| format!("`{k}` has no Gemini embeddings equivalent"));
     }
-    if let Some(origin) = &request.origin
-        && let Some(field) = origin.unportable.first()
-    {
-        return Some(format!("`{field}` from the {} request has no Gemini equivalent", origin.api.as_str()));
+    if let Some(reason) = request.origin.as_ref().and_then(|o| o.unportable_reason("Gemini")) {
+        return Some(reason);
     }
     for (name, value) in &request.rest {
         if !PORTABLE.contains(&name.as_str()) {

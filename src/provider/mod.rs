@@ -11,6 +11,7 @@ pub mod convert;
 pub mod gemini;
 pub mod mock;
 pub mod openai;
+pub mod responses;
 pub mod sse;
 
 use std::pin::Pin;
@@ -148,6 +149,11 @@ impl Provider {
     /// that means something else.
     pub fn unsupported(&self, request: &ChatRequest) -> Option<String> {
         match &self.backend {
+            Backend::OpenAi(o)
+                if o.speaks_responses() && request.origin.as_ref().is_some_and(|r| r.api == Api::Responses) =>
+            {
+                None
+            }
             Backend::OpenAi(_) | Backend::Mock(_) => openai::unsupported(request),
             Backend::Anthropic(_) => anthropic::unsupported(request),
             Backend::Gemini(_) => gemini::unsupported(request),

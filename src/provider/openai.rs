@@ -11,18 +11,21 @@ use serde_json::Value;
 
 use super::azure::Deployments;
 use super::sse::{self, Parsed, WireStream};
-use super::{Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, connect_error, read_body};
+use super::{
+    Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, connect_error, read_body, responses,
+};
 use crate::chat::{ChatRequest, Operation};
 use crate::policy::{FailureClass, ProviderKind};
 
 /// OpenAI's own API.
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
-/// Where requests go.
+/// Where requests go. One per provider, built at reload: its size does not matter.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Endpoint {
     /// One URL per operation for every model: OpenAI and OpenAI-compatible servers.
-    Fixed { completions: Uri, embeddings: Uri },
+    Fixed { completions: Uri, embeddings: Uri, responses: Uri },
     /// A URL per deployment: Azure OpenAI.
     Azure(Deployments),
 }
@@ -64,9 +67,17 @@ impl OpenAi {
         let embeddings: Uri = format!("{}/embeddings", base_url.trim_end_matches('/'))
             .parse()
             .map_err(|e| format!("not a valid URL: {e}"))?;
+        let responses: Uri = format!("{}/responses", base_url.trim_end_matches('/'))
+            .parse()
+            .map_err(|e| format!("not a valid URL: {e}"))?;
         let authorizations = credential_headers(&api_keys, true)?;
         let fingerprints = api_keys.iter().map(ApiKey::fingerprint).collect();
-        Ok(OpenAi { kind, endpoint: Endpoint::Fixed { completions, embeddings }, authorizations, fingerprints })
+        Ok(OpenAi {
+            kind,
+            endpoint: Endpoint::Fixed { completions, embeddings, responses },
+            authorizations,
+            fingerprints,
+        })
     }
 
     /// An Azure OpenAI resource at `base_url`, with `api-key` credentials.
@@ -112,6 +123,12 @@ impl OpenAi {
         let body = request
             .to_openai_json(model)
             .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
+        if let (Some(origin), Endpoint::Fixed { responses, .. }) = (&request.origin, &self.endpoint)
+            && origin.api == Api::Responses
+            && self.kind == ProviderKind::OpenAi
+        {
+            return self.send_responses(http, responses.clone(), model, request, key).await;
+        }
         let embeddings = request.operation == Operation::Embeddings;
         let uri = match (&self.endpoint, embeddings) {
             (Endpoint::Fixed { completions, .. }, false) => completions.clone(),
@@ -177,6 +194,64 @@ impl OpenAi {
     }
 }
 
+impl OpenAi {
+    /// Whether this provider takes Responses requests as they are (OpenAI itself).
+    pub fn speaks_responses(&self) -> bool {
+        self.kind == ProviderKind::OpenAi && matches!(self.endpoint, Endpoint::Fixed { .. })
+    }
+
+    /// Sends the app's own Responses request, `model` replaced: state, tools and every field
+    /// stay as OpenAI means them.
+    async fn send_responses(
+        &self,
+        http: &HttpClient,
+        uri: Uri,
+        model: &str,
+        request: &ChatRequest,
+        key: usize,
+    ) -> Result<Sent, AttemptError> {
+        let mut body = request.origin.as_deref().map(|o| o.body.clone()).unwrap_or_default();
+        body.insert("model".into(), Value::String(model.to_string()));
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::USER_AGENT, concat!("backstop/", env!("CARGO_PKG_VERSION")))
+            .header(header::ACCEPT, if request.stream { "text/event-stream" } else { "application/json" });
+        if let Some(credential) = self.authorizations.get(key) {
+            builder = builder.header(header::AUTHORIZATION, credential.clone());
+        }
+        let outgoing = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot build request: {e}")))?;
+        let response = http.request(outgoing).await.map_err(|e| connect_error(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let headers = response.headers().clone();
+            let body = read_body(response.into_body()).await?;
+            return Err(AttemptError::from_response(status.as_u16(), &headers, body));
+        }
+        let headroom = Headroom::from_headers(response.headers());
+        if request.stream {
+            let events = sse::event_stream(response.into_body(), responses::EventParser::default());
+            return Ok(Sent { reply: Reply::Stream(events), headroom, api: Api::Responses });
+        }
+        let body = read_body(response.into_body()).await?;
+        let answer: Value = serde_json::from_slice(&body).map_err(|e| {
+            AttemptError::new(FailureClass::ServerError, format!("upstream answered 200 with invalid JSON: {e}"))
+        })?;
+        if answer.get("status").and_then(Value::as_str) == Some("failed") {
+            return Err(AttemptError::from_stream_error(answer.get("error").unwrap_or(&Value::Null)));
+        }
+        if !answer.get("output").is_some_and(Value::is_array) {
+            return Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `output`"));
+        }
+        Ok(Sent { reply: Reply::Complete(answer), headroom, api: Api::Responses })
+    }
+}
+
 /// Reads Chat Completions chunks: `[DONE]` ends the stream; an end without it is clean only
 /// once a `finish_reason` has come.
 #[derive(Debug, Default)]
@@ -226,11 +301,7 @@ fn has_finish_reason(chunk: &Value) -> bool {
 /// Why a Chat Completions target cannot serve `request` faithfully, if it cannot: only fields
 /// of a request that came in another API can be missing here.
 pub fn unsupported(request: &ChatRequest) -> Option<String> {
-    let origin = request.origin.as_ref()?;
-    origin
-        .unportable
-        .first()
-        .map(|field| format!("`{field}` from the {} request has no Chat Completions equivalent", origin.api.as_str()))
+    request.origin.as_ref()?.unportable_reason("Chat Completions")
 }
 
 /// A Chat Completions chunk as a stream event.

@@ -8,7 +8,7 @@ use http::{Response, StatusCode};
 use serde_json::{Value, json};
 
 use super::chat::Dialect;
-use super::stream::StreamRenderer;
+use super::stream::{self, StreamRenderer};
 use super::{Body, json_response};
 use crate::chat::{Api, ChatRequest, InvalidRequest};
 use crate::policy::FailureClass;
@@ -30,7 +30,7 @@ impl Dialect for AnthropicDialect {
         error(status, message, code, extra)
     }
 
-    fn complete(api: Api, answer: &Value) -> Value {
+    fn complete(api: Api, answer: &Value, _request: &ChatRequest) -> Value {
         convert::to_anthropic_message(api, answer)
     }
 
@@ -62,11 +62,11 @@ pub struct AnthropicStream {
 
 impl StreamRenderer for AnthropicStream {
     fn event(&mut self, event: &StreamEvent) -> Vec<Bytes> {
-        self.translate.push(event).iter().map(|(name, data)| named_event(name, data)).collect()
+        self.translate.push(event).iter().map(|(name, data)| stream::encode(Some(name), data)).collect()
     }
 
     fn finish(&mut self) -> Vec<Bytes> {
-        self.translate.finish().iter().map(|(name, data)| named_event(name, data)).collect()
+        self.translate.finish().iter().map(|(name, data)| stream::encode(Some(name), data)).collect()
     }
 
     fn failure(&mut self, message: &str, class: Option<FailureClass>) -> Bytes {
@@ -76,17 +76,9 @@ impl StreamRenderer for AnthropicStream {
             None | Some(FailureClass::Timeout) => 504,
             _ => 500,
         };
-        named_event("error", &json!({"type": "error", "error": {"type": error_type_for(status), "message": message}}))
+        stream::encode(
+            Some("error"),
+            &json!({"type": "error", "error": {"type": error_type_for(status), "message": message}}),
+        )
     }
-}
-
-fn named_event(name: &str, data: &Value) -> Bytes {
-    let mut bytes = Vec::with_capacity(256);
-    bytes.extend_from_slice(b"event: ");
-    bytes.extend_from_slice(name.as_bytes());
-    bytes.extend_from_slice(b"\ndata: ");
-    // Serializing a `Value` to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut bytes, data);
-    bytes.extend_from_slice(b"\n\n");
-    Bytes::from(bytes)
 }

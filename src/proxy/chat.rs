@@ -27,7 +27,7 @@ pub trait Dialect {
     /// fields join the error object.
     fn error(status: StatusCode, message: &str, code: &str, param: Option<&str>, extra: Value) -> Response<Body>;
     /// A whole answer from a provider of `api`, in this API's format.
-    fn complete(api: Api, answer: &Value) -> Value;
+    fn complete(api: Api, answer: &Value, request: &ChatRequest) -> Value;
     /// A renderer for a stream from a provider of `api`.
     fn renderer(api: Api, request: &ChatRequest) -> Self::Renderer;
 }
@@ -176,7 +176,7 @@ pub fn controls(route: &Route, headers: &HeaderMap) -> Controls {
 fn answer<D: Dialect>(answered: Answered, request: &ChatRequest) -> Response<Body> {
     let Answered { target, reply, attempts, fell_through } = answered;
     let mut response = match reply {
-        Committed::Complete { body, api } => super::json_response(StatusCode::OK, &D::complete(api, &body)),
+        Committed::Complete { body, api } => super::json_response(StatusCode::OK, &D::complete(api, &body, request)),
         Committed::Stream { held, rest, idle_timeout, api } => {
             let renderer = D::renderer(api, request);
             let mut response = Response::new(stream::sse_body(held, rest, idle_timeout, renderer));

@@ -165,6 +165,14 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
                 chat::serve::<openai::OpenAiDialect>(snapshot, &headers, &body, &state.http).await
             }
         }
+        (&Method::POST, "/responses") => {
+            let headers = request.headers().clone();
+            let body = match read_body(request, state.max_request_bytes).await {
+                Ok(body) => body,
+                Err((status, message, code)) => return fail(status, &message, code),
+            };
+            chat::serve::<openai::ResponsesDialect>(state.store.load(), &headers, &body, &state.http).await
+        }
         (&Method::POST, "/embeddings") => {
             let headers = request.headers().clone();
             let body = match read_body(request, state.max_request_bytes).await {
@@ -174,7 +182,7 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
             chat::serve::<openai::EmbeddingsDialect>(state.store.load(), &headers, &body, &state.http).await
         }
         (&Method::GET, "/models") => openai::models(state.store.load().as_deref()),
-        (_, "/chat/completions" | "/messages" | "/embeddings" | "/models") => fail(
+        (_, "/chat/completions" | "/messages" | "/embeddings" | "/responses" | "/models") => fail(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{} is not allowed here", request.method()),
             "method_not_allowed",

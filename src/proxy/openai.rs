@@ -6,12 +6,12 @@ use http::{Response, StatusCode};
 use serde_json::{Value, json};
 
 use super::chat::{Dialect, error_type};
-use super::stream::StreamRenderer;
+use super::stream::{self, StreamRenderer};
 use super::{Body, json_response};
 use crate::chain::PolicySnapshot;
 use crate::chat::{Api, ChatRequest, InvalidRequest};
 use crate::policy::FailureClass;
-use crate::provider::{StreamEvent, convert};
+use crate::provider::{StreamEvent, convert, responses};
 
 /// OpenAI Chat Completions, as apps speak it.
 pub struct OpenAiDialect;
@@ -41,7 +41,7 @@ impl Dialect for OpenAiDialect {
         json_response(status, &json!({ "error": error }))
     }
 
-    fn complete(api: Api, answer: &Value) -> Value {
+    fn complete(api: Api, answer: &Value, _request: &ChatRequest) -> Value {
         convert::to_openai_completion(api, answer)
     }
 
@@ -65,13 +65,81 @@ impl Dialect for EmbeddingsDialect {
         OpenAiDialect::error(status, message, code, param, extra)
     }
 
-    fn complete(_api: Api, answer: &Value) -> Value {
+    fn complete(_api: Api, answer: &Value, _request: &ChatRequest) -> Value {
         // Every provider that embeds answers in OpenAI's list format.
         answer.clone()
     }
 
     fn renderer(api: Api, request: &ChatRequest) -> OpenAiStream {
         OpenAiDialect::renderer(api, request)
+    }
+}
+
+/// OpenAI Responses (`POST /v1/responses`): OpenAI's error format; answers and streams as
+/// Response objects and Responses events.
+pub struct ResponsesDialect;
+
+impl Dialect for ResponsesDialect {
+    const API: Api = Api::Responses;
+    type Renderer = ResponsesStream;
+
+    fn parse(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+        responses::from_responses_request(body)
+    }
+
+    fn error(status: StatusCode, message: &str, code: &str, param: Option<&str>, extra: Value) -> Response<Body> {
+        OpenAiDialect::error(status, message, code, param, extra)
+    }
+
+    fn complete(api: Api, answer: &Value, request: &ChatRequest) -> Value {
+        match api {
+            Api::Responses => answer.clone(),
+            other => responses::from_chat_completion(&convert::to_openai_completion(other, answer), request),
+        }
+    }
+
+    fn renderer(api: Api, request: &ChatRequest) -> ResponsesStream {
+        ResponsesStream { translate: convert::ToResponsesStream::new(api, request), sequence: 0 }
+    }
+}
+
+/// Renders a committed stream as Responses events. A failure after commit sends an `error`
+/// event, which the OpenAI SDKs raise as `APIError`.
+pub struct ResponsesStream {
+    translate: convert::ToResponsesStream,
+    sequence: u64,
+}
+
+impl ResponsesStream {
+    fn frames(&mut self, events: Vec<(String, Value)>) -> Vec<Bytes> {
+        events
+            .into_iter()
+            .map(|(name, data)| {
+                self.sequence = data.get("sequence_number").and_then(Value::as_u64).unwrap_or(self.sequence) + 1;
+                stream::encode(Some(&name), &data)
+            })
+            .collect()
+    }
+}
+
+impl StreamRenderer for ResponsesStream {
+    fn event(&mut self, event: &StreamEvent) -> Vec<Bytes> {
+        let events = self.translate.push(event);
+        self.frames(events)
+    }
+
+    fn finish(&mut self) -> Vec<Bytes> {
+        let events = self.translate.finish();
+        self.frames(events)
+    }
+
+    fn failure(&mut self, message: &str, class: Option<FailureClass>) -> Bytes {
+        let kind = class.map_or("timeout", error_type);
+        stream::encode(
+            Some("error"),
+            &json!({"type": "error", "code": "stream_interrupted", "message": message, "param": null,
+                    "sequence_number": self.sequence, "error": {"type": kind, "code": "stream_interrupted", "message": message}}),
+        )
     }
 }
 
@@ -83,28 +151,22 @@ pub struct OpenAiStream {
 
 impl StreamRenderer for OpenAiStream {
     fn event(&mut self, event: &StreamEvent) -> Vec<Bytes> {
-        self.translate.push(event).iter().map(data_event).collect()
+        self.translate.push(event).iter().map(|chunk| stream::encode(None, chunk)).collect()
     }
 
     fn finish(&mut self) -> Vec<Bytes> {
-        let mut frames: Vec<Bytes> = self.translate.finish().iter().map(data_event).collect();
+        let mut frames: Vec<Bytes> = self.translate.finish().iter().map(|chunk| stream::encode(None, chunk)).collect();
         frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
         frames
     }
 
     fn failure(&mut self, message: &str, class: Option<FailureClass>) -> Bytes {
         let kind = class.map_or("timeout", error_type);
-        data_event(&json!({"error": {"message": message, "type": kind, "code": "stream_interrupted", "param": null}}))
+        stream::encode(
+            None,
+            &json!({"error": {"message": message, "type": kind, "code": "stream_interrupted", "param": null}}),
+        )
     }
-}
-
-fn data_event(value: &Value) -> Bytes {
-    let mut bytes = Vec::with_capacity(256);
-    bytes.extend_from_slice(b"data: ");
-    // Serializing a `Value` to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut bytes, value);
-    bytes.extend_from_slice(b"\n\n");
-    Bytes::from(bytes)
 }
 
 /// An OpenAI-format error outside the chat path (unknown endpoints, oversized bodies).

@@ -13,6 +13,21 @@ use super::{Body, BoxError};
 use crate::policy::FailureClass;
 use crate::provider::{ChunkStream, StreamEvent};
 
+/// One server-sent event: `event: NAME` when named, then the JSON `data` line.
+pub fn encode(name: Option<&str>, data: &serde_json::Value) -> Bytes {
+    let mut bytes = Vec::with_capacity(256);
+    if let Some(name) = name {
+        bytes.extend_from_slice(b"event: ");
+        bytes.extend_from_slice(name.as_bytes());
+        bytes.push(b'\n');
+    }
+    bytes.extend_from_slice(b"data: ");
+    // Serializing a `Value` to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut bytes, data);
+    bytes.extend_from_slice(b"\n\n");
+    Bytes::from(bytes)
+}
+
 /// Writes one ingress API's stream format.
 pub trait StreamRenderer: Send + 'static {
     /// SSE frames for one upstream event (none, one or several).

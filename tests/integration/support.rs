@@ -237,6 +237,7 @@ async fn answer(request: Request<Incoming>, seen: &Mutex<Vec<Received>>, script:
                 .collect();
             whole(200, json!({"object": "list", "data": data, "model": "embed-up", "usage": {"prompt_tokens": 4, "total_tokens": 4}}).to_string(), &[])
         }
+        (Wire::OpenAi, Fault::Ok) if inputs.0.ends_with("/responses") => responses_answer(stream),
         (Wire::Gemini, Fault::Ok) if inputs.0.contains(":batchEmbedContents") => {
             let embeddings: Vec<Value> = (0..inputs.1).map(|i| json!({"values": [0.25, i as f64]})).collect();
             whole(200, json!({"embeddings": embeddings}).to_string(), &[])
@@ -245,6 +246,27 @@ async fn answer(request: Request<Incoming>, seen: &Mutex<Vec<Received>>, script:
         (Wire::Gemini, Fault::Ok) => gemini_answer(stream),
         (_, fault) => respond(fault, stream, headers, script.cancelled.clone()).await,
     }
+}
+
+fn responses_answer(stream: bool) -> Response<UpBody> {
+    let done = json!({"id": "resp_up", "object": "response", "status": "completed", "model": "gpt-up", "vendor_extra": "kept",
+                      "output": [{"type": "message", "id": "msg_up", "status": "completed", "role": "assistant",
+                                  "content": [{"type": "output_text", "text": "from responses", "annotations": []}]}]});
+    if !stream {
+        return whole(200, done.to_string(), &[]);
+    }
+    let events = [
+        json!({"type": "response.created", "sequence_number": 0, "response": {"id": "resp_up", "status": "in_progress", "output": []}}),
+        json!({"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_up", "output_index": 0, "content_index": 0, "delta": "from responses"}),
+        json!({"type": "response.completed", "sequence_number": 2, "response": done}),
+    ];
+    streamed(
+        events
+            .iter()
+            .map(|e| Ok(Bytes::from(format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap_or_default()))))
+            .collect(),
+        false,
+    )
 }
 
 /// The last request's path and how many inputs it asked to embed.

@@ -336,3 +336,85 @@ async fn embeddings_fall_back_across_targets_that_serve_the_same_model() {
     let bad = post(&url, &json!({"model": "chat", "input": []})).await;
     assert_eq!((bad.status, bad.json()["error"]["param"].as_str()), (400, Some("input")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateful_responses_requests_go_only_to_openai_and_pass_through() {
+    let anthropic = Upstream::speaking(Wire::Anthropic, vec![], Fault::Ok).await;
+    let openai = Upstream::start(Fault::Ok).await;
+    let providers = format!(
+        "    - {{name: claude, type: anthropic, baseUrl: \"http://{}\"}}\n    - {{name: oai, type: openai, baseUrl: \"{}\", apiKey: {{value: sk-oai}}}}",
+        anthropic.addr,
+        openai.base_url()
+    );
+    let sidecar =
+        TestSidecar::start(&policy(&providers, "[{provider: claude, model: c}, {provider: oai, model: gpt-4o}]", ""))
+            .await;
+    let body = json!({"model": "chat", "input": "hello", "previous_response_id": "resp_earlier", "include": ["reasoning.encrypted_content"]});
+    let answer = post(&sidecar.url("/v1/responses"), &body).await;
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(answer.json()["vendor_extra"], "kept", "OpenAI's own answer, untouched");
+    assert_eq!(answer.header("x-backstop-fallback-reason"), Some("claude/c=ineligible"));
+    assert_eq!(anthropic.count(), 0);
+    let sent = &openai.received()[0];
+    assert_eq!(sent.path, "/v1/responses");
+    let mut expected = body.clone();
+    expected["model"] = json!("gpt-4o");
+    assert_eq!(sent.body, expected, "the app's own request, but for the model");
+
+    let streamed =
+        post_stream(&sidecar.url("/v1/responses"), &json!({"model": "chat", "input": "hi", "stream": true})).await;
+    let kinds: Vec<String> = streamed
+        .events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| v["type"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(kinds, ["response.created", "response.output_text.delta", "response.completed"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_responses_requests_fall_back_across_providers() {
+    let openai = Upstream::start(Fault::status(500)).await;
+    let anthropic = Upstream::speaking(Wire::Anthropic, vec![], Fault::Ok).await;
+    let providers = format!(
+        "    - {{name: oai, type: openai, baseUrl: \"{}\"}}\n    - {{name: claude, type: anthropic, baseUrl: \"http://{}\"}}",
+        openai.base_url(),
+        anthropic.addr
+    );
+    let sidecar =
+        TestSidecar::start(&policy(&providers, "[{provider: oai, model: gpt-4o}, {provider: claude, model: c}]", ""))
+            .await;
+    let body = json!({"model": "chat", "store": false, "instructions": "Be brief.", "max_output_tokens": 50,
+                      "input": [{"role": "user", "content": [{"type": "input_text", "text": "hello"}]}]});
+    let answer = post(&sidecar.url("/v1/responses"), &body).await;
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    let response = answer.json();
+    assert_eq!(response["object"], "response");
+    assert_eq!(response["status"], "completed");
+    assert_eq!(
+        response["output"][0]["content"][0],
+        json!({"type": "output_text", "text": "from anthropic", "annotations": []})
+    );
+    assert_eq!(answer.header("x-backstop-fallback-reason"), Some("oai/gpt-4o=serverError"));
+    assert_eq!(openai.received()[0].path, "/v1/responses", "the OpenAI target got the app's own request");
+    let sent = &anthropic.received()[0].body;
+    assert_eq!(sent["system"], "Be brief.");
+    assert_eq!(sent["max_tokens"], 50);
+    assert_eq!(sent["messages"], json!([{"role": "user", "content": [{"type": "text", "text": "hello"}]}]));
+
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let streamed = post_stream(&sidecar.url("/v1/responses"), &streaming).await;
+    let events: Vec<Value> = streamed.events.iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
+    let text: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .filter_map(|e| e["delta"].as_str())
+        .collect();
+    assert_eq!(text, "from anthropic");
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "response.completed");
+    assert_eq!(last["response"]["output"][0]["content"][0]["text"], "from anthropic");
+    let sequence: Vec<u64> = events.iter().filter_map(|e| e["sequence_number"].as_u64()).collect();
+    assert!(sequence.windows(2).all(|w| w[1] == w[0] + 1), "{sequence:?}");
+}

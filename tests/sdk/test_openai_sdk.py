@@ -145,3 +145,34 @@ def test_embeddings_fall_back(sidecar):
     assert all(len(d.embedding) == 4 for d in result.data)
     again = client(s).embeddings.create(model="embed", input="alpha", dimensions=4)
     assert again.data[0].embedding == result.data[0].embedding, "the same text embeds the same way"
+
+
+def test_stateless_responses_fall_back(sidecar):
+    s = sidecar(policy())
+    raw = client(s).responses.with_raw_response.create(
+        model="chat", input="hello", instructions="Be brief.", store=False)
+    assert raw.headers["x-backstop-fallback-reason"] == "primary/gpt-4o=rateLimited"
+    response = raw.parse()
+    assert response.status == "completed"
+    assert response.output_text == REPLY
+    assert response.usage.output_tokens > 0
+
+
+def test_streamed_responses_with_the_sdk_helper(sidecar):
+    s = sidecar(policy())
+    deltas = []
+    with client(s).responses.stream(model="chat", input="hello", store=False) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        final = stream.get_final_response()
+    assert "".join(deltas) == REPLY
+    assert final.output_text == REPLY
+
+
+def test_stateful_responses_need_an_openai_target(sidecar):
+    s = sidecar(policy())
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(s).responses.create(model="chat", input="hello")  # store defaults to true
+    assert caught.value.code == "no_eligible_target"
+    assert "stateful" in caught.value.message
