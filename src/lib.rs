@@ -8,6 +8,7 @@
 pub mod chain;
 pub mod chat;
 pub mod control;
+pub mod fuzzing;
 pub mod health;
 pub mod policy;
 pub mod provider;

@@ -9,13 +9,14 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Uri, header};
-use http_body_util::Full;
+use http::{HeaderValue, Uri};
 use serde_json::{Map, Value, json};
 
 use super::sse::{self, Parsed, WireStream};
-use super::{Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, connect_error, read_body};
+use super::{
+    Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, credentials, encode, post_json,
+    read_json,
+};
 use crate::chat::{ChatRequest, InvalidRequest, Message, Operation, Origin};
 use crate::policy::FailureClass;
 
@@ -77,15 +78,7 @@ impl Anthropic {
         if !matches!(messages.scheme_str(), Some("http" | "https")) || messages.host().is_none() {
             return Err("must be an http:// or https:// URL with a host".to_string());
         }
-        let headers = keys
-            .iter()
-            .map(|key| {
-                let mut value = HeaderValue::from_str(key.expose())
-                    .map_err(|_| "API key holds characters not allowed in an HTTP header".to_string())?;
-                value.set_sensitive(true);
-                Ok(value)
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let headers = credentials(&keys, "")?;
         let version = HeaderValue::from_str(version.unwrap_or(DEFAULT_VERSION))
             .map_err(|_| "`apiVersion` holds characters not allowed in an HTTP header".to_string())?;
         Ok(Anthropic {
@@ -116,38 +109,16 @@ impl Anthropic {
         key: usize,
     ) -> Result<Sent, AttemptError> {
         let body = to_messages_request(request, model, self.default_max_tokens);
-        let body = serde_json::to_vec(&body)
-            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(self.messages.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::USER_AGENT, concat!("backstop/", env!("CARGO_PKG_VERSION")))
-            .header("anthropic-version", self.version.clone())
-            .header(header::ACCEPT, if request.stream { "text/event-stream" } else { "application/json" });
-        if let Some(value) = self.keys.get(key) {
-            builder = builder.header("x-api-key", value.clone());
-        }
-        let outgoing = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot build request: {e}")))?;
-        let response = http.request(outgoing).await.map_err(|e| connect_error(&e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let headers = response.headers().clone();
-            let body = read_body(response.into_body()).await?;
-            let class = classify(Some(status.as_u16()), &body);
-            return Err(AttemptError::classified(class, status.as_u16(), &headers, body));
-        }
+        let mut headers = vec![("anthropic-version", self.version.clone())];
+        headers.extend(self.keys.get(key).map(|k| ("x-api-key", k.clone())));
+        let response =
+            post_json(http, self.messages.clone(), &headers, encode(&body)?, request.stream, classify).await?;
         let headroom = anthropic_headroom(response.headers());
         if request.stream {
             let events = sse::event_stream(response.into_body(), EventParser::default());
             return Ok(Sent { reply: Reply::Stream(events), headroom, api: Api::Anthropic });
         }
-        let body = read_body(response.into_body()).await?;
-        let answer: Value = serde_json::from_slice(&body).map_err(|e| {
-            AttemptError::new(FailureClass::ServerError, format!("upstream answered 200 with invalid JSON: {e}"))
-        })?;
+        let answer = read_json(response.into_body()).await?;
         if answer.get("type").and_then(Value::as_str) == Some("error") {
             let error = answer.get("error").cloned().unwrap_or(Value::Null);
             return Err(AttemptError::new(classify_error(None, &error), error_text(&error)));
@@ -411,7 +382,7 @@ fn prompt_tokens(usage: &Value) -> u64 {
     ["input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"]
         .iter()
         .filter_map(|k| usage.get(*k).and_then(Value::as_u64))
-        .sum()
+        .fold(0, u64::saturating_add)
 }
 
 /// A Messages answer as an OpenAI `chat.completion`.
@@ -439,7 +410,7 @@ pub fn to_openai_completion(message: &Value) -> Value {
         "model": message.get("model").cloned().unwrap_or(Value::Null),
         "choices": [{"index": 0, "message": out, "logprobs": null,
                      "finish_reason": finish_reason(message.get("stop_reason").and_then(Value::as_str)).unwrap_or("stop")}],
-        "usage": {"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output},
+        "usage": {"prompt_tokens": input, "completion_tokens": output, "total_tokens": input.saturating_add(output)},
     })
 }
 
@@ -584,7 +555,7 @@ impl ToOpenAiStream {
                 }
             }
             "message_stop" if self.include_usage => {
-                let total = self.input_tokens + self.output_tokens;
+                let total = self.input_tokens.saturating_add(self.output_tokens);
                 vec![
                     json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                             "choices": [], "usage": {"prompt_tokens": self.input_tokens, "completion_tokens": self.output_tokens, "total_tokens": total}}),

@@ -4,13 +4,14 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Uri, header};
-use http_body_util::Full;
+use http::{HeaderValue, Uri};
 use serde_json::{Map, Value, json};
 
 use super::sse::{self, Parsed, WireStream};
-use super::{Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, connect_error, read_body};
+use super::{
+    Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, credentials, encode, post_json,
+    read_json,
+};
 use crate::chat::{ChatRequest, Operation};
 use crate::policy::FailureClass;
 
@@ -64,15 +65,7 @@ impl Gemini {
         if !matches!(probe.scheme_str(), Some("http" | "https")) || probe.host().is_none() {
             return Err("must be an http:// or https:// URL with a host".to_string());
         }
-        let headers = keys
-            .iter()
-            .map(|key| {
-                let mut value = HeaderValue::from_str(key.expose())
-                    .map_err(|_| "API key holds characters not allowed in an HTTP header".to_string())?;
-                value.set_sensitive(true);
-                Ok(value)
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let headers = credentials(&keys, "")?;
         Ok(Gemini { base, fingerprints: keys.iter().map(ApiKey::fingerprint).collect(), keys: headers })
     }
 
@@ -105,35 +98,13 @@ impl Gemini {
             AttemptError::new(FailureClass::BadRequest, format!("model `{model}` does not fit in a URL: {e}"))
         })?;
         let wire = if embeddings { to_embed_request(request, model) } else { to_gemini_request(request) };
-        let body = serde_json::to_vec(&wire)
-            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::USER_AGENT, concat!("backstop/", env!("CARGO_PKG_VERSION")));
-        if let Some(value) = self.keys.get(key) {
-            builder = builder.header("x-goog-api-key", value.clone());
-        }
-        let outgoing = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot build request: {e}")))?;
-        let response = http.request(outgoing).await.map_err(|e| connect_error(&e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let headers = response.headers().clone();
-            let body = read_body(response.into_body()).await?;
-            let class = classify(Some(status.as_u16()), &body);
-            return Err(AttemptError::classified(class, status.as_u16(), &headers, body));
-        }
-        if request.stream {
+        let headers: Vec<_> = self.keys.get(key).map(|k| ("x-goog-api-key", k.clone())).into_iter().collect();
+        let response = post_json(http, uri, &headers, encode(&wire)?, request.stream, classify).await?;
+        if request.stream && !embeddings {
             let events = sse::event_stream(response.into_body(), EventParser::default());
             return Ok(Sent { reply: Reply::Stream(events), headroom: Headroom::default(), api: Api::Gemini });
         }
-        let body = read_body(response.into_body()).await?;
-        let answer: Value = serde_json::from_slice(&body).map_err(|e| {
-            AttemptError::new(FailureClass::ServerError, format!("upstream answered 200 with invalid JSON: {e}"))
-        })?;
+        let answer = read_json(response.into_body()).await?;
         if embeddings {
             let base64 = request.rest.get("encoding_format").and_then(Value::as_str) == Some("base64");
             return match embeddings_to_openai(&answer, model, base64) {
@@ -425,9 +396,12 @@ fn finish_reason(reason: Option<&str>, called: bool) -> Option<&'static str> {
 
 fn usage(metadata: &Value) -> Value {
     let prompt = metadata.get("promptTokenCount").and_then(Value::as_u64).unwrap_or(0);
-    let completion = metadata.get("candidatesTokenCount").and_then(Value::as_u64).unwrap_or(0)
-        + metadata.get("thoughtsTokenCount").and_then(Value::as_u64).unwrap_or(0);
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    let completion = metadata
+        .get("candidatesTokenCount")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        .saturating_add(metadata.get("thoughtsTokenCount").and_then(Value::as_u64).unwrap_or(0));
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt.saturating_add(completion)})
 }
 
 fn now() -> u64 {

@@ -253,6 +253,66 @@ pub(crate) async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, Atte
         .map_err(|e| AttemptError::new(FailureClass::ConnectError, format!("answer broke off: {e}")))
 }
 
+/// Credential header values for `keys` (each `prefix` + key), marked sensitive so that no
+/// debug output of a request shows them.
+pub(crate) fn credentials(keys: &[ApiKey], prefix: &str) -> Result<Vec<http::HeaderValue>, String> {
+    keys.iter()
+        .map(|key| {
+            let mut value = http::HeaderValue::from_str(&format!("{prefix}{}", key.expose()))
+                .map_err(|_| "API key holds characters not allowed in an HTTP header".to_string())?;
+            value.set_sensitive(true);
+            Ok(value)
+        })
+        .collect()
+}
+
+/// POSTs a JSON `body` with the provider's `headers`. A non-2xx answer is read and classified
+/// by the provider's `classify`; a 2xx response is returned for the provider to read.
+pub(crate) async fn post_json(
+    http: &HttpClient,
+    uri: http::Uri,
+    headers: &[(&'static str, http::HeaderValue)],
+    body: Vec<u8>,
+    stream: bool,
+    classify: fn(Option<u16>, &[u8]) -> FailureClass,
+) -> Result<http::Response<hyper::body::Incoming>, AttemptError> {
+    let mut builder = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(uri)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::USER_AGENT, concat!("backstop/", env!("CARGO_PKG_VERSION")))
+        .header(http::header::ACCEPT, if stream { "text/event-stream" } else { "application/json" });
+    for (name, value) in headers {
+        builder = builder.header(*name, value.clone());
+    }
+    let outgoing = builder
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot build request: {e}")))?;
+    let response = http.request(outgoing).await.map_err(|e| connect_error(&e))?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let headers = response.headers().clone();
+    let body = read_body(response.into_body()).await?;
+    let class = classify(Some(status.as_u16()), &body);
+    Err(AttemptError::classified(class, status.as_u16(), &headers, body))
+}
+
+/// Encodes a request body.
+pub(crate) fn encode(body: &impl serde::Serialize) -> Result<Vec<u8>, AttemptError> {
+    serde_json::to_vec(body)
+        .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))
+}
+
+/// Reads a 2xx answer as JSON.
+pub(crate) async fn read_json(body: hyper::body::Incoming) -> Result<Value, AttemptError> {
+    let body = read_body(body).await?;
+    serde_json::from_slice(&body).map_err(|e| {
+        AttemptError::new(FailureClass::ServerError, format!("upstream answered 200 with invalid JSON: {e}"))
+    })
+}
+
 /// Classifies a failed connection: whether it never opened or broke before an answer, the
 /// next target can fix it.
 pub(crate) fn connect_error(error: &hyper_util::client::legacy::Error) -> AttemptError {

@@ -4,15 +4,14 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Uri, header};
-use http_body_util::Full;
+use http::{HeaderValue, Uri};
 use serde_json::Value;
 
 use super::azure::Deployments;
 use super::sse::{self, Parsed, WireStream};
 use super::{
-    Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, connect_error, read_body, responses,
+    Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, classify_openai_error, credentials,
+    encode, post_json, read_json, responses,
 };
 use crate::chat::{ChatRequest, Operation};
 use crate::policy::{FailureClass, ProviderKind};
@@ -40,18 +39,6 @@ pub struct OpenAi {
     fingerprints: Vec<u64>,
 }
 
-fn credential_headers(keys: &[ApiKey], bearer: bool) -> Result<Vec<HeaderValue>, String> {
-    keys.iter()
-        .map(|key| {
-            let text = if bearer { format!("Bearer {}", key.expose()) } else { key.expose().to_string() };
-            let mut value = HeaderValue::from_str(&text)
-                .map_err(|_| "API key holds characters not allowed in an HTTP header".to_string())?;
-            value.set_sensitive(true);
-            Ok(value)
-        })
-        .collect()
-}
-
 impl OpenAi {
     /// An upstream at `base_url` (such as `https://api.openai.com/v1`) with these keys.
     pub fn new(kind: ProviderKind, base_url: &str, api_keys: Vec<ApiKey>) -> Result<Self, String> {
@@ -70,7 +57,7 @@ impl OpenAi {
         let responses: Uri = format!("{}/responses", base_url.trim_end_matches('/'))
             .parse()
             .map_err(|e| format!("not a valid URL: {e}"))?;
-        let authorizations = credential_headers(&api_keys, true)?;
+        let authorizations = credentials(&api_keys, "Bearer ")?;
         let fingerprints = api_keys.iter().map(ApiKey::fingerprint).collect();
         Ok(OpenAi {
             kind,
@@ -83,7 +70,7 @@ impl OpenAi {
     /// An Azure OpenAI resource at `base_url`, with `api-key` credentials.
     pub fn azure(base_url: &str, api_keys: Vec<ApiKey>, api_version: Option<&str>) -> Result<Self, String> {
         let deployments = Deployments::new(base_url, api_version)?;
-        let authorizations = credential_headers(&api_keys, false)?;
+        let authorizations = credentials(&api_keys, "")?;
         let fingerprints = api_keys.iter().map(ApiKey::fingerprint).collect();
         Ok(OpenAi {
             kind: ProviderKind::AzureOpenAi,
@@ -140,26 +127,7 @@ impl OpenAi {
                 deployments.embeddings(model).map_err(|e| AttemptError::new(FailureClass::BadRequest, e))?
             }
         };
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::USER_AGENT, concat!("backstop/", env!("CARGO_PKG_VERSION")))
-            .header(header::ACCEPT, if request.stream { "text/event-stream" } else { "application/json" });
-        if let Some(credential) = self.authorizations.get(key) {
-            let name = if matches!(self.endpoint, Endpoint::Azure(_)) { "api-key" } else { "authorization" };
-            builder = builder.header(name, credential.clone());
-        }
-        let outgoing = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot build request: {e}")))?;
-        let response = http.request(outgoing).await.map_err(|e| connect_error(&e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let headers = response.headers().clone();
-            let body = read_body(response.into_body()).await?;
-            return Err(AttemptError::from_response(status.as_u16(), &headers, body));
-        }
+        let response = post_json(http, uri, &self.credential(key), body, request.stream, classify_openai_error).await?;
         let headroom = Headroom::from_headers(response.headers());
         if request.stream {
             return Ok(Sent {
@@ -168,10 +136,7 @@ impl OpenAi {
                 api: Api::OpenAi,
             });
         }
-        let body = read_body(response.into_body()).await?;
-        let answer: Value = serde_json::from_slice(&body).map_err(|e| {
-            AttemptError::new(FailureClass::ServerError, format!("upstream answered 200 with invalid JSON: {e}"))
-        })?;
+        let answer = read_json(response.into_body()).await?;
         if let Some(error) = answer.get("error").filter(|e| e.is_object()) {
             return Err(AttemptError::from_stream_error(error));
         }
@@ -195,6 +160,12 @@ impl OpenAi {
 }
 
 impl OpenAi {
+    /// The credential header for key `key`: `Authorization: Bearer` or Azure's `api-key`.
+    fn credential(&self, key: usize) -> Vec<(&'static str, HeaderValue)> {
+        let name = if matches!(self.endpoint, Endpoint::Azure(_)) { "api-key" } else { "authorization" };
+        self.authorizations.get(key).map(|value| (name, value.clone())).into_iter().collect()
+    }
+
     /// Whether this provider takes Responses requests as they are (OpenAI itself).
     pub fn speaks_responses(&self) -> bool {
         self.kind == ProviderKind::OpenAi && matches!(self.endpoint, Endpoint::Fixed { .. })
@@ -212,36 +183,14 @@ impl OpenAi {
     ) -> Result<Sent, AttemptError> {
         let mut body = request.origin.as_deref().map(|o| o.body.clone()).unwrap_or_default();
         body.insert("model".into(), Value::String(model.to_string()));
-        let body = serde_json::to_vec(&body)
-            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::USER_AGENT, concat!("backstop/", env!("CARGO_PKG_VERSION")))
-            .header(header::ACCEPT, if request.stream { "text/event-stream" } else { "application/json" });
-        if let Some(credential) = self.authorizations.get(key) {
-            builder = builder.header(header::AUTHORIZATION, credential.clone());
-        }
-        let outgoing = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot build request: {e}")))?;
-        let response = http.request(outgoing).await.map_err(|e| connect_error(&e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let headers = response.headers().clone();
-            let body = read_body(response.into_body()).await?;
-            return Err(AttemptError::from_response(status.as_u16(), &headers, body));
-        }
+        let response =
+            post_json(http, uri, &self.credential(key), encode(&body)?, request.stream, classify_openai_error).await?;
         let headroom = Headroom::from_headers(response.headers());
         if request.stream {
             let events = sse::event_stream(response.into_body(), responses::EventParser::default());
             return Ok(Sent { reply: Reply::Stream(events), headroom, api: Api::Responses });
         }
-        let body = read_body(response.into_body()).await?;
-        let answer: Value = serde_json::from_slice(&body).map_err(|e| {
-            AttemptError::new(FailureClass::ServerError, format!("upstream answered 200 with invalid JSON: {e}"))
-        })?;
+        let answer = read_json(response.into_body()).await?;
         if answer.get("status").and_then(Value::as_str) == Some("failed") {
             return Err(AttemptError::from_stream_error(answer.get("error").unwrap_or(&Value::Null)));
         }

@@ -267,7 +267,7 @@ fn usage(chat_usage: &Value) -> Value {
     let input = chat_usage.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0);
     let output = chat_usage.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0);
     json!({"input_tokens": input, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": output,
-           "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": input + output})
+           "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": input.saturating_add(output)})
 }
 
 fn response_object(

@@ -170,6 +170,16 @@ fn check_reports_field_paths_and_crd_matches_the_checked_in_file() {
         .output()
         .expect("run check");
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let cross = std::process::Command::new(BIN)
+        .arg("check")
+        .arg(repo_file("deploy/examples/cross-provider.yaml"))
+        .envs(
+            ["OPENAI_API_KEY", "ANTHROPIC_API_KEY_1", "ANTHROPIC_API_KEY_2", "GEMINI_API_KEY", "AZURE_OPENAI_API_KEY"]
+                .map(|name| (name, "test-key")),
+        )
+        .output()
+        .expect("run check");
+    assert!(cross.status.success(), "{}", String::from_utf8_lossy(&cross.stderr));
     let crd = std::process::Command::new(BIN).arg("crd").output().expect("run crd");
     let checked_in = std::fs::read(repo_file("crds/fallbackpolicy.yaml")).expect("crd file");
     assert!(crd.stdout == checked_in, "crds/fallbackpolicy.yaml differs from `backstop crd`");

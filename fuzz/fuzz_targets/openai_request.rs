@@ -1,0 +1,10 @@
+//! Any bytes as an OpenAI Chat Completions request: parse, then translate to every upstream.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(request) = backstop::chat::ChatRequest::from_openai_json(data) {
+        backstop::fuzzing::translate_everywhere(&request);
+    }
+});

@@ -1,0 +1,10 @@
+//! Any bytes as an OpenAI Responses request: parse, then translate to every upstream.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(request) = backstop::provider::responses::from_responses_request(data) {
+        backstop::fuzzing::translate_everywhere(&request);
+    }
+});

@@ -1,0 +1,137 @@
+//! Entry points for the fuzz targets in `fuzz/`: every request parser and stream translator,
+//! driven with arbitrary input. They must never panic. Unit tests run them over the golden
+//! fixtures, so they are built and exercised by the ordinary test run too.
+
+use serde_json::{Value, json};
+
+use crate::chain::{LocalKeys, PolicySnapshot};
+use crate::chat::{Api, ChatRequest};
+use crate::health::HealthRegistry;
+use crate::policy::RequestFeature;
+use crate::provider::sse::{Decoder, Parsed, WireStream};
+use crate::provider::{anthropic, convert, gemini, openai, responses};
+
+/// Translates a parsed request to every upstream format and asks every eligibility question.
+pub fn translate_everywhere(request: &ChatRequest) {
+    let _ = anthropic::unsupported(request);
+    let _ = anthropic::to_messages_request(request, "model", 16);
+    let _ = gemini::unsupported(request);
+    let _ = gemini::to_gemini_request(request);
+    let _ = openai::unsupported(request);
+    let _ = request.to_openai_json("model");
+    let _ = request.input_texts();
+    for feature in [RequestFeature::Tools, RequestFeature::Images, RequestFeature::StructuredOutput] {
+        let _ = request.uses(feature);
+    }
+}
+
+/// Reads `bytes` as an `api` event stream, split in two reads, and renders every event for
+/// every ingress; also treats each event as a complete answer.
+pub fn stream_everywhere(api: Api, bytes: &[u8]) {
+    let request = ChatRequest {
+        model: "chat".into(),
+        messages: Vec::new(),
+        stream: true,
+        rest: serde_json::Map::new(),
+        origin: None,
+        operation: crate::chat::Operation::Chat,
+    };
+    let mut parser: Box<dyn WireStream> = match api {
+        Api::OpenAi => Box::new(openai::ChunkParser::default()),
+        Api::Anthropic => Box::new(anthropic::EventParser::default()),
+        Api::Gemini => Box::new(gemini::EventParser::default()),
+        Api::Responses => Box::new(responses::EventParser::default()),
+    };
+    let mut to_openai = convert::ToOpenAiStream::new(api, true);
+    let mut to_anthropic = convert::ToAnthropicStream::new(api);
+    let mut to_responses = convert::ToResponsesStream::new(api, &request);
+    let mut decoder = Decoder::new(1 << 16);
+    let (first, second) = bytes.split_at(bytes.len() / 2);
+    for part in [first, second] {
+        decoder.push(part);
+        while let Ok(Some(event)) = decoder.next_event() {
+            if let Parsed::Event(event) = parser.event(event) {
+                let _ = to_openai.push(&event);
+                let _ = to_anthropic.push(&event);
+                let _ = to_responses.push(&event);
+                let _ = convert::to_openai_completion(api, &event.data);
+                let _ = convert::to_anthropic_message(api, &event.data);
+                let _ = responses::from_chat_completion(&convert::to_openai_completion(api, &event.data), &request);
+            }
+        }
+    }
+    let _ = decoder.finish();
+    let _ = parser.may_end();
+    let _ = to_openai.finish();
+    let _ = to_anthropic.finish();
+    let _ = to_responses.finish();
+}
+
+/// Parses and compiles a policy document.
+pub fn policy(text: &str) {
+    if let Ok(policy) = crate::control::file::parse_policy(text) {
+        let _ = PolicySnapshot::compile(&policy, &LocalKeys, &HealthRegistry::new());
+    }
+}
+
+/// A few hostile inputs the unit tests feed every entry point besides the fixtures.
+pub fn hostile_inputs() -> Vec<Vec<u8>> {
+    let deep = "[".repeat(200) + &"]".repeat(200);
+    vec![
+        Vec::new(),
+        b"{}".to_vec(),
+        b"data: {\"usage\":{\"prompt_tokens\":18446744073709551615,\"completion_tokens\":18446744073709551615}}\n\n".to_vec(),
+        b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":7,\"function\":{\"arguments\":\"x\"}}]}}]}\n\n".to_vec(),
+        b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":18446744073709551615,\"cache_read_input_tokens\":9}}}\n\n".to_vec(),
+        b"data: {\"type\":\"content_block_delta\",\"index\":99,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\"}}\n\n".to_vec(),
+        json!({"model": "m", "messages": [{"role": "tool"}, {"role": "assistant", "tool_calls": "nope"}], "tools": [1, {"function": 2}], "stop": 3, "tool_choice": {"function": []}})
+            .to_string()
+            .into_bytes(),
+        json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "image", "source": 5}, {"type": "tool_result", "content": [1]}]}], "tools": [{"type": "web_search"}], "tool_choice": {"type": "tool"}})
+            .to_string()
+            .into_bytes(),
+        json!({"model": "m", "input": [{"type": "function_call"}, {"type": "function_call_output", "output": {"a": 1}}, {"role": "user", "content": [{"type": "input_image"}]}], "text": {"format": {"type": "json_schema"}}})
+            .to_string()
+            .into_bytes(),
+        deep.into_bytes(),
+        Value::String("\u{0}\u{ffff}".into()).to_string().into_bytes(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixtures() -> Vec<Vec<u8>> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+        let mut inputs: Vec<Vec<u8>> = std::fs::read_dir(dir)
+            .map(|entries| entries.flatten().filter_map(|e| std::fs::read(e.path()).ok()).collect())
+            .unwrap_or_default();
+        assert!(inputs.len() >= 8, "the fixtures seed the fuzzers");
+        inputs.extend(hostile_inputs());
+        inputs
+    }
+
+    #[test]
+    fn every_entry_point_survives_the_seeds() {
+        for input in fixtures() {
+            if let Ok(request) = ChatRequest::from_openai_json(&input) {
+                translate_everywhere(&request);
+            }
+            if let Ok(request) = anthropic::from_messages_request(&input) {
+                translate_everywhere(&request);
+            }
+            if let Ok(request) = responses::from_responses_request(&input) {
+                translate_everywhere(&request);
+            }
+            if let Ok(request) = ChatRequest::from_openai_embeddings_json(&input) {
+                translate_everywhere(&request);
+            }
+            for api in [Api::OpenAi, Api::Anthropic, Api::Gemini, Api::Responses] {
+                stream_everywhere(api, &input);
+            }
+            policy(&String::from_utf8_lossy(&input));
+        }
+        policy(include_str!("../deploy/examples/quickstart.yaml"));
+    }
+}
