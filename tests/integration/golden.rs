@@ -148,3 +148,54 @@ fn anthropic_stream_passes_through_to_anthropic_apps() {
     assert_eq!(names.last().map(String::as_str), Some("message_stop"));
     assert_eq!(names.len(), 11, "every event but the ping: {names:?}");
 }
+
+#[test]
+fn responses_request_to_neutral_and_anthropic() {
+    let request =
+        backstop::provider::responses::from_responses_request(fixture("responses_request_tools.json").as_bytes())
+            .expect("valid Responses request");
+    insta::assert_json_snapshot!(
+        "responses_request_to_neutral",
+        json!({"messages": request.messages, "rest": request.rest, "stream": request.stream})
+    );
+    assert!(
+        anthropic::unsupported(&request).is_some_and(|why| why.contains("response_format")),
+        "JSON schema output is not portable to Messages"
+    );
+    assert_eq!(gemini::unsupported(&request), None);
+    insta::assert_json_snapshot!("responses_request_to_gemini", gemini::to_gemini_request(&request));
+}
+
+#[test]
+fn chat_completion_to_response_object() {
+    let request =
+        backstop::provider::responses::from_responses_request(fixture("responses_request_tools.json").as_bytes())
+            .expect("valid");
+    let response =
+        backstop::provider::responses::from_chat_completion(&json_fixture("openai_completion_tools.json"), &request);
+    insta::assert_json_snapshot!(response, {".created_at" => "[created]"});
+}
+
+#[test]
+fn anthropic_stream_to_responses_events() {
+    let request =
+        backstop::provider::responses::from_responses_request(fixture("responses_request_tools.json").as_bytes())
+            .expect("valid");
+    let mut translate = convert::ToResponsesStream::new(backstop::chat::Api::Anthropic, &request);
+    let events = events("anthropic_stream_tools.sse", anthropic::EventParser::default());
+    let mut out: Vec<Value> = events
+        .iter()
+        .flat_map(|e| translate.push(e))
+        .map(|(name, data)| json!({"event": name, "data": data}))
+        .collect();
+    out.extend(translate.finish().into_iter().map(|(name, data)| json!({"event": name, "data": data})));
+    insta::assert_json_snapshot!(out, {"[].data.response.created_at" => "[created]"});
+}
+
+#[test]
+fn gemini_response_to_anthropic() {
+    insta::assert_json_snapshot!(convert::to_anthropic_message(
+        backstop::chat::Api::Gemini,
+        &json_fixture("gemini_response_tools.json")
+    ));
+}
