@@ -44,6 +44,9 @@ pub struct Origin {
     /// Fields of it that only a provider of the same API can honour (a provider of another
     /// API is not eligible for the request).
     pub unportable: Vec<String>,
+    /// Request headers a provider of the same API is sent too (such as `anthropic-beta`,
+    /// which turns on features the body relies on).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 /// What a request asks the model for.

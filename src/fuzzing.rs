@@ -55,7 +55,7 @@ pub fn stream_everywhere(api: Api, bytes: &[u8]) {
                 let _ = to_anthropic.push(&event);
                 let _ = to_responses.push(&event);
                 let _ = convert::to_openai_completion(api, &event.data);
-                let _ = convert::to_anthropic_message(api, &event.data);
+                let _ = convert::to_anthropic_message(api, event.data.clone());
                 let _ = responses::from_chat_completion(&convert::to_openai_completion(api, &event.data), &request);
             }
         }

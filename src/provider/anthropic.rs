@@ -111,6 +111,11 @@ impl Anthropic {
         let body = to_messages_request(request, model, self.default_max_tokens);
         let mut headers = vec![("anthropic-version", self.version.clone())];
         headers.extend(self.keys.get(key).map(|k| ("x-api-key", k.clone())));
+        if let Some(origin) = request.origin.as_deref().filter(|o| o.api == Api::Anthropic) {
+            headers.extend(
+                origin.headers.iter().filter_map(|(name, value)| Some((*name, HeaderValue::from_str(value).ok()?))),
+            );
+        }
         let response =
             post_json(http, self.messages.clone(), &headers, encode(&body)?, request.stream, classify).await?;
         let headroom = anthropic_headroom(response.headers());
@@ -619,6 +624,12 @@ const INGRESS_FIELDS: &[&str] = &[
 /// Parses an app's Messages request into the neutral request, keeping the original body for
 /// Anthropic targets.
 pub fn from_messages_request(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+    from_messages_request_with(body, &http::HeaderMap::new())
+}
+
+/// [`from_messages_request`], keeping the app's `anthropic-beta` header for Anthropic targets.
+pub fn from_messages_request_with(body: &[u8], headers: &http::HeaderMap) -> Result<ChatRequest, InvalidRequest> {
+    let beta = headers.get("anthropic-beta").and_then(|v| v.to_str().ok()).map(|v| ("anthropic-beta", v.to_string()));
     let invalid = |message: String, param: Option<&'static str>| InvalidRequest { message, param };
     let value: Value =
         serde_json::from_slice(body).map_err(|e| invalid(format!("request body is not valid JSON: {e}"), None))?;
@@ -766,7 +777,12 @@ pub fn from_messages_request(body: &[u8]) -> Result<ChatRequest, InvalidRequest>
         messages,
         stream,
         rest,
-        origin: Some(std::sync::Arc::new(Origin { api: Api::Anthropic, body: raw, unportable })),
+        origin: Some(std::sync::Arc::new(Origin {
+            api: Api::Anthropic,
+            body: raw,
+            unportable,
+            headers: beta.into_iter().collect(),
+        })),
         operation: Operation::Chat,
     })
 }

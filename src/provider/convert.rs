@@ -8,7 +8,10 @@ use super::{Api, StreamEvent, anthropic, gemini, openai, responses};
 
 /// Whether a complete answer has text, a refusal or a tool call.
 pub fn has_content(api: Api, answer: &Value) -> bool {
-    openai::completion_has_content(&to_openai_completion(api, answer))
+    match api {
+        Api::OpenAi => openai::completion_has_content(answer),
+        other => openai::completion_has_content(&to_openai_completion(other, answer)),
+    }
 }
 
 /// A complete answer as an OpenAI `chat.completion`.
@@ -21,11 +24,19 @@ pub fn to_openai_completion(api: Api, answer: &Value) -> Value {
     }
 }
 
-/// A complete answer as an Anthropic Messages answer.
-pub fn to_anthropic_message(api: Api, answer: &Value) -> Value {
+/// A complete answer as an OpenAI `chat.completion`, without a copy when it already is one.
+pub fn into_openai_completion(api: Api, answer: Value) -> Value {
     match api {
-        Api::Anthropic => answer.clone(),
-        other => anthropic::from_openai_completion(&to_openai_completion(other, answer)),
+        Api::OpenAi => answer,
+        other => to_openai_completion(other, &answer),
+    }
+}
+
+/// A complete answer as an Anthropic Messages answer.
+pub fn to_anthropic_message(api: Api, answer: Value) -> Value {
+    match api {
+        Api::Anthropic => answer,
+        other => anthropic::from_openai_completion(&to_openai_completion(other, &answer)),
     }
 }
 

@@ -146,7 +146,7 @@ pub fn from_responses_request(body: &[u8]) -> Result<ChatRequest, InvalidRequest
         messages,
         stream,
         rest,
-        origin: Some(std::sync::Arc::new(Origin { api: Api::Responses, body: raw, unportable })),
+        origin: Some(std::sync::Arc::new(Origin { api: Api::Responses, body: raw, unportable, headers: Vec::new() })),
         operation: Operation::Chat,
     })
 }

@@ -4,7 +4,7 @@
 //! exception classes.
 
 use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
 use serde_json::{Value, json};
 
 use super::chat::Dialect;
@@ -22,15 +22,15 @@ impl Dialect for AnthropicDialect {
     const API: Api = Api::Anthropic;
     type Renderer = AnthropicStream;
 
-    fn parse(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
-        anthropic::from_messages_request(body)
+    fn parse(body: &[u8], headers: &HeaderMap) -> Result<ChatRequest, InvalidRequest> {
+        anthropic::from_messages_request_with(body, headers)
     }
 
     fn error(status: StatusCode, message: &str, code: &str, _param: Option<&str>, extra: Value) -> Response<Body> {
         error(status, message, code, extra)
     }
 
-    fn complete(api: Api, answer: &Value, _request: &ChatRequest) -> Value {
+    fn complete(api: Api, answer: Value, _request: &ChatRequest) -> Value {
         convert::to_anthropic_message(api, answer)
     }
 

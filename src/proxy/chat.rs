@@ -22,12 +22,12 @@ pub trait Dialect {
     /// The stream renderer.
     type Renderer: StreamRenderer;
     /// Parses a request body.
-    fn parse(body: &[u8]) -> Result<ChatRequest, InvalidRequest>;
+    fn parse(body: &[u8], headers: &HeaderMap) -> Result<ChatRequest, InvalidRequest>;
     /// An error in this API's format. `code` is Backstop's machine-readable reason; `extra`
     /// fields join the error object.
     fn error(status: StatusCode, message: &str, code: &str, param: Option<&str>, extra: Value) -> Response<Body>;
     /// A whole answer from a provider of `api`, in this API's format.
-    fn complete(api: Api, answer: &Value, request: &ChatRequest) -> Value;
+    fn complete(api: Api, answer: Value, request: &ChatRequest) -> Value;
     /// A renderer for a stream from a provider of `api`.
     fn renderer(api: Api, request: &ChatRequest) -> Self::Renderer;
 }
@@ -39,7 +39,7 @@ pub async fn serve<D: Dialect>(
     body: &[u8],
     http: &HttpClient,
 ) -> Response<Body> {
-    let request = match D::parse(body) {
+    let request = match D::parse(body, headers) {
         Ok(request) => request,
         Err(invalid) => {
             return D::error(StatusCode::BAD_REQUEST, &invalid.message, "invalid_request", invalid.param, Value::Null);
@@ -176,7 +176,7 @@ pub fn controls(route: &Route, headers: &HeaderMap) -> Controls {
 fn answer<D: Dialect>(answered: Answered, request: &ChatRequest) -> Response<Body> {
     let Answered { target, reply, attempts, fell_through } = answered;
     let mut response = match reply {
-        Committed::Complete { body, api } => super::json_response(StatusCode::OK, &D::complete(api, &body, request)),
+        Committed::Complete { body, api } => super::json_response(StatusCode::OK, &D::complete(api, body, request)),
         Committed::Stream { held, rest, idle_timeout, api } => {
             let renderer = D::renderer(api, request);
             let mut response = Response::new(stream::sse_body(held, rest, idle_timeout, renderer));

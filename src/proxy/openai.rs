@@ -2,7 +2,7 @@
 //! format with the status codes and error shapes the OpenAI SDKs map to their exceptions.
 
 use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
 use serde_json::{Value, json};
 
 use super::chat::{Dialect, error_type};
@@ -20,7 +20,7 @@ impl Dialect for OpenAiDialect {
     const API: Api = Api::OpenAi;
     type Renderer = OpenAiStream;
 
-    fn parse(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+    fn parse(body: &[u8], _headers: &HeaderMap) -> Result<ChatRequest, InvalidRequest> {
         ChatRequest::from_openai_json(body)
     }
 
@@ -41,8 +41,8 @@ impl Dialect for OpenAiDialect {
         json_response(status, &json!({ "error": error }))
     }
 
-    fn complete(api: Api, answer: &Value, _request: &ChatRequest) -> Value {
-        convert::to_openai_completion(api, answer)
+    fn complete(api: Api, answer: Value, _request: &ChatRequest) -> Value {
+        convert::into_openai_completion(api, answer)
     }
 
     fn renderer(api: Api, request: &ChatRequest) -> OpenAiStream {
@@ -57,7 +57,7 @@ impl Dialect for EmbeddingsDialect {
     const API: Api = Api::OpenAi;
     type Renderer = OpenAiStream;
 
-    fn parse(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+    fn parse(body: &[u8], _headers: &HeaderMap) -> Result<ChatRequest, InvalidRequest> {
         ChatRequest::from_openai_embeddings_json(body)
     }
 
@@ -65,9 +65,9 @@ impl Dialect for EmbeddingsDialect {
         OpenAiDialect::error(status, message, code, param, extra)
     }
 
-    fn complete(_api: Api, answer: &Value, _request: &ChatRequest) -> Value {
+    fn complete(_api: Api, answer: Value, _request: &ChatRequest) -> Value {
         // Every provider that embeds answers in OpenAI's list format.
-        answer.clone()
+        answer
     }
 
     fn renderer(api: Api, request: &ChatRequest) -> OpenAiStream {
@@ -83,7 +83,7 @@ impl Dialect for ResponsesDialect {
     const API: Api = Api::Responses;
     type Renderer = ResponsesStream;
 
-    fn parse(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+    fn parse(body: &[u8], _headers: &HeaderMap) -> Result<ChatRequest, InvalidRequest> {
         responses::from_responses_request(body)
     }
 
@@ -91,10 +91,10 @@ impl Dialect for ResponsesDialect {
         OpenAiDialect::error(status, message, code, param, extra)
     }
 
-    fn complete(api: Api, answer: &Value, request: &ChatRequest) -> Value {
+    fn complete(api: Api, answer: Value, request: &ChatRequest) -> Value {
         match api {
-            Api::Responses => answer.clone(),
-            other => responses::from_chat_completion(&convert::to_openai_completion(other, answer), request),
+            Api::Responses => answer,
+            other => responses::from_chat_completion(&convert::to_openai_completion(other, &answer), request),
         }
     }
 

@@ -196,6 +196,6 @@ fn anthropic_stream_to_responses_events() {
 fn gemini_response_to_anthropic() {
     insta::assert_json_snapshot!(convert::to_anthropic_message(
         backstop::chat::Api::Gemini,
-        &json_fixture("gemini_response_tools.json")
+        json_fixture("gemini_response_tools.json")
     ));
 }

@@ -158,9 +158,12 @@ async fn anthropic_to_anthropic_passes_unknown_fields_and_answers_untouched() {
     body["thinking"] = json!({"type": "enabled", "budget_tokens": 1024});
     body["top_k"] = json!(5);
     body["messages"][0]["content"] = json!([{"type": "text", "text": "hello", "cache_control": {"type": "ephemeral"}}]);
-    let answer = post(&sidecar.url("/v1/messages"), &body).await;
+    let answer =
+        post_raw(&sidecar.url("/v1/messages"), body.to_string(), &[("anthropic-beta", "context-1m-2025-08-07")]).await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.json()["vendor_extra"], "kept", "same API: the answer is passed through untouched");
+    let beta = anthropic.received()[0].headers.get("anthropic-beta").and_then(|v| v.to_str().ok()).map(str::to_string);
+    assert_eq!(beta.as_deref(), Some("context-1m-2025-08-07"), "the app's beta header reaches an Anthropic target");
     let mut expected = body.clone();
     expected["model"] = json!("claude-opus-4-1");
     assert_eq!(anthropic.received()[0].body, expected, "same API: the request is passed through but for the model");
