@@ -416,6 +416,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if duration.is_zero() {
         return Err("must be greater than zero".to_string());
     }
+    if duration > Duration::from_secs(86_400) {
+        return Err(format!("`{text}` is longer than the 24h maximum"));
+    }
     Ok(duration)
 }
 
@@ -1090,6 +1093,7 @@ spec:
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert!(parse_duration("10").is_err());
+        assert!(parse_duration("100000000y").is_err_and(|e| e.contains("24h")));
         assert!(parse_duration("").is_err());
     }
 

@@ -38,7 +38,7 @@ pub fn stream_everywhere(api: Api, bytes: &[u8]) {
     };
     let mut parser: Box<dyn WireStream> = match api {
         Api::OpenAi => Box::new(openai::ChunkParser::default()),
-        Api::Anthropic => Box::new(anthropic::EventParser::default()),
+        Api::Anthropic => Box::new(anthropic::EventParser::new(true)),
         Api::Gemini => Box::new(gemini::EventParser::default()),
         Api::Responses => Box::new(responses::EventParser::default()),
     };

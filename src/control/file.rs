@@ -62,6 +62,13 @@ pub fn parse_policy(yaml: &str) -> Result<FallbackPolicy, LoadError> {
 /// serde_yaml reports `spec.routes[0].chain[1]: unknown field ...`; quote the path the way
 /// compile errors do, so every policy error reads alike.
 fn with_quoted_path(message: &str) -> String {
+    // A key written straight into `apiKey` would be echoed by "invalid type: string ...":
+    // never repeat what stands under a key field.
+    if let Some((path, _)) = message.split_once(": ")
+        && (path.contains("apiKey") || path.contains("value"))
+    {
+        return format!("`{path}`: must be an object with exactly one of `value`, `env` or `secretKeyRef`");
+    }
     match message.split_once(": ") {
         Some((path, rest)) if !path.contains(' ') && path.starts_with(|c: char| c.is_ascii_alphabetic()) => {
             format!("`{path}`: {rest}")
@@ -177,10 +184,15 @@ mod tests {
                 "`spec`: missing field `routes`",
             ),
             ("just text".to_string(), "not a FallbackPolicy document"),
+            (
+                base.replace("type: mock}]", "type: openai, apiKey: sk-live-leaky}]"),
+                "`spec.providers[0].apiKey`: must be an object",
+            ),
         ];
         for (yaml, expected) in cases {
             let error = parse_policy(&yaml).expect_err(expected).to_string();
             assert!(error.contains(expected), "expected {expected:?} in {error:?}");
+            assert!(!error.contains("leaky"), "a key leaked into the error: {error}");
         }
     }
 }

@@ -120,7 +120,8 @@ impl Anthropic {
             post_json(http, self.messages.clone(), &headers, encode(&body)?, request.stream, classify).await?;
         let headroom = anthropic_headroom(response.headers());
         if request.stream {
-            let events = sse::event_stream(response.into_body(), EventParser::default());
+            let thinking_shows = request.origin.as_ref().is_some_and(|o| o.api == Api::Anthropic);
+            let events = sse::event_stream(response.into_body(), EventParser::new(thinking_shows));
             return Ok(Sent { reply: Reply::Stream(events), headroom, api: Api::Anthropic });
         }
         let answer = read_json(response.into_body()).await?;
@@ -146,9 +147,9 @@ impl Anthropic {
 fn anthropic_headroom(headers: &http::HeaderMap) -> Headroom {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     let reset = |name: &str| {
-        text(name)
-            .and_then(|v| httpdate::parse_http_date(v).ok().or_else(|| humantime::parse_rfc3339(v).ok()))
-            .map(|at| at.duration_since(SystemTime::now()).unwrap_or_default())
+        text(name).and_then(|v| httpdate::parse_http_date(v).ok().or_else(|| humantime::parse_rfc3339(v).ok())).map(
+            |at| at.duration_since(SystemTime::now()).unwrap_or_default().min(std::time::Duration::from_secs(86_400)),
+        )
     };
     Headroom {
         remaining_requests: text("anthropic-ratelimit-requests-remaining").and_then(|v| v.parse().ok()),
@@ -420,9 +421,19 @@ pub fn to_openai_completion(message: &Value) -> Value {
 }
 
 /// Reads Messages stream events: `message_stop` ends it; `ping` is skipped; `error` fails it.
+/// Thinking counts as content (commits the stream) only when `thinking_shows`: an app of
+/// another API never sees it, so a failure during thinking can still fall through for it.
 #[derive(Debug, Default)]
 pub struct EventParser {
     stopped: bool,
+    thinking_shows: bool,
+}
+
+impl EventParser {
+    /// A parser for a stream the app sees thinking in (it speaks Messages) or not.
+    pub fn new(thinking_shows: bool) -> Self {
+        EventParser { stopped: false, thinking_shows }
+    }
 }
 
 impl WireStream for EventParser {
@@ -454,9 +465,9 @@ impl WireStream for EventParser {
             }
             "content_block_delta" => {
                 let delta = data.get("delta").cloned().unwrap_or(Value::Null);
-                let text = ["text", "partial_json", "thinking"]
-                    .iter()
-                    .any(|k| delta.get(*k).and_then(Value::as_str).is_some_and(|s| !s.is_empty()));
+                let visible: &[&str] =
+                    if self.thinking_shows { &["text", "partial_json", "thinking"] } else { &["text", "partial_json"] };
+                let text = visible.iter().any(|k| delta.get(*k).and_then(Value::as_str).is_some_and(|s| !s.is_empty()));
                 (text, false)
             }
             "message_delta" => (false, data.pointer("/delta/stop_reason").is_some_and(|r| !r.is_null())),
@@ -731,7 +742,8 @@ pub fn from_messages_request_with(body: &[u8], headers: &http::HeaderMap) -> Res
         }
     }
     let mut rest = Map::new();
-    rest.insert("max_tokens".into(), json!(max_tokens));
+    // OpenAI's current name: its reasoning models refuse `max_tokens`.
+    rest.insert("max_completion_tokens".into(), json!(max_tokens));
     for name in ["temperature", "top_p"] {
         if let Some(v) = raw.get(name) {
             rest.insert(name.into(), v.clone());
@@ -1013,7 +1025,7 @@ mod tests {
 
     #[test]
     fn stream_events_are_flagged_for_commit() {
-        let mut parser = EventParser::default();
+        let mut parser = EventParser::new(true);
         let event = |data: Value| sse::Event { event: None, data: data.to_string() };
         let Parsed::Event(e) = parser.event(event(json!({"type": "message_start", "message": {}}))) else { panic!() };
         assert!(!e.content && !e.end);
@@ -1033,6 +1045,18 @@ mod tests {
         assert!(!parser.may_end());
         let Parsed::Event(e) = parser.event(event(json!({"type": "message_stop"}))) else { panic!() };
         assert!(e.end && parser.may_end());
+    }
+
+    #[test]
+    fn thinking_commits_only_streams_whose_app_sees_it() {
+        let thinking = sse::Event {
+            event: None,
+            data: json!({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm"}}).to_string(),
+        };
+        let Parsed::Event(seen) = EventParser::new(true).event(thinking.clone()) else { panic!() };
+        assert!(seen.content, "an Anthropic app sees thinking: it commits the stream");
+        let Parsed::Event(unseen) = EventParser::new(false).event(thinking) else { panic!() };
+        assert!(!unseen.content, "other apps never see it: a failure during thinking can still fall through");
     }
 
     #[test]

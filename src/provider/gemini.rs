@@ -210,6 +210,7 @@ pub fn unsupported(request: &ChatRequest) -> Option<String> {
             "logprobs" => (value == &Value::Bool(true)).then_some("`logprobs`"),
             "logit_bias" => value.as_object().is_some_and(|m| !m.is_empty()).then_some("`logit_bias`"),
             "parallel_tool_calls" => (value == &Value::Bool(false)).then_some("`parallel_tool_calls: false`"),
+            "n" if request.stream => value.as_u64().is_some_and(|n| n > 1).then_some("a stream of `n` above 1"),
             _ => None,
         };
         if let Some(problem) = problem {
@@ -458,6 +459,7 @@ pub fn to_openai_completion(answer: &Value) -> Value {
 #[derive(Debug, Default)]
 pub struct EventParser {
     finished: bool,
+    emitted_content: bool,
 }
 
 impl WireStream for EventParser {
@@ -481,7 +483,7 @@ impl WireStream for EventParser {
         let candidate = data.pointer("/candidates/0").cloned().unwrap_or(Value::Null);
         let reason = candidate.get("finishReason").and_then(Value::as_str);
         let content = !parts_of(&candidate).is_empty();
-        if !content && reason.is_some_and(|r| FILTERED.contains(&r)) {
+        if !content && !self.emitted_content && reason.is_some_and(|r| FILTERED.contains(&r)) {
             return Parsed::Fail(AttemptError::new(
                 FailureClass::ContentFiltered,
                 "answer blocked by the safety filters",
@@ -489,6 +491,7 @@ impl WireStream for EventParser {
         }
         let end = reason.is_some();
         self.finished |= end;
+        self.emitted_content |= content;
         Parsed::Event(StreamEvent { data, content, end })
     }
 
@@ -661,5 +664,16 @@ mod tests {
             panic!()
         };
         assert_eq!(e.class, FailureClass::ContentFiltered);
+        // After content has streamed, a safety stop ends the answer instead of failing it.
+        let mut parser = EventParser::default();
+        let text = json!({"candidates": [{"content": {"parts": [{"text": "partial"}]}}]});
+        assert!(matches!(parser.event(sse::Event { event: None, data: text.to_string() }), Parsed::Event(_)));
+        let Parsed::Event(stop) = parser.event(sse::Event { event: None, data: answer_blocked.to_string() }) else {
+            panic!()
+        };
+        assert!(stop.end && parser.may_end());
+        let mut translate = ToOpenAiStream::new(false);
+        let chunks = translate.push(&stop.data);
+        assert_eq!(chunks.last().and_then(|c| c.pointer("/choices/0/finish_reason")), Some(&json!("content_filter")));
     }
 }

@@ -361,10 +361,14 @@ impl Headroom {
     }
 }
 
+/// The longest wait an upstream can impose through its headers: one day. Anything longer is
+/// read as one day, so no arithmetic on instants can overflow.
+const MAX_UPSTREAM_WAIT_SECS: f64 = 86_400.0;
+
 /// Parses a rate-limit reset such as `1s`, `6m0s`, `59.5s`, `120ms` or a bare number of seconds.
 fn parse_reset(text: &str) -> Option<Duration> {
     if let Ok(secs) = text.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(MAX_UPSTREAM_WAIT_SECS)));
     }
     let mut total = 0.0;
     let mut rest = text;
@@ -386,7 +390,7 @@ fn parse_reset(text: &str) -> Option<Duration> {
         total += value * scale;
         rest = tail;
     }
-    Some(Duration::from_secs_f64(total))
+    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total.min(MAX_UPSTREAM_WAIT_SECS)))
 }
 
 /// A successful answer, in the provider's own format (see [`Sent::api`]).
@@ -427,6 +431,9 @@ pub struct AttemptError {
     /// How long the key is out of requests or tokens, per the error response's
     /// `x-ratelimit-*` headers.
     pub saturated_for: Option<Duration>,
+    /// The request's own deadline, not the target, ended the attempt: nothing is learnt of
+    /// the target's health from it.
+    pub cut_by_deadline: bool,
 }
 
 impl AttemptError {
@@ -439,6 +446,7 @@ impl AttemptError {
             message: message.into(),
             body: None,
             saturated_for: None,
+            cut_by_deadline: false,
         }
     }
 
@@ -466,6 +474,7 @@ impl AttemptError {
             message,
             body,
             saturated_for: Headroom::from_headers(headers).exhausted_for(),
+            cut_by_deadline: false,
         }
     }
 
@@ -479,7 +488,15 @@ impl AttemptError {
             let detail = error.get("message").and_then(Value::as_str).unwrap_or("unknown error");
             format!("error event in stream: {}", truncate(detail, 300))
         };
-        AttemptError { class, status: None, retry_after: None, message, body: None, saturated_for: None }
+        AttemptError {
+            class,
+            status: None,
+            retry_after: None,
+            message,
+            body: None,
+            saturated_for: None,
+            cut_by_deadline: false,
+        }
     }
 }
 
@@ -538,14 +555,14 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
         && ms.is_finite()
         && ms >= 0.0
     {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(Duration::from_secs_f64((ms / 1000.0).min(MAX_UPSTREAM_WAIT_SECS)));
     }
     let value = text("retry-after")?;
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(MAX_UPSTREAM_WAIT_SECS)));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO).min(Duration::from_secs_f64(MAX_UPSTREAM_WAIT_SECS)))
 }
 
 fn error_message(body: &[u8]) -> Option<String> {
@@ -652,6 +669,11 @@ mod tests {
         assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
         assert_eq!(parse_reset("2"), Some(Duration::from_secs(2)));
         assert_eq!(parse_reset("soon"), None);
+        assert_eq!(parse_reset("1e20"), Some(Duration::from_secs(86_400)), "clamped: no instant arithmetic overflows");
+        assert_eq!(parse_reset("99999999999999999999h"), Some(Duration::from_secs(86_400)));
+        let mut huge = HeaderMap::new();
+        huge.insert("retry-after-ms", HeaderValue::from_static("1e25"));
+        assert_eq!(retry_after(&huge, SystemTime::UNIX_EPOCH), Some(Duration::from_secs(86_400)));
     }
 
     #[test]

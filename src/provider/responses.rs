@@ -86,7 +86,7 @@ pub fn from_responses_request(body: &[u8]) -> Result<ChatRequest, InvalidRequest
         }
     }
     if let Some(max) = raw.get("max_output_tokens").filter(|v| !v.is_null()) {
-        rest.insert("max_tokens".into(), max.clone());
+        rest.insert("max_completion_tokens".into(), max.clone());
     }
     if let Some(effort) = raw.get("reasoning").and_then(|r| r.get("effort")).filter(|v| !v.is_null()) {
         rest.insert("reasoning_effort".into(), effort.clone());
@@ -459,8 +459,9 @@ impl FromChatStream {
                     index
                 }
             };
-            let so_far = self.items[index]["content"][0]["text"].as_str().unwrap_or_default().to_string() + text;
-            self.items[index]["content"][0]["text"] = json!(so_far);
+            if let Value::String(so_far) = &mut self.items[index]["content"][0]["text"] {
+                so_far.push_str(text);
+            }
             let item_id = self.items[index]["id"].clone();
             self.emit(
                 &mut out,
@@ -487,8 +488,9 @@ impl FromChatStream {
             if let Some(arguments) =
                 call.pointer("/function/arguments").and_then(Value::as_str).filter(|a| !a.is_empty())
             {
-                let so_far = self.items[index]["arguments"].as_str().unwrap_or_default().to_string() + arguments;
-                self.items[index]["arguments"] = json!(so_far);
+                if let Value::String(so_far) = &mut self.items[index]["arguments"] {
+                    so_far.push_str(arguments);
+                }
                 let item_id = self.items[index]["id"].clone();
                 self.emit(
                     &mut out,

@@ -133,6 +133,7 @@ type Outcome = (Arc<Target>, Permit, u64, Instant, Result<(Committed, Headroom),
 type InFlight<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
 
 /// Where the walk stands in the chain.
+#[derive(Clone)]
 struct Walk<'r> {
     request: &'r ChatRequest,
     chain: &'r [Step],
@@ -226,13 +227,18 @@ impl<'r> Walk<'r> {
     /// The first target: the first admitted one in chain order, or, when every eligible target
     /// is open, the one whose breaker opened earliest (better than failing without trying).
     /// `None` when no target can serve the request at all.
-    fn first(&mut self, now: Instant, skipped: &mut Vec<(String, &'static str)>) -> Option<(Arc<Target>, Permit)> {
+    fn first(
+        &mut self,
+        now: Instant,
+        no_fallback: bool,
+        skipped: &mut Vec<(String, &'static str)>,
+    ) -> Option<(Arc<Target>, Permit)> {
         self.step = 0;
         if let Some(admitted) = self.admit_member(now) {
             return Some(admitted);
         }
         self.note_skipped(&self.chain[0], skipped);
-        if let Some(admitted) = self.advance(now, skipped) {
+        if !no_fallback && let Some(admitted) = self.advance(now, skipped) {
             return Some(admitted);
         }
         skipped.retain(|(_, why)| *why == "ineligible");
@@ -240,6 +246,7 @@ impl<'r> Walk<'r> {
             .chain
             .iter()
             .enumerate()
+            .take(if no_fallback { 1 } else { usize::MAX })
             .flat_map(|(s, step)| (0..step.members.len()).map(move |m| (s, m)))
             .filter(|&(s, m)| !self.ineligible.iter().any(|(l, _)| *l == self.chain[s].members[m].label))
             .collect();
@@ -324,7 +331,7 @@ pub async fn run(
         })
     };
 
-    let Some((first, permit)) = walk.first(started, &mut skipped) else {
+    let Some((first, permit)) = walk.first(started, controls.no_fallback, &mut skipped) else {
         return Err(Unanswered::Ineligible { reasons: walk.ineligible });
     };
     for (label, why) in skipped.drain(..) {
@@ -336,7 +343,9 @@ pub async fn run(
 
     loop {
         let hedge_at = match route.hedge {
-            Some(hedge) if hedges < hedge.max_extra && !in_flight.is_empty() => Some(last_launch + hedge.delay),
+            Some(hedge) if hedges < hedge.max_extra && !in_flight.is_empty() && !controls.no_fallback => {
+                Some(last_launch + hedge.delay)
+            }
             _ => None,
         };
         let finished = tokio::select! {
@@ -344,13 +353,18 @@ pub async fn run(
             () = sleep_until_opt(hedge_at), if hedge_at.is_some() => {
                 let now = Instant::now();
                 let Some(hedge) = route.hedge else { continue };
-                if now >= deadline || launches >= max_attempts || !route.budget.withdraw(now) {
+                if now >= deadline || launches >= max_attempts {
                     // No hedge this time; the attempts in flight carry on.
                     hedges = hedge.max_extra;
                     continue;
                 }
-                match walk.advance(now, &mut skipped) {
-                    Some((target, permit)) => {
+                // Advance a copy: if nothing can be hedged to, the walk stays where it is.
+                let mut trial = walk.clone();
+                let mut trial_skipped = Vec::new();
+                match trial.advance(now, &mut trial_skipped) {
+                    Some((target, permit)) if route.budget.withdraw(now) => {
+                        walk = trial;
+                        skipped.extend(trial_skipped);
                         tracing::debug!(route = %route.alias, target_label = %target.label, "hedging a slow first token");
                         for (label, why) in skipped.drain(..) {
                             fell_through.push((label, why));
@@ -361,7 +375,8 @@ pub async fn run(
                         hedges += 1;
                         last_launch = now;
                     }
-                    None => hedges = hedge.max_extra,
+                    // Nothing to hedge to, or no budget for it: the permit, if any, is dropped.
+                    _ => hedges = hedge.max_extra,
                 }
                 continue;
             }
@@ -406,7 +421,12 @@ pub async fn run(
             }
             Err(error) => error,
         };
-        permit.failed(now, elapsed, error.class, error.retry_after, &error.message);
+        if error.cut_by_deadline {
+            // The request ran out of time, not the target: count nothing against it.
+            drop(permit);
+        } else {
+            permit.failed(now, elapsed, error.class, error.retry_after, &error.message);
+        }
         target.health.note_saturation(now, error.saturated_for);
         tracing::debug!(target_label = %target.label, class = %error.class, status = ?error.status,
             elapsed_ms = millis(elapsed), error = %error.message, "attempt failed");
@@ -580,9 +600,9 @@ async fn attempt(
                 )),
             },
             Ok(Err(error)) => Err(error),
-            Err(_) => Err(AttemptError::new(
-                FailureClass::Timeout,
+            Err(_) => Err(timed_out(
                 format!("no answer within {}ms", millis(limit.saturating_duration_since(started))),
+                limit >= deadline,
             )),
         };
     }
@@ -616,9 +636,15 @@ async fn attempt(
             Ok((Committed::Stream { held, rest, idle_timeout: target.attempt_timeout, api }, headroom))
         }
         Ok(Err(error)) => Err(error),
-        Err(_) => Err(AttemptError::new(
-            FailureClass::Timeout,
+        Err(_) => Err(timed_out(
             format!("no first token within {}ms", millis(limit.saturating_duration_since(started))),
+            limit >= deadline,
         )),
     }
+}
+
+fn timed_out(message: String, cut_by_deadline: bool) -> AttemptError {
+    let mut error = AttemptError::new(FailureClass::Timeout, message);
+    error.cut_by_deadline = cut_by_deadline;
+    error
 }

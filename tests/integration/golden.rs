@@ -98,7 +98,7 @@ fn openai_completion_to_anthropic() {
 #[test]
 fn anthropic_stream_to_openai_chunks() {
     let mut translate = convert::ToOpenAiStream::new(backstop::chat::Api::Anthropic, true);
-    let events = events("anthropic_stream_tools.sse", anthropic::EventParser::default());
+    let events = events("anthropic_stream_tools.sse", anthropic::EventParser::new(true));
     let mut chunks: Vec<Value> = events.iter().flat_map(|e| translate.push(e)).collect();
     chunks.extend(translate.finish());
     insta::assert_json_snapshot!(chunks, {"[].created" => "[created]"});
@@ -142,7 +142,7 @@ fn gemini_stream_to_anthropic_events() {
 #[test]
 fn anthropic_stream_passes_through_to_anthropic_apps() {
     let mut translate = convert::ToAnthropicStream::new(backstop::chat::Api::Anthropic);
-    let events = events("anthropic_stream_tools.sse", anthropic::EventParser::default());
+    let events = events("anthropic_stream_tools.sse", anthropic::EventParser::new(true));
     let names: Vec<String> = events.iter().flat_map(|e| translate.push(e)).map(|(name, _)| name).collect();
     assert_eq!(names.first().map(String::as_str), Some("message_start"));
     assert_eq!(names.last().map(String::as_str), Some("message_stop"));
@@ -182,7 +182,7 @@ fn anthropic_stream_to_responses_events() {
         backstop::provider::responses::from_responses_request(fixture("responses_request_tools.json").as_bytes())
             .expect("valid");
     let mut translate = convert::ToResponsesStream::new(backstop::chat::Api::Anthropic, &request);
-    let events = events("anthropic_stream_tools.sse", anthropic::EventParser::default());
+    let events = events("anthropic_stream_tools.sse", anthropic::EventParser::new(true));
     let mut out: Vec<Value> = events
         .iter()
         .flat_map(|e| translate.push(e))

@@ -323,3 +323,63 @@ async fn request_controls_apply_only_where_the_policy_allows_them() {
     let ignored = post_raw(&url, body, &[("x-backstop-deadline", "1ms"), ("x-backstop-bogus", "x")]).await;
     assert_eq!((ignored.status, ignored.header("x-backstop-provider")), (200, Some("fallback")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_the_app_set_never_counts_against_the_target() {
+    let upstream = Upstream::start(Fault::StallBeforeHeaders).await;
+    let policy = two_target_policy(
+        &upstream.base_url(),
+        "  allowRequestOverrides: [deadline]\n  circuitBreaker: {consecutiveFailures: 2}\n",
+    )
+    .replace("attempts: 2", "attempts: 1");
+    let sidecar = TestSidecar::start(&policy).await;
+    let body = chat(false).to_string();
+    for _ in 0..4 {
+        let answer =
+            post_raw(&sidecar.url("/v1/chat/completions"), body.clone(), &[("x-backstop-deadline", "100ms")]).await;
+        assert_eq!(answer.status, 504, "{}", String::from_utf8_lossy(&answer.body));
+    }
+    let state = health(&sidecar, "primary/up-model").await;
+    assert_eq!(state["state"], "closed", "the app's short deadline is not the target's fault: {state}");
+    assert_eq!(state["failures"], serde_json::json!({}), "{state}");
+    assert_eq!(upstream.count(), 4);
+    // Its own attempt timeout is: two of those open the breaker.
+    for _ in 0..2 {
+        assert_eq!(
+            post(&sidecar.url("/v1/chat/completions"), &chat(false)).await.header("x-backstop-provider"),
+            Some("fallback")
+        );
+    }
+    assert_eq!(health(&sidecar, "primary/up-model").await["state"], "open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedge_with_nowhere_to_go_leaves_the_other_keys_to_try() {
+    let upstream = Upstream::start(Fault::ByKey {
+        key: "sk-slow-broken",
+        matched: Box::new(Fault::Delayed(Duration::from_millis(400), Box::new(Fault::status(500)))),
+        other: Box::new(Fault::Ok),
+    })
+    .await;
+    let policy = format!(
+        r#"apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {{name: hedge-keys, namespace: tests}}
+spec:
+  providers:
+    - {{name: primary, type: openai-compatible, baseUrl: "{}", apiKeys: [{{value: sk-slow-broken}}, {{value: sk-good}}]}}
+  routes:
+    - model: chat
+      hedge: {{afterFirstTokenDelay: 100ms}}
+      chain: [{{provider: primary, model: up-model}}]
+  retry: {{attempts: 1}}
+"#,
+        upstream.base_url()
+    );
+    let sidecar = TestSidecar::start(&policy).await;
+    for _ in 0..6 {
+        let answer = post(&sidecar.url("/v1/chat/completions"), &chat(false)).await;
+        assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+        assert_eq!(answer.text(), "from upstream");
+    }
+}

@@ -142,7 +142,7 @@ async fn anthropic_request_falls_back_from_anthropic_to_openai() {
         sent["messages"],
         json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}])
     );
-    assert_eq!(sent["max_tokens"], 64);
+    assert_eq!(sent["max_completion_tokens"], 64);
     assert_eq!(openai.received()[1].body["stream_options"], json!({"include_usage": true}));
 }
 
