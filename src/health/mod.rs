@@ -236,6 +236,28 @@ impl Permit {
         stats.latency.observe(now, latency);
     }
 
+    /// A stream's first token came after `latency`; its outcome is reported when it ends.
+    pub fn first_token(&mut self, now: Instant, latency: Duration) {
+        lock(&self.health.stats).latency.observe(now, latency);
+    }
+
+    /// A stream ended cleanly.
+    pub fn finished(mut self, now: Instant) {
+        self.done = true;
+        lock(&self.health.breaker).on_success(now);
+        lock(&self.health.stats).successes += 1;
+    }
+
+    /// A stream broke after its first token: it counts against the target like any failure,
+    /// without a latency sample.
+    pub fn broke(mut self, now: Instant, class: FailureClass, message: &str) {
+        self.done = true;
+        lock(&self.health.breaker).on_failure(now, class, None, self.probe);
+        let mut stats = lock(&self.health.stats);
+        *stats.failures.entry(class).or_default() += 1;
+        stats.last_failure = Some(format!("{class} after the first token: {message}"));
+    }
+
     /// The request failed.
     pub fn failed(
         mut self,

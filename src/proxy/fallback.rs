@@ -71,6 +71,9 @@ pub enum Committed {
         idle_timeout: Duration,
         /// Their wire format.
         api: Api,
+        /// The target's permit: its health learns how the stream ends, and it counts as in
+        /// flight until then.
+        permit: Option<Permit>,
     },
 }
 
@@ -398,8 +401,15 @@ pub async fn run(
             }
         });
         let error = match outcome {
-            Ok(reply) => {
-                permit.succeeded(now, elapsed);
+            Ok(mut reply) => {
+                match &mut reply {
+                    Committed::Complete { .. } => permit.succeeded(now, elapsed),
+                    Committed::Stream { permit: slot, .. } => {
+                        let mut permit = permit;
+                        permit.first_token(now, elapsed);
+                        *slot = Some(permit);
+                    }
+                }
                 attempts.push(Attempt {
                     target: target.label.clone(),
                     class: None,
@@ -633,7 +643,7 @@ async fn attempt(
     };
     match tokio::time::timeout_at(limit, opening).await {
         Ok(Ok((held, rest, headroom, api))) => {
-            Ok((Committed::Stream { held, rest, idle_timeout: target.attempt_timeout, api }, headroom))
+            Ok((Committed::Stream { held, rest, idle_timeout: target.attempt_timeout, api, permit: None }, headroom))
         }
         Ok(Err(error)) => Err(error),
         Err(_) => Err(timed_out(

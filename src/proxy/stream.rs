@@ -8,8 +8,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};
 use hyper::body::Frame;
+use tokio::time::Instant;
 
 use super::{Body, BoxError};
+use crate::health::Permit;
 use crate::policy::FailureClass;
 use crate::provider::{ChunkStream, StreamEvent};
 
@@ -39,22 +41,35 @@ pub trait StreamRenderer: Send + 'static {
 }
 
 enum State<R> {
-    Live { pending: std::vec::IntoIter<Bytes>, held: std::vec::IntoIter<StreamEvent>, rest: ChunkStream, renderer: R },
+    Live {
+        pending: std::vec::IntoIter<Bytes>,
+        held: std::vec::IntoIter<StreamEvent>,
+        rest: ChunkStream,
+        renderer: R,
+        permit: Option<Permit>,
+    },
     Closing(std::vec::IntoIter<Bytes>),
     Failing(BoxError),
     Done,
 }
 
-/// The response body for a committed stream: `held` events first, then the rest.
-pub fn sse_body<R: StreamRenderer>(held: Vec<StreamEvent>, rest: ChunkStream, idle: Duration, renderer: R) -> Body {
-    let start = State::Live { pending: Vec::new().into_iter(), held: held.into_iter(), rest, renderer };
+/// The response body for a committed stream: `held` events first, then the rest. The target's
+/// `permit` learns how the stream ends; if the app goes away first, it is dropped uncounted.
+pub fn sse_body<R: StreamRenderer>(
+    held: Vec<StreamEvent>,
+    rest: ChunkStream,
+    idle: Duration,
+    renderer: R,
+    permit: Option<Permit>,
+) -> Body {
+    let start = State::Live { pending: Vec::new().into_iter(), held: held.into_iter(), rest, renderer, permit };
     let frames = stream::unfold(start, move |state| async move {
         let mut state = state;
         loop {
             match state {
-                State::Live { mut pending, mut held, mut rest, mut renderer } => {
+                State::Live { mut pending, mut held, mut rest, mut renderer, mut permit } => {
                     if let Some(frame) = pending.next() {
-                        return Some((Ok(Frame::data(frame)), State::Live { pending, held, rest, renderer }));
+                        return Some((Ok(Frame::data(frame)), State::Live { pending, held, rest, renderer, permit }));
                     }
                     let next = match held.next() {
                         Some(event) => Ok(Some(Ok(event))),
@@ -63,11 +78,19 @@ pub fn sse_body<R: StreamRenderer>(held: Vec<StreamEvent>, rest: ChunkStream, id
                     state = match next {
                         Ok(Some(Ok(event))) => {
                             let pending = renderer.event(&event).into_iter();
-                            State::Live { pending, held, rest, renderer }
+                            State::Live { pending, held, rest, renderer, permit }
                         }
-                        Ok(None) => State::Closing(renderer.finish().into_iter()),
+                        Ok(None) => {
+                            if let Some(permit) = permit.take() {
+                                permit.finished(Instant::now());
+                            }
+                            State::Closing(renderer.finish().into_iter())
+                        }
                         Ok(Some(Err(error))) => {
                             tracing::warn!(class = %error.class, error = %error.message, "stream failed after its first token");
+                            if let Some(permit) = permit.take() {
+                                permit.broke(Instant::now(), error.class, &error.message);
+                            }
                             let message = format!("stream interrupted after it began: {}", error.message);
                             let last = renderer.failure(&message, Some(error.class));
                             return Some((Ok(Frame::data(last)), State::Failing(message.into())));
@@ -78,6 +101,9 @@ pub fn sse_body<R: StreamRenderer>(held: Vec<StreamEvent>, rest: ChunkStream, id
                                 idle.as_millis()
                             );
                             tracing::warn!(error = %message, "stream stalled after its first token");
+                            if let Some(permit) = permit.take() {
+                                permit.broke(Instant::now(), FailureClass::Timeout, &message);
+                            }
                             let last = renderer.failure(&message, None);
                             return Some((Ok(Frame::data(last)), State::Failing(message.into())));
                         }

@@ -383,3 +383,23 @@ spec:
         assert_eq!(answer.text(), "from upstream");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_break_after_their_first_token_count_against_the_target() {
+    let upstream = Upstream::start(Fault::CutAfterFirstChunk).await;
+    let policy = two_target_policy(&upstream.base_url(), "  circuitBreaker: {consecutiveFailures: 2}\n");
+    let sidecar = TestSidecar::start(&policy).await;
+    let url = sidecar.url("/v1/chat/completions");
+    for _ in 0..2 {
+        let cut = post_stream(&url, &chat(true)).await;
+        assert_eq!(cut.header("x-backstop-provider"), Some("primary"));
+        assert!(cut.broken.is_some(), "committed, then cut");
+    }
+    let state = health(&sidecar, "primary/up-model").await;
+    assert_eq!(state["state"], "open", "{state}");
+    assert_eq!(state["inFlight"], 0, "a finished stream is no longer in flight: {state}");
+    let next = post_stream(&url, &chat(true)).await;
+    assert_eq!(next.header("x-backstop-provider"), Some("fallback"));
+    assert_eq!(next.header("x-backstop-fallback-reason"), Some("primary/up-model=circuitOpen"));
+    assert!(next.done());
+}
