@@ -48,6 +48,10 @@ struct SidecarArgs {
     /// Log format.
     #[arg(long, env = "BACKSTOP_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// A PEM bundle of extra CA certificates to trust for upstream HTTPS (a private gateway's
+    /// CA), besides the Mozilla roots.
+    #[arg(long, env = "BACKSTOP_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -96,9 +100,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let store = Arc::new(PolicyStore::new());
     let config = SidecarConfig { listen: args.listen, admin: args.admin, max_request_bytes: args.max_request_bytes };
-    let sidecar = Sidecar::bind(&config, store.clone(), backstop::provider::http_client())
-        .await
-        .context("cannot bind the sidecar's listeners")?;
+    let extra_roots = match &args.ca_file {
+        Some(path) => backstop::provider::load_ca_file(path).map_err(anyhow::Error::msg)?,
+        None => Vec::new(),
+    };
+    let http = backstop::provider::http_client(&extra_roots).context("cannot set up upstream TLS")?;
+    let sidecar = Sidecar::bind(&config, store.clone(), http).await.context("cannot bind the sidecar's listeners")?;
     // Load before serving, so the first request never finds the store empty.
     let mut policy_file = PolicyFile::new(args.policy_file, store, Arc::new(LocalKeys));
     policy_file.reload_and_log();

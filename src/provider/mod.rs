@@ -25,6 +25,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
 use serde_json::Value;
 
 use crate::chat::ChatRequest;
@@ -34,27 +35,45 @@ use crate::policy::{FailureClass, ProviderKind};
 /// HTTP/2 (chosen by ALPN).
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Builds the upstream client. Call once per process: its pool is shared by every provider
-/// and survives policy reloads.
-pub fn http_client() -> HttpClient {
+/// Builds the upstream client: HTTPS through rustls (ring) trusting the Mozilla roots plus
+/// `extra_roots` (a private gateway's CA), HTTP/1.1 and HTTP/2 chosen by ALPN. Call once per
+/// process: its pool is shared by every provider and survives policy reloads.
+pub fn http_client(extra_roots: &[CertificateDer<'static>]) -> Result<HttpClient, rustls::Error> {
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    for root in extra_roots {
+        roots.add(root.clone())?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-        .unwrap_or_else(|_| {
-            // Only fails if the ring provider lacks every TLS version, which it does not.
-            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots()
-        })
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
+    Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
-        .build(https)
+        .build(https))
+}
+
+/// Reads the certificates of a PEM file, for [`http_client`]'s extra roots.
+pub fn load_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
 }
 
 /// An API key. Its `Debug` never shows the key, so it cannot leak through a log line.

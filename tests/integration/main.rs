@@ -10,4 +10,5 @@ mod health;
 mod ingress;
 mod reload;
 mod support;
+mod tls;
 mod translate;

@@ -483,6 +483,11 @@ pub struct TestSidecar {
 impl TestSidecar {
     /// Writes `policy` to a file and starts a sidecar on it, waiting until it is loaded.
     pub async fn start(policy: &str) -> TestSidecar {
+        TestSidecar::start_with(policy, backstop::provider::http_client(&[]).expect("client")).await
+    }
+
+    /// [`TestSidecar::start`] with a given upstream client.
+    pub async fn start_with(policy: &str, http: backstop::provider::HttpClient) -> TestSidecar {
         let dir = tempfile::tempdir().expect("tempdir");
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, policy).expect("write policy");
@@ -492,8 +497,7 @@ impl TestSidecar {
             admin: "127.0.0.1:0".parse().expect("addr"),
             max_request_bytes: 64 * 1024,
         };
-        let sidecar =
-            Sidecar::bind(&config, store.clone(), backstop::provider::http_client()).await.expect("bind sidecar");
+        let sidecar = Sidecar::bind(&config, store.clone(), http).await.expect("bind sidecar");
         let (llm, admin) = (sidecar.llm_addr().expect("addr"), sidecar.admin_addr().expect("addr"));
         let (shutdown, rx) = watch::channel(false);
         tokio::spawn(PolicyFile::new(policy_path.clone(), store.clone(), Arc::new(LocalKeys)).watch(rx.clone()));
