@@ -184,3 +184,19 @@ fn check_reports_field_paths_and_crd_matches_the_checked_in_file() {
     let checked_in = std::fs::read(repo_file("crds/fallbackpolicy.yaml")).expect("crd file");
     assert!(crd.stdout == checked_in, "crds/fallbackpolicy.yaml differs from `backstop crd`");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_requests_in_flight_finish() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    let quickstart = std::fs::read_to_string(repo_file("deploy/examples/quickstart.yaml")).expect("quickstart");
+    std::fs::write(&policy, quickstart.replace("latency: 40ms", "latency: 600ms")).expect("write");
+    let sidecar = Running::start(&policy, "info").await;
+    let url = format!("http://{}/v1/chat/completions", sidecar.llm);
+    let in_flight = tokio::spawn(async move { post(&url, &chat(false)).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let status = sidecar.stop().await;
+    let answer = in_flight.await.expect("request task");
+    assert_eq!(answer.status, 200, "the request in flight was answered: {}", String::from_utf8_lossy(&answer.body));
+    assert!(status.success(), "exit status {status}");
+}
