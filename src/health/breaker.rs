@@ -140,13 +140,15 @@ impl Breaker {
         admission
     }
 
-    /// The request succeeded.
-    pub fn on_success(&mut self, now: Instant) {
+    /// The request succeeded. Only a probe, or a request let through while open, closes an
+    /// open breaker: a success from a request admitted before it opened (a long stream ending
+    /// late) says nothing about the target now.
+    pub fn on_success(&mut self, now: Instant, admitted_while_open: bool) {
         self.consecutive = 0;
         self.window.record(now, false);
         match self.phase {
-            Phase::HalfOpen { .. } | Phase::Open { .. } => self.close(),
-            Phase::Closed => {}
+            Phase::HalfOpen { .. } | Phase::Open { .. } if admitted_while_open => self.close(),
+            Phase::HalfOpen { .. } | Phase::Open { .. } | Phase::Closed => {}
         }
     }
 
@@ -287,7 +289,7 @@ mod tests {
         let open_over = t0 + Duration::from_secs(30);
         assert_eq!(b.admit(open_over), Admission::Probe);
         assert!(matches!(b.admit(open_over), Admission::Refused { .. }), "only one probe at a time");
-        b.on_success(open_over);
+        b.on_success(open_over, true);
         assert_eq!(b.admit(open_over), Admission::Allowed);
         assert_eq!(b.phase(open_over), Phase::Closed);
     }
@@ -315,6 +317,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_late_success_from_before_the_opening_leaves_it_open() {
+        let mut b = Breaker::new(settings());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            fail(&mut b, t0);
+        }
+        b.on_success(t0 + Duration::from_secs(1), false);
+        assert!(
+            matches!(b.peek(t0 + Duration::from_secs(1)), Admission::Refused { .. }),
+            "a stale success changes nothing"
+        );
+        b.on_success(t0 + Duration::from_secs(1), true);
+        assert_eq!(b.peek(t0 + Duration::from_secs(1)), Admission::Allowed);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn retry_after_opens_it_exactly_that_long() {
         let mut b = Breaker::new(settings());
         let t0 = Instant::now();
@@ -337,7 +355,7 @@ mod tests {
             if i % 2 == 0 {
                 b.on_failure(t0, FailureClass::Overloaded, None, false);
             } else {
-                b.on_success(t0);
+                b.on_success(t0, false);
             }
         }
         assert_eq!(b.peek(t0), Admission::Allowed, "9 requests are below the minimum of 10");

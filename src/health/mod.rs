@@ -157,16 +157,19 @@ impl TargetHealth {
     /// Sends one request even while the breaker is open: every target is open and this one
     /// opened earliest, which beats failing without trying.
     pub fn admit_forced(self: &Arc<Self>, now: Instant) -> Permit {
-        let probe = match lock(&self.breaker).admit(now) {
-            Admission::Probe => true,
-            Admission::Allowed | Admission::Refused { .. } => false,
+        let (probe, forced) = match lock(&self.breaker).admit(now) {
+            Admission::Probe => (true, false),
+            Admission::Allowed => (false, false),
+            Admission::Refused { .. } => (false, true),
         };
-        self.permit(probe)
+        let mut permit = self.permit(probe);
+        permit.forced = forced;
+        permit
     }
 
     fn permit(self: &Arc<Self>, probe: bool) -> Permit {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Permit { health: self.clone(), probe, done: false }
+        Permit { health: self.clone(), probe, forced: false, done: false }
     }
 
     /// The balancer's view of this target.
@@ -223,6 +226,8 @@ impl TargetHealth {
 pub struct Permit {
     health: Arc<TargetHealth>,
     probe: bool,
+    /// Let through while the breaker was open (every target was).
+    forced: bool,
     done: bool,
 }
 
@@ -230,7 +235,7 @@ impl Permit {
     /// The request succeeded after `latency`.
     pub fn succeeded(mut self, now: Instant, latency: Duration) {
         self.done = true;
-        lock(&self.health.breaker).on_success(now);
+        lock(&self.health.breaker).on_success(now, self.probe || self.forced);
         let mut stats = lock(&self.health.stats);
         stats.successes += 1;
         stats.latency.observe(now, latency);
@@ -244,7 +249,7 @@ impl Permit {
     /// A stream ended cleanly.
     pub fn finished(mut self, now: Instant) {
         self.done = true;
-        lock(&self.health.breaker).on_success(now);
+        lock(&self.health.breaker).on_success(now, self.probe || self.forced);
         lock(&self.health.stats).successes += 1;
     }
 

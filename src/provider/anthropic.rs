@@ -495,6 +495,8 @@ pub struct ToOpenAiStream {
     input_tokens: u64,
     output_tokens: u64,
     tools: HashMap<u64, usize>,
+    /// Tool blocks that have had no argument text yet.
+    no_arguments: Vec<u64>,
 }
 
 impl ToOpenAiStream {
@@ -508,6 +510,7 @@ impl ToOpenAiStream {
             input_tokens: 0,
             output_tokens: 0,
             tools: HashMap::new(),
+            no_arguments: Vec::new(),
         }
     }
 
@@ -534,7 +537,9 @@ impl ToOpenAiStream {
                 match block.get("type").and_then(Value::as_str) {
                     Some("tool_use") => {
                         let index = self.tools.len();
-                        self.tools.insert(event["index"].as_u64().unwrap_or(0), index);
+                        let position = event["index"].as_u64().unwrap_or(0);
+                        self.tools.insert(position, index);
+                        self.no_arguments.push(position);
                         vec![self.chunk(
                             json!({"tool_calls": [{"index": index, "id": block["id"], "type": "function",
                                                    "function": {"name": block["name"], "arguments": ""}}]}),
@@ -552,11 +557,31 @@ impl ToOpenAiStream {
                 match delta.get("type").and_then(Value::as_str) {
                     Some("text_delta") => vec![self.chunk(json!({"content": delta["text"]}), None)],
                     Some("input_json_delta") => {
-                        let index = self.tools.get(&event["index"].as_u64().unwrap_or(0)).copied().unwrap_or(0);
+                        let block = event["index"].as_u64().unwrap_or(0);
+                        if delta["partial_json"].as_str().is_some_and(|j| !j.is_empty()) {
+                            self.no_arguments.retain(|b| *b != block);
+                        }
+                        let index = self.tools.get(&block).copied().unwrap_or(0);
                         vec![self.chunk(
                             json!({"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]}),
                             None,
                         )]
+                    }
+                    _ => Vec::new(),
+                }
+            }
+            "content_block_stop" => {
+                // A tool without input: `{}`, as OpenAI sends, never an empty string.
+                let block = event["index"].as_u64().unwrap_or(0);
+                match (self.no_arguments.contains(&block), self.tools.get(&block).copied()) {
+                    (true, Some(index)) => {
+                        self.no_arguments.retain(|b| *b != block);
+                        vec![
+                            self.chunk(
+                                json!({"tool_calls": [{"index": index, "function": {"arguments": "{}"}}]}),
+                                None,
+                            ),
+                        ]
                     }
                     _ => Vec::new(),
                 }
@@ -839,6 +864,7 @@ pub struct FromOpenAiStream {
     open: Option<u64>,
     next_block: u64,
     tools: HashMap<u64, u64>,
+    tool_ids: HashMap<u64, String>,
     stop_reason: Option<&'static str>,
     input_tokens: u64,
     output_tokens: u64,
@@ -904,7 +930,14 @@ impl FromOpenAiStream {
         }
         for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
             let openai_index = call.get("index").and_then(Value::as_u64).unwrap_or(0);
-            if !self.tools.contains_key(&openai_index) {
+            let new_id = call.get("id").and_then(Value::as_str).filter(|id| !id.is_empty());
+            let known = self.tools.contains_key(&openai_index);
+            // Some servers number every parallel call 0: a new id is a new call all the same.
+            let reused = known && new_id.is_some() && self.tool_ids.get(&openai_index).map(String::as_str) != new_id;
+            if let Some(id) = new_id {
+                self.tool_ids.insert(openai_index, id.to_string());
+            }
+            if !known || reused {
                 self.close(&mut out);
                 let index = self.next_block;
                 self.next_block += 1;
@@ -1045,6 +1078,37 @@ mod tests {
         assert!(!parser.may_end());
         let Parsed::Event(e) = parser.event(event(json!({"type": "message_stop"}))) else { panic!() };
         assert!(e.end && parser.may_end());
+    }
+
+    #[test]
+    fn tools_without_input_get_empty_object_arguments() {
+        let mut t = ToOpenAiStream::new(false);
+        let mut chunks = t.push(&json!({"type": "message_start", "message": {"id": "m", "model": "c", "usage": {}}}));
+        chunks.extend(t.push(&json!({"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "tool_use", "id": "toolu_1", "name": "now", "input": {}}})));
+        chunks.extend(t.push(&json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}})));
+        chunks.extend(t.push(&json!({"type": "content_block_stop", "index": 0})));
+        let arguments: String = chunks
+            .iter()
+            .filter_map(|c| c.pointer("/choices/0/delta/tool_calls/0/function/arguments").and_then(Value::as_str))
+            .collect();
+        assert_eq!(arguments, "{}");
+    }
+
+    #[test]
+    fn a_reused_tool_index_with_a_new_id_is_a_new_block() {
+        let mut t = FromOpenAiStream::new();
+        let call = |id: &str, args: &str| {
+            json!({"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "id": id, "type": "function", "function": {"name": "f", "arguments": args}}]}}]})
+        };
+        let mut events = t.push(&call("call_a", "{}"));
+        events.extend(t.push(&call("call_b", "{}")));
+        events.extend(t.finish());
+        let starts: Vec<&Value> = events.iter().filter(|(n, _)| *n == "content_block_start").map(|(_, d)| d).collect();
+        assert_eq!(starts.len(), 2, "{events:?}");
+        assert_eq!(starts[1]["content_block"]["id"], "call_b");
+        assert_eq!(starts[1]["index"], 1);
     }
 
     #[test]

@@ -471,12 +471,16 @@ impl FromChatStream {
         }
         for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
             let key = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let new_id = call.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()).map(str::to_string);
+            let reused = self.calls.get(&key).is_some_and(|index| {
+                new_id.as_ref().is_some_and(|id| self.items[*index]["call_id"].as_str() != Some(id.as_str()))
+            });
             let index = match self.calls.get(&key) {
-                Some(index) => *index,
-                None => {
+                Some(index) if !reused => *index,
+                _ => {
                     let index = self.items.len();
                     let item = json!({"type": "function_call", "id": format!("fc_{}_{key}", self.id),
-                                      "call_id": call.get("id").cloned().unwrap_or(json!("")),
+                                      "call_id": new_id.clone().unwrap_or_else(|| format!("call_{}", self.items.len())),
                                       "name": call.pointer("/function/name").cloned().unwrap_or(json!("")),
                                       "arguments": "", "status": "in_progress"});
                     self.items.push(item.clone());
@@ -523,6 +527,10 @@ impl FromChatStream {
                     json!({"item_id": item_id, "output_index": index, "content_index": 0, "part": part}),
                 );
             } else {
+                if self.items[index]["arguments"].as_str().is_none_or(str::is_empty) {
+                    // A tool without input: `{}`, as OpenAI itself sends, never an empty string.
+                    self.items[index]["arguments"] = json!("{}");
+                }
                 let arguments = self.items[index]["arguments"].clone();
                 self.emit(
                     &mut out,
@@ -582,6 +590,21 @@ mod tests {
             let request = parse(stateful);
             assert!(request.origin.as_ref().is_some_and(|o| o.unportable[0] == STATEFUL));
         }
+    }
+
+    #[test]
+    fn tool_calls_get_ids_and_object_arguments() {
+        let request = from_responses_request(br#"{"model": "m", "input": "hi", "store": false}"#).expect("valid");
+        let mut t = FromChatStream::new(&request);
+        let mut events = t.push(&json!({"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "type": "function", "function": {"name": "now", "arguments": ""}}]}}]}));
+        events.extend(t.finish());
+        let done =
+            events.iter().find(|(kind, _)| kind == "response.output_item.done").map(|(_, d)| d.clone()).expect("done");
+        assert_eq!(done["item"]["arguments"], "{}");
+        assert!(done["item"]["call_id"].as_str().is_some_and(|id| !id.is_empty()), "{done}");
+        let sequence: Vec<u64> = events.iter().filter_map(|(_, d)| d["sequence_number"].as_u64()).collect();
+        assert_eq!(sequence, (0..sequence.len() as u64).collect::<Vec<_>>());
     }
 
     #[test]

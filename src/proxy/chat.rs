@@ -177,9 +177,10 @@ fn answer<D: Dialect>(answered: Answered, request: &ChatRequest) -> Response<Bod
     let Answered { target, reply, attempts, fell_through } = answered;
     let mut response = match reply {
         Committed::Complete { body, api } => super::json_response(StatusCode::OK, &D::complete(api, body, request)),
-        Committed::Stream { held, rest, idle_timeout, api, permit } => {
+        Committed::Stream { held, rest, idle_timeout, api, permit, deadline } => {
             let renderer = D::renderer(api, request);
-            let mut response = Response::new(stream::sse_body(held, rest, idle_timeout, renderer, permit));
+            let limits = stream::Limits { idle: idle_timeout, deadline };
+            let mut response = Response::new(stream::sse_body(held, rest, limits, renderer, permit));
             let headers = response.headers_mut();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

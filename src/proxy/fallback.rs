@@ -74,6 +74,8 @@ pub enum Committed {
         /// The target's permit: its health learns how the stream ends, and it counts as in
         /// flight until then.
         permit: Option<Permit>,
+        /// The request's total deadline, which a committed stream keeps too.
+        deadline: Instant,
     },
 }
 
@@ -244,7 +246,6 @@ impl<'r> Walk<'r> {
         if !no_fallback && let Some(admitted) = self.advance(now, skipped) {
             return Some(admitted);
         }
-        skipped.retain(|(_, why)| *why == "ineligible");
         let eligible: Vec<(usize, usize)> = self
             .chain
             .iter()
@@ -261,6 +262,7 @@ impl<'r> Walk<'r> {
         self.step = step;
         self.tried = vec![member];
         let target = self.chain[step].members[member].clone();
+        skipped.retain(|(label, _)| *label != target.label);
         self.attempts_here = 1;
         let permit = target.health.admit_forced(now);
         Some((target, permit))
@@ -323,6 +325,9 @@ pub async fn run(
     let mut in_flight: FuturesUnordered<InFlight<'_>> = FuturesUnordered::new();
     let mut pending: Vec<(u64, String, Instant)> = Vec::new();
     let mut launches: u32 = 0;
+    // Failures while a hedge race was still on, and the launch the walk last moved to.
+    let mut raced: Vec<(u64, Arc<Target>, AttemptError)> = Vec::new();
+    let mut latest: u64 = 0;
     let mut hedges: u32 = 0;
     let mut last_launch = started;
 
@@ -374,6 +379,7 @@ pub async fn run(
                         }
                         pending.push((launches.into(), target.label.clone(), now));
                         in_flight.push(launch(target, permit, launches.into()));
+                        latest = launches.into();
                         launches += 1;
                         hedges += 1;
                         last_launch = now;
@@ -427,7 +433,7 @@ pub async fn run(
                     });
                     fell_through.push((label, "hedged"));
                 }
-                return Ok(Answered { target, reply, attempts, fell_through });
+                return Ok(Answered { target, reply, attempts, fell_through: distinct(fell_through) });
             }
             Err(error) => error,
         };
@@ -452,8 +458,21 @@ pub async fn run(
         }
         if !in_flight.is_empty() {
             // A hedge race is still on; whoever is left may yet answer.
-            fell_through.push((target.label.clone(), error.class.as_str()));
+            raced.push((id, target, error));
             continue;
+        }
+        // The walk stands where the latest launch put it: decide from that attempt's failure,
+        // and note the others of the race as left behind.
+        let (target, error) = match raced.iter().position(|(raced_id, _, _)| *raced_id == latest) {
+            Some(at) if id != latest => {
+                let (_, latest_target, latest_error) = raced.remove(at);
+                fell_through.push((target.label.clone(), error.class.as_str()));
+                (latest_target, latest_error)
+            }
+            _ => (target, error),
+        };
+        for (_, other, other_error) in raced.drain(..) {
+            fell_through.push((other.label.clone(), other_error.class.as_str()));
         }
         if error.class == FailureClass::Timeout && now >= deadline {
             deadline_exceeded = true;
@@ -518,12 +537,24 @@ pub async fn run(
         }
         pending.push((launches.into(), target.label.clone(), now));
         in_flight.push(launch(target, permit, launches.into()));
+        latest = launches.into();
         launches += 1;
         last_launch = now;
     }
     let skipped_targets =
-        fell_through.iter().filter(|(_, why)| *why == "circuitOpen").map(|(t, _)| t.clone()).collect();
+        distinct(fell_through).into_iter().filter(|(_, why)| *why == "circuitOpen").map(|(t, _)| t).collect();
     Err(Unanswered::Exhausted { attempts, skipped: skipped_targets, deadline_exceeded, stopped, retry_after })
+}
+
+/// The entries in order, each once (a target can be noted as skipped on two passes).
+fn distinct(entries: Vec<(String, &'static str)>) -> Vec<(String, &'static str)> {
+    let mut seen = Vec::with_capacity(entries.len());
+    for entry in entries {
+        if !seen.contains(&entry) {
+            seen.push(entry);
+        }
+    }
+    seen
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -642,9 +673,10 @@ async fn attempt(
         }
     };
     match tokio::time::timeout_at(limit, opening).await {
-        Ok(Ok((held, rest, headroom, api))) => {
-            Ok((Committed::Stream { held, rest, idle_timeout: target.attempt_timeout, api, permit: None }, headroom))
-        }
+        Ok(Ok((held, rest, headroom, api))) => Ok((
+            Committed::Stream { held, rest, idle_timeout: target.attempt_timeout, api, permit: None, deadline },
+            headroom,
+        )),
         Ok(Err(error)) => Err(error),
         Err(_) => Err(timed_out(
             format!("no first token within {}ms", millis(limit.saturating_duration_since(started))),

@@ -53,15 +53,26 @@ enum State<R> {
     Done,
 }
 
+/// How long a committed stream may run: `idle` between two events, and until the request's
+/// total `deadline`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The longest gap between two events.
+    pub idle: Duration,
+    /// The request's total deadline.
+    pub deadline: Instant,
+}
+
 /// The response body for a committed stream: `held` events first, then the rest. The target's
 /// `permit` learns how the stream ends; if the app goes away first, it is dropped uncounted.
 pub fn sse_body<R: StreamRenderer>(
     held: Vec<StreamEvent>,
     rest: ChunkStream,
-    idle: Duration,
+    limits: Limits,
     renderer: R,
     permit: Option<Permit>,
 ) -> Body {
+    let Limits { idle, deadline } = limits;
     let start = State::Live { pending: Vec::new().into_iter(), held: held.into_iter(), rest, renderer, permit };
     let frames = stream::unfold(start, move |state| async move {
         let mut state = state;
@@ -73,7 +84,7 @@ pub fn sse_body<R: StreamRenderer>(
                     }
                     let next = match held.next() {
                         Some(event) => Ok(Some(Ok(event))),
-                        None => tokio::time::timeout(idle, rest.next()).await,
+                        None => tokio::time::timeout_at((Instant::now() + idle).min(deadline), rest.next()).await,
                     };
                     state = match next {
                         Ok(Some(Ok(event))) => {
@@ -93,6 +104,15 @@ pub fn sse_body<R: StreamRenderer>(
                             }
                             let message = format!("stream interrupted after it began: {}", error.message);
                             let last = renderer.failure(&message, Some(error.class));
+                            return Some((Ok(Frame::data(last)), State::Failing(message.into())));
+                        }
+                        Err(_) if Instant::now() >= deadline => {
+                            let message =
+                                "stream interrupted after it began: the request's deadline ran out".to_string();
+                            tracing::warn!(error = %message, "stream cut at the request's deadline");
+                            // The request ran out of time, not the target: its permit counts nothing.
+                            drop(permit);
+                            let last = renderer.failure(&message, None);
                             return Some((Ok(Frame::data(last)), State::Failing(message.into())));
                         }
                         Err(_) => {

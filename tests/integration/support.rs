@@ -40,6 +40,8 @@ pub enum Fault {
     StallAfterHeaders,
     /// Sends part of the answer (for streams the first content chunk) and then resets.
     CutAfterFirstChunk,
+    /// Streams the first content chunk and then nothing, keeping the connection open.
+    StallAfterFirstChunk,
     /// Sends 200 with a body that is not JSON (for streams an event that is not JSON).
     Garbage,
     /// Sends 200 with an OpenAI error object (for streams as the first event).
@@ -398,6 +400,7 @@ async fn respond_now(
             response.headers_mut().insert("content-type", "application/json".parse().expect("header"));
             response
         }
+        Fault::StallAfterFirstChunk => streamed(vec![Ok(role), Ok(first)], true),
         Fault::CutAfterFirstChunk if stream => streamed(vec![Ok(role), Ok(first), Err("reset".into())], false),
         Fault::CutAfterFirstChunk => {
             let mut response = streamed(vec![Ok(Bytes::from_static(b"{\"id\":\"chatcmpl-up\",")), Err("reset".into())], false);
@@ -650,10 +653,16 @@ pub async fn get(url: &str) -> Answer {
 
 /// POSTs a streaming request and reads every event until the body ends or breaks.
 pub async fn post_stream(url: &str, body: &Value) -> Streamed {
-    let request = Request::post(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .expect("request");
+    post_stream_with(url, body, &[]).await
+}
+
+/// [`post_stream`] with extra request headers.
+pub async fn post_stream_with(url: &str, body: &Value, headers: &[(&str, &str)]) -> Streamed {
+    let mut request = Request::post(url).header("content-type", "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(Bytes::from(body.to_string()))).expect("request");
     let work = async {
         let response = client().request(request).await.expect("sidecar answers");
         let (parts, mut body) = response.into_parts();
