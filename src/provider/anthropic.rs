@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use super::sse::{self, Parsed, WireStream};
 use super::{
-    Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, credentials, encode, post_json,
+    Api, ApiKey, AttemptError, Credentials, Headroom, HttpClient, Reply, Sent, StreamEvent, encode, post_json,
     read_json,
 };
 use crate::chat::{ChatRequest, InvalidRequest, Message, Operation, Origin};
@@ -58,8 +58,7 @@ const PORTABLE: &[&str] = &[
 #[derive(Debug)]
 pub struct Anthropic {
     messages: Uri,
-    keys: Vec<HeaderValue>,
-    fingerprints: Vec<u64>,
+    keys: Credentials,
     version: HeaderValue,
     default_max_tokens: u64,
 }
@@ -78,13 +77,12 @@ impl Anthropic {
         if !matches!(messages.scheme_str(), Some("http" | "https")) || messages.host().is_none() {
             return Err("must be an http:// or https:// URL with a host".to_string());
         }
-        let headers = credentials(&keys, "")?;
+        let credentials = Credentials::new(&keys, "")?;
         let version = HeaderValue::from_str(version.unwrap_or(DEFAULT_VERSION))
             .map_err(|_| "`apiVersion` holds characters not allowed in an HTTP header".to_string())?;
         Ok(Anthropic {
             messages,
-            fingerprints: keys.iter().map(ApiKey::fingerprint).collect(),
-            keys: headers,
+            keys: credentials,
             version,
             default_max_tokens: default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
         })
@@ -92,12 +90,12 @@ impl Anthropic {
 
     /// Keys balanced across (keyless counts as one).
     pub fn key_count(&self) -> usize {
-        self.keys.len().max(1)
+        self.keys.count()
     }
 
     /// Endpoint identity for health state: URL and key fingerprint.
     pub fn endpoint_id(&self, key: usize) -> String {
-        format!("anthropic:{}:{:x}", self.messages, self.fingerprints.get(key).copied().unwrap_or(0))
+        self.keys.identity(&format!("anthropic:{}", self.messages), key)
     }
 
     /// Sends one Messages request.
@@ -110,7 +108,7 @@ impl Anthropic {
     ) -> Result<Sent, AttemptError> {
         let body = to_messages_request(request, model, self.default_max_tokens);
         let mut headers = vec![("anthropic-version", self.version.clone())];
-        headers.extend(self.keys.get(key).map(|k| ("x-api-key", k.clone())));
+        headers.extend(self.keys.header("x-api-key", key));
         if let Some(origin) = request.origin.as_deref().filter(|o| o.api == Api::Anthropic) {
             headers.extend(
                 origin.headers.iter().filter_map(|(name, value)| Some((*name, HeaderValue::from_str(value).ok()?))),

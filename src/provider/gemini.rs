@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::{HeaderValue, Uri};
+use http::Uri;
 use serde_json::{Map, Value, json};
 
 use super::sse::{self, Parsed, WireStream};
 use super::{
-    Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, credentials, encode, post_json,
+    Api, ApiKey, AttemptError, Credentials, Headroom, HttpClient, Reply, Sent, StreamEvent, encode, post_json,
     read_json,
 };
 use crate::chat::{ChatRequest, Operation};
@@ -52,8 +52,7 @@ const FILTERED: &[&str] = &["SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CON
 #[derive(Debug)]
 pub struct Gemini {
     base: String,
-    keys: Vec<HeaderValue>,
-    fingerprints: Vec<u64>,
+    keys: Credentials,
 }
 
 impl Gemini {
@@ -65,18 +64,17 @@ impl Gemini {
         if !matches!(probe.scheme_str(), Some("http" | "https")) || probe.host().is_none() {
             return Err("must be an http:// or https:// URL with a host".to_string());
         }
-        let headers = credentials(&keys, "")?;
-        Ok(Gemini { base, fingerprints: keys.iter().map(ApiKey::fingerprint).collect(), keys: headers })
+        Ok(Gemini { base, keys: Credentials::new(&keys, "")? })
     }
 
     /// Keys balanced across (keyless counts as one).
     pub fn key_count(&self) -> usize {
-        self.keys.len().max(1)
+        self.keys.count()
     }
 
     /// Endpoint identity for health state: URL and key fingerprint.
     pub fn endpoint_id(&self, key: usize) -> String {
-        format!("gemini:{}:{:x}", self.base, self.fingerprints.get(key).copied().unwrap_or(0))
+        self.keys.identity(&format!("gemini:{}", self.base), key)
     }
 
     /// Sends one `generateContent` (or streaming, or `batchEmbedContents`) request.
@@ -98,7 +96,7 @@ impl Gemini {
             AttemptError::new(FailureClass::BadRequest, format!("model `{model}` does not fit in a URL: {e}"))
         })?;
         let wire = if embeddings { to_embed_request(request, model) } else { to_gemini_request(request) };
-        let headers: Vec<_> = self.keys.get(key).map(|k| ("x-goog-api-key", k.clone())).into_iter().collect();
+        let headers = self.keys.header("x-goog-api-key", key);
         let response = post_json(http, uri, &headers, encode(&wire)?, request.stream, classify).await?;
         if request.stream && !embeddings {
             let events = sse::event_stream(response.into_body(), EventParser::default());

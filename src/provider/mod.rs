@@ -272,17 +272,43 @@ pub(crate) async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, Atte
         .map_err(|e| AttemptError::new(FailureClass::ConnectError, format!("answer broke off: {e}")))
 }
 
-/// Credential header values for `keys` (each `prefix` + key), marked sensitive so that no
-/// debug output of a request shows them.
-pub(crate) fn credentials(keys: &[ApiKey], prefix: &str) -> Result<Vec<http::HeaderValue>, String> {
-    keys.iter()
-        .map(|key| {
-            let mut value = http::HeaderValue::from_str(&format!("{prefix}{}", key.expose()))
-                .map_err(|_| "API key holds characters not allowed in an HTTP header".to_string())?;
-            value.set_sensitive(true);
-            Ok(value)
-        })
-        .collect()
+/// A provider's API keys as ready-made header values (marked sensitive, so no debug output
+/// of a request shows them), with fingerprints that tell keys apart in health state.
+#[derive(Debug, Default)]
+pub(crate) struct Credentials {
+    values: Vec<http::HeaderValue>,
+    fingerprints: Vec<u64>,
+}
+
+impl Credentials {
+    /// Header values `prefix` + key for each key.
+    pub(crate) fn new(keys: &[ApiKey], prefix: &str) -> Result<Self, String> {
+        let values = keys
+            .iter()
+            .map(|key| {
+                let mut value = http::HeaderValue::from_str(&format!("{prefix}{}", key.expose()))
+                    .map_err(|_| "API key holds characters not allowed in an HTTP header".to_string())?;
+                value.set_sensitive(true);
+                Ok(value)
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Credentials { values, fingerprints: keys.iter().map(ApiKey::fingerprint).collect() })
+    }
+
+    /// Keys balanced across (keyless counts as one).
+    pub(crate) fn count(&self) -> usize {
+        self.values.len().max(1)
+    }
+
+    /// The `name: value` header for key `key`, if there are keys.
+    pub(crate) fn header(&self, name: &'static str, key: usize) -> Vec<(&'static str, http::HeaderValue)> {
+        self.values.get(key).map(|value| (name, value.clone())).into_iter().collect()
+    }
+
+    /// A health identity for key `key` at `endpoint`: never the key itself.
+    pub(crate) fn identity(&self, endpoint: &str, key: usize) -> String {
+        format!("{endpoint}:{:x}", self.fingerprints.get(key).copied().unwrap_or(0))
+    }
 }
 
 /// POSTs a JSON `body` with the provider's `headers`. A non-2xx answer is read and classified

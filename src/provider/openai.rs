@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::azure::Deployments;
 use super::sse::{self, Parsed, WireStream};
 use super::{
-    Api, ApiKey, AttemptError, Headroom, HttpClient, Reply, Sent, StreamEvent, classify_openai_error, credentials,
+    Api, ApiKey, AttemptError, Credentials, Headroom, HttpClient, Reply, Sent, StreamEvent, classify_openai_error,
     encode, post_json, read_json, responses,
 };
 use crate::chat::{ChatRequest, Operation};
@@ -34,9 +34,8 @@ enum Endpoint {
 pub struct OpenAi {
     kind: ProviderKind,
     endpoint: Endpoint,
-    /// One credential header value per key; empty for keyless endpoints.
-    authorizations: Vec<HeaderValue>,
-    fingerprints: Vec<u64>,
+    /// One credential per key; none for keyless endpoints.
+    keys: Credentials,
 }
 
 impl OpenAi {
@@ -57,32 +56,20 @@ impl OpenAi {
         let responses: Uri = format!("{}/responses", base_url.trim_end_matches('/'))
             .parse()
             .map_err(|e| format!("not a valid URL: {e}"))?;
-        let authorizations = credentials(&api_keys, "Bearer ")?;
-        let fingerprints = api_keys.iter().map(ApiKey::fingerprint).collect();
-        Ok(OpenAi {
-            kind,
-            endpoint: Endpoint::Fixed { completions, embeddings, responses },
-            authorizations,
-            fingerprints,
-        })
+        let keys = Credentials::new(&api_keys, "Bearer ")?;
+        Ok(OpenAi { kind, endpoint: Endpoint::Fixed { completions, embeddings, responses }, keys })
     }
 
     /// An Azure OpenAI resource at `base_url`, with `api-key` credentials.
     pub fn azure(base_url: &str, api_keys: Vec<ApiKey>, api_version: Option<&str>) -> Result<Self, String> {
         let deployments = Deployments::new(base_url, api_version)?;
-        let authorizations = credentials(&api_keys, "")?;
-        let fingerprints = api_keys.iter().map(ApiKey::fingerprint).collect();
-        Ok(OpenAi {
-            kind: ProviderKind::AzureOpenAi,
-            endpoint: Endpoint::Azure(deployments),
-            authorizations,
-            fingerprints,
-        })
+        let keys = Credentials::new(&api_keys, "")?;
+        Ok(OpenAi { kind: ProviderKind::AzureOpenAi, endpoint: Endpoint::Azure(deployments), keys })
     }
 
     /// Keys balanced across (keyless counts as one).
     pub fn key_count(&self) -> usize {
-        self.authorizations.len().max(1)
+        self.keys.count()
     }
 
     /// Endpoint identity for health state: URL and key fingerprint.
@@ -91,7 +78,7 @@ impl OpenAi {
             Endpoint::Fixed { completions, .. } => completions.to_string(),
             Endpoint::Azure(d) => d.base().to_string(),
         };
-        format!("{}:{url}:{:x}", self.kind.as_str(), self.fingerprints.get(key).copied().unwrap_or(0))
+        self.keys.identity(&format!("{}:{url}", self.kind.as_str()), key)
     }
 
     /// `openai`, `openai-compatible` or `azure-openai`.
@@ -163,7 +150,7 @@ impl OpenAi {
     /// The credential header for key `key`: `Authorization: Bearer` or Azure's `api-key`.
     fn credential(&self, key: usize) -> Vec<(&'static str, HeaderValue)> {
         let name = if matches!(self.endpoint, Endpoint::Azure(_)) { "api-key" } else { "authorization" };
-        self.authorizations.get(key).map(|value| (name, value.clone())).into_iter().collect()
+        self.keys.header(name, key)
     }
 
     /// Whether this provider takes Responses requests as they are (OpenAI itself).
