@@ -115,7 +115,7 @@ async fn a_429_with_retry_after_5_keeps_the_target_out_for_5_seconds() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(back >= Duration::from_secs(5), "came back after {back:?}");
-    assert!(back < Duration::from_millis(5600), "came back only after {back:?}");
+    assert!(back < Duration::from_millis(6500), "came back only after {back:?}");
     assert_eq!(upstream.count(), 2, "nothing in between");
 }
 
@@ -201,7 +201,7 @@ async fn a_hedge_answers_from_the_faster_target_and_cancels_the_slow_one() {
         assert_eq!(text, "from fallback");
         assert_eq!(why.as_deref(), Some("primary/up-model=hedged"));
         assert!(
-            took < Duration::from_millis(1200),
+            took < Duration::from_millis(2000),
             "the hedge delay plus the fallback's latency, not the primary's 5 s: {took:?}"
         );
     }
