@@ -127,14 +127,20 @@ impl InvalidRequest {
     }
 }
 
+/// A request body as a JSON object, or why it is not one: the first step of every ingress
+/// parser.
+pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, InvalidRequest> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(_) => Err(InvalidRequest::new("request body must be a JSON object", None)),
+        Err(e) => Err(InvalidRequest::new(format!("request body is not valid JSON: {e}"), None)),
+    }
+}
+
 impl ChatRequest {
     /// Parses an OpenAI Chat Completions request body, rejecting what no provider would take.
     pub fn from_openai_json(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| InvalidRequest::new(format!("request body is not valid JSON: {e}"), None))?;
-        let Value::Object(mut object) = value else {
-            return Err(InvalidRequest::new("request body must be a JSON object", None));
-        };
+        let mut object = json_object(body)?;
         let model = match object.remove("model") {
             Some(Value::String(model)) if !model.is_empty() => model,
             Some(Value::String(_)) => {
@@ -182,11 +188,7 @@ impl ChatRequest {
     /// Parses an OpenAI embeddings request body (`model`, `input`, and optional
     /// `encoding_format`, `dimensions`, `user`).
     pub fn from_openai_embeddings_json(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| InvalidRequest::new(format!("request body is not valid JSON: {e}"), None))?;
-        let Value::Object(mut object) = value else {
-            return Err(InvalidRequest::new("request body must be a JSON object", None));
-        };
+        let mut object = json_object(body)?;
         let model = match object.remove("model") {
             Some(Value::String(model)) if !model.is_empty() => model,
             _ => return Err(InvalidRequest::new("`model` must be a non-empty string", Some("model"))),

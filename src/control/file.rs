@@ -122,11 +122,10 @@ impl PolicyFile {
         }
     }
 
-    /// Loads the file, then reloads it on every change until `shutdown` fires. The parent
-    /// directory is watched, not the file, so editors that replace the file and Kubernetes'
-    /// ConfigMap symlink swaps are seen too.
+    /// Reloads the file on every change until `shutdown` fires; load it first with
+    /// [`PolicyFile::reload_and_log`]. The parent directory is watched, not the file, so editors
+    /// that replace the file and Kubernetes' ConfigMap symlink swaps are seen too.
     pub async fn watch(mut self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        self.reload_and_log();
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let watched_dir =
             self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();

@@ -134,11 +134,6 @@ impl TargetHealth {
         }
     }
 
-    /// `provider/model`.
-    pub fn label(&self) -> &str {
-        &self.label
-    }
-
     /// Whether a request would be admitted now (no probe slot is taken).
     pub fn peek(&self, now: Instant) -> Admission {
         lock(&self.breaker).peek(now)

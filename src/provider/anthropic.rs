@@ -15,9 +15,9 @@ use serde_json::{Map, Value, json};
 use super::sse::{self, Parsed, WireStream};
 use super::{
     Api, ApiKey, AttemptError, Credentials, Headroom, HttpClient, Reply, Sent, StreamEvent, encode, post_json,
-    read_json,
+    push_turn, read_json, stop_sequences,
 };
-use crate::chat::{ChatRequest, InvalidRequest, Message, Operation, Origin};
+use crate::chat::{ChatRequest, InvalidRequest, Message, Operation, Origin, json_object};
 use crate::policy::FailureClass;
 
 /// Anthropic's own API.
@@ -229,7 +229,7 @@ pub fn to_messages_request(request: &ChatRequest, model: &str, default_max_token
                         "input": serde_json::from_str::<Value>(arguments).unwrap_or_else(|_| json!({})),
                     }));
                 }
-                push_turn(&mut messages, "assistant", blocks);
+                push_turn(&mut messages, "assistant", "content", blocks);
             }
             "tool" => {
                 let result = json!({
@@ -237,9 +237,9 @@ pub fn to_messages_request(request: &ChatRequest, model: &str, default_max_token
                     "tool_use_id": message.rest.get("tool_call_id").cloned().unwrap_or(json!("")),
                     "content": text_of(message.content.as_ref()),
                 });
-                push_turn(&mut messages, "user", vec![result]);
+                push_turn(&mut messages, "user", "content", vec![result]);
             }
-            _ => push_turn(&mut messages, "user", content_blocks(message.content.as_ref())),
+            _ => push_turn(&mut messages, "user", "content", content_blocks(message.content.as_ref())),
         }
     }
     if !system.is_empty() {
@@ -254,14 +254,8 @@ pub fn to_messages_request(request: &ChatRequest, model: &str, default_max_token
             body.insert(name.into(), value.clone());
         }
     }
-    match rest.get("stop") {
-        Some(Value::String(stop)) => {
-            body.insert("stop_sequences".into(), json!([stop]));
-        }
-        Some(Value::Array(stops)) if !stops.is_empty() => {
-            body.insert("stop_sequences".into(), Value::Array(stops.clone()));
-        }
-        _ => {}
+    if let Some(stops) = stop_sequences(rest) {
+        body.insert("stop_sequences".into(), stops);
     }
     if let Some(tools) = rest.get("tools").and_then(Value::as_array) {
         let tools: Vec<Value> = tools
@@ -303,22 +297,6 @@ pub fn to_messages_request(request: &ChatRequest, model: &str, default_max_token
         body.insert("stream".into(), json!(true));
     }
     Value::Object(body)
-}
-
-/// Appends content blocks as a turn, merging with the previous turn of the same role (the
-/// Messages API wants user and assistant turns to alternate).
-fn push_turn(messages: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
-    if blocks.is_empty() {
-        return;
-    }
-    if let Some(last) = messages.last_mut()
-        && last["role"] == role
-        && let Some(content) = last["content"].as_array_mut()
-    {
-        content.extend(blocks);
-        return;
-    }
-    messages.push(json!({"role": role, "content": blocks}));
 }
 
 /// The text of a message's content: the string, or its text parts joined.
@@ -436,14 +414,9 @@ impl EventParser {
 
 impl WireStream for EventParser {
     fn event(&mut self, event: sse::Event) -> Parsed {
-        let data: Value = match serde_json::from_str(&event.data) {
+        let data = match sse::json_data(&event.data) {
             Ok(data) => data,
-            Err(e) => {
-                return Parsed::Fail(AttemptError::new(
-                    FailureClass::ServerError,
-                    format!("undecodable stream event: {e}"),
-                ));
-            }
+            Err(error) => return Parsed::Fail(error),
         };
         let kind = data.get("type").and_then(Value::as_str).or(event.event.as_deref()).unwrap_or_default().to_string();
         let (content, end) = match kind.as_str() {
@@ -665,9 +638,7 @@ pub fn from_messages_request(body: &[u8]) -> Result<ChatRequest, InvalidRequest>
 pub fn from_messages_request_with(body: &[u8], headers: &http::HeaderMap) -> Result<ChatRequest, InvalidRequest> {
     let beta = headers.get("anthropic-beta").and_then(|v| v.to_str().ok()).map(|v| ("anthropic-beta", v.to_string()));
     let invalid = |message: String, param: Option<&'static str>| InvalidRequest { message, param };
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| invalid(format!("request body is not valid JSON: {e}"), None))?;
-    let Value::Object(raw) = value else { return Err(invalid("request body must be a JSON object".into(), None)) };
+    let raw = json_object(body)?;
     let model = match raw.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         _ => return Err(invalid("model: Field required (a non-empty string)".into(), Some("model"))),

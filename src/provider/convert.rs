@@ -83,93 +83,82 @@ impl ToOpenAiStream {
     }
 }
 
-/// Turns a provider's stream events into Messages events `(event name, data)`.
-pub enum ToAnthropicStream {
-    /// Already Messages events.
-    Same,
-    /// Through OpenAI chunks.
-    Via(Box<(ToOpenAiStream, anthropic::FromOpenAiStream)>),
+/// Builds the events of an API whose streams are named events (Messages, Responses) from
+/// chat chunks.
+pub trait FromChat {
+    /// The events for one chunk, as `(event name, data)`.
+    fn push_chunk(&mut self, chunk: &Value) -> Vec<(String, Value)>;
+    /// The events that close the stream.
+    fn finish_events(&mut self) -> Vec<(String, Value)>;
 }
+
+impl FromChat for anthropic::FromOpenAiStream {
+    fn push_chunk(&mut self, chunk: &Value) -> Vec<(String, Value)> {
+        self.push(chunk).into_iter().map(|(name, data)| (name.to_string(), data)).collect()
+    }
+
+    fn finish_events(&mut self) -> Vec<(String, Value)> {
+        self.finish().into_iter().map(|(name, data)| (name.to_string(), data)).collect()
+    }
+}
+
+impl FromChat for responses::FromChatStream {
+    fn push_chunk(&mut self, chunk: &Value) -> Vec<(String, Value)> {
+        self.push(chunk)
+    }
+
+    fn finish_events(&mut self) -> Vec<(String, Value)> {
+        self.finish()
+    }
+}
+
+/// Turns a provider's stream events into a named-event API's events: untouched when the
+/// provider speaks that API, else through chat chunks.
+pub enum ToNamedEvents<T> {
+    /// Already the app's events.
+    Same,
+    /// Through chat chunks.
+    Via(Box<(ToOpenAiStream, T)>),
+}
+
+/// Provider events as Messages events.
+pub type ToAnthropicStream = ToNamedEvents<anthropic::FromOpenAiStream>;
+/// Provider events as Responses events.
+pub type ToResponsesStream = ToNamedEvents<responses::FromChatStream>;
 
 impl ToAnthropicStream {
     /// A translator for events in `api`'s format.
     pub fn new(api: Api) -> Self {
-        match api {
-            Api::Anthropic => ToAnthropicStream::Same,
-            other => {
-                ToAnthropicStream::Via(Box::new((ToOpenAiStream::new(other, true), anthropic::FromOpenAiStream::new())))
-            }
-        }
+        ToNamedEvents::between(api, Api::Anthropic, anthropic::FromOpenAiStream::new)
     }
-
-    /// The events for one upstream event.
-    pub fn push(&mut self, event: &StreamEvent) -> Vec<(String, Value)> {
-        match self {
-            ToAnthropicStream::Same => {
-                let name = event.data.get("type").and_then(Value::as_str).unwrap_or("message").to_string();
-                vec![(name, event.data.clone())]
-            }
-            ToAnthropicStream::Via(pair) => {
-                let (to_openai, to_anthropic) = &mut **pair;
-                to_openai
-                    .push(event)
-                    .iter()
-                    .flat_map(|chunk| to_anthropic.push(chunk))
-                    .map(|(name, data)| (name.to_string(), data))
-                    .collect()
-            }
-        }
-    }
-
-    /// Events owed when the stream has ended cleanly.
-    pub fn finish(&mut self) -> Vec<(String, Value)> {
-        match self {
-            ToAnthropicStream::Same => Vec::new(),
-            ToAnthropicStream::Via(pair) => {
-                let (to_openai, to_anthropic) = &mut **pair;
-                let mut out: Vec<(String, Value)> = to_openai
-                    .finish()
-                    .iter()
-                    .flat_map(|chunk| to_anthropic.push(chunk))
-                    .map(|(name, data)| (name.to_string(), data))
-                    .collect();
-                out.extend(to_anthropic.finish().into_iter().map(|(name, data)| (name.to_string(), data)));
-                out
-            }
-        }
-    }
-}
-
-/// Turns a provider's stream events into Responses events `(event type, data)`.
-pub enum ToResponsesStream {
-    /// Already Responses events.
-    Same,
-    /// Through chat chunks.
-    Via(Box<(ToOpenAiStream, responses::FromChatStream)>),
 }
 
 impl ToResponsesStream {
     /// A translator for events in `api`'s format, answering the app's `request`.
     pub fn new(api: Api, request: &crate::chat::ChatRequest) -> Self {
-        match api {
-            Api::Responses => ToResponsesStream::Same,
-            other => ToResponsesStream::Via(Box::new((
-                ToOpenAiStream::new(other, true),
-                responses::FromChatStream::new(request),
-            ))),
+        ToNamedEvents::between(api, Api::Responses, || responses::FromChatStream::new(request))
+    }
+}
+
+impl<T: FromChat> ToNamedEvents<T> {
+    fn between(from: Api, to: Api, build: impl FnOnce() -> T) -> Self {
+        if from == to {
+            ToNamedEvents::Same
+        } else {
+            ToNamedEvents::Via(Box::new((ToOpenAiStream::new(from, true), build())))
         }
     }
 
     /// The events for one upstream event.
     pub fn push(&mut self, event: &StreamEvent) -> Vec<(String, Value)> {
         match self {
-            ToResponsesStream::Same => {
+            ToNamedEvents::Same => {
                 let name = event.data.get("type").and_then(Value::as_str).unwrap_or("message").to_string();
                 vec![(name, event.data.clone())]
             }
-            ToResponsesStream::Via(pair) => {
-                let (to_chat, to_responses) = &mut **pair;
-                to_chat.push(event).iter().flat_map(|chunk| to_responses.push(chunk)).collect()
+            ToNamedEvents::Via(pair) => {
+                let (to_chat, to_named) = &mut **pair;
+                to_chat.push(event).iter().flat_map(|chunk| to_named.push_chunk(chunk)).collect()
             }
         }
     }
@@ -177,12 +166,12 @@ impl ToResponsesStream {
     /// Events owed when the stream has ended cleanly.
     pub fn finish(&mut self) -> Vec<(String, Value)> {
         match self {
-            ToResponsesStream::Same => Vec::new(),
-            ToResponsesStream::Via(pair) => {
-                let (to_chat, to_responses) = &mut **pair;
+            ToNamedEvents::Same => Vec::new(),
+            ToNamedEvents::Via(pair) => {
+                let (to_chat, to_named) = &mut **pair;
                 let mut out: Vec<(String, Value)> =
-                    to_chat.finish().iter().flat_map(|chunk| to_responses.push(chunk)).collect();
-                out.extend(to_responses.finish());
+                    to_chat.finish().iter().flat_map(|chunk| to_named.push_chunk(chunk)).collect();
+                out.extend(to_named.finish_events());
                 out
             }
         }

@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use super::sse::{self, Parsed, WireStream};
 use super::{
     Api, ApiKey, AttemptError, Credentials, Headroom, HttpClient, Reply, Sent, StreamEvent, encode, post_json,
-    read_json,
+    push_turn, read_json, stop_sequences,
 };
 use crate::chat::{ChatRequest, Operation};
 use crate::policy::FailureClass;
@@ -253,7 +253,7 @@ pub fn to_gemini_request(request: &ChatRequest) -> Value {
                     let args = serde_json::from_str::<Value>(arguments).unwrap_or_else(|_| json!({}));
                     out.push(json!({"functionCall": {"name": name, "args": args}}));
                 }
-                push_turn(&mut contents, "model", out);
+                push_turn(&mut contents, "model", "parts", out);
             }
             "tool" => {
                 let id = message.rest.get("tool_call_id").and_then(Value::as_str).unwrap_or_default();
@@ -266,10 +266,11 @@ pub fn to_gemini_request(request: &ChatRequest) -> Value {
                 push_turn(
                     &mut contents,
                     "user",
+                    "parts",
                     vec![json!({"functionResponse": {"name": name, "response": response}})],
                 );
             }
-            _ => push_turn(&mut contents, "user", parts(message.content.as_ref())),
+            _ => push_turn(&mut contents, "user", "parts", parts(message.content.as_ref())),
         }
     }
     let mut body = Map::new();
@@ -293,14 +294,8 @@ pub fn to_gemini_request(request: &ChatRequest) -> Value {
     if let Some(max) = rest.get("max_completion_tokens").or_else(|| rest.get("max_tokens")).filter(|v| !v.is_null()) {
         config.insert("maxOutputTokens".into(), max.clone());
     }
-    match rest.get("stop") {
-        Some(Value::String(stop)) => {
-            config.insert("stopSequences".into(), json!([stop]));
-        }
-        Some(Value::Array(stops)) if !stops.is_empty() => {
-            config.insert("stopSequences".into(), Value::Array(stops.clone()));
-        }
-        _ => {}
+    if let Some(stops) = stop_sequences(rest) {
+        config.insert("stopSequences".into(), stops);
     }
     match rest.get("response_format").and_then(|f| f.get("type")).and_then(Value::as_str) {
         Some("json_object") => {
@@ -348,20 +343,6 @@ pub fn to_gemini_request(request: &ChatRequest) -> Value {
         body.insert("toolConfig".into(), json!({"functionCallingConfig": mode}));
     }
     Value::Object(body)
-}
-
-fn push_turn(contents: &mut Vec<Value>, role: &str, parts: Vec<Value>) {
-    if parts.is_empty() {
-        return;
-    }
-    if let Some(last) = contents.last_mut()
-        && last["role"] == role
-        && let Some(existing) = last["parts"].as_array_mut()
-    {
-        existing.extend(parts);
-        return;
-    }
-    contents.push(json!({"role": role, "parts": parts}));
 }
 
 fn parts(content: Option<&Value>) -> Vec<Value> {
@@ -462,14 +443,9 @@ pub struct EventParser {
 
 impl WireStream for EventParser {
     fn event(&mut self, event: sse::Event) -> Parsed {
-        let data: Value = match serde_json::from_str(&event.data) {
+        let data = match sse::json_data(&event.data) {
             Ok(data) => data,
-            Err(e) => {
-                return Parsed::Fail(AttemptError::new(
-                    FailureClass::ServerError,
-                    format!("undecodable stream event: {e}"),
-                ));
-            }
+            Err(error) => return Parsed::Fail(error),
         };
         if data.get("error").is_some()
             || (data.get("candidates").is_none() && data.pointer("/promptFeedback/blockReason").is_some())

@@ -29,7 +29,7 @@ use rustls::pki_types::CertificateDer;
 use serde_json::Value;
 
 use crate::chat::ChatRequest;
-use crate::policy::{FailureClass, ProviderKind};
+use crate::policy::FailureClass;
 
 /// The shared upstream HTTP client: pooled connections, HTTPS through rustls, HTTP/1.1 and
 /// HTTP/2 (chosen by ALPN).
@@ -150,16 +150,6 @@ impl Provider {
             Backend::OpenAi(_) | Backend::Mock(_) => Api::OpenAi,
             Backend::Anthropic(_) => Api::Anthropic,
             Backend::Gemini(_) => Api::Gemini,
-        }
-    }
-
-    /// The wire API it speaks.
-    pub fn kind(&self) -> ProviderKind {
-        match &self.backend {
-            Backend::OpenAi(o) => o.kind(),
-            Backend::Anthropic(_) => ProviderKind::Anthropic,
-            Backend::Gemini(_) => ProviderKind::Gemini,
-            Backend::Mock(_) => ProviderKind::Mock,
         }
     }
 
@@ -342,6 +332,35 @@ pub(crate) async fn post_json(
     let body = read_body(response.into_body()).await?;
     let class = classify(Some(status.as_u16()), &body);
     Err(AttemptError::classified(class, status.as_u16(), &headers, body))
+}
+
+/// Appends `items` to a conversation as a turn of `role`, merged into the previous turn when it
+/// has the same role: Messages and Gemini want user and assistant turns to alternate. `field`
+/// names the turn's item list (`content` or `parts`).
+pub(crate) fn push_turn(turns: &mut Vec<Value>, role: &str, field: &str, items: Vec<Value>) {
+    if items.is_empty() {
+        return;
+    }
+    if let Some(last) = turns.last_mut()
+        && last["role"] == role
+        && let Some(existing) = last[field].as_array_mut()
+    {
+        existing.extend(items);
+        return;
+    }
+    let mut turn = serde_json::Map::new();
+    turn.insert("role".into(), Value::from(role));
+    turn.insert(field.into(), Value::Array(items));
+    turns.push(Value::Object(turn));
+}
+
+/// OpenAI's `stop` (one string or several) as a list, if any.
+pub(crate) fn stop_sequences(rest: &serde_json::Map<String, Value>) -> Option<Value> {
+    match rest.get("stop") {
+        Some(Value::String(stop)) => Some(Value::Array(vec![Value::from(stop.as_str())])),
+        Some(Value::Array(stops)) if !stops.is_empty() => Some(Value::Array(stops.clone())),
+        _ => None,
+    }
 }
 
 /// Encodes a request body.

@@ -2,8 +2,6 @@
 //! (vLLM, Ollama, Together, Groq ...). The neutral shape is this API's, so requests and answers
 //! pass through untouched but for `model`.
 
-use std::time::Duration;
-
 use http::{HeaderValue, Uri};
 use serde_json::Value;
 
@@ -79,11 +77,6 @@ impl OpenAi {
             Endpoint::Azure(d) => d.base().to_string(),
         };
         self.keys.identity(&format!("{}:{url}", self.kind.as_str()), key)
-    }
-
-    /// `openai`, `openai-compatible` or `azure-openai`.
-    pub fn kind(&self) -> ProviderKind {
-        self.kind
     }
 
     /// Sends one Chat Completions request.
@@ -216,8 +209,7 @@ impl WireStream for ChunkParser {
 }
 
 fn parse_chunk(data: &str) -> Result<Value, AttemptError> {
-    let chunk: Value = serde_json::from_str(data)
-        .map_err(|e| AttemptError::new(FailureClass::ServerError, format!("undecodable stream event: {e}")))?;
+    let chunk = sse::json_data(data)?;
     if let Some(error) = chunk.get("error").filter(|e| e.is_object()) {
         return Err(AttemptError::from_stream_error(error));
     }
@@ -279,29 +271,6 @@ fn message_has_content(message: &Value) -> bool {
         || message.get("content").is_some_and(|c| c.as_array().is_some_and(|a| !a.is_empty()))
 }
 
-/// Whether a chunk carries content the app will show: text, a refusal, or a tool call. The
-/// stream is held until the first such chunk so an early failure can still fall through.
-pub fn is_content_chunk(chunk: &Value) -> bool {
-    let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
-        return false;
-    };
-    choices.iter().any(|choice| {
-        let Some(delta) = choice.get("delta") else {
-            return false;
-        };
-        let text = |name: &str| delta.get(name).and_then(Value::as_str).is_some_and(|s| !s.is_empty());
-        text("content")
-            || text("refusal")
-            || delta.get("tool_calls").is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
-            || delta.get("function_call").is_some_and(Value::is_object)
-    }) || has_finish_reason(chunk)
-}
-
-/// A `Duration` in whole milliseconds, for logs.
-pub fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,11 +278,16 @@ mod tests {
 
     #[test]
     fn content_chunks_are_recognised() {
-        assert!(!is_content_chunk(&json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]})));
-        assert!(is_content_chunk(&json!({"choices": [{"delta": {"content": "Hi"}}]})));
-        assert!(is_content_chunk(&json!({"choices": [{"delta": {"tool_calls": [{"index": 0}]}}]})));
-        assert!(is_content_chunk(&json!({"choices": [{"delta": {}, "finish_reason": "stop"}]})));
-        assert!(!is_content_chunk(&json!({"choices": [], "usage": {"total_tokens": 3}})));
+        // A chunk commits a held stream when it carries content or ends the answer.
+        let commits = |chunk: Value| {
+            let event = chunk_event(chunk);
+            event.content || event.end
+        };
+        assert!(!commits(json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]})));
+        assert!(commits(json!({"choices": [{"delta": {"content": "Hi"}}]})));
+        assert!(commits(json!({"choices": [{"delta": {"tool_calls": [{"index": 0}]}}]})));
+        assert!(commits(json!({"choices": [{"delta": {}, "finish_reason": "stop"}]})));
+        assert!(!commits(json!({"choices": [], "usage": {"total_tokens": 3}})));
     }
 
     #[test]

@@ -13,8 +13,7 @@ use serde_json::{Map, Value, json};
 
 use super::sse::{self, Parsed, WireStream};
 use super::{AttemptError, StreamEvent};
-use crate::chat::{Api, ChatRequest, InvalidRequest, Message, Operation, Origin, STATEFUL};
-use crate::policy::FailureClass;
+use crate::chat::{Api, ChatRequest, InvalidRequest, Message, Operation, Origin, STATEFUL, json_object};
 
 /// Request fields the neutral request carries (or that change nothing when dropped).
 const FIELDS: &[&str] = &[
@@ -52,9 +51,7 @@ pub fn is_stateful(body: &Map<String, Value>) -> bool {
 /// `openai` targets.
 pub fn from_responses_request(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
     let invalid = |message: String, param: Option<&'static str>| InvalidRequest { message, param };
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| invalid(format!("request body is not valid JSON: {e}"), None))?;
-    let Value::Object(raw) = value else { return Err(invalid("request body must be a JSON object".into(), None)) };
+    let raw = json_object(body)?;
     let model = match raw.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         _ => return Err(invalid("you must provide a model parameter (`model` is missing)".into(), Some("model"))),
@@ -276,12 +273,12 @@ fn response_object(
     status: &str,
     output: Vec<Value>,
     usage: Value,
-    request: &ChatRequest,
+    echo: &Map<String, Value>,
 ) -> Value {
     let mut response = json!({"id": id, "object": "response", "created_at": now(), "status": status, "error": null,
                               "incomplete_details": null, "model": model, "output": output, "usage": usage});
     if let Some(object) = response.as_object_mut() {
-        object.extend(echo(request));
+        object.extend(echo.clone());
     }
     response
 }
@@ -302,7 +299,8 @@ pub fn from_chat_completion(completion: &Value, request: &ChatRequest) -> Value 
     }
     let status =
         if choice.get("finish_reason").and_then(Value::as_str) == Some("length") { "incomplete" } else { "completed" };
-    let mut response = response_object(&id, &completion["model"], status, output, usage(&completion["usage"]), request);
+    let mut response =
+        response_object(&id, &completion["model"], status, output, usage(&completion["usage"]), &echo(request));
     if status == "incomplete" {
         response["incomplete_details"] = json!({"reason": "max_output_tokens"});
     }
@@ -340,14 +338,9 @@ pub struct EventParser {
 
 impl WireStream for EventParser {
     fn event(&mut self, event: sse::Event) -> Parsed {
-        let data: Value = match serde_json::from_str(&event.data) {
+        let data = match sse::json_data(&event.data) {
             Ok(data) => data,
-            Err(e) => {
-                return Parsed::Fail(AttemptError::new(
-                    FailureClass::ServerError,
-                    format!("undecodable stream event: {e}"),
-                ));
-            }
+            Err(error) => return Parsed::Fail(error),
         };
         let kind = data.get("type").and_then(Value::as_str).unwrap_or_default();
         let (content, end) = match kind {
@@ -379,7 +372,8 @@ impl WireStream for EventParser {
 /// Turns chat completion chunks into Responses stream events, as `(event type, data)`.
 #[derive(Debug)]
 pub struct FromChatStream {
-    request: ChatRequest,
+    /// The request fields every Response object echoes back.
+    echo: Map<String, Value>,
     sequence: u64,
     id: String,
     model: Value,
@@ -396,7 +390,7 @@ impl FromChatStream {
     /// A translator for the app's `request`.
     pub fn new(request: &ChatRequest) -> Self {
         FromChatStream {
-            request: request.clone(),
+            echo: echo(request),
             sequence: 0,
             id: "resp_backstop".into(),
             model: Value::Null,
@@ -418,7 +412,7 @@ impl FromChatStream {
 
     fn snapshot(&self, status: &str) -> Value {
         let usage = if self.usage.is_null() { Value::Null } else { usage(&self.usage) };
-        response_object(&self.id, &self.model, status, self.items.clone(), usage, &self.request)
+        response_object(&self.id, &self.model, status, self.items.clone(), usage, &self.echo)
     }
 
     /// The events for one chunk.

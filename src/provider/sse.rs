@@ -35,6 +35,12 @@ pub trait WireStream: Send + 'static {
     fn may_end(&self) -> bool;
 }
 
+/// An event's data as JSON, or the failure an undecodable event is.
+pub fn json_data(data: &str) -> Result<serde_json::Value, AttemptError> {
+    serde_json::from_str(data)
+        .map_err(|e| AttemptError::new(FailureClass::ServerError, format!("undecodable stream event: {e}")))
+}
+
 struct Reader<P> {
     body: Incoming,
     decoder: Decoder,

@@ -23,7 +23,6 @@ use crate::health::breaker::Admission;
 use crate::health::{Permit, pick};
 use crate::policy::FailureClass;
 use crate::provider::convert;
-use crate::provider::openai::millis;
 use crate::provider::{Api, AttemptError, ChunkStream, Headroom, HttpClient, Reply, StreamEvent};
 
 /// Per-request controls from headers, already limited to what the policy allows.
@@ -544,6 +543,11 @@ pub async fn run(
     let skipped_targets =
         distinct(fell_through).into_iter().filter(|(_, why)| *why == "circuitOpen").map(|(t, _)| t).collect();
     Err(Unanswered::Exhausted { attempts, skipped: skipped_targets, deadline_exceeded, stopped, retry_after })
+}
+
+/// A `Duration` in whole milliseconds, for logs and messages.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The entries in order, each once (a target can be noted as skipped on two passes).

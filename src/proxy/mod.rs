@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use crate::chain::PolicyStore;
 use crate::provider::HttpClient;
+use chat::Dialect as _;
 
 /// A response body: whole or streamed.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -148,38 +149,23 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
         if anthropic {
             anthropic::error(status, message, code, serde_json::Value::Null)
         } else {
-            openai::error_response(status, message, "invalid_request_error", Some(code), None)
+            openai::OpenAiDialect::error(status, message, code, None, serde_json::Value::Null)
         }
     };
     match (request.method(), path) {
-        (&Method::POST, "/chat/completions" | "/messages") => {
+        (&Method::POST, "/chat/completions" | "/messages" | "/responses" | "/embeddings") => {
             let headers = request.headers().clone();
             let body = match read_body(request, state.max_request_bytes).await {
                 Ok(body) => body,
                 Err((status, message, code)) => return fail(status, &message, code),
             };
-            let snapshot = state.store.load();
-            if anthropic {
-                chat::serve::<anthropic::AnthropicDialect>(snapshot, &headers, &body, &state.http).await
-            } else {
-                chat::serve::<openai::OpenAiDialect>(snapshot, &headers, &body, &state.http).await
+            let (snapshot, http) = (state.store.load(), &state.http);
+            match path {
+                "/messages" => chat::serve::<anthropic::AnthropicDialect>(snapshot, &headers, &body, http).await,
+                "/responses" => chat::serve::<openai::ResponsesDialect>(snapshot, &headers, &body, http).await,
+                "/embeddings" => chat::serve::<openai::EmbeddingsDialect>(snapshot, &headers, &body, http).await,
+                _ => chat::serve::<openai::OpenAiDialect>(snapshot, &headers, &body, http).await,
             }
-        }
-        (&Method::POST, "/responses") => {
-            let headers = request.headers().clone();
-            let body = match read_body(request, state.max_request_bytes).await {
-                Ok(body) => body,
-                Err((status, message, code)) => return fail(status, &message, code),
-            };
-            chat::serve::<openai::ResponsesDialect>(state.store.load(), &headers, &body, &state.http).await
-        }
-        (&Method::POST, "/embeddings") => {
-            let headers = request.headers().clone();
-            let body = match read_body(request, state.max_request_bytes).await {
-                Ok(body) => body,
-                Err((status, message, code)) => return fail(status, &message, code),
-            };
-            chat::serve::<openai::EmbeddingsDialect>(state.store.load(), &headers, &body, &state.http).await
         }
         (&Method::GET, "/models") => openai::models(state.store.load().as_deref()),
         (_, "/chat/completions" | "/messages" | "/embeddings" | "/responses" | "/models") => fail(

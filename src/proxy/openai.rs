@@ -169,17 +169,6 @@ impl StreamRenderer for OpenAiStream {
     }
 }
 
-/// An OpenAI-format error outside the chat path (unknown endpoints, oversized bodies).
-pub fn error_response(
-    status: StatusCode,
-    message: &str,
-    kind: &str,
-    code: Option<&str>,
-    param: Option<&str>,
-) -> Response<Body> {
-    json_response(status, &json!({"error": {"message": message, "type": kind, "param": param, "code": code}}))
-}
-
 /// `GET /v1/models`: the route aliases, as OpenAI's model list.
 pub fn models(snapshot: Option<&PolicySnapshot>) -> Response<Body> {
     let data: Vec<Value> = snapshot

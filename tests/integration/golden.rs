@@ -31,6 +31,13 @@ fn events(name: &str, mut parser: impl WireStream) -> Vec<StreamEvent> {
     out
 }
 
+/// Renders stream events into a named-event API, the end included, as `{event, data}` values.
+fn named_events<T: convert::FromChat>(translate: &mut convert::ToNamedEvents<T>, events: &[StreamEvent]) -> Vec<Value> {
+    let mut out: Vec<(String, Value)> = events.iter().flat_map(|e| translate.push(e)).collect();
+    out.extend(translate.finish());
+    out.into_iter().map(|(name, data)| json!({"event": name, "data": data})).collect()
+}
+
 fn openai_request() -> ChatRequest {
     ChatRequest::from_openai_json(fixture("openai_request_tools.json").as_bytes()).expect("valid request")
 }
@@ -117,12 +124,7 @@ fn gemini_stream_to_openai_chunks() {
 fn openai_stream_to_anthropic_events() {
     let mut translate = convert::ToAnthropicStream::new(backstop::chat::Api::OpenAi);
     let events = events("openai_stream_tools.sse", openai::ChunkParser::default());
-    let mut out: Vec<Value> = events
-        .iter()
-        .flat_map(|e| translate.push(e))
-        .map(|(name, data)| json!({"event": name, "data": data}))
-        .collect();
-    out.extend(translate.finish().into_iter().map(|(name, data)| json!({"event": name, "data": data})));
+    let out = named_events(&mut translate, &events);
     insta::assert_json_snapshot!(out);
 }
 
@@ -130,12 +132,7 @@ fn openai_stream_to_anthropic_events() {
 fn gemini_stream_to_anthropic_events() {
     let mut translate = convert::ToAnthropicStream::new(backstop::chat::Api::Gemini);
     let events = events("gemini_stream_tools.sse", gemini::EventParser::default());
-    let mut out: Vec<Value> = events
-        .iter()
-        .flat_map(|e| translate.push(e))
-        .map(|(name, data)| json!({"event": name, "data": data}))
-        .collect();
-    out.extend(translate.finish().into_iter().map(|(name, data)| json!({"event": name, "data": data})));
+    let out = named_events(&mut translate, &events);
     insta::assert_json_snapshot!(out);
 }
 
@@ -183,12 +180,7 @@ fn anthropic_stream_to_responses_events() {
             .expect("valid");
     let mut translate = convert::ToResponsesStream::new(backstop::chat::Api::Anthropic, &request);
     let events = events("anthropic_stream_tools.sse", anthropic::EventParser::new(true));
-    let mut out: Vec<Value> = events
-        .iter()
-        .flat_map(|e| translate.push(e))
-        .map(|(name, data)| json!({"event": name, "data": data}))
-        .collect();
-    out.extend(translate.finish().into_iter().map(|(name, data)| json!({"event": name, "data": data})));
+    let out = named_events(&mut translate, &events);
     insta::assert_json_snapshot!(out, {"[].data.response.created_at" => "[created]"});
 }
 

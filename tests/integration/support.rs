@@ -503,7 +503,9 @@ impl TestSidecar {
         let sidecar = Sidecar::bind(&config, store.clone(), http).await.expect("bind sidecar");
         let (llm, admin) = (sidecar.llm_addr().expect("addr"), sidecar.admin_addr().expect("addr"));
         let (shutdown, rx) = watch::channel(false);
-        tokio::spawn(PolicyFile::new(policy_path.clone(), store.clone(), Arc::new(LocalKeys)).watch(rx.clone()));
+        let mut policy_file = PolicyFile::new(policy_path.clone(), store.clone(), Arc::new(LocalKeys));
+        policy_file.reload_and_log();
+        tokio::spawn(policy_file.watch(rx.clone()));
         tokio::spawn(sidecar.run(rx));
         let loaded = Instant::now() + Duration::from_secs(5);
         while store.load().is_none() {
