@@ -4,19 +4,24 @@
 
 use serde_json::{Value, json};
 
-use crate::chain::{LocalKeys, PolicySnapshot};
-use crate::chat::{Api, ChatRequest};
-use crate::health::HealthRegistry;
+use crate::chain::{LocalKeys, compile};
+use crate::llm::{Api, ChatRequest, Operation};
 use crate::policy::RequestFeature;
+use crate::policy::document::parse_policy;
+use crate::provider::neutral::{self, ToOpenAiStream};
 use crate::provider::sse::{Decoder, Parsed, WireStream};
-use crate::provider::{anthropic, convert, gemini, openai, responses};
+use crate::provider::{anthropic, gemini, openai};
+use crate::proxy::ingress::anthropic::parse::from_messages_request;
+use crate::proxy::ingress::convert::{ToAnthropicStream, ToResponsesStream, to_anthropic_message};
+use crate::proxy::ingress::responses::answer::from_chat_completion;
+use crate::proxy::ingress::responses::parse::from_responses_request;
 
 /// Translates a parsed request to every upstream format and asks every eligibility question.
 pub fn translate_everywhere(request: &ChatRequest) {
-    let _ = anthropic::unsupported(request);
-    let _ = anthropic::to_messages_request(request, "model", 16);
-    let _ = gemini::unsupported(request);
-    let _ = gemini::to_gemini_request(request);
+    let _ = anthropic::to_wire::unsupported(request);
+    let _ = anthropic::to_wire::to_messages_request(request, "model", 16);
+    let _ = gemini::to_wire::unsupported(request);
+    let _ = gemini::to_wire::to_gemini_request(request);
     let _ = openai::unsupported(request);
     let _ = request.to_openai_json("model");
     let _ = request.input_texts();
@@ -34,17 +39,17 @@ pub fn stream_everywhere(api: Api, bytes: &[u8]) {
         stream: true,
         rest: serde_json::Map::new(),
         origin: None,
-        operation: crate::chat::Operation::Chat,
+        operation: Operation::Chat,
     };
     let mut parser: Box<dyn WireStream> = match api {
-        Api::OpenAi => Box::new(openai::ChunkParser::default()),
-        Api::Anthropic => Box::new(anthropic::EventParser::new(true)),
-        Api::Gemini => Box::new(gemini::EventParser::default()),
-        Api::Responses => Box::new(responses::EventParser::default()),
+        Api::OpenAi => Box::new(openai::stream::ChunkParser::default()),
+        Api::Anthropic => Box::new(anthropic::stream::EventParser::new(true)),
+        Api::Gemini => Box::new(gemini::stream::EventParser::default()),
+        Api::Responses => Box::new(openai::responses::EventParser::default()),
     };
-    let mut to_openai = convert::ToOpenAiStream::new(api, true);
-    let mut to_anthropic = convert::ToAnthropicStream::new(api);
-    let mut to_responses = convert::ToResponsesStream::new(api, &request);
+    let mut to_openai = ToOpenAiStream::new(api, true);
+    let mut to_anthropic = ToAnthropicStream::new(api);
+    let mut to_responses = ToResponsesStream::new(api, &request);
     let mut decoder = Decoder::new(1 << 16);
     let (first, second) = bytes.split_at(bytes.len() / 2);
     for part in [first, second] {
@@ -54,9 +59,9 @@ pub fn stream_everywhere(api: Api, bytes: &[u8]) {
                 let _ = to_openai.push(&event);
                 let _ = to_anthropic.push(&event);
                 let _ = to_responses.push(&event);
-                let _ = convert::to_openai_completion(api, &event.data);
-                let _ = convert::to_anthropic_message(api, event.data.clone());
-                let _ = responses::from_chat_completion(&convert::to_openai_completion(api, &event.data), &request);
+                let _ = neutral::to_openai_completion(api, &event.data);
+                let _ = to_anthropic_message(api, event.data.clone());
+                let _ = from_chat_completion(&neutral::to_openai_completion(api, &event.data), &request);
             }
         }
     }
@@ -69,8 +74,8 @@ pub fn stream_everywhere(api: Api, bytes: &[u8]) {
 
 /// Parses and compiles a policy document.
 pub fn policy(text: &str) {
-    if let Ok(policy) = crate::control::file::parse_policy(text) {
-        let _ = PolicySnapshot::compile(&policy, &LocalKeys, &HealthRegistry::new());
+    if let Ok(policy) = parse_policy(text) {
+        let _ = compile(&policy, &LocalKeys);
     }
 }
 
@@ -118,10 +123,10 @@ mod tests {
             if let Ok(request) = ChatRequest::from_openai_json(&input) {
                 translate_everywhere(&request);
             }
-            if let Ok(request) = anthropic::from_messages_request(&input) {
+            if let Ok(request) = from_messages_request(&input) {
                 translate_everywhere(&request);
             }
-            if let Ok(request) = responses::from_responses_request(&input) {
+            if let Ok(request) = from_responses_request(&input) {
                 translate_everywhere(&request);
             }
             if let Ok(request) = ChatRequest::from_openai_embeddings_json(&input) {

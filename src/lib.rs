@@ -1,16 +1,26 @@
 //! Backstop: an LLM fallback layer for Kubernetes.
 //!
-//! The sidecar ([`proxy`]) takes an app's OpenAI-style requests on loopback and walks an
-//! ordered chain of provider targets ([`chain`]) until one answers, retrying, timing out and
-//! falling through as the `FallbackPolicy` ([`policy`]) says. Policies come from a watched file
-//! today ([`control`]); the operator's config stream comes next.
+//! The modules, in the order their imports flow:
+//!
+//! - [`policy`] — the `FallbackPolicy` custom resource as users write it; no I/O.
+//! - [`llm`] — the provider-neutral request, answer, stream events and failure outcome.
+//! - [`chain`] — a policy compiled into plain data (routes, chains, settings, resolved keys).
+//! - [`health`] — circuit breakers, balancing inputs and retry budgets.
+//! - [`provider`] — one folder per upstream wire API, built from compiled provider configs.
+//! - [`snapshot`] — a compiled policy bound to live providers and health, published atomically.
+//! - [`proxy`] — the sidecar's listeners, one ingress per API, and the fallback loop.
+//! - [`control`] — where a sidecar's policies come from.
+//! - [`telemetry`] — logs.
 
 pub mod chain;
-pub mod chat;
 pub mod control;
-pub mod fuzzing;
 pub mod health;
+pub mod llm;
 pub mod policy;
 pub mod provider;
 pub mod proxy;
+pub mod snapshot;
 pub mod telemetry;
+
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use backstop::chain::{LocalKeys, PolicyStore};
+use backstop::chain::LocalKeys;
 use backstop::control::file::{self, PolicyFile};
 use backstop::proxy::{DEFAULT_MAX_REQUEST_BYTES, Sidecar, SidecarConfig};
+use backstop::snapshot::PolicyStore;
 use backstop::telemetry::{LogFormat, init_logging};
 use clap::{Parser, Subcommand};
 
@@ -67,11 +68,11 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Crd => {
-            print!("{}", backstop::policy::crd_yaml()?);
+            print!("{}", backstop::policy::crd::crd_yaml()?);
             Ok(())
         }
         Command::Check { policy_file } => {
-            let (snapshot, _) = match file::load(&policy_file, &LocalKeys) {
+            let (compiled, _) = match file::load(&policy_file, &LocalKeys) {
                 Ok(loaded) => loaded,
                 Err(file::LoadError::Invalid(invalid)) => {
                     let lines: Vec<String> = invalid.errors.iter().map(|e| format!("  {e}")).collect();
@@ -84,8 +85,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "{}: ok, policy {} routes {}",
                 policy_file.display(),
-                snapshot.source,
-                snapshot.aliases().join(", ")
+                compiled.source,
+                compiled.aliases().collect::<Vec<_>>().join(", ")
             );
             Ok(())
         }
@@ -101,7 +102,7 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let store = Arc::new(PolicyStore::new());
     let config = SidecarConfig { listen: args.listen, admin: args.admin, max_request_bytes: args.max_request_bytes };
     let extra_roots = match &args.ca_file {
-        Some(path) => backstop::provider::load_ca_file(path).map_err(anyhow::Error::msg)?,
+        Some(path) => backstop::provider::load_ca_file(path)?,
         None => Vec::new(),
     };
     let http = backstop::provider::http_client(&extra_roots).context("cannot set up upstream TLS")?;

@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(request) = backstop::provider::anthropic::from_messages_request(data) {
+    if let Ok(request) = backstop::proxy::ingress::anthropic::parse::from_messages_request(data) {
         backstop::fuzzing::translate_everywhere(&request);
     }
 });

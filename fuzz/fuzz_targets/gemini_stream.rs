@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    backstop::fuzzing::stream_everywhere(backstop::chat::Api::Gemini, data);
+    backstop::fuzzing::stream_everywhere(backstop::llm::Api::Gemini, data);
 });

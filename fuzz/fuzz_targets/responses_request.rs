@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(request) = backstop::provider::responses::from_responses_request(data) {
+    if let Ok(request) = backstop::proxy::ingress::responses::parse::from_responses_request(data) {
         backstop::fuzzing::translate_everywhere(&request);
     }
 });

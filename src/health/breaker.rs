@@ -12,36 +12,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::policy::{ClassSet, FailureClass};
-
-/// Breaker settings, compiled from `spec.circuitBreaker`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct BreakerSettings {
-    /// Consecutive counted failures that open it (0: never on this rule).
-    pub consecutive_failures: u32,
-    /// The failure-rate rule, if enabled.
-    pub failure_rate: Option<FailureRate>,
-    /// The first open period.
-    pub open_for: Duration,
-    /// The longest open period, however often it reopens.
-    pub max_open_for: Duration,
-    /// Probes let through at once while half-open.
-    pub half_open_probes: u32,
-    /// Failure classes that count against the target.
-    pub counts: ClassSet,
-}
-
-/// Opens when `percent` of the requests in the last `window` failed, once there were at least
-/// `min_requests`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FailureRate {
-    /// Failure share that opens the breaker, 1 to 100.
-    pub percent: u32,
-    /// How far back the window reaches.
-    pub window: Duration,
-    /// Requests the window must hold before the rule applies.
-    pub min_requests: u32,
-}
+use crate::chain::BreakerSettings;
+use crate::policy::FailureClass;
 
 /// Where a breaker stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -258,6 +230,8 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chain::FailureRate;
+    use crate::policy::ClassSet;
 
     fn settings() -> BreakerSettings {
         BreakerSettings {

@@ -7,16 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Budget settings, from `spec.retry`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BudgetSettings {
-    /// Extra attempts allowed, as a percentage of requests in the window.
-    pub percent: u32,
-    /// Extra attempts always allowed per second, however few requests there were.
-    pub min_per_second: u32,
-    /// How far back requests and extra attempts are counted.
-    pub window: Duration,
-}
+use crate::chain::BudgetSettings;
 
 /// Requests and extra attempts over a sliding window, in one-tenth buckets.
 #[derive(Clone, Debug)]

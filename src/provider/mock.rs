@@ -2,7 +2,6 @@
 //! latency and failures set in the policy, so demos, drills and tests need no network or key.
 
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::stream;
@@ -11,47 +10,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use super::{AttemptError, ChunkStream, Reply};
-use crate::chat::{ChatRequest, Operation};
-
-/// The reply when the policy sets none.
-pub const DEFAULT_REPLY: &str = "Hello from the mock provider.";
-
-/// A mock provider's behaviour, compiled from `spec.providers[].mock`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MockBehaviour {
-    /// The answer's text.
-    pub reply: String,
-    /// Delay before the answer's headers.
-    pub latency: Duration,
-    /// Further delay before a stream's first content chunk.
-    pub first_token_latency: Duration,
-    /// Content chunks in a streamed answer (at least 1).
-    pub chunks: u32,
-    /// Share of requests that fail, 0 to 1.
-    pub failure_rate: f64,
-    /// Status of a failure.
-    pub failure_status: u16,
-    /// `Retry-After` seconds sent with a 429 or 503.
-    pub retry_after: Option<u32>,
-    /// Seed for the failure draw.
-    pub seed: Option<u64>,
-}
-
-impl Default for MockBehaviour {
-    fn default() -> Self {
-        MockBehaviour {
-            reply: DEFAULT_REPLY.to_string(),
-            latency: Duration::ZERO,
-            first_token_latency: Duration::ZERO,
-            chunks: 4,
-            failure_rate: 0.0,
-            failure_status: 503,
-            retry_after: None,
-            seed: None,
-        }
-    }
-}
+use super::openai::error::from_response;
+use super::openai::stream::chunk_event;
+use crate::chain::MockBehaviour;
+use crate::llm::answer::embedding_value;
+use crate::llm::{AttemptError, ChatRequest, ChunkStream, Operation, Reply, unix_seconds};
 
 /// A running mock provider. Its random draw is shared by every request to it, so a seeded
 /// mock fails the same sequence of requests on every run.
@@ -101,7 +64,7 @@ impl Mock {
             return Ok(Reply::Complete(embeddings(model, request)));
         }
         let id = format!("chatcmpl-mock-{:x}", rand::random::<u64>());
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let created = unix_seconds();
         let prompt_tokens = request.estimated_prompt_tokens();
         let completion_tokens = self.behaviour.reply.split_whitespace().count().max(1) as u64;
         let usage = json!({
@@ -150,7 +113,7 @@ impl Mock {
                 if index == 1 && !first_token_latency.is_zero() {
                     tokio::time::sleep(first_token_latency).await;
                 }
-                rest.next().map(|chunk| (Ok(super::openai::chunk_event(chunk)), (rest, index + 1)))
+                rest.next().map(|chunk| (Ok(chunk_event(chunk)), (rest, index + 1)))
             }));
         Ok(Reply::Stream(stream))
     }
@@ -171,7 +134,7 @@ impl Mock {
         {
             headers.insert("retry-after", HeaderValue::from(secs));
         }
-        AttemptError::from_response(status, &headers, Bytes::from(body.to_string()))
+        from_response(status, &headers, Bytes::from(body.to_string()))
     }
 }
 
@@ -200,7 +163,7 @@ fn embeddings(model: &str, request: &ChatRequest) -> Value {
                 .collect();
             let norm = raw.iter().map(|v| v * v).sum::<f64>().sqrt().max(f64::EPSILON);
             let unit: Vec<f64> = raw.iter().map(|v| v / norm).collect();
-            json!({"object": "embedding", "index": index, "embedding": super::embedding_value(&unit, base64)})
+            json!({"object": "embedding", "index": index, "embedding": embedding_value(&unit, base64)})
         })
         .collect();
     let tokens: u64 = inputs.iter().map(|t| (t.len() as u64).div_ceil(4)).sum();
@@ -221,6 +184,7 @@ mod tests {
     use super::*;
     use crate::policy::FailureClass;
     use futures_util::StreamExt;
+    use std::time::Duration;
 
     fn request(stream: bool) -> ChatRequest {
         ChatRequest::from_openai_json(

@@ -8,7 +8,7 @@ use futures_util::stream;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::{AttemptError, ChunkStream, StreamEvent};
+use crate::llm::{AttemptError, ChunkStream, StreamEvent};
 use crate::policy::FailureClass;
 
 /// The largest single stream event read from an upstream.

@@ -1,37 +1,37 @@
-//! The sidecar's request path: the LLM listener apps point their SDKs at, and the admin
-//! listener for probes and the redacted config.
+//! The sidecar's request path: the LLM listener apps point their SDKs at, one ingress per API
+//! ([`ingress`]), the fallback walk ([`fallback`]), the stream relay ([`relay`]), and the admin
+//! listener for probes, health and the redacted config ([`admin`]).
 
-pub mod anthropic;
-pub mod chat;
+pub mod admin;
+pub mod body;
 pub mod fallback;
-pub mod openai;
-pub mod stream;
+pub mod ingress;
+pub mod relay;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::chain::PolicyStore;
-use crate::provider::HttpClient;
-use chat::Dialect as _;
+use body::Body;
+use fallback::Upstreams;
+use ingress::Dialect as _;
+use ingress::anthropic::AnthropicDialect;
+use ingress::embeddings::EmbeddingsDialect;
+use ingress::openai::OpenAiDialect;
+use ingress::responses::ResponsesDialect;
 
-/// A response body: whole or streamed.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-/// The error a response body can end with.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::provider::HttpClient;
+use crate::snapshot::PolicyStore;
 
 /// The default largest request body: bigger ones get a 413 (retries need the whole body).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 << 20;
@@ -43,7 +43,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SidecarConfig {
     /// The LLM listener (default `127.0.0.1:7400`).
     pub listen: SocketAddr,
-    /// The admin listener (default `0.0.0.0:7401`).
+    /// The admin listener.
     pub admin: SocketAddr,
     /// The largest request body accepted.
     pub max_request_bytes: usize,
@@ -51,7 +51,7 @@ pub struct SidecarConfig {
 
 struct State {
     store: Arc<PolicyStore>,
-    http: HttpClient,
+    upstreams: Upstreams,
     max_request_bytes: usize,
 }
 
@@ -67,7 +67,8 @@ impl Sidecar {
     pub async fn bind(config: &SidecarConfig, store: Arc<PolicyStore>, http: HttpClient) -> std::io::Result<Sidecar> {
         let llm = TcpListener::bind(config.listen).await?;
         let admin = TcpListener::bind(config.admin).await?;
-        let state = Arc::new(State { store, http, max_request_bytes: config.max_request_bytes });
+        let state =
+            Arc::new(State { store, upstreams: Upstreams::new(http), max_request_bytes: config.max_request_bytes });
         Ok(Sidecar { state, llm, admin })
     }
 
@@ -91,7 +92,7 @@ impl Sidecar {
         let admin_state = self.state.clone();
         let admin = serve(self.admin, shutdown, move |request| {
             let state = admin_state.clone();
-            async move { handle_admin(&state, &request) }
+            async move { admin::handle(&state.store, &request) }
         });
         tokio::join!(llm, admin);
     }
@@ -147,27 +148,27 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
     let anthropic = path == "/messages";
     let fail = |status: StatusCode, message: &str, code: &str| {
         if anthropic {
-            anthropic::error(status, message, code, serde_json::Value::Null)
+            ingress::anthropic::error(status, message, code, serde_json::Value::Null)
         } else {
-            openai::OpenAiDialect::error(status, message, code, None, serde_json::Value::Null)
+            OpenAiDialect::error(status, message, code, None, serde_json::Value::Null)
         }
     };
     match (request.method(), path) {
         (&Method::POST, "/chat/completions" | "/messages" | "/responses" | "/embeddings") => {
             let headers = request.headers().clone();
-            let body = match read_body(request, state.max_request_bytes).await {
+            let body = match body::read_request(request, state.max_request_bytes).await {
                 Ok(body) => body,
-                Err((status, message, code)) => return fail(status, &message, code),
+                Err(refused) => return fail(refused.status, &refused.message, refused.code),
             };
-            let (snapshot, http) = (state.store.load(), &state.http);
+            let (snapshot, upstreams) = (state.store.load(), &state.upstreams);
             match path {
-                "/messages" => chat::serve::<anthropic::AnthropicDialect>(snapshot, &headers, &body, http).await,
-                "/responses" => chat::serve::<openai::ResponsesDialect>(snapshot, &headers, &body, http).await,
-                "/embeddings" => chat::serve::<openai::EmbeddingsDialect>(snapshot, &headers, &body, http).await,
-                _ => chat::serve::<openai::OpenAiDialect>(snapshot, &headers, &body, http).await,
+                "/messages" => ingress::serve::<AnthropicDialect>(snapshot, &headers, &body, upstreams).await,
+                "/responses" => ingress::serve::<ResponsesDialect>(snapshot, &headers, &body, upstreams).await,
+                "/embeddings" => ingress::serve::<EmbeddingsDialect>(snapshot, &headers, &body, upstreams).await,
+                _ => ingress::serve::<OpenAiDialect>(snapshot, &headers, &body, upstreams).await,
             }
         }
-        (&Method::GET, "/models") => openai::models(state.store.load().as_deref()),
+        (&Method::GET, "/models") => ingress::openai::models(state.store.load().as_deref()),
         (_, "/chat/completions" | "/messages" | "/embeddings" | "/responses" | "/models") => fail(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{} is not allowed here", request.method()),
@@ -179,75 +180,4 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
             "unknown_url",
         ),
     }
-}
-
-/// Reads the whole request body (it is replayed to every target), up to `limit` bytes.
-async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, (StatusCode, String, &'static str)> {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    let too_large = || {
-        (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is larger than the sidecar's limit of {limit} bytes"),
-            "request_too_large",
-        )
-    };
-    if declared.is_some_and(|len| len > limit) {
-        return Err(too_large());
-    }
-    match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(error) => {
-            Err((StatusCode::BAD_REQUEST, format!("could not read the request body: {error}"), "unreadable_body"))
-        }
-    }
-}
-
-fn handle_admin(state: &State, request: &Request<Incoming>) -> Response<Body> {
-    if request.method() != Method::GET {
-        return text_response(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
-    }
-    match request.uri().path() {
-        "/healthz" => text_response(StatusCode::OK, "ok\n"),
-        "/readyz" => match state.store.load() {
-            Some(snapshot) => text_response(
-                StatusCode::OK,
-                &format!("ready: policy {} version {}\n", snapshot.source, snapshot.version),
-            ),
-            None => text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: no valid policy loaded\n"),
-        },
-        "/config" => match state.store.load() {
-            Some(snapshot) => json_response(
-                StatusCode::OK,
-                &json!({"source": snapshot.source, "version": snapshot.version, "policy": snapshot.redacted()}),
-            ),
-            None => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": "no valid policy loaded"})),
-        },
-        "/health" => json_response(StatusCode::OK, &state.store.health().report(tokio::time::Instant::now())),
-        _ => text_response(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz, /health or /config\n"),
-    }
-}
-
-/// A whole body.
-pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Body::new(Full::new(bytes.into()).map_err(|never| match never {}))
-}
-
-/// A JSON response.
-pub fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
-    let mut response = Response::new(full(serde_json::to_vec(value).unwrap_or_default()));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
-fn text_response(status: StatusCode, text: &str) -> Response<Body> {
-    let mut response = Response::new(full(text.to_string()));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    response
 }

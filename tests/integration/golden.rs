@@ -1,9 +1,13 @@
 //! Golden fixtures for every translation direction, streaming and not, with tools: inputs in
 //! `tests/fixtures/`, expected outputs as insta snapshots beside this file.
 
-use backstop::chat::ChatRequest;
+use backstop::llm::{Api, ChatRequest, StreamEvent};
+use backstop::provider::neutral::ToOpenAiStream;
 use backstop::provider::sse::{Decoder, Parsed, WireStream};
-use backstop::provider::{StreamEvent, anthropic, convert, gemini, openai};
+use backstop::provider::{anthropic, gemini, openai};
+use backstop::proxy::ingress::anthropic as anthropic_ingress;
+use backstop::proxy::ingress::convert::{self, ToAnthropicStream, ToResponsesStream};
+use backstop::proxy::ingress::responses as responses_ingress;
 use serde_json::{Value, json};
 
 fn fixture(name: &str) -> String {
@@ -45,12 +49,12 @@ fn openai_request() -> ChatRequest {
 #[test]
 fn openai_request_to_anthropic() {
     let request = openai_request();
-    assert_eq!(anthropic::unsupported(&request), None);
-    insta::assert_json_snapshot!(anthropic::to_messages_request(&request, "claude-sonnet-4-5", 4096));
+    assert_eq!(anthropic::to_wire::unsupported(&request), None);
+    insta::assert_json_snapshot!(anthropic::to_wire::to_messages_request(&request, "claude-sonnet-4-5", 4096));
     let mut streaming = request;
     streaming.stream = true;
     streaming.rest.remove("max_tokens");
-    let body = anthropic::to_messages_request(&streaming, "claude-sonnet-4-5", 1024);
+    let body = anthropic::to_wire::to_messages_request(&streaming, "claude-sonnet-4-5", 1024);
     assert_eq!(
         (body["stream"].clone(), body["max_tokens"].clone()),
         (json!(true), json!(1024)),
@@ -62,18 +66,18 @@ fn openai_request_to_anthropic() {
 fn openai_request_to_gemini() {
     let mut request = openai_request();
     assert!(
-        gemini::unsupported(&request).is_some_and(|why| why.contains("parallel_tool_calls")),
+        gemini::to_wire::unsupported(&request).is_some_and(|why| why.contains("parallel_tool_calls")),
         "Gemini cannot promise one call"
     );
     request.rest.remove("parallel_tool_calls");
-    assert_eq!(gemini::unsupported(&request), None);
-    insta::assert_json_snapshot!(gemini::to_gemini_request(&request));
+    assert_eq!(gemini::to_wire::unsupported(&request), None);
+    insta::assert_json_snapshot!(gemini::to_wire::to_gemini_request(&request));
 }
 
 #[test]
 fn anthropic_request_to_neutral_and_back() {
     let body = fixture("anthropic_request_tools.json");
-    let request = anthropic::from_messages_request(body.as_bytes()).expect("valid Messages request");
+    let request = anthropic_ingress::parse::from_messages_request(body.as_bytes()).expect("valid Messages request");
     insta::assert_json_snapshot!(
         "anthropic_request_to_neutral",
         json!({"messages": request.messages, "rest": request.rest, "stream": request.stream})
@@ -81,31 +85,33 @@ fn anthropic_request_to_neutral_and_back() {
     // To an Anthropic target the app's own body goes through untouched but for the model.
     let mut original: Value = serde_json::from_str(&body).expect("json");
     original["model"] = json!("claude-opus-4-1");
-    assert_eq!(anthropic::to_messages_request(&request, "claude-opus-4-1", 4096), original);
+    assert_eq!(anthropic::to_wire::to_messages_request(&request, "claude-opus-4-1", 4096), original);
     // To an OpenAI or Gemini target, the neutral form.
     assert_eq!(openai::unsupported(&request), None);
-    insta::assert_json_snapshot!("anthropic_request_to_gemini", gemini::to_gemini_request(&request));
+    insta::assert_json_snapshot!("anthropic_request_to_gemini", gemini::to_wire::to_gemini_request(&request));
 }
 
 #[test]
 fn anthropic_message_to_openai() {
-    insta::assert_json_snapshot!(anthropic::to_openai_completion(&json_fixture("anthropic_message_tools.json")), {".created" => "[created]"});
+    insta::assert_json_snapshot!(anthropic::from_wire::to_openai_completion(&json_fixture("anthropic_message_tools.json")), {".created" => "[created]"});
 }
 
 #[test]
 fn gemini_response_to_openai() {
-    insta::assert_json_snapshot!(gemini::to_openai_completion(&json_fixture("gemini_response_tools.json")), {".created" => "[created]"});
+    insta::assert_json_snapshot!(gemini::from_wire::to_openai_completion(&json_fixture("gemini_response_tools.json")), {".created" => "[created]"});
 }
 
 #[test]
 fn openai_completion_to_anthropic() {
-    insta::assert_json_snapshot!(anthropic::from_openai_completion(&json_fixture("openai_completion_tools.json")));
+    insta::assert_json_snapshot!(anthropic_ingress::answer::from_openai_completion(&json_fixture(
+        "openai_completion_tools.json"
+    )));
 }
 
 #[test]
 fn anthropic_stream_to_openai_chunks() {
-    let mut translate = convert::ToOpenAiStream::new(backstop::chat::Api::Anthropic, true);
-    let events = events("anthropic_stream_tools.sse", anthropic::EventParser::new(true));
+    let mut translate = ToOpenAiStream::new(Api::Anthropic, true);
+    let events = events("anthropic_stream_tools.sse", anthropic::stream::EventParser::new(true));
     let mut chunks: Vec<Value> = events.iter().flat_map(|e| translate.push(e)).collect();
     chunks.extend(translate.finish());
     insta::assert_json_snapshot!(chunks, {"[].created" => "[created]"});
@@ -113,8 +119,8 @@ fn anthropic_stream_to_openai_chunks() {
 
 #[test]
 fn gemini_stream_to_openai_chunks() {
-    let mut translate = convert::ToOpenAiStream::new(backstop::chat::Api::Gemini, true);
-    let events = events("gemini_stream_tools.sse", gemini::EventParser::default());
+    let mut translate = ToOpenAiStream::new(Api::Gemini, true);
+    let events = events("gemini_stream_tools.sse", gemini::stream::EventParser::default());
     let mut chunks: Vec<Value> = events.iter().flat_map(|e| translate.push(e)).collect();
     chunks.extend(translate.finish());
     insta::assert_json_snapshot!(chunks, {"[].created" => "[created]"});
@@ -122,24 +128,24 @@ fn gemini_stream_to_openai_chunks() {
 
 #[test]
 fn openai_stream_to_anthropic_events() {
-    let mut translate = convert::ToAnthropicStream::new(backstop::chat::Api::OpenAi);
-    let events = events("openai_stream_tools.sse", openai::ChunkParser::default());
+    let mut translate = ToAnthropicStream::new(Api::OpenAi);
+    let events = events("openai_stream_tools.sse", openai::stream::ChunkParser::default());
     let out = named_events(&mut translate, &events);
     insta::assert_json_snapshot!(out);
 }
 
 #[test]
 fn gemini_stream_to_anthropic_events() {
-    let mut translate = convert::ToAnthropicStream::new(backstop::chat::Api::Gemini);
-    let events = events("gemini_stream_tools.sse", gemini::EventParser::default());
+    let mut translate = ToAnthropicStream::new(Api::Gemini);
+    let events = events("gemini_stream_tools.sse", gemini::stream::EventParser::default());
     let out = named_events(&mut translate, &events);
     insta::assert_json_snapshot!(out);
 }
 
 #[test]
 fn anthropic_stream_passes_through_to_anthropic_apps() {
-    let mut translate = convert::ToAnthropicStream::new(backstop::chat::Api::Anthropic);
-    let events = events("anthropic_stream_tools.sse", anthropic::EventParser::new(true));
+    let mut translate = ToAnthropicStream::new(Api::Anthropic);
+    let events = events("anthropic_stream_tools.sse", anthropic::stream::EventParser::new(true));
     let names: Vec<String> = events.iter().flat_map(|e| translate.push(e)).map(|(name, _)| name).collect();
     assert_eq!(names.first().map(String::as_str), Some("message_start"));
     assert_eq!(names.last().map(String::as_str), Some("message_stop"));
@@ -148,38 +154,35 @@ fn anthropic_stream_passes_through_to_anthropic_apps() {
 
 #[test]
 fn responses_request_to_neutral_and_anthropic() {
-    let request =
-        backstop::provider::responses::from_responses_request(fixture("responses_request_tools.json").as_bytes())
-            .expect("valid Responses request");
+    let request = responses_ingress::parse::from_responses_request(fixture("responses_request_tools.json").as_bytes())
+        .expect("valid Responses request");
     insta::assert_json_snapshot!(
         "responses_request_to_neutral",
         json!({"messages": request.messages, "rest": request.rest, "stream": request.stream})
     );
     assert!(
-        anthropic::unsupported(&request).is_some_and(|why| why.contains("response_format")),
+        anthropic::to_wire::unsupported(&request).is_some_and(|why| why.contains("response_format")),
         "JSON schema output is not portable to Messages"
     );
-    assert_eq!(gemini::unsupported(&request), None);
-    insta::assert_json_snapshot!("responses_request_to_gemini", gemini::to_gemini_request(&request));
+    assert_eq!(gemini::to_wire::unsupported(&request), None);
+    insta::assert_json_snapshot!("responses_request_to_gemini", gemini::to_wire::to_gemini_request(&request));
 }
 
 #[test]
 fn chat_completion_to_response_object() {
-    let request =
-        backstop::provider::responses::from_responses_request(fixture("responses_request_tools.json").as_bytes())
-            .expect("valid");
+    let request = responses_ingress::parse::from_responses_request(fixture("responses_request_tools.json").as_bytes())
+        .expect("valid");
     let response =
-        backstop::provider::responses::from_chat_completion(&json_fixture("openai_completion_tools.json"), &request);
+        responses_ingress::answer::from_chat_completion(&json_fixture("openai_completion_tools.json"), &request);
     insta::assert_json_snapshot!(response, {".created_at" => "[created]"});
 }
 
 #[test]
 fn anthropic_stream_to_responses_events() {
-    let request =
-        backstop::provider::responses::from_responses_request(fixture("responses_request_tools.json").as_bytes())
-            .expect("valid");
-    let mut translate = convert::ToResponsesStream::new(backstop::chat::Api::Anthropic, &request);
-    let events = events("anthropic_stream_tools.sse", anthropic::EventParser::new(true));
+    let request = responses_ingress::parse::from_responses_request(fixture("responses_request_tools.json").as_bytes())
+        .expect("valid");
+    let mut translate = ToResponsesStream::new(Api::Anthropic, &request);
+    let events = events("anthropic_stream_tools.sse", anthropic::stream::EventParser::new(true));
     let out = named_events(&mut translate, &events);
     insta::assert_json_snapshot!(out, {"[].data.response.created_at" => "[created]"});
 }
@@ -187,7 +190,7 @@ fn anthropic_stream_to_responses_events() {
 #[test]
 fn gemini_response_to_anthropic() {
     insta::assert_json_snapshot!(convert::to_anthropic_message(
-        backstop::chat::Api::Gemini,
+        Api::Gemini,
         json_fixture("gemini_response_tools.json")
     ));
 }

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backstop::chain::{LocalKeys, PolicyStore};
+use backstop::chain::LocalKeys;
 use backstop::control::file::PolicyFile;
 use backstop::proxy::{Sidecar, SidecarConfig};
+use backstop::snapshot::PolicyStore;
 use bytes::Bytes;
 use futures_util::stream;
 use http::{HeaderMap, Request, Response, StatusCode};

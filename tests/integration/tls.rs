@@ -112,5 +112,5 @@ async fn an_untrusted_certificate_is_refused_and_falls_through() {
     assert_eq!(answer.header("x-backstop-fallback-reason"), Some("primary/up-model=connectError"));
     assert!(upstream.versions.lock().expect("lock").is_empty(), "no request crossed an untrusted connection");
     let missing = backstop::provider::load_ca_file(std::path::Path::new("/nonexistent/ca.pem"));
-    assert!(missing.is_err_and(|e| e.contains("cannot read")));
+    assert!(missing.is_err_and(|e| e.to_string().contains("cannot read")));
 }

@@ -1,0 +1,416 @@
+//! The compiler: a `FallbackPolicy` spec checked completely, every problem named by its field
+//! path and reported at once, into a [`CompiledPolicy`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::error::{Errors, InvalidPolicy};
+use super::keys::KeyResolver;
+use super::providers::{ProviderConfig, compile_providers};
+use super::redact::redact;
+use super::settings::{
+    compile_breaker, compile_budget, compile_hedge, compile_overrides, compile_retry, compile_timeouts,
+};
+use super::{CompiledPolicy, RouteConfig, StepConfig, TargetConfig};
+use crate::policy::{ChainStepSpec, ClassSet, FallbackPolicy, RequestFeature};
+
+/// Compiles a policy, collecting every problem with its field path. `keys` resolves `apiKey`s:
+/// [`super::LocalKeys`] in a sidecar reading a file, the Secrets of the policy's namespace in
+/// the operator.
+pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<CompiledPolicy, InvalidPolicy> {
+    let mut errors = Errors::default();
+    let spec = &policy.spec;
+    let providers = compile_providers(spec, keys, &mut errors);
+    let fallback_on =
+        spec.fallback_on.as_ref().map_or_else(ClassSet::default_fallback, |classes| classes.iter().copied().collect());
+    let retry = compile_retry(spec.retry.as_ref(), &mut errors);
+    let budget = compile_budget(spec.retry.as_ref(), &mut errors);
+    let timeouts = compile_timeouts(spec.timeouts.as_ref(), &mut errors);
+    let breaker = compile_breaker(spec.circuit_breaker.as_ref(), &mut errors);
+    let overrides = compile_overrides(spec.allow_request_overrides.as_deref());
+    let mut compiler = Compiler { providers: &providers, default_timeout: timeouts.attempt, errors };
+
+    let mut routes = Vec::with_capacity(spec.routes.len());
+    let mut seen = HashSet::new();
+    if spec.routes.is_empty() {
+        compiler.errors.push("spec.routes", "must name at least one route");
+    }
+    for (r, route) in spec.routes.iter().enumerate() {
+        let path = format!("spec.routes[{r}]");
+        if route.model.is_empty() {
+            compiler.errors.push(format!("{path}.model"), "must not be empty");
+        } else if !seen.insert(route.model.as_str()) {
+            compiler.errors.push(format!("{path}.model"), format!("`{}` is routed twice", route.model));
+        }
+        if route.chain.is_empty() {
+            compiler.errors.push(format!("{path}.chain"), "must have at least one step");
+        }
+        let steps = compiler.chain(&route.chain, &format!("{path}.chain"));
+        let on_context_window_exceeded = compiler.chain(
+            route.on_context_window_exceeded.as_deref().unwrap_or_default(),
+            &format!("{path}.onContextWindowExceeded"),
+        );
+        let on_content_filtered = compiler
+            .chain(route.on_content_filtered.as_deref().unwrap_or_default(), &format!("{path}.onContentFiltered"));
+        let hedge = compile_hedge(route, &path, &mut compiler.errors);
+        routes.push(RouteConfig {
+            alias: route.model.clone(),
+            steps,
+            on_context_window_exceeded,
+            on_content_filtered,
+            fallback_on,
+            retry,
+            timeouts,
+            hedge,
+            overrides,
+        });
+    }
+    compiler.errors.finish()?;
+    let mut providers: Vec<(usize, ProviderConfig)> = providers.into_values().collect();
+    providers.sort_by_key(|(index, _)| *index);
+    Ok(CompiledPolicy {
+        source: format!(
+            "{}/{}",
+            policy.metadata.namespace.as_deref().unwrap_or("default"),
+            policy.metadata.name.as_deref().unwrap_or("unnamed")
+        ),
+        providers: providers.into_iter().map(|(_, config)| config).collect(),
+        routes,
+        breaker,
+        budget,
+        document: redact(policy),
+    })
+}
+
+/// What compiling chains needs at hand.
+struct Compiler<'a> {
+    /// The valid providers by name, with their index in the compiled policy.
+    providers: &'a BTreeMap<String, (usize, ProviderConfig)>,
+    default_timeout: Duration,
+    errors: Errors,
+}
+
+impl Compiler<'_> {
+    fn chain(&mut self, steps: &[ChainStepSpec], path: &str) -> Vec<StepConfig> {
+        steps.iter().enumerate().filter_map(|(s, step)| self.step(step, &format!("{path}[{s}]"))).collect()
+    }
+
+    fn step(&mut self, spec: &ChainStepSpec, path: &str) -> Option<StepConfig> {
+        let members: Vec<TargetConfig> = match (&spec.group, &spec.provider, &spec.model) {
+            (Some(group), None, None) => {
+                if group.is_empty() {
+                    self.errors.push(format!("{path}.group"), "must have at least one member");
+                }
+                if spec.timeout.is_some() {
+                    self.errors.push(format!("{path}.timeout"), "set `timeout` on each group member instead");
+                }
+                let mut seen = HashSet::new();
+                let mut members = Vec::new();
+                for (m, member) in group.iter().enumerate() {
+                    let member_path = format!("{path}.group[{m}]");
+                    let weight = self.errors.number(member.weight, &format!("{member_path}.weight"), 1..=1000, 1);
+                    if !seen.insert((&member.provider, &member.model)) {
+                        self.errors.push(member_path.clone(), "the same provider and model appear twice in this group");
+                    }
+                    members.extend(self.targets(
+                        &member.provider,
+                        &member.model,
+                        member.timeout.as_ref(),
+                        weight,
+                        member.skip_for.as_deref(),
+                        &member_path,
+                    ));
+                }
+                members
+            }
+            (Some(_), _, _) => {
+                self.errors.push(path, "set either `group` or `provider` and `model`, not both");
+                return None;
+            }
+            (None, Some(provider), Some(model)) => {
+                self.targets(provider, model, spec.timeout.as_ref(), 1, spec.skip_for.as_deref(), path)
+            }
+            (None, None, Some(_)) => {
+                self.errors.push(format!("{path}.provider"), "is required (or use `group`)");
+                return None;
+            }
+            (None, _, None) => {
+                self.errors.push(format!("{path}.model"), "is required (or use `group`)");
+                return None;
+            }
+        };
+        (!members.is_empty()).then_some(StepConfig { members })
+    }
+
+    /// The targets for one provider + model: one per API key of the provider.
+    fn targets(
+        &mut self,
+        provider: &str,
+        model: &str,
+        timeout: Option<&String>,
+        weight: u32,
+        skip_for: Option<&[RequestFeature]>,
+        path: &str,
+    ) -> Vec<TargetConfig> {
+        let attempt_timeout = self.errors.duration(timeout, format!("{path}.timeout"), self.default_timeout);
+        if model.is_empty() {
+            self.errors.push(format!("{path}.model"), "must not be empty");
+        }
+        let Some((index, found)) = self.providers.get(provider) else {
+            self.errors.push(format!("{path}.provider"), format!("`{provider}` is not defined in `spec.providers`"));
+            return Vec::new();
+        };
+        let keys = found.key_count();
+        (0..keys)
+            .map(|key| {
+                let mut label = format!("{provider}/{model}");
+                if keys > 1 {
+                    let _ = write!(label, "#{}", key + 1);
+                }
+                TargetConfig {
+                    provider: *index,
+                    model: model.to_string(),
+                    key,
+                    attempt_timeout,
+                    weight,
+                    label,
+                    skip_for: skip_for.unwrap_or_default().to_vec(),
+                    identity: format!("{}\u{1f}{model}", found.endpoint_id(key)),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::LocalKeys;
+    use crate::chain::defaults;
+    use crate::chain::redact::REDACTED;
+    use crate::chain::settings::{AllowedOverrides, Hedge, RetryPolicy};
+    use crate::policy::FailureClass;
+
+    fn parse(yaml: &str) -> FallbackPolicy {
+        serde_yaml_ng::from_str(yaml).expect("test policy parses")
+    }
+
+    fn compile(yaml: &str) -> Result<CompiledPolicy, InvalidPolicy> {
+        super::compile(&parse(yaml), &LocalKeys)
+    }
+
+    fn route<'p>(policy: &'p CompiledPolicy, alias: &str) -> &'p RouteConfig {
+        policy.routes.iter().find(|r| r.alias == alias).expect("route")
+    }
+
+    const GOOD: &str = r#"
+apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {name: demo, namespace: shop}
+spec:
+  providers:
+    - {name: primary, type: openai, apiKey: {value: sk-secret-123}}
+    - {name: local, type: openai-compatible, baseUrl: "http://127.0.0.1:8000/v1"}
+    - {name: fake, type: mock, mock: {reply: hi, latency: 10ms}}
+  routes:
+    - model: chat
+      chain:
+        - {provider: primary, model: gpt-4o, timeout: 20s}
+        - group:
+            - {provider: local, model: llama, weight: 3}
+            - {provider: fake, model: m}
+    - model: "*"
+      chain: [{provider: fake, model: any}]
+  fallbackOn: [rateLimited, timeout]
+  retry: {attempts: 3, backoff: {base: 100ms, max: 1s}}
+  timeouts: {attempt: 5s, firstToken: 2s, total: 1m30s}
+"#;
+
+    #[test]
+    fn compiles_a_full_policy() {
+        let policy = compile(GOOD).expect("valid");
+        assert_eq!(policy.source, "shop/demo");
+        assert_eq!(policy.aliases().collect::<Vec<_>>(), ["chat"]);
+        let chat = route(&policy, "chat");
+        assert_eq!(chat.steps.len(), 2);
+        assert_eq!(chat.steps[0].members[0].label, "primary/gpt-4o");
+        assert_eq!(chat.steps[0].members[0].attempt_timeout, Duration::from_secs(20));
+        assert_eq!(chat.steps[1].members[1].attempt_timeout, Duration::from_secs(5));
+        assert_eq!(
+            chat.retry,
+            RetryPolicy {
+                attempts: 3,
+                base: Duration::from_millis(100),
+                max: Duration::from_secs(1),
+                max_request_attempts: 6
+            }
+        );
+        assert_eq!(chat.timeouts.total, Duration::from_secs(90));
+        assert!(chat.fallback_on.contains(FailureClass::RateLimited));
+        assert!(!chat.fallback_on.contains(FailureClass::ServerError));
+        assert_eq!(policy.routes[1].alias, "*");
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let policy = compile(
+            "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {name: d}\nspec:\n  providers: [{name: m, type: mock}]\n  routes: [{model: chat, chain: [{provider: m, model: x}]}]\n",
+        )
+        .expect("valid");
+        let route = route(&policy, "chat");
+        assert_eq!(route.retry.attempts, defaults::RETRY_ATTEMPTS);
+        assert_eq!(route.timeouts.first_token, defaults::FIRST_TOKEN_TIMEOUT);
+        assert_eq!(route.fallback_on, ClassSet::default_fallback());
+        assert!(!route.fallback_on.contains(FailureClass::BadRequest));
+        assert!(!route.fallback_on.contains(FailureClass::ContextWindowExceeded));
+        assert!(route.fallback_on.contains(FailureClass::AuthError));
+        assert_eq!(policy.routes.len(), 1);
+    }
+
+    #[test]
+    fn every_problem_is_named_by_its_field_path() {
+        let cases = [
+            (
+                GOOD.replace("provider: fake, model: any", "provider: nope, model: any"),
+                "`spec.routes[1].chain[0].provider`: `nope` is not defined",
+            ),
+            (GOOD.replace("timeout: 20s", "timeout: -5s"), "`spec.routes[0].chain[0].timeout`: `-5s` is negative"),
+            (
+                GOOD.replace("timeout: 20s", "timeout: 0s"),
+                "`spec.routes[0].chain[0].timeout`: must be greater than zero",
+            ),
+            (
+                GOOD.replace("timeout: 20s", "timeout: soon"),
+                "`spec.routes[0].chain[0].timeout`: `soon` is not a duration",
+            ),
+            (GOOD.replace("name: local", "name: primary"), "`spec.providers[1].name`: `primary` is defined twice"),
+            (GOOD.replace("model: \"*\"", "model: chat"), "`spec.routes[1].model`: `chat` is routed twice"),
+            (
+                GOOD.replace("chain: [{provider: fake, model: any}]", "chain: []"),
+                "`spec.routes[1].chain`: must have at least one step",
+            ),
+            (
+                GOOD.replace("weight: 3", "weight: 0"),
+                "`spec.routes[0].chain[1].group[0].weight`: 0 is not between 1 and 1000",
+            ),
+            (
+                GOOD.replace(", baseUrl: \"http://127.0.0.1:8000/v1\"", ""),
+                "`spec.providers[1].baseUrl`: is required for `openai-compatible`",
+            ),
+            (GOOD.replace("http://127.0.0.1:8000/v1", "ftp://x"), "`spec.providers[1].baseUrl`: must start with http"),
+            (
+                GOOD.replace("{value: sk-secret-123}", "{env: BACKSTOP_TEST_SURELY_UNSET}"),
+                "`spec.providers[0].apiKey`: environment variable `BACKSTOP_TEST_SURELY_UNSET` is not set",
+            ),
+            (
+                GOOD.replace("{value: sk-secret-123}", "{secretKeyRef: {name: k, key: openai}}"),
+                "`spec.providers[0].apiKey`: `secretKeyRef` is resolved by the operator",
+            ),
+            (
+                GOOD.replace("{value: sk-secret-123}", "{value: a, env: B}"),
+                "`spec.providers[0].apiKey`: set exactly one",
+            ),
+            (GOOD.replace("attempts: 3", "attempts: 0"), "`spec.retry.attempts`: 0 is not between 1 and 10"),
+            (GOOD.replace("max: 1s", "max: 10ms"), "`spec.retry.backoff.max`: must not be shorter than `base`"),
+            (
+                GOOD.replace("latency: 10ms}", "latency: 10ms, failureRate: 1.5}"),
+                "`spec.providers[2].mock.failureRate`: 1.5 is not between 0 and 1",
+            ),
+            (
+                GOOD.replace("latency: 10ms}", "latency: 10ms, failureStatus: 200}"),
+                "`spec.providers[2].mock.failureStatus`: 200 is not an HTTP error status",
+            ),
+            (
+                GOOD.replace("- {provider: primary, model: gpt-4o, timeout: 20s}", "- {model: gpt-4o}"),
+                "`spec.routes[0].chain[0].provider`: is required",
+            ),
+            (
+                GOOD.replace(
+                    "{name: local, type: openai-compatible",
+                    "{name: local, type: openai-compatible, mock: {}",
+                ),
+                "`spec.providers[1].mock`: only valid with `type: mock`",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let error = compile(&yaml).expect_err(expected).to_string();
+            assert!(error.contains(expected), "expected {expected:?} in {error:?}");
+        }
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let yaml = GOOD.replace("timeout: 20s", "timeout: soon").replace("attempts: 3", "attempts: 99");
+        let error = compile(&yaml).expect_err("invalid");
+        assert_eq!(error.errors.len(), 2, "{error}");
+    }
+
+    #[test]
+    fn redacts_key_values() {
+        let policy = compile(GOOD).expect("valid");
+        let shown = policy.document.to_string();
+        assert!(!shown.contains("sk-secret-123"), "{shown}");
+        assert!(shown.contains(REDACTED));
+    }
+
+    #[test]
+    fn several_keys_become_balanced_members_of_one_step() {
+        let yaml = GOOD.replace(
+            "{name: primary, type: openai, apiKey: {value: sk-secret-123}}",
+            "{name: primary, type: openai, apiKeys: [{value: sk-a}, {value: sk-b}, {value: sk-c}]}",
+        );
+        let policy = compile(&yaml).expect("valid");
+        let step = &route(&policy, "chat").steps[0];
+        let labels: Vec<&str> = step.members.iter().map(|m| m.label.as_str()).collect();
+        assert_eq!(labels, ["primary/gpt-4o#1", "primary/gpt-4o#2", "primary/gpt-4o#3"]);
+        assert_eq!(step.members.iter().map(|m| m.key).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(!policy.document.to_string().contains("sk-b"));
+        let both = GOOD.replace("apiKey: {value: sk-secret-123}", "apiKey: {value: a}, apiKeys: [{value: b}]");
+        assert!(compile(&both).expect_err("both").to_string().contains("`spec.providers[0].apiKeys`: set either"));
+    }
+
+    #[test]
+    fn routes_compile_hedges_special_chains_and_overrides() {
+        let yaml = GOOD.replace(
+            "    - model: \"*\"",
+            "      onContextWindowExceeded: [{provider: fake, model: big}]\n      hedge: {afterFirstTokenDelay: 2s}\n    - model: \"*\"",
+        ) + "  allowRequestOverrides: [noFallback, deadline]\n";
+        let policy = compile(&yaml).expect("valid");
+        let chat = route(&policy, "chat");
+        assert_eq!(chat.hedge, Some(Hedge { delay: Duration::from_secs(2), max_extra: 1 }));
+        assert_eq!(chat.on_context_window_exceeded[0].members[0].label, "fake/big");
+        assert!(chat.on_content_filtered.is_empty());
+        assert_eq!(chat.overrides, AllowedOverrides { no_fallback: true, max_attempts: false, deadline: true });
+        let bad = yaml.replace("afterFirstTokenDelay: 2s", "afterFirstTokenDelay: 2s, maxExtra: 9");
+        assert!(
+            compile(&bad)
+                .expect_err("bad")
+                .to_string()
+                .contains("`spec.routes[0].hedge.maxExtra`: 9 is not between 1 and 3")
+        );
+        let bad = yaml.replace("[{provider: fake, model: big}]", "[{provider: nope, model: big}]");
+        assert!(
+            compile(&bad)
+                .expect_err("bad")
+                .to_string()
+                .contains("`spec.routes[0].onContextWindowExceeded[0].provider`")
+        );
+    }
+
+    #[test]
+    fn breaker_settings_are_checked() {
+        let with = |cb: &str| compile(&format!("{GOOD}  circuitBreaker: {cb}\n"));
+        assert!(with("{consecutiveFailures: 3, openFor: 10s, maxOpenFor: 1m, failureRate: {percent: 40}}").is_ok());
+        let cases = [
+            ("{openFor: 10m, maxOpenFor: 1m}", "`spec.circuitBreaker.maxOpenFor`: must not be shorter than `openFor`"),
+            ("{countOn: [badRequest]}", "`spec.circuitBreaker.countOn`: `badRequest` says nothing"),
+            ("{failureRate: {percent: 0}}", "`spec.circuitBreaker.failureRate.percent`: 0 is not between 1 and 100"),
+            ("{halfOpenProbes: 0}", "`spec.circuitBreaker.halfOpenProbes`: 0 is not between 1 and 100"),
+        ];
+        for (cb, expected) in cases {
+            let error = with(cb).expect_err(cb).to_string();
+            assert!(error.contains(expected), "{expected:?} in {error:?}");
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! A policy compiled into plain data: what a `FallbackPolicy` means, checked completely, with
+//! defaults filled in and keys resolved, and nothing live inside: no HTTP clients, no health
+//! state. [`compile`] is the one compiler, used alike by the sidecar for a policy file, by the
+//! operator for a resource, and by `backstop check`; a [`CompiledPolicy`] serializes for the
+//! config stream and has a content [`digest`](CompiledPolicy::digest) that versions it. The
+//! sidecar binds it to live providers and health in [`crate::snapshot`].
+
+pub mod defaults;
+pub mod duration;
+pub mod error;
+pub mod keys;
+pub mod providers;
+pub mod redact;
+pub mod settings;
+
+mod compile;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use compile::compile;
+pub use duration::parse_duration;
+pub use error::{FieldError, InvalidPolicy};
+pub use keys::{ApiKey, KeyError, KeyResolver, LocalKeys};
+pub use providers::{MockBehaviour, ProviderConfig};
+pub use redact::REDACTED;
+pub use settings::{AllowedOverrides, BreakerSettings, BudgetSettings, FailureRate, Hedge, RetryPolicy, Timeouts};
+
+use crate::policy::{ClassSet, RequestFeature};
+
+/// A compiled, valid policy: plain data, equal when the policies mean the same.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CompiledPolicy {
+    /// `namespace/name` of the policy it came from.
+    pub source: String,
+    /// `spec.providers`, in policy order; targets refer to them by index.
+    pub providers: Vec<ProviderConfig>,
+    /// `spec.routes`, in policy order; the catch-all's alias is `*`.
+    pub routes: Vec<RouteConfig>,
+    /// Every target's circuit-breaker settings.
+    pub breaker: BreakerSettings,
+    /// Every route's retry-budget settings.
+    pub budget: BudgetSettings,
+    /// The policy document with every key redacted, for `/config`.
+    pub document: Value,
+}
+
+impl CompiledPolicy {
+    /// A content hash of the compiled policy (keys included, as fingerprints cannot tell a
+    /// rotated key otherwise): the version the operator reports and sidecars acknowledge. The
+    /// same policy gives the same digest on every pod and in every run.
+    pub fn digest(&self) -> String {
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The aliases apps may ask for, in policy order (the catch-all excluded).
+    pub fn aliases(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|r| r.alias.as_str()).filter(|alias| *alias != "*")
+    }
+}
+
+/// A compiled route: the chain for one model alias, with the settings that govern it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteConfig {
+    /// The alias (`*` for the catch-all).
+    pub alias: String,
+    /// The steps, in order.
+    pub steps: Vec<StepConfig>,
+    /// The chain to switch to on `contextWindowExceeded` (may be empty).
+    pub on_context_window_exceeded: Vec<StepConfig>,
+    /// The chain to switch to on `contentFiltered` (may be empty).
+    pub on_content_filtered: Vec<StepConfig>,
+    /// Classes that fall through to the next step.
+    pub fallback_on: ClassSet,
+    /// Retries per target and the per-request cap.
+    pub retry: RetryPolicy,
+    /// Time limits.
+    pub timeouts: Timeouts,
+    /// Hedging, if enabled.
+    pub hedge: Option<Hedge>,
+    /// Per-request headers the policy honours.
+    pub overrides: AllowedOverrides,
+}
+
+/// One step of a chain: one target, or several equivalent ones balanced by weight, latency
+/// and load (a group, or one target whose provider has several keys).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepConfig {
+    /// The step's targets.
+    pub members: Vec<TargetConfig>,
+}
+
+/// One provider + model + key a chain can send to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetConfig {
+    /// Index into [`CompiledPolicy::providers`].
+    pub provider: usize,
+    /// The model name sent to it.
+    pub model: String,
+    /// Which of the provider's keys to use.
+    pub key: usize,
+    /// This target's attempt time limit.
+    pub attempt_timeout: std::time::Duration,
+    /// Relative share within its step.
+    pub weight: u32,
+    /// `provider/model` (with `#n` for the n-th key when there are several), as shown in
+    /// headers, logs, errors and status.
+    pub label: String,
+    /// Requests the policy keeps away from this target (`skipFor`).
+    pub skip_for: Vec<RequestFeature>,
+    /// What identifies this target's health across reloads and pods: provider, endpoint, key
+    /// fingerprint and model; never the key.
+    pub identity: String,
+}

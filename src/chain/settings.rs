@@ -1,0 +1,256 @@
+//! The settings of a compiled policy, as plain data: retries and backoff, time limits, hedging,
+//! the per-request controls a policy allows, circuit breakers and retry budgets; and how each
+//! is compiled from its part of the spec, with defaults filled in.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::defaults;
+use super::duration::parse_duration;
+use super::error::Errors;
+use crate::policy::{CircuitBreakerSpec, ClassSet, FailureClass, RequestOverride, RetrySpec, RouteSpec, TimeoutsSpec};
+
+/// Retries of one target, and the caps on a whole request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts per target, the first included (at least 1).
+    pub attempts: u32,
+    /// The first retry's backoff.
+    pub base: Duration,
+    /// The longest backoff; a `Retry-After` beyond it moves the chain on.
+    pub max: Duration,
+    /// Attempts per request across every target.
+    pub max_request_attempts: u32,
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (1 for the first retry), given a `jitter` drawn
+    /// uniformly from `[0, 1)`: half the exponential delay fixed, half random ("equal jitter"),
+    /// so retries spread out but never come back at once.
+    pub fn backoff(&self, retry: u32, jitter: f64) -> Duration {
+        let exponent = retry.saturating_sub(1).min(16);
+        let delay = self.base.saturating_mul(1 << exponent).min(self.max);
+        let half = delay / 2;
+        half + half.mul_f64(jitter.clamp(0.0, 1.0))
+    }
+}
+
+/// Time limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeouts {
+    /// One attempt (see `timeouts.attempt`).
+    pub attempt: Duration,
+    /// Streams: attempt start to first content chunk.
+    pub first_token: Duration,
+    /// The whole request.
+    pub total: Duration,
+}
+
+/// Hedging on a slow first token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hedge {
+    /// Wait this long for a first token before starting the next target too.
+    pub delay: Duration,
+    /// Extra targets one request may start.
+    pub max_extra: u32,
+}
+
+/// Which per-request headers the policy honours.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowedOverrides {
+    /// `x-backstop-no-fallback`.
+    pub no_fallback: bool,
+    /// `x-backstop-max-attempts`.
+    pub max_attempts: bool,
+    /// `x-backstop-deadline`.
+    pub deadline: bool,
+}
+
+/// Breaker settings, compiled from `spec.circuitBreaker`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerSettings {
+    /// Consecutive counted failures that open it (0: never on this rule).
+    pub consecutive_failures: u32,
+    /// The failure-rate rule, if enabled.
+    pub failure_rate: Option<FailureRate>,
+    /// The first open period.
+    pub open_for: Duration,
+    /// The longest open period, however often it reopens.
+    pub max_open_for: Duration,
+    /// Probes let through at once while half-open.
+    pub half_open_probes: u32,
+    /// Failure classes that count against the target.
+    pub counts: ClassSet,
+}
+
+/// Opens when `percent` of the requests in the last `window` failed, once there were at least
+/// `min_requests`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRate {
+    /// Failure share that opens the breaker, 1 to 100.
+    pub percent: u32,
+    /// How far back the window reaches.
+    pub window: Duration,
+    /// Requests the window must hold before the rule applies.
+    pub min_requests: u32,
+}
+
+/// Budget settings, from `spec.retry`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetSettings {
+    /// Extra attempts allowed, as a percentage of requests in the window.
+    pub percent: u32,
+    /// Extra attempts always allowed per second, however few requests there were.
+    pub min_per_second: u32,
+    /// How far back requests and extra attempts are counted.
+    pub window: Duration,
+}
+
+/// The per-request controls `spec.allowRequestOverrides` lets apps send.
+pub(crate) fn compile_overrides(allowed: Option<&[RequestOverride]>) -> AllowedOverrides {
+    allowed.unwrap_or_default().iter().fold(AllowedOverrides::default(), |mut allowed, o| {
+        match o {
+            RequestOverride::NoFallback => allowed.no_fallback = true,
+            RequestOverride::MaxAttempts => allowed.max_attempts = true,
+            RequestOverride::Deadline => allowed.deadline = true,
+        }
+        allowed
+    })
+}
+
+/// `spec.retry`'s per-target retries and per-request cap.
+pub(crate) fn compile_retry(spec: Option<&RetrySpec>, errors: &mut Errors) -> RetryPolicy {
+    let spec = spec.cloned().unwrap_or_default();
+    let attempts = errors.number(spec.attempts, "spec.retry.attempts", 1..=10, defaults::RETRY_ATTEMPTS);
+    let max_request_attempts = errors.number(
+        spec.max_request_attempts,
+        "spec.retry.maxRequestAttempts",
+        1..=20,
+        defaults::MAX_REQUEST_ATTEMPTS,
+    );
+    let backoff = spec.backoff.unwrap_or_default();
+    let base = errors.duration(backoff.base.as_ref(), "spec.retry.backoff.base", defaults::BACKOFF_BASE);
+    let max = errors.duration(backoff.max.as_ref(), "spec.retry.backoff.max", defaults::BACKOFF_MAX);
+    if max < base {
+        errors.push("spec.retry.backoff.max", "must not be shorter than `base`");
+    }
+    RetryPolicy { attempts, base, max, max_request_attempts }
+}
+
+/// `spec.retry`'s budget.
+pub(crate) fn compile_budget(spec: Option<&RetrySpec>, errors: &mut Errors) -> BudgetSettings {
+    let spec = spec.cloned().unwrap_or_default();
+    BudgetSettings {
+        percent: errors.number(spec.budget_percent, "spec.retry.budgetPercent", 0..=1000, defaults::BUDGET_PERCENT),
+        min_per_second: errors.number(
+            spec.min_retries_per_second,
+            "spec.retry.minRetriesPerSecond",
+            0..=10_000,
+            defaults::MIN_RETRIES_PER_SECOND,
+        ),
+        window: defaults::BUDGET_WINDOW,
+    }
+}
+
+/// `spec.timeouts`.
+pub(crate) fn compile_timeouts(spec: Option<&TimeoutsSpec>, errors: &mut Errors) -> Timeouts {
+    let spec = spec.cloned().unwrap_or_default();
+    let attempt = errors.duration(spec.attempt.as_ref(), "spec.timeouts.attempt", defaults::ATTEMPT_TIMEOUT);
+    let first_token =
+        errors.duration(spec.first_token.as_ref(), "spec.timeouts.firstToken", defaults::FIRST_TOKEN_TIMEOUT);
+    let total = errors.duration(spec.total.as_ref(), "spec.timeouts.total", defaults::TOTAL_TIMEOUT);
+    Timeouts { attempt, first_token, total }
+}
+
+/// `spec.circuitBreaker`.
+pub(crate) fn compile_breaker(spec: Option<&CircuitBreakerSpec>, errors: &mut Errors) -> BreakerSettings {
+    let spec = spec.cloned().unwrap_or_default();
+    let path = "spec.circuitBreaker";
+    let rate = spec.failure_rate.unwrap_or_default();
+    let failure_rate = FailureRate {
+        percent: errors.number(
+            rate.percent,
+            &format!("{path}.failureRate.percent"),
+            1..=100,
+            defaults::BREAKER_FAILURE_PERCENT,
+        ),
+        window: errors.duration(rate.window.as_ref(), format!("{path}.failureRate.window"), defaults::BREAKER_WINDOW),
+        min_requests: errors.number(
+            rate.min_requests,
+            &format!("{path}.failureRate.minRequests"),
+            1..=1_000_000,
+            defaults::BREAKER_MIN_REQUESTS,
+        ),
+    };
+    let open_for = errors.duration(spec.open_for.as_ref(), format!("{path}.openFor"), defaults::BREAKER_OPEN_FOR);
+    let max_open_for =
+        errors.duration(spec.max_open_for.as_ref(), format!("{path}.maxOpenFor"), defaults::BREAKER_MAX_OPEN_FOR);
+    if max_open_for < open_for {
+        errors.push(format!("{path}.maxOpenFor"), "must not be shorter than `openFor`");
+    }
+    let counts = match &spec.count_on {
+        Some(classes) if classes.contains(&FailureClass::BadRequest) => {
+            errors.push(
+                format!("{path}.countOn"),
+                "`badRequest` says nothing about the target and cannot count against it",
+            );
+            ClassSet::breaker_default()
+        }
+        Some(classes) => classes.iter().copied().collect(),
+        None => ClassSet::breaker_default(),
+    };
+    BreakerSettings {
+        consecutive_failures: errors.number(
+            spec.consecutive_failures,
+            &format!("{path}.consecutiveFailures"),
+            0..=1_000_000,
+            defaults::BREAKER_CONSECUTIVE_FAILURES,
+        ),
+        failure_rate: Some(failure_rate),
+        open_for,
+        max_open_for,
+        half_open_probes: errors.number(
+            spec.half_open_probes,
+            &format!("{path}.halfOpenProbes"),
+            1..=100,
+            defaults::BREAKER_HALF_OPEN_PROBES,
+        ),
+        counts,
+    }
+}
+
+/// A route's `hedge`.
+pub(crate) fn compile_hedge(route: &RouteSpec, path: &str, errors: &mut Errors) -> Option<Hedge> {
+    let spec = route.hedge.as_ref()?;
+    let delay = match parse_duration(&spec.after_first_token_delay) {
+        Ok(delay) => delay,
+        Err(problem) => {
+            errors.push(format!("{path}.hedge.afterFirstTokenDelay"), problem);
+            return None;
+        }
+    };
+    let max_extra = errors.number(spec.max_extra, &format!("{path}.hedge.maxExtra"), 1..=3, defaults::HEDGE_MAX_EXTRA);
+    Some(Hedge { delay, max_extra })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_bounded_jitter() {
+        let retry = RetryPolicy {
+            attempts: 5,
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(2),
+            max_request_attempts: 6,
+        };
+        assert_eq!(retry.backoff(1, 0.0), Duration::from_millis(100));
+        assert_eq!(retry.backoff(1, 1.0), Duration::from_millis(200));
+        assert_eq!(retry.backoff(2, 1.0), Duration::from_millis(400));
+        assert_eq!(retry.backoff(3, 0.5), Duration::from_millis(600));
+        assert_eq!(retry.backoff(10, 1.0), Duration::from_secs(2));
+        assert_eq!(retry.backoff(1000, 1.0), Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,64 @@
+//! A provider's successful answer: whole, or a stream of events, each still in the provider's
+//! own wire format and flagged with what the fallback loop needs to know of it.
+
+use std::pin::Pin;
+
+use futures_util::Stream;
+use serde_json::Value;
+
+use super::AttemptError;
+
+/// A successful answer, in the provider's own format (see [`Sent::api`]).
+pub enum Reply {
+    /// A whole answer.
+    Complete(Value),
+    /// Events as they arrive. The stream ends after the provider's end marker; an early end
+    /// or an error event is an `Err` item.
+    Stream(ChunkStream),
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Complete(v) => f.debug_tuple("Complete").field(v).finish(),
+            Reply::Stream(_) => f.write_str("Stream(..)"),
+        }
+    }
+}
+
+/// A stream of a provider's events.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, AttemptError>> + Send>>;
+
+/// One streamed event in its provider's own format, with what the fallback loop needs to
+/// know of it.
+#[derive(Clone, Debug)]
+pub struct StreamEvent {
+    /// The event's JSON payload.
+    pub data: Value,
+    /// It carries text, a refusal or a tool call.
+    pub content: bool,
+    /// It ends the answer (a finish or stop reason).
+    pub end: bool,
+}
+
+/// One embedding as OpenAI writes it: a float array, or with `encoding_format: base64`
+/// (the OpenAI SDKs' default) the little-endian `f32`s, base64-encoded.
+pub(crate) fn embedding_value(values: &[f64], base64: bool) -> Value {
+    use base64::Engine as _;
+    if !base64 {
+        return Value::from(values.to_vec());
+    }
+    let bytes: Vec<u8> = values.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
+    Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embeddings_encode_as_the_sdks_expect() {
+        assert_eq!(embedding_value(&[1.0, -0.5], false), serde_json::json!([1.0, -0.5]));
+        assert_eq!(embedding_value(&[1.0, -0.5], true), serde_json::json!("AACAPwAAAL8="));
+    }
+}

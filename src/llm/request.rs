@@ -1,0 +1,318 @@
+//! The provider-neutral chat request every ingress parses into and every provider translates.
+//!
+//! OpenAI's Chat Completions shape is the lingua franca: it is what most SDKs and
+//! OpenAI-compatible servers speak, and every other API maps onto it. Only the fields the
+//! sidecar reads are typed; everything else rides in `rest` and reaches a provider of the same
+//! API untouched.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::Api;
+
+/// The request as the app sent it, when it came in another API than the neutral one: a
+/// provider of that same API sends it on untouched but for `model`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Origin {
+    /// The ingress API.
+    pub api: Api,
+    /// The body as received.
+    pub body: Map<String, Value>,
+    /// Fields of it that only a provider of the same API can honour (a provider of another
+    /// API is not eligible for the request).
+    pub unportable: Vec<String>,
+    /// Request headers a provider of the same API is sent too (such as `anthropic-beta`,
+    /// which turns on features the body relies on).
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// What a request asks the model for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Operation {
+    /// A chat completion (Chat Completions, Messages, `generateContent`).
+    #[default]
+    Chat,
+    /// Embeddings of `input` (`/v1/embeddings`); `messages` is empty.
+    Embeddings,
+}
+
+impl Origin {
+    /// Why a provider of another API (named `target`) cannot serve this request, if it cannot.
+    pub fn unportable_reason(&self, target: &str) -> Option<String> {
+        let field = self.unportable.first()?;
+        Some(if field == STATEFUL {
+            "a stateful Responses request (`store` is not false, or it names a `previous_response_id`, \
+             `conversation` or `background`) keeps state at OpenAI, so only an `openai` target can serve it"
+                .to_string()
+        } else {
+            format!("`{field}` from the {} request has no {target} equivalent", self.api.as_str())
+        })
+    }
+}
+
+/// The `unportable` entry of a Responses request that keeps state at OpenAI.
+pub const STATEFUL: &str = "store";
+
+/// A parsed, validated chat request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    /// The model alias the app asked for; picks the route.
+    pub model: String,
+    /// The conversation so far.
+    pub messages: Vec<Message>,
+    /// Whether the app asked for a server-sent-event stream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    /// Every other field, in OpenAI's names: passed through as the app sent it when it spoke
+    /// OpenAI, or translated from the ingress API.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+    /// The original request, when the app spoke another API.
+    #[serde(skip)]
+    pub origin: Option<std::sync::Arc<Origin>>,
+    /// Chat or embeddings.
+    #[serde(skip)]
+    pub operation: Operation,
+}
+
+/// One message of the conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// Text, an array of content parts, or null (an assistant turn with only tool calls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Value>,
+    /// Every other field (`name`, `tool_calls`, `tool_call_id`, ...), passed through.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+/// Why a request body is not a chat request; the message is shown to the app.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{message}")]
+pub struct InvalidRequest {
+    /// What is wrong, naming the field.
+    pub message: String,
+    /// The offending top-level field, when there is one (OpenAI's `param`).
+    pub param: Option<&'static str>,
+}
+
+impl InvalidRequest {
+    fn new(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        InvalidRequest { message: message.into(), param }
+    }
+}
+
+/// A request body as a JSON object, or why it is not one: the first step of every ingress
+/// parser.
+pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, InvalidRequest> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(_) => Err(InvalidRequest::new("request body must be a JSON object", None)),
+        Err(e) => Err(InvalidRequest::new(format!("request body is not valid JSON: {e}"), None)),
+    }
+}
+
+impl ChatRequest {
+    /// Parses an OpenAI Chat Completions request body, rejecting what no provider would take.
+    pub fn from_openai_json(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+        let mut object = json_object(body)?;
+        let model = match object.remove("model") {
+            Some(Value::String(model)) if !model.is_empty() => model,
+            Some(Value::String(_)) => {
+                return Err(InvalidRequest::new("`model` must not be empty", Some("model")));
+            }
+            Some(_) => {
+                return Err(InvalidRequest::new("`model` must be a string", Some("model")));
+            }
+            None => {
+                return Err(InvalidRequest::new(
+                    "you must provide a model parameter (`model` is missing)",
+                    Some("model"),
+                ));
+            }
+        };
+        let messages = match object.remove("messages") {
+            Some(Value::Array(items)) if !items.is_empty() => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    serde_json::from_value::<Message>(item)
+                        .map_err(|e| InvalidRequest::new(format!("`messages[{i}]` is invalid: {e}"), Some("messages")))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(Value::Array(_)) => {
+                return Err(InvalidRequest::new("`messages` must not be empty", Some("messages")));
+            }
+            Some(_) => {
+                return Err(InvalidRequest::new("`messages` must be an array", Some("messages")));
+            }
+            None => {
+                return Err(InvalidRequest::new("`messages` is missing", Some("messages")));
+            }
+        };
+        let stream = match object.remove("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(stream)) => stream,
+            Some(_) => {
+                return Err(InvalidRequest::new("`stream` must be a boolean", Some("stream")));
+            }
+        };
+        Ok(ChatRequest { model, messages, stream, rest: object, origin: None, operation: Operation::Chat })
+    }
+
+    /// Parses an OpenAI embeddings request body (`model`, `input`, and optional
+    /// `encoding_format`, `dimensions`, `user`).
+    pub fn from_openai_embeddings_json(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+        let mut object = json_object(body)?;
+        let model = match object.remove("model") {
+            Some(Value::String(model)) if !model.is_empty() => model,
+            _ => return Err(InvalidRequest::new("`model` must be a non-empty string", Some("model"))),
+        };
+        let valid_input = match object.get("input") {
+            Some(Value::String(text)) => !text.is_empty(),
+            Some(Value::Array(items)) => {
+                !items.is_empty()
+                    && (items.iter().all(|i| i.as_str().is_some_and(|s| !s.is_empty()))
+                        || items.iter().all(|i| i.is_u64())
+                        || items
+                            .iter()
+                            .all(|i| i.as_array().is_some_and(|t| !t.is_empty() && t.iter().all(Value::is_u64))))
+            }
+            _ => false,
+        };
+        if !valid_input {
+            return Err(InvalidRequest::new(
+                "`input` must be a non-empty string, array of strings, array of tokens or array of token arrays",
+                Some("input"),
+            ));
+        }
+        Ok(ChatRequest {
+            model,
+            messages: Vec::new(),
+            stream: false,
+            rest: object,
+            origin: None,
+            operation: Operation::Embeddings,
+        })
+    }
+
+    /// The texts to embed, when `input` is text rather than tokens.
+    pub fn input_texts(&self) -> Option<Vec<&str>> {
+        match self.rest.get("input")? {
+            Value::String(text) => Some(vec![text.as_str()]),
+            Value::Array(items) => items.iter().map(Value::as_str).collect(),
+            _ => None,
+        }
+    }
+
+    /// The request body for one target: this request with `model` replaced.
+    pub fn to_openai_json(&self, model: &str) -> Result<Vec<u8>, serde_json::Error> {
+        if self.operation == Operation::Embeddings {
+            let mut body = self.rest.clone();
+            body.insert("model".into(), Value::String(model.to_string()));
+            return serde_json::to_vec(&body);
+        }
+        #[derive(Serialize)]
+        struct Outgoing<'a> {
+            model: &'a str,
+            messages: &'a [Message],
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            stream: bool,
+            #[serde(flatten)]
+            rest: &'a Map<String, Value>,
+        }
+        serde_json::to_vec(&Outgoing { model, messages: &self.messages, stream: self.stream, rest: &self.rest })
+    }
+
+    /// Whether the request uses `feature`.
+    pub fn uses(&self, feature: crate::policy::RequestFeature) -> bool {
+        use crate::policy::RequestFeature;
+        match feature {
+            RequestFeature::Tools => self.rest.get("tools").and_then(Value::as_array).is_some_and(|t| !t.is_empty()),
+            RequestFeature::Images => self.messages.iter().any(|m| {
+                m.content.as_ref().and_then(Value::as_array).is_some_and(|parts| {
+                    parts.iter().any(|p| p.get("type").and_then(Value::as_str) == Some("image_url"))
+                })
+            }),
+            RequestFeature::StructuredOutput => matches!(
+                self.rest.get("response_format").and_then(|f| f.get("type")).and_then(Value::as_str),
+                Some("json_object" | "json_schema")
+            ),
+        }
+    }
+
+    /// OpenAI's `stop` (one string or several) as a list, if any.
+    pub fn stop_sequences(&self) -> Option<Value> {
+        match self.rest.get("stop") {
+            Some(Value::String(stop)) => Some(Value::Array(vec![Value::from(stop.as_str())])),
+            Some(Value::Array(stops)) if !stops.is_empty() => Some(Value::Array(stops.clone())),
+            _ => None,
+        }
+    }
+
+    /// Whether the app asked for a usage chunk at the end of a stream.
+    pub fn include_usage(&self) -> bool {
+        self.rest.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false)
+    }
+
+    /// A rough prompt size in tokens (four characters a token), for providers that must
+    /// report usage without a tokenizer.
+    pub fn estimated_prompt_tokens(&self) -> u64 {
+        let chars: usize = self
+            .messages
+            .iter()
+            .map(|m| match &m.content {
+                Some(Value::String(s)) => s.len(),
+                Some(other) => other.to_string().len(),
+                None => 0,
+            })
+            .sum();
+        (chars as u64).div_ceil(4).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_fields_pass_through() {
+        let body = json!({
+            "model": "chat",
+            "messages": [{"role": "user", "content": "hi", "name": "ann"}],
+            "temperature": 0.2,
+            "logit_bias": {"50256": -100},
+            "stream": true
+        });
+        let request = ChatRequest::from_openai_json(body.to_string().as_bytes()).expect("parses");
+        assert!(request.stream);
+        let out: Value = serde_json::from_slice(&request.to_openai_json("gpt-4o").expect("serializes")).expect("json");
+        assert_eq!(out["model"], "gpt-4o");
+        assert_eq!(out["temperature"], 0.2);
+        assert_eq!(out["logit_bias"], json!({"50256": -100}));
+        assert_eq!(out["messages"][0], json!({"role": "user", "content": "hi", "name": "ann"}));
+        assert_eq!(out["stream"], true);
+    }
+
+    #[test]
+    fn rejects_what_no_provider_would_take() {
+        let cases = [
+            ("{", "not valid JSON"),
+            ("[]", "must be a JSON object"),
+            (r#"{"messages":[{"role":"user","content":"x"}]}"#, "`model` is missing"),
+            (r#"{"model":"","messages":[{"role":"user"}]}"#, "`model` must not be empty"),
+            (r#"{"model":3,"messages":[{"role":"user"}]}"#, "`model` must be a string"),
+            (r#"{"model":"m"}"#, "`messages` is missing"),
+            (r#"{"model":"m","messages":[]}"#, "`messages` must not be empty"),
+            (r#"{"model":"m","messages":[{"content":"x"}]}"#, "`messages[0]` is invalid"),
+            (r#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#, "`stream` must be a boolean"),
+        ];
+        for (body, expected) in cases {
+            let err = ChatRequest::from_openai_json(body.as_bytes()).expect_err(body);
+            assert!(err.message.contains(expected), "{body}: {}", err.message);
+        }
+    }
+}

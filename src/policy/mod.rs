@@ -1,0 +1,490 @@
+//! The `FallbackPolicy` custom resource: the serde and schema types users write, with no I/O.
+//!
+//! These types mirror the YAML exactly (strings for durations, optional fields for defaults);
+//! [`crate::chain`] turns them into a compiled policy that cannot hold an invalid state. The
+//! `///` docs on every field are what `kubectl explain fallbackpolicy.spec...` shows.
+//! [`document`] reads a policy file; [`crd`] prints the CustomResourceDefinition.
+
+pub mod crd;
+pub mod document;
+mod failure;
+
+pub use failure::{ClassSet, FailureClass};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group of every Backstop resource.
+pub const GROUP: &str = "backstop.dev";
+/// The API version of `FallbackPolicy`.
+pub const API_VERSION: &str = "backstop.dev/v1alpha1";
+
+/// A fallback policy: which provider targets serve each model alias a pod's apps ask for, in
+/// what order, and when a failure at one target moves the request on to the next.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "backstop.dev",
+    version = "v1alpha1",
+    kind = "FallbackPolicy",
+    plural = "fallbackpolicies",
+    shortname = "fbp",
+    category = "backstop",
+    namespaced,
+    status = "FallbackPolicyStatus",
+    doc = "A fallback policy: ordered chains of LLM provider targets per model alias, and when to move on to the next.",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FallbackPolicySpec {
+    /// Which pods' sidecars take this policy, by pod label. Omitted: every pod in the
+    /// namespace. Ignored when the sidecar reads the policy from a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+
+    /// The upstream LLM APIs that chain targets name. Names must be unique.
+    pub providers: Vec<ProviderSpec>,
+
+    /// Model aliases the app may send as `model`, each with its ordered chain of targets.
+    /// A route whose `model` is `*` catches every alias no other route names.
+    pub routes: Vec<RouteSpec>,
+
+    /// Failure classes that move a request on to the next target in the chain. Default: every
+    /// class except `badRequest`, `contextWindowExceeded` and `contentFiltered`, which would
+    /// fail the same way everywhere and are returned to the app as the provider sent them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_on: Option<Vec<FailureClass>>,
+
+    /// How often one target is retried before the chain moves on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+
+    /// Time limits for one attempt, the first streamed token, and the whole request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<TimeoutsSpec>,
+
+    /// When a target is taken out of rotation, and how it is let back in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+
+    /// Request headers an app may use to tighten this policy for one request: `noFallback`
+    /// honours `x-backstop-no-fallback: true`, `maxAttempts` honours `x-backstop-max-attempts:
+    /// N` (lower only), `deadline` honours `x-backstop-deadline: 5s` (shorter only). Headers not
+    /// allowed here are ignored and logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_request_overrides: Option<Vec<RequestOverride>>,
+}
+
+/// A per-request control an app may send as a header, when the policy allows it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RequestOverride {
+    /// `x-backstop-no-fallback: true`: try only the first step of the chain.
+    NoFallback,
+    /// `x-backstop-max-attempts: N`: at most N attempts for this request.
+    MaxAttempts,
+    /// `x-backstop-deadline: DURATION`: a shorter total deadline for this request.
+    Deadline,
+}
+
+/// Circuit-breaker settings, applied to every target (provider + model + key) separately.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerSpec {
+    /// Consecutive counted failures that open a target's breaker. Default 5; 0 turns this
+    /// rule off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+
+    /// Opens a breaker when this share of recent requests failed. Default: 50% over `30s`,
+    /// once at least 20 requests were seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_rate: Option<FailureRateSpec>,
+
+    /// How long a breaker stays open the first time. Each reopening without a recovery in
+    /// between doubles it, up to `maxOpenFor`. A 429 or 503 with `Retry-After` keeps a target
+    /// out at least that long. Default `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_for: Option<String>,
+
+    /// The longest open period. Default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_open_for: Option<String>,
+
+    /// Probe requests let through at once when the open period ends; a probe's success closes
+    /// the breaker. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub half_open_probes: Option<u32>,
+
+    /// Failure classes that count against a target. Default: `rateLimited`, `overloaded`,
+    /// `serverError`, `timeout`, `connectError`, `authError`, `quotaExceeded`. `badRequest`
+    /// may not be listed: it says nothing about the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count_on: Option<Vec<FailureClass>>,
+}
+
+/// The failure-rate rule of a circuit breaker.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailureRateSpec {
+    /// Failure share, 1 to 100, that opens the breaker. Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    /// How far back requests are counted. Default `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    /// Requests the window must hold before the rule applies. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u32>,
+}
+
+/// One upstream LLM API endpoint and its credentials.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProviderSpec {
+    /// The name chain targets use to refer to this provider, unique within the policy.
+    pub name: String,
+
+    /// Which wire API this provider speaks.
+    #[serde(rename = "type")]
+    pub kind: ProviderKind,
+
+    /// The API's base URL, as the provider's SDK takes it. Defaults per type: `openai`
+    /// `https://api.openai.com/v1`, `anthropic` `https://api.anthropic.com`, `gemini`
+    /// `https://generativelanguage.googleapis.com/v1beta`; `openai-compatible` (for example
+    /// `http://vllm.inference:8000/v1`) and `azure-openai` (`https://RESOURCE.openai.azure.com`)
+    /// have no default and require it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+
+    /// Where the provider's API key comes from. Omit for keyless endpoints (a local vLLM or
+    /// Ollama) and for `mock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKeySource>,
+
+    /// Several keys for one provider, instead of `apiKey`: every chain target that names this
+    /// provider is balanced across them, and a 429 or 401 on one key moves to another before
+    /// the chain falls through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys: Option<Vec<ApiKeySource>>,
+
+    /// The API version: `anthropic-version` for `anthropic` (default `2023-06-01`),
+    /// `api-version` for `azure-openai` (default `2024-10-21`; `v1` selects Azure's v1 API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+
+    /// `max_tokens` sent to an `anthropic` provider when the app gave none (Messages requires
+    /// it). Default 4096.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_max_tokens: Option<u64>,
+
+    /// Behaviour of a `mock` provider; only valid with `type: mock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mock: Option<MockSpec>,
+}
+
+/// The wire API a provider speaks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum ProviderKind {
+    /// OpenAI's API (Chat Completions), bearer-key authentication.
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Any server that speaks OpenAI's Chat Completions API: vLLM, Ollama, Together, Groq ...
+    #[serde(rename = "openai-compatible")]
+    OpenAiCompatible,
+    /// Anthropic's Messages API (`x-api-key`, `anthropic-version`).
+    #[serde(rename = "anthropic")]
+    Anthropic,
+    /// Google's Gemini API (`generateContent`, `x-goog-api-key`).
+    #[serde(rename = "gemini")]
+    Gemini,
+    /// Azure OpenAI: deployment URLs, `api-version`, `api-key`. The target's `model` is the
+    /// deployment name.
+    #[serde(rename = "azure-openai")]
+    AzureOpenAi,
+    /// A provider built into the sidecar that answers in-process, for demos, drills and tests.
+    #[serde(rename = "mock")]
+    #[default]
+    Mock,
+}
+
+impl ProviderKind {
+    /// The base URL a provider of this type has when the policy names none.
+    pub fn default_base_url(self) -> Option<&'static str> {
+        match self {
+            ProviderKind::OpenAi => Some("https://api.openai.com/v1"),
+            ProviderKind::Anthropic => Some("https://api.anthropic.com"),
+            ProviderKind::Gemini => Some("https://generativelanguage.googleapis.com/v1beta"),
+            ProviderKind::OpenAiCompatible | ProviderKind::AzureOpenAi | ProviderKind::Mock => None,
+        }
+    }
+
+    /// The name users write in `type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::OpenAiCompatible => "openai-compatible",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+            ProviderKind::AzureOpenAi => "azure-openai",
+            ProviderKind::Mock => "mock",
+        }
+    }
+}
+
+/// Where an API key comes from. Set exactly one field.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiKeySource {
+    /// The key itself. Only sensible in a local policy file; never shown by `/config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+
+    /// The name of an environment variable of the sidecar process that holds the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+
+    /// A key in a Secret in the policy's namespace; resolved by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
+}
+
+/// A reference to one key of a Secret in the policy's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    pub name: String,
+    /// The key within the Secret's `data`.
+    pub key: String,
+}
+
+/// Behaviour of a built-in `mock` provider. Every knob is optional; the default answers at
+/// once, successfully.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MockSpec {
+    /// The text every successful answer carries. Default: `Hello from the mock provider.`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+
+    /// Delay before the answer's headers, as a duration such as `150ms` or `2s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<String>,
+
+    /// For streams, a further delay between the headers and the first content chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_token_latency: Option<String>,
+
+    /// How many content chunks a streamed answer is cut into. Default 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<u32>,
+
+    /// Share of requests, from 0 to 1, answered with `failureStatus` instead of a reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_rate: Option<f64>,
+
+    /// HTTP status of a failure, for example 429, 500, 503 or 529. Default 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_status: Option<u16>,
+
+    /// Seconds sent as `Retry-After` with a 429 or 503 failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u32>,
+
+    /// Seed for the failure draw, so a drill fails the same requests every run. Omitted: a
+    /// fresh random sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+/// One model alias and the chain of targets that serve it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteSpec {
+    /// The `model` value the app sends, such as `chat`; `*` matches every alias no other route
+    /// names. Unique within the policy.
+    pub model: String,
+
+    /// Targets tried in order. Each step is either one target (`provider` and `model`) or a
+    /// `group` of targets balanced by weight.
+    pub chain: Vec<ChainStepSpec>,
+
+    /// A chain to switch to when a target says the prompt is longer than its context window
+    /// (typically models with larger windows). Without it, that error goes back to the app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_context_window_exceeded: Option<Vec<ChainStepSpec>>,
+
+    /// A chain to switch to when a target's content filter refuses the request. Without it,
+    /// that error goes back to the app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_content_filtered: Option<Vec<ChainStepSpec>>,
+
+    /// Hedging: when the current target has not produced its first token after a delay, start
+    /// the next target too; the first to produce a token answers and the other is cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<HedgeSpec>,
+}
+
+/// Hedging on slow first tokens.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HedgeSpec {
+    /// How long to wait for a first token (for non-streamed requests, the answer) before
+    /// starting the next target, such as `2s`.
+    pub after_first_token_delay: String,
+    /// Extra targets one request may start this way, 1 to 3. Default 1. Hedges count against
+    /// the retry budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_extra: Option<u32>,
+}
+
+/// One step of a chain: a single target, or a weighted group of equivalent targets.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChainStepSpec {
+    /// The provider's `name`. Set with `model`, or use `group` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+
+    /// The model name sent to the provider, such as `gpt-4o`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+
+    /// Per-attempt time limit for this target, overriding `timeouts.attempt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+
+    /// Requests this target should not be sent, such as `[tools]` for a model that handles
+    /// them poorly: the chain skips it for them (reason `ineligible`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_for: Option<Vec<RequestFeature>>,
+
+    /// Equivalent targets (keys, regions, endpoints of one model) that share this step; each
+    /// request picks one by weight. Set instead of `provider` and `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Vec<GroupMemberSpec>>,
+}
+
+/// One member of a load-balanced chain step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GroupMemberSpec {
+    /// The provider's `name`.
+    pub provider: String,
+
+    /// The model name sent to the provider.
+    pub model: String,
+
+    /// Per-attempt time limit for this member, overriding `timeouts.attempt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+
+    /// Relative share of the step's requests, 1 to 1000. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+
+    /// Requests this member should not be sent (see the step's `skipFor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_for: Option<Vec<RequestFeature>>,
+}
+
+/// A kind of request a target can be kept out of with `skipFor`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RequestFeature {
+    /// Requests that offer the model tools (function calling).
+    Tools,
+    /// Requests with image input.
+    Images,
+    /// Requests for JSON output (`response_format` of `json_object` or `json_schema`).
+    StructuredOutput,
+}
+
+impl RequestFeature {
+    /// The name users write.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestFeature::Tools => "tools",
+            RequestFeature::Images => "images",
+            RequestFeature::StructuredOutput => "structuredOutput",
+        }
+    }
+}
+
+/// Retries of one target before the chain moves on.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Attempts per target, the first included, for transient failures (`rateLimited`,
+    /// `overloaded`, `serverError`, `timeout`, `connectError`). 1 to 10; default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+
+    /// Exponential backoff with jitter between attempts at one target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<BackoffSpec>,
+
+    /// Retries, fall-throughs and hedges of a route may add at most this percentage of its
+    /// requests over the last 10 s (plus `minRetriesPerSecond`); beyond it a request gets its
+    /// own error instead of adding load to an outage. 0 to 1000; default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_percent: Option<u32>,
+
+    /// Extra attempts always allowed per second, however little traffic there is. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retries_per_second: Option<u32>,
+
+    /// A hard cap on attempts per request, across every target. 1 to 20; default 6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_attempts: Option<u32>,
+}
+
+/// Exponential backoff: the n-th retry waits about `base * 2^(n-1)`, capped at `max`, with
+/// jitter. A provider's `Retry-After` is honoured: the target is not retried sooner, and if
+/// that is later than `max` or the request's deadline the chain moves on at once instead.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackoffSpec {
+    /// The first retry's delay. Default `200ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// The longest delay between attempts. Default `2s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<String>,
+}
+
+/// Time limits, as durations such as `500ms`, `30s` or `1m30s`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TimeoutsSpec {
+    /// One attempt: until a complete answer, or for streams until the response headers and
+    /// then between any two chunks. Default `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<String>,
+
+    /// Streams only: from the start of an attempt until its first content chunk. A target that
+    /// is slower falls through before the app has seen a byte. Default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_token: Option<String>,
+
+    /// The whole request across every attempt and backoff. Default `90s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<String>,
+}
+
+/// What the operator observed of a policy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FallbackPolicyStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready` is `True` once the policy compiled; otherwise its message names the problem.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,78 @@
+//! Google's Gemini API (`generateContent`, `streamGenerateContent?alt=sse`,
+//! `batchEmbedContents`) as an upstream: the client, with the translations to the API
+//! (`to_wire`), back to the neutral shape (`from_wire`), its streams and its errors.
+
+pub mod error;
+pub mod from_wire;
+pub mod stream;
+pub mod to_wire;
+
+use http::Uri;
+use serde_json::Value;
+
+use super::credentials::Credentials;
+use super::http::{HttpClient, encode, post_json, read_json};
+use super::{InvalidBackend, Sent, endpoint, sse};
+use crate::chain::ProviderConfig;
+use crate::llm::ratelimit::Headroom;
+use crate::llm::{Api, AttemptError, ChatRequest, Operation, Reply};
+use crate::policy::FailureClass;
+
+/// A Gemini upstream.
+#[derive(Debug)]
+pub struct Gemini {
+    base: String,
+    keys: Credentials,
+}
+
+impl Gemini {
+    /// The upstream a compiled `gemini` provider names (`baseUrl` such as
+    /// `https://generativelanguage.googleapis.com/v1beta`).
+    pub fn new(config: &ProviderConfig) -> Result<Self, InvalidBackend> {
+        let base = config.base_url.trim_end_matches('/').to_string();
+        endpoint(config, format!("{base}/models/probe:generateContent"))?;
+        Ok(Gemini { base, keys: Credentials::new(config, "")? })
+    }
+
+    /// Sends one `generateContent` (or streaming, or `batchEmbedContents`) request.
+    pub async fn send(
+        &self,
+        http: &HttpClient,
+        model: &str,
+        request: &ChatRequest,
+        key: usize,
+    ) -> Result<Sent, AttemptError> {
+        let embeddings = request.operation == Operation::Embeddings;
+        let method = match (embeddings, request.stream) {
+            (true, _) => "batchEmbedContents",
+            (false, true) => "streamGenerateContent?alt=sse",
+            (false, false) => "generateContent",
+        };
+        let model = model.strip_prefix("models/").unwrap_or(model);
+        let uri: Uri = format!("{}/models/{model}:{method}", self.base).parse().map_err(|e| {
+            AttemptError::new(FailureClass::BadRequest, format!("model `{model}` does not fit in a URL: {e}"))
+        })?;
+        let wire =
+            if embeddings { to_wire::to_embed_request(request, model) } else { to_wire::to_gemini_request(request) };
+        let headers = self.keys.header("x-goog-api-key", key);
+        let response = post_json(http, uri, headers, encode(&wire)?, request.stream, error::classify).await?;
+        if request.stream && !embeddings {
+            let events = sse::event_stream(response.into_body(), stream::EventParser::default());
+            return Ok(Sent { reply: Reply::Stream(events), headroom: Headroom::default(), api: Api::Gemini });
+        }
+        let answer = read_json(response.into_body()).await?;
+        if embeddings {
+            let base64 = request.rest.get("encoding_format").and_then(Value::as_str) == Some("base64");
+            return match from_wire::embeddings_to_openai(&answer, model, base64) {
+                Some(list) => {
+                    Ok(Sent { reply: Reply::Complete(list), headroom: Headroom::default(), api: Api::OpenAi })
+                }
+                None => Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `embeddings`")),
+            };
+        }
+        if let Some(error) = error::blocked(&answer) {
+            return Err(error);
+        }
+        Ok(Sent { reply: Reply::Complete(answer), headroom: Headroom::default(), api: Api::Gemini })
+    }
+}

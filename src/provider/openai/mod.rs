@@ -1,0 +1,183 @@
+//! OpenAI's Chat Completions API, spoken by OpenAI itself, by every OpenAI-compatible server
+//! (vLLM, Ollama, Together, Groq ...) and by Azure OpenAI at its deployment URLs. The neutral
+//! shape is this API's, so requests and answers pass through untouched but for `model`.
+
+pub mod azure;
+pub mod content;
+pub mod error;
+pub mod responses;
+pub mod stream;
+
+use http::{HeaderValue, Uri};
+use serde_json::Value;
+
+use super::credentials::Credentials;
+use super::http::{HttpClient, encode, post_json, read_json};
+use super::{InvalidBackend, Sent, endpoint, sse};
+use crate::chain::ProviderConfig;
+use crate::llm::ratelimit::Headroom;
+use crate::llm::{Api, AttemptError, ChatRequest, Operation, Reply};
+use crate::policy::{FailureClass, ProviderKind};
+use azure::Deployments;
+
+/// Where requests go. One per provider, built at reload: its size does not matter.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Endpoint {
+    /// One URL per operation for every model: OpenAI and OpenAI-compatible servers.
+    Fixed { completions: Uri, embeddings: Uri, responses: Uri },
+    /// A URL per deployment: Azure OpenAI.
+    Azure(Deployments),
+}
+
+/// An OpenAI-compatible upstream.
+#[derive(Debug)]
+pub struct OpenAi {
+    kind: ProviderKind,
+    endpoint: Endpoint,
+    /// One credential per key; none for keyless endpoints.
+    keys: Credentials,
+}
+
+impl OpenAi {
+    /// The upstream a compiled `openai`, `openai-compatible` or `azure-openai` provider names.
+    pub fn new(config: &ProviderConfig) -> Result<Self, InvalidBackend> {
+        let base = config.base_url.trim_end_matches('/');
+        if config.kind == ProviderKind::AzureOpenAi {
+            let deployments = Deployments::new(config)?;
+            let keys = Credentials::new(config, "")?;
+            return Ok(OpenAi { kind: config.kind, endpoint: Endpoint::Azure(deployments), keys });
+        }
+        let completions = endpoint(config, format!("{base}/chat/completions"))?;
+        let embeddings = endpoint(config, format!("{base}/embeddings"))?;
+        let responses = endpoint(config, format!("{base}/responses"))?;
+        let keys = Credentials::new(config, "Bearer ")?;
+        Ok(OpenAi { kind: config.kind, endpoint: Endpoint::Fixed { completions, embeddings, responses }, keys })
+    }
+
+    /// Sends one Chat Completions (or embeddings, or Responses) request.
+    pub async fn send(
+        &self,
+        http: &HttpClient,
+        model: &str,
+        request: &ChatRequest,
+        key: usize,
+    ) -> Result<Sent, AttemptError> {
+        if let (Some(origin), Endpoint::Fixed { responses, .. }) = (&request.origin, &self.endpoint)
+            && origin.api == Api::Responses
+            && self.kind == ProviderKind::OpenAi
+        {
+            return self.send_responses(http, responses.clone(), model, request, key).await;
+        }
+        let body = request
+            .to_openai_json(model)
+            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
+        let embeddings = request.operation == Operation::Embeddings;
+        let uri = match (&self.endpoint, embeddings) {
+            (Endpoint::Fixed { completions, .. }, false) => completions.clone(),
+            (Endpoint::Fixed { embeddings, .. }, true) => embeddings.clone(),
+            (Endpoint::Azure(deployments), false) => deployments.completions(model)?,
+            (Endpoint::Azure(deployments), true) => deployments.embeddings(model)?,
+        };
+        let response = post_json(http, uri, self.credential(key), body, request.stream, error::classify).await?;
+        let headroom = Headroom::from_headers(response.headers());
+        if request.stream {
+            return Ok(Sent {
+                reply: Reply::Stream(sse::event_stream(response.into_body(), stream::ChunkParser::default())),
+                headroom,
+                api: Api::OpenAi,
+            });
+        }
+        let answer = read_json(response.into_body()).await?;
+        if let Some(error) = answer.get("error").filter(|e| e.is_object()) {
+            return Err(error::in_answer(error));
+        }
+        if embeddings {
+            if !answer.get("data").is_some_and(Value::is_array) {
+                return Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `data`"));
+            }
+            return Ok(Sent { reply: Reply::Complete(answer), headroom, api: Api::OpenAi });
+        }
+        if !answer.get("choices").is_some_and(Value::is_array) {
+            return Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `choices`"));
+        }
+        if content::filtered_without_content(&answer) {
+            return Err(AttemptError::new(
+                FailureClass::ContentFiltered,
+                "the provider's content filter withheld the answer",
+            ));
+        }
+        Ok(Sent { reply: Reply::Complete(answer), headroom, api: Api::OpenAi })
+    }
+
+    /// The credential header for key `key`: `Authorization: Bearer` or Azure's `api-key`.
+    fn credential(&self, key: usize) -> Option<(&'static str, HeaderValue)> {
+        let name = if matches!(self.endpoint, Endpoint::Azure(_)) { "api-key" } else { "authorization" };
+        self.keys.header(name, key)
+    }
+
+    /// Whether this provider takes Responses requests as they are (OpenAI itself).
+    pub fn speaks_responses(&self) -> bool {
+        self.kind == ProviderKind::OpenAi && matches!(self.endpoint, Endpoint::Fixed { .. })
+    }
+
+    /// Sends the app's own Responses request, `model` replaced: state, tools and every field
+    /// stay as OpenAI means them.
+    async fn send_responses(
+        &self,
+        http: &HttpClient,
+        uri: Uri,
+        model: &str,
+        request: &ChatRequest,
+        key: usize,
+    ) -> Result<Sent, AttemptError> {
+        let mut body = request.origin.as_deref().map(|o| o.body.clone()).unwrap_or_default();
+        body.insert("model".into(), Value::String(model.to_string()));
+        let response =
+            post_json(http, uri, self.credential(key), encode(&body)?, request.stream, error::classify).await?;
+        let headroom = Headroom::from_headers(response.headers());
+        if request.stream {
+            let events = sse::event_stream(response.into_body(), responses::EventParser::default());
+            return Ok(Sent { reply: Reply::Stream(events), headroom, api: Api::Responses });
+        }
+        let answer = read_json(response.into_body()).await?;
+        if answer.get("status").and_then(Value::as_str) == Some("failed") {
+            return Err(error::in_answer(answer.get("error").unwrap_or(&Value::Null)));
+        }
+        if !answer.get("output").is_some_and(Value::is_array) {
+            return Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `output`"));
+        }
+        Ok(Sent { reply: Reply::Complete(answer), headroom, api: Api::Responses })
+    }
+}
+
+/// Why a Chat Completions target cannot serve `request` faithfully, if it cannot: only fields
+/// of a request that came in another API can be missing here.
+pub fn unsupported(request: &ChatRequest) -> Option<String> {
+    request.origin.as_ref()?.unportable_reason("Chat Completions")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::ApiKey;
+
+    fn config(kind: ProviderKind, base_url: &str, keys: &[&str]) -> ProviderConfig {
+        ProviderConfig {
+            name: "p".into(),
+            kind,
+            base_url: base_url.into(),
+            api_keys: keys.iter().map(|k| ApiKey::new(*k)).collect(),
+            ..ProviderConfig::default()
+        }
+    }
+
+    #[test]
+    fn refuses_configs_that_cannot_work() {
+        assert!(OpenAi::new(&config(ProviderKind::OpenAi, "https://api.openai.com/v1", &["sk"])).is_ok());
+        assert!(OpenAi::new(&config(ProviderKind::OpenAiCompatible, "ftp://x/v1", &[])).is_err());
+        assert!(OpenAi::new(&config(ProviderKind::OpenAiCompatible, "not a url", &[])).is_err());
+        let bad_key = OpenAi::new(&config(ProviderKind::OpenAi, "https://api.openai.com/v1", &["bad\nkey"]));
+        assert!(matches!(bad_key, Err(InvalidBackend::HeaderValue { field: "apiKey", .. })), "{bad_key:?}");
+    }
+}

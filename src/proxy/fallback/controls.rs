@@ -1,0 +1,65 @@
+//! Per-request controls an app sends as `x-backstop-*` headers, limited to what the policy's
+//! `allowRequestOverrides` allows.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+
+use crate::chain::parse_duration;
+use crate::snapshot::Route;
+
+/// Per-request controls from headers, already limited to what the policy allows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Controls {
+    /// Try only the first step.
+    pub no_fallback: bool,
+    /// At most this many attempts (never more than the policy's cap).
+    pub max_attempts: Option<u32>,
+    /// A shorter total deadline.
+    pub deadline: Option<Duration>,
+}
+
+impl Controls {
+    /// The per-request controls an app sent as `x-backstop-*` headers, limited to what the policy
+    /// allows; every other such header, and every malformed one, is ignored and logged.
+    pub fn from_headers(route: &Route, headers: &HeaderMap) -> Controls {
+        let mut controls = Controls::default();
+        for (name, value) in headers {
+            let name = name.as_str();
+            if !name.starts_with("x-backstop-") {
+                continue;
+            }
+            let value = value.to_str().unwrap_or_default().trim();
+            let applied = match name {
+                "x-backstop-no-fallback" if route.overrides.no_fallback => match value {
+                    "true" | "1" => {
+                        controls.no_fallback = true;
+                        true
+                    }
+                    "false" | "0" => true,
+                    _ => false,
+                },
+                "x-backstop-max-attempts" if route.overrides.max_attempts => match value.parse::<u32>() {
+                    Ok(n) if n >= 1 => {
+                        controls.max_attempts = Some(n);
+                        true
+                    }
+                    _ => false,
+                },
+                "x-backstop-deadline" if route.overrides.deadline => match parse_duration(value) {
+                    Ok(deadline) => {
+                        controls.deadline = Some(deadline);
+                        true
+                    }
+                    Err(_) => false,
+                },
+                _ => false,
+            };
+            if !applied {
+                tracing::info!(header = name, value, route = %route.alias,
+                "ignoring a request control header: unknown, malformed, or not allowed by `allowRequestOverrides`");
+            }
+        }
+        controls
+    }
+}

@@ -1,0 +1,172 @@
+//! Where a request stands in its route's chain: which step, which members of it were tried,
+//! which targets cannot serve it. Picking a member is weighted power of two choices over those
+//! whose breaker lets a request through.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::Chance;
+use crate::health::Permit;
+use crate::health::balance::pick;
+use crate::health::breaker::Admission;
+use crate::llm::ChatRequest;
+use crate::snapshot::{Route, Step, Target};
+
+/// Where the walk stands in the chain.
+#[derive(Clone)]
+pub(super) struct Walk<'r> {
+    request: &'r ChatRequest,
+    chance: Chance,
+    chain: &'r [Step],
+    /// On a special-purpose chain (`onContextWindowExceeded`, `onContentFiltered`).
+    pub(super) switched: bool,
+    step: usize,
+    tried: Vec<usize>,
+    /// Attempts at the current target, the first included.
+    pub(super) attempts_here: u32,
+    /// Targets that cannot serve this request, and why; filled as steps are reached.
+    pub(super) ineligible: Vec<(String, String)>,
+}
+
+impl<'r> Walk<'r> {
+    pub(super) fn new(route: &'r Route, request: &'r ChatRequest, chance: Chance) -> Self {
+        Walk {
+            request,
+            chance,
+            chain: &route.steps,
+            switched: false,
+            step: 0,
+            tried: Vec::new(),
+            attempts_here: 0,
+            ineligible: Vec::new(),
+        }
+    }
+
+    /// Whether a target can serve the request faithfully; notes why not, once.
+    fn eligible(&mut self, target: &Target) -> bool {
+        if self.ineligible.iter().any(|(label, _)| *label == target.label) {
+            return false;
+        }
+        match target.provider.unsupported(self.request).or_else(|| target.skip_for(self.request)) {
+            None => true,
+            Some(reason) => {
+                self.ineligible.push((target.label.clone(), reason));
+                false
+            }
+        }
+    }
+
+    fn skip_reason(&self, label: &str) -> &'static str {
+        if self.ineligible.iter().any(|(l, _)| l == label) { "ineligible" } else { "circuitOpen" }
+    }
+
+    /// Picks and admits an untried, eligible member of the current step: weighted power of two
+    /// choices over the members whose breaker lets a request through.
+    pub(super) fn admit_member(&mut self, now: Instant) -> Option<(Arc<Target>, Permit)> {
+        let step = self.chain.get(self.step)?;
+        let mut excluded = self.tried.clone();
+        for (i, member) in step.members.iter().enumerate() {
+            if !self.eligible(member) {
+                excluded.push(i);
+            }
+        }
+        loop {
+            let open: Vec<usize> = (0..step.members.len())
+                .filter(|i| !excluded.contains(i))
+                .filter(|&i| !matches!(step.members[i].health.peek(now), Admission::Refused { .. }))
+                .collect();
+            let candidates: Vec<_> =
+                open.iter().map(|&i| step.members[i].health.candidate(step.members[i].weight, now)).collect();
+            let chosen = open[pick(&candidates, (self.chance.draw(), self.chance.draw()))?];
+            let member = &step.members[chosen];
+            match member.health.admit(now) {
+                Some(permit) => {
+                    self.tried.push(chosen);
+                    self.attempts_here = 1;
+                    return Some((member.clone(), permit));
+                }
+                // Lost a race for the last probe slot.
+                None => excluded.push(chosen),
+            }
+        }
+    }
+
+    fn note_skipped(&self, step: &Step, skipped: &mut Vec<(String, &'static str)>) {
+        skipped.extend(step.members.iter().map(|m| (m.label.clone(), self.skip_reason(&m.label))));
+    }
+
+    /// Moves to the next step that has an admitted member, noting the steps skipped.
+    pub(super) fn advance(
+        &mut self,
+        now: Instant,
+        skipped: &mut Vec<(String, &'static str)>,
+    ) -> Option<(Arc<Target>, Permit)> {
+        loop {
+            self.step += 1;
+            self.tried.clear();
+            let step = self.chain.get(self.step)?;
+            if let Some(admitted) = self.admit_member(now) {
+                return Some(admitted);
+            }
+            self.note_skipped(step, skipped);
+        }
+    }
+
+    /// The first target: the first admitted one in chain order, or, when every eligible target
+    /// is open, the one whose breaker opened earliest (better than failing without trying).
+    /// `None` when no target can serve the request at all.
+    pub(super) fn first(
+        &mut self,
+        now: Instant,
+        no_fallback: bool,
+        skipped: &mut Vec<(String, &'static str)>,
+    ) -> Option<(Arc<Target>, Permit)> {
+        self.step = 0;
+        if let Some(admitted) = self.admit_member(now) {
+            return Some(admitted);
+        }
+        self.note_skipped(&self.chain[0], skipped);
+        if !no_fallback && let Some(admitted) = self.advance(now, skipped) {
+            return Some(admitted);
+        }
+        let eligible: Vec<(usize, usize)> = self
+            .chain
+            .iter()
+            .enumerate()
+            .take(if no_fallback { 1 } else { usize::MAX })
+            .flat_map(|(s, step)| (0..step.members.len()).map(move |m| (s, m)))
+            .filter(|&(s, m)| !self.ineligible.iter().any(|(l, _)| *l == self.chain[s].members[m].label))
+            .collect();
+        let (step, member) =
+            eligible.into_iter().min_by_key(|&(s, m)| match self.chain[s].members[m].health.peek(now) {
+                Admission::Refused { since, .. } => since,
+                _ => now,
+            })?;
+        self.step = step;
+        self.tried = vec![member];
+        let target = self.chain[step].members[member].clone();
+        skipped.retain(|(label, _)| *label != target.label);
+        self.attempts_here = 1;
+        let permit = target.health.admit_forced(now);
+        Some((target, permit))
+    }
+
+    /// Switches to a special-purpose chain (`onContextWindowExceeded`, `onContentFiltered`).
+    pub(super) fn switch(
+        &mut self,
+        chain: &'r [Step],
+        now: Instant,
+        skipped: &mut Vec<(String, &'static str)>,
+    ) -> Option<(Arc<Target>, Permit)> {
+        self.chain = chain;
+        self.switched = true;
+        self.step = 0;
+        self.tried.clear();
+        if let Some(admitted) = self.admit_member(now) {
+            return Some(admitted);
+        }
+        self.note_skipped(chain.first()?, skipped);
+        self.advance(now, skipped)
+    }
+}

@@ -1,0 +1,78 @@
+//! The request path shared by every ingress API: parse, route, run the chain, and answer in
+//! the app's own format. Each ingress supplies a [`Dialect`]: how its requests parse and how
+//! its answers, streams and errors are written. Translations from the neutral shape to an
+//! app's format live beside each dialect; [`respond`] turns the fallback loop's outcome into
+//! the response.
+
+pub mod anthropic;
+pub mod convert;
+pub mod embeddings;
+pub mod openai;
+pub mod respond;
+pub mod responses;
+
+use std::sync::Arc;
+
+use http::{HeaderMap, Response, StatusCode};
+use serde_json::Value;
+
+use super::body::Body;
+use super::fallback::{self, Chance, Controls, Transport};
+use crate::llm::{Api, ChatRequest, InvalidRequest};
+use crate::proxy::relay::StreamRenderer;
+use crate::snapshot::PolicySnapshot;
+
+/// How one ingress API reads requests and writes answers.
+pub trait Dialect {
+    /// The API apps speak to this ingress.
+    const API: Api;
+    /// The stream renderer.
+    type Renderer: StreamRenderer;
+    /// Parses a request body.
+    fn parse(body: &[u8], headers: &HeaderMap) -> Result<ChatRequest, InvalidRequest>;
+    /// An error in this API's format. `code` is Backstop's machine-readable reason; `extra`
+    /// fields join the error object.
+    fn error(status: StatusCode, message: &str, code: &str, param: Option<&str>, extra: Value) -> Response<Body>;
+    /// A whole answer from a provider of `api`, in this API's format.
+    fn complete(api: Api, answer: Value, request: &ChatRequest) -> Value;
+    /// A renderer for a stream from a provider of `api`.
+    fn renderer(api: Api, request: &ChatRequest) -> Self::Renderer;
+}
+
+/// Answers one chat request whose body has been read: parsed in the dialect's API, routed by
+/// `model`, walked down the route's chain through `transport`, and answered in the same API.
+pub async fn serve<D: Dialect>(
+    snapshot: Option<Arc<PolicySnapshot>>,
+    headers: &HeaderMap,
+    body: &[u8],
+    transport: &impl Transport,
+) -> Response<Body> {
+    let request = match D::parse(body, headers) {
+        Ok(request) => request,
+        Err(invalid) => {
+            return D::error(StatusCode::BAD_REQUEST, &invalid.message, "invalid_request", invalid.param, Value::Null);
+        }
+    };
+    let Some(snapshot) = snapshot else {
+        return D::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "backstop has no valid policy loaded; see the sidecar's log",
+            "no_policy",
+            None,
+            Value::Null,
+        );
+    };
+    let Some(route) = snapshot.route(&request.model) else {
+        let known = snapshot.aliases().join(", ");
+        return D::error(
+            StatusCode::NOT_FOUND,
+            &format!("The model `{}` does not exist in this sidecar's policy; routed models: {known}", request.model),
+            "model_not_found",
+            Some("model"),
+            Value::Null,
+        );
+    };
+    let controls = Controls::from_headers(route, headers);
+    let outcome = fallback::run(route, &request, transport, controls, Chance::Random).await;
+    respond::respond::<D>(route, &request, outcome)
+}

@@ -1,0 +1,82 @@
+//! The OpenAI ingress: `POST /v1/chat/completions` and `GET /v1/models`, answered in OpenAI's
+//! format with the status codes and error shapes the OpenAI SDKs map to their exceptions.
+
+use bytes::Bytes;
+use http::{HeaderMap, Response, StatusCode};
+use serde_json::{Value, json};
+
+use super::Dialect;
+use crate::llm::status::{openai_error_type, openai_error_type_of_class};
+use crate::llm::{Api, ChatRequest, InvalidRequest, StreamEvent};
+use crate::policy::FailureClass;
+use crate::provider::neutral;
+use crate::proxy::body::{Body, json_response};
+use crate::proxy::relay::{self, StreamRenderer};
+use crate::snapshot::PolicySnapshot;
+
+/// OpenAI Chat Completions, as apps speak it.
+pub struct OpenAiDialect;
+
+impl Dialect for OpenAiDialect {
+    const API: Api = Api::OpenAi;
+    type Renderer = OpenAiStream;
+
+    fn parse(body: &[u8], _headers: &HeaderMap) -> Result<ChatRequest, InvalidRequest> {
+        ChatRequest::from_openai_json(body)
+    }
+
+    fn error(status: StatusCode, message: &str, code: &str, param: Option<&str>, extra: Value) -> Response<Body> {
+        let kind = openai_error_type(status.as_u16());
+        let code = if code == "invalid_request" { Value::Null } else { json!(code) };
+        let mut error = json!({"message": message, "type": kind, "param": param, "code": code});
+        if let (Some(error), Value::Object(extra)) = (error.as_object_mut(), extra) {
+            error.extend(extra);
+        }
+        json_response(status, &json!({ "error": error }))
+    }
+
+    fn complete(api: Api, answer: Value, _request: &ChatRequest) -> Value {
+        neutral::into_openai_completion(api, answer)
+    }
+
+    fn renderer(api: Api, request: &ChatRequest) -> OpenAiStream {
+        OpenAiStream { translate: neutral::ToOpenAiStream::new(api, request.include_usage()) }
+    }
+}
+
+/// Renders a committed stream as OpenAI SSE: chunks, then `[DONE]`. A failure after commit
+/// sends an `error` event, which the OpenAI SDKs raise as `APIError`.
+pub struct OpenAiStream {
+    translate: neutral::ToOpenAiStream,
+}
+
+impl StreamRenderer for OpenAiStream {
+    fn event(&mut self, event: &StreamEvent) -> Vec<Bytes> {
+        self.translate.push(event).iter().map(|chunk| relay::encode(None, chunk)).collect()
+    }
+
+    fn finish(&mut self) -> Vec<Bytes> {
+        let mut frames: Vec<Bytes> = self.translate.finish().iter().map(|chunk| relay::encode(None, chunk)).collect();
+        frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        frames
+    }
+
+    fn failure(&mut self, message: &str, class: Option<FailureClass>) -> Bytes {
+        let kind = class.map_or("timeout", openai_error_type_of_class);
+        relay::encode(
+            None,
+            &json!({"error": {"message": message, "type": kind, "code": "stream_interrupted", "param": null}}),
+        )
+    }
+}
+
+/// `GET /v1/models`: the route aliases, as OpenAI's model list.
+pub fn models(snapshot: Option<&PolicySnapshot>) -> Response<Body> {
+    let data: Vec<Value> = snapshot
+        .map(|s| s.aliases())
+        .unwrap_or_default()
+        .iter()
+        .map(|alias| json!({"id": alias, "object": "model", "created": 0, "owned_by": "backstop"}))
+        .collect();
+    json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}

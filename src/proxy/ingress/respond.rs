@@ -1,0 +1,180 @@
+//! The fallback loop's outcome as the app's response: the answer with headers saying which
+//! target answered and why the chain fell through, the provider's own error when the failure
+//! is final, or one error that lists every attempt when the chain ran out.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+use serde_json::{Value, json};
+
+use super::Dialect;
+use crate::llm::ChatRequest;
+use crate::llm::status::status_of_class;
+use crate::policy::FailureClass;
+use crate::proxy::body::{Body, full, json_response};
+use crate::proxy::fallback::{Answered, Attempt, Committed, Unanswered};
+use crate::proxy::relay;
+use crate::snapshot::Route;
+
+/// The response for the fallback loop's `outcome` on `route`.
+pub fn respond<D: Dialect>(
+    route: &Route,
+    request: &ChatRequest,
+    outcome: Result<Answered, Unanswered>,
+) -> Response<Body> {
+    let mut response = match outcome {
+        Ok(answered) => {
+            log_answered(&route.alias, &answered);
+            answer::<D>(answered, request)
+        }
+        Err(Unanswered::Final { target, error, attempts }) => {
+            tracing::info!(route = %route.alias, target_label = %target.label, class = %error.class,
+                status = error.status.unwrap_or_default(), attempts = attempts.len(),
+                "returning the provider's error: `fallbackOn` does not cover it");
+            let status = error.status.and_then(|s| StatusCode::from_u16(s).ok());
+            let same_api = target.provider.api() == D::API;
+            let mut response = match (status, &error.body) {
+                (Some(status), Some(body)) if same_api && serde_json::from_slice::<Value>(body).is_ok() => {
+                    let mut response = Response::new(full(body.clone()));
+                    *response.status_mut() = status;
+                    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    response
+                }
+                _ => D::error(
+                    status.unwrap_or_else(|| app_status(error.class)),
+                    &format!("{}: {}", target.label, error.message),
+                    error.class.as_str(),
+                    None,
+                    Value::Null,
+                ),
+            };
+            set_header(&mut response, "x-backstop-provider", &target.provider.name);
+            set_header(&mut response, "x-backstop-model", &target.model);
+            set_header(&mut response, "x-backstop-attempts", &attempts.len().to_string());
+            response
+        }
+        Err(Unanswered::Ineligible { reasons }) => {
+            let listed: Vec<String> = reasons.iter().map(|(target, why)| format!("{target}: {why}")).collect();
+            D::error(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "no target of route `{}` can serve this request faithfully: {}",
+                    route.alias,
+                    listed.join("; ")
+                ),
+                "no_eligible_target",
+                None,
+                Value::Null,
+            )
+        }
+        Err(Unanswered::Exhausted { attempts, skipped, deadline_exceeded, stopped, retry_after }) => {
+            exhausted::<D>(&route.alias, &attempts, &skipped, deadline_exceeded, stopped, retry_after)
+        }
+    };
+    set_header(&mut response, "x-backstop-route", &route.alias);
+    response
+}
+
+/// The status an app gets for a failure of `class` with no upstream status.
+fn app_status(class: FailureClass) -> StatusCode {
+    StatusCode::from_u16(status_of_class(class)).unwrap_or(StatusCode::BAD_GATEWAY)
+}
+
+fn log_answered(route: &str, answered: &Answered) {
+    if answered.fell_through.is_empty() {
+        tracing::debug!(route, target_label = %answered.target.label, attempts = answered.attempts.len(), "answered");
+    } else {
+        tracing::info!(route, target_label = %answered.target.label, attempts = answered.attempts.len(),
+            fell_through = %fallback_reason(&answered.fell_through), "answered after falling through");
+    }
+}
+
+fn fallback_reason(fell_through: &[(String, &'static str)]) -> String {
+    fell_through.iter().map(|(target, why)| format!("{target}={why}")).collect::<Vec<_>>().join(", ")
+}
+
+fn answer<D: Dialect>(answered: Answered, request: &ChatRequest) -> Response<Body> {
+    let Answered { target, reply, attempts, fell_through } = answered;
+    let mut response = match reply {
+        Committed::Complete { body, api } => json_response(StatusCode::OK, &D::complete(api, body, request)),
+        Committed::Stream { held, rest, idle_timeout, api, permit, deadline } => {
+            let renderer = D::renderer(api, request);
+            let limits = relay::Limits { idle: idle_timeout, deadline };
+            let mut response = Response::new(relay::sse_body(held, rest, limits, renderer, permit));
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            response
+        }
+    };
+    set_header(&mut response, "x-backstop-provider", &target.provider.name);
+    set_header(&mut response, "x-backstop-model", &target.model);
+    set_header(&mut response, "x-backstop-attempts", &attempts.len().to_string());
+    if !fell_through.is_empty() {
+        set_header(&mut response, "x-backstop-fallback-reason", &fallback_reason(&fell_through));
+    }
+    response
+}
+
+/// The answer when every target failed: 429 if every attempt was rate limited, 504 if the
+/// deadline ran out, 503 if every attempt found the targets overloaded, else 502. The message
+/// lists each attempt; authentication errors show only their status.
+fn exhausted<D: Dialect>(
+    route: &str,
+    attempts: &[Attempt],
+    skipped: &[String],
+    deadline_exceeded: bool,
+    stopped: Option<&'static str>,
+    retry_after: Option<Duration>,
+) -> Response<Body> {
+    let failed: Vec<&Attempt> = attempts.iter().filter(|a| a.class.is_some()).collect();
+    let every = |class: FailureClass| !failed.is_empty() && failed.iter().all(|a| a.class == Some(class));
+    let (status, code) = if every(FailureClass::RateLimited) {
+        (StatusCode::TOO_MANY_REQUESTS, "all_targets_rate_limited")
+    } else if deadline_exceeded {
+        (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded")
+    } else if every(FailureClass::Overloaded) {
+        (StatusCode::SERVICE_UNAVAILABLE, "all_targets_overloaded")
+    } else {
+        (StatusCode::BAD_GATEWAY, "all_targets_failed")
+    };
+    let listed: Vec<String> = attempts
+        .iter()
+        .map(|a| {
+            let class = a.class.map_or("cancelled", FailureClass::as_str);
+            match a.status {
+                Some(s) => format!("{} {class} ({s}): {}", a.target, a.message),
+                None => format!("{} {class}: {}", a.target, a.message),
+            }
+        })
+        .collect();
+    let mut message = if deadline_exceeded {
+        format!("the request's deadline ran out after {} attempt(s): {}", attempts.len(), listed.join("; "))
+    } else {
+        format!("every target failed ({} attempt(s)): {}", attempts.len(), listed.join("; "))
+    };
+    if !skipped.is_empty() {
+        message.push_str(&format!("; skipped with an open circuit: {}", skipped.join(", ")));
+    }
+    if let Some(stopped) = stopped {
+        message.push_str(&format!("; not tried further: {stopped}"));
+    }
+    tracing::warn!(route, attempts = attempts.len(), status = status.as_u16(), %message, "no target answered");
+    let detail: Vec<Value> = attempts
+        .iter()
+        .map(|a| json!({"target": a.target, "class": a.class.map(FailureClass::as_str), "status": a.status, "message": a.message}))
+        .collect();
+    let extra = json!({"attempts": detail, "skipped": skipped, "stopped": stopped});
+    let mut response = D::error(status, &message, code, None, extra);
+    set_header(&mut response, "x-backstop-attempts", &attempts.len().to_string());
+    if let Some(wait) = retry_after {
+        set_header(&mut response, "retry-after", &wait.as_secs_f64().ceil().max(1.0).to_string());
+    }
+    response
+}
+
+fn set_header(response: &mut Response<Body>, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        response.headers_mut().insert(name, value);
+    }
+}

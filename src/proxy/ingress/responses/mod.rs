@@ -1,0 +1,88 @@
+//! The Responses ingress: `POST /v1/responses`, OpenAI's error format; answers and streams as
+//! Response objects and Responses events.
+
+pub mod answer;
+pub mod parse;
+pub mod stream;
+
+use bytes::Bytes;
+use http::{HeaderMap, Response, StatusCode};
+use serde_json::{Value, json};
+
+use super::Dialect;
+use super::convert::ToResponsesStream;
+use super::openai::OpenAiDialect;
+use crate::llm::status::openai_error_type_of_class;
+use crate::llm::{Api, ChatRequest, InvalidRequest, StreamEvent};
+use crate::policy::FailureClass;
+use crate::provider::neutral::to_openai_completion;
+use crate::proxy::body::Body;
+use crate::proxy::relay::{self, StreamRenderer};
+
+/// OpenAI Responses (`POST /v1/responses`): OpenAI's error format; answers and streams as
+/// Response objects and Responses events.
+pub struct ResponsesDialect;
+
+impl Dialect for ResponsesDialect {
+    const API: Api = Api::Responses;
+    type Renderer = ResponsesStream;
+
+    fn parse(body: &[u8], _headers: &HeaderMap) -> Result<ChatRequest, InvalidRequest> {
+        parse::from_responses_request(body)
+    }
+
+    fn error(status: StatusCode, message: &str, code: &str, param: Option<&str>, extra: Value) -> Response<Body> {
+        OpenAiDialect::error(status, message, code, param, extra)
+    }
+
+    fn complete(api: Api, answer: Value, request: &ChatRequest) -> Value {
+        match api {
+            Api::Responses => answer,
+            other => answer::from_chat_completion(&to_openai_completion(other, &answer), request),
+        }
+    }
+
+    fn renderer(api: Api, request: &ChatRequest) -> ResponsesStream {
+        ResponsesStream { translate: ToResponsesStream::new(api, request), sequence: 0 }
+    }
+}
+
+/// Renders a committed stream as Responses events. A failure after commit sends an `error`
+/// event, which the OpenAI SDKs raise as `APIError`.
+pub struct ResponsesStream {
+    translate: ToResponsesStream,
+    sequence: u64,
+}
+
+impl ResponsesStream {
+    fn frames(&mut self, events: Vec<(String, Value)>) -> Vec<Bytes> {
+        events
+            .into_iter()
+            .map(|(name, data)| {
+                self.sequence = data.get("sequence_number").and_then(Value::as_u64).unwrap_or(self.sequence) + 1;
+                relay::encode(Some(&name), &data)
+            })
+            .collect()
+    }
+}
+
+impl StreamRenderer for ResponsesStream {
+    fn event(&mut self, event: &StreamEvent) -> Vec<Bytes> {
+        let events = self.translate.push(event);
+        self.frames(events)
+    }
+
+    fn finish(&mut self) -> Vec<Bytes> {
+        let events = self.translate.finish();
+        self.frames(events)
+    }
+
+    fn failure(&mut self, message: &str, class: Option<FailureClass>) -> Bytes {
+        let kind = class.map_or("timeout", openai_error_type_of_class);
+        relay::encode(
+            Some("error"),
+            &json!({"type": "error", "code": "stream_interrupted", "message": message, "param": null,
+                    "sequence_number": self.sequence, "error": {"type": kind, "code": "stream_interrupted", "message": message}}),
+        )
+    }
+}

@@ -1,0 +1,272 @@
+//! What the request path reads: a compiled policy bound to live providers and to the health
+//! state that outlives it, published as one immutable snapshot ([`PolicyStore`]).
+//!
+//! [`PolicySnapshot::assemble`] is the one place a [`CompiledPolicy`] (plain data, from a file
+//! or the config stream) meets sockets and health: it builds each provider's client, finds
+//! each target's health by identity so that a reload keeps what the sidecar learnt, and only
+//! once everything is built applies the new breaker and budget settings to that state. A
+//! request takes the snapshot with one atomic load and keeps it to the end.
+
+mod store;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::chain::{
+    AllowedOverrides, CompiledPolicy, Hedge, RetryPolicy, RouteConfig, StepConfig, TargetConfig, Timeouts,
+};
+use crate::health::{HealthRegistry, SharedBudget, TargetHealth};
+use crate::llm::ChatRequest;
+use crate::policy::{ClassSet, RequestFeature};
+use crate::provider::{InvalidBackend, Provider};
+
+pub use store::PolicyStore;
+
+/// One provider + model (+ key) a chain can send to, live.
+#[derive(Debug)]
+pub struct Target {
+    /// The provider.
+    pub provider: Arc<Provider>,
+    /// The model name sent to it.
+    pub model: String,
+    /// Which of the provider's keys to use.
+    pub key: usize,
+    /// This target's attempt time limit.
+    pub attempt_timeout: std::time::Duration,
+    /// Relative share within its step.
+    pub weight: u32,
+    /// `provider/model` (with `#n` for the n-th key when there are several).
+    pub label: String,
+    /// What the sidecar knows of its health; shared across reloads.
+    pub health: Arc<TargetHealth>,
+    /// Requests the policy keeps away from this target (`skipFor`).
+    pub skip_for: Vec<RequestFeature>,
+}
+
+impl Target {
+    /// Why the policy keeps `request` away from this target, if it does.
+    pub fn skip_for(&self, request: &ChatRequest) -> Option<String> {
+        self.skip_for
+            .iter()
+            .find(|feature| request.uses(**feature))
+            .map(|feature| format!("`skipFor` excludes requests with {}", feature.as_str()))
+    }
+}
+
+/// One step of a chain: its targets, balanced.
+#[derive(Debug)]
+pub struct Step {
+    /// The step's targets.
+    pub members: Vec<Arc<Target>>,
+}
+
+/// A live route: the chain for one model alias, with the settings that govern it.
+#[derive(Debug)]
+pub struct Route {
+    /// The alias (`*` for the catch-all).
+    pub alias: String,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+    /// The chain to switch to on `contextWindowExceeded` (may be empty).
+    pub on_context_window_exceeded: Vec<Step>,
+    /// The chain to switch to on `contentFiltered` (may be empty).
+    pub on_content_filtered: Vec<Step>,
+    /// Classes that fall through to the next step.
+    pub fallback_on: ClassSet,
+    /// Retries per target and the per-request cap.
+    pub retry: RetryPolicy,
+    /// Time limits.
+    pub timeouts: Timeouts,
+    /// Hedging, if enabled.
+    pub hedge: Option<Hedge>,
+    /// The route's retry budget; shared across reloads.
+    pub budget: Arc<SharedBudget>,
+    /// Per-request headers the policy honours.
+    pub overrides: AllowedOverrides,
+}
+
+/// An immutable, live policy.
+#[derive(Debug)]
+pub struct PolicySnapshot {
+    /// `namespace/name` of the policy it came from.
+    pub source: String,
+    /// Set by the [`PolicyStore`] when published; increases with every reload.
+    pub version: u64,
+    /// The compiled policy's content digest.
+    pub digest: String,
+    routes: HashMap<String, Arc<Route>>,
+    catch_all: Option<Arc<Route>>,
+    aliases: Vec<String>,
+    redacted: Value,
+}
+
+impl PolicySnapshot {
+    /// Binds `compiled` to live providers and to the health state in `health`. Nothing in
+    /// `health` changes unless every provider could be built.
+    pub fn assemble(compiled: &CompiledPolicy, health: &HealthRegistry) -> Result<PolicySnapshot, InvalidBackend> {
+        let providers = compiled
+            .providers
+            .iter()
+            .map(|config| Provider::build(config).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut binder = Binder { compiled, providers: &providers, health, targets: Vec::new() };
+        let mut routes = HashMap::new();
+        let mut catch_all = None;
+        let mut budgets = Vec::new();
+        for config in &compiled.routes {
+            let budget = health.budget(&config.alias, compiled.budget);
+            budgets.push(budget.clone());
+            let route = Arc::new(binder.route(config, budget)?);
+            if config.alias == "*" {
+                catch_all = Some(route);
+            } else {
+                routes.insert(config.alias.clone(), route);
+            }
+        }
+        health.apply(&binder.targets, &compiled.breaker, &budgets, compiled.budget);
+        Ok(PolicySnapshot {
+            source: compiled.source.clone(),
+            version: 0,
+            digest: compiled.digest(),
+            routes,
+            catch_all,
+            aliases: compiled.aliases().map(str::to_string).collect(),
+            redacted: compiled.document.clone(),
+        })
+    }
+
+    /// The route for a requested model alias.
+    pub fn route(&self, model: &str) -> Option<&Arc<Route>> {
+        self.routes.get(model).or(self.catch_all.as_ref())
+    }
+
+    /// The aliases apps may ask for, in policy order (the catch-all excluded).
+    pub fn aliases(&self) -> &[String] {
+        &self.aliases
+    }
+
+    /// The policy document with every secret value replaced, for `/config`.
+    pub fn redacted(&self) -> &Value {
+        &self.redacted
+    }
+}
+
+/// What binding a compiled policy needs at hand.
+struct Binder<'a> {
+    compiled: &'a CompiledPolicy,
+    providers: &'a [Arc<Provider>],
+    health: &'a HealthRegistry,
+    /// Every target's health, for the settings to apply once all is built.
+    targets: Vec<Arc<TargetHealth>>,
+}
+
+impl Binder<'_> {
+    fn route(&mut self, config: &RouteConfig, budget: Arc<SharedBudget>) -> Result<Route, InvalidBackend> {
+        Ok(Route {
+            alias: config.alias.clone(),
+            steps: self.chain(&config.steps)?,
+            on_context_window_exceeded: self.chain(&config.on_context_window_exceeded)?,
+            on_content_filtered: self.chain(&config.on_content_filtered)?,
+            fallback_on: config.fallback_on,
+            retry: config.retry,
+            timeouts: config.timeouts,
+            hedge: config.hedge,
+            budget,
+            overrides: config.overrides,
+        })
+    }
+
+    fn chain(&mut self, steps: &[StepConfig]) -> Result<Vec<Step>, InvalidBackend> {
+        steps
+            .iter()
+            .map(|step| {
+                let members = step.members.iter().map(|t| self.target(t).map(Arc::new)).collect::<Result<_, _>>()?;
+                Ok(Step { members })
+            })
+            .collect()
+    }
+
+    fn target(&mut self, config: &TargetConfig) -> Result<Target, InvalidBackend> {
+        let provider = self
+            .providers
+            .get(config.provider)
+            .ok_or_else(|| InvalidBackend::UnknownProvider { target: config.label.clone() })?
+            .clone();
+        let health = self.health.target(&config.identity, &config.label, &self.compiled.breaker);
+        self.targets.push(health.clone());
+        Ok(Target {
+            provider,
+            model: config.model.clone(),
+            key: config.key,
+            attempt_timeout: config.attempt_timeout,
+            weight: config.weight,
+            label: config.label.clone(),
+            health,
+            skip_for: config.skip_for.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::{LocalKeys, compile};
+    use crate::policy::document::parse_policy;
+
+    const POLICY: &str = r#"
+apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {name: demo, namespace: shop}
+spec:
+  providers:
+    - {name: primary, type: openai, apiKey: {value: sk-secret-123}}
+    - {name: fake, type: mock}
+  routes:
+    - model: chat
+      chain: [{provider: primary, model: gpt-4o}, {provider: fake, model: m}]
+    - model: "*"
+      chain: [{provider: fake, model: any}]
+"#;
+
+    fn compiled(yaml: &str) -> CompiledPolicy {
+        compile(&parse_policy(yaml).expect("parses"), &LocalKeys).expect("compiles")
+    }
+
+    #[test]
+    fn health_state_survives_a_reload_and_a_new_key_is_a_new_target() {
+        let store = PolicyStore::new();
+        store.publish(&compiled(POLICY)).expect("binds");
+        let first = store.load().expect("published");
+        store.publish(&compiled(POLICY)).expect("binds");
+        let second = store.load().expect("published");
+        let chat = |s: &PolicySnapshot| s.route("chat").expect("route").clone();
+        let (a, b) = (chat(&first), chat(&second));
+        assert!(Arc::ptr_eq(&a.steps[0].members[0].health, &b.steps[0].members[0].health));
+        assert!(Arc::ptr_eq(&a.budget, &b.budget));
+        store.publish(&compiled(&POLICY.replace("sk-secret-123", "sk-rotated"))).expect("binds");
+        let third = store.load().expect("published");
+        assert!(!Arc::ptr_eq(&a.steps[0].members[0].health, &chat(&third).steps[0].members[0].health));
+        assert_eq!(third.route("anything").map(|r| r.alias.as_str()), Some("*"));
+        assert_eq!(third.aliases(), ["chat"]);
+    }
+
+    #[test]
+    fn the_store_publishes_increasing_versions_and_refuses_what_cannot_be_bound() {
+        let store = PolicyStore::new();
+        assert!(store.load().is_none());
+        assert_eq!(store.publish(&compiled(POLICY)), Ok(1));
+        let held = store.load().expect("published");
+        assert_eq!(store.publish(&compiled(POLICY)), Ok(2));
+        assert_eq!(held.version, 1, "a held snapshot never changes");
+        let mut broken = compiled(POLICY);
+        broken.routes[0].steps[0].members[0].provider = 9;
+        assert!(matches!(store.publish(&broken), Err(InvalidBackend::UnknownProvider { .. })));
+        let mut bad_url = compiled(POLICY);
+        bad_url.providers[0].base_url = "not a url".into();
+        assert!(matches!(store.publish(&bad_url), Err(InvalidBackend::BaseUrl { .. })));
+        assert_eq!(store.load().map(|s| s.version), Some(2), "nothing that failed to bind was published");
+        assert_eq!(store.load().map(|s| s.digest.clone()), Some(compiled(POLICY).digest()));
+    }
+}
