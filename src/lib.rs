@@ -24,3 +24,5 @@ pub mod telemetry;
 
 #[cfg(any(test, fuzzing))]
 pub mod fuzzing;
+#[cfg(test)]
+mod testing;

@@ -192,40 +192,16 @@ mod tests {
     use crate::chain::settings::{AllowedOverrides, Hedge, RetryPolicy};
     use crate::policy::FailureClass;
 
-    fn parse(yaml: &str) -> FallbackPolicy {
-        serde_yaml_ng::from_str(yaml).expect("test policy parses")
-    }
+    use crate::testing::{DEMO_POLICY as GOOD, assert_errors};
 
     fn compile(yaml: &str) -> Result<CompiledPolicy, InvalidPolicy> {
-        super::compile(&parse(yaml), &LocalKeys)
+        let policy: FallbackPolicy = serde_yaml_ng::from_str(yaml).expect("test policy parses");
+        super::compile(&policy, &LocalKeys)
     }
 
     fn route<'p>(policy: &'p CompiledPolicy, alias: &str) -> &'p RouteConfig {
         policy.routes.iter().find(|r| r.alias == alias).expect("route")
     }
-
-    const GOOD: &str = r#"
-apiVersion: backstop.dev/v1alpha1
-kind: FallbackPolicy
-metadata: {name: demo, namespace: shop}
-spec:
-  providers:
-    - {name: primary, type: openai, apiKey: {value: sk-secret-123}}
-    - {name: local, type: openai-compatible, baseUrl: "http://127.0.0.1:8000/v1"}
-    - {name: fake, type: mock, mock: {reply: hi, latency: 10ms}}
-  routes:
-    - model: chat
-      chain:
-        - {provider: primary, model: gpt-4o, timeout: 20s}
-        - group:
-            - {provider: local, model: llama, weight: 3}
-            - {provider: fake, model: m}
-    - model: "*"
-      chain: [{provider: fake, model: any}]
-  fallbackOn: [rateLimited, timeout]
-  retry: {attempts: 3, backoff: {base: 100ms, max: 1s}}
-  timeouts: {attempt: 5s, firstToken: 2s, total: 1m30s}
-"#;
 
     #[test]
     fn compiles_a_full_policy() {
@@ -333,10 +309,7 @@ spec:
                 "`spec.providers[1].mock`: only valid with `type: mock`",
             ),
         ];
-        for (yaml, expected) in cases {
-            let error = compile(&yaml).expect_err(expected).to_string();
-            assert!(error.contains(expected), "expected {expected:?} in {error:?}");
-        }
+        assert_errors(&cases, compile);
     }
 
     #[test]
@@ -412,5 +385,20 @@ spec:
             let error = with(cb).expect_err(cb).to_string();
             assert!(error.contains(expected), "{expected:?} in {error:?}");
         }
+    }
+
+    #[test]
+    fn a_compiled_policy_is_plain_data_with_a_stable_digest() {
+        let policy = compile(GOOD).expect("valid");
+        let json = serde_json::to_string(&policy).expect("serializes");
+        let back: CompiledPolicy = serde_json::from_str(&json).expect("deserializes");
+        assert_eq!(back, policy);
+        assert_eq!(back.digest(), policy.digest());
+        assert_eq!(compile(GOOD).expect("valid").digest(), policy.digest(), "the same policy, the same digest");
+        let rotated = compile(&GOOD.replace("sk-secret-123", "sk-rotated")).expect("valid");
+        assert_ne!(rotated.digest(), policy.digest(), "a rotated key is a new version");
+        assert!(!format!("{policy:?}").contains("sk-secret-123"), "Debug never shows a key");
+        let identity = &route(&policy, "chat").steps[0].members[0].identity;
+        assert!(!identity.contains("sk-secret"), "{identity}");
     }
 }

@@ -208,18 +208,35 @@ fn header_safe(value: Option<&str>) -> bool {
     value.is_none_or(|v| http::HeaderValue::from_str(v).is_ok())
 }
 
-/// A base URL that can reach an API: http or https, with a host, no query or fragment. Returned
-/// without a trailing `/`.
-fn check_base_url(url: &str) -> Result<String, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("is not a valid URL (`{url}`: {e})"))?;
+/// Why a base URL cannot reach an API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BaseUrlError {
+    /// Not a URL.
+    #[error("is not a valid URL (`{0}`)")]
+    Unparsable(String),
+    /// Another scheme.
+    #[error("must start with http:// or https:// (found `{0}`)")]
+    Scheme(String),
+    /// No host.
+    #[error("has no host (`{0}`)")]
+    NoHost(String),
+    /// A query, which the API's paths would be appended after.
+    #[error("must not have a query (`{0}`)")]
+    Query(String),
+}
+
+/// A base URL that can reach an API: http or https, with a host, no query. Returned without a
+/// trailing `/`.
+fn check_base_url(url: &str) -> Result<String, BaseUrlError> {
+    let uri: http::Uri = url.parse().map_err(|_| BaseUrlError::Unparsable(url.to_string()))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err(format!("must start with http:// or https:// (found `{url}`)"));
+        return Err(BaseUrlError::Scheme(url.to_string()));
     }
     if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("has no host (`{url}`)"));
+        return Err(BaseUrlError::NoHost(url.to_string()));
     }
     if uri.query().is_some() {
-        return Err(format!("must not have a query (`{url}`)"));
+        return Err(BaseUrlError::Query(url.to_string()));
     }
     Ok(url.trim_end_matches('/').to_string())
 }

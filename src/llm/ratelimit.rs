@@ -46,6 +46,9 @@ const MAX_UPSTREAM_WAIT_SECS: f64 = 86_400.0;
 
 /// Parses a rate-limit reset such as `1s`, `6m0s`, `59.5s`, `120ms` or a bare number of seconds.
 fn parse_reset(text: &str) -> Option<Duration> {
+    if text.is_empty() {
+        return None;
+    }
     if let Ok(secs) = text.parse::<f64>() {
         return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(MAX_UPSTREAM_WAIT_SECS)));
     }
@@ -111,6 +114,11 @@ mod tests {
         assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
         assert_eq!(parse_reset("2"), Some(Duration::from_secs(2)));
         assert_eq!(parse_reset("soon"), None);
+        // An upstream's header is untrusted: odd input is ignored, never a panic (the
+        // `go-parse-duration` crate panics on these).
+        for odd in ["1é", "é", "1.é", "+é", "1µ", "..s", ""] {
+            assert_eq!(parse_reset(odd), None, "{odd:?}");
+        }
         assert_eq!(parse_reset("1e20"), Some(Duration::from_secs(86_400)), "clamped: no instant arithmetic overflows");
         assert_eq!(parse_reset("99999999999999999999h"), Some(Duration::from_secs(86_400)));
         let mut huge = HeaderMap::new();

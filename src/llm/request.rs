@@ -88,6 +88,39 @@ pub struct Message {
     pub rest: Map<String, Value>,
 }
 
+/// Chat Completions parameters the other chat APIs (Messages, Gemini) can carry, or that
+/// change nothing an app would notice when dropped. Any other parameter makes a target of
+/// another API ineligible; whether a given *value* can be expressed is each API's own check.
+pub const PORTABLE_PARAMETERS: &[&str] = &[
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "user",
+    "stream_options",
+    "n",
+    "seed",
+    "service_tier",
+    "store",
+    "metadata",
+    "prompt_cache_key",
+    "safety_identifier",
+    "logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "response_format",
+];
+
+/// A message content part no API but OpenAI's can carry, named for an ineligibility reason.
+pub fn other_part(part: &Value) -> Option<String> {
+    Some(format!("message content of type `{}`", part.get("type").and_then(Value::as_str).unwrap_or("unknown")))
+}
+
 /// Why a request body is not a chat request; the message is shown to the app.
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("{message}")]
@@ -241,6 +274,26 @@ impl ChatRequest {
                 Some("json_object" | "json_schema")
             ),
         }
+    }
+
+    /// The first thing in this request a target API named `api` cannot express, if any: a
+    /// parameter outside [`PORTABLE_PARAMETERS`], a value that `refuses` names (such as "`n`
+    /// above 1"), or a message content part that `part` refuses.
+    pub fn inexpressible(
+        &self,
+        api: &str,
+        refuses: impl Fn(&str, &Value) -> Option<&'static str>,
+        part: impl Fn(&Value) -> Option<String>,
+    ) -> Option<String> {
+        for (name, value) in &self.rest {
+            if !PORTABLE_PARAMETERS.contains(&name.as_str()) {
+                return Some(format!("`{name}` has no {api} equivalent"));
+            }
+            if let Some(problem) = refuses(name, value) {
+                return Some(format!("{problem} cannot be expressed in a {api} request"));
+            }
+        }
+        self.messages.iter().filter_map(|m| m.content.as_ref()?.as_array()).flatten().find_map(part)
     }
 
     /// OpenAI's `stop` (one string or several) as a list, if any.

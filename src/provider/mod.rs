@@ -73,6 +73,19 @@ enum Backend {
     Mock(Box<mock::Mock>),
 }
 
+/// One attempt's request, as a provider sends it.
+#[derive(Clone, Copy)]
+pub struct Call<'a> {
+    /// The shared upstream client.
+    pub http: &'a HttpClient,
+    /// The model name sent to the provider.
+    pub model: &'a str,
+    /// The neutral request.
+    pub request: &'a ChatRequest,
+    /// Which of the provider's keys to use.
+    pub key: usize,
+}
+
 /// A successful send: the reply and what the provider said about its rate limits.
 #[derive(Debug)]
 pub struct Sent {
@@ -123,21 +136,15 @@ impl Provider {
         }
     }
 
-    /// Sends `request` to `model` at this provider with its `key`-th API key. A `Stream`
+    /// Sends the call's request to its model at this provider with its key. A `Stream`
     /// reply has answered with a 2xx but may still fail before its first chunk; the caller
     /// bounds every wait.
-    pub async fn send(
-        &self,
-        http: &HttpClient,
-        model: &str,
-        request: &ChatRequest,
-        key: usize,
-    ) -> Result<Sent, AttemptError> {
+    pub async fn send(&self, call: Call<'_>) -> Result<Sent, AttemptError> {
         match &self.backend {
-            Backend::OpenAi(upstream) => upstream.send(http, model, request, key).await,
-            Backend::Anthropic(upstream) => upstream.send(http, model, request, key).await,
-            Backend::Gemini(upstream) => upstream.send(http, model, request, key).await,
-            Backend::Mock(mock) => mock.send(model, request).await.map(|reply| Sent {
+            Backend::OpenAi(upstream) => upstream.send(call).await,
+            Backend::Anthropic(upstream) => upstream.send(call).await,
+            Backend::Gemini(upstream) => upstream.send(call).await,
+            Backend::Mock(mock) => mock.send(call.model, call.request).await.map(|reply| Sent {
                 reply,
                 headroom: Headroom::default(),
                 api: Api::OpenAi,

@@ -212,27 +212,7 @@ impl Binder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::{LocalKeys, compile};
-    use crate::policy::document::parse_policy;
-
-    const POLICY: &str = r#"
-apiVersion: backstop.dev/v1alpha1
-kind: FallbackPolicy
-metadata: {name: demo, namespace: shop}
-spec:
-  providers:
-    - {name: primary, type: openai, apiKey: {value: sk-secret-123}}
-    - {name: fake, type: mock}
-  routes:
-    - model: chat
-      chain: [{provider: primary, model: gpt-4o}, {provider: fake, model: m}]
-    - model: "*"
-      chain: [{provider: fake, model: any}]
-"#;
-
-    fn compiled(yaml: &str) -> CompiledPolicy {
-        compile(&parse_policy(yaml).expect("parses"), &LocalKeys).expect("compiles")
-    }
+    use crate::testing::{DEMO_POLICY as POLICY, compiled};
 
     #[test]
     fn health_state_survives_a_reload_and_a_new_key_is_a_new_target() {

@@ -25,14 +25,9 @@ async fn health(sidecar: &TestSidecar, target: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_open_breaker_keeps_the_target_out_then_lets_exactly_the_probes_through() {
+async fn an_open_breaker_keeps_the_target_out_and_says_so_in_headers_and_health() {
     let failing = Fault::status(500);
-    let script = vec![
-        failing.clone(),
-        failing.clone(),
-        failing.clone(),
-        Fault::Delayed(Duration::from_millis(300), Box::new(failing)),
-    ];
+    let script = vec![failing.clone(), failing.clone(), failing];
     let upstream = Upstream::scripted(script, Fault::Ok).await;
     let policy = two_target_policy(
         &upstream.base_url(),
@@ -60,63 +55,8 @@ async fn an_open_breaker_keeps_the_target_out_then_lets_exactly_the_probes_throu
         assert_eq!(answer.header("x-backstop-attempts"), Some("1"));
     }
     assert_eq!(upstream.count(), 3, "no request reaches an open target");
-
-    // Half-open: of four concurrent requests exactly one probes; it fails, so it reopens.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let concurrent: Vec<_> = (0..4)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { post(&url, &chat(false)).await })
-        })
-        .collect();
-    for request in concurrent {
-        let answer = request.await.expect("request");
-        assert_eq!(answer.header("x-backstop-provider"), Some("fallback"));
-    }
-    assert_eq!(upstream.count(), 4, "exactly one probe");
-    assert_eq!(health(&sidecar, "primary/up-model").await["state"], "open");
-
-    // The second open period is twice as long; after it a successful probe closes it.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(
-        post(&url, &chat(false)).await.header("x-backstop-provider"),
-        Some("fallback"),
-        "still open at 1.2 s of 2 s"
-    );
-    assert_eq!(upstream.count(), 4);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    for _ in 0..3 {
-        let answer = post(&url, &chat(false)).await;
-        assert_eq!(answer.header("x-backstop-provider"), Some("primary"));
-    }
-    assert_eq!(upstream.count(), 7);
-    assert_eq!(health(&sidecar, "primary/up-model").await["state"], "closed");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_429_with_retry_after_5_keeps_the_target_out_for_5_seconds() {
-    let upstream = Upstream::scripted(vec![Fault::with_retry_after(429, "5")], Fault::Ok).await;
-    let sidecar = TestSidecar::start(&two_target_policy(&upstream.base_url(), "")).await;
-    let url = sidecar.url("/v1/chat/completions");
-    let started = Instant::now();
-    let first = post(&url, &chat(false)).await;
-    assert_eq!(
-        reason(&first),
-        "primary/up-model=rateLimited",
-        "5 s is beyond the 2 s backoff cap: fall through at once"
-    );
-    let back = loop {
-        let answer = post(&url, &chat(false)).await;
-        if answer.header("x-backstop-provider") == Some("primary") {
-            break started.elapsed();
-        }
-        assert_eq!(reason(&answer), "primary/up-model=circuitOpen");
-        assert!(started.elapsed() < Duration::from_secs(8), "the target never came back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(back >= Duration::from_secs(5), "came back after {back:?}");
-    assert!(back < Duration::from_millis(6500), "came back only after {back:?}");
-    assert_eq!(upstream.count(), 2, "nothing in between");
+    // Half-open probes, doubling open periods and Retry-After periods are timed in paused
+    // time in the fallback loop's unit tests.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,12 +13,12 @@ use http::{HeaderValue, Uri};
 use serde_json::Value;
 
 use super::credentials::Credentials;
-use super::http::{HttpClient, encode, post_json, read_json};
-use super::{InvalidBackend, Sent, endpoint, sse};
+use super::http::{encode, post_json, read_json};
+use super::{Call, InvalidBackend, Sent, endpoint, sse};
 use crate::chain::ProviderConfig;
 use crate::llm::outcome::message_of;
 use crate::llm::ratelimit::Headroom;
-use crate::llm::{Api, AttemptError, ChatRequest, Reply};
+use crate::llm::{Api, AttemptError, Reply};
 use crate::policy::FailureClass;
 
 /// The `anthropic-version` sent when the policy names none.
@@ -53,13 +53,8 @@ impl Anthropic {
     }
 
     /// Sends one Messages request.
-    pub async fn send(
-        &self,
-        http: &HttpClient,
-        model: &str,
-        request: &ChatRequest,
-        key: usize,
-    ) -> Result<Sent, AttemptError> {
+    pub async fn send(&self, call: Call<'_>) -> Result<Sent, AttemptError> {
+        let Call { http, model, request, key } = call;
         let body = to_wire::to_messages_request(request, model, self.default_max_tokens);
         let mut headers = vec![("anthropic-version", self.version.clone())];
         headers.extend(self.keys.header("x-api-key", key));

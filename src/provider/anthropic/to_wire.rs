@@ -3,35 +3,9 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::llm::request::other_part;
 use crate::llm::{Api, ChatRequest, Operation};
 use crate::provider::turns::push_turn;
-
-/// Chat Completions parameters a Messages request can carry, or that change nothing an app
-/// would notice when dropped. Any other parameter makes an Anthropic target ineligible.
-const PORTABLE: &[&str] = &[
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "user",
-    "stream_options",
-    "n",
-    "seed",
-    "service_tier",
-    "store",
-    "metadata",
-    "prompt_cache_key",
-    "safety_identifier",
-    "logprobs",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "response_format",
-];
 
 /// Why an Anthropic target cannot serve `request` faithfully, if it cannot.
 pub fn unsupported(request: &ChatRequest) -> Option<String> {
@@ -46,11 +20,9 @@ pub fn unsupported(request: &ChatRequest) -> Option<String> {
             return Some(reason);
         }
     }
-    for (name, value) in &request.rest {
-        if !PORTABLE.contains(&name.as_str()) {
-            return Some(format!("`{name}` has no Messages equivalent"));
-        }
-        let problem = match name.as_str() {
+    request.inexpressible(
+        "Messages",
+        |name, value| match name {
             "n" => value.as_u64().is_some_and(|n| n > 1).then_some("`n` above 1"),
             "logprobs" => (value == &Value::Bool(true)).then_some("`logprobs`"),
             "presence_penalty" | "frequency_penalty" => {
@@ -61,22 +33,12 @@ pub fn unsupported(request: &ChatRequest) -> Option<String> {
                 .then_some("`response_format` other than text"),
             "temperature" => value.as_f64().is_some_and(|t| t > 1.0).then_some("`temperature` above 1"),
             _ => None,
-        };
-        if let Some(problem) = problem {
-            return Some(format!("{problem} cannot be expressed in a Messages request"));
-        }
-    }
-    for message in &request.messages {
-        if let Some(Value::Array(parts)) = &message.content {
-            for part in parts {
-                match part.get("type").and_then(Value::as_str) {
-                    Some("text" | "image_url") => {}
-                    other => return Some(format!("message content of type `{}`", other.unwrap_or("unknown"))),
-                }
-            }
-        }
-    }
-    None
+        },
+        |part| match part.get("type").and_then(Value::as_str) {
+            Some("text" | "image_url") => None,
+            _ => other_part(part),
+        },
+    )
 }
 
 /// The Messages request for `model`: the app's own body when it spoke Messages, else a

@@ -11,11 +11,11 @@ use http::Uri;
 use serde_json::Value;
 
 use super::credentials::Credentials;
-use super::http::{HttpClient, encode, post_json, read_json};
-use super::{InvalidBackend, Sent, endpoint, sse};
+use super::http::{encode, post_json, read_json};
+use super::{Call, InvalidBackend, Sent, endpoint, sse};
 use crate::chain::ProviderConfig;
 use crate::llm::ratelimit::Headroom;
-use crate::llm::{Api, AttemptError, ChatRequest, Operation, Reply};
+use crate::llm::{Api, AttemptError, Operation, Reply};
 use crate::policy::FailureClass;
 
 /// A Gemini upstream.
@@ -35,13 +35,8 @@ impl Gemini {
     }
 
     /// Sends one `generateContent` (or streaming, or `batchEmbedContents`) request.
-    pub async fn send(
-        &self,
-        http: &HttpClient,
-        model: &str,
-        request: &ChatRequest,
-        key: usize,
-    ) -> Result<Sent, AttemptError> {
+    pub async fn send(&self, call: Call<'_>) -> Result<Sent, AttemptError> {
+        let Call { http, model, request, key } = call;
         let embeddings = request.operation == Operation::Embeddings;
         let method = match (embeddings, request.stream) {
             (true, _) => "batchEmbedContents",

@@ -5,35 +5,9 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value, json};
 
+use crate::llm::request::other_part;
 use crate::llm::{ChatRequest, Operation};
 use crate::provider::turns::push_turn;
-
-/// Chat Completions parameters a `generateContent` request can carry, or that change nothing an
-/// app would notice when dropped.
-const PORTABLE: &[&str] = &[
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "tools",
-    "tool_choice",
-    "n",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "response_format",
-    "user",
-    "stream_options",
-    "store",
-    "metadata",
-    "service_tier",
-    "prompt_cache_key",
-    "safety_identifier",
-    "parallel_tool_calls",
-    "logprobs",
-    "logit_bias",
-];
 
 /// Why a Gemini target cannot serve `request` faithfully, if it cannot.
 pub fn unsupported(request: &ChatRequest) -> Option<String> {
@@ -50,38 +24,25 @@ pub fn unsupported(request: &ChatRequest) -> Option<String> {
     if let Some(reason) = request.origin.as_ref().and_then(|o| o.unportable_reason("Gemini")) {
         return Some(reason);
     }
-    for (name, value) in &request.rest {
-        if !PORTABLE.contains(&name.as_str()) {
-            return Some(format!("`{name}` has no Gemini equivalent"));
-        }
-        let problem = match name.as_str() {
+    let streaming = request.stream;
+    request.inexpressible(
+        "Gemini",
+        |name, value| match name {
             "logprobs" => (value == &Value::Bool(true)).then_some("`logprobs`"),
             "logit_bias" => value.as_object().is_some_and(|m| !m.is_empty()).then_some("`logit_bias`"),
             "parallel_tool_calls" => (value == &Value::Bool(false)).then_some("`parallel_tool_calls: false`"),
-            "n" if request.stream => value.as_u64().is_some_and(|n| n > 1).then_some("a stream of `n` above 1"),
+            "n" if streaming => value.as_u64().is_some_and(|n| n > 1).then_some("a stream of `n` above 1"),
             _ => None,
-        };
-        if let Some(problem) = problem {
-            return Some(format!("{problem} cannot be expressed in a Gemini request"));
-        }
-    }
-    for message in &request.messages {
-        if let Some(Value::Array(parts)) = &message.content {
-            for part in parts {
-                match part.get("type").and_then(Value::as_str) {
-                    Some("text") => {}
-                    Some("image_url") => {
-                        let url = part.pointer("/image_url/url").and_then(Value::as_str).unwrap_or_default();
-                        if !url.starts_with("data:") {
-                            return Some("images by URL (Gemini takes inline images only)".to_string());
-                        }
-                    }
-                    other => return Some(format!("message content of type `{}`", other.unwrap_or("unknown"))),
-                }
+        },
+        |part| match part.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("image_url") => {
+                let url = part.pointer("/image_url/url").and_then(Value::as_str).unwrap_or_default();
+                (!url.starts_with("data:")).then(|| "images by URL (Gemini takes inline images only)".to_string())
             }
-        }
-    }
-    None
+            _ => other_part(part),
+        },
+    )
 }
 
 /// The `generateContent` request for the neutral request.

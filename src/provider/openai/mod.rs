@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::credentials::Credentials;
 use super::http::{HttpClient, encode, post_json, read_json};
-use super::{InvalidBackend, Sent, endpoint, sse};
+use super::{Call, InvalidBackend, Sent, endpoint, sse};
 use crate::chain::ProviderConfig;
 use crate::llm::ratelimit::Headroom;
 use crate::llm::{Api, AttemptError, ChatRequest, Operation, Reply};
@@ -56,13 +56,8 @@ impl OpenAi {
     }
 
     /// Sends one Chat Completions (or embeddings, or Responses) request.
-    pub async fn send(
-        &self,
-        http: &HttpClient,
-        model: &str,
-        request: &ChatRequest,
-        key: usize,
-    ) -> Result<Sent, AttemptError> {
+    pub async fn send(&self, call: Call<'_>) -> Result<Sent, AttemptError> {
+        let Call { http, model, request, key } = call;
         if let (Some(origin), Endpoint::Fixed { responses, .. }) = (&request.origin, &self.endpoint)
             && origin.api == Api::Responses
             && self.kind == ProviderKind::OpenAi

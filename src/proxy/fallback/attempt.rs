@@ -12,7 +12,7 @@ use super::outcome::Committed;
 use crate::llm::ratelimit::Headroom;
 use crate::llm::{AttemptError, ChatRequest, ChunkStream, Reply};
 use crate::policy::FailureClass;
-use crate::provider::{HttpClient, Sent};
+use crate::provider::{Call, HttpClient, Sent};
 use crate::snapshot::{Route, Target};
 
 /// How an attempt reaches a target: the live upstreams in the sidecar, a scripted fake in the
@@ -37,8 +37,8 @@ impl Upstreams {
 }
 
 impl Transport for Upstreams {
-    fn send(&self, target: &Target, request: &ChatRequest) -> impl Future<Output = Result<Sent, AttemptError>> + Send {
-        target.provider.send(&self.http, &target.model, request, target.key)
+    async fn send(&self, target: &Target, request: &ChatRequest) -> Result<Sent, AttemptError> {
+        target.provider.send(Call { http: &self.http, model: &target.model, request, key: target.key }).await
     }
 }
 

@@ -17,6 +17,9 @@ mod decide;
 mod outcome;
 mod walk;
 
+#[cfg(test)]
+mod tests;
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
