@@ -6,7 +6,8 @@
 //! 64: requests/s and p50/p99 latency each way, the overhead in µs and as a ratio; streaming
 //! time to first byte each way; and the sidecar's resident memory.
 //!
-//! `BENCH_SECONDS` sets each measurement's length (default 3).
+//! `BENCH_SECONDS` sets each measurement's length (default 3); `BACKSTOP_BENCH_BIN` names
+//! another sidecar binary to measure instead of this build's.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -112,7 +113,10 @@ async fn start_sidecar(upstream: SocketAddr, dead: SocketAddr) -> Sidecar {
         ),
     )
     .expect("write policy");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"))
+    // `BACKSTOP_BENCH_BIN` measures another build of the sidecar (an older commit, say) with
+    // this same harness.
+    let binary = std::env::var_os("BACKSTOP_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_backstop").into());
+    let mut child = tokio::process::Command::new(binary)
         .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "json", "--policy-file"])
         .arg(&policy)
         .env("BACKSTOP_LOG", "warn,backstop=info")
