@@ -1,6 +1,10 @@
-//! Durations as users write them in a policy: `250ms`, `30s`, `1m30s`, `2h`.
+//! Durations as users write them in a policy, in Go's syntax as Kubernetes users write them
+//! (`250ms`, `30s`, `1m30s`, `1.5h`): greater than zero, at most a day. The CRD's CEL rules
+//! check the same, so the API server and the compiler agree.
 
 use std::time::Duration;
+
+use crate::policy::duration;
 
 /// The longest duration a policy may name.
 pub const MAX: Duration = Duration::from_secs(86_400);
@@ -28,14 +32,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     if trimmed.starts_with('-') {
         return Err(DurationError::Negative(text.to_string()));
     }
-    let duration = humantime::parse_duration(trimmed).map_err(|_| DurationError::Unreadable(text.to_string()))?;
-    if duration.is_zero() {
+    let seconds = duration::seconds(trimmed).ok_or_else(|| DurationError::Unreadable(text.to_string()))?;
+    if seconds == 0.0 {
         return Err(DurationError::Zero);
     }
-    if duration > MAX {
+    if seconds > MAX.as_secs_f64() {
         return Err(DurationError::TooLong(text.to_string()));
     }
-    Ok(duration)
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[cfg(test)]
@@ -47,8 +51,14 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("25h"), Err(DurationError::TooLong("25h".into())));
         assert!(parse_duration("10").is_err());
-        assert_eq!(parse_duration("100000000y"), Err(DurationError::TooLong("100000000y".into())));
+        assert_eq!(parse_duration("100000h"), Err(DurationError::TooLong("100000h".into())));
+        assert!(
+            matches!(parse_duration("2days"), Err(DurationError::Unreadable(_))),
+            "Go syntax, as the API server reads it"
+        );
         assert_eq!(parse_duration("0s"), Err(DurationError::Zero));
         assert!(matches!(parse_duration("-5s"), Err(DurationError::Negative(_))));
         assert!(parse_duration("").is_err());

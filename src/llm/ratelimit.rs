@@ -5,6 +5,8 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 
+use crate::policy::duration;
+
 /// What a provider's `x-ratelimit-*` headers say about the key's remaining quota.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Headroom {
@@ -46,33 +48,11 @@ const MAX_UPSTREAM_WAIT_SECS: f64 = 86_400.0;
 
 /// Parses a rate-limit reset such as `1s`, `6m0s`, `59.5s`, `120ms` or a bare number of seconds.
 fn parse_reset(text: &str) -> Option<Duration> {
-    if text.is_empty() {
-        return None;
+    let cap = Duration::from_secs_f64(MAX_UPSTREAM_WAIT_SECS);
+    match text.parse::<f64>() {
+        Ok(secs) => (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(cap.as_secs_f64()))),
+        Err(_) => duration::parse_capped(text, cap),
     }
-    if let Ok(secs) = text.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(MAX_UPSTREAM_WAIT_SECS)));
-    }
-    let mut total = 0.0;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let split = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-        let (number, tail) = rest.split_at(split);
-        let value: f64 = number.parse().ok()?;
-        let unit_end = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_end);
-        let scale = match unit {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
-            _ => return None,
-        };
-        total += value * scale;
-        rest = tail;
-    }
-    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total.min(MAX_UPSTREAM_WAIT_SECS)))
 }
 
 /// The wait an upstream asked for: `retry-after-ms` (OpenAI, Azure), else `Retry-After` as

@@ -7,6 +7,7 @@
 
 pub mod crd;
 pub mod document;
+pub mod duration;
 mod failure;
 
 pub use failure::{ClassSet, FailureClass};
@@ -36,6 +37,9 @@ pub const API_VERSION: &str = "backstop.dev/v1alpha1";
     doc = "A fallback policy: ordered chains of LLM provider targets per model alias, and when to move on to the next.",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Routes","type":"integer","jsonPath":".status.routes"}"#,
+    printcolumn = r#"{"name":"Sidecars","type":"integer","jsonPath":".status.sidecars.connected"}"#,
+    printcolumn = r#"{"name":"Version","type":"string","priority":1,"jsonPath":".status.compiledVersion"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -46,16 +50,19 @@ pub struct FallbackPolicySpec {
     pub selector: Option<LabelSelector>,
 
     /// The upstream LLM APIs that chain targets name. Names must be unique.
+    #[schemars(length(min = 1, max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub providers: Vec<ProviderSpec>,
 
     /// Model aliases the app may send as `model`, each with its ordered chain of targets.
     /// A route whose `model` is `*` catches every alias no other route names.
+    #[schemars(length(min = 1, max = 256), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["model"]))]
     pub routes: Vec<RouteSpec>,
 
     /// Failure classes that move a request on to the next target in the chain. Default: every
     /// class except `badRequest`, `contextWindowExceeded` and `contentFiltered`, which would
     /// fail the same way everywhere and are returned to the app as the provider sent them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 11), extend("x-kubernetes-list-type" = "set"))]
     pub fallback_on: Option<Vec<FailureClass>>,
 
     /// How often one target is retried before the chain moves on.
@@ -75,6 +82,7 @@ pub struct FallbackPolicySpec {
     /// N` (lower only), `deadline` honours `x-backstop-deadline: 5s` (shorter only). Headers not
     /// allowed here are ignored and logged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub allow_request_overrides: Option<Vec<RequestOverride>>,
 }
 
@@ -93,10 +101,12 @@ pub enum RequestOverride {
 /// Circuit-breaker settings, applied to every target (provider + model + key) separately.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "!has(self.openFor) || !has(self.maxOpenFor) || duration(self.maxOpenFor) >= duration(self.openFor)", "message": "`maxOpenFor` must not be shorter than `openFor`"}]))]
 pub struct CircuitBreakerSpec {
     /// Consecutive counted failures that open a target's breaker. Default 5; 0 turns this
     /// rule off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1_000_000))]
     pub consecutive_failures: Option<u32>,
 
     /// Opens a breaker when this share of recent requests failed. Default: 50% over `30s`,
@@ -108,21 +118,25 @@ pub struct CircuitBreakerSpec {
     /// between doubles it, up to `maxOpenFor`. A 429 or 503 with `Retry-After` keeps a target
     /// out at least that long. Default `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
     pub open_for: Option<String>,
 
     /// The longest open period. Default `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
     pub max_open_for: Option<String>,
 
     /// Probe requests let through at once when the open period ends; a probe's success closes
     /// the breaker. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
     pub half_open_probes: Option<u32>,
 
     /// Failure classes that count against a target. Default: `rateLimited`, `overloaded`,
     /// `serverError`, `timeout`, `connectError`, `authError`, `quotaExceeded`. `badRequest`
     /// may not be listed: it says nothing about the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 11), extend("x-kubernetes-list-type" = "set", "x-kubernetes-validations" = [{"rule": "!self.exists(c, c == 'badRequest')", "message": "`badRequest` says nothing about the target and cannot count against it"}]))]
     pub count_on: Option<Vec<FailureClass>>,
 }
 
@@ -132,20 +146,25 @@ pub struct CircuitBreakerSpec {
 pub struct FailureRateSpec {
     /// Failure share, 1 to 100, that opens the breaker. Default 50.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
     pub percent: Option<u32>,
     /// How far back requests are counted. Default `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
     pub window: Option<String>,
     /// Requests the window must hold before the rule applies. Default 20.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub min_requests: Option<u32>,
 }
 
 /// One upstream LLM API endpoint and its credentials.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "!(has(self.apiKey) && has(self.apiKeys))", "message": "set either `apiKey` or `apiKeys`, not both"}, {"rule": "!has(self.mock) || self.type == 'mock'", "message": "`mock` is only valid with `type: mock`"}, {"rule": "self.type != 'mock' || !has(self.baseUrl)", "message": "a `mock` provider has no `baseUrl`"}, {"rule": "!(self.type in ['openai-compatible', 'azure-openai']) || has(self.baseUrl)", "message": "`baseUrl` is required for `openai-compatible` and `azure-openai`"}, {"rule": "!has(self.apiVersion) || self.type in ['anthropic', 'azure-openai']", "message": "`apiVersion` is only valid with `type: anthropic` or `type: azure-openai`"}, {"rule": "!has(self.defaultMaxTokens) || self.type == 'anthropic'", "message": "`defaultMaxTokens` is only valid with `type: anthropic`"}]))]
 pub struct ProviderSpec {
     /// The name chain targets use to refer to this provider, unique within the policy.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[^/#=,]+$"))]
     pub name: String,
 
     /// Which wire API this provider speaks.
@@ -158,6 +177,7 @@ pub struct ProviderSpec {
     /// `http://vllm.inference:8000/v1`) and `azure-openai` (`https://RESOURCE.openai.azure.com`)
     /// have no default and require it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://[^/?#\s]+"))]
     pub base_url: Option<String>,
 
     /// Where the provider's API key comes from. Omit for keyless endpoints (a local vLLM or
@@ -169,16 +189,19 @@ pub struct ProviderSpec {
     /// provider is balanced across them, and a 429 or 401 on one key moves to another before
     /// the chain falls through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
     pub api_keys: Option<Vec<ApiKeySource>>,
 
     /// The API version: `anthropic-version` for `anthropic` (default `2023-06-01`),
     /// `api-version` for `azure-openai` (default `2024-10-21`; `v1` selects Azure's v1 API).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
     pub api_version: Option<String>,
 
     /// `max_tokens` sent to an `anthropic` provider when the app gave none (Messages requires
     /// it). Default 4096.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub default_max_tokens: Option<u64>,
 
     /// Behaviour of a `mock` provider; only valid with `type: mock`.
@@ -238,6 +261,7 @@ impl ProviderKind {
 /// Where an API key comes from. Set exactly one field.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "(has(self.value) ? 1 : 0) + (has(self.env) ? 1 : 0) + (has(self.secretKeyRef) ? 1 : 0) == 1", "message": "set exactly one of `value`, `env` or `secretKeyRef`"}]))]
 pub struct ApiKeySource {
     /// The key itself. Only sensible in a local policy file; never shown by `/config`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -273,22 +297,27 @@ pub struct MockSpec {
 
     /// Delay before the answer's headers, as a duration such as `150ms` or `2s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
     pub latency: Option<String>,
 
     /// For streams, a further delay between the headers and the first content chunk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
     pub first_token_latency: Option<String>,
 
     /// How many content chunks a streamed answer is cut into. Default 4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000))]
     pub chunks: Option<u32>,
 
     /// Share of requests, from 0 to 1, answered with `failureStatus` instead of a reply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub failure_rate: Option<f64>,
 
     /// HTTP status of a failure, for example 429, 500, 503 or 529. Default 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 400, max = 599))]
     pub failure_status: Option<u16>,
 
     /// Seconds sent as `Retry-After` with a 429 or 503 failure.
@@ -307,20 +336,24 @@ pub struct MockSpec {
 pub struct RouteSpec {
     /// The `model` value the app sends, such as `chat`; `*` matches every alias no other route
     /// names. Unique within the policy.
+    #[schemars(length(min = 1, max = 253))]
     pub model: String,
 
     /// Targets tried in order. Each step is either one target (`provider` and `model`) or a
     /// `group` of targets balanced by weight.
+    #[schemars(length(min = 1, max = 32))]
     pub chain: Vec<ChainStepSpec>,
 
     /// A chain to switch to when a target says the prompt is longer than its context window
     /// (typically models with larger windows). Without it, that error goes back to the app.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
     pub on_context_window_exceeded: Option<Vec<ChainStepSpec>>,
 
     /// A chain to switch to when a target's content filter refuses the request. Without it,
     /// that error goes back to the app.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
     pub on_content_filtered: Option<Vec<ChainStepSpec>>,
 
     /// Hedging: when the current target has not produced its first token after a delay, start
@@ -335,16 +368,19 @@ pub struct RouteSpec {
 pub struct HedgeSpec {
     /// How long to wait for a first token (for non-streamed requests, the answer) before
     /// starting the next target, such as `2s`.
+    #[schemars(schema_with = "duration::schema")]
     pub after_first_token_delay: String,
     /// Extra targets one request may start this way, 1 to 3. Default 1. Hedges count against
     /// the retry budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3))]
     pub max_extra: Option<u32>,
 }
 
 /// One step of a chain: a single target, or a weighted group of equivalent targets.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.group) ? !has(self.provider) && !has(self.model) && !has(self.timeout) : has(self.provider) && has(self.model)", "message": "set either `group`, or `provider` and `model`"}]))]
 pub struct ChainStepSpec {
     /// The provider's `name`. Set with `model`, or use `group` instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -356,6 +392,7 @@ pub struct ChainStepSpec {
 
     /// Per-attempt time limit for this target, overriding `timeouts.attempt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
     pub timeout: Option<String>,
 
     /// Requests this target should not be sent, such as `[tools]` for a model that handles
@@ -366,6 +403,7 @@ pub struct ChainStepSpec {
     /// Equivalent targets (keys, regions, endpoints of one model) that share this step; each
     /// request picks one by weight. Set instead of `provider` and `model`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
     pub group: Option<Vec<GroupMemberSpec>>,
 }
 
@@ -381,10 +419,12 @@ pub struct GroupMemberSpec {
 
     /// Per-attempt time limit for this member, overriding `timeouts.attempt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
     pub timeout: Option<String>,
 
     /// Relative share of the step's requests, 1 to 1000. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
     pub weight: Option<u32>,
 
     /// Requests this member should not be sent (see the step's `skipFor`).
@@ -422,6 +462,7 @@ pub struct RetrySpec {
     /// Attempts per target, the first included, for transient failures (`rateLimited`,
     /// `overloaded`, `serverError`, `timeout`, `connectError`). 1 to 10; default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10))]
     pub attempts: Option<u32>,
 
     /// Exponential backoff with jitter between attempts at one target.
@@ -432,14 +473,17 @@ pub struct RetrySpec {
     /// requests over the last 10 s (plus `minRetriesPerSecond`); beyond it a request gets its
     /// own error instead of adding load to an outage. 0 to 1000; default 20.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000))]
     pub budget_percent: Option<u32>,
 
     /// Extra attempts always allowed per second, however little traffic there is. Default 10.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 10_000))]
     pub min_retries_per_second: Option<u32>,
 
     /// A hard cap on attempts per request, across every target. 1 to 20; default 6.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 20))]
     pub max_request_attempts: Option<u32>,
 }
 
@@ -448,12 +492,15 @@ pub struct RetrySpec {
 /// that is later than `max` or the request's deadline the chain moves on at once instead.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "!has(self.base) || !has(self.max) || duration(self.max) >= duration(self.base)", "message": "`max` must not be shorter than `base`"}]))]
 pub struct BackoffSpec {
     /// The first retry's delay. Default `200ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
     pub base: Option<String>,
     /// The longest delay between attempts. Default `2s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
     pub max: Option<String>,
 }
 
@@ -464,15 +511,18 @@ pub struct TimeoutsSpec {
     /// One attempt: until a complete answer, or for streams until the response headers and
     /// then between any two chunks. Default `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
     pub attempt: Option<String>,
 
     /// Streams only: from the start of an attempt until its first content chunk. A target that
     /// is slower falls through before the app has seen a byte. Default `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
     pub first_token: Option<String>,
 
     /// The whole request across every attempt and backoff. Default `90s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
     pub total: Option<String>,
 }
 
@@ -484,7 +534,35 @@ pub struct FallbackPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// `Ready` is `True` once the policy compiled; otherwise its message names the problem.
+    /// `Ready` is `True` once the policy compiled and sidecars can be served it; otherwise its
+    /// reason (`InvalidPolicy`, `SecretNotFound`, `SecretKeyNotFound`) and message name the
+    /// problem and its field path. An invalid generation leaves the last good one served.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+
+    /// The version (a content digest) of the compiled policy sidecars are served. It changes
+    /// with every change that matters to a sidecar, a rotated key included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compiled_version: Option<String>,
+
+    /// How many routes the served version has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<u32>,
+
+    /// The sidecars this policy is served to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecars: Option<SidecarsStatus>,
+}
+
+/// How many sidecars the policy reaches, and how many run its current version.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarsStatus {
+    /// Sidecars connected to the operator and selected by this policy.
+    pub connected: u32,
+    /// Of those, how many applied `compiledVersion`.
+    pub current: u32,
+    /// Of those, how many rejected it (they keep serving their last good version).
+    pub rejected: u32,
 }
