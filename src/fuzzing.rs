@@ -11,10 +11,8 @@ use crate::policy::document::parse_policy;
 use crate::provider::neutral::{self, ToOpenAiStream};
 use crate::provider::sse::{Decoder, Parsed, WireStream};
 use crate::provider::{anthropic, gemini, openai};
-use crate::proxy::ingress::anthropic::parse::from_messages_request;
 use crate::proxy::ingress::convert::{ToAnthropicStream, ToResponsesStream, to_anthropic_message};
 use crate::proxy::ingress::responses::answer::from_chat_completion;
-use crate::proxy::ingress::responses::parse::from_responses_request;
 
 /// Translates a parsed request to every upstream format and asks every eligibility question.
 pub fn translate_everywhere(request: &ChatRequest) {
@@ -106,6 +104,8 @@ pub fn hostile_inputs() -> Vec<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::ingress::anthropic::parse::from_messages_request;
+    use crate::proxy::ingress::responses::parse::from_responses_request;
 
     fn fixtures() -> Vec<Vec<u8>> {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");

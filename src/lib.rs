@@ -10,15 +10,19 @@
 //! - [`snapshot`] — a compiled policy bound to live providers and health, published atomically.
 //! - [`proxy`] — the sidecar's listeners, one ingress per API, and the fallback loop.
 //! - [`control`] — where a sidecar's policies come from.
-//! - [`telemetry`] — logs.
+//! - [`operator`] — the controller behind `kubectl apply`: compiles policies, writes status, serves them.
+//! - [`server`] — the accept-and-drain loop every listener shares.
+//! - [`telemetry`] — logs and metrics.
 
 pub mod chain;
 pub mod control;
 pub mod health;
 pub mod llm;
+pub mod operator;
 pub mod policy;
 pub mod provider;
 pub mod proxy;
+pub mod server;
 pub mod snapshot;
 pub mod telemetry;
 

@@ -3,13 +3,17 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use backstop::chain::LocalKeys;
 use backstop::control::file::{self, PolicyFile};
+use backstop::operator::OperatorConfig;
+use backstop::operator::leader::LeaseSettings;
+use backstop::operator::served::ServedPolicies;
 use backstop::proxy::{DEFAULT_MAX_REQUEST_BYTES, Sidecar, SidecarConfig};
 use backstop::snapshot::PolicyStore;
-use backstop::telemetry::{LogFormat, init_logging};
+use backstop::telemetry::{LogFormat, Metrics, init_logging};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -30,6 +34,44 @@ enum Command {
     },
     /// Print the `FallbackPolicy` CustomResourceDefinition as YAML.
     Crd,
+    /// Run the operator: compile `FallbackPolicy` resources, write their status, serve sidecars.
+    Operator(OperatorArgs),
+}
+
+#[derive(clap::Args)]
+struct OperatorArgs {
+    /// Namespaces whose policies to serve, comma-separated; all namespaces when omitted.
+    #[arg(long, env = "BACKSTOP_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Address of the admin listener (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "BACKSTOP_ADMIN", default_value = "0.0.0.0:7403")]
+    admin: SocketAddr,
+    /// The leader-election Lease's name.
+    #[arg(long, env = "BACKSTOP_LEASE_NAME", default_value = "backstop-operator")]
+    lease_name: String,
+    /// The Lease's namespace: the operator's own (`POD_NAMESPACE`, else the in-cluster service
+    /// account's namespace, else `backstop-system`).
+    #[arg(long, env = "BACKSTOP_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// This replica's identity in the Lease (`POD_NAME`, else the host name).
+    #[arg(long, env = "BACKSTOP_IDENTITY")]
+    identity: Option<String>,
+    /// How long a leader that stops renewing keeps the Lease; a standby takes over after it.
+    #[arg(long, env = "BACKSTOP_LEASE_DURATION", default_value = "15s", value_parser = duration)]
+    lease_duration: Duration,
+    /// How often the leader renews the Lease.
+    #[arg(long, env = "BACKSTOP_LEASE_RENEW", default_value = "5s", value_parser = duration)]
+    lease_renew: Duration,
+    /// How often a standby tries to take the Lease.
+    #[arg(long, env = "BACKSTOP_LEASE_RETRY", default_value = "2s", value_parser = duration)]
+    lease_retry: Duration,
+    /// Log format.
+    #[arg(long, env = "BACKSTOP_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    backstop::chain::parse_duration(text).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Args)]
@@ -95,6 +137,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(sidecar(args))
         }
+        Command::Operator(args) => {
+            init_logging(args.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(operator(args))
+        }
     }
 }
 
@@ -121,6 +168,44 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = watcher.await;
     server.await.context("server task failed")?;
+    Ok(())
+}
+
+async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (KUBECONFIG, then the in-cluster service account)")?;
+    let lease_namespace = args
+        .lease_namespace
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .or_else(|| std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok())
+        .map(|ns| ns.trim().to_string())
+        .unwrap_or_else(|| "backstop-system".to_string());
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .unwrap_or_else(|| format!("backstop-operator-{}", std::process::id()));
+    let config = OperatorConfig {
+        namespaces: args.namespaces.into_iter().filter(|ns| !ns.is_empty()).collect(),
+        admin: args.admin,
+        lease_namespace,
+        lease: LeaseSettings {
+            name: args.lease_name,
+            identity,
+            duration: args.lease_duration,
+            renew: args.lease_renew,
+            retry: args.lease_retry,
+        },
+    };
+    let metrics = Metrics::new("backstop-operator")?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let served = Arc::new(ServedPolicies::new());
+    let operator = tokio::spawn(backstop::operator::run(config, client, metrics, served, shutdown_rx));
+    shutdown_signal().await;
+    tracing::info!("shutting down: releasing the leader lease");
+    let _ = shutdown_tx.send(true);
+    operator.await.context("operator task failed")??;
     Ok(())
 }
 

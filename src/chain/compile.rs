@@ -395,6 +395,15 @@ mod tests {
         assert_eq!(back, policy);
         assert_eq!(back.digest(), policy.digest());
         assert_eq!(compile(GOOD).expect("valid").digest(), policy.digest(), "the same policy, the same digest");
+        let mut with_status: FallbackPolicy = serde_yaml_ng::from_str(GOOD).expect("parses");
+        with_status.metadata.resource_version = Some("42".into());
+        with_status.status =
+            Some(crate::policy::FallbackPolicyStatus { observed_generation: Some(7), ..Default::default() });
+        assert_eq!(
+            super::compile(&with_status, &LocalKeys).expect("valid").digest(),
+            policy.digest(),
+            "status and bookkeeping are not part of the version"
+        );
         let rotated = compile(&GOOD.replace("sk-secret-123", "sk-rotated")).expect("valid");
         assert_ne!(rotated.digest(), policy.digest(), "a rotated key is a new version");
         assert!(!format!("{policy:?}").contains("sk-secret-123"), "Debug never shows a key");

@@ -6,14 +6,17 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use super::duration::parse_duration;
+use super::keys::KeyError;
 
 /// One problem in a policy, at a field path such as `spec.routes[0].chain[2].timeout`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
     /// Where in the document.
     pub path: String,
     /// What is wrong there.
     pub problem: String,
+    /// When the problem is a key that could not be had, why.
+    pub key: Option<KeyError>,
 }
 
 impl Display for FieldError {
@@ -39,7 +42,12 @@ impl Display for InvalidPolicy {
 impl InvalidPolicy {
     /// A single problem.
     pub fn at(path: impl Into<String>, problem: impl Display) -> Self {
-        InvalidPolicy { errors: vec![FieldError { path: path.into(), problem: problem.to_string() }] }
+        InvalidPolicy { errors: vec![FieldError { path: path.into(), problem: problem.to_string(), key: None }] }
+    }
+
+    /// The first key that could not be had, if that is among the problems.
+    pub fn key_error(&self) -> Option<&KeyError> {
+        self.errors.iter().find_map(|e| e.key.as_ref())
     }
 }
 
@@ -50,7 +58,12 @@ pub(crate) struct Errors(Vec<FieldError>);
 impl Errors {
     /// Notes a problem at `path`.
     pub(crate) fn push(&mut self, path: impl Into<String>, problem: impl Display) {
-        self.0.push(FieldError { path: path.into(), problem: problem.to_string() });
+        self.0.push(FieldError { path: path.into(), problem: problem.to_string(), key: None });
+    }
+
+    /// Notes a key that could not be had at `path`.
+    pub(crate) fn push_key(&mut self, path: impl Into<String>, problem: KeyError) {
+        self.0.push(FieldError { path: path.into(), problem: problem.to_string(), key: Some(problem) });
     }
 
     /// `Ok` when nothing was noted.

@@ -50,6 +50,9 @@ pub enum KeyError {
     /// `env` names a variable this process does not have.
     #[error("environment variable `{0}` is not set")]
     EnvUnset(String),
+    /// `env` in a policy the operator serves: it cannot read a sidecar's environment.
+    #[error("`env` names a variable of the sidecar's environment, which the operator cannot read; use `secretKeyRef`")]
+    EnvInCluster,
     /// `secretKeyRef` in a policy the sidecar reads itself.
     #[error("`secretKeyRef` is resolved by the operator; a policy file must use `value` or `env`")]
     SecretRefInFile,

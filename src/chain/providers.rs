@@ -250,11 +250,11 @@ fn resolve_key(source: &ApiKeySource, path: &str, keys: &dyn KeyResolver, errors
     match keys.resolve(source) {
         Ok(key) if key.is_header_safe() => Some(key),
         Ok(_) => {
-            errors.push(path, KeyError::NotHeaderSafe);
+            errors.push_key(path, KeyError::NotHeaderSafe);
             None
         }
         Err(problem) => {
-            errors.push(path, problem);
+            errors.push_key(path, problem);
             None
         }
     }

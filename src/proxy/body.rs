@@ -6,10 +6,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::Value;
 
-/// A response body: whole or streamed.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-/// The error a response body can end with.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::server::{Body, BoxError};
 
 /// A request body refused before it was parsed.
 #[derive(Debug)]

@@ -8,17 +8,12 @@ pub mod fallback;
 pub mod ingress;
 pub mod relay;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -31,6 +26,7 @@ use ingress::openai::OpenAiDialect;
 use ingress::responses::ResponsesDialect;
 
 use crate::provider::HttpClient;
+use crate::server::serve;
 use crate::snapshot::PolicyStore;
 
 /// The default largest request body: bigger ones get a 413 (retries need the whole body).
@@ -85,60 +81,16 @@ impl Sidecar {
     /// Serves until `shutdown` turns true, then lets requests in flight finish (up to 30 s).
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let llm_state = self.state.clone();
-        let llm = serve(self.llm, shutdown.clone(), move |request| {
+        let llm = serve(self.llm, shutdown.clone(), DRAIN_TIMEOUT, move |request| {
             let state = llm_state.clone();
             async move { handle_llm(&state, request).await }
         });
         let admin_state = self.state.clone();
-        let admin = serve(self.admin, shutdown, move |request| {
+        let admin = serve(self.admin, shutdown, DRAIN_TIMEOUT, move |request| {
             let state = admin_state.clone();
             async move { admin::handle(&state.store, &request) }
         });
         tokio::join!(llm, admin);
-    }
-}
-
-/// Accepts connections (HTTP/1.1 and cleartext HTTP/2) until shutdown, then drains.
-async fn serve<F, Fut>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: F)
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
-{
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => break,
-            accepted = listener.accept() => {
-                let (socket, _) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off rather than spin.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = socket.set_nodelay(true);
-                let handler = handler.clone();
-                let service = service_fn(move |request| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(request).await) }
-                });
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(socket), service).into_owned();
-                let connection = graceful.watch(connection);
-                // Owned by `graceful`, which waits for it on shutdown.
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "connection ended with an error");
-                    }
-                });
-            }
-        }
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-        tracing::warn!("requests still in flight after {}s; closing them", DRAIN_TIMEOUT.as_secs());
     }
 }
 

@@ -4,10 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod binary;
+mod cluster;
 mod faults;
 mod golden;
 mod health;
 mod ingress;
+mod operator;
 mod reload;
 mod support;
 mod tls;

@@ -1,0 +1,287 @@
+//! The operator: watches `FallbackPolicy` resources and the Secrets they name, compiles each
+//! with the sidecar's own compiler, keeps the last good version of each ready to serve
+//! ([`served`]), and tells users in the resource's status and Events what it concluded.
+//!
+//! Every replica reconciles and keeps its served policies warm; only the replica that holds the
+//! Lease ([`leader`]) writes status and Events. The process also serves `/healthz`, `/readyz`
+//! (ready once every watch has listed) and `/metrics` on its admin port.
+
+pub mod leader;
+pub mod reconcile;
+pub mod secrets;
+pub mod served;
+pub mod status;
+
+#[cfg(test)]
+mod verifier;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, Event as WatchEvent};
+use kube::runtime::{WatchStreamExt, predicates, watcher::watcher};
+use kube::{Api, Client, ResourceExt};
+use opentelemetry::metrics::{Counter, Histogram};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::policy::FallbackPolicy;
+use crate::proxy::body::{Body, text_response};
+use crate::server::serve;
+use crate::telemetry::Metrics;
+use leader::{Leadership, LeaseSettings};
+use served::ServedPolicies;
+
+/// The operator's settings.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Namespaces to watch; empty: all of them.
+    pub namespaces: Vec<String>,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`).
+    pub admin: SocketAddr,
+    /// The namespace of the leader Lease (the operator's own).
+    pub lease_namespace: String,
+    /// The leader election.
+    pub lease: LeaseSettings,
+}
+
+/// Why the operator could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// The admin listener could not be bound.
+    #[error("cannot bind the admin listener {address}: {source}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The instruments a reconcile records into.
+pub struct Instruments {
+    /// Reconciles, by result (`compiled`, `rejected`, `error`).
+    pub reconciles: Counter<u64>,
+    /// How long reconciles take.
+    pub duration: Histogram<f64>,
+}
+
+impl Instruments {
+    fn new(metrics: &Metrics, leader: Leadership) -> Instruments {
+        let meter = metrics.meter("backstop-operator");
+        meter
+            .u64_observable_gauge("backstop.operator.leader")
+            .with_description("1 while this replica holds the leader Lease and writes status")
+            .with_callback(move |gauge| gauge.observe(u64::from(*leader.borrow()), &[]))
+            .build();
+        Instruments {
+            reconciles: meter
+                .u64_counter("backstop.operator.reconciles")
+                .with_description("Reconciles, by result")
+                .build(),
+            duration: meter
+                .f64_histogram("backstop.operator.reconcile.duration")
+                .with_unit("s")
+                .with_description("How long a reconcile takes, the API calls it makes included")
+                .with_boundaries(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
+                .build(),
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The API server.
+    pub client: Client,
+    /// The last good compiled version of every policy.
+    pub served: Arc<ServedPolicies>,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// Whether this replica leads.
+    pub leader: Leadership,
+    /// Reconcile metrics.
+    pub instruments: Instruments,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// Counts one more failure in a row for `policy`; returns how many there have been.
+    fn note_failure(&self, policy: &str) -> u32 {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let count = failures.entry(policy.to_string()).or_default();
+        *count = count.saturating_add(1);
+        *count
+    }
+
+    /// Forgets `policy`'s failures after a reconcile that finished.
+    fn clear_failures(&self, policy: &str) {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(policy);
+    }
+}
+
+/// Runs the operator until `shutdown` turns true.
+pub async fn run(
+    config: OperatorConfig,
+    client: Client,
+    metrics: Metrics,
+    served: Arc<ServedPolicies>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), OperatorError> {
+    let (leader_tx, leader) = watch::channel(false);
+    let lease_api = Api::<Lease>::namespaced(client.clone(), &config.lease_namespace);
+    let election = tokio::spawn(leader::run(lease_api, config.lease.clone(), leader_tx, shutdown.clone()));
+    let reporter = Reporter { controller: "backstop-operator".into(), instance: Some(config.lease.identity.clone()) };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        served,
+        recorder: Recorder::new(client.clone(), reporter),
+        leader: leader.clone(),
+        instruments: Instruments::new(&metrics, leader.clone()),
+        failures: Mutex::default(),
+    });
+    let scopes: Vec<Option<String>> =
+        if config.namespaces.is_empty() { vec![None] } else { config.namespaces.iter().cloned().map(Some).collect() };
+    let ready = Arc::new(AtomicUsize::new(0));
+    let listener = TcpListener::bind(config.admin)
+        .await
+        .map_err(|source| OperatorError::Bind { address: config.admin, source })?;
+    tracing::info!(admin = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), namespaces = ?config.namespaces,
+        identity = %config.lease.identity, "backstop operator starting");
+    let admin = {
+        let (ready, scopes, metrics) = (ready.clone(), scopes.len(), metrics.clone());
+        serve(listener, shutdown.clone(), Duration::from_secs(5), move |request| {
+            let response = admin(&request, ready.load(Ordering::Relaxed) >= scopes, &metrics);
+            async move { response }
+        })
+    };
+    let controllers = futures_util::future::join_all(
+        scopes.into_iter().map(|scope| controller(scope, ctx.clone(), ready.clone(), shutdown.clone())),
+    );
+    tokio::join!(admin, controllers);
+    // The election releases the Lease when `shutdown` fires; wait for it to finish.
+    let _ = election.await;
+    Ok(())
+}
+
+/// One controller: the policies of one namespace (or all), triggered by their changes, by the
+/// Secrets they name, and by this replica becoming the leader.
+async fn controller(
+    scope: Option<String>,
+    ctx: Arc<Context>,
+    ready: Arc<AtomicUsize>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // `PartialObjectMeta` makes the Secret watch metadata-only: the operator learns that a
+    // Secret changed without ever holding Secrets it does not use.
+    let (policies, secrets): (Api<FallbackPolicy>, Api<PartialObjectMeta<Secret>>) = match &scope {
+        Some(namespace) => {
+            (Api::namespaced(ctx.client.clone(), namespace), Api::namespaced(ctx.client.clone(), namespace))
+        }
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    };
+    let (reader, writer) = reflector::store();
+    let (served, listed) = (ctx.served.clone(), reader.clone());
+    let scope_for_prune = scope.clone();
+    let changes = watcher(policies, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect(move |event| match event {
+            Ok(WatchEvent::Delete(policy)) => {
+                served.remove(&policy.namespace().unwrap_or_default(), &policy.name_any())
+            }
+            // After a (re-)list, stop serving what no longer exists.
+            Ok(WatchEvent::InitDone) => prune(&served, &listed, scope_for_prune.as_deref()),
+            _ => {}
+        })
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let secret_changes = watcher(secrets, watcher::Config::default())
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(predicates::resource_version, Default::default());
+    let by_secret = reader.clone();
+    let became_leader = futures_util::stream::unfold(ctx.leader.clone(), |mut leader| async move {
+        loop {
+            leader.changed().await.ok()?;
+            if *leader.borrow_and_update() {
+                return Some(((), leader));
+            }
+        }
+    });
+    let readiness = {
+        let reader = reader.clone();
+        async move {
+            if reader.wait_until_ready().await.is_ok() {
+                ready.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    };
+    let run = Controller::for_stream(changes, reader)
+        .watches_stream(secret_changes, move |secret: PartialObjectMeta<Secret>| policies_naming(&by_secret, &secret))
+        .reconcile_all_on(became_leader)
+        .graceful_shutdown_on(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+        .for_each(|result| {
+            match result {
+                Ok((policy, _)) => {
+                    ctx.clear_failures(&format!("{}/{}", policy.namespace.unwrap_or_default(), policy.name))
+                }
+                Err(error) => tracing::debug!(%error, "controller"),
+            }
+            std::future::ready(())
+        });
+    tokio::join!(run, readiness);
+}
+
+/// The policies that take a key from `secret`.
+fn policies_naming(
+    policies: &Store<FallbackPolicy>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<FallbackPolicy>> {
+    let (namespace, name) = (secret.namespace(), secret.name_any());
+    policies
+        .state()
+        .iter()
+        .filter(|policy| policy.namespace() == namespace && secrets::references(&policy.spec, &name))
+        .map(|policy| ObjectRef::from_obj(policy.as_ref()))
+        .collect()
+}
+
+/// Stops serving policies of `scope` that the listing `listed` no longer has.
+fn prune(served: &ServedPolicies, listed: &Store<FallbackPolicy>, scope: Option<&str>) {
+    for namespace in served.namespaces() {
+        if scope.is_some_and(|scope| scope != namespace) {
+            continue;
+        }
+        served.retain(&namespace, |name| listed.get(&ObjectRef::new(name).within(&namespace)).is_some());
+    }
+}
+
+fn admin(request: &Request<Incoming>, ready: bool, metrics: &Metrics) -> Response<Body> {
+    if request.method() != Method::GET {
+        return text_response(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
+    }
+    match request.uri().path() {
+        "/healthz" => text_response(StatusCode::OK, "ok\n"),
+        "/readyz" if ready => text_response(StatusCode::OK, "ready\n"),
+        "/readyz" => {
+            text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: the first listing of policies is not done\n")
+        }
+        "/metrics" => text_response(StatusCode::OK, &metrics.prometheus_text()),
+        _ => text_response(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz or /metrics\n"),
+    }
+}

@@ -1,0 +1,114 @@
+//! The API keys a policy names in Secrets of its namespace: which Secrets a policy references,
+//! and a [`KeyResolver`] over those Secrets as read for one reconcile.
+//!
+//! The operator reads each referenced Secret when it reconciles (one GET each) rather than
+//! caching every Secret of every watched namespace: it only ever holds the keys its policies
+//! use, and a rotated key is seen at the next reconcile, which the Secret watch triggers.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+
+use crate::chain::{ApiKey, KeyError, KeyResolver};
+use crate::policy::{ApiKeySource, FallbackPolicySpec};
+
+/// The names of the Secrets a policy's keys come from.
+pub fn referenced(spec: &FallbackPolicySpec) -> BTreeSet<String> {
+    spec.providers
+        .iter()
+        .flat_map(|p| p.api_key.iter().chain(p.api_keys.iter().flatten()))
+        .filter_map(|source| source.secret_key_ref.as_ref().map(|r| r.name.clone()))
+        .collect()
+}
+
+/// Whether a policy takes a key from Secret `name`.
+pub fn references(spec: &FallbackPolicySpec, name: &str) -> bool {
+    spec.providers
+        .iter()
+        .flat_map(|p| p.api_key.iter().chain(p.api_keys.iter().flatten()))
+        .any(|source| source.secret_key_ref.as_ref().is_some_and(|r| r.name == name))
+}
+
+/// The Secrets one reconcile read, by name: `None` for one that does not exist.
+#[derive(Default)]
+pub struct SecretKeys {
+    secrets: BTreeMap<String, Option<BTreeMap<String, Vec<u8>>>>,
+}
+
+impl SecretKeys {
+    /// Reads the Secrets `names` from `api` (the policy's namespace).
+    pub async fn read(api: &Api<Secret>, names: BTreeSet<String>) -> kube::Result<SecretKeys> {
+        let mut secrets = BTreeMap::new();
+        for name in names {
+            let data = api
+                .get_opt(&name)
+                .await?
+                .map(|secret| secret.data.unwrap_or_default().into_iter().map(|(key, bytes)| (key, bytes.0)).collect());
+            secrets.insert(name, data);
+        }
+        Ok(SecretKeys { secrets })
+    }
+
+    /// Secrets as given, for tests.
+    #[cfg(test)]
+    pub fn from_map(secrets: BTreeMap<String, Option<BTreeMap<String, Vec<u8>>>>) -> Self {
+        SecretKeys { secrets }
+    }
+}
+
+impl KeyResolver for SecretKeys {
+    fn resolve(&self, source: &ApiKeySource) -> Result<ApiKey, KeyError> {
+        if let Some(value) = &source.value {
+            return Ok(ApiKey::new(value.as_str()));
+        }
+        if source.env.is_some() {
+            return Err(KeyError::EnvInCluster);
+        }
+        let Some(reference) = &source.secret_key_ref else { return Err(KeyError::SecretRefInFile) };
+        let data = match self.secrets.get(&reference.name) {
+            Some(Some(data)) => data,
+            _ => return Err(KeyError::SecretNotFound(reference.name.clone())),
+        };
+        let bytes = data
+            .get(&reference.key)
+            .ok_or_else(|| KeyError::SecretKeyNotFound { name: reference.name.clone(), key: reference.key.clone() })?;
+        // `kubectl create secret --from-file` keeps a file's trailing newline; no key has one.
+        let text = std::str::from_utf8(bytes).map_err(|_| KeyError::NotHeaderSafe)?.trim();
+        Ok(ApiKey::new(text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::SecretKeyRef;
+
+    fn reference(name: &str, key: &str) -> ApiKeySource {
+        ApiKeySource {
+            value: None,
+            env: None,
+            secret_key_ref: Some(SecretKeyRef { name: name.into(), key: key.into() }),
+        }
+    }
+
+    #[test]
+    fn resolves_secret_keys_and_names_what_is_missing() {
+        let secrets = SecretKeys::from_map(BTreeMap::from([
+            ("llm-keys".to_string(), Some(BTreeMap::from([("openai".to_string(), b"sk-live\n".to_vec())]))),
+            ("gone".to_string(), None),
+        ]));
+        assert_eq!(
+            secrets.resolve(&reference("llm-keys", "openai")).map(|k| k.expose().to_string()),
+            Ok("sk-live".into())
+        );
+        assert_eq!(
+            secrets.resolve(&reference("llm-keys", "anthropic")),
+            Err(KeyError::SecretKeyNotFound { name: "llm-keys".into(), key: "anthropic".into() })
+        );
+        assert_eq!(secrets.resolve(&reference("gone", "x")), Err(KeyError::SecretNotFound("gone".into())));
+        assert_eq!(secrets.resolve(&reference("never-read", "x")), Err(KeyError::SecretNotFound("never-read".into())));
+        let env = ApiKeySource { value: None, env: Some("OPENAI_API_KEY".into()), secret_key_ref: None };
+        assert_eq!(secrets.resolve(&env), Err(KeyError::EnvInCluster));
+    }
+}

@@ -1,0 +1,363 @@
+//! The operator against a real API server: the CRD and its CEL rules, `kubectl explain` and
+//! `kubectl get`, and the real `backstop operator` binary, running under a ServiceAccount token
+//! bound to the RBAC in `deploy/`, turning policies Ready (or not) as users see them.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use crate::cluster::{Cluster, cluster};
+use backstop::policy::FallbackPolicy;
+
+const BIN: &str = env!("CARGO_BIN_EXE_backstop");
+const CANARY: &str = "sk-canary-8c1f0e5b7a2d4f6e";
+
+/// A running `backstop operator`, logging JSON.
+struct Operator {
+    child: Child,
+    admin: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Operator {
+    /// Starts the operator as `identity`, authenticated by `kubeconfig`, serving `namespaces`,
+    /// with its Lease in `lease_namespace` and short lease timings.
+    async fn start(kubeconfig: &Path, identity: &str, lease_namespace: &str, namespaces: &[&str]) -> Operator {
+        let mut child = Command::new(BIN)
+            .args(["operator", "--admin", "127.0.0.1:0", "--log-format", "json", "--lease-duration", "3s"])
+            .args(["--lease-renew", "1s", "--lease-retry", "500ms", "--identity", identity])
+            .args(["--lease-namespace", lease_namespace, "--namespaces", &namespaces.join(",")])
+            .env("KUBECONFIG", kubeconfig)
+            .env("BACKSTOP_LOG", "debug,kube=info,hyper=info,tower=info,rustls=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start backstop operator");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(event) = serde_json::from_str::<Value>(&line)
+                    && event["message"] == "backstop operator starting"
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(event["admin"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()));
+                }
+                sink.lock().expect("lock").push_str(&(line + "\n"));
+            }
+        });
+        let admin = tokio::time::timeout(Duration::from_secs(20), rx)
+            .await
+            .expect("the operator starts within 20 s")
+            .expect("starting line")
+            .expect("admin address");
+        Operator { child, admin, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().expect("lock").clone()
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let answer = crate::support::get(&format!("http://{}{path}", self.admin)).await;
+        (answer.status, String::from_utf8_lossy(&answer.body).into_owned())
+    }
+
+    async fn signal(&mut self, signal: &str) {
+        let pid = self.child.id().expect("pid");
+        let _ = std::process::Command::new("kill").args([signal, &pid.to_string()]).status();
+        tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await.expect("exits").expect("wait");
+    }
+}
+
+/// A namespace for an operator, with the ServiceAccount and RBAC of `deploy/operator/rbac.yaml`
+/// (renamed into it), and a kubeconfig with that ServiceAccount's token.
+async fn operator_identity(cluster: &Cluster) -> (String, std::path::PathBuf) {
+    let namespace = cluster.namespace("bs-operator").await;
+    let rbac =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/operator/rbac.yaml")).expect("rbac");
+    let account = format!("backstop-operator-{namespace}");
+    let rbac = rbac
+        .replace("namespace: backstop-system", &format!("namespace: {namespace}"))
+        .lines()
+        .map(|line| {
+            if line.trim_end().ends_with("name: backstop-operator") {
+                line.replace("backstop-operator", &account)
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    cluster.apply_yaml(&rbac).await;
+    let kubeconfig = cluster.service_account_kubeconfig(&namespace, &account).await;
+    (namespace, kubeconfig)
+}
+
+fn policy(namespace: &str, name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  providers:\n    - {{name: primary, type: openai, apiKey: {{secretKeyRef: {{name: llm-keys, key: openai}}}}}}\n    - {{name: spare, type: mock}}\n  routes:\n    - model: chat\n      chain: [{{provider: primary, model: gpt-4o}}, {{provider: spare, model: m}}]\n{extra}"
+    )
+}
+
+async fn put_secret(cluster: &Cluster, namespace: &str, key: &str) {
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "llm-keys", "namespace": namespace},
+        "stringData": {"openai": key},
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(cluster.client().await, namespace)
+        .patch("llm-keys", &PatchParams::apply("backstop-tests").force(), &Patch::Apply(&secret))
+        .await
+        .expect("apply secret");
+}
+
+/// Waits until `check` holds for the policy, returning it; fails after `within`.
+async fn until(
+    cluster: &Cluster,
+    namespace: &str,
+    name: &str,
+    within: Duration,
+    check: impl Fn(&FallbackPolicy) -> bool,
+) -> FallbackPolicy {
+    let api = Api::<FallbackPolicy>::namespaced(cluster.client().await, namespace);
+    let deadline = Instant::now() + within;
+    loop {
+        let policy = api.get(name).await.expect("the policy");
+        if check(&policy) {
+            return policy;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "policy {namespace}/{name} never reached the state; status: {:?}",
+            policy.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ready(policy: &FallbackPolicy) -> Option<(String, String, String)> {
+    let condition = policy.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")?;
+    Some((condition.status.clone(), condition.reason.clone(), condition.message.clone()))
+}
+
+fn version(policy: &FallbackPolicy) -> Option<String> {
+    policy.status.as_ref()?.compiled_version.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crd_is_accepted_and_its_rules_refuse_broken_policies_with_their_messages() {
+    let Some(cluster) = cluster().await else { return };
+    cluster.install_crd().await;
+    let namespace = cluster.namespace("bs-crd").await;
+    // Sent as written, not through the Rust types, so that the API server is what refuses it.
+    let resource = ApiResource::erase::<FallbackPolicy>(&());
+    let api = Api::<DynamicObject>::namespaced_with(cluster.client().await, &namespace, &resource);
+    let create = |yaml: String| {
+        let api = api.clone();
+        async move {
+            let object: DynamicObject = serde_yaml_ng::from_str(&yaml).expect("test document parses");
+            api.create(&PostParams::default(), &object).await.map_err(|e| e.to_string())
+        }
+    };
+    create(policy(&namespace, "good", "")).await.expect("a valid policy is stored");
+    let base = policy(&namespace, "bad", "");
+    let cases = [
+        (base.replace("{name: spare, type: mock}", "{name: primary, type: mock}"), "Duplicate value"),
+        (
+            base.replace("{secretKeyRef: {name: llm-keys, key: openai}}", "{value: a, env: B}"),
+            "set exactly one of `value`, `env` or `secretKeyRef`",
+        ),
+        (base.replace("model: gpt-4o}", "model: gpt-4o, timeout: 0s}"), "must be greater than zero"),
+        (base.replace("model: gpt-4o}", "model: gpt-4o, timeout: soon}"), "should match"),
+        (
+            base.replace(
+                "{provider: spare, model: m}",
+                "{provider: spare, model: m, group: [{provider: spare, model: m}]}",
+            ),
+            "set either `group`, or `provider` and `model`",
+        ),
+        (
+            base.replace("{provider: spare, model: m}", "{group: [{provider: spare, model: m, weight: 0}]}"),
+            "should be greater than or equal to 1",
+        ),
+        (base.replace("type: mock", "type: openia"), "Unsupported value"),
+        (base.replace("{name: spare, type: mock}", "{name: spare, type: openai-compatible}"), "`baseUrl` is required"),
+        (
+            base.replace(
+                "      chain: [{provider: primary, model: gpt-4o}, {provider: spare, model: m}]\n",
+                "      chain: []\n",
+            ),
+            "should have at least 1 items",
+        ),
+        (base.clone() + "  retry: {backoff: {base: 2s, max: 1s}}\n", "`max` must not be shorter than `base`"),
+    ];
+    for (yaml, expected) in cases {
+        let error = create(yaml).await.expect_err(expected);
+        assert!(error.contains(expected), "expected {expected:?} in {error}");
+    }
+    let explained = cluster.kubectl(&["explain", "fallbackpolicy.spec.routes"]).expect("kubectl explain");
+    assert!(explained.contains("Model aliases the app may send"), "{explained}");
+    assert!(explained.contains("onContextWindowExceeded"), "{explained}");
+    let listed = cluster.kubectl(&["get", "fbp", "-n", &namespace]).expect("kubectl get");
+    let header: Vec<&str> = listed.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "READY", "REASON", "ROUTES", "SIDECARS", "AGE"], "{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_compiles_policies_into_status_keeps_the_last_good_one_and_follows_secrets() {
+    let Some(cluster) = cluster().await else { return };
+    cluster.install_crd().await;
+    let (operator_ns, kubeconfig) = operator_identity(&cluster).await;
+    let namespace = cluster.namespace("bs-policies").await;
+    let operator = Operator::start(&kubeconfig, "solo", &operator_ns, &[&namespace]).await;
+    let long = Duration::from_secs(20);
+
+    // A policy whose Secret does not exist yet: not ready, and why.
+    cluster.apply_yaml(&policy(&namespace, "chat", "")).await;
+    let waiting = until(&cluster, &namespace, "chat", long, |p| ready(p).is_some()).await;
+    let (status, reason, message) = ready(&waiting).expect("condition");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "SecretNotFound"), "{message}");
+    assert!(message.contains("`spec.providers[0].apiKey`: Secret `llm-keys` not found"), "{message}");
+    assert_eq!(version(&waiting), None, "nothing good to serve yet");
+
+    // The Secret appears: Ready within seconds, at this generation.
+    let applied = Instant::now();
+    put_secret(&cluster, &namespace, CANARY).await;
+    let good = until(&cluster, &namespace, "chat", long, |p| ready(p).is_some_and(|r| r.0 == "True")).await;
+    eprintln!("Secret created -> Ready in {:?}", applied.elapsed());
+    let status = good.status.clone().expect("status");
+    assert_eq!(status.observed_generation, good.metadata.generation);
+    assert_eq!(status.routes, Some(1));
+    assert_eq!(ready(&good).map(|r| r.1), Some("Compiled".to_string()));
+    let first = version(&good).expect("a compiled version");
+
+    // An invalid generation: not ready, with the field path; the last good version stays.
+    cluster
+        .apply_yaml(
+            &policy(&namespace, "chat", "").replace("{provider: spare, model: m}", "{provider: nope, model: m}"),
+        )
+        .await;
+    let bad = until(&cluster, &namespace, "chat", long, |p| {
+        p.status.as_ref().and_then(|s| s.observed_generation) == p.metadata.generation
+            && ready(p).is_some_and(|r| r.0 == "False")
+    })
+    .await;
+    let (_, reason, message) = ready(&bad).expect("condition");
+    assert_eq!(reason, "InvalidPolicy");
+    assert!(
+        message.contains("`spec.routes[0].chain[1].provider`: `nope` is not defined in `spec.providers`"),
+        "{message}"
+    );
+    assert!(message.contains(&format!("sidecars keep version {first}")), "{message}");
+    assert_eq!(version(&bad).as_deref(), Some(first.as_str()), "the last good version is still the one served");
+
+    // Fixed again, then the key rotated: a new compiled version.
+    cluster.apply_yaml(&policy(&namespace, "chat", "")).await;
+    until(&cluster, &namespace, "chat", long, |p| ready(p).is_some_and(|r| r.0 == "True")).await;
+    put_secret(&cluster, &namespace, "sk-rotated-key-0000").await;
+    let rotated = until(&cluster, &namespace, "chat", long, |p| version(p).is_some_and(|v| v != first)).await;
+    assert_eq!(ready(&rotated).map(|r| r.0), Some("True".to_string()));
+
+    // Events say what happened, once each; no key anywhere users can see.
+    let events = Api::<Event>::namespaced(cluster.client().await, &namespace)
+        .list(&ListParams::default())
+        .await
+        .expect("events");
+    let reasons: Vec<String> = events.items.iter().filter_map(|e| e.reason.clone()).collect();
+    for expected in ["SecretMissing", "Compiled", "Rejected"] {
+        assert!(reasons.iter().any(|r| r == expected), "no {expected} event in {reasons:?}");
+    }
+    let (code, metrics) = operator.get("/metrics").await;
+    assert_eq!(code, 200);
+    assert!(metrics.contains("backstop_operator_reconciles_total{result=\"compiled\""), "{metrics}");
+    assert!(metrics.contains("backstop_operator_leader{") && metrics.contains("} 1"), "{metrics}");
+    assert_eq!(operator.get("/readyz").await.0, 200);
+    let status = serde_json::to_string(&rotated.status).expect("status");
+    let events = serde_json::to_string(&events.items).expect("events");
+    for (place, text) in [("status", status), ("events", events), ("log", operator.log()), ("metrics", metrics)] {
+        assert!(!text.contains(CANARY), "the key leaked into the {place}:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_operators_only_the_leader_writes_and_a_standby_takes_over_within_the_lease() {
+    let Some(cluster) = cluster().await else { return };
+    cluster.install_crd().await;
+    let (operator_ns, kubeconfig) = operator_identity(&cluster).await;
+    let namespace = cluster.namespace("bs-leader").await;
+    put_secret(&cluster, &namespace, CANARY).await;
+    let mut first = Operator::start(&kubeconfig, "first", &operator_ns, &[&namespace]).await;
+    let leases = Api::<Lease>::namespaced(cluster.client().await, &operator_ns);
+    let holder =
+        || async { leases.get_opt("backstop-operator").await.expect("lease").and_then(|l| l.spec?.holder_identity) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holder().await.as_deref() != Some("first") {
+        assert!(Instant::now() < deadline, "the first operator never took the lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = Operator::start(&kubeconfig, "second", &operator_ns, &[&namespace]).await;
+    cluster.apply_yaml(&policy(&namespace, "a", "")).await;
+    until(&cluster, &namespace, "a", Duration::from_secs(20), |p| ready(p).is_some_and(|r| r.0 == "True")).await;
+    // Both reconcile it, but only the leader writes: its status write is in its log alone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !second.log().contains("serving a new compiled version") {
+        assert!(Instant::now() < deadline, "the standby never compiled the policy:\n{}", second.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(first.log().contains("status written"), "{}", first.log());
+    assert!(!second.log().contains("status written"), "a standby wrote status:\n{}", second.log());
+    assert!(
+        second.get("/metrics").await.1.contains("backstop_operator_leader{otel_scope_name=\"backstop-operator\"} 0")
+    );
+
+    // The leader dies without releasing the lease; the standby takes over within its 3 s.
+    let killed = Instant::now();
+    first.signal("-KILL").await;
+    let deadline = killed + Duration::from_secs(3) + Duration::from_secs(3);
+    while holder().await.as_deref() != Some("second") {
+        assert!(Instant::now() < deadline, "no takeover in time:\n{}", second.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("leader killed -> standby holds the lease in {:?}", killed.elapsed());
+    // And keeps status written: a new policy becomes Ready through the new leader.
+    cluster.apply_yaml(&policy(&namespace, "b", "")).await;
+    until(&cluster, &namespace, "b", Duration::from_secs(20), |p| ready(p).is_some_and(|r| r.0 == "True")).await;
+    assert!(second.log().contains("status written"), "{}", second.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_serves_only_the_namespaces_it_is_given() {
+    let Some(cluster) = cluster().await else { return };
+    cluster.install_crd().await;
+    let (operator_ns, kubeconfig) = operator_identity(&cluster).await;
+    let (watched, other) = (cluster.namespace("bs-watched").await, cluster.namespace("bs-other").await);
+    for namespace in [&watched, &other] {
+        put_secret(&cluster, namespace, CANARY).await;
+        cluster.apply_yaml(&policy(namespace, "p", "")).await;
+    }
+    let _operator = Operator::start(&kubeconfig, "scoped", &operator_ns, &[&watched]).await;
+    until(&cluster, &watched, "p", Duration::from_secs(20), |p| ready(p).is_some_and(|r| r.0 == "True")).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let untouched = Api::<FallbackPolicy>::namespaced(cluster.client().await, &other).get("p").await.expect("policy");
+    assert!(untouched.status.is_none(), "a namespace outside the scope was reconciled: {:?}", untouched.status);
+}
