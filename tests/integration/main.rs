@@ -10,6 +10,7 @@ mod golden;
 mod health;
 mod ingress;
 mod operator;
+mod operator_process;
 mod reload;
 mod support;
 mod tls;

@@ -2,10 +2,6 @@
 //! `kubectl get`, and the real `backstop operator` binary, running under a ServiceAccount token
 //! bound to the RBAC in `deploy/`, turning policies Ready (or not) as users see them.
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -13,104 +9,14 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use serde_json::json;
 use tokio::time::Instant;
 
 use crate::cluster::{Cluster, cluster};
+use crate::operator_process::{Operator, operator_identity};
 use backstop::policy::FallbackPolicy;
 
-const BIN: &str = env!("CARGO_BIN_EXE_backstop");
 const CANARY: &str = "sk-canary-8c1f0e5b7a2d4f6e";
-
-/// A running `backstop operator`, logging JSON.
-struct Operator {
-    child: Child,
-    admin: SocketAddr,
-    log: Arc<Mutex<String>>,
-}
-
-impl Operator {
-    /// Starts the operator as `identity`, authenticated by `kubeconfig`, serving `namespaces`,
-    /// with its Lease in `lease_namespace` and short lease timings.
-    async fn start(kubeconfig: &Path, identity: &str, lease_namespace: &str, namespaces: &[&str]) -> Operator {
-        let mut child = Command::new(BIN)
-            .args(["operator", "--admin", "127.0.0.1:0", "--log-format", "json", "--lease-duration", "3s"])
-            .args(["--lease-renew", "1s", "--lease-retry", "500ms", "--identity", identity])
-            .args(["--lease-namespace", lease_namespace, "--namespaces", &namespaces.join(",")])
-            .env("KUBECONFIG", kubeconfig)
-            .env("BACKSTOP_LOG", "debug,kube=info,hyper=info,tower=info,rustls=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start backstop operator");
-        let stderr = child.stderr.take().expect("stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let sink = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut tx = Some(tx);
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(event) = serde_json::from_str::<Value>(&line)
-                    && event["message"] == "backstop operator starting"
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(event["admin"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()));
-                }
-                sink.lock().expect("lock").push_str(&(line + "\n"));
-            }
-        });
-        let admin = tokio::time::timeout(Duration::from_secs(20), rx)
-            .await
-            .expect("the operator starts within 20 s")
-            .expect("starting line")
-            .expect("admin address");
-        Operator { child, admin, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().expect("lock").clone()
-    }
-
-    async fn get(&self, path: &str) -> (u16, String) {
-        let answer = crate::support::get(&format!("http://{}{path}", self.admin)).await;
-        (answer.status, String::from_utf8_lossy(&answer.body).into_owned())
-    }
-
-    async fn signal(&mut self, signal: &str) {
-        let pid = self.child.id().expect("pid");
-        let _ = std::process::Command::new("kill").args([signal, &pid.to_string()]).status();
-        tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await.expect("exits").expect("wait");
-    }
-}
-
-/// A namespace for an operator, with the ServiceAccount and RBAC of `deploy/operator/rbac.yaml`
-/// (renamed into it), and a kubeconfig with that ServiceAccount's token.
-async fn operator_identity(cluster: &Cluster) -> (String, std::path::PathBuf) {
-    let namespace = cluster.namespace("bs-operator").await;
-    let rbac =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/operator/rbac.yaml")).expect("rbac");
-    let account = format!("backstop-operator-{namespace}");
-    let rbac = rbac
-        .replace("namespace: backstop-system", &format!("namespace: {namespace}"))
-        .lines()
-        .map(|line| {
-            if line.trim_end().ends_with("name: backstop-operator") {
-                line.replace("backstop-operator", &account)
-            } else {
-                line.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    cluster.apply_yaml(&rbac).await;
-    let kubeconfig = cluster.service_account_kubeconfig(&namespace, &account).await;
-    (namespace, kubeconfig)
-}
 
 fn policy(namespace: &str, name: &str, extra: &str) -> String {
     format!(
