@@ -82,9 +82,14 @@ struct SidecarArgs {
     /// Address of the LLM listener apps send requests to.
     #[arg(long, env = "BACKSTOP_LISTEN", default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
-    /// Address of the admin listener (`/healthz`, `/readyz`, `/config`).
-    #[arg(long, env = "BACKSTOP_ADMIN", default_value = "0.0.0.0:7401")]
+    /// Address of the admin listener (`/healthz`, `/readyz`, `/health`, `/config`). Loopback by
+    /// default; the injected sidecar listens pod-wide for its probes.
+    #[arg(long, env = "BACKSTOP_ADMIN", default_value = "127.0.0.1:7401")]
     admin: SocketAddr,
+    /// How long requests in flight may finish after SIGTERM or SIGINT; a second signal exits at
+    /// once.
+    #[arg(long, env = "BACKSTOP_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration)]
+    drain_timeout: Duration,
     /// Largest request body accepted, in bytes; larger ones get a 413.
     #[arg(long, env = "BACKSTOP_MAX_REQUEST_BYTES", default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
     max_request_bytes: usize,
@@ -114,16 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { policy_file } => {
-            let (compiled, _) = match file::load(&policy_file, &LocalKeys) {
-                Ok(loaded) => loaded,
-                Err(file::LoadError::Invalid(invalid)) => {
-                    let lines: Vec<String> = invalid.errors.iter().map(|e| format!("  {e}")).collect();
-                    anyhow::bail!("{} is not a valid FallbackPolicy:\n{}", policy_file.display(), lines.join("\n"));
-                }
-                Err(other) => {
-                    anyhow::bail!("{} is not a usable policy: {other}", policy_file.display())
-                }
-            };
+            let (compiled, _) = file::load(&policy_file, &LocalKeys).map_err(|e| unusable(&policy_file, &e))?;
             println!(
                 "{}: ok, policy {} routes {}",
                 policy_file.display(),
@@ -145,18 +141,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A policy file that cannot be used, with each of its problems on a line of its own.
+fn unusable(path: &std::path::Path, error: &file::LoadError) -> anyhow::Error {
+    let problems = error.problems();
+    if problems.len() == 1 && !matches!(error, file::LoadError::Invalid(_) | file::LoadError::Document(_)) {
+        return anyhow::anyhow!("{} is not a usable policy: {}", path.display(), problems[0]);
+    }
+    let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+    anyhow::anyhow!("{} is not a valid FallbackPolicy:\n{}", path.display(), lines.join("\n"))
+}
+
 async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let store = Arc::new(PolicyStore::new());
-    let config = SidecarConfig { listen: args.listen, admin: args.admin, max_request_bytes: args.max_request_bytes };
+    let config = SidecarConfig {
+        listen: args.listen,
+        admin: args.admin,
+        max_request_bytes: args.max_request_bytes,
+        drain: args.drain_timeout,
+    };
     let extra_roots = match &args.ca_file {
         Some(path) => backstop::provider::load_ca_file(path)?,
         None => Vec::new(),
     };
     let http = backstop::provider::http_client(&extra_roots).context("cannot set up upstream TLS")?;
-    let sidecar = Sidecar::bind(&config, store.clone(), http).await.context("cannot bind the sidecar's listeners")?;
-    // Load before serving, so the first request never finds the store empty.
-    let mut policy_file = PolicyFile::new(args.policy_file, store, Arc::new(LocalKeys));
-    policy_file.reload_and_log();
+    // Load before listening: a policy that cannot be served stops the sidecar at once, with
+    // every problem; a later change that is invalid only keeps the last good policy.
+    let mut policy_file = PolicyFile::new(args.policy_file.clone(), store.clone(), Arc::new(LocalKeys));
+    policy_file.reload().map_err(|e| unusable(&args.policy_file, &e))?;
+    let sidecar = Sidecar::bind(&config, store, http).await?;
     tracing::info!(llm = %sidecar.llm_addr()?, admin = %sidecar.admin_addr()?, "backstop sidecar listening");
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -164,10 +176,20 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(sidecar.run(shutdown_rx));
 
     shutdown_signal().await;
-    tracing::info!("shutting down: no new connections; finishing requests in flight");
+    tracing::info!(
+        drain_seconds = args.drain_timeout.as_secs(),
+        "shutting down: no new connections; finishing requests in flight"
+    );
     let _ = shutdown_tx.send(true);
     let _ = watcher.await;
-    server.await.context("server task failed")?;
+    tokio::select! {
+        finished = server => finished.context("server task failed")?,
+        () = shutdown_signal() => {
+            tracing::warn!("a second signal: exiting now, without waiting for requests in flight");
+            std::process::exit(130);
+        }
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -9,12 +9,14 @@ pub const RETRY_ATTEMPTS: u32 = 2;
 pub const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// The longest backoff.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// One attempt.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
-/// First streamed token.
-pub const FIRST_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// The whole request.
-pub const TOTAL_TIMEOUT: Duration = Duration::from_secs(90);
+/// A non-streamed answer: the OpenAI and Anthropic SDKs' own 10 minutes.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
+/// A stream's first progress (content or thinking): room for a minute of silent reasoning.
+pub const FIRST_TOKEN_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest gap between two events of a stream that has shown progress.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Finding a target that answers.
+pub const TOTAL_TIMEOUT: Duration = Duration::from_secs(900);
 /// Extra attempts a route may add, as a percentage of its requests.
 pub const BUDGET_PERCENT: u32 = 20;
 /// Extra attempts always allowed per second.

@@ -39,10 +39,14 @@ impl RetryPolicy {
 /// Time limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timeouts {
-    /// One attempt (see `timeouts.attempt`).
+    /// A non-streamed answer (see `timeouts.attempt`).
     pub attempt: Duration,
-    /// Streams: attempt start to first content chunk.
+    /// Streams: attempt start to the first progress (content or thinking).
     pub first_token: Duration,
+    /// Streams that have shown progress: the longest gap between two events.
+    pub idle: Duration,
+    /// A cap on a committed stream's length, if any.
+    pub max_stream: Option<Duration>,
     /// The whole request.
     pub total: Duration,
 }
@@ -160,7 +164,10 @@ pub(crate) fn compile_timeouts(spec: Option<&TimeoutsSpec>, errors: &mut Errors)
     let first_token =
         errors.duration(spec.first_token.as_ref(), "spec.timeouts.firstToken", defaults::FIRST_TOKEN_TIMEOUT);
     let total = errors.duration(spec.total.as_ref(), "spec.timeouts.total", defaults::TOTAL_TIMEOUT);
-    Timeouts { attempt, first_token, total }
+    let idle = errors.duration(spec.idle.as_ref(), "spec.timeouts.idle", defaults::IDLE_TIMEOUT);
+    let max_stream =
+        spec.max_stream.as_ref().map(|_| errors.duration(spec.max_stream.as_ref(), "spec.timeouts.maxStream", total));
+    Timeouts { attempt, first_token, idle, total, max_stream }
 }
 
 /// `spec.circuitBreaker`.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::chain::{CompiledPolicy, InvalidPolicy, KeyResolver, compile};
@@ -41,6 +41,17 @@ pub enum LoadError {
     Backend(#[from] InvalidBackend),
 }
 
+impl LoadError {
+    /// Each problem on its own, for a report with one line each.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            LoadError::Document(document) => document.problems(),
+            LoadError::Invalid(invalid) => invalid.errors.iter().map(ToString::to_string).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
 /// Reads, parses and compiles a policy file.
 pub fn load(path: &Path, keys: &dyn KeyResolver) -> Result<(CompiledPolicy, String), LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
@@ -53,13 +64,16 @@ pub struct PolicyFile {
     path: PathBuf,
     store: Arc<PolicyStore>,
     keys: Arc<dyn KeyResolver + Send + Sync>,
+    /// The text last read, valid or not: the same text again changes nothing.
     last_text: Option<String>,
+    /// The last problem logged, so that a file that stays broken is reported once.
+    last_error: Option<String>,
 }
 
 impl PolicyFile {
     /// A watcher for `path` feeding `store`.
     pub fn new(path: PathBuf, store: Arc<PolicyStore>, keys: Arc<dyn KeyResolver + Send + Sync>) -> Self {
-        PolicyFile { path, store, keys, last_text: None }
+        PolicyFile { path, store, keys, last_text: None, last_error: None }
     }
 
     /// Loads the file now. An invalid file leaves the store as it was.
@@ -69,20 +83,28 @@ impl PolicyFile {
         if self.last_text.as_deref() == Some(text.as_str()) {
             return Ok(None);
         }
-        let compiled = compile(&parse_policy(&text)?, self.keys.as_ref())?;
-        let version = self.store.publish(&compiled)?;
-        let source = compiled.source;
         self.last_text = Some(text);
-        tracing::info!(file = %self.path.display(), policy = %source, version, "policy loaded");
+        let text = self.last_text.as_deref().unwrap_or_default();
+        let compiled = compile(&parse_policy(text)?, self.keys.as_ref())?;
+        let version = self.store.publish(&compiled)?;
+        self.last_error = None;
+        tracing::info!(file = %self.path.display(), policy = %compiled.source, version, "policy loaded");
         Ok(Some(version))
     }
 
     /// Loads the file now and logs the outcome; an invalid file leaves the store as it was.
     pub fn reload_and_log(&mut self) {
-        if let Err(error) = self.reload() {
-            let kept = self.store.load().map(|s| s.version);
-            tracing::error!(file = %self.path.display(), %error, kept_version = ?kept, "policy not loaded; the last good policy stays");
+        let Err(error) = self.reload() else { return };
+        let error = error.to_string();
+        if self.last_error.as_deref() == Some(error.as_str()) {
+            return;
         }
+        match self.store.load() {
+            Some(kept) => tracing::error!(file = %self.path.display(), %error, kept_version = kept.version,
+                "policy not loaded; the last good policy stays"),
+            None => tracing::error!(file = %self.path.display(), %error, "policy not loaded; no policy to serve yet"),
+        }
+        self.last_error = Some(error);
     }
 
     /// Reloads the file on every change until `shutdown` fires; load it first with
@@ -93,7 +115,10 @@ impl PolicyFile {
         let watched_dir =
             self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            // Reading the file is an event too (`Access`): reacting to it would re-read the file
+            // forever. Anything that can change what is there (a write, a rename, a symlink
+            // swap) triggers a reload.
+            if event.is_ok_and(|event| !matches!(event.kind, EventKind::Access(_))) {
                 // A full channel already holds a pending reload; dropping this one loses nothing.
                 let _ = tx.try_send(());
             }

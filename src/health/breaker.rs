@@ -60,13 +60,26 @@ pub struct Breaker {
     consecutive: u32,
     openings: u32,
     window: Window,
+    /// Why it last opened.
+    cause: OpenCause,
+}
+
+/// Why a breaker opened, as `/health` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenCause {
+    /// Failures crossed `consecutiveFailures` or the failure rate.
+    Failures,
+    /// The provider answered 429 or 503 with a `Retry-After` of this long.
+    RetryAfter(Duration),
+    /// A half-open probe failed.
+    FailedProbe,
 }
 
 impl Breaker {
     /// A closed breaker.
     pub fn new(settings: BreakerSettings) -> Self {
         let window = Window::new(settings.failure_rate.map_or(Duration::from_secs(30), |r| r.window));
-        Breaker { settings, phase: Phase::Closed, consecutive: 0, openings: 0, window }
+        Breaker { settings, phase: Phase::Closed, consecutive: 0, openings: 0, window, cause: OpenCause::Failures }
     }
 
     /// Replaces the settings (a policy reload), keeping the state.
@@ -134,20 +147,24 @@ impl Breaker {
         self.window.record(now, true);
         let asked = retry_after.filter(|_| matches!(class, FailureClass::RateLimited | FailureClass::Overloaded));
         match self.phase(now) {
-            Phase::HalfOpen { .. } => self.trip(now, asked),
+            Phase::HalfOpen { .. } => self.trip(now, asked, OpenCause::FailedProbe),
             Phase::Open { since, until } => {
                 // A late failure from before it opened; a later Retry-After still extends it.
-                if let Some(wait) = asked {
-                    self.phase = Phase::Open { since, until: until.max(now + wait) };
+                if let Some(wait) = asked
+                    && now + wait > until
+                {
+                    self.phase = Phase::Open { since, until: now + wait };
+                    self.cause = OpenCause::RetryAfter(wait);
                 }
             }
             Phase::Closed => {
                 if self.threshold_reached() {
-                    self.trip(now, asked);
+                    self.trip(now, asked, OpenCause::Failures);
                 } else if let Some(wait) = asked {
                     // The provider said when to come back: believe it, without counting it as
                     // an opening that lengthens the next one.
                     self.phase = Phase::Open { since: now, until: now + wait };
+                    self.cause = OpenCause::RetryAfter(wait);
                     self.consecutive = 0;
                 }
             }
@@ -175,12 +192,21 @@ impl Breaker {
         consecutive || rate
     }
 
-    fn trip(&mut self, now: Instant, retry_after: Option<Duration>) {
+    fn trip(&mut self, now: Instant, retry_after: Option<Duration>, cause: OpenCause) {
         self.openings = self.openings.saturating_add(1);
         let doubled = self.settings.open_for.saturating_mul(1 << (self.openings - 1).min(16));
-        let period = doubled.min(self.settings.max_open_for).max(retry_after.unwrap_or_default());
-        self.phase = Phase::Open { since: now, until: now + period };
+        let period = doubled.min(self.settings.max_open_for);
+        self.cause = match retry_after {
+            Some(wait) if wait > period => OpenCause::RetryAfter(wait),
+            _ => cause,
+        };
+        self.phase = Phase::Open { since: now, until: now + period.max(retry_after.unwrap_or_default()) };
         self.consecutive = 0;
+    }
+
+    /// Why it last opened.
+    pub fn cause(&self) -> OpenCause {
+        self.cause
     }
 
     fn close(&mut self) {

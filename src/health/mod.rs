@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::chain::{BreakerSettings, BudgetSettings};
 use crate::policy::FailureClass;
 use balance::{Candidate, PeakEwma};
-use breaker::{Admission, Breaker, Phase};
+use breaker::{Admission, Breaker, OpenCause, Phase};
 use budget::RetryBudget;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -125,16 +125,25 @@ impl TargetHealth {
         };
         let failures: serde_json::Map<String, Value> =
             stats.failures.iter().map(|(c, n)| (c.as_str().to_string(), json!(n))).collect();
+        let opened_because = (state != "closed").then(|| match breaker.cause() {
+            OpenCause::Failures => "failures crossed the breaker's threshold".to_string(),
+            OpenCause::FailedProbe => "a probe failed after it was open".to_string(),
+            OpenCause::RetryAfter(wait) => {
+                format!("the provider asked to wait {}s (Retry-After)", wait.as_secs_f64().ceil())
+            }
+        });
         json!({
             "target": self.label,
             "state": state,
             "retryInMs": retry_in.map(|d| d.as_millis() as u64),
+            "openedBecause": opened_because,
             "consecutiveFailures": breaker.consecutive_failures(),
             "inFlight": self.in_flight.load(Ordering::Relaxed),
             "latencyMs": (stats.latency.seconds() * 1000.0 * 10.0).round() / 10.0,
             "successes": stats.successes,
             "failures": failures,
             "lastFailure": stats.last_failure,
+            // Out of quota per its rate-limit headers (steered away from, not open).
             "rateLimitedForMs": stats.saturated_until.map(|u| u.saturating_duration_since(now).as_millis() as u64).filter(|ms| *ms > 0),
         })
     }

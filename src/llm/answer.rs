@@ -35,8 +35,11 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, AttemptErro
 pub struct StreamEvent {
     /// The event's JSON payload.
     pub data: Value,
-    /// It carries text, a refusal or a tool call.
+    /// It carries text, a refusal or a tool call the app will see: it commits a held stream.
     pub content: bool,
+    /// It shows the model working: content, or thinking the app may not see. The first one
+    /// ends the wait for a first token; after it, only gaps between events are bounded.
+    pub progress: bool,
     /// It ends the answer (a finish or stop reason).
     pub end: bool,
 }

@@ -157,7 +157,7 @@ pub async fn run(
     let listener = TcpListener::bind(config.admin)
         .await
         .map_err(|source| OperatorError::Bind { address: config.admin, source })?;
-    tracing::info!(admin = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), namespaces = ?config.namespaces,
+    tracing::info!(admin = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), namespaces = %if config.namespaces.is_empty() { "all".to_string() } else { config.namespaces.join(",") },
         identity = %config.lease.identity, "backstop operator starting");
     let admin = {
         let (ready, scopes, metrics) = (ready.clone(), scopes.len(), metrics.clone());

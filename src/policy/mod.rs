@@ -504,26 +504,50 @@ pub struct BackoffSpec {
     pub max: Option<String>,
 }
 
-/// Time limits, as durations such as `500ms`, `30s` or `1m30s`.
+/// Time limits, as durations such as `500ms`, `30s` or `1m30s`. The defaults let real long
+/// generations finish: a reasoning model may think for a minute before its first token and a
+/// long answer may take minutes; a stalled target is still left behind, and `hedge` is the
+/// tool for routes that cannot wait.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TimeoutsSpec {
-    /// One attempt: until a complete answer, or for streams until the response headers and
-    /// then between any two chunks. Default `30s`.
+    /// A non-streamed answer: from the start of an attempt until the whole answer has come.
+    /// Providers send nothing before the answer is complete, so this is also how long a
+    /// stalled target keeps a request waiting. Default `10m`, the OpenAI and Anthropic SDKs'
+    /// own limit, so that a long generation is never cut and paid for twice. A chain step's
+    /// `timeout` overrides it for that target (and caps its `firstToken` too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "duration::schema")]
     pub attempt: Option<String>,
 
-    /// Streams only: from the start of an attempt until its first content chunk. A target that
-    /// is slower falls through before the app has seen a byte. Default `10s`.
+    /// A stream: from the start of an attempt until its first sign of progress, a content chunk
+    /// or the model's thinking (events that show nothing, such as role chunks, `message_start`
+    /// or pings, do not count). The stream is held, with nothing sent to the app, until its
+    /// first content chunk, so a target slower than this falls through invisibly. Default
+    /// `2m`: reasoning models often think silently for 10 to 60 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "duration::schema")]
     pub first_token: Option<String>,
 
-    /// The whole request across every attempt and backoff. Default `90s`.
+    /// A stream, once it has shown progress: the longest gap between two events, before the
+    /// answer is committed (thinking) and after (content). A stream that stalls falls through
+    /// while held, and is ended with an error event once committed. Default `60s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
+    pub idle: Option<String>,
+
+    /// Finding a target that answers: the whole walk down the chain, every attempt and
+    /// backoff included, until an answer is committed. A committed stream is not cut by it.
+    /// Default `15m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "duration::schema")]
     pub total: Option<String>,
+
+    /// A cap on a committed stream's whole length, for routes that want one. Default: none; a
+    /// healthy stream runs as long as its events keep coming within `idle`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration::schema")]
+    pub max_stream: Option<String>,
 }
 
 /// What the operator observed of a policy.

@@ -31,8 +31,8 @@ use crate::snapshot::PolicyStore;
 
 /// The default largest request body: bigger ones get a 413 (retries need the whole body).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 << 20;
-/// How long requests in flight may run on after a shutdown signal.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long requests in flight may run on after a shutdown signal, by default.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 
 /// Listener settings.
 #[derive(Clone, Debug)]
@@ -43,9 +43,24 @@ pub struct SidecarConfig {
     pub admin: SocketAddr,
     /// The largest request body accepted.
     pub max_request_bytes: usize,
+    /// How long requests in flight may finish after a shutdown signal.
+    pub drain: Duration,
+}
+
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind the sidecar's {listener} listener on {address}: {source}")]
+pub struct BindError {
+    /// Which listener.
+    pub listener: &'static str,
+    /// Its address.
+    pub address: SocketAddr,
+    /// Why.
+    pub source: std::io::Error,
 }
 
 struct State {
+    drain: Duration,
     store: Arc<PolicyStore>,
     upstreams: Upstreams,
     max_request_bytes: usize,
@@ -60,11 +75,18 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// Binds both listeners. Port 0 picks a free port; see [`Sidecar::llm_addr`].
-    pub async fn bind(config: &SidecarConfig, store: Arc<PolicyStore>, http: HttpClient) -> std::io::Result<Sidecar> {
-        let llm = TcpListener::bind(config.listen).await?;
-        let admin = TcpListener::bind(config.admin).await?;
-        let state =
-            Arc::new(State { store, upstreams: Upstreams::new(http), max_request_bytes: config.max_request_bytes });
+    pub async fn bind(config: &SidecarConfig, store: Arc<PolicyStore>, http: HttpClient) -> Result<Sidecar, BindError> {
+        let bind = |address: SocketAddr, listener: &'static str| async move {
+            TcpListener::bind(address).await.map_err(|source| BindError { listener, address, source })
+        };
+        let llm = bind(config.listen, "LLM").await?;
+        let admin = bind(config.admin, "admin").await?;
+        let state = Arc::new(State {
+            drain: config.drain,
+            store,
+            upstreams: Upstreams::new(http),
+            max_request_bytes: config.max_request_bytes,
+        });
         Ok(Sidecar { state, llm, admin })
     }
 
@@ -78,15 +100,17 @@ impl Sidecar {
         self.admin.local_addr()
     }
 
-    /// Serves until `shutdown` turns true, then lets requests in flight finish (up to 30 s).
+    /// Serves until `shutdown` turns true, then lets requests in flight finish (up to the
+    /// configured drain).
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let llm_state = self.state.clone();
-        let llm = serve(self.llm, shutdown.clone(), DRAIN_TIMEOUT, move |request| {
+        let drain = self.state.drain;
+        let llm = serve(self.llm, shutdown.clone(), drain, move |request| {
             let state = llm_state.clone();
             async move { handle_llm(&state, request).await }
         });
         let admin_state = self.state.clone();
-        let admin = serve(self.admin, shutdown, DRAIN_TIMEOUT, move |request| {
+        let admin = serve(self.admin, shutdown, drain, move |request| {
             let state = admin_state.clone();
             async move { admin::handle(&state.store, &request) }
         });

@@ -53,14 +53,14 @@ enum State<R> {
     Done,
 }
 
-/// How long a committed stream may run: `idle` between two events, and until the request's
-/// total `deadline`.
+/// How long a committed stream may run: `idle` between two events, and until `deadline` when
+/// the policy caps a stream's length (`timeouts.maxStream`).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// The longest gap between two events.
     pub idle: Duration,
-    /// The request's total deadline.
-    pub deadline: Instant,
+    /// When the stream must end, if ever.
+    pub deadline: Option<Instant>,
 }
 
 /// The response body for a committed stream: `held` events first, then the rest. The target's
@@ -84,7 +84,11 @@ pub fn sse_body<R: StreamRenderer>(
                     }
                     let next = match held.next() {
                         Some(event) => Ok(Some(Ok(event))),
-                        None => tokio::time::timeout_at((Instant::now() + idle).min(deadline), rest.next()).await,
+                        None => {
+                            let idle_until = Instant::now() + idle;
+                            let until = deadline.map_or(idle_until, |d| idle_until.min(d));
+                            tokio::time::timeout_at(until, rest.next()).await
+                        }
                     };
                     state = match next {
                         Ok(Some(Ok(event))) => {
@@ -106,10 +110,10 @@ pub fn sse_body<R: StreamRenderer>(
                             let last = renderer.failure(&message, Some(error.class));
                             return Some((Ok(Frame::data(last)), State::Failing(message.into())));
                         }
-                        Err(_) if Instant::now() >= deadline => {
+                        Err(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
                             let message =
-                                "stream interrupted after it began: the request's deadline ran out".to_string();
-                            tracing::warn!(error = %message, "stream cut at the request's deadline");
+                                "stream interrupted after it began: it reached the policy's `maxStream`".to_string();
+                            tracing::warn!(error = %message, "stream cut at its maximum length");
                             // The request ran out of time, not the target: its permit counts nothing.
                             drop(permit);
                             let last = renderer.failure(&message, None);
@@ -143,4 +147,88 @@ pub fn sse_body<R: StreamRenderer>(
         }
     });
     Body::new(http_body_util::StreamBody::new(frames))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::{Api, AttemptError, ChatRequest};
+    use crate::provider::openai::stream::chunk_event;
+    use crate::proxy::ingress::Dialect as _;
+    use crate::proxy::ingress::openai::OpenAiDialect;
+    use http_body_util::BodyExt;
+    use serde_json::json;
+
+    /// Content every `every` for `count` events, the last one finishing the answer; then the
+    /// stream either ends or, with `stall`, goes silent.
+    fn upstream(every: Duration, count: usize, stall: bool) -> ChunkStream {
+        Box::pin(stream::unfold(0, move |n| async move {
+            if n == count {
+                if stall {
+                    std::future::pending::<()>().await;
+                }
+                return None;
+            }
+            tokio::time::sleep(every).await;
+            let finish = if n + 1 == count && !stall { json!("stop") } else { json!(null) };
+            let chunk = json!({"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": finish}]});
+            Some((Ok::<StreamEvent, AttemptError>(chunk_event(chunk)), n + 1))
+        }))
+    }
+
+    /// Reads the whole body: the frames, and whether it ended with an error.
+    async fn read(body: Body) -> (Vec<String>, bool) {
+        let mut body = body;
+        let mut frames = Vec::new();
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    frames.extend(frame.into_data().ok().map(|d| String::from_utf8_lossy(&d).into_owned()))
+                }
+                Some(Err(_)) => return (frames, true),
+                None => return (frames, false),
+            }
+        }
+    }
+
+    fn renderer() -> <OpenAiDialect as crate::proxy::ingress::Dialect>::Renderer {
+        let request =
+            ChatRequest::from_openai_json(br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#)
+                .expect("request");
+        OpenAiDialect::renderer(Api::OpenAi, &request)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_three_minute_stream_is_relayed_whole_under_the_defaults() {
+        let limits = Limits { idle: crate::chain::defaults::IDLE_TIMEOUT, deadline: None };
+        let started = Instant::now();
+        let body = sse_body(Vec::new(), upstream(Duration::from_secs(1), 180, false), limits, renderer(), None);
+        let (frames, broken) = read(body).await;
+        assert!(!broken, "a healthy stream is never cut: {:?}", frames.last());
+        assert_eq!(frames.len(), 181, "180 chunks and [DONE]");
+        assert_eq!(Instant::now() - started, Duration::from_secs(180));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_committed_stream_that_stalls_is_ended_with_an_error_after_idle() {
+        let limits = Limits { idle: Duration::from_secs(60), deadline: None };
+        let started = Instant::now();
+        let body = sse_body(Vec::new(), upstream(Duration::from_secs(1), 3, true), limits, renderer(), None);
+        let (frames, broken) = read(body).await;
+        assert!(broken, "the app's SDK sees an error, not a clean end");
+        assert!(frames.last().is_some_and(|f| f.contains("upstream sent nothing for 60000ms")), "{frames:?}");
+        // The stall is timed from its last chunk, and the 10 ms flush before the abort.
+        assert_eq!(Instant::now() - started, Duration::from_secs(63) + Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_stream_caps_a_stream_that_asks_for_one() {
+        let started = Instant::now();
+        let limits = Limits { idle: Duration::from_secs(60), deadline: Some(started + Duration::from_secs(30)) };
+        let body = sse_body(Vec::new(), upstream(Duration::from_secs(1), 180, false), limits, renderer(), None);
+        let (frames, broken) = read(body).await;
+        assert!(broken);
+        assert!(frames.last().is_some_and(|f| f.contains("maxStream")), "{frames:?}");
+        assert_eq!(frames.len(), 30 + 1, "30 chunks, then the error event");
+    }
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::time::Instant;
 
 use crate::support::*;
 
@@ -130,28 +129,25 @@ async fn api_keys_never_reach_logs_or_config() {
     sidecar.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn starts_unready_on_a_broken_policy_and_recovers_when_it_is_fixed() {
+#[test]
+fn a_broken_first_policy_stops_the_sidecar_with_every_problem() {
     let dir = tempfile::tempdir().expect("tempdir");
     let policy = dir.path().join("policy.yaml");
     let good = std::fs::read_to_string(repo_file("deploy/examples/quickstart.yaml")).expect("quickstart");
-    std::fs::write(&policy, good.replace("total: 90s", "total: never")).expect("write");
-    let sidecar = Running::start(&policy, "info").await;
-    let ready = get(&format!("http://{}/readyz", sidecar.admin)).await;
-    assert_eq!(ready.status, 503);
-    let answer = post(&format!("http://{}/v1/chat/completions", sidecar.llm), &chat(false)).await;
-    assert_eq!(answer.status, 503);
-    assert_eq!(answer.json()["error"]["code"], "no_policy");
-    assert!(sidecar.log().contains("spec.timeouts.total"), "the log names the field:\n{}", sidecar.log());
-    std::fs::write(&policy, good).expect("fix");
-    let until = Instant::now() + Duration::from_secs(10);
-    while get(&format!("http://{}/readyz", sidecar.admin)).await.status != 200 {
-        assert!(Instant::now() < until, "never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let answer = post(&format!("http://{}/v1/chat/completions", sidecar.llm), &chat(false)).await;
-    assert_eq!(answer.status, 200);
-    sidecar.stop().await;
+    let broken = good.replace("total: 15m", "total: never").replace("type: mock", "type: mokc");
+    std::fs::write(&policy, broken).expect("write");
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(BIN)
+        .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--policy-file"])
+        .arg(&policy)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the sidecar");
+    assert!(!out.status.success(), "a sidecar with nothing valid to serve exits");
+    assert!(started.elapsed() < Duration::from_secs(5), "at once: {:?}", started.elapsed());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`spec.timeouts.total`"), "{stderr}");
+    assert!(stderr.contains("`spec.providers[0].type`: unknown variant `mokc`"), "every problem in one run: {stderr}");
 }
 
 #[test]
@@ -199,4 +195,36 @@ async fn sigterm_lets_requests_in_flight_finish() {
     let answer = in_flight.await.expect("request task");
     assert_eq!(answer.status, 200, "the request in flight was answered: {}", String::from_utf8_lossy(&answer.body));
     assert!(status.success(), "exit status {status}");
+}
+
+/// Read system calls the process has made so far (`/proc/PID/io`).
+fn read_syscalls(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    io.lines().find_map(|l| l.strip_prefix("syscr:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_sidecar_leaves_its_policy_file_alone_and_reports_a_broken_change_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    let good = std::fs::read_to_string(repo_file("deploy/examples/quickstart.yaml")).expect("quickstart");
+    std::fs::write(&policy, &good).expect("write");
+    let sidecar = Running::start(&policy, "info").await;
+    let pid = sidecar.child.id().expect("pid");
+    // The same text again, once the watch is up: one reload, which must not set off another
+    // by its own read.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&policy, &good).expect("rewrite");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = read_syscalls(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reads = read_syscalls(pid) - before;
+    assert!(reads < 20, "an idle sidecar made {reads} reads in 2 s: it is reacting to its own reads");
+    std::fs::write(&policy, good.replace("attempts: 2", "attempts: 0")).expect("break it");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let log = sidecar.log();
+    assert_eq!(log.matches("policy not loaded").count(), 1, "one report of one broken change:\n{log}");
+    assert!(log.contains("`spec.retry.attempts`"), "{log}");
+    assert!(log.contains("\"kept_version\":1"), "fields print as values: {log}");
+    sidecar.stop().await;
 }

@@ -500,6 +500,7 @@ impl TestSidecar {
             listen: "127.0.0.1:0".parse().expect("addr"),
             admin: "127.0.0.1:0".parse().expect("addr"),
             max_request_bytes: 64 * 1024,
+            drain: backstop::proxy::DEFAULT_DRAIN,
         };
         let sidecar = Sidecar::bind(&config, store.clone(), http).await.expect("bind sidecar");
         let (llm, admin) = (sidecar.llm_addr().expect("addr"), sidecar.admin_addr().expect("addr"));
@@ -555,7 +556,7 @@ spec:
         - {{provider: primary, model: up-model}}
         - {{provider: fallback, model: mock-model}}
   retry: {{attempts: 2, backoff: {{base: 10ms, max: 2s}}}}
-  timeouts: {{attempt: 500ms, firstToken: 500ms, total: 10s}}
+  timeouts: {{attempt: 500ms, firstToken: 500ms, idle: 500ms, total: 10s}}
 {extra}"#
     )
 }

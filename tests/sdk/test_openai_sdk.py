@@ -176,3 +176,42 @@ def test_stateful_responses_need_an_openai_target(sidecar):
         client(s).responses.create(model="chat", input="hello")  # store defaults to true
     assert caught.value.code == "no_eligible_target"
     assert "stateful" in caught.value.message
+
+
+def upstream_attempts(s):
+    """Every attempt the sidecar made at any target, from its admin /health."""
+    import json
+    import urllib.request
+    with urllib.request.urlopen(f"http://{s.admin}/health", timeout=5) as answer:
+        health = json.load(answer)
+    return sum(t["successes"] + sum(t["failures"].values()) for t in health["targets"])
+
+
+def test_the_sdks_own_retries_do_not_walk_a_failed_chain_again(sidecar):
+    # Both targets fail with errors the SDK would retry itself (5xx): at its default settings
+    # (2 retries) it would send the whole chain three times. Backstop says not to.
+    s = sidecar(policy(primary="mock, mock: {failureRate: 1, failureStatus: 500}",
+                       fallback_extra=", failureRate: 1, failureStatus: 503"))
+    default_sdk = openai.OpenAI(base_url=s.base_url, api_key="unused", timeout=20)
+    with pytest.raises(openai.APIStatusError) as caught:
+        default_sdk.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert caught.value.request.headers["x-stainless-retry-count"] == "0", "the SDK did not retry"
+    walked = len(caught.value.body["attempts"])
+    assert upstream_attempts(s) == walked, "one app call, one walk down the chain"
+
+
+def test_the_sdk_retries_a_rate_limited_chain_after_the_wait_asked_for(sidecar):
+    s = sidecar(policy(primary="mock, mock: {failureRate: 1, failureStatus: 429, retryAfter: 1}",
+                       fallback_extra=", failureRate: 1, failureStatus: 429, retryAfter: 1"))
+    default_sdk = openai.OpenAI(base_url=s.base_url, api_key="unused", timeout=20)
+    with pytest.raises(openai.RateLimitError) as caught:
+        default_sdk.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+    headers = caught.value.response.headers
+    assert headers["x-should-retry"] == "true" and headers["retry-after"] == "1"
+    # Every target asked for a second: the SDK's own two retries come after it. The first walk
+    # tried each target twice; each retry finds them open or half-open and probes what the
+    # breakers let through, never the whole chain again.
+    assert caught.value.request.headers["x-stainless-retry-count"] == "2"
+    attempts = upstream_attempts(s)
+    assert 4 + 2 <= attempts < 3 * 4, attempts

@@ -34,30 +34,32 @@ impl WireStream for EventParser {
             Err(error) => return Parsed::Fail(error),
         };
         let kind = data.get("type").and_then(Value::as_str).or(event.event.as_deref()).unwrap_or_default().to_string();
-        let (content, end) = match kind.as_str() {
-            "ping" => return Parsed::Skip,
+        let (content, progress, end) = match kind.as_str() {
+            // Kept, not skipped: a ping shows the connection alive between thinking deltas.
+            "ping" => (false, false, false),
             "error" => {
                 let error = data.get("error").unwrap_or(&Value::Null);
                 return Parsed::Fail(AttemptError::in_stream(classify_error(None, error), message_of(error)));
             }
             "content_block_start" => {
-                (data.pointer("/content_block/type").and_then(Value::as_str) == Some("tool_use"), false)
+                let tool = data.pointer("/content_block/type").and_then(Value::as_str) == Some("tool_use");
+                (tool, tool, false)
             }
             "content_block_delta" => {
-                let delta = data.get("delta").cloned().unwrap_or(Value::Null);
-                let visible: &[&str] =
-                    if self.thinking_shows { &["text", "partial_json", "thinking"] } else { &["text", "partial_json"] };
-                let text = visible.iter().any(|k| delta.get(*k).and_then(Value::as_str).is_some_and(|s| !s.is_empty()));
-                (text, false)
+                let delta = data.get("delta").unwrap_or(&Value::Null);
+                let has = |k: &str| delta.get(k).and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+                let text = has("text") || has("partial_json");
+                let thinking = has("thinking");
+                (text || (thinking && self.thinking_shows), text || thinking, false)
             }
-            "message_delta" => (false, data.pointer("/delta/stop_reason").is_some_and(|r| !r.is_null())),
+            "message_delta" => (false, false, data.pointer("/delta/stop_reason").is_some_and(|r| !r.is_null())),
             "message_stop" => {
                 self.stopped = true;
-                (false, true)
+                (false, false, true)
             }
-            _ => (false, false),
+            _ => (false, false, false),
         };
-        Parsed::Event(StreamEvent { data, content, end })
+        Parsed::Event(StreamEvent { data, content, progress, end })
     }
 
     fn may_end(&self) -> bool {
@@ -198,7 +200,8 @@ mod tests {
         let event = |data: Value| sse::Event { event: None, data: data.to_string() };
         let Parsed::Event(e) = parser.event(event(json!({"type": "message_start", "message": {}}))) else { panic!() };
         assert!(!e.content && !e.end);
-        assert!(matches!(parser.event(event(json!({"type": "ping"}))), Parsed::Skip));
+        let Parsed::Event(ping) = parser.event(event(json!({"type": "ping"}))) else { panic!() };
+        assert!(!ping.content && !ping.progress, "a ping shows the connection alive, not progress");
         let Parsed::Event(e) = parser.event(event(
             json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}),
         )) else {
@@ -241,5 +244,6 @@ mod tests {
         assert!(seen.content, "an Anthropic app sees thinking: it commits the stream");
         let Parsed::Event(unseen) = EventParser::new(false).event(thinking) else { panic!() };
         assert!(!unseen.content, "other apps never see it: a failure during thinking can still fall through");
+        assert!(unseen.progress, "but it shows the model working: the first-token wait is over");
     }
 }

@@ -42,7 +42,11 @@ impl WireStream for EventParser {
         let end = reason.is_some();
         self.finished |= end;
         self.emitted_content |= content;
-        Parsed::Event(StreamEvent { data, content, end })
+        let thinking = candidate
+            .pointer("/content/parts")
+            .and_then(Value::as_array)
+            .is_some_and(|parts| parts.iter().any(|p| p.get("thought") == Some(&Value::Bool(true))));
+        Parsed::Event(StreamEvent { data, content, progress: content || thinking, end })
     }
 
     fn may_end(&self) -> bool {

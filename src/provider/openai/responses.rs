@@ -44,25 +44,28 @@ impl WireStream for EventParser {
             Err(error) => return Parsed::Fail(error),
         };
         let kind = data.get("type").and_then(Value::as_str).unwrap_or_default();
-        let (content, end) = match kind {
+        let (content, progress, end) = match kind {
             "error" => return Parsed::Fail(stream_error(&data)),
             "response.failed" => {
                 let error = data.pointer("/response/error").cloned().unwrap_or(Value::Null);
                 return Parsed::Fail(stream_error(&error));
             }
             "response.output_text.delta" | "response.refusal.delta" | "response.function_call_arguments.delta" => {
-                (data.get("delta").and_then(Value::as_str).is_some_and(|d| !d.is_empty()), false)
+                let text = data.get("delta").and_then(Value::as_str).is_some_and(|d| !d.is_empty());
+                (text, text, false)
             }
+            "response.reasoning_summary_text.delta" | "response.reasoning_text.delta" => (false, true, false),
             "response.output_item.added" => {
-                (data.pointer("/item/type").and_then(Value::as_str) == Some("function_call"), false)
+                let call = data.pointer("/item/type").and_then(Value::as_str) == Some("function_call");
+                (call, call, false)
             }
             "response.completed" | "response.incomplete" => {
                 self.done = true;
-                (false, true)
+                (false, false, true)
             }
-            _ => (false, false),
+            _ => (false, false, false),
         };
-        Parsed::Event(StreamEvent { data, content, end })
+        Parsed::Event(StreamEvent { data, content, progress, end })
     }
 
     fn may_end(&self) -> bool {

@@ -55,7 +55,21 @@ fn has_finish_reason(chunk: &Value) -> bool {
 
 /// A Chat Completions chunk as a stream event.
 pub fn chunk_event(chunk: Value) -> StreamEvent {
-    StreamEvent { content: carries_content(&chunk), end: has_finish_reason(&chunk), data: chunk }
+    let content = carries_content(&chunk);
+    let progress = content || carries_reasoning(&chunk);
+    StreamEvent { content, progress, end: has_finish_reason(&chunk), data: chunk }
+}
+
+/// Whether a chunk carries reasoning that OpenAI-compatible servers stream before the answer
+/// (`reasoning_content` from vLLM, DeepSeek and others; `reasoning` from some routers).
+fn carries_reasoning(chunk: &Value) -> bool {
+    chunk.get("choices").and_then(Value::as_array).is_some_and(|choices| {
+        choices.iter().any(|choice| {
+            ["reasoning_content", "reasoning"]
+                .iter()
+                .any(|k| choice.pointer(&format!("/delta/{k}")).and_then(Value::as_str).is_some_and(|s| !s.is_empty()))
+        })
+    })
 }
 
 #[cfg(test)]

@@ -73,42 +73,65 @@ pub(super) async fn attempt(
             )),
         };
     }
-    let first_token = route.timeouts.first_token.min(target.attempt_timeout);
-    let limit = (started + first_token).min(deadline);
-    let opening = async {
-        let sent = transport.send(target, request).await?;
-        let mut stream = match sent.reply {
-            Reply::Stream(stream) => stream,
-            Reply::Complete(_) => {
-                return Err(AttemptError::new(FailureClass::ServerError, "upstream did not stream the answer"));
-            }
+    // A stream: its first progress within `firstToken` (capped by the target's own timeout),
+    // then no gap longer than `idle` until its first content chunk, all within the deadline.
+    let first_token = (started + route.timeouts.first_token.min(target.attempt_timeout)).min(deadline);
+    let silent = |limit: Instant, progressed: bool| {
+        let waited = millis(limit.saturating_duration_since(started));
+        let message = if progressed {
+            format!("stream stalled before its first content chunk: nothing for {}ms", millis(route.timeouts.idle))
+        } else {
+            format!("no first token within {waited}ms")
         };
-        let mut held = Vec::new();
-        loop {
-            match stream.next().await {
-                Some(Ok(event)) => {
-                    let commit = event.content || event.end;
-                    held.push(event);
-                    if commit {
-                        return Ok((held, stream, sent.headroom, sent.api));
-                    }
-                }
-                Some(Err(error)) => return Err(error),
-                None => return Ok((held, Box::pin(stream::empty()) as ChunkStream, sent.headroom, sent.api)),
-            }
+        timed_out(message, limit >= deadline)
+    };
+    let sent = match tokio::time::timeout_at(first_token, transport.send(target, request)).await {
+        Ok(sent) => sent?,
+        Err(_) => return Err(silent(first_token, false)),
+    };
+    let mut stream = match sent.reply {
+        Reply::Stream(stream) => stream,
+        Reply::Complete(_) => {
+            return Err(AttemptError::new(FailureClass::ServerError, "upstream did not stream the answer"));
         }
     };
-    match tokio::time::timeout_at(limit, opening).await {
-        Ok(Ok((held, rest, headroom, api))) => Ok((
-            Committed::Stream { held, rest, idle_timeout: target.attempt_timeout, api, permit: None, deadline },
-            headroom,
-        )),
-        Ok(Err(error)) => Err(error),
-        Err(_) => Err(timed_out(
-            format!("no first token within {}ms", millis(limit.saturating_duration_since(started))),
-            limit >= deadline,
-        )),
+    let mut held = Vec::new();
+    let mut progressed = false;
+    let mut limit = first_token;
+    loop {
+        let next = match tokio::time::timeout_at(limit, stream.next()).await {
+            Ok(next) => next,
+            Err(_) => return Err(silent(limit, progressed)),
+        };
+        match next {
+            Some(Ok(event)) => {
+                progressed |= event.progress;
+                if progressed {
+                    limit = (Instant::now() + route.timeouts.idle).min(deadline);
+                }
+                let commit = event.content || event.end;
+                held.push(event);
+                if commit {
+                    break;
+                }
+            }
+            Some(Err(error)) => return Err(error),
+            None => {
+                stream = Box::pin(stream::empty()) as ChunkStream;
+                break;
+            }
+        }
     }
+    let stream_deadline = route.timeouts.max_stream.map(|max| Instant::now() + max);
+    let committed = Committed::Stream {
+        held,
+        rest: stream,
+        idle_timeout: route.timeouts.idle,
+        api: sent.api,
+        permit: None,
+        stream_deadline,
+    };
+    Ok((committed, sent.headroom))
 }
 
 fn timed_out(message: String, cut_by_deadline: bool) -> AttemptError {

@@ -17,13 +17,21 @@ pub struct Controls {
     pub max_attempts: Option<u32>,
     /// A shorter total deadline.
     pub deadline: Option<Duration>,
+    /// The app's SDK is retrying a request it already sent (`x-stainless-retry-count` of 1 or
+    /// more): it earns no retry budget, and walks the chain only if the budget allows.
+    pub client_retry: bool,
 }
 
 impl Controls {
     /// The per-request controls an app sent as `x-backstop-*` headers, limited to what the policy
     /// allows; every other such header, and every malformed one, is ignored and logged.
     pub fn from_headers(route: &Route, headers: &HeaderMap) -> Controls {
-        let mut controls = Controls::default();
+        let client_retry = headers
+            .get("x-stainless-retry-count")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .is_some_and(|count| count > 0);
+        let mut controls = Controls { client_retry, ..Controls::default() };
         for (name, value) in headers {
             let name = name.as_str();
             if !name.starts_with("x-backstop-") {

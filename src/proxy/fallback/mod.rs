@@ -71,7 +71,20 @@ pub async fn run(
     chance: Chance,
 ) -> Result<Answered, Unanswered> {
     let started = Instant::now();
-    route.budget.deposit(started);
+    // An app's own retry of a request is an extra attempt, not a new request: it earns no
+    // budget, and spends some, so that SDK retries cannot multiply an outage either.
+    if controls.client_retry && !route.budget.withdraw(started) {
+        return Err(Unanswered::Exhausted {
+            attempts: Vec::new(),
+            skipped: Vec::new(),
+            deadline_exceeded: false,
+            stopped: Some("the route's retry budget is spent, and this is the app's own retry"),
+            retry_after: None,
+        });
+    }
+    if !controls.client_retry {
+        route.budget.deposit(started);
+    }
     let mut run = Run {
         route,
         request,

@@ -50,8 +50,9 @@ pub enum Committed {
         /// The target's permit: its health learns how the stream ends, and it counts as in
         /// flight until then.
         permit: Option<Permit>,
-        /// The request's total deadline, which a committed stream keeps too.
-        deadline: Instant,
+        /// When the stream must end however well it goes (`timeouts.maxStream`), if ever. The
+        /// request's total deadline no longer applies: it was for finding a target.
+        stream_deadline: Option<Instant>,
     },
 }
 

@@ -31,6 +31,28 @@ enum Play {
     Stall,
     /// Streams: headers at once, a role chunk, then content after this long.
     Stream(Duration),
+    /// Streams these events, each after its delay, then keeps the stream open.
+    Events(Vec<(Duration, Shows)>),
+}
+
+/// What a scripted stream event shows.
+#[derive(Clone, Copy, Debug)]
+enum Shows {
+    /// A role chunk: no content, no progress.
+    Role,
+    /// Reasoning the app does not see: progress, no content.
+    Thinking,
+    /// Text: content.
+    Content,
+}
+
+fn event(shows: Shows) -> StreamEvent {
+    let delta = match shows {
+        Shows::Role => json!({"role": "assistant"}),
+        Shows::Thinking => json!({"reasoning_content": "hmm"}),
+        Shows::Content => json!({"content": "hi"}),
+    };
+    chunk_event(json!({"choices": [{"index": 0, "delta": delta}]}))
 }
 
 fn fail(class: FailureClass, status: u16) -> Play {
@@ -121,6 +143,19 @@ impl Transport for Fake {
                                 }
                                 _ => None,
                             }
+                        }
+                    });
+                    Ok(Sent { reply: Reply::Stream(Box::pin(events)), headroom: Headroom::default(), api: Api::OpenAi })
+                }
+                Play::Events(script) => {
+                    assert!(streaming, "a stream was scripted for a request that did not ask for one");
+                    let events = stream::unfold(script.into_iter(), |mut script| async move {
+                        match script.next() {
+                            Some((after, shows)) => {
+                                tokio::time::sleep(after).await;
+                                Some((Ok::<StreamEvent, AttemptError>(event(shows)), script))
+                            }
+                            None => std::future::pending().await,
                         }
                     });
                     Ok(Sent { reply: Reply::Stream(Box::pin(events)), headroom: Headroom::default(), api: Api::OpenAi })
@@ -454,9 +489,102 @@ async fn a_429_with_retry_after_keeps_the_target_out_exactly_that_long() {
     let fake = Fake::new(&[("a/m", &[limited, Play::Answer(ms(0))]), ("b/m", &[Play::Answer(ms(0))])]);
     let first = walk(&route, &fake).await;
     assert_eq!(fell_through(&first), [("a/m".to_string(), "rateLimited")], "5 s is beyond the 2 s backoff cap");
+    let shown = route.steps[0].members[0].health.report(Instant::now());
+    assert_eq!(shown["state"], "open");
+    assert_eq!(shown["retryInMs"], 5000, "{shown}");
+    assert_eq!(shown["openedBecause"], "the provider asked to wait 5s (Retry-After)", "{shown}");
     tokio::time::advance(ms(4999)).await;
     assert_eq!(fell_through(&walk(&route, &fake).await), [("a/m".to_string(), "circuitOpen")]);
     tokio::time::advance(ms(1)).await;
     assert_eq!(answered_by(&walk(&route, &fake).await), "a/m");
     assert_eq!(fake.labels(), ["a/m", "b/m", "b/m", "a/m"], "nothing reached it in between");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_apps_own_retry_earns_no_budget_and_walks_only_if_the_budget_allows() {
+    let failing: &[Play] = &[fail(FailureClass::ServerError, 500)];
+    let fake = Fake::new(&[("a/m", failing), ("b/m", failing)]);
+    let route = route(AB, "  retry: {attempts: 1, budgetPercent: 0, minRetriesPerSecond: 0}\n");
+    let retry = Controls { client_retry: true, ..Controls::default() };
+    let Err(Unanswered::Exhausted { attempts, stopped, .. }) =
+        run(&route, &request(false), &fake, retry, Chance::Fixed(0.0)).await
+    else {
+        panic!("exhausted")
+    };
+    assert!(attempts.is_empty(), "not one upstream call for a retry the budget cannot pay for");
+    assert!(stopped.is_some_and(|s| s.contains("the app's own retry")), "{stopped:?}");
+    assert!(fake.labels().is_empty());
+    // With budget to spare, a client retry walks the chain like any request.
+    let generous = self::route(AB, "  retry: {attempts: 1, minRetriesPerSecond: 10}\n");
+    assert!(run(&generous, &request(false), &fake, retry, Chance::Fixed(0.0)).await.is_err());
+    assert_eq!(fake.labels(), ["a/m", "b/m"]);
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+async fn stream_walk(route: &Route, fake: &Fake) -> Result<Answered, Unanswered> {
+    run(route, &request(true), fake, Controls::default(), Chance::Fixed(0.0)).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_the_defaults_a_minute_of_silent_reasoning_is_waited_for() {
+    let fake = Fake::new(&[
+        ("a/m", &[Play::Events(vec![(ms(0), Shows::Role), (secs(60), Shows::Content)])]),
+        ("b/m", &[Play::Answer(ms(0))]),
+    ]);
+    let outcome = stream_walk(&route(AB, ""), &fake).await;
+    assert_eq!(answered_by(&outcome), "a/m");
+    assert!(fell_through(&outcome).is_empty());
+    assert_eq!(fake.labels(), ["a/m"], "no second, billed, attempt");
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_the_defaults_three_minutes_of_visible_thinking_is_waited_for() {
+    let mut script = vec![(ms(0), Shows::Role)];
+    script.extend((0..18).map(|_| (secs(10), Shows::Thinking)));
+    script.push((secs(10), Shows::Content));
+    let fake = Fake::new(&[("a/m", &[Play::Events(script)]), ("b/m", &[Play::Answer(ms(0))])]);
+    let started = Instant::now();
+    let outcome = stream_walk(&route(AB, ""), &fake).await;
+    assert_eq!(answered_by(&outcome), "a/m");
+    assert_eq!(Instant::now() - started, secs(190));
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_the_defaults_a_stream_that_shows_nothing_falls_through_at_the_first_token_timeout() {
+    let fake = Fake::new(&[
+        ("a/m", &[Play::Events(vec![(ms(0), Shows::Role)])]),
+        ("b/m", &[Play::Events(vec![(ms(0), Shows::Content)])]),
+    ]);
+    let outcome = stream_walk(&route(AB, "  retry: {attempts: 1}\n"), &fake).await;
+    assert_eq!(answered_by(&outcome), "b/m");
+    assert_eq!(fake.calls(), [("a/m".into(), ms(0)), ("b/m".into(), secs(120))]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_the_defaults_a_stream_that_stops_thinking_falls_through_at_the_idle_timeout() {
+    let thinking_then_silence = vec![(ms(0), Shows::Role), (secs(5), Shows::Thinking)];
+    let fake = Fake::new(&[
+        ("a/m", &[Play::Events(thinking_then_silence)]),
+        ("b/m", &[Play::Events(vec![(ms(0), Shows::Content)])]),
+    ]);
+    let outcome = stream_walk(&route(AB, "  retry: {attempts: 1}\n"), &fake).await;
+    assert_eq!(answered_by(&outcome), "b/m");
+    assert_eq!(fake.calls()[1], ("b/m".into(), secs(65)), "60 s after the last sign of life");
+    let Ok(answered) = outcome else { panic!("answered") };
+    assert!(answered.attempts[0].message.contains("stalled before its first content chunk"), "{:?}", answered.attempts);
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_the_defaults_a_two_minute_answer_is_waited_for_and_a_stalled_one_is_left_at_ten() {
+    let fake = Fake::new(&[("a/m", &[Play::Answer(secs(120))]), ("b/m", &[Play::Answer(ms(0))])]);
+    let outcome = walk(&route(AB, ""), &fake).await;
+    assert_eq!(answered_by(&outcome), "a/m");
+    assert_eq!(fake.labels(), ["a/m"]);
+    let stalled = Fake::new(&[("a/m", &[Play::Stall]), ("b/m", &[Play::Answer(ms(0))])]);
+    let outcome = walk(&route(AB, "  retry: {attempts: 1}\n"), &stalled).await;
+    assert_eq!(answered_by(&outcome), "b/m");
+    assert_eq!(stalled.calls()[1], ("b/m".into(), secs(600)));
 }

@@ -54,13 +54,19 @@ pub async fn serve<D: Dialect>(
         }
     };
     let Some(snapshot) = snapshot else {
-        return D::error(
+        let mut response = D::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "backstop has no valid policy loaded; see the sidecar's log",
             "no_policy",
             None,
             Value::Null,
         );
+        // A sidecar without a policy yet (starting, or waiting for the operator) may have one
+        // in a moment: worth the SDK's own retry.
+        let headers = response.headers_mut();
+        headers.insert("retry-after", http::HeaderValue::from_static("1"));
+        headers.insert("x-should-retry", http::HeaderValue::from_static("true"));
+        return response;
     };
     let Some(route) = snapshot.route(&request.model) else {
         let known = snapshot.aliases().join(", ");

@@ -97,9 +97,9 @@ fn answer<D: Dialect>(answered: Answered, request: &ChatRequest) -> Response<Bod
     let Answered { target, reply, attempts, fell_through } = answered;
     let mut response = match reply {
         Committed::Complete { body, api } => json_response(StatusCode::OK, &D::complete(api, body, request)),
-        Committed::Stream { held, rest, idle_timeout, api, permit, deadline } => {
+        Committed::Stream { held, rest, idle_timeout, api, permit, stream_deadline } => {
             let renderer = D::renderer(api, request);
-            let limits = relay::Limits { idle: idle_timeout, deadline };
+            let limits = relay::Limits { idle: idle_timeout, deadline: stream_deadline };
             let mut response = Response::new(relay::sse_body(held, rest, limits, renderer, permit));
             let headers = response.headers_mut();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -169,8 +169,24 @@ fn exhausted<D: Dialect>(
     set_header(&mut response, "x-backstop-attempts", &attempts.len().to_string());
     if let Some(wait) = retry_after {
         set_header(&mut response, "retry-after", &wait.as_secs_f64().ceil().max(1.0).to_string());
+        set_header(&mut response, "retry-after-ms", &wait.as_millis().max(1).to_string());
     }
+    let worth = app_should_retry(status, retry_after);
+    set_header(&mut response, "x-should-retry", if worth { "true" } else { "false" });
     response
+}
+
+/// The longest `Retry-After` worth an app's own retry: the OpenAI SDKs wait out at most 60 s.
+const APP_RETRY_WAIT: Duration = Duration::from_secs(60);
+
+/// Whether the app's SDK should retry an exhausted chain itself (the OpenAI and Anthropic SDKs
+/// obey `x-should-retry`, and by default retry 429s and 5xx twice, each time down the whole
+/// chain). Only when every target was rate limited and the soonest asked to be retried within
+/// a minute: by then one of them has recovered, and its breaker lets the retry through. A
+/// chain walked to its end with retries and fall-throughs already spent would fail the same
+/// way, only multiplying the load on an outage.
+fn app_should_retry(status: StatusCode, retry_after: Option<Duration>) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS && retry_after.is_some_and(|wait| wait <= APP_RETRY_WAIT)
 }
 
 fn set_header(response: &mut Response<Body>, name: &'static str, value: &str) {
