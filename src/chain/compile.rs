@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use super::error::{Errors, InvalidPolicy};
 use super::keys::KeyResolver;
+use super::overrides::compile_target_overrides;
 use super::providers::{ProviderConfig, compile_providers};
 use super::redact::redact;
 use super::settings::{
     compile_breaker, compile_budget, compile_hedge, compile_overrides, compile_retry, compile_timeouts,
 };
-use super::{CompiledPolicy, RouteConfig, StepConfig, TargetConfig};
+use super::{CompiledPolicy, RouteConfig, StepConfig, TargetConfig, distinct_targets};
 use crate::policy::{ChainStepSpec, ClassSet, FallbackPolicy, RequestFeature};
 
 /// Compiles a policy, collecting every problem with its field path. `keys` resolves `apiKey`s:
@@ -66,6 +67,7 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
             overrides,
         });
     }
+    let target_overrides = compile_target_overrides(spec.overrides.as_deref(), &distinct_targets(&routes), &mut compiler.errors);
     compiler.errors.finish()?;
     let mut providers: Vec<(usize, ProviderConfig)> = providers.into_values().collect();
     providers.sort_by_key(|(index, _)| *index);
@@ -79,6 +81,7 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
         routes,
         breaker,
         budget,
+        overrides: target_overrides,
         document: redact(policy),
     })
 }

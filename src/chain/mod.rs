@@ -9,6 +9,7 @@ pub mod defaults;
 pub mod duration;
 pub mod error;
 pub mod keys;
+pub mod overrides;
 pub mod providers;
 pub mod redact;
 pub mod settings;
@@ -22,6 +23,7 @@ pub use compile::compile;
 pub use duration::parse_duration;
 pub use error::{FieldError, InvalidPolicy};
 pub use keys::{ApiKey, KeyError, KeyResolver, LocalKeys};
+pub use overrides::{TargetOverride, unix_ms_now};
 pub use providers::{MockBehaviour, ProviderConfig};
 pub use redact::REDACTED;
 pub use settings::{AllowedOverrides, BreakerSettings, BudgetSettings, FailureRate, Hedge, RetryPolicy, Timeouts};
@@ -42,6 +44,9 @@ pub struct CompiledPolicy {
     pub breaker: BreakerSettings,
     /// Every route's retry-budget settings.
     pub budget: BudgetSettings,
+    /// `spec.overrides`, resolved to target identities.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<TargetOverride>,
     /// The policy document with every key redacted, for `/config`.
     pub document: Value,
 }
@@ -60,6 +65,26 @@ impl CompiledPolicy {
     pub fn aliases(&self) -> impl Iterator<Item = &str> {
         self.routes.iter().map(|r| r.alias.as_str()).filter(|alias| *alias != "*")
     }
+
+    /// Every target of every chain once, by identity, in chain order.
+    pub fn targets(&self) -> Vec<&TargetConfig> {
+        distinct_targets(&self.routes)
+    }
+}
+
+/// Every target of `routes`' chains once, by identity, in chain order.
+fn distinct_targets(routes: &[RouteConfig]) -> Vec<&TargetConfig> {
+    let mut targets: Vec<&TargetConfig> = Vec::new();
+    for route in routes {
+        for step in route.steps.iter().chain(&route.on_context_window_exceeded).chain(&route.on_content_filtered) {
+            for member in &step.members {
+                if !targets.iter().any(|t| t.identity == member.identity) {
+                    targets.push(member);
+                }
+            }
+        }
+    }
+    targets
 }
 
 /// A compiled route: the chain for one model alias, with the settings that govern it.

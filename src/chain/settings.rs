@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::defaults;
 use super::duration::parse_duration;
 use super::error::Errors;
-use crate::policy::{CircuitBreakerSpec, ClassSet, FailureClass, RequestOverride, RetrySpec, RouteSpec, TimeoutsSpec};
+use crate::policy::{BreakerScope, CircuitBreakerSpec, ClassSet, FailureClass, RequestOverride, RetrySpec, RouteSpec, TimeoutsSpec};
 
 /// Retries of one target, and the caps on a whole request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +86,8 @@ pub struct BreakerSettings {
     pub half_open_probes: u32,
     /// Failure classes that count against the target.
     pub counts: ClassSet,
+    /// Whether the fleet's evidence opens it too, or the pod's only.
+    pub scope: BreakerScope,
 }
 
 /// Opens when `percent` of the requests in the last `window` failed, once there were at least
@@ -224,6 +226,7 @@ pub(crate) fn compile_breaker(spec: Option<&CircuitBreakerSpec>, errors: &mut Er
             defaults::BREAKER_HALF_OPEN_PROBES,
         ),
         counts,
+        scope: spec.scope.unwrap_or_default(),
     }
 }
 

@@ -49,7 +49,20 @@ pub enum Admission {
         since: Instant,
         /// When it will let a probe through.
         until: Instant,
+        /// What refused it.
+        by: RefusedBy,
     },
+}
+
+/// What keeps a request from a target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusedBy {
+    /// The pod's own breaker.
+    Breaker,
+    /// The fleet's decision, from the operator.
+    Fleet,
+    /// A `ForcedOpen` override in the policy: never tried, not even as a last resort.
+    Override,
 }
 
 /// One target's breaker.
@@ -100,6 +113,11 @@ impl Breaker {
         }
     }
 
+    /// The settings in force.
+    pub fn settings(&self) -> &BreakerSettings {
+        &self.settings
+    }
+
     /// Counted consecutive failures so far.
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive
@@ -110,8 +128,8 @@ impl Breaker {
         match self.phase(now) {
             Phase::Closed => Admission::Allowed,
             Phase::HalfOpen { probes, .. } if probes < self.settings.half_open_probes => Admission::Probe,
-            Phase::HalfOpen { since, .. } => Admission::Refused { since, until: now },
-            Phase::Open { since, until } => Admission::Refused { since, until },
+            Phase::HalfOpen { since, .. } => Admission::Refused { since, until: now, by: RefusedBy::Breaker },
+            Phase::Open { since, until } => Admission::Refused { since, until, by: RefusedBy::Breaker },
         }
     }
 
@@ -138,10 +156,11 @@ impl Breaker {
     }
 
     /// The request failed with `class`; `retry_after` is the wait the upstream asked for.
-    pub fn on_failure(&mut self, now: Instant, class: FailureClass, retry_after: Option<Duration>, probe: bool) {
+    /// Returns whether the failure counted against the target.
+    pub fn on_failure(&mut self, now: Instant, class: FailureClass, retry_after: Option<Duration>, probe: bool) -> bool {
         if !self.settings.counts.contains(class) {
             self.release_probe(probe);
-            return;
+            return false;
         }
         self.consecutive += 1;
         self.window.record(now, true);
@@ -169,6 +188,7 @@ impl Breaker {
                 }
             }
         }
+        true
     }
 
     /// A probe whose request was cancelled before it had an outcome.
@@ -267,11 +287,12 @@ mod tests {
             max_open_for: Duration::from_secs(100),
             half_open_probes: 1,
             counts: ClassSet::breaker_default(),
+            scope: crate::policy::BreakerScope::Fleet,
         }
     }
 
     fn fail(b: &mut Breaker, now: Instant) {
-        assert_ne!(b.admit(now), Admission::Refused { since: now, until: now });
+        assert_ne!(b.admit(now), Admission::Refused { since: now, until: now, by: RefusedBy::Breaker });
         b.on_failure(now, FailureClass::ServerError, None, false);
     }
 
@@ -283,7 +304,7 @@ mod tests {
         fail(&mut b, t0);
         assert_eq!(b.admit(t0), Admission::Allowed);
         b.on_failure(t0, FailureClass::Timeout, None, false);
-        assert_eq!(b.peek(t0), Admission::Refused { since: t0, until: t0 + Duration::from_secs(30) });
+        assert_eq!(b.peek(t0), Admission::Refused { since: t0, until: t0 + Duration::from_secs(30), by: RefusedBy::Breaker });
         let later = t0 + Duration::from_secs(29);
         assert!(matches!(b.admit(later), Admission::Refused { .. }));
         let open_over = t0 + Duration::from_secs(30);
@@ -338,7 +359,7 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(b.admit(t0), Admission::Allowed);
         b.on_failure(t0, FailureClass::RateLimited, Some(Duration::from_secs(5)), false);
-        assert_eq!(b.peek(t0), Admission::Refused { since: t0, until: t0 + Duration::from_secs(5) });
+        assert_eq!(b.peek(t0), Admission::Refused { since: t0, until: t0 + Duration::from_secs(5), by: RefusedBy::Breaker });
         assert_eq!(b.admit(t0 + Duration::from_secs(5)), Admission::Probe);
         // A 500's Retry-After does not open it.
         let mut b = Breaker::new(settings());

@@ -9,6 +9,7 @@
 pub mod balance;
 pub mod breaker;
 pub mod budget;
+pub mod gate;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,6 +24,7 @@ use crate::policy::FailureClass;
 use balance::{Candidate, PeakEwma};
 use breaker::{Admission, Breaker, OpenCause, Phase};
 use budget::RetryBudget;
+use gate::{FleetState, Forced, Gates, Verdict};
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks cannot leave the state half-updated in a way
@@ -39,6 +41,26 @@ struct Stats {
     last_failure: Option<String>,
 }
 
+/// What one target did since it was last reported to the operator: the evidence its fleet
+/// view is made of.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Requests that succeeded.
+    pub successes: u64,
+    /// Requests that failed in a way that counts against the target.
+    pub failures: u64,
+    /// The longest wait a provider asked for with `Retry-After` on a 429 or 503.
+    pub retry_after: Option<Duration>,
+    /// The last counted failure, as `class: message`.
+    pub last_failure: Option<String>,
+}
+
+impl Tally {
+    fn is_empty(&self) -> bool {
+        self.successes == 0 && self.failures == 0
+    }
+}
+
 /// Everything the sidecar knows about one target's health.
 #[derive(Debug)]
 pub struct TargetHealth {
@@ -46,6 +68,9 @@ pub struct TargetHealth {
     breaker: Mutex<Breaker>,
     in_flight: AtomicU32,
     stats: Mutex<Stats>,
+    /// Locked before `breaker` where both are needed.
+    gates: Mutex<Gates>,
+    tally: Mutex<Tally>,
 }
 
 impl TargetHealth {
@@ -56,40 +81,91 @@ impl TargetHealth {
             breaker: Mutex::new(Breaker::new(settings)),
             in_flight: AtomicU32::new(0),
             stats: Mutex::default(),
+            gates: Mutex::default(),
+            tally: Mutex::default(),
         }
     }
 
     /// Whether a request would be admitted now (no probe slot is taken).
     pub fn peek(&self, now: Instant) -> Admission {
-        lock(&self.breaker).peek(now)
+        let gates = lock(&self.gates);
+        let breaker = lock(&self.breaker);
+        match gates.verdict(now, breaker.settings().half_open_probes) {
+            Verdict::Allow => Admission::Allowed,
+            Verdict::Refuse { since, until, by } => Admission::Refused { since, until, by },
+            Verdict::Probe | Verdict::Breaker => breaker.peek(now),
+        }
     }
 
-    /// Asks to send one request; `None` while the breaker refuses.
+    /// Asks to send one request; `None` while the breaker, the fleet or an override refuses.
     pub fn admit(self: &Arc<Self>, now: Instant) -> Option<Permit> {
-        let probe = match lock(&self.breaker).admit(now) {
+        let mut gates = lock(&self.gates);
+        let mut breaker = lock(&self.breaker);
+        let fleet_probe = match gates.verdict(now, breaker.settings().half_open_probes) {
+            Verdict::Allow => return Some(self.permit(false, false)),
+            Verdict::Refuse { .. } => return None,
+            Verdict::Probe => true,
+            Verdict::Breaker => false,
+        };
+        let probe = match breaker.admit(now) {
             Admission::Allowed => false,
             Admission::Probe => true,
             Admission::Refused { .. } => return None,
         };
-        Some(self.permit(probe))
+        if fleet_probe {
+            gates.probes += 1;
+        }
+        Some(self.permit(probe, fleet_probe))
     }
 
-    /// Sends one request even while the breaker is open: every target is open and this one
-    /// opened earliest, which beats failing without trying.
+    /// Sends one request even while the breaker or the fleet refuses: every target is out and
+    /// this one went out earliest, which beats failing without trying. (Targets an override
+    /// drains are never chosen for this.)
     pub fn admit_forced(self: &Arc<Self>, now: Instant) -> Permit {
         let (probe, forced) = match lock(&self.breaker).admit(now) {
             Admission::Probe => (true, false),
             Admission::Allowed => (false, false),
             Admission::Refused { .. } => (false, true),
         };
-        let mut permit = self.permit(probe);
+        let mut permit = self.permit(probe, false);
         permit.forced = forced;
         permit
     }
 
-    fn permit(self: &Arc<Self>, probe: bool) -> Permit {
+    fn permit(self: &Arc<Self>, probe: bool, fleet_probe: bool) -> Permit {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Permit { health: self.clone(), probe, forced: false, done: false }
+        Permit { health: self.clone(), probe, fleet_probe, forced: false, done: false }
+    }
+
+    /// Applies the policy's override for this target (`None`: there is none).
+    pub fn set_forced(&self, forced: Option<Forced>) {
+        lock(&self.gates).set_forced(forced);
+    }
+
+    /// Applies the fleet's decision for this target (`None`: the fleet leaves it to the pod).
+    pub fn set_fleet(&self, state: Option<FleetState>) {
+        lock(&self.gates).set_fleet(state);
+    }
+
+    /// Whether the fleet's evidence counts for this target (`circuitBreaker.scope: fleet`).
+    fn fleet_scoped(&self) -> bool {
+        lock(&self.breaker).settings().scope == crate::policy::BreakerScope::Fleet
+    }
+
+    /// What this target did since the last call, and forgets it.
+    fn take_tally(&self) -> Tally {
+        std::mem::take(&mut *lock(&self.tally))
+    }
+
+    fn count_success(&self) {
+        lock(&self.tally).successes += 1;
+    }
+
+    fn count_failure(&self, retry_after: Option<Duration>, failure: String) {
+        let mut tally = lock(&self.tally);
+        tally.failures += 1;
+        tally.retry_after = tally.retry_after.max(retry_after);
+        tally.last_failure = Some(failure);
     }
 
     /// The balancer's view of this target.
@@ -116,6 +192,7 @@ impl TargetHealth {
 
     /// This target's state as shown by the admin `/health` endpoint.
     pub fn report(&self, now: Instant) -> Value {
+        let gates = lock(&self.gates).clone();
         let breaker = lock(&self.breaker);
         let stats = lock(&self.stats);
         let (state, retry_in) = match breaker.phase(now) {
@@ -132,6 +209,22 @@ impl TargetHealth {
                 format!("the provider asked to wait {}s (Retry-After)", wait.as_secs_f64().ceil())
             }
         });
+        let (state, retry_in, opened_because) = match (gates.forced_at(now), gates.fleet_at(now)) {
+            (Some(forced), _) => (
+                if forced.open { "forcedOpen" } else { "forcedClosed" },
+                forced.until.filter(|_| forced.open).map(|until| until.saturating_duration_since(now)),
+                Some(format!("override: {}", forced.reason)),
+            ),
+            (None, Some(FleetState::Open { until, reason, .. })) => {
+                ("open", Some(until.saturating_duration_since(now)), Some(format!("fleet: {reason}")))
+            }
+            (None, Some(FleetState::HalfOpen { reason, probe, .. })) => (
+                "halfOpen",
+                None,
+                Some(format!("fleet: {reason}; {}", if *probe { "this pod probes it" } else { "other pods probe it" })),
+            ),
+            (None, None) => (state, retry_in, opened_because),
+        };
         json!({
             "target": self.label,
             "state": state,
@@ -155,6 +248,8 @@ impl TargetHealth {
 pub struct Permit {
     health: Arc<TargetHealth>,
     probe: bool,
+    /// Holds one of the fleet's probe slots at this pod.
+    fleet_probe: bool,
     /// Let through while the breaker was open (every target was).
     forced: bool,
     done: bool,
@@ -165,6 +260,7 @@ impl Permit {
     pub fn succeeded(mut self, now: Instant, latency: Duration) {
         self.done = true;
         lock(&self.health.breaker).on_success(now, self.probe || self.forced);
+        self.health.count_success();
         let mut stats = lock(&self.health.stats);
         stats.successes += 1;
         stats.latency.observe(now, latency);
@@ -179,6 +275,7 @@ impl Permit {
     pub fn finished(mut self, now: Instant) {
         self.done = true;
         lock(&self.health.breaker).on_success(now, self.probe || self.forced);
+        self.health.count_success();
         lock(&self.health.stats).successes += 1;
     }
 
@@ -186,10 +283,13 @@ impl Permit {
     /// without a latency sample.
     pub fn broke(mut self, now: Instant, class: FailureClass, message: &str) {
         self.done = true;
-        lock(&self.health.breaker).on_failure(now, class, None, self.probe);
+        let failure = format!("{class} after the first token: {message}");
+        if lock(&self.health.breaker).on_failure(now, class, None, self.probe) {
+            self.health.count_failure(None, failure.clone());
+        }
         let mut stats = lock(&self.health.stats);
         *stats.failures.entry(class).or_default() += 1;
-        stats.last_failure = Some(format!("{class} after the first token: {message}"));
+        stats.last_failure = Some(failure);
     }
 
     /// The request failed.
@@ -202,10 +302,14 @@ impl Permit {
         message: &str,
     ) {
         self.done = true;
-        lock(&self.health.breaker).on_failure(now, class, retry_after, self.probe);
+        let failure = format!("{class}: {message}");
+        if lock(&self.health.breaker).on_failure(now, class, retry_after, self.probe) {
+            let asked = retry_after.filter(|_| matches!(class, FailureClass::RateLimited | FailureClass::Overloaded));
+            self.health.count_failure(asked, failure.clone());
+        }
         let mut stats = lock(&self.health.stats);
         *stats.failures.entry(class).or_default() += 1;
-        stats.last_failure = Some(format!("{class}: {message}"));
+        stats.last_failure = Some(failure);
         // A timeout says the target is at least this slow.
         if class == FailureClass::Timeout {
             stats.latency.observe(now, latency);
@@ -215,6 +319,10 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if self.fleet_probe {
+            let mut gates = lock(&self.health.gates);
+            gates.probes = gates.probes.saturating_sub(1);
+        }
         if !self.done {
             lock(&self.health.breaker).on_cancel(self.probe);
         }
@@ -285,18 +393,38 @@ impl HealthRegistry {
     /// uses any more.
     pub fn apply(
         &self,
-        targets: &[Arc<TargetHealth>],
+        targets: &[(Arc<TargetHealth>, Option<Forced>)],
         breaker: &BreakerSettings,
         budgets: &[Arc<SharedBudget>],
         budget: BudgetSettings,
     ) {
-        for target in targets {
+        for (target, forced) in targets {
             target.reconfigure(breaker.clone());
+            target.set_forced(forced.clone());
         }
         for shared in budgets {
             lock(&shared.budget).reconfigure(budget);
         }
         self.prune();
+    }
+
+    /// What every fleet-scoped target did since the last call, by identity; targets that did
+    /// nothing are left out.
+    pub fn take_tallies(&self) -> BTreeMap<String, Tally> {
+        lock(&self.targets)
+            .iter()
+            .filter(|(_, target)| target.fleet_scoped())
+            .map(|(identity, target)| (identity.clone(), target.take_tally()))
+            .filter(|(_, tally)| !tally.is_empty())
+            .collect()
+    }
+
+    /// Applies the fleet's decisions: `decide` gives each target's, by identity (`None`: the
+    /// fleet leaves it to the pod).
+    pub fn apply_fleet(&self, decide: impl Fn(&str) -> Option<FleetState>) {
+        for (identity, target) in lock(&self.targets).iter() {
+            target.set_fleet(decide(identity).filter(|_| target.fleet_scoped()));
+        }
     }
 
     /// Drops state that only the registry still holds.
@@ -328,6 +456,7 @@ mod tests {
             max_open_for: Duration::from_secs(1),
             half_open_probes: 1,
             counts: crate::policy::ClassSet::breaker_default(),
+            scope: crate::policy::BreakerScope::Fleet,
         };
         let health = Arc::new(TargetHealth::new("p/m".into(), settings));
         let now = Instant::now();

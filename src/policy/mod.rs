@@ -84,6 +84,75 @@ pub struct FallbackPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub allow_request_overrides: Option<Vec<RequestOverride>>,
+
+    /// Targets forced out of rotation (a drain for an incident or a drill) or kept in it
+    /// whatever their breakers say, in every pod the policy selects, optionally until a time.
+    /// Sidecars apply a change within a second and end an override at its `until` by their own
+    /// clock, with or without the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["target"]))]
+    pub overrides: Option<Vec<TargetOverrideSpec>>,
+}
+
+/// A manual override of one target's (or one provider's) state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TargetOverrideSpec {
+    /// Which targets: `provider/model` (every key of it), `provider/model#2` (its second key),
+    /// or `provider` (every target of that provider).
+    #[schemars(length(min = 1, max = 200))]
+    pub target: String,
+
+    /// `ForcedOpen` sends the target nothing: requests move on down the chain as if its breaker
+    /// were open, and it is never tried as a last resort. `ForcedClosed` sends it requests
+    /// whatever its breaker and the fleet say, for a breaker that misjudges a target.
+    pub state: OverrideState,
+
+    /// When the override ends, as an RFC 3339 time such as `2026-12-01T03:00:00Z`. Omitted: it
+    /// lasts until it is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "timestamp_schema")]
+    pub until: Option<String>,
+
+    /// Why, as status, Events and the sidecar's `/health` show it.
+    #[schemars(length(min = 1, max = 256))]
+    pub reason: String,
+}
+
+/// What an override does to its targets.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum OverrideState {
+    /// No request goes to the target.
+    ForcedOpen,
+    /// Requests go to the target whatever its breaker and the fleet say.
+    ForcedClosed,
+}
+
+impl OverrideState {
+    /// The name users write.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverrideState::ForcedOpen => "ForcedOpen",
+            OverrideState::ForcedClosed => "ForcedClosed",
+        }
+    }
+}
+
+fn timestamp_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "format": "date-time", "maxLength": 64})
+}
+
+/// Whose evidence opens a target's breaker.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum BreakerScope {
+    /// Every pod's: sidecars report what their targets do, the operator merges the reports, and
+    /// a target the fleet's evidence condemns is opened in every pod. A pod's own evidence
+    /// still opens its own breaker at once.
+    #[default]
+    Fleet,
+    /// The pod's own only.
+    Pod,
 }
 
 /// A per-request control an app may send as a header, when the policy allows it.
@@ -138,6 +207,13 @@ pub struct CircuitBreakerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 11), extend("x-kubernetes-list-type" = "set", "x-kubernetes-validations" = [{"rule": "!self.exists(c, c == 'badRequest')", "message": "`badRequest` says nothing about the target and cannot count against it"}]))]
     pub count_on: Option<Vec<FailureClass>>,
+
+    /// `fleet` (the default): one pod's evidence of an outage, merged with every other pod's
+    /// by the operator, opens the target in every pod within a second, and recovery is probed
+    /// by a few pods rather than all. `pod`: each sidecar's breakers act on its own evidence
+    /// only. Ignored when the sidecar reads the policy from a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<BreakerScope>,
 }
 
 /// The failure-rate rule of a circuit breaker.

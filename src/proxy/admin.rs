@@ -18,17 +18,17 @@ pub fn handle(store: &PolicyStore, request: &Request<Incoming>) -> Response<Body
         "/readyz" => match store.load() {
             Some(snapshot) => text_response(
                 StatusCode::OK,
-                &format!("ready: policy {} version {}\n", snapshot.source, snapshot.version),
+                &format!("ready: {} (version {})\n", snapshot.source, snapshot.digest),
             ),
-            None => text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: no valid policy loaded\n"),
+            None => text_response(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {}\n", store.unavailable())),
         },
         "/config" => match store.load() {
             Some(snapshot) => json_response(
                 StatusCode::OK,
                 &json!({"source": snapshot.source, "version": snapshot.version, "digest": snapshot.digest,
-                        "policy": snapshot.redacted()}),
+                        "policies": snapshot.redacted()}),
             ),
-            None => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": "no valid policy loaded"})),
+            None => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": store.unavailable()})),
         },
         "/health" => json_response(StatusCode::OK, &store.health().report(tokio::time::Instant::now())),
         _ => text_response(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz, /health or /config\n"),

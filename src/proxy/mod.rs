@@ -136,7 +136,7 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
                 Ok(body) => body,
                 Err(refused) => return fail(refused.status, &refused.message, refused.code),
             };
-            let (snapshot, upstreams) = (state.store.load(), &state.upstreams);
+            let (snapshot, upstreams) = (state.store.load().ok_or_else(|| state.store.unavailable()), &state.upstreams);
             match path {
                 "/messages" => ingress::serve::<AnthropicDialect>(snapshot, &headers, &body, upstreams).await,
                 "/responses" => ingress::serve::<ResponsesDialect>(snapshot, &headers, &body, upstreams).await,

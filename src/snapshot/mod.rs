@@ -17,9 +17,10 @@ use serde_json::Value;
 use crate::chain::{
     AllowedOverrides, CompiledPolicy, Hedge, RetryPolicy, RouteConfig, StepConfig, TargetConfig, Timeouts,
 };
+use crate::health::gate::Forced;
 use crate::health::{HealthRegistry, SharedBudget, TargetHealth};
 use crate::llm::ChatRequest;
-use crate::policy::{ClassSet, RequestFeature};
+use crate::policy::{ClassSet, OverrideState, RequestFeature};
 use crate::provider::{InvalidBackend, Provider};
 
 pub use store::PolicyStore;
@@ -87,53 +88,79 @@ pub struct Route {
     pub overrides: AllowedOverrides,
 }
 
-/// An immutable, live policy.
+/// An immutable, live set of policies: the file's one, or every policy the operator serves
+/// the pod. A route's alias is taken from the first policy (in name order) that routes it.
 #[derive(Debug)]
 pub struct PolicySnapshot {
-    /// `namespace/name` of the policy it came from.
+    /// `namespace/name` of the policies it came from, or why there are none.
     pub source: String,
     /// Set by the [`PolicyStore`] when published; increases with every reload.
     pub version: u64,
-    /// The compiled policy's content digest.
+    /// The content digest of what was compiled: a policy's, or the operator's config version.
     pub digest: String,
     routes: HashMap<String, Arc<Route>>,
     catch_all: Option<Arc<Route>>,
     aliases: Vec<String>,
-    redacted: Value,
+    redacted: Vec<Value>,
 }
 
 impl PolicySnapshot {
     /// Binds `compiled` to live providers and to the health state in `health`. Nothing in
     /// `health` changes unless every provider could be built.
     pub fn assemble(compiled: &CompiledPolicy, health: &HealthRegistry) -> Result<PolicySnapshot, InvalidBackend> {
-        let providers = compiled
-            .providers
-            .iter()
-            .map(|config| Provider::build(config).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut binder = Binder { compiled, providers: &providers, health, targets: Vec::new() };
+        PolicySnapshot::assemble_all(std::slice::from_ref(compiled), compiled.digest(), health)
+    }
+
+    /// Binds several policies at once, as one snapshot versioned `digest`. Nothing in `health`
+    /// changes unless every provider of every policy could be built.
+    pub fn assemble_all(
+        policies: &[CompiledPolicy],
+        digest: String,
+        health: &HealthRegistry,
+    ) -> Result<PolicySnapshot, InvalidBackend> {
+        let (now, now_ms) = (tokio::time::Instant::now(), crate::chain::unix_ms_now());
         let mut routes = HashMap::new();
         let mut catch_all = None;
-        let mut budgets = Vec::new();
-        for config in &compiled.routes {
-            let budget = health.budget(&config.alias, compiled.budget);
-            budgets.push(budget.clone());
-            let route = Arc::new(binder.route(config, budget)?);
-            if config.alias == "*" {
-                catch_all = Some(route);
-            } else {
-                routes.insert(config.alias.clone(), route);
+        let mut aliases = Vec::new();
+        let mut bound = Vec::new();
+        for compiled in policies {
+            let providers = compiled
+                .providers
+                .iter()
+                .map(|config| Provider::build(config).map(Arc::new))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut binder =
+                Binder { compiled, providers: &providers, health, targets: Vec::new(), now, now_ms };
+            let mut budgets = Vec::new();
+            for config in &compiled.routes {
+                let shadowed = if config.alias == "*" { catch_all.is_some() } else { routes.contains_key(&config.alias) };
+                if shadowed {
+                    continue;
+                }
+                let budget = health.budget(&config.alias, compiled.budget);
+                budgets.push(budget.clone());
+                let route = Arc::new(binder.route(config, budget)?);
+                if config.alias == "*" {
+                    catch_all = Some(route);
+                } else {
+                    aliases.push(config.alias.clone());
+                    routes.insert(config.alias.clone(), route);
+                }
             }
+            bound.push((binder.targets, budgets));
         }
-        health.apply(&binder.targets, &compiled.breaker, &budgets, compiled.budget);
+        for (compiled, (targets, budgets)) in policies.iter().zip(bound) {
+            health.apply(&targets, &compiled.breaker, &budgets, compiled.budget);
+        }
+        let sources: Vec<&str> = policies.iter().map(|p| p.source.as_str()).collect();
         Ok(PolicySnapshot {
-            source: compiled.source.clone(),
+            source: if sources.is_empty() { "no policy".to_string() } else { sources.join(", ") },
             version: 0,
-            digest: compiled.digest(),
+            digest,
             routes,
             catch_all,
-            aliases: compiled.aliases().map(str::to_string).collect(),
-            redacted: compiled.document.clone(),
+            aliases,
+            redacted: policies.iter().map(|p| p.document.clone()).collect(),
         })
     }
 
@@ -142,13 +169,18 @@ impl PolicySnapshot {
         self.routes.get(model).or(self.catch_all.as_ref())
     }
 
+    /// Whether it routes nothing at all (no policy selects the pod).
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && self.catch_all.is_none()
+    }
+
     /// The aliases apps may ask for, in policy order (the catch-all excluded).
     pub fn aliases(&self) -> &[String] {
         &self.aliases
     }
 
-    /// The policy document with every secret value replaced, for `/config`.
-    pub fn redacted(&self) -> &Value {
+    /// The policy documents with every secret value replaced, for `/config`.
+    pub fn redacted(&self) -> &[Value] {
         &self.redacted
     }
 }
@@ -158,8 +190,10 @@ struct Binder<'a> {
     compiled: &'a CompiledPolicy,
     providers: &'a [Arc<Provider>],
     health: &'a HealthRegistry,
-    /// Every target's health, for the settings to apply once all is built.
-    targets: Vec<Arc<TargetHealth>>,
+    /// Every target's health and override, for the settings to apply once all is built.
+    targets: Vec<(Arc<TargetHealth>, Option<Forced>)>,
+    now: tokio::time::Instant,
+    now_ms: i64,
 }
 
 impl Binder<'_> {
@@ -195,7 +229,7 @@ impl Binder<'_> {
             .ok_or_else(|| InvalidBackend::UnknownProvider { target: config.label.clone() })?
             .clone();
         let health = self.health.target(&config.identity, &config.label, &self.compiled.breaker);
-        self.targets.push(health.clone());
+        self.targets.push((health.clone(), self.forced(&config.identity)));
         Ok(Target {
             provider,
             model: config.model.clone(),
@@ -206,6 +240,21 @@ impl Binder<'_> {
             health,
             skip_for: config.skip_for.clone(),
         })
+    }
+}
+
+impl Binder<'_> {
+    /// The policy's override of the target `identity`, in this pod's clock, if one is in force.
+    fn forced(&self, identity: &str) -> Option<Forced> {
+        let found = self
+            .compiled
+            .overrides
+            .iter()
+            .find(|o| o.active_at(self.now_ms) && o.identities.iter().any(|i| i == identity))?;
+        let until = found.until_ms.map(|until| {
+            self.now + std::time::Duration::from_millis(u64::try_from(until - self.now_ms).unwrap_or(0))
+        });
+        Some(Forced { open: found.state == OverrideState::ForcedOpen, since: self.now, until, reason: found.reason.clone() })
     }
 }
 

@@ -18,6 +18,7 @@ pub struct PolicyStore {
     current: ArcSwapOption<PolicySnapshot>,
     versions: AtomicU64,
     health: HealthRegistry,
+    waiting: std::sync::Mutex<Option<String>>,
 }
 
 impl PolicyStore {
@@ -39,10 +40,34 @@ impl PolicyStore {
     /// Binds `compiled` to live providers and this store's health, and makes it the active
     /// snapshot; returns its version. A policy that cannot be bound changes nothing.
     pub fn publish(&self, compiled: &CompiledPolicy) -> Result<u64, InvalidBackend> {
-        let mut snapshot = PolicySnapshot::assemble(compiled, &self.health)?;
+        self.install(PolicySnapshot::assemble(compiled, &self.health)?)
+    }
+
+    /// Binds a set of policies as one snapshot versioned `digest` (the operator's config for
+    /// this pod), and makes it the active snapshot. `empty` says why, when there is no policy.
+    pub fn publish_all(&self, policies: &[CompiledPolicy], digest: &str, empty: &str) -> Result<u64, InvalidBackend> {
+        let mut snapshot = PolicySnapshot::assemble_all(policies, digest.to_string(), &self.health)?;
+        if policies.is_empty() {
+            snapshot.source = empty.to_string();
+        }
+        self.install(snapshot)
+    }
+
+    fn install(&self, mut snapshot: PolicySnapshot) -> Result<u64, InvalidBackend> {
         let version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
         snapshot.version = version;
         self.current.store(Some(Arc::new(snapshot)));
         Ok(version)
+    }
+
+    /// Why there is nothing to serve, while [`PolicyStore::load`] is `None`.
+    pub fn unavailable(&self) -> String {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| "no valid policy loaded yet".into())
+    }
+
+    /// Notes why there is nothing to serve yet (such as the operator being unreachable), for
+    /// the 503 answers and `/readyz`.
+    pub fn set_unavailable(&self, why: String) {
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 }

@@ -115,6 +115,6 @@ async fn admin_endpoints_report_readiness_and_a_redacted_config() {
     assert_eq!(config.status, 200);
     let text = String::from_utf8_lossy(&config.body).to_string();
     assert!(!text.contains("sk-test-primary-SECRET"), "{text}");
-    assert_eq!(config.json()["policy"]["spec"]["providers"][0]["apiKey"]["value"], "<redacted>");
+    assert_eq!(config.json()["policies"][0]["spec"]["providers"][0]["apiKey"]["value"], "<redacted>");
     assert_eq!(config.json()["source"], "tests/test");
 }

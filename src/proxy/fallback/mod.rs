@@ -102,6 +102,11 @@ pub async fn run(
     };
     let mut skipped = Vec::new();
     let Some((first, permit)) = run.walk.first(started, controls.no_fallback, &mut skipped) else {
+        if skipped.iter().any(|(_, why)| *why == "forcedOpen") {
+            // Every target that could serve it is drained by an override.
+            run.ledger.fell_through.append(&mut skipped);
+            return Err(run.ledger.exhausted());
+        }
         return Err(Unanswered::Ineligible { reasons: std::mem::take(&mut run.walk.ineligible) });
     };
     run.ledger.fell_through.append(&mut skipped);
@@ -113,8 +118,8 @@ pub async fn run(
 #[derive(Default)]
 struct Ledger {
     attempts: Vec<Attempt>,
-    /// Each target left behind, in order: a failure class, `circuitOpen`, `ineligible` or
-    /// `hedged`.
+    /// Each target left behind, in order: a failure class, `circuitOpen`, `fleetOpen`,
+    /// `forcedOpen`, `ineligible` or `hedged`.
     fell_through: Vec<(String, &'static str)>,
     /// The shortest wait any upstream asked for.
     retry_after: Option<Duration>,
@@ -143,7 +148,7 @@ impl Ledger {
 
     fn exhausted(self) -> Unanswered {
         let skipped =
-            distinct(self.fell_through).into_iter().filter(|(_, why)| *why == "circuitOpen").map(|(t, _)| t).collect();
+            distinct(self.fell_through).into_iter().filter(|(_, why)| matches!(*why, "circuitOpen" | "fleetOpen" | "forcedOpen")).map(|(t, _)| t).collect();
         Unanswered::Exhausted {
             attempts: self.attempts,
             skipped,

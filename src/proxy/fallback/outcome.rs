@@ -75,8 +75,9 @@ pub struct Answered {
     pub reply: Committed,
     /// Every attempt, the answering one last.
     pub attempts: Vec<Attempt>,
-    /// Each target left behind and why: a failure class, `circuitOpen` (skipped without an
-    /// attempt) or `hedged` (slower than the target that answered).
+    /// Each target left behind and why: a failure class, `circuitOpen`, `fleetOpen` or
+    /// `forcedOpen` (skipped without an attempt), `ineligible`, or `hedged` (slower than the
+    /// target that answered).
     pub fell_through: Vec<(String, &'static str)>,
 }
 

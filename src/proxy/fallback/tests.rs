@@ -588,3 +588,73 @@ async fn under_the_defaults_a_two_minute_answer_is_waited_for_and_a_stalled_one_
     assert_eq!(answered_by(&outcome), "b/m");
     assert_eq!(stalled.calls()[1], ("b/m".into(), secs(600)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_override_drains_a_target_until_it_ends_and_a_drained_target_is_never_a_last_resort() {
+    let until = k8s_openapi::jiff::Timestamp::now() + std::time::Duration::from_secs(10);
+    let drain_a = format!("  overrides:\n    - {{target: a, state: ForcedOpen, until: '{until}', reason: drill}}\n");
+    let route = route(AB, &drain_a);
+    let fake = Fake::new(&[("a/m", &[Play::Answer(ms(0))]), ("b/m", &[Play::Answer(ms(0))])]);
+    let drained = walk(&route, &fake).await;
+    assert_eq!(answered_by(&drained), "b/m");
+    assert_eq!(fell_through(&drained), [("a/m".to_string(), "forcedOpen")]);
+    let shown = route.steps[0].members[0].health.report(Instant::now());
+    assert_eq!((shown["state"].as_str(), shown["openedBecause"].as_str()), (Some("forcedOpen"), Some("override: drill")));
+    tokio::time::advance(ms(9_800)).await;
+    assert_eq!(answered_by(&walk(&route, &fake).await), "b/m", "still drained just before its end");
+    tokio::time::advance(ms(300)).await;
+    assert_eq!(answered_by(&walk(&route, &fake).await), "a/m", "the override ended by the pod's own clock");
+
+    let both = route_in(
+        &HealthRegistry::new(),
+        AB,
+        "  overrides:\n    - {target: a/m, state: ForcedOpen, reason: x}\n    - {target: b, state: ForcedOpen, reason: y}\n",
+    );
+    let Err(Unanswered::Exhausted { attempts, skipped, .. }) = walk(&both, &fake).await else {
+        panic!("nothing to try")
+    };
+    assert!(attempts.is_empty());
+    assert_eq!(skipped, ["a/m", "b/m"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn forced_closed_sends_to_a_target_its_breaker_keeps_out() {
+    let route = route(
+        AB,
+        "  retry: {attempts: 1}\n  circuitBreaker: {consecutiveFailures: 1}\n  overrides:\n    - {target: a/m, state: ForcedClosed, reason: the breaker misjudges it}\n",
+    );
+    let fake = Fake::new(&[("a/m", &[fail(FailureClass::ServerError, 500)]), ("b/m", &[Play::Answer(ms(0))])]);
+    for _ in 0..3 {
+        assert_eq!(fell_through(&walk(&route, &fake).await), [("a/m".to_string(), "serverError")]);
+    }
+    assert_eq!(fake.labels(), ["a/m", "b/m", "a/m", "b/m", "a/m", "b/m"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_fleet_keeps_a_target_out_and_lets_only_a_prober_probe_it() {
+    use crate::health::gate::FleetState;
+    let health = HealthRegistry::new();
+    let route = route_in(&health, AB, "  retry: {attempts: 1}\n");
+    let a = |identity: &str| identity.starts_with("a:");
+    let fake = Fake::new(&[("a/m", &[Play::Answer(ms(50))]), ("b/m", &[Play::Answer(ms(0))])]);
+    let now = Instant::now();
+    let reason = "5 pods saw serverError".to_string();
+    health.apply_fleet(|id| {
+        a(id).then(|| FleetState::Open { since: now, until: now + Duration::from_secs(10), reason: reason.clone() })
+    });
+    assert_eq!(fell_through(&walk(&route, &fake).await), [("a/m".to_string(), "fleetOpen")]);
+    health.apply_fleet(|id| a(id).then(|| FleetState::HalfOpen { since: now, probe: false, reason: reason.clone() }));
+    assert_eq!(fell_through(&walk(&route, &fake).await), [("a/m".to_string(), "fleetOpen")], "another pod probes");
+    health.apply_fleet(|id| a(id).then(|| FleetState::HalfOpen { since: now, probe: true, reason: reason.clone() }));
+    let both = futures_util::future::join_all((0..2).map(|_| walk(&route, &fake))).await;
+    let mut answered: Vec<&str> = both.iter().map(answered_by).collect();
+    answered.sort_unstable();
+    assert_eq!(answered, ["a/m", "b/m"], "one probe at a time (halfOpenProbes: 1)");
+    health.apply_fleet(|_| None);
+    assert_eq!(answered_by(&walk(&route, &fake).await), "a/m", "closed fleet-wide");
+    // What the operator hears: successes and counted failures per target, once.
+    let tallies = health.take_tallies();
+    let a_tally = tallies.iter().find(|(id, _)| a(id)).map(|(_, t)| t.successes);
+    assert_eq!(a_tally, Some(2));
+    assert!(health.take_tallies().is_empty(), "each outcome is reported once");
+}

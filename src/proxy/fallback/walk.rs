@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::Chance;
 use crate::health::Permit;
 use crate::health::balance::pick;
-use crate::health::breaker::Admission;
+use crate::health::breaker::{Admission, RefusedBy};
 use crate::llm::ChatRequest;
 use crate::snapshot::{Route, Step, Target};
 
@@ -57,8 +57,16 @@ impl<'r> Walk<'r> {
         }
     }
 
-    fn skip_reason(&self, label: &str) -> &'static str {
-        if self.ineligible.iter().any(|(l, _)| l == label) { "ineligible" } else { "circuitOpen" }
+    /// Why `target` was passed over without an attempt.
+    fn skip_reason(&self, target: &Target, now: Instant) -> &'static str {
+        if self.ineligible.iter().any(|(l, _)| *l == target.label) {
+            return "ineligible";
+        }
+        match target.health.peek(now) {
+            Admission::Refused { by: RefusedBy::Fleet, .. } => "fleetOpen",
+            Admission::Refused { by: RefusedBy::Override, .. } => "forcedOpen",
+            _ => "circuitOpen",
+        }
     }
 
     /// Picks and admits an untried, eligible member of the current step: weighted power of two
@@ -92,8 +100,8 @@ impl<'r> Walk<'r> {
         }
     }
 
-    fn note_skipped(&self, step: &Step, skipped: &mut Vec<(String, &'static str)>) {
-        skipped.extend(step.members.iter().map(|m| (m.label.clone(), self.skip_reason(&m.label))));
+    fn note_skipped(&self, step: &Step, now: Instant, skipped: &mut Vec<(String, &'static str)>) {
+        skipped.extend(step.members.iter().map(|m| (m.label.clone(), self.skip_reason(m, now))));
     }
 
     /// Moves to the next step that has an admitted member, noting the steps skipped.
@@ -109,13 +117,13 @@ impl<'r> Walk<'r> {
             if let Some(admitted) = self.admit_member(now) {
                 return Some(admitted);
             }
-            self.note_skipped(step, skipped);
+            self.note_skipped(step, now, skipped);
         }
     }
 
     /// The first target: the first admitted one in chain order, or, when every eligible target
-    /// is open, the one whose breaker opened earliest (better than failing without trying).
-    /// `None` when no target can serve the request at all.
+    /// is open, the one whose breaker opened earliest (better than failing without trying; a
+    /// target an override drains is never tried). `None` when no target can serve the request.
     pub(super) fn first(
         &mut self,
         now: Instant,
@@ -126,7 +134,7 @@ impl<'r> Walk<'r> {
         if let Some(admitted) = self.admit_member(now) {
             return Some(admitted);
         }
-        self.note_skipped(&self.chain[0], skipped);
+        self.note_skipped(&self.chain[0], now, skipped);
         if !no_fallback && let Some(admitted) = self.advance(now, skipped) {
             return Some(admitted);
         }
@@ -137,6 +145,9 @@ impl<'r> Walk<'r> {
             .take(if no_fallback { 1 } else { usize::MAX })
             .flat_map(|(s, step)| (0..step.members.len()).map(move |m| (s, m)))
             .filter(|&(s, m)| !self.ineligible.iter().any(|(l, _)| *l == self.chain[s].members[m].label))
+            .filter(|&(s, m)| {
+                !matches!(self.chain[s].members[m].health.peek(now), Admission::Refused { by: RefusedBy::Override, .. })
+            })
             .collect();
         let (step, member) =
             eligible.into_iter().min_by_key(|&(s, m)| match self.chain[s].members[m].health.peek(now) {
@@ -166,7 +177,7 @@ impl<'r> Walk<'r> {
         if let Some(admitted) = self.admit_member(now) {
             return Some(admitted);
         }
-        self.note_skipped(chain.first()?, skipped);
+        self.note_skipped(chain.first()?, now, skipped);
         self.advance(now, skipped)
     }
 }

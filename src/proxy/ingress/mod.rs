@@ -42,7 +42,7 @@ pub trait Dialect {
 /// Answers one chat request whose body has been read: parsed in the dialect's API, routed by
 /// `model`, walked down the route's chain through `transport`, and answered in the same API.
 pub async fn serve<D: Dialect>(
-    snapshot: Option<Arc<PolicySnapshot>>,
+    snapshot: Result<Arc<PolicySnapshot>, String>,
     headers: &HeaderMap,
     body: &[u8],
     transport: &impl Transport,
@@ -53,20 +53,10 @@ pub async fn serve<D: Dialect>(
             return D::error(StatusCode::BAD_REQUEST, &invalid.message, "invalid_request", invalid.param, Value::Null);
         }
     };
-    let Some(snapshot) = snapshot else {
-        let mut response = D::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "backstop has no valid policy loaded; see the sidecar's log",
-            "no_policy",
-            None,
-            Value::Null,
-        );
-        // A sidecar without a policy yet (starting, or waiting for the operator) may have one
-        // in a moment: worth the SDK's own retry.
-        let headers = response.headers_mut();
-        headers.insert("retry-after", http::HeaderValue::from_static("1"));
-        headers.insert("x-should-retry", http::HeaderValue::from_static("true"));
-        return response;
+    let snapshot = match snapshot {
+        Ok(snapshot) if !snapshot.is_empty() => snapshot,
+        Ok(snapshot) => return no_policy::<D>(&snapshot.source),
+        Err(why) => return no_policy::<D>(&why),
     };
     let Some(route) = snapshot.route(&request.model) else {
         let known = snapshot.aliases().join(", ");
@@ -81,4 +71,20 @@ pub async fn serve<D: Dialect>(
     let controls = Controls::from_headers(route, headers);
     let outcome = fallback::run(route, &request, transport, controls, Chance::Random).await;
     respond::respond::<D>(route, &request, outcome)
+}
+
+/// A 503 for a sidecar with nothing to route by, naming why. A sidecar waiting for its policy
+/// (starting, or waiting for the operator) may have one in a moment: worth the SDK's own retry.
+fn no_policy<D: Dialect>(why: &str) -> Response<Body> {
+    let mut response = D::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("backstop has no policy to serve: {why}"),
+        "no_policy",
+        None,
+        Value::Null,
+    );
+    let headers = response.headers_mut();
+    headers.insert("retry-after", http::HeaderValue::from_static("1"));
+    headers.insert("x-should-retry", http::HeaderValue::from_static("true"));
+    response
 }

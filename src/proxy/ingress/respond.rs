@@ -129,7 +129,9 @@ fn exhausted<D: Dialect>(
 ) -> Response<Body> {
     let failed: Vec<&Attempt> = attempts.iter().filter(|a| a.class.is_some()).collect();
     let every = |class: FailureClass| !failed.is_empty() && failed.iter().all(|a| a.class == Some(class));
-    let (status, code) = if every(FailureClass::RateLimited) {
+    let (status, code) = if attempts.is_empty() {
+        (StatusCode::SERVICE_UNAVAILABLE, "no_target_available")
+    } else if every(FailureClass::RateLimited) {
         (StatusCode::TOO_MANY_REQUESTS, "all_targets_rate_limited")
     } else if deadline_exceeded {
         (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded")
@@ -148,13 +150,15 @@ fn exhausted<D: Dialect>(
             }
         })
         .collect();
-    let mut message = if deadline_exceeded {
+    let mut message = if attempts.is_empty() {
+        "no target is in rotation".to_string()
+    } else if deadline_exceeded {
         format!("the request's deadline ran out after {} attempt(s): {}", attempts.len(), listed.join("; "))
     } else {
         format!("every target failed ({} attempt(s)): {}", attempts.len(), listed.join("; "))
     };
     if !skipped.is_empty() {
-        message.push_str(&format!("; skipped with an open circuit: {}", skipped.join(", ")));
+        message.push_str(&format!("; skipped, out of rotation: {}", skipped.join(", ")));
     }
     if let Some(stopped) = stopped {
         message.push_str(&format!("; not tried further: {stopped}"));
