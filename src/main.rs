@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use backstop::chain::LocalKeys;
 use backstop::control::file::{self, PolicyFile};
-use backstop::operator::OperatorConfig;
+use backstop::control::stream::{ControlStream, StreamSettings};
+use backstop::operator::{ConfigServiceSettings, OperatorConfig};
 use backstop::operator::leader::LeaseSettings;
 use backstop::operator::served::ServedPolicies;
 use backstop::proxy::{DEFAULT_MAX_REQUEST_BYTES, Sidecar, SidecarConfig};
@@ -68,6 +69,30 @@ struct OperatorArgs {
     /// Log format.
     #[arg(long, env = "BACKSTOP_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Where sidecars stream their configuration from (HTTPS, HTTP/2); `none` turns the config
+    /// service off.
+    #[arg(long, env = "BACKSTOP_CONFIG_LISTEN", default_value = "0.0.0.0:7402", value_parser = listen_or_none)]
+    config_listen: Listen,
+    /// The config service's PEM certificate chain; reloaded when it changes.
+    #[arg(long, env = "BACKSTOP_TLS_CERT_FILE", default_value = "/etc/backstop/tls/tls.crt")]
+    tls_cert_file: PathBuf,
+    /// The config service's PEM private key; reloaded when it changes.
+    #[arg(long, env = "BACKSTOP_TLS_KEY_FILE", default_value = "/etc/backstop/tls/tls.key")]
+    tls_key_file: PathBuf,
+    /// The most sidecar connections the config service holds at once.
+    #[arg(long, env = "BACKSTOP_CONFIG_MAX_CONNECTIONS", default_value_t = 20_000)]
+    config_max_connections: usize,
+}
+
+/// A listen address, or `none`.
+#[derive(Clone, Copy, Debug)]
+struct Listen(Option<SocketAddr>);
+
+fn listen_or_none(text: &str) -> Result<Listen, String> {
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(Listen(None));
+    }
+    text.parse().map(|address| Listen(Some(address))).map_err(|e| format!("`{text}` is not HOST:PORT or `none`: {e}"))
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -76,9 +101,24 @@ fn duration(text: &str) -> Result<Duration, String> {
 
 #[derive(clap::Args)]
 struct SidecarArgs {
-    /// The `FallbackPolicy` YAML file to serve; reloaded when it changes.
-    #[arg(long, env = "BACKSTOP_POLICY_FILE")]
-    policy_file: PathBuf,
+    /// The `FallbackPolicy` YAML file to serve, reloaded when it changes. With
+    /// `--control-plane`, served only until the operator is reached, when nothing is persisted.
+    #[arg(long, env = "BACKSTOP_POLICY_FILE", required_unless_present = "control_plane")]
+    policy_file: Option<PathBuf>,
+    /// The operator's config service, `https://HOST:PORT`: the configuration, fleet health and
+    /// overrides stream from it.
+    #[arg(long, env = "BACKSTOP_CONTROL_PLANE")]
+    control_plane: Option<http::Uri>,
+    /// A PEM bundle to trust for the control plane (the Mozilla roots when omitted).
+    #[arg(long, env = "BACKSTOP_CONTROL_PLANE_CA")]
+    control_plane_ca: Option<PathBuf>,
+    /// The pod's projected ServiceAccount token (audience `backstop`), read at every connection.
+    #[arg(long, env = "BACKSTOP_TOKEN_FILE", default_value = backstop::control::stream::DEFAULT_TOKEN_FILE)]
+    token_file: PathBuf,
+    /// Where the last configuration applied is kept (mode 0600, keys included; mount an
+    /// in-memory `emptyDir`), to serve it when the operator is unreachable at start.
+    #[arg(long, env = "BACKSTOP_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Address of the LLM listener apps send requests to.
     #[arg(long, env = "BACKSTOP_LISTEN", default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
@@ -166,13 +206,42 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let http = backstop::provider::http_client(&extra_roots).context("cannot set up upstream TLS")?;
     // Load before listening: a policy that cannot be served stops the sidecar at once, with
     // every problem; a later change that is invalid only keeps the last good policy.
-    let mut policy_file = PolicyFile::new(args.policy_file.clone(), store.clone(), Arc::new(LocalKeys));
-    policy_file.reload().map_err(|e| unusable(&args.policy_file, &e))?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut watched = None;
+    match &args.control_plane {
+        Some(url) => {
+            let settings = StreamSettings {
+                url: url.clone(),
+                ca_file: args.control_plane_ca.clone(),
+                token_file: args.token_file.clone(),
+                state_dir: args.state_dir.clone(),
+            };
+            let mut stream = ControlStream::new(settings, store.clone())?;
+            if stream.restore().is_none() {
+                match &args.policy_file {
+                    Some(path) => {
+                        let mut policy_file = PolicyFile::new(path.clone(), store.clone(), Arc::new(LocalKeys));
+                        policy_file.reload().map_err(|e| unusable(path, &e))?;
+                        tracing::info!(file = %path.display(), "serving the policy file until the operator is reached");
+                    }
+                    None => store.set_unavailable(format!("waiting for the operator at {url}")),
+                }
+            }
+            tasks.push(tokio::spawn(stream.run(shutdown_rx.clone())));
+        }
+        None => {
+            let path = args.policy_file.clone().context("--policy-file or --control-plane is required")?;
+            let mut policy_file = PolicyFile::new(path.clone(), store.clone(), Arc::new(LocalKeys));
+            policy_file.reload().map_err(|e| unusable(&path, &e))?;
+            watched = Some(policy_file);
+        }
+    }
     let sidecar = Sidecar::bind(&config, store, http).await?;
     tracing::info!(llm = %sidecar.llm_addr()?, admin = %sidecar.admin_addr()?, "backstop sidecar listening");
-
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let watcher = tokio::spawn(policy_file.watch(shutdown_rx.clone()));
+    if let Some(policy_file) = watched {
+        tasks.push(tokio::spawn(policy_file.watch(shutdown_rx.clone())));
+    }
     let server = tokio::spawn(sidecar.run(shutdown_rx));
 
     shutdown_signal().await;
@@ -181,7 +250,9 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
         "shutting down: no new connections; finishing requests in flight"
     );
     let _ = shutdown_tx.send(true);
-    let _ = watcher.await;
+    for task in tasks {
+        let _ = task.await;
+    }
     tokio::select! {
         finished = server => finished.context("server task failed")?,
         () = shutdown_signal() => {
@@ -209,6 +280,12 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
         .unwrap_or_else(|| format!("backstop-operator-{}", std::process::id()));
     let config = OperatorConfig {
+        config_service: args.config_listen.0.map(|listen| ConfigServiceSettings {
+            listen,
+            cert_file: args.tls_cert_file,
+            key_file: args.tls_key_file,
+            max_connections: args.config_max_connections,
+        }),
         namespaces: args.namespaces.into_iter().filter(|ns| !ns.is_empty()).collect(),
         admin: args.admin,
         lease_namespace,

@@ -2,6 +2,7 @@
 //! listener of the sidecar and the operator.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -11,27 +12,64 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 /// A response body: whole or streamed.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
 /// The error a response body can end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How a listener takes connections beyond plain HTTP.
+#[derive(Clone, Default)]
+pub struct Options {
+    /// Serve TLS with this acceptor (its ALPN decides the HTTP versions).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The most connections open at once; further ones are closed at once. `None`: no limit.
+    pub max_connections: Option<usize>,
+    /// The most concurrent HTTP/2 streams per connection.
+    pub max_streams: Option<u32>,
+    /// HTTP/2 keep-alive pings, to notice dead peers on long-lived streams.
+    pub keep_alive: Option<Duration>,
+}
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Accepts connections (HTTP/1.1 and cleartext HTTP/2) and answers each request with
 /// `handler` until `shutdown` turns true, then lets requests in flight finish for up to `drain`.
-pub async fn serve<F, Fut>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, drain: Duration, handler: F)
+pub async fn serve<F, Fut>(listener: TcpListener, shutdown: watch::Receiver<bool>, drain: Duration, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
+    serve_with(listener, shutdown, drain, Options::default(), handler).await;
+}
+
+/// [`serve`], with TLS and limits.
+pub async fn serve_with<F, Fut>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+    options: Options,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if let Some(streams) = options.max_streams {
+        builder.http2().max_concurrent_streams(streams);
+    }
+    if let Some(interval) = options.keep_alive {
+        builder.http2().timer(hyper_util::rt::TokioTimer::new()).keep_alive_interval(interval);
+    }
+    let slots = options.max_connections.map(|n| Arc::new(Semaphore::new(n)));
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => {
-                let (socket, _) = match accepted {
+                let (socket, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
                         // Out of file descriptors and the like: back off rather than spin.
@@ -40,20 +78,56 @@ where
                         continue;
                     }
                 };
+                let slot = match &slots {
+                    None => None,
+                    Some(slots) => match slots.clone().try_acquire_owned() {
+                        Ok(slot) => Some(slot),
+                        Err(_) => {
+                            tracing::warn!(%peer, "connection refused: at the connection limit");
+                            continue;
+                        }
+                    },
+                };
                 let _ = socket.set_nodelay(true);
                 let handler = handler.clone();
                 let service = service_fn(move |request| {
                     let handler = handler.clone();
                     async move { Ok::<_, Infallible>(handler(request).await) }
                 });
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(socket), service).into_owned();
-                let connection = graceful.watch(connection);
-                // Owned by `graceful`, which waits for it on shutdown.
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "connection ended with an error");
+                match &options.tls {
+                    None => {
+                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(socket), service).into_owned();
+                        let connection = graceful.watch(connection);
+                        // Owned by `graceful`, which waits for it on shutdown.
+                        tokio::spawn(async move {
+                            if let Err(error) = connection.await {
+                                tracing::debug!(%error, "connection ended with an error");
+                            }
+                            drop(slot);
+                        });
                     }
-                });
+                    Some(acceptor) => {
+                        let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
+                        tokio::spawn(async move {
+                            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(error)) => {
+                                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let connection = builder.serve_connection(TokioIo::new(stream), service);
+                            if let Err(error) = watcher.watch(connection).await {
+                                tracing::debug!(%error, "connection ended with an error");
+                            }
+                            drop(slot);
+                        });
+                    }
+                }
             }
         }
     }

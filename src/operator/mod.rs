@@ -6,6 +6,8 @@
 //! Lease ([`leader`]) writes status and Events. The process also serves `/healthz`, `/readyz`
 //! (ready once every watch has listed) and `/metrics` on its admin port.
 
+pub mod config;
+pub mod fleet;
 pub mod leader;
 pub mod reconcile;
 pub mod secrets;
@@ -39,14 +41,39 @@ use tokio::sync::watch;
 
 use crate::policy::FallbackPolicy;
 use crate::proxy::body::{Body, text_response};
+use config::ConfigService;
+use config::sidecars::Sidecars;
+use config::tls::ReloadingCert;
+use fleet::FleetView;
+use fleet::status::FleetStatus;
 use crate::server::serve;
 use crate::telemetry::Metrics;
 use leader::{Leadership, LeaseSettings};
 use served::ServedPolicies;
 
+/// The config service's settings.
+#[derive(Clone, Debug)]
+pub struct ConfigServiceSettings {
+    /// Where sidecars connect.
+    pub listen: SocketAddr,
+    /// The PEM certificate chain it serves, reloaded when it changes.
+    pub cert_file: std::path::PathBuf,
+    /// The PEM private key, reloaded when it changes.
+    pub key_file: std::path::PathBuf,
+    /// The most connections at once.
+    pub max_connections: usize,
+}
+
+/// How often the fleet view's timers advance.
+const FLEET_TICK: Duration = Duration::from_millis(250);
+/// How often the leader writes the fleet's status fields (when they changed).
+const FLEET_STATUS_EVERY: Duration = Duration::from_secs(1);
+
 /// The operator's settings.
 #[derive(Clone, Debug)]
 pub struct OperatorConfig {
+    /// The config service sidecars stream from; `None`: off.
+    pub config_service: Option<ConfigServiceSettings>,
     /// Namespaces to watch; empty: all of them.
     pub namespaces: Vec<String>,
     /// The admin listener (`/healthz`, `/readyz`, `/metrics`).
@@ -60,14 +87,19 @@ pub struct OperatorConfig {
 /// Why the operator could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
-    /// The admin listener could not be bound.
-    #[error("cannot bind the admin listener {address}: {source}")]
+    /// A listener could not be bound.
+    #[error("cannot bind the {listener} listener {address}: {source}")]
     Bind {
+        /// Which.
+        listener: &'static str,
         /// The address.
         address: SocketAddr,
         /// Why.
         source: std::io::Error,
     },
+    /// The config service's certificate does not load.
+    #[error("the config service's certificate: {0}; give --tls-cert-file and --tls-key-file, or --config-listen none")]
+    Certificate(#[from] config::tls::CertError),
 }
 
 /// The instruments a reconcile records into.
@@ -156,9 +188,52 @@ pub async fn run(
     let ready = Arc::new(AtomicUsize::new(0));
     let listener = TcpListener::bind(config.admin)
         .await
-        .map_err(|source| OperatorError::Bind { address: config.admin, source })?;
-    tracing::info!(admin = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), namespaces = %if config.namespaces.is_empty() { "all".to_string() } else { config.namespaces.join(",") },
+        .map_err(|source| OperatorError::Bind { listener: "admin", address: config.admin, source })?;
+    let fleet = Arc::new(FleetView::new(ctx.served.clone()));
+    let sidecars = Arc::new(Sidecars::default());
+    let config_service = match &config.config_service {
+        None => None,
+        Some(settings) => {
+            let cert = Arc::new(ReloadingCert::load(settings.cert_file.clone(), settings.key_file.clone())?);
+            let listener = TcpListener::bind(settings.listen).await.map_err(|source| OperatorError::Bind {
+                listener: "config service",
+                address: settings.listen,
+                source,
+            })?;
+            let service = Arc::new(ConfigService::new(
+                client.clone(),
+                ctx.served.clone(),
+                fleet.clone(),
+                sidecars.clone(),
+                shutdown.clone(),
+            ));
+            Some((service, listener, cert, settings.max_connections))
+        }
+    };
+    let config_address = config_service.as_ref().and_then(|(_, l, _, _)| l.local_addr().ok());
+    tracing::info!(admin = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        config = %config_address.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        namespaces = %if config.namespaces.is_empty() { "all".to_string() } else { config.namespaces.join(",") },
         identity = %config.lease.identity, "backstop operator starting");
+    {
+        let sidecars = sidecars.clone();
+        metrics
+            .meter("backstop-operator")
+            .u64_observable_gauge("backstop.operator.sidecars")
+            .with_description("Sidecars streaming their configuration from this replica")
+            .with_callback(move |gauge| gauge.observe(sidecars.len() as u64, &[]))
+            .build();
+    }
+    let fleet_ticks = tokio::spawn(fleet.clone().run(FLEET_TICK, shutdown.clone()));
+    let fleet_status = tokio::spawn(
+        FleetStatus::new(client.clone(), ctx.served.clone(), fleet.clone(), sidecars.clone(), ctx.recorder.clone(), leader.clone())
+            .run(FLEET_STATUS_EVERY, shutdown.clone()),
+    );
+    let config_service = async move {
+        if let Some((service, listener, cert, max_connections)) = config_service {
+            service.run(listener, cert, max_connections).await;
+        }
+    };
     let admin = {
         let (ready, scopes, metrics) = (ready.clone(), scopes.len(), metrics.clone());
         serve(listener, shutdown.clone(), Duration::from_secs(5), move |request| {
@@ -169,7 +244,8 @@ pub async fn run(
     let controllers = futures_util::future::join_all(
         scopes.into_iter().map(|scope| controller(scope, ctx.clone(), ready.clone(), shutdown.clone())),
     );
-    tokio::join!(admin, controllers);
+    tokio::join!(admin, controllers, config_service);
+    let _ = tokio::join!(fleet_ticks, fleet_status);
     // The election releases the Lease when `shutdown` fires; wait for it to finish.
     let _ = election.await;
     Ok(())

@@ -75,6 +75,7 @@ async fn reconcile_inner(policy: &FallbackPolicy, ctx: &Context) -> Result<Reaso
                 compiled,
                 version: version.clone(),
                 generation: policy.metadata.generation.unwrap_or_default(),
+                uid: policy.metadata.uid.clone().unwrap_or_default(),
             };
             if ctx.served.publish(&namespace, served) {
                 tracing::info!(policy = %format!("{namespace}/{name}"), version = %version, "serving a new compiled version");

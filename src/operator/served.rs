@@ -26,6 +26,8 @@ pub struct ServedPolicy {
     pub version: String,
     /// The `metadata.generation` it was compiled from.
     pub generation: i64,
+    /// The resource's uid, for the Events about it.
+    pub uid: String,
 }
 
 /// Every served policy of one namespace, at one moment.
@@ -111,7 +113,7 @@ mod tests {
 
     fn served(name: &str, yaml: &str) -> ServedPolicy {
         let compiled = compiled(yaml);
-        ServedPolicy { name: name.into(), selector: None, version: compiled.digest(), compiled, generation: 1 }
+        ServedPolicy { name: name.into(), selector: None, version: compiled.digest(), compiled, generation: 1, uid: "u".into() }
     }
 
     #[tokio::test]

@@ -85,8 +85,10 @@ pub fn desired(policy: &FallbackPolicy, verdict: &Verdict, now: Timestamp) -> Fa
         conditions: vec![ready],
         compiled_version: verdict.served.as_ref().map(|(version, _)| version.clone()),
         routes: verdict.served.as_ref().map(|(_, routes)| *routes),
-        // Written by the fleet view under its own field manager.
+        // Written by the fleet status under its own field manager.
         sidecars: current.and_then(|s| s.sidecars.clone()),
+        targets: current.and_then(|s| s.targets.clone()),
+        degraded: current.and_then(|s| s.degraded),
     }
 }
 
@@ -109,7 +111,9 @@ pub fn changed(policy: &FallbackPolicy, desired: &FallbackPolicyStatus) -> bool 
 pub fn apply_patch(status: &FallbackPolicyStatus) -> serde_json::Value {
     let mut status = serde_json::to_value(status).unwrap_or_default();
     if let Some(fields) = status.as_object_mut() {
-        fields.remove("sidecars");
+        for fleet_field in ["sidecars", "targets", "degraded"] {
+            fields.remove(fleet_field);
+        }
     }
     json!({"apiVersion": API_VERSION, "kind": "FallbackPolicy", "status": status})
 }

@@ -39,6 +39,7 @@ pub const API_VERSION: &str = "backstop.dev/v1alpha1";
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Routes","type":"integer","jsonPath":".status.routes"}"#,
     printcolumn = r#"{"name":"Sidecars","type":"integer","jsonPath":".status.sidecars.connected"}"#,
+    printcolumn = r#"{"name":"Degraded","type":"integer","jsonPath":".status.degraded"}"#,
     printcolumn = r#"{"name":"Version","type":"string","priority":1,"jsonPath":".status.compiledVersion"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -653,6 +654,58 @@ pub struct FallbackPolicyStatus {
     /// The sidecars this policy is served to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecars: Option<SidecarsStatus>,
+
+    /// Every target of the policy's chains and its state across the fleet: `Closed` (in
+    /// rotation), `Open` or `HalfOpen` (taken out by the fleet's evidence, recovering through
+    /// probes), `ForcedOpen` or `ForcedClosed` (by an override).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["target"]))]
+    pub targets: Option<Vec<TargetStatus>>,
+
+    /// How many targets are out of rotation fleet-wide now (open, half-open or forced open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<u32>,
+}
+
+/// One target's state across the fleet.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetStatus {
+    /// The target, as `provider/model` (with `#n` for the n-th key of a provider with several).
+    pub target: String,
+    /// Its state.
+    pub state: TargetState,
+    /// Why it is out of rotation, or forced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Since when it has been out of rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// When an open period or an override ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}
+
+/// A target's state across the fleet.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum TargetState {
+    /// In rotation (each pod's own breaker still acts on its own evidence).
+    Closed,
+    /// Out for every pod.
+    Open,
+    /// Out for every pod but the few that probe it.
+    HalfOpen,
+    /// Drained by an override.
+    ForcedOpen,
+    /// Kept in rotation by an override.
+    ForcedClosed,
+}
+
+impl TargetState {
+    /// Whether requests go to it.
+    pub fn in_rotation(self) -> bool {
+        matches!(self, TargetState::Closed | TargetState::ForcedClosed)
+    }
 }
 
 /// How many sidecars the policy reaches, and how many run its current version.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -318,6 +318,65 @@ impl Cluster {
             &token,
         );
         path
+    }
+
+    /// A Pod `name` in `namespace` (it stays Pending: no kubelet), running as ServiceAccount
+    /// `account`, labelled `labels`, and a token bound to it for `audience`, as the kubelet
+    /// projects one; returns the pod's uid and the token.
+    pub async fn pod_with_token(
+        &self,
+        namespace: &str,
+        account: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        audience: &str,
+    ) -> (String, String) {
+        let client = self.client().await;
+        let accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
+        if accounts.get_opt(account).await.expect("service accounts").is_none() {
+            let sa: ServiceAccount =
+                serde_json::from_value(serde_json::json!({"metadata": {"name": account}})).expect("sa");
+            // Two tests may race to create it.
+            let _ = accounts.create(&PostParams::default(), &sa).await;
+        }
+        let labels: serde_json::Map<String, serde_json::Value> =
+            labels.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect();
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": "registry.invalid/app"}]},
+        }))
+        .expect("pod");
+        let pod = Api::<Pod>::namespaced(client, namespace).create(&PostParams::default(), &pod).await.expect("create pod");
+        let uid = pod.metadata.uid.expect("uid");
+        let request: TokenRequest = serde_json::from_value(serde_json::json!({"spec": {
+            "audiences": [audience],
+            "expirationSeconds": 3600,
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": name, "uid": uid},
+        }}))
+        .expect("token request");
+        let token = accounts
+            .create_token_request(account, &PostParams::default(), &request)
+            .await
+            .expect("token request")
+            .status
+            .expect("token")
+            .token;
+        (uid, token)
+    }
+
+    /// A token of ServiceAccount `account` for `audience`, bound to nothing.
+    pub async fn unbound_token(&self, namespace: &str, account: &str, audience: &str) -> String {
+        let accounts = Api::<ServiceAccount>::namespaced(self.client().await, namespace);
+        let request: TokenRequest =
+            serde_json::from_value(serde_json::json!({"spec": {"audiences": [audience], "expirationSeconds": 3600}}))
+                .expect("token request");
+        accounts
+            .create_token_request(account, &PostParams::default(), &request)
+            .await
+            .expect("token request")
+            .status
+            .expect("token")
+            .token
     }
 
     /// Runs `kubectl` as admin with `args`; its stdout, or its stderr as the error.

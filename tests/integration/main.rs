@@ -6,12 +6,14 @@
 mod binary;
 mod cluster;
 mod faults;
+mod fleet;
 mod golden;
 mod health;
 mod ingress;
 mod operator;
 mod operator_process;
 mod reload;
+mod sidecar_process;
 mod support;
 mod tls;
 mod translate;

@@ -16,7 +16,7 @@ use crate::cluster::{Cluster, cluster};
 use crate::operator_process::{Operator, operator_identity};
 use backstop::policy::FallbackPolicy;
 
-const CANARY: &str = "sk-canary-8c1f0e5b7a2d4f6e";
+pub(crate) const CANARY: &str = "sk-canary-8c1f0e5b7a2d4f6e";
 
 fn policy(namespace: &str, name: &str, extra: &str) -> String {
     format!(
@@ -24,7 +24,7 @@ fn policy(namespace: &str, name: &str, extra: &str) -> String {
     )
 }
 
-async fn put_secret(cluster: &Cluster, namespace: &str, key: &str) {
+pub(crate) async fn put_secret(cluster: &Cluster, namespace: &str, key: &str) {
     let secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "llm-keys", "namespace": namespace},
@@ -38,7 +38,7 @@ async fn put_secret(cluster: &Cluster, namespace: &str, key: &str) {
 }
 
 /// Waits until `check` holds for the policy, returning it; fails after `within`.
-async fn until(
+pub(crate) async fn until(
     cluster: &Cluster,
     namespace: &str,
     name: &str,
@@ -61,12 +61,12 @@ async fn until(
     }
 }
 
-fn ready(policy: &FallbackPolicy) -> Option<(String, String, String)> {
+pub(crate) fn ready(policy: &FallbackPolicy) -> Option<(String, String, String)> {
     let condition = policy.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Ready")?;
     Some((condition.status.clone(), condition.reason.clone(), condition.message.clone()))
 }
 
-fn version(policy: &FallbackPolicy) -> Option<String> {
+pub(crate) fn version(policy: &FallbackPolicy) -> Option<String> {
     policy.status.as_ref()?.compiled_version.clone()
 }
 
@@ -126,7 +126,7 @@ async fn the_crd_is_accepted_and_its_rules_refuse_broken_policies_with_their_mes
     assert!(explained.contains("onContextWindowExceeded"), "{explained}");
     let listed = cluster.kubectl(&["get", "fbp", "-n", &namespace]).expect("kubectl get");
     let header: Vec<&str> = listed.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "READY", "REASON", "ROUTES", "SIDECARS", "AGE"], "{listed}");
+    assert_eq!(header, ["NAME", "READY", "REASON", "ROUTES", "SIDECARS", "DEGRADED", "AGE"], "{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

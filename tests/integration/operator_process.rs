@@ -19,11 +19,47 @@ use super::cluster::Cluster;
 
 const BIN: &str = env!("CARGO_BIN_EXE_backstop");
 
+/// A CA and a certificate for 127.0.0.1 that it signed: what the operator's config service
+/// serves in the tests, and what their sidecars trust.
+pub struct Pki {
+    /// The folder holding `ca.crt`, `tls.crt` and `tls.key`.
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// The CA certificate sidecars trust.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+}
+
+/// The tests' PKI, made once per process.
+pub fn pki() -> &'static Pki {
+    static PKI: std::sync::OnceLock<Pki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::Builder::new().prefix("backstop-pki-").tempdir().expect("tempdir").keep();
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        let key = KeyPair::generate().expect("key");
+        let params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("params");
+        let cert = params.signed_by(&key, &Issuer::new(ca_params, ca_key)).expect("cert");
+        std::fs::write(dir.join("ca.crt"), ca.pem()).expect("write");
+        std::fs::write(dir.join("tls.crt"), cert.pem()).expect("write");
+        std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("write");
+        Pki { dir }
+    })
+}
+
 /// A running `backstop operator`, logging JSON.
 pub struct Operator {
     child: Child,
     /// Its admin listener.
     pub admin: SocketAddr,
+    /// Its config service.
+    pub config: SocketAddr,
     log: Arc<Mutex<String>>,
 }
 
@@ -31,12 +67,30 @@ impl Operator {
     /// Starts the operator as `identity`, authenticated by `kubeconfig`, serving `namespaces`,
     /// with its Lease in `lease_namespace` and short lease timings.
     pub async fn start(kubeconfig: &Path, identity: &str, lease_namespace: &str, namespaces: &[&str]) -> Operator {
+        Operator::start_on(kubeconfig, identity, lease_namespace, namespaces, "127.0.0.1:0").await
+    }
+
+    /// [`Operator::start`] with its config service on `config_listen` (to come back on the same
+    /// address after a restart).
+    pub async fn start_on(
+        kubeconfig: &Path,
+        identity: &str,
+        lease_namespace: &str,
+        namespaces: &[&str],
+        config_listen: &str,
+    ) -> Operator {
+        let pki = pki();
         let mut child = Command::new(BIN)
             .args(["operator", "--admin", "127.0.0.1:0", "--log-format", "json", "--lease-duration", "3s"])
             .args(["--lease-renew", "1s", "--lease-retry", "500ms", "--identity", identity])
             .args(["--lease-namespace", lease_namespace, "--namespaces", &namespaces.join(",")])
+            .args(["--config-listen", config_listen])
+            .arg("--tls-cert-file")
+            .arg(pki.dir.join("tls.crt"))
+            .arg("--tls-key-file")
+            .arg(pki.dir.join("tls.key"))
             .env("KUBECONFIG", kubeconfig)
-            .env("BACKSTOP_LOG", "debug,kube=info,hyper=info,tower=info,rustls=info")
+            .env("BACKSTOP_LOG", "debug,kube=info,hyper=info,h2=info,tower=info,rustls=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -55,17 +109,15 @@ impl Operator {
                     && event["message"] == "backstop operator starting"
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(event["admin"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()));
+                    let address = |key: &str| event[key].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
+                    let _ = tx.send((address("admin"), address("config")));
                 }
                 sink.lock().expect("lock").push_str(&(line + "\n"));
             }
         });
-        let admin = tokio::time::timeout(Duration::from_secs(20), rx)
-            .await
-            .expect("the operator starts within 20 s")
-            .expect("starting line")
-            .expect("admin address");
-        Operator { child, admin, log }
+        let (admin, config) =
+            tokio::time::timeout(Duration::from_secs(20), rx).await.expect("the operator starts within 20 s").expect("starting line");
+        Operator { child, admin: admin.expect("admin address"), config: config.expect("config address"), log }
     }
 
     /// Everything it logged so far.

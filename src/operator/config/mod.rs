@@ -1,0 +1,125 @@
+//! The config service: the HTTPS endpoint sidecars stream their configuration from (the wire
+//! format is in [`crate::control::protocol`]).
+//!
+//! Every replica serves it from its own warm copy of the served policies, so sidecars connect
+//! to whichever replica the Service picks. Connections are bounded (`--config-max-connections`),
+//! each carries at most a few HTTP/2 streams, a pod has one stream at a time, and reports are
+//! rate limited per stream; token reviews are bounded and cached ([`auth`]).
+
+pub mod auth;
+pub mod session;
+pub mod sidecars;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::StreamBody;
+use hyper::body::{Frame, Incoming};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::control::protocol::{PROTOCOL, PROTOCOL_HEADER, STREAM_PATH, VERSION_HEADER};
+use crate::operator::fleet::FleetView;
+use crate::operator::served::ServedPolicies;
+use crate::server::{Body, BoxError, Options, serve_with};
+use crate::proxy::body::text_response;
+use auth::{Authenticator, bearer};
+use session::Session;
+use sidecars::Sidecars;
+use tls::ReloadingCert;
+
+/// Streams one connection may carry at once (a sidecar needs one).
+const STREAMS_PER_CONNECTION: u32 = 4;
+/// HTTP/2 pings on idle connections, to notice sidecars that vanished.
+const KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// What the config service shares with every stream.
+pub struct ConfigService {
+    /// The policies to serve.
+    pub served: Arc<ServedPolicies>,
+    /// The fleet view reports feed and decisions come from.
+    pub fleet: Arc<FleetView>,
+    /// The sidecars connected to this replica.
+    pub sidecars: Arc<Sidecars>,
+    auth: Authenticator,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl ConfigService {
+    /// A service over `served` and `fleet`, checking tokens with `client`'s API server.
+    pub fn new(
+        client: kube::Client,
+        served: Arc<ServedPolicies>,
+        fleet: Arc<FleetView>,
+        sidecars: Arc<Sidecars>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        ConfigService { served, fleet, sidecars, auth: Authenticator::new(client), shutdown }
+    }
+
+    /// Serves on `listener` with `cert` until shutdown.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, cert: Arc<ReloadingCert>, max_connections: usize) {
+        let options = Options {
+            tls: Some(tokio_rustls::TlsAcceptor::from(Arc::new(cert.server_config()))),
+            max_connections: Some(max_connections),
+            max_streams: Some(STREAMS_PER_CONNECTION),
+            keep_alive: Some(KEEP_ALIVE),
+        };
+        let shutdown = self.shutdown.clone();
+        let reload = tokio::spawn(cert.watch(shutdown.clone()));
+        serve_with(listener, shutdown, Duration::from_secs(5), options, move |request| {
+            let service = self.clone();
+            async move { service.handle(request).await }
+        })
+        .await;
+        let _ = reload.await;
+    }
+
+    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        match (request.method(), request.uri().path()) {
+            (&Method::POST, STREAM_PATH) => self.stream(request).await,
+            (_, STREAM_PATH) => text_response(StatusCode::METHOD_NOT_ALLOWED, "POST the stream\n"),
+            _ => text_response(StatusCode::NOT_FOUND, "not found; sidecars POST /v1/stream\n"),
+        }
+    }
+
+    async fn stream(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        if request.version() != Version::HTTP_2 {
+            return text_response(StatusCode::HTTP_VERSION_NOT_SUPPORTED, "the config stream needs HTTP/2\n");
+        }
+        let protocol = request.headers().get(PROTOCOL_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if protocol != PROTOCOL {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                &format!("this operator speaks protocol {PROTOCOL}; the sidecar sent `{protocol}`\n"),
+            );
+        }
+        let identity = match self.auth.authenticate(bearer(request.headers())).await {
+            Ok(identity) => identity,
+            Err(error) => {
+                tracing::info!(%error, "a sidecar was refused");
+                return text_response(error.status(), &format!("{error}\n"));
+            }
+        };
+        let resume = request
+            .headers()
+            .get(VERSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string);
+        tracing::debug!(namespace = %identity.namespace, pod = %identity.pod, resume = ?resume, "sidecar connected");
+        let (session, replaced) = self.sidecars.connect(&identity.uid, &identity.namespace, &identity.pod);
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
+        let body = request.into_body();
+        tokio::spawn(Session::new(self.clone(), identity, session, tx).run(body, resume, replaced));
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|frame| (frame, rx)) });
+        let mut response = Response::new(Body::new(StreamBody::new(frames)));
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
+        response
+    }
+}

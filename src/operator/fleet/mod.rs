@@ -1,0 +1,546 @@
+//! The fleet view: every sidecar's evidence about its targets, merged per namespace, and the
+//! decisions that take a target out of rotation in every pod at once and bring it back.
+//!
+//! **Evidence.** Each sidecar reports, about once a second, what each fleet-scoped target did
+//! since its last report: successes, counted failures (the breaker's `countOn` classes), the
+//! longest `Retry-After` a provider asked for. The view keeps, per target and per pod, counts
+//! over the breaker's `failureRate.window` in ten buckets, and a fleet-wide streak of failures
+//! (reset by a success anywhere). Only targets of policies served to the reporting pod are
+//! heard; pods of another namespace cannot touch this one's targets.
+//!
+//! **Opening.** A closed target opens for the whole fleet when either
+//! - a provider answered a pod with 429 or 503 and a `Retry-After`: the provider says the
+//!   key is out, which is true for every pod that uses the key, so one report is enough. The
+//!   target stays out that long, capped at `maxOpenFor`; or
+//! - the pooled evidence crosses the policy's breaker thresholds: at least `minRequests`
+//!   requests in the window of which `percent` failed, or `consecutiveFailures` failures in a
+//!   row across the fleet, **and** at least half of the pods that used the target in the window
+//!   see it fail (their own failure share is at least `percent`). A single pod whose own
+//!   network or DNS is broken, among pods for which the target works, therefore cannot take it
+//!   away from them; its own breaker still keeps it away locally, at once. A pod that is the
+//!   only one using a target is the whole fleet's evidence, and its report is enough.
+//!
+//! An opening lasts `openFor`, doubled with each reopening up to `maxOpenFor`, like a pod's
+//! breaker.
+//!
+//! **Recovery.** When the period ends the target is half-open: `halfOpenProbes` pods, chosen by
+//! rendezvous hashing among the connected pods whose policies use it (so the choice is stable
+//! and spread across targets), send it one request at a time; every other pod keeps it out.
+//! A success closes it for everyone; a counted failure opens it again for longer. Probers that
+//! send nothing within the probe period (or disconnect) are replaced by the next pods in line;
+//! with no pod left to probe, the target closes, since nobody is kept from it.
+//!
+//! Decisions are published per namespace through a `watch` channel; each sidecar's stream sends
+//! its pod the decisions about its targets. All state here is in memory, rebuilt from fresh
+//! evidence after a restart; status and Events are derived from it by [`status`].
+
+pub mod status;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::served::{NamespacePolicies, ServedPolicies};
+use crate::chain::BreakerSettings;
+use crate::control::protocol::TargetReport;
+use crate::policy::BreakerScope;
+
+/// The shortest time probers get to send a probe before others are chosen.
+const MIN_PROBE_PERIOD: Duration = Duration::from_secs(10);
+
+/// The fleet's decision on one target that is out of rotation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Open until then, or half-open.
+    pub phase: DecisionPhase,
+    /// Why it went out, for sidecars, status and Events.
+    pub reason: String,
+    /// When it went out (the first opening, kept through reopenings), for status.
+    pub since: Timestamp,
+    /// When the open period ends, by the wall clock, for status; `None` while half-open.
+    pub until: Option<Timestamp>,
+    /// The target's label, for status and logs.
+    pub label: String,
+}
+
+/// Open or half-open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecisionPhase {
+    /// Out for every pod until `until`.
+    Open {
+        /// When it becomes half-open.
+        until: Instant,
+    },
+    /// Probed by these pods (by uid); out for every other.
+    HalfOpen {
+        /// The probers' pod uids.
+        probers: Vec<String>,
+    },
+}
+
+/// Every decision of one namespace, at one moment.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Decisions {
+    /// Increases with every change.
+    pub revision: u64,
+    /// The targets out of rotation, by identity; every other target is closed.
+    pub targets: BTreeMap<String, Decision>,
+}
+
+/// What the view needs to know of a target to judge it: the breaker settings and label of the
+/// first policy (in name order) that uses it with `scope: fleet`.
+#[derive(Clone, Debug)]
+struct Rule {
+    settings: BreakerSettings,
+    label: String,
+}
+
+/// One pod's counts in the window, in buckets of a tenth of it.
+#[derive(Debug, Default)]
+struct PodWindow {
+    buckets: VecDeque<(Instant, u64, u64)>,
+}
+
+impl PodWindow {
+    fn record(&mut self, now: Instant, bucket: Duration, successes: u64, failures: u64) {
+        match self.buckets.back_mut() {
+            Some((start, s, f)) if now.saturating_duration_since(*start) < bucket => {
+                *s += successes;
+                *f += failures;
+            }
+            _ => self.buckets.push_back((now, successes, failures)),
+        }
+    }
+
+    fn expire(&mut self, now: Instant, window: Duration) {
+        while self.buckets.front().is_some_and(|(start, _, _)| now.saturating_duration_since(*start) >= window) {
+            self.buckets.pop_front();
+        }
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        self.buckets.iter().fold((0, 0), |(s, f), (_, bs, bf)| (s + bs, f + bf))
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { probers: Vec<String>, deadline: Instant, offset: usize },
+}
+
+/// The fleet's state of one target.
+#[derive(Debug)]
+struct TargetFleet {
+    rule: Rule,
+    pods: HashMap<String, PodWindow>,
+    streak: u64,
+    phase: Phase,
+    openings: u32,
+    reason: String,
+    since: Timestamp,
+    until: Timestamp,
+    last_failure: Option<String>,
+}
+
+impl TargetFleet {
+    fn new(rule: Rule) -> Self {
+        TargetFleet {
+            rule,
+            pods: HashMap::new(),
+            streak: 0,
+            phase: Phase::Closed,
+            openings: 0,
+            reason: String::new(),
+            since: Timestamp::UNIX_EPOCH,
+            until: Timestamp::UNIX_EPOCH,
+            last_failure: None,
+        }
+    }
+
+    fn window(&self) -> Duration {
+        self.rule.settings.failure_rate.map_or(Duration::from_secs(30), |rate| rate.window)
+    }
+
+    fn percent(&self) -> u64 {
+        u64::from(self.rule.settings.failure_rate.map_or(50, |rate| rate.percent))
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let window = self.window();
+        self.pods.retain(|_, pod| {
+            pod.expire(now, window);
+            !pod.buckets.is_empty()
+        });
+    }
+
+    /// Pods that used the target in the window, and those that see it failing.
+    fn pods_failing(&self) -> (usize, usize) {
+        let percent = self.percent();
+        let failing = self
+            .pods
+            .values()
+            .map(PodWindow::totals)
+            .filter(|(s, f)| *f > 0 && f * 100 >= (s + f) * percent)
+            .count();
+        (self.pods.len(), failing)
+    }
+
+    /// Why the pooled evidence condemns the target, if it does.
+    fn condemned(&self) -> Option<String> {
+        let (pods, failing) = self.pods_failing();
+        if failing == 0 || failing * 2 < pods {
+            return None;
+        }
+        let settings = &self.rule.settings;
+        let (successes, failures) =
+            self.pods.values().map(PodWindow::totals).fold((0, 0), |(s, f), (ps, pf)| (s + ps, f + pf));
+        let total = successes + failures;
+        let of_pods = format!("{failing} of {pods} pod(s) using it see it fail");
+        if let Some(rate) = settings.failure_rate
+            && total >= u64::from(rate.min_requests.max(1))
+            && failures * 100 >= total * u64::from(rate.percent)
+        {
+            return Some(format!("{failures} of {total} requests failed in the last {}s; {of_pods}", rate.window.as_secs()));
+        }
+        (settings.consecutive_failures > 0 && self.streak >= u64::from(settings.consecutive_failures))
+            .then(|| format!("{} failures in a row across the fleet; {of_pods}", self.streak))
+    }
+
+    fn open(&mut self, now: Instant, wall: Timestamp, period: Duration, reason: String) {
+        if matches!(self.phase, Phase::Closed) {
+            self.since = wall;
+        }
+        let last = self.last_failure.as_deref().map(|f| format!(" (last: {f})")).unwrap_or_default();
+        self.reason = format!("{reason}{last}");
+        self.phase = Phase::Open { until: now + period };
+        self.until = wall_after(wall, period);
+        self.streak = 0;
+    }
+
+    fn trip(&mut self, now: Instant, wall: Timestamp, reason: String) {
+        self.openings = self.openings.saturating_add(1);
+        let settings = &self.rule.settings;
+        let period = settings.open_for.saturating_mul(1 << (self.openings - 1).min(16)).min(settings.max_open_for);
+        self.open(now, wall, period, reason);
+    }
+
+    fn close(&mut self) {
+        self.phase = Phase::Closed;
+        self.openings = 0;
+        self.streak = 0;
+        self.pods.clear();
+    }
+
+    /// Takes one pod's report; returns whether the decision changed.
+    fn observe(&mut self, pod: &str, report: &TargetReport, now: Instant, wall: Timestamp) -> bool {
+        if report.failures > 0 && report.last_failure.is_some() {
+            self.last_failure.clone_from(&report.last_failure);
+        }
+        let retry_after = report.retry_after_ms.filter(|ms| *ms > 0).map(Duration::from_millis);
+        let max_open = self.rule.settings.max_open_for;
+        match &mut self.phase {
+            Phase::Closed => {
+                let bucket = (self.window() / 10).max(Duration::from_millis(100));
+                self.pods.entry(pod.to_string()).or_default().record(now, bucket, report.successes, report.failures);
+                self.streak = if report.successes > 0 { 0 } else { self.streak + report.failures };
+                self.expire(now);
+                if let Some(wait) = retry_after {
+                    let wait = wait.min(max_open);
+                    let reason = format!("the provider asked to wait {}s (Retry-After)", wait.as_secs_f64().ceil());
+                    self.open(now, wall, wait, reason);
+                    return true;
+                }
+                match self.condemned() {
+                    Some(reason) => {
+                        self.trip(now, wall, reason);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            Phase::Open { until } => {
+                // A longer Retry-After extends it; nothing else reaches an open target but
+                // requests admitted before it opened, which say nothing about it now.
+                match retry_after.map(|wait| wait.min(max_open)) {
+                    Some(wait) if now + wait > *until => {
+                        *until = now + wait;
+                        self.until = wall_after(wall, wait);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            Phase::HalfOpen { .. } if report.failures > 0 => {
+                self.trip(now, wall, "a probe failed".to_string());
+                true
+            }
+            Phase::HalfOpen { .. } if report.successes > 0 => {
+                self.close();
+                true
+            }
+            Phase::HalfOpen { .. } => false,
+        }
+    }
+
+    /// The decision sidecars are sent, if the target is out.
+    fn decision(&self) -> Option<Decision> {
+        let (phase, until) = match &self.phase {
+            Phase::Closed => return None,
+            Phase::Open { until } => (DecisionPhase::Open { until: *until }, Some(self.until)),
+            Phase::HalfOpen { probers, .. } => (DecisionPhase::HalfOpen { probers: probers.clone() }, None),
+        };
+        Some(Decision { phase, reason: self.reason.clone(), since: self.since, until, label: self.rule.label.clone() })
+    }
+}
+
+/// A connected pod of the namespace: who may probe what.
+#[derive(Debug, Default)]
+struct Member {
+    identities: HashSet<String>,
+}
+
+/// One namespace's fleet.
+#[derive(Debug, Default)]
+struct Namespace {
+    targets: HashMap<String, TargetFleet>,
+    members: HashMap<String, Member>,
+    rules: HashMap<String, Rule>,
+    rules_revision: Option<u64>,
+    decisions: Option<watch::Sender<Arc<Decisions>>>,
+}
+
+/// `wall` plus `period`, saturating.
+fn wall_after(wall: Timestamp, period: Duration) -> Timestamp {
+    k8s_openapi::jiff::SignedDuration::try_from(period)
+        .ok()
+        .and_then(|period| wall.checked_add(period).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// The rendezvous order of `pods` for `identity`: stable, and different for each target.
+fn rendezvous<'a>(identity: &str, pods: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut ranked: Vec<(u64, &String)> = pods
+        .map(|pod| {
+            let digest = ring::digest::digest(&ring::digest::SHA256, format!("{identity}\u{1f}{pod}").as_bytes());
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&digest.as_ref()[..8]);
+            (u64::from_be_bytes(first), pod)
+        })
+        .collect();
+    ranked.sort_unstable();
+    ranked.into_iter().map(|(_, pod)| pod.clone()).collect()
+}
+
+impl Namespace {
+    fn sender(&mut self) -> &watch::Sender<Arc<Decisions>> {
+        self.decisions.get_or_insert_with(|| watch::channel(Arc::default()).0)
+    }
+
+    /// Refreshes the rules from the namespace's served policies when they changed.
+    fn refresh_rules(&mut self, policies: &NamespacePolicies) {
+        if self.rules_revision == Some(policies.revision) {
+            return;
+        }
+        let mut rules = HashMap::new();
+        for served in policies.policies.values() {
+            let settings = &served.compiled.breaker;
+            for target in served.compiled.targets() {
+                rules.entry(target.identity.clone()).or_insert_with(|| Rule {
+                    settings: settings.clone(),
+                    label: target.label.clone(),
+                });
+            }
+        }
+        rules.retain(|_, rule: &mut Rule| rule.settings.scope == BreakerScope::Fleet);
+        for (identity, target) in &mut self.targets {
+            if let Some(rule) = rules.get(identity) {
+                target.rule = rule.clone();
+            }
+        }
+        self.targets.retain(|identity, _| rules.contains_key(identity));
+        self.rules = rules;
+        self.rules_revision = Some(policies.revision);
+    }
+
+    fn observe(&mut self, pod: &str, reports: &BTreeMap<String, TargetReport>, now: Instant, wall: Timestamp) -> bool {
+        let allowed = self.members.get(pod).map(|m| &m.identities);
+        let mut changed = false;
+        for (identity, report) in reports {
+            // A pod is heard only about targets of its own policies.
+            if !allowed.is_some_and(|ids| ids.contains(identity)) {
+                continue;
+            }
+            let Some(rule) = self.rules.get(identity) else { continue };
+            let target = self.targets.entry(identity.clone()).or_insert_with(|| TargetFleet::new(rule.clone()));
+            changed |= target.observe(pod, report, now, wall);
+        }
+        if changed {
+            self.settle(now);
+        }
+        changed
+    }
+
+    /// Moves targets whose open period ended to half-open, replaces probers that did not
+    /// probe, and forgets evidence older than its window. Returns whether a decision changed.
+    fn tick(&mut self, now: Instant) -> bool {
+        let mut changed = false;
+        for target in self.targets.values_mut() {
+            target.expire(now);
+            match &target.phase {
+                Phase::Open { until } if *until <= now => {
+                    target.phase = Phase::HalfOpen { probers: Vec::new(), deadline: now, offset: 0 };
+                    changed = true;
+                }
+                _ => {}
+            }
+        }
+        changed |= self.settle(now);
+        self.targets.retain(|_, target| !matches!(target.phase, Phase::Closed) || !target.pods.is_empty());
+        changed
+    }
+
+    /// Chooses probers where they are missing, gone or overdue; closes targets nobody can
+    /// probe. Returns whether anything changed.
+    fn settle(&mut self, now: Instant) -> bool {
+        let mut changed = false;
+        for (identity, target) in &mut self.targets {
+            let Phase::HalfOpen { probers, deadline, offset } = &mut target.phase else { continue };
+            let gone = probers.iter().any(|pod| !self.members.contains_key(pod));
+            if !probers.is_empty() && !gone && now < *deadline {
+                continue;
+            }
+            let candidates = rendezvous(
+                identity,
+                self.members.iter().filter(|(_, m)| m.identities.contains(identity)).map(|(pod, _)| pod),
+            );
+            if candidates.is_empty() {
+                target.close();
+                changed = true;
+                continue;
+            }
+            if !probers.is_empty() {
+                *offset += probers.len();
+            }
+            let count = (target.rule.settings.half_open_probes.max(1) as usize).min(candidates.len());
+            let chosen: Vec<String> =
+                (0..count).map(|i| candidates[(*offset + i) % candidates.len()].clone()).collect();
+            *deadline = now + target.rule.settings.open_for.max(MIN_PROBE_PERIOD);
+            if *probers != chosen {
+                *probers = chosen;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    fn publish(&mut self) {
+        let targets: BTreeMap<String, Decision> =
+            self.targets.iter().filter_map(|(id, t)| t.decision().map(|d| (id.clone(), d))).collect();
+        let sender = self.sender();
+        sender.send_if_modified(|current| {
+            if current.targets == targets {
+                return false;
+            }
+            *current = Arc::new(Decisions { revision: current.revision + 1, targets });
+            true
+        });
+    }
+}
+
+/// The fleet view of every namespace.
+#[derive(Debug)]
+pub struct FleetView {
+    served: Arc<ServedPolicies>,
+    namespaces: Mutex<HashMap<String, Namespace>>,
+}
+
+impl FleetView {
+    /// An empty view, judging targets by the breaker settings of `served`'s policies.
+    pub fn new(served: Arc<ServedPolicies>) -> Self {
+        FleetView { served, namespaces: Mutex::default() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Namespace>> {
+        self.namespaces.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Follows `namespace`'s decisions.
+    pub fn subscribe(&self, namespace: &str) -> watch::Receiver<Arc<Decisions>> {
+        self.lock().entry(namespace.to_string()).or_default().sender().subscribe()
+    }
+
+    /// The current decisions of `namespace`.
+    pub fn decisions(&self, namespace: &str) -> Arc<Decisions> {
+        self.lock().get(namespace).and_then(|ns| ns.decisions.as_ref().map(|tx| tx.borrow().clone())).unwrap_or_default()
+    }
+
+    /// A pod connected, or its configuration changed: it may now probe (and report on) the
+    /// targets `identities`.
+    pub fn join(&self, namespace: &str, pod: &str, identities: HashSet<String>, now: Instant) {
+        let mut namespaces = self.lock();
+        let ns = namespaces.entry(namespace.to_string()).or_default();
+        ns.members.insert(pod.to_string(), Member { identities });
+        if ns.settle(now) {
+            ns.publish();
+        }
+    }
+
+    /// A pod disconnected; probes it was chosen for go to others.
+    pub fn leave(&self, namespace: &str, pod: &str, now: Instant) {
+        let mut namespaces = self.lock();
+        let Some(ns) = namespaces.get_mut(namespace) else { return };
+        ns.members.remove(pod);
+        if ns.settle(now) {
+            ns.publish();
+        }
+    }
+
+    /// Takes one pod's report.
+    pub fn observe(&self, namespace: &str, pod: &str, reports: &BTreeMap<String, TargetReport>, now: Instant) {
+        if reports.is_empty() {
+            return;
+        }
+        let policies = self.served.subscribe(namespace).borrow().clone();
+        let mut namespaces = self.lock();
+        let ns = namespaces.entry(namespace.to_string()).or_default();
+        ns.refresh_rules(&policies);
+        if ns.observe(pod, reports, now, Timestamp::now()) {
+            ns.publish();
+        }
+    }
+
+    /// Advances every namespace's timers; call every few hundred milliseconds.
+    pub fn tick(&self, now: Instant) {
+        let namespaces: Vec<String> = self.lock().keys().cloned().collect();
+        for namespace in namespaces {
+            let policies = self.served.subscribe(&namespace).borrow().clone();
+            let mut all = self.lock();
+            let Some(ns) = all.get_mut(&namespace) else { continue };
+            ns.refresh_rules(&policies);
+            if ns.tick(now) {
+                ns.publish();
+            }
+        }
+    }
+
+    /// Runs [`FleetView::tick`] every `every` until `shutdown`.
+    pub async fn run(self: Arc<Self>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = ticks.tick() => self.tick(Instant::now()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

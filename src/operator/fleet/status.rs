@@ -1,0 +1,292 @@
+//! The fleet as users see it in `kubectl`: each policy's `status.sidecars` (connected, current,
+//! rejected), `status.targets` (each target's fleet state, reason, since, until) and
+//! `status.degraded`, written by the leader under its own field manager ([`FIELD_MANAGER`]),
+//! beside the reconciler's fields; and the Events `TargetEjected` and `TargetRestored` when a
+//! target leaves or rejoins the rotation.
+//!
+//! Every second the leader computes each policy's fields and writes those that changed, at most
+//! once a second per policy however much the fleet churns. Events follow state transitions, not
+//! writes, and the leader starts from the status the API server holds: a new leader repeats no
+//! Event its predecessor recorded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::{DecisionPhase, Decisions, FleetView};
+use crate::chain::{CompiledPolicy, unix_ms_now};
+use crate::operator::config::sidecars::{Sidecar, Sidecars, tally};
+use crate::operator::leader::Leadership;
+use crate::operator::served::{ServedPolicies, ServedPolicy};
+use crate::policy::{API_VERSION, FallbackPolicy, OverrideState, SidecarsStatus, TargetState, TargetStatus};
+
+/// The field manager of the fleet's status fields.
+pub const FIELD_MANAGER: &str = "backstop-fleet";
+
+/// One policy's fleet fields.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FleetFields {
+    /// `status.sidecars`.
+    pub sidecars: SidecarsStatus,
+    /// `status.targets`.
+    pub targets: Vec<TargetStatus>,
+    /// `status.degraded`.
+    pub degraded: u32,
+}
+
+fn time(ms: i64) -> Option<Time> {
+    Timestamp::from_millisecond(ms).ok().map(Time)
+}
+
+/// The fleet fields of `policy`, from the decisions of its namespace, its overrides (in force
+/// at `now_ms`) and the sidecars it is served to.
+pub fn fields(
+    policy: &ServedPolicy,
+    namespace: &str,
+    decisions: &Decisions,
+    sidecars: &[Sidecar],
+    now_ms: i64,
+) -> FleetFields {
+    let compiled: &CompiledPolicy = &policy.compiled;
+    let targets: Vec<TargetStatus> = compiled
+        .targets()
+        .into_iter()
+        .map(|target| {
+            let forced = compiled
+                .overrides
+                .iter()
+                .find(|o| o.active_at(now_ms) && o.identities.contains(&target.identity));
+            let decision = decisions.targets.get(&target.identity);
+            let (state, reason, since, until) = match (forced, decision) {
+                (Some(forced), _) => (
+                    match forced.state {
+                        OverrideState::ForcedOpen => TargetState::ForcedOpen,
+                        OverrideState::ForcedClosed => TargetState::ForcedClosed,
+                    },
+                    Some(format!("override: {}", forced.reason)),
+                    None,
+                    forced.until_ms.and_then(time),
+                ),
+                (None, Some(decision)) => (
+                    match decision.phase {
+                        DecisionPhase::Open { .. } => TargetState::Open,
+                        DecisionPhase::HalfOpen { .. } => TargetState::HalfOpen,
+                    },
+                    Some(decision.reason.clone()),
+                    Some(Time(decision.since)),
+                    decision.until.map(Time),
+                ),
+                (None, None) => (TargetState::Closed, None, None, None),
+            };
+            TargetStatus { target: target.label.clone(), state, reason, since, until }
+        })
+        .collect();
+    let degraded = u32::try_from(targets.iter().filter(|t| !t.state.in_rotation()).count()).unwrap_or(u32::MAX);
+    FleetFields { sidecars: tally(sidecars, namespace, &policy.name, &policy.version), targets, degraded }
+}
+
+/// The Events a change of `before` into `after` calls for: (type, reason, note).
+pub fn transitions(before: &[TargetStatus], after: &[TargetStatus]) -> Vec<(EventType, &'static str, String)> {
+    let previous: HashMap<&str, &TargetStatus> = before.iter().map(|t| (t.target.as_str(), t)).collect();
+    let mut events = Vec::new();
+    for target in after {
+        let was = previous.get(target.target.as_str()).map_or(TargetState::Closed, |t| t.state);
+        let reason = target.reason.as_deref().unwrap_or_default();
+        match (was.in_rotation(), target.state.in_rotation()) {
+            (true, false) => {
+                events.push((EventType::Warning, "TargetEjected", format!("{} is out of rotation: {reason}", target.target)));
+            }
+            (false, true) => {
+                let how = match (was, target.state) {
+                    (TargetState::ForcedOpen, _) => "its override ended".to_string(),
+                    (_, TargetState::ForcedClosed) => format!("forced closed: {reason}"),
+                    _ => "a probe succeeded".to_string(),
+                };
+                events.push((EventType::Normal, "TargetRestored", format!("{} is back in rotation: {how}", target.target)));
+            }
+            _ => {}
+        }
+    }
+    events
+}
+
+/// Writes the fleet fields of every served policy while this replica leads.
+pub struct FleetStatus {
+    client: Client,
+    served: Arc<ServedPolicies>,
+    fleet: Arc<FleetView>,
+    sidecars: Arc<Sidecars>,
+    recorder: Recorder,
+    leader: Leadership,
+    /// What the API server holds, per `namespace/name`, as last read or written.
+    written: HashMap<(String, String), FleetFields>,
+}
+
+impl FleetStatus {
+    /// A writer for the fleet of `fleet` and `sidecars`.
+    pub fn new(
+        client: Client,
+        served: Arc<ServedPolicies>,
+        fleet: Arc<FleetView>,
+        sidecars: Arc<Sidecars>,
+        recorder: Recorder,
+        leader: Leadership,
+    ) -> Self {
+        FleetStatus { client, served, fleet, sidecars, recorder, leader, written: HashMap::new() }
+    }
+
+    /// Writes every `every` while leading, until `shutdown`.
+    pub async fn run(mut self, every: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = ticks.tick() => {
+                    if *self.leader.borrow() {
+                        self.sync().await;
+                    } else {
+                        // Another replica writes meanwhile: read afresh when leading again.
+                        self.written.clear();
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pass over every served policy.
+    pub async fn sync(&mut self) {
+        let sidecars = self.sidecars.all();
+        let now_ms = unix_ms_now();
+        let mut seen = Vec::new();
+        for namespace in self.served.namespaces() {
+            let policies = self.served.subscribe(&namespace).borrow().clone();
+            let decisions = self.fleet.decisions(&namespace);
+            for policy in policies.policies.values() {
+                let key = (namespace.clone(), policy.name.clone());
+                seen.push(key.clone());
+                let desired = fields(policy, &namespace, &decisions, &sidecars, now_ms);
+                if let Err(error) = self.write(&key, policy, desired).await {
+                    tracing::warn!(policy = %format!("{namespace}/{}", policy.name), %error, "cannot write the fleet status");
+                }
+            }
+        }
+        self.written.retain(|key, _| seen.contains(key));
+    }
+
+    async fn write(&mut self, key: &(String, String), policy: &ServedPolicy, desired: FleetFields) -> kube::Result<()> {
+        let api = Api::<FallbackPolicy>::namespaced(self.client.clone(), &key.0);
+        if !self.written.contains_key(key) {
+            let Some(current) = api.get_opt(&key.1).await? else { return Ok(()) };
+            let status = current.status.unwrap_or_default();
+            let held = FleetFields {
+                sidecars: status.sidecars.unwrap_or_default(),
+                targets: status.targets.unwrap_or_default(),
+                degraded: status.degraded.unwrap_or_default(),
+            };
+            self.written.insert(key.clone(), held);
+        }
+        let before = self.written.get(key).cloned().unwrap_or_default();
+        if before == desired {
+            return Ok(());
+        }
+        let patch = json!({
+            "apiVersion": API_VERSION,
+            "kind": "FallbackPolicy",
+            "status": {"sidecars": desired.sidecars, "targets": desired.targets, "degraded": desired.degraded},
+        });
+        api.patch_status(&key.1, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        let reference = ObjectReference {
+            api_version: Some(API_VERSION.into()),
+            kind: Some("FallbackPolicy".into()),
+            name: Some(key.1.clone()),
+            namespace: Some(key.0.clone()),
+            uid: Some(policy.uid.clone()).filter(|uid| !uid.is_empty()),
+            ..ObjectReference::default()
+        };
+        for (type_, reason, note) in transitions(&before.targets, &desired.targets) {
+            tracing::info!(policy = %format!("{}/{}", key.0, key.1), reason, %note, "fleet");
+            let event = Event { type_, reason: reason.into(), note: Some(note), action: "Failover".into(), secondary: None };
+            if let Err(error) = self.recorder.publish(&event, &reference).await {
+                tracing::warn!(%error, "cannot record an event");
+            }
+        }
+        self.written.insert(key.clone(), desired);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::operator::fleet::Decision;
+    use crate::testing::compiled;
+
+    #[test]
+    fn targets_show_overrides_over_the_fleet_and_transitions_make_one_event_each() {
+        let yaml = "apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  providers: [{name: a, type: mock}, {name: b, type: mock}, {name: c, type: mock}]
+  routes: [{model: chat, chain: [{provider: a, model: m}, {provider: b, model: m}, {provider: c, model: m}]}]
+  overrides: [{target: c, state: ForcedOpen, until: '2126-01-01T00:00:00Z', reason: drill}]
+";
+        let compiled = compiled(yaml);
+        let a = compiled.targets()[0].identity.clone();
+        let policy = ServedPolicy {
+            name: "p".into(),
+            selector: None,
+            version: compiled.digest(),
+            compiled,
+            generation: 1,
+            uid: "u".into(),
+        };
+        let since: Timestamp = "2026-11-27T10:00:00Z".parse().expect("time");
+        let decisions = Decisions {
+            revision: 1,
+            targets: BTreeMap::from([(
+                a,
+                Decision {
+                    phase: DecisionPhase::Open { until: tokio::time::Instant::now() },
+                    reason: "the provider asked to wait 30s (Retry-After)".into(),
+                    since,
+                    until: Some(since),
+                    label: "a/m".into(),
+                },
+            )]),
+        };
+        let now_ms = since.as_millisecond();
+        let out = fields(&policy, "shop", &decisions, &[], now_ms);
+        let states: Vec<(&str, TargetState)> = out.targets.iter().map(|t| (t.target.as_str(), t.state)).collect();
+        assert_eq!(states, [("a/m", TargetState::Open), ("b/m", TargetState::Closed), ("c/m", TargetState::ForcedOpen)]);
+        assert_eq!(out.degraded, 2);
+        assert_eq!(out.targets[2].reason.as_deref(), Some("override: drill"));
+        let events = transitions(&[], &out.targets);
+        let reasons: Vec<(&str, &str)> = events.iter().map(|(_, r, n)| (*r, n.as_str())).collect();
+        assert_eq!(
+            reasons,
+            [
+                ("TargetEjected", "a/m is out of rotation: the provider asked to wait 30s (Retry-After)"),
+                ("TargetEjected", "c/m is out of rotation: override: drill"),
+            ]
+        );
+        assert!(transitions(&out.targets, &out.targets).is_empty(), "nothing changed, nothing repeated");
+        // The override ended and the fleet closed a/m.
+        let later = fields(&policy, "shop", &Decisions::default(), &[], 4_922_899_200_000);
+        let back: Vec<String> = transitions(&out.targets, &later.targets).into_iter().map(|(_, _, n)| n).collect();
+        assert_eq!(back, ["a/m is back in rotation: a probe succeeded", "c/m is back in rotation: its override ended"]);
+        assert_eq!(later.degraded, 0);
+    }
+}

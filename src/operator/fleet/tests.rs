@@ -1,0 +1,184 @@
+//! The fleet view's merge, in paused time: what opens a target for every pod, what one noisy
+//! pod can and cannot do, and how probes bring it back.
+
+use super::*;
+use crate::operator::served::ServedPolicy;
+use crate::testing::compiled;
+
+const POLICY: &str = "apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  providers:
+  - {name: a, type: mock}
+  - {name: b, type: mock}
+  routes:
+  - model: chat
+    chain: [{provider: a, model: m}, {provider: b, model: m}]
+  circuitBreaker: {consecutiveFailures: 5, failureRate: {percent: 50, window: 10s, minRequests: 20}, openFor: 20s, maxOpenFor: 60s}
+";
+
+struct Fixture {
+    view: FleetView,
+    a: String,
+    b: String,
+    start: Instant,
+}
+
+fn fixture(extra: &str) -> Fixture {
+    let served = Arc::new(ServedPolicies::new());
+    let policy = compiled(&format!("{POLICY}{extra}"));
+    let targets = policy.targets();
+    let (a, b) = (targets[0].identity.clone(), targets[1].identity.clone());
+    let version = policy.digest();
+    served.publish("shop", ServedPolicy { name: "p".into(), selector: None, compiled: policy, version, generation: 1, uid: "u".into() });
+    let view = FleetView::new(served);
+    let start = Instant::now();
+    for pod in ["pod-1", "pod-2", "pod-3"] {
+        view.join("shop", pod, HashSet::from([a.clone(), b.clone()]), start);
+    }
+    Fixture { view, a, b, start }
+}
+
+impl Fixture {
+    fn report(&self, pod: &str, identity: &str, successes: u64, failures: u64, at: Duration) {
+        let report = TargetReport {
+            successes,
+            failures,
+            retry_after_ms: None,
+            last_failure: (failures > 0).then(|| "serverError: 500 boom".to_string()),
+        };
+        self.view.observe("shop", pod, &BTreeMap::from([(identity.to_string(), report)]), self.start + at);
+    }
+
+    fn decision(&self, identity: &str) -> Option<Decision> {
+        self.view.decisions("shop").targets.get(identity).cloned()
+    }
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[test]
+fn one_pod_that_alone_uses_a_target_opens_it_for_every_pod() {
+    let f = fixture("");
+    f.report("pod-1", &f.a, 0, 4, secs(1));
+    assert!(f.decision(&f.a).is_none(), "4 failures are below consecutiveFailures: 5");
+    f.report("pod-1", &f.a, 0, 1, secs(2));
+    let decision = f.decision(&f.a).expect("open");
+    assert_eq!(decision.phase, DecisionPhase::Open { until: f.start + secs(2) + secs(20) });
+    assert_eq!(decision.label, "a/m");
+    assert_eq!(
+        decision.reason,
+        "5 failures in a row across the fleet; 1 of 1 pod(s) using it see it fail (last: serverError: 500 boom)"
+    );
+    assert!(f.decision(&f.b).is_none());
+}
+
+#[test]
+fn a_noisy_pod_among_pods_the_target_works_for_cannot_open_it_but_a_majority_can() {
+    let f = fixture("");
+    f.report("pod-2", &f.a, 10, 0, secs(1));
+    f.report("pod-3", &f.a, 10, 0, secs(1));
+    for second in 2..6 {
+        f.report("pod-1", &f.a, 0, 20, secs(second));
+    }
+    assert!(f.decision(&f.a).is_none(), "1 of 3 pods sees it fail, however loudly");
+    f.report("pod-2", &f.a, 0, 15, secs(6));
+    let decision = f.decision(&f.a).expect("2 of 3 pods see it fail");
+    assert!(decision.reason.starts_with("95 of 115 requests failed in the last 10s; 2 of 3 pod(s)"), "{}", decision.reason);
+    // Evidence ages out of the window: the healthy pods' successes no longer count either.
+    let g = fixture("");
+    g.report("pod-2", &g.a, 10, 0, secs(0));
+    g.report("pod-1", &g.a, 0, 4, secs(11));
+    g.report("pod-1", &g.a, 0, 1, secs(12));
+    assert!(g.decision(&g.a).is_some(), "pod-2's successes are older than the 10 s window");
+}
+
+#[test]
+fn a_retry_after_is_believed_at_once_for_the_fleet_up_to_max_open_for() {
+    let f = fixture("");
+    f.report("pod-2", &f.a, 50, 0, secs(0));
+    let limited = TargetReport {
+        successes: 3,
+        failures: 1,
+        retry_after_ms: Some(30_000),
+        last_failure: Some("rateLimited: 429".into()),
+    };
+    f.view.observe("shop", "pod-1", &BTreeMap::from([(f.a.clone(), limited.clone())]), f.start + secs(1));
+    let decision = f.decision(&f.a).expect("open on the provider's word");
+    assert_eq!(decision.phase, DecisionPhase::Open { until: f.start + secs(31) });
+    assert_eq!(decision.reason, "the provider asked to wait 30s (Retry-After) (last: rateLimited: 429)");
+    let longer = TargetReport { retry_after_ms: Some(3_600_000), ..limited };
+    f.view.observe("shop", "pod-3", &BTreeMap::from([(f.a.clone(), longer)]), f.start + secs(2));
+    assert_eq!(
+        f.decision(&f.a).expect("open").phase,
+        DecisionPhase::Open { until: f.start + secs(62) },
+        "extended, but never past maxOpenFor"
+    );
+}
+
+#[test]
+fn one_chosen_pod_probes_a_recovering_target_and_its_success_closes_it_everywhere() {
+    let f = fixture("");
+    f.report("pod-1", &f.a, 0, 5, secs(0));
+    f.view.tick(f.start + secs(19));
+    assert!(matches!(f.decision(&f.a).expect("out").phase, DecisionPhase::Open { .. }));
+    f.view.tick(f.start + secs(20));
+    let DecisionPhase::HalfOpen { probers } = f.decision(&f.a).expect("out").phase else { panic!("half-open") };
+    assert_eq!(probers.len(), 1, "halfOpenProbes: 1");
+    let prober = probers[0].clone();
+    // A probe that fails reopens it for twice as long.
+    f.report(&prober, &f.a, 0, 1, secs(21));
+    let reopened = f.decision(&f.a).expect("reopened");
+    assert_eq!(reopened.phase, DecisionPhase::Open { until: f.start + secs(21) + secs(40) });
+    assert!(reopened.reason.starts_with("a probe failed"), "{}", reopened.reason);
+    f.view.tick(f.start + secs(61));
+    let DecisionPhase::HalfOpen { probers } = f.decision(&f.a).expect("out").phase else { panic!("half-open") };
+    assert_eq!(probers, std::slice::from_ref(&prober), "the same pod, by rendezvous");
+    // It left: another takes over at once.
+    f.view.leave("shop", &prober, f.start + secs(62));
+    let DecisionPhase::HalfOpen { probers } = f.decision(&f.a).expect("out").phase else { panic!("half-open") };
+    assert_ne!(probers, std::slice::from_ref(&prober));
+    let second = probers[0].clone();
+    // Silent probers are replaced after the probe period (openFor, at least 10 s).
+    f.view.tick(f.start + secs(62) + secs(20));
+    let DecisionPhase::HalfOpen { probers } = f.decision(&f.a).expect("out").phase else { panic!("half-open") };
+    assert_ne!(probers, std::slice::from_ref(&second));
+    f.report(&probers[0], &f.a, 1, 0, secs(83));
+    assert!(f.decision(&f.a).is_none(), "closed for everyone");
+}
+
+#[test]
+fn a_pod_is_heard_only_about_its_own_policies_fleet_scoped_targets() {
+    let f = fixture("");
+    f.view.join("shop", "pod-4", HashSet::from([f.b.clone()]), f.start);
+    f.report("pod-4", &f.a, 0, 50, secs(1));
+    f.report("stranger", &f.a, 0, 50, secs(1));
+    f.view.observe(
+        "other",
+        "pod-1",
+        &BTreeMap::from([(f.a.clone(), TargetReport { failures: 50, ..TargetReport::default() })]),
+        f.start + secs(1),
+    );
+    assert!(f.decision(&f.a).is_none(), "not its target, not a member, not its namespace");
+    let g = fixture("");
+    let local = compiled(&POLICY.replace("maxOpenFor: 60s}", "maxOpenFor: 60s, scope: pod}"));
+    let version = local.digest();
+    g.view.served.publish("shop", ServedPolicy { name: "p".into(), selector: None, compiled: local, version, generation: 2, uid: "u".into() });
+    g.report("pod-1", &g.a, 0, 50, secs(1));
+    assert!(g.decision(&g.a).is_none(), "scope: pod keeps breakers local");
+}
+
+#[test]
+fn nobody_left_to_probe_closes_the_target() {
+    let f = fixture("");
+    f.report("pod-1", &f.a, 0, 5, secs(0));
+    for pod in ["pod-1", "pod-2", "pod-3"] {
+        f.view.leave("shop", pod, f.start + secs(1));
+    }
+    f.view.tick(f.start + secs(20));
+    assert!(f.decision(&f.a).is_none());
+    assert_eq!(f.view.decisions("shop").revision, 2, "opened, then closed");
+}

@@ -1,0 +1,354 @@
+//! The config stream and fleet health end to end: the real `backstop operator` on a real API
+//! server, and real `backstop sidecar` processes whose tokens are pod-bound ServiceAccount
+//! tokens that API server issued for Pod objects it holds.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use kube::api::ListParams;
+use serde_json::Value;
+
+use crate::cluster::{Cluster, cluster};
+use crate::operator::{CANARY, put_secret, ready, until, version};
+use crate::operator_process::{Operator, operator_identity, pki};
+use crate::sidecar_process::SidecarProcess;
+use crate::support::{Fault, Upstream};
+use backstop::policy::{FallbackPolicy, TargetState};
+
+const AUDIENCE: &str = "backstop";
+
+/// A policy `name` with a mock `primary` answering `reply` and a mock `backup`.
+fn policy(namespace: &str, name: &str, reply: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  providers:\n    - {{name: primary, type: mock, mock: {{reply: '{reply}'}}}}\n    - {{name: backup, type: mock, mock: {{reply: backup}}}}\n  routes:\n    - model: chat\n      chain: [{{provider: primary, model: m}}, {{provider: backup, model: m}}]\n{extra}"
+    )
+}
+
+struct Setup {
+    cluster: Arc<Cluster>,
+    namespace: String,
+    operator_ns: String,
+    kubeconfig: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+async fn setup(prefix: &str) -> Option<Setup> {
+    let cluster = cluster().await?;
+    cluster.install_crd().await;
+    let (operator_ns, kubeconfig) = operator_identity(&cluster).await;
+    let namespace = cluster.namespace(prefix).await;
+    let dir = tempfile::tempdir().expect("dir");
+    Some(Setup { cluster, namespace, operator_ns, kubeconfig, dir })
+}
+
+impl Setup {
+    async fn operator(&self, identity: &str) -> Operator {
+        Operator::start(&self.kubeconfig, identity, &self.operator_ns, &[&self.namespace]).await
+    }
+
+    /// A pod `name` labelled `app=web` and its sidecar, streaming from `config`.
+    async fn sidecar(&self, config: SocketAddr, name: &str) -> SidecarProcess {
+        let (_, token) =
+            self.cluster.pod_with_token(&self.namespace, "app", name, &[("app", "web")], AUDIENCE).await;
+        SidecarProcess::start(config, &pki().ca(), &token, &self.dir.path().join(name), &[]).await
+    }
+
+    async fn apply(&self, yaml: &str) -> Instant {
+        let path = self.dir.path().join("policy.yaml");
+        std::fs::write(&path, yaml).expect("write");
+        let applied = Instant::now();
+        match self.cluster.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &path.to_string_lossy()]) {
+            Ok(_) => {}
+            // Without kubectl in the assets, the same server-side apply through the API.
+            Err(error) if error.starts_with("cannot run kubectl") => self.cluster.apply_yaml(yaml).await,
+            Err(error) => panic!("kubectl apply: {error}"),
+        }
+        applied
+    }
+
+    async fn policy_until(&self, name: &str, within: Duration, check: impl Fn(&FallbackPolicy) -> bool) -> FallbackPolicy {
+        until(&self.cluster, &self.namespace, name, within, check).await
+    }
+
+    async fn events(&self) -> Vec<Event> {
+        Api::<Event>::namespaced(self.cluster.client().await, &self.namespace)
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+    }
+}
+
+fn target_state(policy: &FallbackPolicy, label: &str) -> Option<TargetState> {
+    policy.status.as_ref()?.targets.as_ref()?.iter().find(|t| t.target == label).map(|t| t.state)
+}
+
+fn sidecars(policy: &FallbackPolicy) -> (u32, u32, u32) {
+    let s = policy.status.as_ref().and_then(|s| s.sidecars.clone()).unwrap_or_default();
+    (s.connected, s.current, s.rejected)
+}
+
+async fn text_of(sidecar: &SidecarProcess) -> String {
+    let answer = sidecar.chat("chat").await;
+    if answer.status == 200 { answer.text() } else { format!("{} {}", answer.status, String::from_utf8_lossy(&answer.body)) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sidecar_applies_a_policy_change_and_an_invalid_change_leaves_them_serving_the_last_good_one() {
+    let Some(s) = setup("bs-stream").await else { return };
+    let operator = s.operator("stream").await;
+    let mut pods = Vec::new();
+    for name in ["web-1", "web-2", "web-3"] {
+        pods.push(s.sidecar(operator.config, name).await);
+    }
+    // Connected, but no policy selects the pods yet: ready, and requests are told why.
+    for pod in &pods {
+        pod.until(Duration::from_secs(10), "connected", || async { pod.admin("/readyz").await.status == 200 }).await;
+        let answer = pod.chat("chat").await;
+        assert_eq!(answer.status, 503);
+        let message = answer.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(message.contains(&format!("no FallbackPolicy in namespace `{}` selects pod `web-", s.namespace)), "{message}");
+    }
+
+    for reply in ["first", "second"] {
+        let applied = s.apply(&policy(&s.namespace, "chat", reply, "")).await;
+        let served = s.policy_until("chat", Duration::from_secs(15), |p| {
+            ready(p).is_some_and(|r| r.0 == "True") && sidecars(p) == (3, 3, 0)
+        }).await;
+        eprintln!("kubectl apply -> all 3 sidecars acknowledged `{reply}` in {:?}", applied.elapsed());
+        assert!(version(&served).is_some());
+        for pod in &pods {
+            assert_eq!(text_of(pod).await, reply);
+            let config = pod.admin("/config").await.json();
+            assert_eq!(config["source"], format!("{}/chat", s.namespace));
+            assert_ne!(config["digest"], Value::Null);
+        }
+    }
+
+    // Invalid: refused with the field path; the sidecars keep the last good version.
+    s.apply(&policy(&s.namespace, "chat", "third", "").replace("{provider: backup, model: m}", "{provider: nope, model: m}"))
+        .await;
+    let refused = s.policy_until("chat", Duration::from_secs(15), |p| ready(p).is_some_and(|r| r.0 == "False")).await;
+    assert!(ready(&refused).expect("ready").2.contains("`nope` is not defined"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for pod in &pods {
+        assert_eq!(text_of(pod).await, "second", "the last good policy is still served");
+    }
+    assert_eq!(sidecars(&refused).0, 3);
+    let listed = s.cluster.kubectl(&["get", "fbp", "-n", &s.namespace]).unwrap_or_default();
+    eprintln!("{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_failing_at_one_sidecar_is_avoided_by_every_sidecar_and_comes_back_after_recovery() {
+    let Some(s) = setup("bs-fleet").await else { return };
+    // Three failures, then healthy.
+    let upstream = Upstream::scripted(vec![Fault::status(500), Fault::status(500), Fault::status(500)], Fault::Ok).await;
+    let yaml = format!(
+        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: chat, namespace: {}}}\nspec:\n  providers:\n    - {{name: flaky, type: openai-compatible, baseUrl: '{}'}}\n    - {{name: backup, type: mock, mock: {{reply: backup}}}}\n  routes:\n    - model: chat\n      chain: [{{provider: flaky, model: m}}, {{provider: backup, model: m}}]\n  retry: {{attempts: 1}}\n  circuitBreaker: {{consecutiveFailures: 3, openFor: 3s}}\n",
+        s.namespace,
+        upstream.base_url()
+    );
+    s.apply(&yaml).await;
+    let operator = s.operator("fleet").await;
+    let (a, b, c) = (
+        s.sidecar(operator.config, "web-a").await,
+        s.sidecar(operator.config, "web-b").await,
+        s.sidecar(operator.config, "web-c").await,
+    );
+    s.policy_until("chat", Duration::from_secs(15), |p| sidecars(p) == (3, 3, 0)).await;
+
+    // Only `a` meets the failures.
+    for _ in 0..3 {
+        assert_eq!(text_of(&a).await, "backup");
+    }
+    let failed = Instant::now();
+    let ejected = s
+        .policy_until("chat", Duration::from_secs(10), |p| target_state(p, "flaky/m") == Some(TargetState::Open))
+        .await;
+    eprintln!("third failure at one sidecar -> Open in status in {:?}", failed.elapsed());
+    let degraded = ejected.status.as_ref().and_then(|s| s.degraded);
+    assert_eq!(degraded, Some(1));
+    let reason = ejected.status.as_ref().and_then(|s| s.targets.as_ref()).and_then(|t| t[0].reason.clone());
+    assert!(reason.as_deref().unwrap_or_default().contains("3 failures in a row"), "{reason:?}");
+    // The others never send it a request while it is out: they skip it for the fleet.
+    let seen = upstream.count();
+    for pod in [&b, &c] {
+        let answer = pod.chat("chat").await;
+        assert_eq!(answer.text(), "backup");
+        assert_eq!(answer.header("x-backstop-fallback-reason"), Some("flaky/m=fleetOpen"));
+    }
+    assert_eq!(upstream.count(), seen, "no request reached the ejected target");
+    let events = s.events().await;
+    let ejection = events.iter().find(|e| e.reason.as_deref() == Some("TargetEjected")).expect("a TargetEjected event");
+    assert!(ejection.note.as_deref().unwrap_or_default().starts_with("flaky/m is out of rotation: 3 failures in a row"));
+
+    // After openFor, one pod probes; the healthy upstream closes it for all.
+    let restored = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for pod in [&a, &b, &c] {
+            let _ = pod.chat("chat").await;
+        }
+        let current = s.cluster.client().await;
+        let policy = Api::<FallbackPolicy>::namespaced(current, &s.namespace).get("chat").await.expect("policy");
+        if target_state(&policy, "flaky/m") == Some(TargetState::Closed) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never restored: {:?}\n{}", policy.status, operator.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("open -> closed again in {:?}", restored.elapsed());
+    for pod in [&a, &b, &c] {
+        pod.until(Duration::from_secs(5), "answers from the recovered target", || async {
+            text_of(pod).await == "from upstream"
+        })
+        .await;
+    }
+    let events = s.events().await;
+    assert_eq!(events.iter().filter(|e| e.reason.as_deref() == Some("TargetEjected")).count(), 1, "not repeated");
+    assert!(events.iter().any(|e| e.reason.as_deref() == Some("TargetRestored")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_override_drains_a_target_in_every_pod_and_ends_on_time() {
+    let Some(s) = setup("bs-drain").await else { return };
+    let operator = s.operator("drain").await;
+    let (a, b) = (s.sidecar(operator.config, "web-a").await, s.sidecar(operator.config, "web-b").await);
+    s.apply(&policy(&s.namespace, "chat", "primary", "")).await;
+    s.policy_until("chat", Duration::from_secs(15), |p| sidecars(p) == (2, 2, 0)).await;
+    for pod in [&a, &b] {
+        assert_eq!(text_of(pod).await, "primary");
+    }
+    let until_time = k8s_openapi::jiff::Timestamp::now() + Duration::from_secs(6);
+    let drain = format!("  overrides:\n    - {{target: primary/m, state: ForcedOpen, until: '{until_time}', reason: incident 42}}\n");
+    let applied = s.apply(&policy(&s.namespace, "chat", "primary", &drain)).await;
+    for pod in [&a, &b] {
+        pod.until(Duration::from_secs(5), "drained", || async { text_of(pod).await == "backup" }).await;
+    }
+    eprintln!("override applied -> drained in every pod in {:?}", applied.elapsed());
+    let answer = a.chat("chat").await;
+    assert_eq!(answer.header("x-backstop-fallback-reason"), Some("primary/m=forcedOpen"));
+    let drained = s
+        .policy_until("chat", Duration::from_secs(5), |p| target_state(p, "primary/m") == Some(TargetState::ForcedOpen))
+        .await;
+    let entry = drained.status.and_then(|s| s.targets).expect("targets")[0].clone();
+    assert_eq!(entry.reason.as_deref(), Some("override: incident 42"));
+    // It ends at `until` by each sidecar's clock, with nothing else applied.
+    for pod in [&a, &b] {
+        pod.until(Duration::from_secs(12), "the override ended", || async { text_of(pod).await == "primary" }).await;
+    }
+    let late = k8s_openapi::jiff::Timestamp::now().duration_since(until_time).as_secs_f64();
+    eprintln!("override until -> both pods back on primary {late:.2}s after it");
+    assert!((0.0..2.0).contains(&late), "ended {late}s after its time");
+    s.policy_until("chat", Duration::from_secs(5), |p| target_state(p, "primary/m") == Some(TargetState::Closed)).await;
+    let events = s.events().await;
+    assert!(events.iter().any(|e| e.reason.as_deref() == Some("TargetRestored")
+        && e.note.as_deref() == Some("primary/m is back in rotation: its override ended")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_ride_out_an_operator_outage_and_converge_when_it_returns() {
+    let Some(s) = setup("bs-outage").await else { return };
+    let mut operator = s.operator("outage").await;
+    let config = operator.config;
+    let a = s.sidecar(config, "web-a").await;
+    let b = s.sidecar(config, "web-b").await;
+    s.apply(&policy(&s.namespace, "chat", "one", "")).await;
+    s.policy_until("chat", Duration::from_secs(15), |p| sidecars(p) == (2, 2, 0)).await;
+
+    operator.signal("-KILL").await;
+    assert_eq!(text_of(&a).await, "one", "serving on without the operator");
+    // `b` restarts while the operator is down: it serves what it had persisted.
+    let (token_file, state_dir) = (b.token_file.clone(), b.state_dir.clone());
+    b.kill().await;
+    let b = SidecarProcess::start_with_files(config, &pki().ca(), &token_file, &state_dir, &[]).await;
+    assert_eq!(b.admin("/readyz").await.status, 200, "ready from the persisted configuration");
+    assert_eq!(text_of(&b).await, "one");
+    assert!(b.log().contains("serving the persisted configuration"), "{}", b.log());
+    // A new pod with nothing persisted and no policy file: not ready, and says why.
+    let c = s.sidecar(config, "web-c").await;
+    c.until(Duration::from_secs(10), "says why it is not ready", || async {
+        let answer = c.admin("/readyz").await;
+        answer.status == 503 && String::from_utf8_lossy(&answer.body).contains(&format!("waiting for the operator at https://{config}"))
+    })
+    .await;
+    let refused = c.chat("chat").await;
+    assert_eq!(refused.status, 503);
+    assert!(String::from_utf8_lossy(&refused.body).contains("waiting for the operator"));
+
+    // A change made while the operator is down reaches everyone when it returns.
+    s.apply(&policy(&s.namespace, "chat", "two", "")).await;
+    let restarted = Instant::now();
+    let _operator = Operator::start_on(&s.kubeconfig, "outage", &s.operator_ns, &[&s.namespace], &config.to_string()).await;
+    for pod in [&a, &b, &c] {
+        pod.until(Duration::from_secs(30), "converged", || async { text_of(pod).await == "two" }).await;
+    }
+    eprintln!("operator back -> all 3 sidecars on the new policy in {:?}", restarted.elapsed());
+    s.policy_until("chat", Duration::from_secs(10), |p| sidecars(p) == (3, 3, 0)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_gets_only_its_own_namespace_and_selection_wrong_tokens_get_401_and_no_key_leaks() {
+    let Some(s) = setup("bs-tenant-a").await else { return };
+    let other = s.cluster.namespace("bs-tenant-b").await;
+    put_secret(&s.cluster, &s.namespace, CANARY).await;
+    let secret_policy = policy(&s.namespace, "chat", "tenant a", "")
+        .replace("{name: backup, type: mock, mock: {reply: backup}}", "{name: backup, type: openai, apiKey: {secretKeyRef: {name: llm-keys, key: openai}}}");
+    s.apply(&secret_policy).await;
+    s.apply(&policy(&s.namespace, "other-app", "not for web", "  selector: {matchLabels: {app: billing}}\n").replace("model: chat", "model: billing"))
+        .await;
+    s.apply(&policy(&other, "chat", "tenant b", "")).await;
+    let operator = Operator::start(&s.kubeconfig, "tenants", &s.operator_ns, &[&s.namespace, &other]).await;
+    let a = s.sidecar(operator.config, "web-a").await;
+    let (_, token_b) = s.cluster.pod_with_token(&other, "app", "web-b", &[("app", "web")], AUDIENCE).await;
+    let b = SidecarProcess::start(operator.config, &pki().ca(), &token_b, &s.dir.path().join("b"), &[]).await;
+    for (pod, reply) in [(&a, "tenant a"), (&b, "tenant b")] {
+        pod.until(Duration::from_secs(15), "served its own policy", || async { text_of(pod).await == reply }).await;
+    }
+    let config = b.admin("/config").await.json();
+    assert_eq!(config["source"], format!("{other}/chat"), "only its own namespace's policy: {config}");
+    let config = a.admin("/config").await.json();
+    assert_eq!(config["source"], format!("{}/chat", s.namespace), "the billing policy selects other pods: {config}");
+    assert_eq!(a.chat("billing").await.status, 404);
+
+    // Tokens the operator must refuse: another audience, bound to no pod, none at all.
+    let (_, wrong_audience) =
+        s.cluster.pod_with_token(&s.namespace, "app", "web-x", &[("app", "web")], "https://kubernetes.default.svc").await;
+    let unbound = s.cluster.unbound_token(&s.namespace, "app", AUDIENCE).await;
+    for (name, token, expected) in [("x", wrong_audience.as_str(), "401"), ("y", unbound.as_str(), "403"), ("z", "", "401")] {
+        let pod = SidecarProcess::start(operator.config, &pki().ca(), token, &s.dir.path().join(name), &[]).await;
+        pod.until(Duration::from_secs(10), "refused", || async {
+            let answer = pod.admin("/readyz").await;
+            answer.status == 503 && String::from_utf8_lossy(&answer.body).contains(&format!("refused the stream ({expected}"))
+        })
+        .await;
+        assert_eq!(pod.chat("chat").await.status, 503, "a refused sidecar serves nothing");
+    }
+
+    // The key went to the pod that uses it, and nowhere anyone can read.
+    let (_, metrics) = operator.get("/metrics").await;
+    let status = serde_json::to_string(&s.policy_until("chat", Duration::from_secs(5), |_| true).await.status).expect("json");
+    let events = serde_json::to_string(&s.events().await).expect("json");
+    let a_config = String::from_utf8_lossy(&a.admin("/config").await.body).into_owned();
+    let a_health = String::from_utf8_lossy(&a.admin("/health").await.body).into_owned();
+    for (place, text) in [
+        ("operator log", operator.log()),
+        ("operator metrics", metrics),
+        ("status", status),
+        ("events", events),
+        ("sidecar log", a.log()),
+        ("sidecar /config", a_config),
+        ("sidecar /health", a_health),
+        ("other tenant's config", String::from_utf8_lossy(&b.admin("/config").await.body).into_owned()),
+    ] {
+        assert!(!text.contains(CANARY), "the key leaked into the {place}:\n{text}");
+    }
+    let persisted = std::fs::read_to_string(a.state_dir.join("config.json")).expect("persisted");
+    assert!(persisted.contains(CANARY), "the pod that uses the key keeps it to serve without the operator");
+    let b_persisted = std::fs::read_to_string(b.state_dir.join("config.json")).expect("persisted");
+    assert!(!b_persisted.contains(CANARY), "another namespace's pod never receives it");
+}

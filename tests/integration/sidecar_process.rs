@@ -1,0 +1,138 @@
+//! The real `backstop sidecar` binary as a process fed by an operator's config stream, with its
+//! pod's token in a file and its state directory: for the config-stream and fleet tests.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::support::{Answer, chat, get, post};
+
+const BIN: &str = env!("CARGO_BIN_EXE_backstop");
+
+/// One pod's sidecar.
+pub struct SidecarProcess {
+    child: Child,
+    /// Its LLM listener.
+    pub llm: SocketAddr,
+    /// Its admin listener.
+    pub admin: SocketAddr,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    /// Its token file.
+    pub token_file: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl SidecarProcess {
+    /// Starts a sidecar streaming from `control_plane` (trusting `ca`) with `token`, keeping
+    /// its state in `dir` (where the token file goes too); `extra` arguments follow.
+    pub async fn start(control_plane: SocketAddr, ca: &Path, token: &str, dir: &Path, extra: &[&str]) -> SidecarProcess {
+        std::fs::create_dir_all(dir).expect("sidecar dir");
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token).expect("token file");
+        SidecarProcess::start_with_files(control_plane, ca, &token_file, &dir.join("state"), extra).await
+    }
+
+    /// A sidecar with the given token file and state directory.
+    pub async fn start_with_files(
+        control_plane: SocketAddr,
+        ca: &Path,
+        token_file: &Path,
+        state_dir: &Path,
+        extra: &[&str],
+    ) -> SidecarProcess {
+        let mut child = Command::new(BIN)
+            .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "json"])
+            .arg("--control-plane")
+            .arg(format!("https://{control_plane}"))
+            .arg("--control-plane-ca")
+            .arg(ca)
+            .arg("--token-file")
+            .arg(token_file)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(extra)
+            .env("BACKSTOP_LOG", "debug,hyper=info,h2=info,rustls=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start backstop sidecar");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(event) = serde_json::from_str::<Value>(&line)
+                    && event["message"] == "backstop sidecar listening"
+                    && let Some(tx) = tx.take()
+                {
+                    let address = |key: &str| event[key].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
+                    let _ = tx.send((address("llm"), address("admin")));
+                }
+                sink.lock().expect("lock").push_str(&(line + "\n"));
+            }
+        });
+        let (llm, admin) = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("the sidecar listens within 10 s")
+            .expect("listening line");
+        SidecarProcess {
+            child,
+            llm: llm.expect("llm address"),
+            admin: admin.expect("admin address"),
+            state_dir: state_dir.to_path_buf(),
+            token_file: token_file.to_path_buf(),
+            log,
+        }
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("lock").clone()
+    }
+
+    /// A chat request for `model`.
+    pub async fn chat(&self, model: &str) -> Answer {
+        let mut body = chat(false);
+        body["model"] = model.into();
+        post(&format!("http://{}/v1/chat/completions", self.llm), &body).await
+    }
+
+    /// GETs an admin path.
+    pub async fn admin(&self, path: &str) -> Answer {
+        get(&format!("http://{}{path}", self.admin)).await
+    }
+
+    /// Polls `check` on this sidecar every 50 ms until it holds, for at most `limit`; returns
+    /// how long it took.
+    pub async fn until<F, Fut>(&self, limit: Duration, what: &str, check: F) -> Duration
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let started = Instant::now();
+        loop {
+            if check().await {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < limit, "{what}: not within {limit:?}; sidecar log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills it at once (SIGKILL), as a node failure would.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
