@@ -82,6 +82,14 @@ struct OperatorArgs {
     /// The most sidecar connections the config service holds at once.
     #[arg(long, env = "BACKSTOP_CONFIG_MAX_CONNECTIONS", default_value_t = 20_000)]
     config_max_connections: usize,
+    /// This replica's projected ServiceAccount token (audience `backstop`): presented to the
+    /// leader when forwarding evidence, and how the leader recognises the other replicas.
+    #[arg(long, env = "BACKSTOP_PEER_TOKEN_FILE", default_value = backstop::control::stream::DEFAULT_TOKEN_FILE)]
+    peer_token_file: PathBuf,
+    /// `HOST:PORT` where the other replicas reach this one's config service while it leads;
+    /// default: `POD_IP` and the config port.
+    #[arg(long, env = "BACKSTOP_ADVERTISE_ADDRESS")]
+    advertise_address: Option<String>,
 }
 
 /// A listen address, or `none`.
@@ -285,11 +293,14 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
             cert_file: args.tls_cert_file,
             key_file: args.tls_key_file,
             max_connections: args.config_max_connections,
+            peer_token_file: args.peer_token_file,
+            advertise: args.advertise_address,
         }),
         namespaces: args.namespaces.into_iter().filter(|ns| !ns.is_empty()).collect(),
         admin: args.admin,
         lease_namespace,
         lease: LeaseSettings {
+            endpoint: None,
             name: args.lease_name,
             identity,
             duration: args.lease_duration,

@@ -7,6 +7,10 @@
 //! explicit here. The leader renews every `renew`; a standby checks every `retry` and takes
 //! the Lease once its holder has not renewed for `duration`; a replica that stops releases it,
 //! so a standby takes over at once on a rolling update.
+//!
+//! The leader also writes where its config service can be reached into the Lease
+//! ([`ENDPOINT_ANNOTATION`]): the other replicas forward their sidecars' evidence there, so
+//! that one fleet view decides for every pod ([`crate::operator::peer`]).
 
 use std::time::Duration;
 
@@ -17,9 +21,23 @@ use kube::Api;
 use kube::api::PostParams;
 use tokio::sync::watch;
 
+/// The Lease annotation with the leader's config-service address (`HOST:PORT`).
+pub const ENDPOINT_ANNOTATION: &str = "backstop.dev/config-endpoint";
+
+/// The replica holding the Lease, as the others see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// Its identity.
+    pub identity: String,
+    /// Its config service, if it has one.
+    pub endpoint: Option<String>,
+}
+
 /// Lease settings.
 #[derive(Clone, Debug)]
 pub struct LeaseSettings {
+    /// This replica's config-service address, written into the Lease while it leads.
+    pub endpoint: Option<String>,
     /// The Lease's name.
     pub name: String,
     /// This replica's identity (its pod name).
@@ -36,16 +54,20 @@ pub struct LeaseSettings {
 pub type Leadership = watch::Receiver<bool>;
 
 /// Runs the election until `shutdown` turns true, then releases the Lease if this replica
-/// holds it. `leader` follows the outcome.
+/// holds it. `leader` follows the outcome; `holder` follows who holds the Lease.
 pub async fn run(
     api: Api<Lease>,
     settings: LeaseSettings,
     leader: watch::Sender<bool>,
+    holder: watch::Sender<Option<Holder>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         let leads = match try_hold(&api, &settings).await {
-            Ok(leads) => leads,
+            Ok((leads, held_by)) => {
+                holder.send_if_modified(|current| std::mem::replace(current, held_by.clone()) != held_by);
+                leads
+            }
             Err(error) => {
                 tracing::warn!(lease = %settings.name, %error, "cannot read or write the leader lease");
                 false
@@ -68,35 +90,47 @@ pub async fn run(
     }
 }
 
-/// Takes or renews the Lease if this replica may; returns whether it holds it now.
-async fn try_hold(api: &Api<Lease>, settings: &LeaseSettings) -> kube::Result<bool> {
+/// Takes or renews the Lease if this replica may; returns whether it holds it now, and who
+/// does.
+async fn try_hold(api: &Api<Lease>, settings: &LeaseSettings) -> kube::Result<(bool, Option<Holder>)> {
     let now = Timestamp::now();
+    let annotations = settings
+        .endpoint
+        .as_ref()
+        .map(|endpoint| std::collections::BTreeMap::from([(ENDPOINT_ANNOTATION.to_string(), endpoint.clone())]));
+    let ourselves = Holder { identity: settings.identity.clone(), endpoint: settings.endpoint.clone() };
     let Some(lease) = api.get_opt(&settings.name).await? else {
         let lease = Lease {
-            metadata: ObjectMeta { name: Some(settings.name.clone()), ..ObjectMeta::default() },
+            metadata: ObjectMeta { name: Some(settings.name.clone()), annotations, ..ObjectMeta::default() },
             spec: Some(held_by(settings, now, now, 0)),
         };
-        return claimed(api.create(&PostParams::default(), &lease).await);
+        return claimed(api.create(&PostParams::default(), &lease).await, ourselves);
     };
     let spec = lease.spec.clone().unwrap_or_default();
     let holder = spec.holder_identity.as_deref().unwrap_or_default();
     let ours = holder == settings.identity;
     if !ours && !holder.is_empty() && !expired(&spec, now) {
-        return Ok(false);
+        let endpoint = lease.metadata.annotations.as_ref().and_then(|a| a.get(ENDPOINT_ANNOTATION)).cloned();
+        return Ok((false, Some(Holder { identity: holder.to_string(), endpoint })));
     }
     let acquired = if ours { spec.acquire_time.map_or(now, |t| t.0) } else { now };
     let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!ours);
     let mut renewed = lease;
     renewed.spec = Some(held_by(settings, acquired, now, transitions));
+    let mut held = renewed.metadata.annotations.take().unwrap_or_default();
+    held.remove(ENDPOINT_ANNOTATION);
+    held.extend(annotations.unwrap_or_default());
+    renewed.metadata.annotations = Some(held);
     // `replace` carries the `resourceVersion` just read: if another replica wrote in between,
     // the API server refuses this write with a conflict and this replica does not lead.
-    claimed(api.replace(&settings.name, &PostParams::default(), &renewed).await)
+    claimed(api.replace(&settings.name, &PostParams::default(), &renewed).await, ourselves)
 }
 
-fn claimed(written: kube::Result<Lease>) -> kube::Result<bool> {
+fn claimed(written: kube::Result<Lease>, ourselves: Holder) -> kube::Result<(bool, Option<Holder>)> {
     match written {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Ok(_) => Ok((true, Some(ourselves))),
+        // Someone else won the race; the next round learns who.
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok((false, None)),
         Err(error) => Err(error),
     }
 }

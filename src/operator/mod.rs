@@ -9,6 +9,7 @@
 pub mod config;
 pub mod fleet;
 pub mod leader;
+pub mod peer;
 pub mod reconcile;
 pub mod secrets;
 pub mod served;
@@ -46,6 +47,7 @@ use config::sidecars::Sidecars;
 use config::tls::ReloadingCert;
 use fleet::FleetView;
 use fleet::status::FleetStatus;
+use peer::Follower;
 use crate::server::serve;
 use crate::telemetry::Metrics;
 use leader::{Leadership, LeaseSettings};
@@ -62,6 +64,11 @@ pub struct ConfigServiceSettings {
     pub key_file: std::path::PathBuf,
     /// The most connections at once.
     pub max_connections: usize,
+    /// This replica's own projected token (audience `backstop`), presented to the leader and
+    /// used to recognise the other replicas' tokens.
+    pub peer_token_file: std::path::PathBuf,
+    /// The address the other replicas reach this one's config service at, if it leads.
+    pub advertise: Option<String>,
 }
 
 /// How often the fleet view's timers advance.
@@ -172,8 +179,8 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), OperatorError> {
     let (leader_tx, leader) = watch::channel(false);
+    let (holder_tx, holder) = watch::channel(None);
     let lease_api = Api::<Lease>::namespaced(client.clone(), &config.lease_namespace);
-    let election = tokio::spawn(leader::run(lease_api, config.lease.clone(), leader_tx, shutdown.clone()));
     let reporter = Reporter { controller: "backstop-operator".into(), instance: Some(config.lease.identity.clone()) };
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -205,12 +212,44 @@ pub async fn run(
                 ctx.served.clone(),
                 fleet.clone(),
                 sidecars.clone(),
+                leader.clone(),
+                settings.peer_token_file.clone(),
                 shutdown.clone(),
             ));
             Some((service, listener, cert, settings.max_connections))
         }
     };
     let config_address = config_service.as_ref().and_then(|(_, l, _, _)| l.local_addr().ok());
+    // Where the other replicas reach this one while it leads: as given, else the pod's IP and
+    // the bound port, else the bound address itself.
+    let mut lease = config.lease.clone();
+    lease.endpoint = config_address.and_then(|bound| {
+        let given = config.config_service.as_ref().and_then(|s| s.advertise.clone());
+        let pod_ip = std::env::var("POD_IP").ok().and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+        given
+            .or_else(|| pod_ip.map(|ip| SocketAddr::new(ip, bound.port()).to_string()))
+            .or_else(|| (!bound.ip().is_unspecified()).then(|| bound.to_string()))
+    });
+    let election = tokio::spawn(leader::run(lease_api, lease, leader_tx, holder_tx, shutdown.clone()));
+    let follower = match (&config_service, &config.config_service) {
+        (Some((_, _, cert, _)), Some(settings)) => Some(Follower {
+            fleet: fleet.clone(),
+            sidecars: sidecars.clone(),
+            holder,
+            identity: config.lease.identity.clone(),
+            token_file: settings.peer_token_file.clone(),
+            cert: cert.clone(),
+        }),
+        _ => None,
+    };
+    let follower = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            if let Some(follower) = follower {
+                follower.run(shutdown).await;
+            }
+        }
+    });
     tracing::info!(admin = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         config = %config_address.map_or_else(|| "off".to_string(), |a| a.to_string()),
         namespaces = %if config.namespaces.is_empty() { "all".to_string() } else { config.namespaces.join(",") },
@@ -245,7 +284,7 @@ pub async fn run(
         scopes.into_iter().map(|scope| controller(scope, ctx.clone(), ready.clone(), shutdown.clone())),
     );
     tokio::join!(admin, controllers, config_service);
-    let _ = tokio::join!(fleet_ticks, fleet_status);
+    let _ = tokio::join!(fleet_ticks, fleet_status, follower);
     // The election releases the Lease when `shutdown` fires; wait for it to finish.
     let _ = election.await;
     Ok(())

@@ -283,7 +283,7 @@ async fn sidecars_ride_out_an_operator_outage_and_converge_when_it_returns() {
     // A change made while the operator is down reaches everyone when it returns.
     s.apply(&policy(&s.namespace, "chat", "two", "")).await;
     let restarted = Instant::now();
-    let _operator = Operator::start_on(&s.kubeconfig, "outage", &s.operator_ns, &[&s.namespace], &config.to_string()).await;
+    let _operator = Operator::start_on(&s.kubeconfig, "outage", &s.operator_ns, &[&s.namespace], &config.to_string(), &[]).await;
     for pod in [&a, &b, &c] {
         pod.until(Duration::from_secs(30), "converged", || async { text_of(pod).await == "two" }).await;
     }
@@ -351,4 +351,56 @@ async fn a_pod_gets_only_its_own_namespace_and_selection_wrong_tokens_get_401_an
     assert!(persisted.contains(CANARY), "the pod that uses the key keeps it to serve without the operator");
     let b_persisted = std::fs::read_to_string(b.state_dir.join("config.json")).expect("persisted");
     assert!(!b_persisted.contains(CANARY), "another namespace's pod never receives it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_fleet_view_and_only_the_leader_writes_status() {
+    let Some(s) = setup("bs-replicas").await else { return };
+    let upstream = Upstream::scripted(vec![Fault::status(500), Fault::status(500), Fault::status(500)], Fault::Ok).await;
+    let yaml = format!(
+        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: chat, namespace: {}}}\nspec:\n  providers:\n    - {{name: flaky, type: openai-compatible, baseUrl: '{}'}}\n    - {{name: backup, type: mock, mock: {{reply: backup}}}}\n  routes:\n    - model: chat\n      chain: [{{provider: flaky, model: m}}, {{provider: backup, model: m}}]\n  retry: {{attempts: 1}}\n  circuitBreaker: {{consecutiveFailures: 3, openFor: 60s}}\n",
+        s.namespace,
+        upstream.base_url()
+    );
+    s.apply(&yaml).await;
+    // Both replicas run as the operator's ServiceAccount, each with its own token for peers.
+    let account = format!("backstop-operator-{}", s.operator_ns);
+    let token = s.cluster.unbound_token(&s.operator_ns, &account, AUDIENCE).await;
+    let token_file = s.dir.path().join("operator-token");
+    std::fs::write(&token_file, token).expect("write");
+    let extra = ["--peer-token-file".to_string(), token_file.display().to_string()];
+    let start = |identity: &'static str| {
+        let (kubeconfig, lease_ns, namespace, extra) = (s.kubeconfig.clone(), s.operator_ns.clone(), s.namespace.clone(), extra.clone());
+        async move { Operator::start_on(&kubeconfig, identity, &lease_ns, &[&namespace], "127.0.0.1:0", &extra).await }
+    };
+    let leader = start("leader").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !leader.log().contains("\"leads\":true") {
+        assert!(Instant::now() < deadline, "the first replica never led:\n{}", leader.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let follower = start("follower").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !follower.log().contains("forwarding this replica's sidecars' evidence to the leader") {
+        assert!(Instant::now() < deadline, "the second replica never linked to the leader:\n{}", follower.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a = s.sidecar(leader.config, "web-a").await;
+    let b = s.sidecar(follower.config, "web-b").await;
+    // The leader's status counts the follower's sidecar too.
+    s.policy_until("chat", Duration::from_secs(15), |p| sidecars(p) == (2, 2, 0)).await;
+
+    // The failures happen at the follower's pod; the leader's pod avoids the target.
+    for _ in 0..3 {
+        assert_eq!(text_of(&b).await, "backup");
+    }
+    s.policy_until("chat", Duration::from_secs(10), |p| target_state(p, "flaky/m") == Some(TargetState::Open)).await;
+    let seen = upstream.count();
+    let answer = a.chat("chat").await;
+    assert_eq!(answer.text(), "backup");
+    assert_eq!(answer.header("x-backstop-fallback-reason"), Some("flaky/m=fleetOpen"));
+    assert_eq!(upstream.count(), seen);
+    // One writer: the leader recorded the ejection; the follower wrote nothing.
+    assert!(leader.log().contains("TargetEjected"), "{}", leader.log());
+    assert!(!follower.log().contains("TargetEjected") && !follower.log().contains("status written"), "{}", follower.log());
 }

@@ -67,7 +67,7 @@ impl Operator {
     /// Starts the operator as `identity`, authenticated by `kubeconfig`, serving `namespaces`,
     /// with its Lease in `lease_namespace` and short lease timings.
     pub async fn start(kubeconfig: &Path, identity: &str, lease_namespace: &str, namespaces: &[&str]) -> Operator {
-        Operator::start_on(kubeconfig, identity, lease_namespace, namespaces, "127.0.0.1:0").await
+        Operator::start_on(kubeconfig, identity, lease_namespace, namespaces, "127.0.0.1:0", &[]).await
     }
 
     /// [`Operator::start`] with its config service on `config_listen` (to come back on the same
@@ -78,6 +78,7 @@ impl Operator {
         lease_namespace: &str,
         namespaces: &[&str],
         config_listen: &str,
+        extra: &[String],
     ) -> Operator {
         let pki = pki();
         let mut child = Command::new(BIN)
@@ -89,6 +90,7 @@ impl Operator {
             .arg(pki.dir.join("tls.crt"))
             .arg("--tls-key-file")
             .arg(pki.dir.join("tls.key"))
+            .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("BACKSTOP_LOG", "debug,kube=info,hyper=info,h2=info,tower=info,rustls=info")
             .stdin(Stdio::null())

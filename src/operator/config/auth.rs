@@ -85,12 +85,14 @@ pub struct Authenticator {
     client: Client,
     cache: Mutex<HashMap<[u8; 32], (Identity, Instant)>>,
     reviews: Semaphore,
+    /// This replica's own user name, once reviewed.
+    own_user: Mutex<Option<String>>,
 }
 
 impl Authenticator {
     /// An authenticator asking `client`'s API server.
     pub fn new(client: Client) -> Self {
-        Authenticator { client, cache: Mutex::default(), reviews: Semaphore::new(CONCURRENT_REVIEWS) }
+        Authenticator { client, cache: Mutex::default(), reviews: Semaphore::new(CONCURRENT_REVIEWS), own_user: Mutex::default() }
     }
 
     /// The pod `token` belongs to.
@@ -128,7 +130,9 @@ impl Authenticator {
         }).cloned()
     }
 
-    async fn review(&self, token: &str) -> Result<Identity, AuthError> {
+    /// The API server's verdict on `token` for audience `backstop`: its user name and extra
+    /// claims.
+    async fn review_user(&self, token: &str) -> Result<(String, BTreeMap<String, Vec<String>>), AuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec { token: Some(token.to_string()), audiences: Some(vec![AUDIENCE.to_string()]) },
             ..TokenReview::default()
@@ -145,14 +149,16 @@ impl Authenticator {
             return Err(AuthError::Rejected(format!("the token's audiences do not include `{AUDIENCE}`")));
         }
         let user = status.user.unwrap_or_default();
-        let namespace = user
-            .username
-            .as_deref()
-            .and_then(|name| name.strip_prefix("system:serviceaccount:"))
+        Ok((user.username.unwrap_or_default(), user.extra.unwrap_or_default()))
+    }
+
+    async fn review(&self, token: &str) -> Result<Identity, AuthError> {
+        let (username, extra) = self.review_user(token).await?;
+        let namespace = username
+            .strip_prefix("system:serviceaccount:")
             .and_then(|rest| rest.split_once(':'))
             .map(|(namespace, _)| namespace.to_string())
             .ok_or_else(|| AuthError::Rejected("not a ServiceAccount token".into()))?;
-        let extra = user.extra.unwrap_or_default();
         let claim = |name: &str| extra.get(name).and_then(|values| values.first()).cloned();
         let (Some(pod), Some(uid)) =
             (claim("authentication.kubernetes.io/pod-name"), claim("authentication.kubernetes.io/pod-uid"))
@@ -172,6 +178,31 @@ impl Authenticator {
             labels: meta.metadata.labels.unwrap_or_default(),
             expires: expiry(token),
         })
+    }
+
+    /// Checks that `token` is another replica's: a token of the very ServiceAccount this
+    /// replica's own token (`own_token_file`) belongs to.
+    pub async fn authenticate_peer(&self, token: &str, own_token_file: &std::path::Path) -> Result<String, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let own = self.own_user.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let own = match own {
+            Some(own) => own,
+            None => {
+                let mine = std::fs::read_to_string(own_token_file).map_err(|e| {
+                    AuthError::Rejected(format!("this replica cannot vouch for peers without its own token: {e}"))
+                })?;
+                let (own, _) = self.review_user(mine.trim()).await?;
+                *self.own_user.lock().unwrap_or_else(|p| p.into_inner()) = Some(own.clone());
+                own
+            }
+        };
+        let (user, _) = self.review_user(token).await?;
+        if user != own {
+            return Err(AuthError::Rejected(format!("`{user}` is not this operator's ServiceAccount")));
+        }
+        Ok(user)
     }
 }
 

@@ -2,7 +2,8 @@
 //! format is in [`crate::control::protocol`]).
 //!
 //! Every replica serves it from its own warm copy of the served policies, so sidecars connect
-//! to whichever replica the Service picks. Connections are bounded (`--config-max-connections`),
+//! to whichever replica the Service picks; the same listener carries the other replicas'
+//! streams to the leader ([`crate::operator::peer`]). Connections are bounded (`--config-max-connections`),
 //! each carries at most a few HTTP/2 streams, a pod has one stream at a time, and reports are
 //! rate limited per stream; token reviews are bounded and cached ([`auth`]).
 
@@ -11,6 +12,7 @@ pub mod session;
 pub mod sidecars;
 pub mod tls;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +25,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::control::protocol::{PROTOCOL, PROTOCOL_HEADER, STREAM_PATH, VERSION_HEADER};
 use crate::operator::fleet::FleetView;
+use crate::operator::leader::Leadership;
+use crate::operator::peer::{self, PEER_PATH};
 use crate::operator::served::ServedPolicies;
 use crate::server::{Body, BoxError, Options, serve_with};
 use crate::proxy::body::text_response;
@@ -44,8 +48,12 @@ pub struct ConfigService {
     pub fleet: Arc<FleetView>,
     /// The sidecars connected to this replica.
     pub sidecars: Arc<Sidecars>,
-    auth: Authenticator,
-    shutdown: watch::Receiver<bool>,
+    pub(crate) auth: Authenticator,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    /// Whether this replica leads (only the leader takes other replicas' evidence).
+    pub(crate) leader: Leadership,
+    /// This replica's own token, to recognise the other replicas' tokens by.
+    pub(crate) peer_token_file: PathBuf,
 }
 
 impl ConfigService {
@@ -55,9 +63,11 @@ impl ConfigService {
         served: Arc<ServedPolicies>,
         fleet: Arc<FleetView>,
         sidecars: Arc<Sidecars>,
+        leader: Leadership,
+        peer_token_file: PathBuf,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        ConfigService { served, fleet, sidecars, auth: Authenticator::new(client), shutdown }
+        ConfigService { served, fleet, sidecars, auth: Authenticator::new(client), shutdown, leader, peer_token_file }
     }
 
     /// Serves on `listener` with `cert` until shutdown.
@@ -81,6 +91,7 @@ impl ConfigService {
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         match (request.method(), request.uri().path()) {
             (&Method::POST, STREAM_PATH) => self.stream(request).await,
+            (&Method::POST, PEER_PATH) => peer::serve(self, request).await,
             (_, STREAM_PATH) => text_response(StatusCode::METHOD_NOT_ALLOWED, "POST the stream\n"),
             _ => text_response(StatusCode::NOT_FOUND, "not found; sidecars POST /v1/stream\n"),
         }

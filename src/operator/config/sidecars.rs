@@ -3,16 +3,25 @@
 //! that restarted, or reconnected before the old connection was seen to die) replaces the
 //! older, which is told to end.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::policy::SidecarsStatus;
 
+/// How long another replica's list of sidecars counts without being refreshed.
+const REMOTE_FRESH: Duration = Duration::from_secs(5);
+
 /// What is known of one connected sidecar.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Sidecar {
+    /// Its pod's uid.
+    pub uid: String,
     /// Its pod's namespace.
     pub namespace: String,
     /// Its pod's name.
@@ -31,11 +40,13 @@ struct Entry {
     stop: watch::Sender<bool>,
 }
 
-/// Every sidecar connected to this replica, by pod uid.
+/// Every sidecar connected to this replica, by pod uid; on the leader, also those the other
+/// replicas report.
 #[derive(Default)]
 pub struct Sidecars {
     pods: Mutex<HashMap<String, Entry>>,
     sessions: std::sync::atomic::AtomicU64,
+    remote: Mutex<HashMap<String, (Vec<Sidecar>, Instant)>>,
 }
 
 impl Sidecars {
@@ -48,7 +59,7 @@ impl Sidecars {
     pub fn connect(&self, uid: &str, namespace: &str, pod: &str) -> (u64, watch::Receiver<bool>) {
         let session = self.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let (stop, stopped) = watch::channel(false);
-        let sidecar = Sidecar { namespace: namespace.into(), pod: pod.into(), ..Sidecar::default() };
+        let sidecar = Sidecar { uid: uid.into(), namespace: namespace.into(), pod: pod.into(), ..Sidecar::default() };
         if let Some(previous) = self.lock().insert(uid.to_string(), Entry { sidecar, session, stop }) {
             previous.stop.send_replace(true);
         }
@@ -72,12 +83,36 @@ impl Sidecars {
         }
     }
 
-    /// Every connected sidecar.
-    pub fn all(&self) -> Vec<Sidecar> {
+    /// The sidecars connected to this replica.
+    pub fn local(&self) -> Vec<Sidecar> {
         self.lock().values().map(|entry| entry.sidecar.clone()).collect()
     }
 
-    /// How many there are.
+    /// Every sidecar of the fleet: this replica's, and those other replicas reported lately
+    /// (a pod that moved between replicas counts once).
+    pub fn all(&self) -> Vec<Sidecar> {
+        let mut all = self.local();
+        let mut seen: HashSet<String> = all.iter().map(|s| s.uid.clone()).collect();
+        let now = Instant::now();
+        for (sidecars, at) in self.remote.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            if now.saturating_duration_since(*at) < REMOTE_FRESH {
+                all.extend(sidecars.iter().filter(|s| seen.insert(s.uid.clone())).cloned());
+            }
+        }
+        all
+    }
+
+    /// Another replica's sidecars, as it reported them.
+    pub fn set_remote(&self, replica: &str, sidecars: Vec<Sidecar>) {
+        self.remote.lock().unwrap_or_else(|p| p.into_inner()).insert(replica.to_string(), (sidecars, Instant::now()));
+    }
+
+    /// Forgets another replica's sidecars (its link ended).
+    pub fn clear_remote(&self, replica: &str) {
+        self.remote.lock().unwrap_or_else(|p| p.into_inner()).remove(replica);
+    }
+
+    /// How many are connected to this replica.
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -128,6 +163,13 @@ mod tests {
         let all = sidecars.all();
         assert_eq!(tally(&all, "shop", "p", "v2"), SidecarsStatus { connected: 2, current: 1, rejected: 1 });
         assert_eq!(tally(&all, "other", "p", "v2"), SidecarsStatus::default());
+        // Another replica's sidecars count too, once each.
+        let moved = all.iter().find(|s| s.uid == "uid-2").cloned().expect("uid-2");
+        let elsewhere = Sidecar { uid: "uid-9".into(), namespace: "shop".into(), pod: "web-9".into(), sent: v("v2"), applied: Some(v("v2")), rejected: None };
+        sidecars.set_remote("replica-b", vec![moved, elsewhere]);
+        assert_eq!(tally(&sidecars.all(), "shop", "p", "v2"), SidecarsStatus { connected: 3, current: 2, rejected: 1 });
+        sidecars.clear_remote("replica-b");
+        assert_eq!(sidecars.all().len(), 3);
         assert!(sidecars.disconnect("uid-1", second));
         assert_eq!(sidecars.len(), 2);
     }

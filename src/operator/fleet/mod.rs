@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::served::{NamespacePolicies, ServedPolicies};
@@ -303,6 +303,8 @@ impl TargetFleet {
 #[derive(Debug, Default)]
 struct Member {
     identities: HashSet<String>,
+    /// Connected to this replica (not reported by another).
+    local: bool,
 }
 
 /// One namespace's fleet.
@@ -439,35 +441,97 @@ impl Namespace {
         changed
     }
 
-    fn publish(&mut self) {
-        let targets: BTreeMap<String, Decision> =
-            self.targets.iter().filter_map(|(id, t)| t.decision().map(|d| (id.clone(), d))).collect();
-        let sender = self.sender();
-        sender.send_if_modified(|current| {
+    /// Publishes `targets` as the namespace's decisions if they differ; returns whether they did.
+    fn publish_decisions(&mut self, targets: BTreeMap<String, Decision>) -> bool {
+        self.sender().send_if_modified(|current| {
             if current.targets == targets {
                 return false;
             }
             *current = Arc::new(Decisions { revision: current.revision + 1, targets });
             true
-        });
+        })
+    }
+
+    /// The decisions of this replica's own view.
+    fn local_decisions(&self) -> BTreeMap<String, Decision> {
+        self.targets.iter().filter_map(|(id, t)| t.decision().map(|d| (id.clone(), d))).collect()
     }
 }
 
 /// The fleet view of every namespace.
+///
+/// On the leader (or a lone replica) it decides from every pod's evidence: its own sidecars'
+/// and what the other replicas forward. On another replica it *follows*: its sidecars'
+/// evidence is forwarded to the leader ([`FleetView::follow`]) and the leader's decisions are
+/// published instead of its own ([`FleetView::adopt`]); it keeps judging its own evidence all
+/// along, so that if the leader cannot be reached its pods are still protected by what it sees.
 #[derive(Debug)]
 pub struct FleetView {
     served: Arc<ServedPolicies>,
     namespaces: Mutex<HashMap<String, Namespace>>,
+    /// Where this replica's evidence goes while it follows the leader.
+    forward: Mutex<Option<mpsc::Sender<Forwarded>>>,
+    /// Bumped whenever any namespace's decisions change.
+    changes: watch::Sender<u64>,
+}
+
+/// Evidence a replica forwards to the leader.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Forwarded {
+    /// A pod connected, or its configuration changed.
+    Join {
+        /// Its namespace.
+        namespace: String,
+        /// Its uid.
+        pod: String,
+        /// The fleet-scoped targets of its policies.
+        identities: Vec<String>,
+    },
+    /// A pod disconnected.
+    Leave {
+        /// Its namespace.
+        namespace: String,
+        /// Its uid.
+        pod: String,
+    },
+    /// A pod's report.
+    Observe {
+        /// Its namespace.
+        namespace: String,
+        /// Its uid.
+        pod: String,
+        /// What its targets did.
+        targets: BTreeMap<String, TargetReport>,
+    },
 }
 
 impl FleetView {
     /// An empty view, judging targets by the breaker settings of `served`'s policies.
     pub fn new(served: Arc<ServedPolicies>) -> Self {
-        FleetView { served, namespaces: Mutex::default() }
+        FleetView { served, namespaces: Mutex::default(), forward: Mutex::default(), changes: watch::channel(0).0 }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Namespace>> {
         self.namespaces.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn following(&self) -> bool {
+        self.forward.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    fn forward(&self, evidence: Forwarded) {
+        if let Some(sink) = self.forward.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            // A full sink (the leader is slow) loses evidence rather than stalling sidecars.
+            let _ = sink.try_send(evidence);
+        }
+    }
+
+    /// Publishes `ns`'s own decisions unless this replica follows the leader.
+    fn publish(&self, ns: &mut Namespace, following: bool) {
+        if !following && ns.publish_decisions(ns.local_decisions()) {
+            self.changes.send_modify(|n| *n += 1);
+        }
     }
 
     /// Follows `namespace`'s decisions.
@@ -475,48 +539,131 @@ impl FleetView {
         self.lock().entry(namespace.to_string()).or_default().sender().subscribe()
     }
 
+    /// Follows changes of any namespace's decisions.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// The current decisions of `namespace`.
     pub fn decisions(&self, namespace: &str) -> Arc<Decisions> {
         self.lock().get(namespace).and_then(|ns| ns.decisions.as_ref().map(|tx| tx.borrow().clone())).unwrap_or_default()
     }
 
-    /// A pod connected, or its configuration changed: it may now probe (and report on) the
-    /// targets `identities`.
-    pub fn join(&self, namespace: &str, pod: &str, identities: HashSet<String>, now: Instant) {
+    /// The current decisions of every namespace.
+    pub fn all_decisions(&self) -> Vec<(String, Arc<Decisions>)> {
+        self.lock()
+            .iter()
+            .filter_map(|(name, ns)| ns.decisions.as_ref().map(|tx| (name.clone(), tx.borrow().clone())))
+            .collect()
+    }
+
+    fn join_as(&self, namespace: &str, pod: &str, identities: HashSet<String>, local: bool, now: Instant) {
+        let following = self.following();
         let mut namespaces = self.lock();
         let ns = namespaces.entry(namespace.to_string()).or_default();
-        ns.members.insert(pod.to_string(), Member { identities });
+        ns.members.insert(pod.to_string(), Member { identities, local });
         if ns.settle(now) {
-            ns.publish();
+            self.publish(ns, following);
         }
     }
 
-    /// A pod disconnected; probes it was chosen for go to others.
-    pub fn leave(&self, namespace: &str, pod: &str, now: Instant) {
+    /// A pod connected to this replica, or its configuration changed: it may now probe (and
+    /// report on) the targets `identities`.
+    pub fn join(&self, namespace: &str, pod: &str, identities: HashSet<String>, now: Instant) {
+        self.forward(Forwarded::Join {
+            namespace: namespace.into(),
+            pod: pod.into(),
+            identities: identities.iter().cloned().collect(),
+        });
+        self.join_as(namespace, pod, identities, true, now);
+    }
+
+    fn leave_as(&self, namespace: &str, pod: &str, now: Instant) {
+        let following = self.following();
         let mut namespaces = self.lock();
         let Some(ns) = namespaces.get_mut(namespace) else { return };
         ns.members.remove(pod);
         if ns.settle(now) {
-            ns.publish();
+            self.publish(ns, following);
         }
     }
 
-    /// Takes one pod's report.
-    pub fn observe(&self, namespace: &str, pod: &str, reports: &BTreeMap<String, TargetReport>, now: Instant) {
+    /// A pod disconnected from this replica; probes it was chosen for go to others.
+    pub fn leave(&self, namespace: &str, pod: &str, now: Instant) {
+        self.forward(Forwarded::Leave { namespace: namespace.into(), pod: pod.into() });
+        self.leave_as(namespace, pod, now);
+    }
+
+    fn observe_as(&self, namespace: &str, pod: &str, reports: &BTreeMap<String, TargetReport>, now: Instant) {
         if reports.is_empty() {
             return;
         }
+        let following = self.following();
         let policies = self.served.subscribe(namespace).borrow().clone();
         let mut namespaces = self.lock();
         let ns = namespaces.entry(namespace.to_string()).or_default();
         ns.refresh_rules(&policies);
         if ns.observe(pod, reports, now, Timestamp::now()) {
-            ns.publish();
+            self.publish(ns, following);
+        }
+    }
+
+    /// Takes one report of a pod connected to this replica.
+    pub fn observe(&self, namespace: &str, pod: &str, reports: &BTreeMap<String, TargetReport>, now: Instant) {
+        if !reports.is_empty() {
+            self.forward(Forwarded::Observe { namespace: namespace.into(), pod: pod.into(), targets: reports.clone() });
+        }
+        self.observe_as(namespace, pod, reports, now);
+    }
+
+    /// Takes evidence another replica forwarded (on the leader).
+    pub fn take_forwarded(&self, evidence: Forwarded, now: Instant) {
+        match evidence {
+            Forwarded::Join { namespace, pod, identities } => {
+                self.join_as(&namespace, &pod, identities.into_iter().collect(), false, now);
+            }
+            Forwarded::Leave { namespace, pod } => self.leave_as(&namespace, &pod, now),
+            Forwarded::Observe { namespace, pod, targets } => self.observe_as(&namespace, &pod, &targets, now),
+        }
+    }
+
+    /// Starts following the leader: this replica's evidence goes to `sink` from now on,
+    /// starting with every pod connected here.
+    pub fn follow(&self, sink: mpsc::Sender<Forwarded>) {
+        for (namespace, ns) in self.lock().iter() {
+            for (pod, member) in ns.members.iter().filter(|(_, m)| m.local) {
+                let _ = sink.try_send(Forwarded::Join {
+                    namespace: namespace.clone(),
+                    pod: pod.clone(),
+                    identities: member.identities.iter().cloned().collect(),
+                });
+            }
+        }
+        *self.forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
+    /// Stops following (the leader is gone or this replica leads): its own decisions stand.
+    pub fn unfollow(&self) {
+        *self.forward.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        for ns in self.lock().values_mut() {
+            self.publish(ns, false);
+        }
+    }
+
+    /// Publishes the leader's decisions for `namespace` (while following).
+    pub fn adopt(&self, namespace: &str, targets: BTreeMap<String, Decision>) {
+        if !self.following() {
+            return;
+        }
+        let mut namespaces = self.lock();
+        if namespaces.entry(namespace.to_string()).or_default().publish_decisions(targets) {
+            self.changes.send_modify(|n| *n += 1);
         }
     }
 
     /// Advances every namespace's timers; call every few hundred milliseconds.
     pub fn tick(&self, now: Instant) {
+        let following = self.following();
         let namespaces: Vec<String> = self.lock().keys().cloned().collect();
         for namespace in namespaces {
             let policies = self.served.subscribe(&namespace).borrow().clone();
@@ -524,7 +671,7 @@ impl FleetView {
             let Some(ns) = all.get_mut(&namespace) else { continue };
             ns.refresh_rules(&policies);
             if ns.tick(now) {
-                ns.publish();
+                self.publish(ns, following);
             }
         }
     }
