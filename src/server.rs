@@ -139,3 +139,36 @@ pub async fn serve_with<F, Fut>(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_at_once_and_a_freed_slot_serves_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (stop, stopped) = watch::channel(false);
+        let options = Options { max_connections: Some(1), ..Options::default() };
+        let server = tokio::spawn(serve_with(listener, stopped, Duration::from_secs(1), options, |_| async {
+            crate::proxy::body::text_response(http::StatusCode::OK, "ok\n")
+        }));
+        let mut held = tokio::net::TcpStream::connect(address).await.expect("first");
+        held.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.expect("half a request");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut refused = tokio::net::TcpStream::connect(address).await.expect("second connects");
+        let mut buffer = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(2), refused.read(&mut buffer)).await.expect("closed in time");
+        assert!(matches!(read, Ok(0) | Err(_)), "the second connection is closed without an answer");
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut third = tokio::net::TcpStream::connect(address).await.expect("third");
+        third.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.expect("request");
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(2), third.read_to_string(&mut answer)).await.expect("in time").expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        stop.send_replace(true);
+        server.await.expect("server");
+    }
+}

@@ -67,6 +67,11 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
             overrides,
         });
     }
+    if let Some(selector) = &spec.selector
+        && let Err(error) = kube::core::Selector::try_from(selector.clone())
+    {
+        compiler.errors.push("spec.selector", error);
+    }
     let target_overrides = compile_target_overrides(spec.overrides.as_deref(), &distinct_targets(&routes), &mut compiler.errors);
     compiler.errors.finish()?;
     let mut providers: Vec<(usize, ProviderConfig)> = providers.into_values().collect();
@@ -310,6 +315,10 @@ mod tests {
                     "{name: local, type: openai-compatible, mock: {}",
                 ),
                 "`spec.providers[1].mock`: only valid with `type: mock`",
+            ),
+            (
+                GOOD.replace("spec:\n", "spec:\n  selector: {matchExpressions: [{key: app, operator: In}]}\n"),
+                "`spec.selector`:",
             ),
         ];
         assert_errors(&cases, compile);
