@@ -198,7 +198,8 @@ async fn lead(
         }
         tokio::select! {
             _ = shutdown.changed() => break,
-            _ = leader.changed() => if !*leader.borrow() { break },
+            // An `Err` (the election ended) disables the branch rather than spinning on it.
+            Ok(()) = leader.changed() => if !*leader.borrow() { break },
             Ok(()) = changes.changed() => dirty = true,
             _ = heartbeat.tick() => {
                 if heard.elapsed() > STREAM_IDLE || !send(&FromLeader::Heartbeat).await {
@@ -283,15 +284,16 @@ impl Follower {
             let endpoint = holder.filter(|h| h.identity != self.identity).and_then(|h| h.endpoint);
             let Some(endpoint) = endpoint else {
                 self.fleet.unfollow();
+                // `Err` (the election ended) disables the branch: wait for shutdown alone.
                 tokio::select! {
                     _ = shutdown.changed() => return,
-                    _ = self.holder.changed() => continue,
+                    Ok(()) = self.holder.changed() => continue,
                 }
             };
             let mut holder = self.holder.clone();
             let outcome = tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = holder.changed() => Ok(()),
+                Ok(()) = holder.changed() => Ok(()),
                 outcome = self.link(&endpoint) => outcome,
             };
             self.fleet.unfollow();
@@ -308,7 +310,7 @@ impl Follower {
                     let wait = ceiling.mul_f64(rand::rng().random_range(0.1..=1.0));
                     tokio::select! {
                         _ = shutdown.changed() => return,
-                        _ = self.holder.changed() => {}
+                        Ok(()) = self.holder.changed() => {}
                         () = tokio::time::sleep(wait) => {}
                     }
                 }

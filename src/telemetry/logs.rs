@@ -22,7 +22,11 @@ pub fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false);
+        .with_target(false)
+        // A log line that cannot be written (the log pipe broke) is dropped. Left on, the
+        // subscriber reports the failure with `eprintln!`, which panics on the same broken
+        // pipe, inside whichever task was logging: a request, a reload, the leader election.
+        .log_internal_errors(false);
     let installed = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -101,6 +101,41 @@ async fn quickstart_falls_back_from_the_rate_limited_primary() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_log_pipe_loses_log_lines_not_requests() {
+    let mut child = Command::new(BIN)
+        .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--policy-file")
+        .arg(repo_file("deploy/examples/quickstart.yaml"))
+        .env("BACKSTOP_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start backstop");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let llm = loop {
+        let line = lines.next_line().await.expect("read").expect("a listening line");
+        if let Ok(event) = serde_json::from_str::<Value>(&line)
+            && event["message"] == "backstop sidecar listening"
+        {
+            break event["llm"].as_str().expect("llm").to_string();
+        }
+    };
+    // The log collector goes away: every later log line meets a broken pipe.
+    drop(lines);
+    let url = format!("http://{llm}/v1/chat/completions");
+    for _ in 0..5 {
+        let answer = post(&url, &chat(false)).await;
+        assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+        assert_eq!(answer.header("x-backstop-provider"), Some("fallback"));
+    }
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().expect("pid").to_string()]).status();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exits").expect("wait");
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_never_reach_logs_or_config() {
     let upstream = Upstream::start(Fault::status(401)).await;
     let dir = tempfile::tempdir().expect("tempdir");
