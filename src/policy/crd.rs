@@ -2,12 +2,41 @@
 //! crd` prints and `crds/` holds. Tests keep it structural, documented and in step with the
 //! checked-in copy.
 
+use serde_json::Value;
+
 use super::FallbackPolicy;
 
-/// The CRD manifest generated from these types, as YAML.
-pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
+/// The CRD generated from these types, with the integer formats Rust's unsigned types give
+/// (`uint32`, ...) named as Kubernetes knows them (`int32`, `int64`), so that neither the API
+/// server nor `kubectl` warns about an unrecognized format. The ranges stay in
+/// `minimum`/`maximum`.
+pub fn crd() -> Value {
     use kube::CustomResourceExt;
-    serde_yaml_ng::to_string(&FallbackPolicy::crd())
+    let mut crd = serde_json::to_value(FallbackPolicy::crd()).unwrap_or_default();
+    kubernetes_formats(&mut crd);
+    crd
+}
+
+fn kubernetes_formats(node: &mut Value) {
+    match node {
+        Value::Object(object) => {
+            if let Some(Value::String(format)) = object.get_mut("format") {
+                match format.as_str() {
+                    "uint8" | "uint16" | "int8" | "int16" => *format = "int32".into(),
+                    "uint32" | "uint64" | "uint" => *format = "int64".into(),
+                    _ => {}
+                }
+            }
+            object.values_mut().for_each(kubernetes_formats);
+        }
+        Value::Array(items) => items.iter_mut().for_each(kubernetes_formats),
+        _ => {}
+    }
+}
+
+/// The CRD manifest, as YAML.
+pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
+    serde_yaml_ng::to_string(&crd())
 }
 
 #[cfg(test)]
@@ -70,6 +99,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_format_is_one_kubernetes_recognizes() {
+        fn formats(node: &Value, out: &mut Vec<String>) {
+            match node {
+                Value::Object(object) => {
+                    if let Some(Value::String(format)) = object.get("format") {
+                        out.push(format.clone());
+                    }
+                    object.values().for_each(|v| formats(v, out));
+                }
+                Value::Array(items) => items.iter().for_each(|v| formats(v, out)),
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        formats(&super::crd(), &mut found);
+        let known = ["int32", "int64", "float", "double", "byte", "date", "date-time", "duration", "uri"];
+        let unknown: Vec<&String> = found.iter().filter(|f| !known.contains(&f.as_str())).collect();
+        assert!(unknown.is_empty(), "formats Kubernetes warns about: {unknown:?}");
+        assert!(found.iter().any(|f| f == "int64"));
     }
 
     #[test]

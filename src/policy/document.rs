@@ -6,7 +6,6 @@
 use std::sync::OnceLock;
 
 use jsonschema::error::{TypeKind, ValidationErrorKind};
-use kube::CustomResourceExt;
 use serde_json::Value;
 
 use super::{API_VERSION, FallbackPolicy};
@@ -93,7 +92,7 @@ fn validator() -> Option<&'static jsonschema::Validator> {
     static VALIDATOR: OnceLock<Option<jsonschema::Validator>> = OnceLock::new();
     VALIDATOR
         .get_or_init(|| {
-            let crd = serde_json::to_value(FallbackPolicy::crd()).ok()?;
+            let crd = super::crd::crd();
             let mut schema = crd.pointer("/spec/versions/0/schema/openAPIV3Schema")?.clone();
             // The root leaves out `apiVersion`, `kind` and `metadata` (the API server adds
             // them): close only what lies below it.
