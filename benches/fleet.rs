@@ -57,8 +57,8 @@ fn policy(namespace: &str, reply: &str) -> String {
 
 /// What a simulated sidecar saw.
 enum Seen {
-    /// A configuration: its version and the first target's identity.
-    Config(String, Option<String>, Instant),
+    /// A configuration: its version, its first policy's version and first target's identity.
+    Config(String, Option<(String, String)>, Instant),
     /// A fleet message: the targets it says are open.
     Fleet(usize, Vec<String>, Instant),
 }
@@ -105,7 +105,10 @@ async fn simulate(
                         ServerMessage::Config(config) => {
                             let report = Report { applied: Some(config.version.clone()), ..Report::default() };
                             let _ = tx.send(line(&report)).await;
-                            let first = config.policies.first().and_then(|p| p.targets().first().map(|t| t.identity.clone()));
+                            let first = config
+                                .policies
+                                .first()
+                                .and_then(|p| Some((p.digest(), p.targets().first()?.identity.clone())));
                             let _ = seen.send(Seen::Config(config.version, first, now));
                         }
                         ServerMessage::Fleet(fleet) => {
@@ -216,16 +219,23 @@ fn main() {
             commands.push(command_tx);
             tokio::spawn(simulate(i, operator.config, tls.clone(), token, seen_tx.clone(), command_rx));
         }
+        eprintln!("{count} simulated sidecars connecting...");
         // Every sidecar's first configuration.
         let mut first_version = String::new();
-        let mut identity = None;
+        let mut identity: Option<String> = None;
         let mut configured = 0;
         while configured < count {
-            match tokio::time::timeout(Duration::from_secs(120), seen.recv()).await.expect("sidecars connect").expect("open") {
+            let next = tokio::time::timeout(Duration::from_secs(60), seen.recv()).await;
+            let Ok(next) = next else {
+                let log = operator.log();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                panic!("{configured} of {count} sidecars configured after 60 s; the operator's log ends:\n{}", tail.join("\n"));
+            };
+            match next.expect("open") {
                 Seen::Config(version, first, _) => {
                     configured += 1;
                     first_version = version;
-                    identity = identity.or(first);
+                    identity = identity.or(first.map(|(_, identity)| identity));
                 }
                 Seen::Fleet(..) => {}
             }
@@ -238,24 +248,20 @@ fn main() {
         let changed = Instant::now();
         cluster.apply_yaml(&policy(&namespace, "two")).await;
         let mut acks = Vec::with_capacity(count);
-        let mut new_version = String::new();
+        let mut compiled_version = String::new();
         while acks.len() < count {
             match tokio::time::timeout(Duration::from_secs(60), seen.recv()).await.expect("acknowledged").expect("open") {
-                Seen::Config(version, _, at) if version != first_version => {
-                    new_version = version;
+                Seen::Config(version, first, at) if version != first_version => {
+                    // The mock's reply is part of its identity: the changed policy's target.
+                    if let Some((digest, target)) = first {
+                        compiled_version = digest;
+                        identity = Some(target);
+                    }
                     acks.push(at - changed);
                 }
                 _ => {}
             }
         }
-        let compiled_version = loop {
-            let policy = api.get("chat").await.expect("policy");
-            match policy.status.and_then(|s| s.compiled_version) {
-                Some(v) if v != new_version => tokio::time::sleep(Duration::from_millis(20)).await,
-                Some(v) => break v,
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
         while !sidecars_current(&api, count as u32, &compiled_version).await {
             assert!(changed.elapsed() < Duration::from_secs(60), "status never counted every sidecar");
             tokio::time::sleep(Duration::from_millis(20)).await;
