@@ -426,3 +426,89 @@ fn apply_fleet(store: &PolicyStore, fleet: &Fleet) {
         })
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{DEMO_POLICY, compiled};
+
+    fn stream(dir: &std::path::Path) -> ControlStream {
+        let settings = StreamSettings {
+            url: "https://operator.example:7402".parse().expect("url"),
+            ca_file: None,
+            token_file: dir.join("token"),
+            state_dir: Some(dir.join("state")),
+        };
+        ControlStream::new(settings, Arc::new(PolicyStore::new())).expect("stream")
+    }
+
+    fn message(message: &ServerMessage) -> Vec<u8> {
+        serde_json::to_vec(message).expect("json")
+    }
+
+    #[tokio::test]
+    async fn configurations_are_applied_persisted_acknowledged_or_refused_keeping_the_last_good() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut link = stream(dir.path());
+        let good = Config::new("shop", "web-1", vec![compiled(DEMO_POLICY)]);
+        assert!(link.take(&message(&ServerMessage::Config(good.clone()))).is_none());
+        let ack = link.acknowledgement().expect("an acknowledgement is owed");
+        assert_eq!((ack.applied.as_deref(), ack.rejected), (Some(good.version.as_str()), None));
+        assert!(link.acknowledgement().is_none(), "once");
+        assert_eq!(link.store.load().map(|s| s.digest.clone()), Some(good.version.clone()));
+        assert_eq!(state::load(&dir.path().join("state")).expect("persisted"), Some(good.clone()));
+
+        // A configuration this sidecar cannot serve: refused with the reason, the last good stays.
+        let mut unusable = compiled(DEMO_POLICY);
+        unusable.providers[1].base_url = "not a url".into();
+        let bad = Config::new("shop", "web-1", vec![unusable]);
+        link.take(&message(&ServerMessage::Config(bad.clone())));
+        let refusal = link.acknowledgement().expect("a refusal is owed");
+        assert_eq!(refusal.applied.as_deref(), Some(good.version.as_str()));
+        let rejected = refusal.rejected.expect("rejected");
+        assert_eq!(rejected.version, bad.version);
+        assert!(rejected.reason.contains("not a url"), "{}", rejected.reason);
+        assert_eq!(link.store.load().map(|s| s.digest.clone()), Some(good.version.clone()));
+
+        // One from a newer release this one cannot read: refused by its version.
+        link.take(br#"{"type":"config","version":"v9","namespace":"shop","pod":"web-1","policies":[{"future":true}]}"#);
+        let refusal = link.acknowledgement().expect("owed");
+        assert_eq!(refusal.rejected.map(|r| r.version), Some("v9".to_string()));
+        // Other unknown messages are skipped; a goodbye ends the stream.
+        assert!(link.take(br#"{"type":"somethingNew"}"#).is_none());
+        assert!(link.acknowledgement().is_none());
+        assert!(matches!(link.take(&message(&ServerMessage::Goodbye { reason: "bye".into() })), Some(Ended::Goodbye(_))));
+
+        // A restart finds it in the state directory.
+        let mut restarted = stream(dir.path());
+        assert_eq!(restarted.restore(), Some(good.version.clone()));
+        assert_eq!(restarted.store.load().map(|s| s.digest.clone()), Some(good.version));
+    }
+
+    #[tokio::test]
+    async fn fleet_decisions_reach_the_targets_and_survive_a_new_configuration() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut link = stream(dir.path());
+        let policy = compiled(DEMO_POLICY);
+        let identity = policy.targets()[0].identity.clone();
+        let config = Config::new("shop", "web-1", vec![policy]);
+        link.take(&message(&ServerMessage::Config(config.clone())));
+        let fleet = Fleet {
+            targets: BTreeMap::from([(identity, FleetTarget::Open { retry_in_ms: 60_000, reason: "3 pods".into() })]),
+        };
+        link.take(&message(&ServerMessage::Fleet(fleet)));
+        let state = |link: &ControlStream| {
+            let health = link.store.health().report(Instant::now());
+            health["targets"].as_array().expect("targets").iter().find(|t| t["target"] == "primary/gpt-4o").cloned().expect("target")
+        };
+        assert_eq!(state(&link)["state"], "open");
+        assert_eq!(state(&link)["openedBecause"], "fleet: 3 pods");
+        // The same policies again under a new version: the decision still applies.
+        let mut renamed = config.clone();
+        renamed.version = "v2".into();
+        link.take(&message(&ServerMessage::Config(renamed)));
+        assert_eq!(state(&link)["state"], "open");
+        link.take(&message(&ServerMessage::Fleet(Fleet::default())));
+        assert_eq!(state(&link)["state"], "closed");
+    }
+}

@@ -2,9 +2,13 @@
 //! with the sidecar's own compiler, keeps the last good version of each ready to serve
 //! ([`served`]), and tells users in the resource's status and Events what it concluded.
 //!
-//! Every replica reconciles and keeps its served policies warm; only the replica that holds the
-//! Lease ([`leader`]) writes status and Events. The process also serves `/healthz`, `/readyz`
-//! (ready once every watch has listed) and `/metrics` on its admin port.
+//! Sidecars stream their configuration from its config service ([`config`]), and report what
+//! their targets do; the fleet view ([`fleet`]) merges the reports into decisions every pod
+//! applies, and the leader writes them into status. Every replica reconciles, keeps its served
+//! policies warm and serves sidecars; only the replica that holds the Lease ([`leader`]) writes
+//! status and Events and decides for the fleet, with the others forwarding their sidecars'
+//! evidence to it ([`peer`]). The process also serves `/healthz`, `/readyz` (ready once every
+//! watch has listed) and `/metrics` on its admin port.
 
 pub mod config;
 pub mod fleet;

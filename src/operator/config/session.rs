@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use k8s_openapi::jiff::Timestamp;
 use kube::core::{Selector, SelectorExt};
 use tokio::sync::{mpsc, watch};
@@ -222,7 +222,10 @@ impl Session {
 
     /// Runs the stream until the sidecar goes, a newer stream replaces it, its token expires or
     /// the operator shuts down.
-    pub async fn run(mut self, mut body: Incoming, resume: Option<String>, mut replaced: watch::Receiver<bool>) {
+    pub async fn run<B>(mut self, mut body: B, resume: Option<String>, mut replaced: watch::Receiver<bool>)
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+    {
         let namespace = self.identity.namespace.clone();
         let mut policies = self.service.served.subscribe(&namespace);
         let mut decisions = self.service.fleet.subscribe(&namespace);
@@ -301,5 +304,136 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use http_body_util::StreamBody;
+
+    use super::*;
+    use crate::control::protocol::TargetReport;
+    use crate::operator::config::sidecars::Sidecars;
+    use crate::operator::fleet::FleetView;
+    use crate::operator::served::{ServedPolicies, ServedPolicy};
+    use crate::testing::{DEMO_POLICY, compiled};
+
+    type Up = mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>;
+    type Down = mpsc::Receiver<Result<Frame<Bytes>, BoxError>>;
+
+    struct Harness {
+        service: Arc<ConfigService>,
+        shutdown: watch::Sender<bool>,
+    }
+
+    fn harness() -> Harness {
+        let served = Arc::new(ServedPolicies::new());
+        let policy = compiled(DEMO_POLICY);
+        let version = policy.digest();
+        served.publish(
+            "shop",
+            ServedPolicy { name: "demo".into(), selector: None, compiled: policy, version, generation: 1, uid: "u".into() },
+        );
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().expect("url"))).expect("client");
+        let (shutdown, stopped) = watch::channel(false);
+        let fleet = Arc::new(FleetView::new(served.clone()));
+        let (_, leader) = watch::channel(true);
+        let service = Arc::new(ConfigService::new(
+            client,
+            served,
+            fleet,
+            Arc::new(Sidecars::default()),
+            leader,
+            "/nonexistent".into(),
+            stopped,
+        ));
+        Harness { service, shutdown }
+    }
+
+    fn identity(expires_in: Option<Duration>) -> Identity {
+        Identity {
+            namespace: "shop".into(),
+            pod: "web-1".into(),
+            uid: "uid-1".into(),
+            labels: BTreeMap::new(),
+            expires: expires_in.map(|d| Timestamp::now() + k8s_openapi::jiff::SignedDuration::try_from(d).expect("d")),
+        }
+    }
+
+    /// Starts a session; returns the sidecar's ends: its reports and the operator's messages.
+    fn open(h: &Harness, identity: Identity, resume: Option<&str>) -> (Up, Down) {
+        let (session, replaced) = h.service.sidecars.connect(&identity.uid, &identity.namespace, &identity.pod);
+        let (tx, rx) = mpsc::channel(2);
+        let (up, up_rx) = mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(8);
+        let body = StreamBody::new(Box::pin(futures_util::stream::unfold(up_rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })));
+        let run = Session::new(h.service.clone(), identity, session, tx).run(body, resume.map(str::to_string), replaced);
+        tokio::spawn(run);
+        (up, rx)
+    }
+
+    async fn next(down: &mut Down) -> Option<ServerMessage> {
+        let frame = down.recv().await?.ok()?;
+        let data = frame.into_data().ok()?;
+        Some(serde_json::from_slice(&data).expect("a message"))
+    }
+
+    async fn report(up: &Up, report: &Report) {
+        up.send(Ok(Frame::data(line(report)))).await.expect("open");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_sends_the_config_takes_acks_and_ends_when_the_token_expires() {
+        let h = harness();
+        let (up, mut down) = open(&h, identity(Some(Duration::from_secs(30))), None);
+        let Some(ServerMessage::Config(config)) = next(&mut down).await else { panic!("the configuration first") };
+        assert_eq!(config.policies.len(), 1);
+        assert!(matches!(next(&mut down).await, Some(ServerMessage::Fleet(_))));
+        report(&up, &Report { applied: Some(config.version.clone()), ..Report::default() }).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let sidecar = h.service.sidecars.all().remove(0);
+        assert_eq!(sidecar.applied.as_ref().map(|a| a.len()), Some(1), "the acknowledgement counts");
+        // Heartbeats while nothing changes; the sidecar's reports keep the stream alive.
+        for _ in 0..2 {
+            assert_eq!(next(&mut down).await, Some(ServerMessage::Heartbeat));
+            report(&up, &Report::default()).await;
+        }
+        let targets = BTreeMap::from([(config.policies[0].targets()[0].identity.clone(), TargetReport { failures: 9, ..TargetReport::default() })]);
+        report(&up, &Report { targets, ..Report::default() }).await;
+        let Some(ServerMessage::Fleet(fleet)) = next(&mut down).await else { panic!("the fleet's decision") };
+        assert_eq!(fleet.targets.len(), 1, "its own report took the target out");
+        let mut last = None;
+        while let Some(message) = next(&mut down).await {
+            last = Some(message);
+        }
+        assert_eq!(
+            last,
+            Some(ServerMessage::Goodbye { reason: "the token expired; reconnect with the current one".into() })
+        );
+        assert!(h.service.sidecars.is_empty(), "gone from the registry");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_session_sends_no_resend_a_newer_one_replaces_it_and_a_silent_one_ends() {
+        let h = harness();
+        let version = Config::version_of(&[compiled(DEMO_POLICY)]);
+        let (_up, mut first) = open(&h, identity(None), Some(&version));
+        assert_eq!(next(&mut first).await, Some(ServerMessage::Unchanged { version: version.clone() }));
+        let (up, mut second) = open(&h, identity(None), None);
+        assert!(matches!(next(&mut second).await, Some(ServerMessage::Config(_))));
+        let mut last = None;
+        while let Some(message) = next(&mut first).await {
+            last = Some(message);
+        }
+        assert_eq!(last, Some(ServerMessage::Goodbye { reason: "a newer stream of this pod replaced this one".into() }));
+        // The newer one never reports: it is called dead after STREAM_IDLE.
+        let started = Instant::now();
+        while next(&mut second).await.is_some() {}
+        assert!(started.elapsed() >= STREAM_IDLE && started.elapsed() < STREAM_IDLE + HEARTBEAT * 2);
+        drop(up);
+        h.shutdown.send_replace(true);
     }
 }
