@@ -145,7 +145,8 @@ fn summary(mut samples: Vec<Duration>) -> String {
 /// The operator's CPU seconds so far, resident memory now and at its peak (MiB).
 fn usage(pid: u32) -> (f64, f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command; 100 Hz.
     let cpu = (ticks(11) + ticks(12)) / 100.0;

@@ -159,14 +159,18 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut refused = tokio::net::TcpStream::connect(address).await.expect("second connects");
         let mut buffer = [0u8; 64];
-        let read = tokio::time::timeout(Duration::from_secs(2), refused.read(&mut buffer)).await.expect("closed in time");
+        let read =
+            tokio::time::timeout(Duration::from_secs(2), refused.read(&mut buffer)).await.expect("closed in time");
         assert!(matches!(read, Ok(0) | Err(_)), "the second connection is closed without an answer");
         drop(held);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut third = tokio::net::TcpStream::connect(address).await.expect("third");
         third.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.expect("request");
         let mut answer = String::new();
-        tokio::time::timeout(Duration::from_secs(2), third.read_to_string(&mut answer)).await.expect("in time").expect("read");
+        tokio::time::timeout(Duration::from_secs(2), third.read_to_string(&mut answer))
+            .await
+            .expect("in time")
+            .expect("read");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         stop.send_replace(true);
         server.await.expect("server");

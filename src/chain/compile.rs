@@ -72,7 +72,8 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
     {
         compiler.errors.push("spec.selector", error);
     }
-    let target_overrides = compile_target_overrides(spec.overrides.as_deref(), &distinct_targets(&routes), &mut compiler.errors);
+    let target_overrides =
+        compile_target_overrides(spec.overrides.as_deref(), &distinct_targets(&routes), &mut compiler.errors);
     compiler.errors.finish()?;
     let mut providers: Vec<(usize, ProviderConfig)> = providers.into_values().collect();
     providers.sort_by_key(|(index, _)| *index);

@@ -80,7 +80,10 @@ pub(crate) fn compile_target_overrides(
             Some(Err(_)) => {
                 errors.push(
                     format!("{path}.until"),
-                    format!("`{}` is not an RFC 3339 time such as 2026-12-01T03:00:00Z", spec.until.as_deref().unwrap_or_default()),
+                    format!(
+                        "`{}` is not an RFC 3339 time such as 2026-12-01T03:00:00Z",
+                        spec.until.as_deref().unwrap_or_default()
+                    ),
                 );
                 None
             }

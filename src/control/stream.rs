@@ -133,7 +133,15 @@ impl ControlStream {
         if settings.url.scheme_str() != Some("https") || settings.url.host().is_none() {
             return Err(StreamError::Url(settings.url.to_string()));
         }
-        Ok(ControlStream { settings, store, applied: None, fleet: None, rejected: None, pending_ack: false, last_error: None })
+        Ok(ControlStream {
+            settings,
+            store,
+            applied: None,
+            fleet: None,
+            rejected: None,
+            pending_ack: false,
+            last_error: None,
+        })
     }
 
     /// Serves the configuration persisted in the state directory, if there is a usable one;
@@ -198,7 +206,9 @@ impl ControlStream {
             match self.store.load() {
                 Some(snapshot) => tracing::warn!(operator = %url, error = %text,
                     serving = %snapshot.digest, "lost the operator; serving the last configuration applied"),
-                None => tracing::warn!(operator = %url, error = %text, "cannot reach the operator; nothing to serve yet"),
+                None => {
+                    tracing::warn!(operator = %url, error = %text, "cannot reach the operator; nothing to serve yet")
+                }
             }
             self.last_error = Some(text.clone());
         } else {
@@ -231,7 +241,10 @@ impl ControlStream {
         let connecting = async {
             let tcp = TcpStream::connect((host.as_str(), port)).await.map_err(StreamError::Connect)?;
             let _ = tcp.set_nodelay(true);
-            let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.map_err(StreamError::Connect)?;
+            let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+                .connect(name, tcp)
+                .await
+                .map_err(StreamError::Connect)?;
             let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(20))
@@ -257,7 +270,8 @@ impl ControlStream {
         let frames = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|bytes| (Ok::<_, BoxError>(Frame::data(bytes)), rx))
         });
-        let uri = format!("https://{}{STREAM_PATH}", self.settings.url.authority().map(|a| a.as_str()).unwrap_or_default());
+        let uri =
+            format!("https://{}{STREAM_PATH}", self.settings.url.authority().map(|a| a.as_str()).unwrap_or_default());
         let request = Request::post(uri)
             .header(http::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
             .header(PROTOCOL_HEADER, PROTOCOL)
@@ -271,7 +285,8 @@ impl ControlStream {
         let status = response.status();
         let mut body = response.into_body();
         if !status.is_success() {
-            let text = http_body_util::Limited::new(body, 4096).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let text =
+                http_body_util::Limited::new(body, 4096).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             let message = String::from_utf8_lossy(&text).trim().to_string();
             return Err(StreamError::Refused { status, message });
         }
@@ -344,7 +359,11 @@ impl ControlStream {
         let rejected = self.rejected.take();
         let pending = self.pending_ack;
         self.pending_ack = false;
-        (pending || rejected.is_some()).then(|| Report { applied: self.applied.clone(), rejected, targets: BTreeMap::new() })
+        (pending || rejected.is_some()).then(|| Report {
+            applied: self.applied.clone(),
+            rejected,
+            targets: BTreeMap::new(),
+        })
     }
 
     /// Handles one message; `Some` when it ends the stream.
@@ -477,7 +496,10 @@ mod tests {
         // Other unknown messages are skipped; a goodbye ends the stream.
         assert!(link.take(br#"{"type":"somethingNew"}"#).is_none());
         assert!(link.acknowledgement().is_none());
-        assert!(matches!(link.take(&message(&ServerMessage::Goodbye { reason: "bye".into() })), Some(Ended::Goodbye(_))));
+        assert!(matches!(
+            link.take(&message(&ServerMessage::Goodbye { reason: "bye".into() })),
+            Some(Ended::Goodbye(_))
+        ));
 
         // A restart finds it in the state directory.
         let mut restarted = stream(dir.path());
@@ -499,7 +521,13 @@ mod tests {
         link.take(&message(&ServerMessage::Fleet(fleet)));
         let state = |link: &ControlStream| {
             let health = link.store.health().report(Instant::now());
-            health["targets"].as_array().expect("targets").iter().find(|t| t["target"] == "primary/gpt-4o").cloned().expect("target")
+            health["targets"]
+                .as_array()
+                .expect("targets")
+                .iter()
+                .find(|t| t["target"] == "primary/gpt-4o")
+                .cloned()
+                .expect("target")
         };
         assert_eq!(state(&link)["state"], "open");
         assert_eq!(state(&link)["openedBecause"], "fleet: 3 pods");

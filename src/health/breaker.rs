@@ -157,7 +157,13 @@ impl Breaker {
 
     /// The request failed with `class`; `retry_after` is the wait the upstream asked for.
     /// Returns whether the failure counted against the target.
-    pub fn on_failure(&mut self, now: Instant, class: FailureClass, retry_after: Option<Duration>, probe: bool) -> bool {
+    pub fn on_failure(
+        &mut self,
+        now: Instant,
+        class: FailureClass,
+        retry_after: Option<Duration>,
+        probe: bool,
+    ) -> bool {
         if !self.settings.counts.contains(class) {
             self.release_probe(probe);
             return false;
@@ -304,7 +310,10 @@ mod tests {
         fail(&mut b, t0);
         assert_eq!(b.admit(t0), Admission::Allowed);
         b.on_failure(t0, FailureClass::Timeout, None, false);
-        assert_eq!(b.peek(t0), Admission::Refused { since: t0, until: t0 + Duration::from_secs(30), by: RefusedBy::Breaker });
+        assert_eq!(
+            b.peek(t0),
+            Admission::Refused { since: t0, until: t0 + Duration::from_secs(30), by: RefusedBy::Breaker }
+        );
         let later = t0 + Duration::from_secs(29);
         assert!(matches!(b.admit(later), Admission::Refused { .. }));
         let open_over = t0 + Duration::from_secs(30);
@@ -359,7 +368,10 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(b.admit(t0), Admission::Allowed);
         b.on_failure(t0, FailureClass::RateLimited, Some(Duration::from_secs(5)), false);
-        assert_eq!(b.peek(t0), Admission::Refused { since: t0, until: t0 + Duration::from_secs(5), by: RefusedBy::Breaker });
+        assert_eq!(
+            b.peek(t0),
+            Admission::Refused { since: t0, until: t0 + Duration::from_secs(5), by: RefusedBy::Breaker }
+        );
         assert_eq!(b.admit(t0 + Duration::from_secs(5)), Admission::Probe);
         // A 500's Retry-After does not open it.
         let mut b = Breaker::new(settings());

@@ -104,7 +104,9 @@ impl Gates {
                 Verdict::Refuse { since: *since, until: *until, by: RefusedBy::Fleet }
             }
             Some(FleetState::HalfOpen { probe: true, .. }) if self.probes < probe_limit => Verdict::Probe,
-            Some(FleetState::HalfOpen { since, .. }) => Verdict::Refuse { since: *since, until: now, by: RefusedBy::Fleet },
+            Some(FleetState::HalfOpen { since, .. }) => {
+                Verdict::Refuse { since: *since, until: now, by: RefusedBy::Fleet }
+            }
             Some(FleetState::Open { .. }) | None => Verdict::Breaker,
         }
     }
@@ -182,8 +184,15 @@ mod tests {
         assert!(gates.fleet_at(now + Duration::from_secs(10)).is_none());
         gates.set_fleet(Some(FleetState::HalfOpen { since: now, probe: false, reason: "r".into() }));
         assert!(matches!(gates.verdict(now, 1), Verdict::Refuse { by: RefusedBy::Fleet, .. }));
-        gates.set_fleet(Some(FleetState::HalfOpen { since: now + Duration::from_secs(1), probe: true, reason: "r".into() }));
-        assert!(matches!(gates.fleet, Some(FleetState::HalfOpen { since, .. }) if since == now), "same state, same since");
+        gates.set_fleet(Some(FleetState::HalfOpen {
+            since: now + Duration::from_secs(1),
+            probe: true,
+            reason: "r".into(),
+        }));
+        assert!(
+            matches!(gates.fleet, Some(FleetState::HalfOpen { since, .. }) if since == now),
+            "same state, same since"
+        );
         assert_eq!(gates.verdict(now, 2), Verdict::Probe);
         gates.probes = 2;
         assert!(matches!(gates.verdict(now, 2), Verdict::Refuse { .. }), "out of probe slots");

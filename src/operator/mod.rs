@@ -46,15 +46,15 @@ use tokio::sync::watch;
 
 use crate::policy::FallbackPolicy;
 use crate::proxy::body::{Body, text_response};
+use crate::server::serve;
+use crate::telemetry::Metrics;
 use config::ConfigService;
 use config::sidecars::Sidecars;
 use config::tls::ReloadingCert;
 use fleet::FleetView;
 use fleet::status::FleetStatus;
-use peer::Follower;
-use crate::server::serve;
-use crate::telemetry::Metrics;
 use leader::{Leadership, LeaseSettings};
+use peer::Follower;
 use served::ServedPolicies;
 
 /// The config service's settings.
@@ -197,9 +197,11 @@ pub async fn run(
     let scopes: Vec<Option<String>> =
         if config.namespaces.is_empty() { vec![None] } else { config.namespaces.iter().cloned().map(Some).collect() };
     let ready = Arc::new(AtomicUsize::new(0));
-    let listener = TcpListener::bind(config.admin)
-        .await
-        .map_err(|source| OperatorError::Bind { listener: "admin", address: config.admin, source })?;
+    let listener = TcpListener::bind(config.admin).await.map_err(|source| OperatorError::Bind {
+        listener: "admin",
+        address: config.admin,
+        source,
+    })?;
     let fleet = Arc::new(FleetView::new(ctx.served.clone()));
     let sidecars = Arc::new(Sidecars::default());
     let config_service = match &config.config_service {
@@ -269,8 +271,15 @@ pub async fn run(
     }
     let fleet_ticks = tokio::spawn(fleet.clone().run(FLEET_TICK, shutdown.clone()));
     let fleet_status = tokio::spawn(
-        FleetStatus::new(client.clone(), ctx.served.clone(), fleet.clone(), sidecars.clone(), ctx.recorder.clone(), leader.clone())
-            .run(FLEET_STATUS_EVERY, shutdown.clone()),
+        FleetStatus::new(
+            client.clone(),
+            ctx.served.clone(),
+            fleet.clone(),
+            sidecars.clone(),
+            ctx.recorder.clone(),
+            leader.clone(),
+        )
+        .run(FLEET_STATUS_EVERY, shutdown.clone()),
     );
     let config_service = async move {
         if let Some((service, listener, cert, max_connections)) = config_service {

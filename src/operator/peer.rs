@@ -144,8 +144,7 @@ pub enum FromLeader {
 
 /// The leader's side: one replica's stream.
 pub async fn serve(service: Arc<ConfigService>, request: Request<Incoming>) -> Response<Body> {
-    let replica =
-        request.headers().get(REPLICA_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let replica = request.headers().get(REPLICA_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     if let Err(error) = service.auth.authenticate_peer(bearer(request.headers()), &service.peer_token_file).await {
         tracing::warn!(%replica, %error, "a peer was refused");
         return text_response(error.status(), &format!("{error}\n"));
@@ -306,7 +305,8 @@ impl Follower {
                         last_error = Some(text);
                     }
                     failures = failures.saturating_add(1);
-                    let ceiling = Duration::from_millis(250).saturating_mul(1 << failures.min(7)).min(Duration::from_secs(30));
+                    let ceiling =
+                        Duration::from_millis(250).saturating_mul(1 << failures.min(7)).min(Duration::from_secs(30));
                     let wait = ceiling.mul_f64(rand::rng().random_range(0.1..=1.0));
                     tokio::select! {
                         _ = shutdown.changed() => return,
@@ -319,11 +319,13 @@ impl Follower {
     }
 
     async fn link(&self, endpoint: &str) -> Result<(), LinkError> {
-        let token = std::fs::read_to_string(&self.token_file)
-            .map_err(|e| LinkError::Token(self.token_file.clone(), e))?;
+        let token =
+            std::fs::read_to_string(&self.token_file).map_err(|e| LinkError::Token(self.token_file.clone(), e))?;
         let (host, port) = endpoint
             .rsplit_once(':')
-            .and_then(|(host, port)| Some((host.trim_matches(|c| c == '[' || c == ']').to_string(), port.parse::<u16>().ok()?)))
+            .and_then(|(host, port)| {
+                Some((host.trim_matches(|c| c == '[' || c == ']').to_string(), port.parse::<u16>().ok()?))
+            })
             .ok_or_else(|| LinkError::Endpoint(endpoint.to_string()))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -337,7 +339,8 @@ impl Follower {
             .map_err(|_| LinkError::Connect(std::io::ErrorKind::TimedOut.into()))?
             .map_err(LinkError::Connect)?;
         let name = ServerName::try_from("backstop-operator-peer").map_err(|_| LinkError::Endpoint(endpoint.into()))?;
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.map_err(LinkError::Connect)?;
+        let stream =
+            tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.map_err(LinkError::Connect)?;
         let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))
@@ -358,7 +361,8 @@ impl Follower {
         let status = response.status();
         let mut body = response.into_body();
         if !status.is_success() {
-            let text = http_body_util::Limited::new(body, 4096).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let text =
+                http_body_util::Limited::new(body, 4096).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
             return Err(LinkError::Refused(status, String::from_utf8_lossy(&text).trim().to_string()));
         }
         tracing::info!(leader = %endpoint, "forwarding this replica's sidecars' evidence to the leader");

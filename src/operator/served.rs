@@ -113,7 +113,14 @@ mod tests {
 
     fn served(name: &str, yaml: &str) -> ServedPolicy {
         let compiled = compiled(yaml);
-        ServedPolicy { name: name.into(), selector: None, version: compiled.digest(), compiled, generation: 1, uid: "u".into() }
+        ServedPolicy {
+            name: name.into(),
+            selector: None,
+            version: compiled.digest(),
+            compiled,
+            generation: 1,
+            uid: "u".into(),
+        }
     }
 
     #[tokio::test]

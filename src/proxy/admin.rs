@@ -16,10 +16,9 @@ pub fn handle(store: &PolicyStore, request: &Request<Incoming>) -> Response<Body
     match request.uri().path() {
         "/healthz" => text_response(StatusCode::OK, "ok\n"),
         "/readyz" => match store.load() {
-            Some(snapshot) => text_response(
-                StatusCode::OK,
-                &format!("ready: {} (version {})\n", snapshot.source, snapshot.digest),
-            ),
+            Some(snapshot) => {
+                text_response(StatusCode::OK, &format!("ready: {} (version {})\n", snapshot.source, snapshot.digest))
+            }
             None => text_response(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {}\n", store.unavailable())),
         },
         "/config" => match store.load() {

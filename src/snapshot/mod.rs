@@ -129,11 +129,11 @@ impl PolicySnapshot {
                 .iter()
                 .map(|config| Provider::build(config).map(Arc::new))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut binder =
-                Binder { compiled, providers: &providers, health, targets: Vec::new(), now, now_ms };
+            let mut binder = Binder { compiled, providers: &providers, health, targets: Vec::new(), now, now_ms };
             let mut budgets = Vec::new();
             for config in &compiled.routes {
-                let shadowed = if config.alias == "*" { catch_all.is_some() } else { routes.contains_key(&config.alias) };
+                let shadowed =
+                    if config.alias == "*" { catch_all.is_some() } else { routes.contains_key(&config.alias) };
                 if shadowed {
                     continue;
                 }
@@ -251,10 +251,15 @@ impl Binder<'_> {
             .overrides
             .iter()
             .find(|o| o.active_at(self.now_ms) && o.identities.iter().any(|i| i == identity))?;
-        let until = found.until_ms.map(|until| {
-            self.now + std::time::Duration::from_millis(u64::try_from(until - self.now_ms).unwrap_or(0))
-        });
-        Some(Forced { open: found.state == OverrideState::ForcedOpen, since: self.now, until, reason: found.reason.clone() })
+        let until = found
+            .until_ms
+            .map(|until| self.now + std::time::Duration::from_millis(u64::try_from(until - self.now_ms).unwrap_or(0)));
+        Some(Forced {
+            open: found.state == OverrideState::ForcedOpen,
+            since: self.now,
+            until,
+            reason: found.reason.clone(),
+        })
     }
 }
 

@@ -62,7 +62,11 @@ impl PolicyStore {
 
     /// Why there is nothing to serve, while [`PolicyStore::load`] is `None`.
     pub fn unavailable(&self) -> String {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_else(|| "no valid policy loaded yet".into())
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "no valid policy loaded yet".into())
     }
 
     /// Notes why there is nothing to serve yet (such as the operator being unreachable), for

@@ -346,7 +346,8 @@ impl Cluster {
             "spec": {"serviceAccountName": account, "containers": [{"name": "app", "image": "registry.invalid/app"}]},
         }))
         .expect("pod");
-        let pod = Api::<Pod>::namespaced(client, namespace).create(&PostParams::default(), &pod).await.expect("create pod");
+        let pod =
+            Api::<Pod>::namespaced(client, namespace).create(&PostParams::default(), &pod).await.expect("create pod");
         let uid = pod.metadata.uid.expect("uid");
         let request: TokenRequest = serde_json::from_value(serde_json::json!({"spec": {
             "audiences": [audience],

@@ -51,8 +51,7 @@ impl Setup {
 
     /// A pod `name` labelled `app=web` and its sidecar, streaming from `config`.
     async fn sidecar(&self, config: SocketAddr, name: &str) -> SidecarProcess {
-        let (_, token) =
-            self.cluster.pod_with_token(&self.namespace, "app", name, &[("app", "web")], AUDIENCE).await;
+        let (_, token) = self.cluster.pod_with_token(&self.namespace, "app", name, &[("app", "web")], AUDIENCE).await;
         SidecarProcess::start(config, &pki().ca(), &token, &self.dir.path().join(name), &[]).await
     }
 
@@ -69,7 +68,12 @@ impl Setup {
         applied
     }
 
-    async fn policy_until(&self, name: &str, within: Duration, check: impl Fn(&FallbackPolicy) -> bool) -> FallbackPolicy {
+    async fn policy_until(
+        &self,
+        name: &str,
+        within: Duration,
+        check: impl Fn(&FallbackPolicy) -> bool,
+    ) -> FallbackPolicy {
         until(&self.cluster, &self.namespace, name, within, check).await
     }
 
@@ -93,7 +97,11 @@ fn sidecars(policy: &FallbackPolicy) -> (u32, u32, u32) {
 
 async fn text_of(sidecar: &SidecarProcess) -> String {
     let answer = sidecar.chat("chat").await;
-    if answer.status == 200 { answer.text() } else { format!("{} {}", answer.status, String::from_utf8_lossy(&answer.body)) }
+    if answer.status == 200 {
+        answer.text()
+    } else {
+        format!("{} {}", answer.status, String::from_utf8_lossy(&answer.body))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,14 +118,19 @@ async fn every_sidecar_applies_a_policy_change_and_an_invalid_change_leaves_them
         let answer = pod.chat("chat").await;
         assert_eq!(answer.status, 503);
         let message = answer.json()["error"]["message"].as_str().unwrap_or_default().to_string();
-        assert!(message.contains(&format!("no FallbackPolicy in namespace `{}` selects pod `web-", s.namespace)), "{message}");
+        assert!(
+            message.contains(&format!("no FallbackPolicy in namespace `{}` selects pod `web-", s.namespace)),
+            "{message}"
+        );
     }
 
     for reply in ["first", "second"] {
         let applied = s.apply(&policy(&s.namespace, "chat", reply, "")).await;
-        let served = s.policy_until("chat", Duration::from_secs(15), |p| {
-            ready(p).is_some_and(|r| r.0 == "True") && sidecars(p) == (3, 3, 0)
-        }).await;
+        let served = s
+            .policy_until("chat", Duration::from_secs(15), |p| {
+                ready(p).is_some_and(|r| r.0 == "True") && sidecars(p) == (3, 3, 0)
+            })
+            .await;
         eprintln!("kubectl apply -> all 3 sidecars acknowledged `{reply}` in {:?}", applied.elapsed());
         assert!(version(&served).is_some());
         for pod in &pods {
@@ -129,8 +142,11 @@ async fn every_sidecar_applies_a_policy_change_and_an_invalid_change_leaves_them
     }
 
     // Invalid: refused with the field path; the sidecars keep the last good version.
-    s.apply(&policy(&s.namespace, "chat", "third", "").replace("{provider: backup, model: m}", "{provider: nope, model: m}"))
-        .await;
+    s.apply(
+        &policy(&s.namespace, "chat", "third", "")
+            .replace("{provider: backup, model: m}", "{provider: nope, model: m}"),
+    )
+    .await;
     let refused = s.policy_until("chat", Duration::from_secs(15), |p| ready(p).is_some_and(|r| r.0 == "False")).await;
     assert!(ready(&refused).expect("ready").2.contains("`nope` is not defined"));
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -146,7 +162,8 @@ async fn every_sidecar_applies_a_policy_change_and_an_invalid_change_leaves_them
 async fn a_target_failing_at_one_sidecar_is_avoided_by_every_sidecar_and_comes_back_after_recovery() {
     let Some(s) = setup("bs-fleet").await else { return };
     // Three failures, then healthy.
-    let upstream = Upstream::scripted(vec![Fault::status(500), Fault::status(500), Fault::status(500)], Fault::Ok).await;
+    let upstream =
+        Upstream::scripted(vec![Fault::status(500), Fault::status(500), Fault::status(500)], Fault::Ok).await;
     let yaml = format!(
         "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: chat, namespace: {}}}\nspec:\n  providers:\n    - {{name: flaky, type: openai-compatible, baseUrl: '{}'}}\n    - {{name: backup, type: mock, mock: {{reply: backup}}}}\n  routes:\n    - model: chat\n      chain: [{{provider: flaky, model: m}}, {{provider: backup, model: m}}]\n  retry: {{attempts: 1}}\n  circuitBreaker: {{consecutiveFailures: 3, openFor: 3s}}\n",
         s.namespace,
@@ -184,7 +201,9 @@ async fn a_target_failing_at_one_sidecar_is_avoided_by_every_sidecar_and_comes_b
     assert_eq!(upstream.count(), seen, "no request reached the ejected target");
     let events = s.events().await;
     let ejection = events.iter().find(|e| e.reason.as_deref() == Some("TargetEjected")).expect("a TargetEjected event");
-    assert!(ejection.note.as_deref().unwrap_or_default().starts_with("flaky/m is out of rotation: 3 failures in a row"));
+    assert!(
+        ejection.note.as_deref().unwrap_or_default().starts_with("flaky/m is out of rotation: 3 failures in a row")
+    );
 
     // After openFor, one pod probes; the healthy upstream closes it for all.
     let restored = Instant::now();
@@ -224,7 +243,9 @@ async fn an_override_drains_a_target_in_every_pod_and_ends_on_time() {
         assert_eq!(text_of(pod).await, "primary");
     }
     let until_time = k8s_openapi::jiff::Timestamp::now() + Duration::from_secs(6);
-    let drain = format!("  overrides:\n    - {{target: primary/m, state: ForcedOpen, until: '{until_time}', reason: incident 42}}\n");
+    let drain = format!(
+        "  overrides:\n    - {{target: primary/m, state: ForcedOpen, until: '{until_time}', reason: incident 42}}\n"
+    );
     let applied = s.apply(&policy(&s.namespace, "chat", "primary", &drain)).await;
     for pod in [&a, &b] {
         pod.until(Duration::from_secs(5), "drained", || async { text_of(pod).await == "backup" }).await;
@@ -273,7 +294,8 @@ async fn sidecars_ride_out_an_operator_outage_and_converge_when_it_returns() {
     let c = s.sidecar(config, "web-c").await;
     c.until(Duration::from_secs(10), "says why it is not ready", || async {
         let answer = c.admin("/readyz").await;
-        answer.status == 503 && String::from_utf8_lossy(&answer.body).contains(&format!("waiting for the operator at https://{config}"))
+        answer.status == 503
+            && String::from_utf8_lossy(&answer.body).contains(&format!("waiting for the operator at https://{config}"))
     })
     .await;
     let refused = c.chat("chat").await;
@@ -283,7 +305,8 @@ async fn sidecars_ride_out_an_operator_outage_and_converge_when_it_returns() {
     // A change made while the operator is down reaches everyone when it returns.
     s.apply(&policy(&s.namespace, "chat", "two", "")).await;
     let restarted = Instant::now();
-    let _operator = Operator::start_on(&s.kubeconfig, "outage", &s.operator_ns, &[&s.namespace], &config.to_string(), &[]).await;
+    let _operator =
+        Operator::start_on(&s.kubeconfig, "outage", &s.operator_ns, &[&s.namespace], &config.to_string(), &[]).await;
     for pod in [&a, &b, &c] {
         pod.until(Duration::from_secs(30), "converged", || async { text_of(pod).await == "two" }).await;
     }
@@ -296,11 +319,16 @@ async fn a_pod_gets_only_its_own_namespace_and_selection_wrong_tokens_get_401_an
     let Some(s) = setup("bs-tenant-a").await else { return };
     let other = s.cluster.namespace("bs-tenant-b").await;
     put_secret(&s.cluster, &s.namespace, CANARY).await;
-    let secret_policy = policy(&s.namespace, "chat", "tenant a", "")
-        .replace("{name: backup, type: mock, mock: {reply: backup}}", "{name: backup, type: openai, apiKey: {secretKeyRef: {name: llm-keys, key: openai}}}");
+    let secret_policy = policy(&s.namespace, "chat", "tenant a", "").replace(
+        "{name: backup, type: mock, mock: {reply: backup}}",
+        "{name: backup, type: openai, apiKey: {secretKeyRef: {name: llm-keys, key: openai}}}",
+    );
     s.apply(&secret_policy).await;
-    s.apply(&policy(&s.namespace, "other-app", "not for web", "  selector: {matchLabels: {app: billing}}\n").replace("model: chat", "model: billing"))
-        .await;
+    s.apply(
+        &policy(&s.namespace, "other-app", "not for web", "  selector: {matchLabels: {app: billing}}\n")
+            .replace("model: chat", "model: billing"),
+    )
+    .await;
     s.apply(&policy(&other, "chat", "tenant b", "")).await;
     let operator = Operator::start(&s.kubeconfig, "tenants", &s.operator_ns, &[&s.namespace, &other]).await;
     let a = s.sidecar(operator.config, "web-a").await;
@@ -316,14 +344,19 @@ async fn a_pod_gets_only_its_own_namespace_and_selection_wrong_tokens_get_401_an
     assert_eq!(a.chat("billing").await.status, 404);
 
     // Tokens the operator must refuse: another audience, bound to no pod, none at all.
-    let (_, wrong_audience) =
-        s.cluster.pod_with_token(&s.namespace, "app", "web-x", &[("app", "web")], "https://kubernetes.default.svc").await;
+    let (_, wrong_audience) = s
+        .cluster
+        .pod_with_token(&s.namespace, "app", "web-x", &[("app", "web")], "https://kubernetes.default.svc")
+        .await;
     let unbound = s.cluster.unbound_token(&s.namespace, "app", AUDIENCE).await;
-    for (name, token, expected) in [("x", wrong_audience.as_str(), "401"), ("y", unbound.as_str(), "403"), ("z", "", "401")] {
+    for (name, token, expected) in
+        [("x", wrong_audience.as_str(), "401"), ("y", unbound.as_str(), "403"), ("z", "", "401")]
+    {
         let pod = SidecarProcess::start(operator.config, &pki().ca(), token, &s.dir.path().join(name), &[]).await;
         pod.until(Duration::from_secs(10), "refused", || async {
             let answer = pod.admin("/readyz").await;
-            answer.status == 503 && String::from_utf8_lossy(&answer.body).contains(&format!("refused the stream ({expected}"))
+            answer.status == 503
+                && String::from_utf8_lossy(&answer.body).contains(&format!("refused the stream ({expected}"))
         })
         .await;
         assert_eq!(pod.chat("chat").await.status, 503, "a refused sidecar serves nothing");
@@ -332,13 +365,17 @@ async fn a_pod_gets_only_its_own_namespace_and_selection_wrong_tokens_get_401_an
             // attempt and is served.
             let (_, token) = s.cluster.pod_with_token(&s.namespace, "app", "web-z", &[("app", "web")], AUDIENCE).await;
             std::fs::write(&pod.token_file, token).expect("write");
-            pod.until(Duration::from_secs(40), "served with the new token", || async { text_of(&pod).await == "tenant a" }).await;
+            pod.until(Duration::from_secs(40), "served with the new token", || async {
+                text_of(&pod).await == "tenant a"
+            })
+            .await;
         }
     }
 
     // The key went to the pod that uses it, and nowhere anyone can read.
     let (_, metrics) = operator.get("/metrics").await;
-    let status = serde_json::to_string(&s.policy_until("chat", Duration::from_secs(5), |_| true).await.status).expect("json");
+    let status =
+        serde_json::to_string(&s.policy_until("chat", Duration::from_secs(5), |_| true).await.status).expect("json");
     let events = serde_json::to_string(&s.events().await).expect("json");
     let a_config = String::from_utf8_lossy(&a.admin("/config").await.body).into_owned();
     let a_health = String::from_utf8_lossy(&a.admin("/health").await.body).into_owned();
@@ -363,7 +400,8 @@ async fn a_pod_gets_only_its_own_namespace_and_selection_wrong_tokens_get_401_an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_fleet_view_and_only_the_leader_writes_status() {
     let Some(s) = setup("bs-replicas").await else { return };
-    let upstream = Upstream::scripted(vec![Fault::status(500), Fault::status(500), Fault::status(500)], Fault::Ok).await;
+    let upstream =
+        Upstream::scripted(vec![Fault::status(500), Fault::status(500), Fault::status(500)], Fault::Ok).await;
     let yaml = format!(
         "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: chat, namespace: {}}}\nspec:\n  providers:\n    - {{name: flaky, type: openai-compatible, baseUrl: '{}'}}\n    - {{name: backup, type: mock, mock: {{reply: backup}}}}\n  routes:\n    - model: chat\n      chain: [{{provider: flaky, model: m}}, {{provider: backup, model: m}}]\n  retry: {{attempts: 1}}\n  circuitBreaker: {{consecutiveFailures: 3, openFor: 60s}}\n",
         s.namespace,
@@ -377,7 +415,8 @@ async fn two_replicas_share_one_fleet_view_and_only_the_leader_writes_status() {
     std::fs::write(&token_file, token).expect("write");
     let extra = ["--peer-token-file".to_string(), token_file.display().to_string()];
     let start = |identity: &'static str| {
-        let (kubeconfig, lease_ns, namespace, extra) = (s.kubeconfig.clone(), s.operator_ns.clone(), s.namespace.clone(), extra.clone());
+        let (kubeconfig, lease_ns, namespace, extra) =
+            (s.kubeconfig.clone(), s.operator_ns.clone(), s.namespace.clone(), extra.clone());
         async move { Operator::start_on(&kubeconfig, identity, &lease_ns, &[&namespace], "127.0.0.1:0", &extra).await }
     };
     let leader = start("leader").await;
@@ -409,5 +448,9 @@ async fn two_replicas_share_one_fleet_view_and_only_the_leader_writes_status() {
     assert_eq!(upstream.count(), seen);
     // One writer: the leader recorded the ejection; the follower wrote nothing.
     assert!(leader.log().contains("TargetEjected"), "{}", leader.log());
-    assert!(!follower.log().contains("TargetEjected") && !follower.log().contains("status written"), "{}", follower.log());
+    assert!(
+        !follower.log().contains("TargetEjected") && !follower.log().contains("status written"),
+        "{}",
+        follower.log()
+    );
 }

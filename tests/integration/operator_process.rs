@@ -117,8 +117,10 @@ impl Operator {
                 sink.lock().expect("lock").push_str(&(line + "\n"));
             }
         });
-        let (admin, config) =
-            tokio::time::timeout(Duration::from_secs(20), rx).await.expect("the operator starts within 20 s").expect("starting line");
+        let (admin, config) = tokio::time::timeout(Duration::from_secs(20), rx)
+            .await
+            .expect("the operator starts within 20 s")
+            .expect("starting line");
         Operator { child, admin: admin.expect("admin address"), config: config.expect("config address"), log }
     }
 

@@ -32,7 +32,13 @@ pub struct SidecarProcess {
 impl SidecarProcess {
     /// Starts a sidecar streaming from `control_plane` (trusting `ca`) with `token`, keeping
     /// its state in `dir` (where the token file goes too); `extra` arguments follow.
-    pub async fn start(control_plane: SocketAddr, ca: &Path, token: &str, dir: &Path, extra: &[&str]) -> SidecarProcess {
+    pub async fn start(
+        control_plane: SocketAddr,
+        ca: &Path,
+        token: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> SidecarProcess {
         std::fs::create_dir_all(dir).expect("sidecar dir");
         let token_file = dir.join("token");
         std::fs::write(&token_file, token).expect("token file");

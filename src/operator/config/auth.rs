@@ -92,7 +92,12 @@ pub struct Authenticator {
 impl Authenticator {
     /// An authenticator asking `client`'s API server.
     pub fn new(client: Client) -> Self {
-        Authenticator { client, cache: Mutex::default(), reviews: Semaphore::new(CONCURRENT_REVIEWS), own_user: Mutex::default() }
+        Authenticator {
+            client,
+            cache: Mutex::default(),
+            reviews: Semaphore::new(CONCURRENT_REVIEWS),
+            own_user: Mutex::default(),
+        }
     }
 
     /// The pod `token` belongs to.
@@ -100,10 +105,8 @@ impl Authenticator {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-            .as_ref()
-            .try_into()
-            .unwrap_or([0; 32]);
+        let key: [u8; 32] =
+            ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().try_into().unwrap_or([0; 32]);
         let now = Instant::now();
         if let Some((identity, _)) = self.cached(&key, now) {
             return Ok(identity);
@@ -125,9 +128,12 @@ impl Authenticator {
 
     fn cached(&self, key: &[u8; 32], now: Instant) -> Option<(Identity, Instant)> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.get(key).filter(|(identity, until)| {
-            *until > now && identity.expires.is_none_or(|expires| expires > Timestamp::now())
-        }).cloned()
+        cache
+            .get(key)
+            .filter(|(identity, until)| {
+                *until > now && identity.expires.is_none_or(|expires| expires > Timestamp::now())
+            })
+            .cloned()
     }
 
     /// The API server's verdict on `token` for audience `backstop`: its user name and extra
@@ -171,13 +177,7 @@ impl Authenticator {
             .map_err(AuthError::Unavailable)?;
         let meta = meta.filter(|meta| meta.metadata.uid.as_deref() == Some(uid.as_str()));
         let Some(meta) = meta else { return Err(AuthError::PodGone(format!("{namespace}/{pod}"))) };
-        Ok(Identity {
-            namespace,
-            pod,
-            uid,
-            labels: meta.metadata.labels.unwrap_or_default(),
-            expires: expiry(token),
-        })
+        Ok(Identity { namespace, pod, uid, labels: meta.metadata.labels.unwrap_or_default(), expires: expiry(token) })
     }
 
     /// Checks that `token` is another replica's: a token of the very ServiceAccount this
@@ -230,7 +230,8 @@ mod tests {
 
     #[test]
     fn the_expiry_comes_from_the_verified_token_and_bearer_tokens_from_the_header() {
-        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"aud":["backstop"],"exp":1796094000}"#);
+        let claims =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"aud":["backstop"],"exp":1796094000}"#);
         let token = format!("eyJhbGciOiJSUzI1NiJ9.{claims}.c2ln");
         assert_eq!(expiry(&token), Some(Timestamp::from_second(1_796_094_000).expect("time")));
         assert_eq!(expiry("not-a-jwt"), None);

@@ -91,8 +91,8 @@ struct Bucket {
 
 impl Bucket {
     fn take(&mut self, now: Instant) -> bool {
-        self.tokens = (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * REPORTS_PER_SECOND)
-            .min(REPORT_BURST);
+        self.tokens =
+            (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * REPORTS_PER_SECOND).min(REPORT_BURST);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -148,8 +148,7 @@ impl Session {
     /// serves, on a reconnect.
     async fn send_config(&mut self, policies: &NamespacePolicies, resume: Option<&str>) -> bool {
         let selected = select(policies, &self.identity.labels);
-        let versions: BTreeMap<String, String> =
-            selected.iter().map(|p| (p.name.clone(), p.version.clone())).collect();
+        let versions: BTreeMap<String, String> = selected.iter().map(|p| (p.name.clone(), p.version.clone())).collect();
         let config = Config::new(
             &self.identity.namespace,
             &self.identity.pod,
@@ -209,7 +208,9 @@ impl Session {
                 self.rejection_logged = Some(rejected.version.clone());
             }
             if let Some(policies) = self.policies_of(&rejected.version) {
-                self.service.sidecars.update(&uid, session, |sidecar| sidecar.rejected = Some((policies, rejected.reason)));
+                self.service
+                    .sidecars
+                    .update(&uid, session, |sidecar| sidecar.rejected = Some((policies, rejected.reason)));
             }
         }
         if !report.targets.is_empty() {
@@ -334,9 +335,17 @@ mod tests {
         let version = policy.digest();
         served.publish(
             "shop",
-            ServedPolicy { name: "demo".into(), selector: None, compiled: policy, version, generation: 1, uid: "u".into() },
+            ServedPolicy {
+                name: "demo".into(),
+                selector: None,
+                compiled: policy,
+                version,
+                generation: 1,
+                uid: "u".into(),
+            },
         );
-        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().expect("url"))).expect("client");
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().expect("url"))).expect("client");
         let (shutdown, stopped) = watch::channel(false);
         let fleet = Arc::new(FleetView::new(served.clone()));
         let (_, leader) = watch::channel(true);
@@ -370,7 +379,8 @@ mod tests {
         let body = StreamBody::new(Box::pin(futures_util::stream::unfold(up_rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         })));
-        let run = Session::new(h.service.clone(), identity, session, tx).run(body, resume.map(str::to_string), replaced);
+        let run =
+            Session::new(h.service.clone(), identity, session, tx).run(body, resume.map(str::to_string), replaced);
         tokio::spawn(run);
         (up, rx)
     }
@@ -401,7 +411,10 @@ mod tests {
             assert_eq!(next(&mut down).await, Some(ServerMessage::Heartbeat));
             report(&up, &Report::default()).await;
         }
-        let targets = BTreeMap::from([(config.policies[0].targets()[0].identity.clone(), TargetReport { failures: 9, ..TargetReport::default() })]);
+        let targets = BTreeMap::from([(
+            config.policies[0].targets()[0].identity.clone(),
+            TargetReport { failures: 9, ..TargetReport::default() },
+        )]);
         report(&up, &Report { targets, ..Report::default() }).await;
         let Some(ServerMessage::Fleet(fleet)) = next(&mut down).await else { panic!("the fleet's decision") };
         assert_eq!(fleet.targets.len(), 1, "its own report took the target out");
@@ -428,7 +441,10 @@ mod tests {
         while let Some(message) = next(&mut first).await {
             last = Some(message);
         }
-        assert_eq!(last, Some(ServerMessage::Goodbye { reason: "a newer stream of this pod replaced this one".into() }));
+        assert_eq!(
+            last,
+            Some(ServerMessage::Goodbye { reason: "a newer stream of this pod replaced this one".into() })
+        );
         // The newer one never reports: it is called dead after STREAM_IDLE.
         let started = Instant::now();
         while next(&mut second).await.is_some() {}

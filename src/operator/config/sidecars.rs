@@ -124,7 +124,12 @@ impl Sidecars {
 }
 
 /// A policy's sidecars: those sent it, those serving `version` of it, those that refused it.
-pub fn tally<'a>(sidecars: impl IntoIterator<Item = &'a Sidecar>, namespace: &str, name: &str, version: &str) -> SidecarsStatus {
+pub fn tally<'a>(
+    sidecars: impl IntoIterator<Item = &'a Sidecar>,
+    namespace: &str,
+    name: &str,
+    version: &str,
+) -> SidecarsStatus {
     let mut status = SidecarsStatus::default();
     for sidecar in sidecars.into_iter().filter(|s| s.namespace == namespace && s.sent.contains_key(name)) {
         status.connected += 1;
@@ -165,7 +170,14 @@ mod tests {
         assert_eq!(tally(&all, "other", "p", "v2"), SidecarsStatus::default());
         // Another replica's sidecars count too, once each.
         let moved = all.iter().find(|s| s.uid == "uid-2").cloned().expect("uid-2");
-        let elsewhere = Sidecar { uid: "uid-9".into(), namespace: "shop".into(), pod: "web-9".into(), sent: v("v2"), applied: Some(v("v2")), rejected: None };
+        let elsewhere = Sidecar {
+            uid: "uid-9".into(),
+            namespace: "shop".into(),
+            pod: "web-9".into(),
+            sent: v("v2"),
+            applied: Some(v("v2")),
+            rejected: None,
+        };
         sidecars.set_remote("replica-b", vec![moved, elsewhere]);
         assert_eq!(tally(&sidecars.all(), "shop", "p", "v2"), SidecarsStatus { connected: 3, current: 2, rejected: 1 });
         sidecars.clear_remote("replica-b");

@@ -88,14 +88,15 @@ impl ReloadingCert {
     /// Loads the files again if they changed; returns whether a new certificate is in force.
     pub fn reload(&self) -> bool {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let loaded = read(&self.cert_file).and_then(|cert| Ok((cert, read(&self.key_file)?))).and_then(|(cert, key)| {
-            if (&cert, &key) == (&seen.0, &seen.1) {
-                return Ok(None);
-            }
-            seen.0.clone_from(&cert);
-            seen.1.clone_from(&key);
-            certified(&self.cert_file, &cert, &self.key_file, &key).map(Some)
-        });
+        let loaded =
+            read(&self.cert_file).and_then(|cert| Ok((cert, read(&self.key_file)?))).and_then(|(cert, key)| {
+                if (&cert, &key) == (&seen.0, &seen.1) {
+                    return Ok(None);
+                }
+                seen.0.clone_from(&cert);
+                seen.1.clone_from(&key);
+                certified(&self.cert_file, &cert, &self.key_file, &key).map(Some)
+            });
         match loaded {
             Ok(None) => false,
             Ok(Some(certified)) => {
@@ -130,12 +131,13 @@ impl ReloadingCert {
     /// A server configuration that serves the certificate in force and speaks HTTP/2 only (the
     /// config stream is full duplex).
     pub fn server_config(self: &Arc<Self>) -> rustls::ServerConfig {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map(|builder| builder.with_no_client_auth().with_cert_resolver(self.clone()))
-            .unwrap_or_else(|_| {
-                rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(self.clone())
-            });
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map(|builder| builder.with_no_client_auth().with_cert_resolver(self.clone()))
+                .unwrap_or_else(|_| {
+                    rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(self.clone())
+                });
         config.alpn_protocols = vec![b"h2".to_vec()];
         config
     }
@@ -153,7 +155,8 @@ mod tests {
 
     fn pair(name: &str) -> (String, String) {
         let key = rcgen::KeyPair::generate().expect("key");
-        let cert = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params").self_signed(&key).expect("cert");
+        let cert =
+            rcgen::CertificateParams::new(vec![name.to_string()]).expect("params").self_signed(&key).expect("cert");
         (cert.pem(), key.serialize_pem())
     }
 

@@ -182,12 +182,8 @@ impl TargetFleet {
     /// Pods that used the target in the window, and those that see it failing.
     fn pods_failing(&self) -> (usize, usize) {
         let percent = self.percent();
-        let failing = self
-            .pods
-            .values()
-            .map(PodWindow::totals)
-            .filter(|(s, f)| *f > 0 && f * 100 >= (s + f) * percent)
-            .count();
+        let failing =
+            self.pods.values().map(PodWindow::totals).filter(|(s, f)| *f > 0 && f * 100 >= (s + f) * percent).count();
         (self.pods.len(), failing)
     }
 
@@ -206,7 +202,10 @@ impl TargetFleet {
             && total >= u64::from(rate.min_requests.max(1))
             && failures * 100 >= total * u64::from(rate.percent)
         {
-            return Some(format!("{failures} of {total} requests failed in the last {}s; {of_pods}", rate.window.as_secs()));
+            return Some(format!(
+                "{failures} of {total} requests failed in the last {}s; {of_pods}",
+                rate.window.as_secs()
+            ));
         }
         (settings.consecutive_failures > 0 && self.streak >= u64::from(settings.consecutive_failures))
             .then(|| format!("{} failures in a row across the fleet; {of_pods}", self.streak))
@@ -353,10 +352,9 @@ impl Namespace {
         for served in policies.policies.values() {
             let settings = &served.compiled.breaker;
             for target in served.compiled.targets() {
-                rules.entry(target.identity.clone()).or_insert_with(|| Rule {
-                    settings: settings.clone(),
-                    label: target.label.clone(),
-                });
+                rules
+                    .entry(target.identity.clone())
+                    .or_insert_with(|| Rule { settings: settings.clone(), label: target.label.clone() });
             }
         }
         rules.retain(|_, rule: &mut Rule| rule.settings.scope == BreakerScope::Fleet);
@@ -546,7 +544,10 @@ impl FleetView {
 
     /// The current decisions of `namespace`.
     pub fn decisions(&self, namespace: &str) -> Arc<Decisions> {
-        self.lock().get(namespace).and_then(|ns| ns.decisions.as_ref().map(|tx| tx.borrow().clone())).unwrap_or_default()
+        self.lock()
+            .get(namespace)
+            .and_then(|ns| ns.decisions.as_ref().map(|tx| tx.borrow().clone()))
+            .unwrap_or_default()
     }
 
     /// The current decisions of every namespace.

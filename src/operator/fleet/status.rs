@@ -61,10 +61,8 @@ pub fn fields(
         .targets()
         .into_iter()
         .map(|target| {
-            let forced = compiled
-                .overrides
-                .iter()
-                .find(|o| o.active_at(now_ms) && o.identities.contains(&target.identity));
+            let forced =
+                compiled.overrides.iter().find(|o| o.active_at(now_ms) && o.identities.contains(&target.identity));
             let decision = decisions.targets.get(&target.identity);
             let (state, reason, since, until) = match (forced, decision) {
                 (Some(forced), _) => (
@@ -103,7 +101,11 @@ pub fn transitions(before: &[TargetStatus], after: &[TargetStatus]) -> Vec<(Even
         let reason = target.reason.as_deref().unwrap_or_default();
         match (was.in_rotation(), target.state.in_rotation()) {
             (true, false) => {
-                events.push((EventType::Warning, "TargetEjected", format!("{} is out of rotation: {reason}", target.target)));
+                events.push((
+                    EventType::Warning,
+                    "TargetEjected",
+                    format!("{} is out of rotation: {reason}", target.target),
+                ));
             }
             (false, true) => {
                 let how = match (was, target.state) {
@@ -111,7 +113,11 @@ pub fn transitions(before: &[TargetStatus], after: &[TargetStatus]) -> Vec<(Even
                     (_, TargetState::ForcedClosed) => format!("forced closed: {reason}"),
                     _ => "a probe succeeded".to_string(),
                 };
-                events.push((EventType::Normal, "TargetRestored", format!("{} is back in rotation: {how}", target.target)));
+                events.push((
+                    EventType::Normal,
+                    "TargetRestored",
+                    format!("{} is back in rotation: {how}", target.target),
+                ));
             }
             _ => {}
         }
@@ -215,7 +221,8 @@ impl FleetStatus {
         };
         for (type_, reason, note) in transitions(&before.targets, &desired.targets) {
             tracing::info!(policy = %format!("{}/{}", key.0, key.1), reason, %note, "fleet");
-            let event = Event { type_, reason: reason.into(), note: Some(note), action: "Failover".into(), secondary: None };
+            let event =
+                Event { type_, reason: reason.into(), note: Some(note), action: "Failover".into(), secondary: None };
             if let Err(error) = self.recorder.publish(&event, &reference).await {
                 tracing::warn!(%error, "cannot record an event");
             }
@@ -270,7 +277,10 @@ spec:
         let now_ms = since.as_millisecond();
         let out = fields(&policy, "shop", &decisions, &[], now_ms);
         let states: Vec<(&str, TargetState)> = out.targets.iter().map(|t| (t.target.as_str(), t.state)).collect();
-        assert_eq!(states, [("a/m", TargetState::Open), ("b/m", TargetState::Closed), ("c/m", TargetState::ForcedOpen)]);
+        assert_eq!(
+            states,
+            [("a/m", TargetState::Open), ("b/m", TargetState::Closed), ("c/m", TargetState::ForcedOpen)]
+        );
         assert_eq!(out.degraded, 2);
         assert_eq!(out.targets[2].reason.as_deref(), Some("override: drill"));
         let events = transitions(&[], &out.targets);

@@ -31,7 +31,10 @@ fn fixture(extra: &str) -> Fixture {
     let targets = policy.targets();
     let (a, b) = (targets[0].identity.clone(), targets[1].identity.clone());
     let version = policy.digest();
-    served.publish("shop", ServedPolicy { name: "p".into(), selector: None, compiled: policy, version, generation: 1, uid: "u".into() });
+    served.publish(
+        "shop",
+        ServedPolicy { name: "p".into(), selector: None, compiled: policy, version, generation: 1, uid: "u".into() },
+    );
     let view = FleetView::new(served);
     let start = Instant::now();
     for pod in ["pod-1", "pod-2", "pod-3"] {
@@ -87,7 +90,11 @@ fn a_noisy_pod_among_pods_the_target_works_for_cannot_open_it_but_a_majority_can
     assert!(f.decision(&f.a).is_none(), "1 of 3 pods sees it fail, however loudly");
     f.report("pod-2", &f.a, 0, 15, secs(6));
     let decision = f.decision(&f.a).expect("2 of 3 pods see it fail");
-    assert!(decision.reason.starts_with("95 of 115 requests failed in the last 10s; 2 of 3 pod(s)"), "{}", decision.reason);
+    assert!(
+        decision.reason.starts_with("95 of 115 requests failed in the last 10s; 2 of 3 pod(s)"),
+        "{}",
+        decision.reason
+    );
     // Evidence ages out of the window: the healthy pods' successes no longer count either.
     let g = fixture("");
     g.report("pod-2", &g.a, 10, 0, secs(0));
@@ -166,7 +173,10 @@ fn a_pod_is_heard_only_about_its_own_policies_fleet_scoped_targets() {
     let g = fixture("");
     let local = compiled(&POLICY.replace("maxOpenFor: 60s}", "maxOpenFor: 60s, scope: pod}"));
     let version = local.digest();
-    g.view.served.publish("shop", ServedPolicy { name: "p".into(), selector: None, compiled: local, version, generation: 2, uid: "u".into() });
+    g.view.served.publish(
+        "shop",
+        ServedPolicy { name: "p".into(), selector: None, compiled: local, version, generation: 2, uid: "u".into() },
+    );
     g.report("pod-1", &g.a, 0, 50, secs(1));
     assert!(g.decision(&g.a).is_none(), "scope: pod keeps breakers local");
 }

@@ -147,8 +147,11 @@ impl Ledger {
     }
 
     fn exhausted(self) -> Unanswered {
-        let skipped =
-            distinct(self.fell_through).into_iter().filter(|(_, why)| matches!(*why, "circuitOpen" | "fleetOpen" | "forcedOpen")).map(|(t, _)| t).collect();
+        let skipped = distinct(self.fell_through)
+            .into_iter()
+            .filter(|(_, why)| matches!(*why, "circuitOpen" | "fleetOpen" | "forcedOpen"))
+            .map(|(t, _)| t)
+            .collect();
         Unanswered::Exhausted {
             attempts: self.attempts,
             skipped,

@@ -599,7 +599,10 @@ async fn an_override_drains_a_target_until_it_ends_and_a_drained_target_is_never
     assert_eq!(answered_by(&drained), "b/m");
     assert_eq!(fell_through(&drained), [("a/m".to_string(), "forcedOpen")]);
     let shown = route.steps[0].members[0].health.report(Instant::now());
-    assert_eq!((shown["state"].as_str(), shown["openedBecause"].as_str()), (Some("forcedOpen"), Some("override: drill")));
+    assert_eq!(
+        (shown["state"].as_str(), shown["openedBecause"].as_str()),
+        (Some("forcedOpen"), Some("override: drill"))
+    );
     tokio::time::advance(ms(9_800)).await;
     assert_eq!(answered_by(&walk(&route, &fake).await), "b/m", "still drained just before its end");
     tokio::time::advance(ms(300)).await;
