@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use backstop::chain::LocalKeys;
+use backstop::chain::{CheckKeys, LocalKeys};
 use backstop::control::file::{self, PolicyFile};
-use backstop::control::stream::{ControlStream, StreamSettings};
+use backstop::control::stream::{CaSource, ControlStream, StreamSettings};
 use backstop::operator::leader::LeaseSettings;
 use backstop::operator::served::ServedPolicies;
-use backstop::operator::{ConfigServiceSettings, OperatorConfig};
+use backstop::operator::{ConfigServiceSettings, OperatorConfig, WebhookSettings};
 use backstop::proxy::{DEFAULT_MAX_REQUEST_BYTES, Sidecar, SidecarConfig};
 use backstop::snapshot::PolicyStore;
 use backstop::telemetry::{LogFormat, Metrics, init_logging};
@@ -28,7 +28,8 @@ struct Cli {
 enum Command {
     /// Run the sidecar: an OpenAI-compatible endpoint on loopback that falls back across providers.
     Sidecar(SidecarArgs),
-    /// Check a policy file and report every problem with its field path.
+    /// Check a policy file and report every problem with its field path (a `secretKeyRef` is
+    /// checked for its shape; the operator reads the Secret).
     Check {
         /// The `FallbackPolicy` YAML file.
         policy_file: PathBuf,
@@ -90,6 +91,14 @@ struct OperatorArgs {
     /// default: `POD_IP` and the config port.
     #[arg(long, env = "BACKSTOP_ADVERTISE_ADDRESS")]
     advertise_address: Option<String>,
+    /// Where the API server calls the sidecar-injection webhook (TLS, the config service's
+    /// certificate); `none` turns it off.
+    #[arg(long, env = "BACKSTOP_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443", value_parser = listen_or_none)]
+    webhook_listen: Listen,
+    /// The injection settings (image, config service URL, CA file, mode, resources, env), read
+    /// for every pod.
+    #[arg(long, env = "BACKSTOP_INJECTION_CONFIG", default_value = "/etc/backstop/injection/config.yaml")]
+    injection_config: PathBuf,
 }
 
 /// A listen address, or `none`.
@@ -120,6 +129,9 @@ struct SidecarArgs {
     /// A PEM bundle to trust for the control plane (the Mozilla roots when omitted).
     #[arg(long, env = "BACKSTOP_CONTROL_PLANE_CA")]
     control_plane_ca: Option<PathBuf>,
+    /// The same as PEM text, as the injection webhook passes it.
+    #[arg(long, env = "BACKSTOP_CONTROL_PLANE_CA_DATA", conflicts_with = "control_plane_ca", hide_env_values = true)]
+    control_plane_ca_data: Option<String>,
     /// The pod's projected ServiceAccount token (audience `backstop`), read at every connection.
     #[arg(long, env = "BACKSTOP_TOKEN_FILE", default_value = backstop::control::stream::DEFAULT_TOKEN_FILE)]
     token_file: PathBuf,
@@ -167,7 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { policy_file } => {
-            let (compiled, _) = file::load(&policy_file, &LocalKeys).map_err(|e| unusable(&policy_file, &e))?;
+            let (compiled, _) = file::load(&policy_file, &CheckKeys).map_err(|e| unusable(&policy_file, &e))?;
             println!(
                 "{}: ok, policy {} routes {}",
                 policy_file.display(),
@@ -221,7 +233,11 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
         Some(url) => {
             let settings = StreamSettings {
                 url: url.clone(),
-                ca_file: args.control_plane_ca.clone(),
+                ca: match (&args.control_plane_ca, &args.control_plane_ca_data) {
+                    (Some(path), _) => Some(CaSource::File(path.clone())),
+                    (None, Some(pem)) => Some(CaSource::Pem(pem.clone())),
+                    (None, None) => None,
+                },
                 token_file: args.token_file.clone(),
                 state_dir: args.state_dir.clone(),
             };
@@ -288,6 +304,10 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
         .unwrap_or_else(|| format!("backstop-operator-{}", std::process::id()));
     let config = OperatorConfig {
+        webhook: args
+            .webhook_listen
+            .0
+            .map(|listen| WebhookSettings { listen, injection_config: args.injection_config }),
         config_service: args.config_listen.0.map(|listen| ConfigServiceSettings {
             listen,
             cert_file: args.tls_cert_file,

@@ -98,6 +98,21 @@ impl KeyResolver for LocalKeys {
     }
 }
 
+/// Resolves keys as `backstop check` sees them: `value` and `env` as a sidecar would, and
+/// `secretKeyRef` as a placeholder, since only the operator can read the Secret; so that one
+/// command checks policy files and cluster policies alike.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CheckKeys;
+
+impl KeyResolver for CheckKeys {
+    fn resolve(&self, source: &ApiKeySource) -> Result<ApiKey, KeyError> {
+        match &source.secret_key_ref {
+            Some(reference) => Ok(ApiKey::new(format!("secret:{}/{}", reference.name, reference.key))),
+            None => LocalKeys.resolve(source),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

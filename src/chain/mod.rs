@@ -22,7 +22,7 @@ use serde_json::Value;
 pub use compile::compile;
 pub use duration::parse_duration;
 pub use error::{FieldError, InvalidPolicy};
-pub use keys::{ApiKey, KeyError, KeyResolver, LocalKeys};
+pub use keys::{ApiKey, CheckKeys, KeyError, KeyResolver, LocalKeys};
 pub use overrides::{TargetOverride, unix_ms_now};
 pub use providers::{MockBehaviour, ProviderConfig};
 pub use redact::REDACTED;

@@ -48,12 +48,22 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub struct StreamSettings {
     /// `https://HOST:PORT` of the operator's config service.
     pub url: Uri,
-    /// A PEM bundle to trust for it; the Mozilla roots when `None`.
-    pub ca_file: Option<PathBuf>,
+    /// A PEM bundle to trust for it: a file, or the PEM itself (the injected sidecar gets it
+    /// inline, so no object is needed in the app's namespace); the Mozilla roots when `None`.
+    pub ca: Option<CaSource>,
     /// The pod's projected ServiceAccount token.
     pub token_file: PathBuf,
     /// Where the applied configuration is kept, if anywhere.
     pub state_dir: Option<PathBuf>,
+}
+
+/// Where the control plane's CA comes from.
+#[derive(Clone, Debug)]
+pub enum CaSource {
+    /// A PEM file, read at every connection.
+    File(PathBuf),
+    /// PEM text.
+    Pem(String),
 }
 
 /// Why a stream could not be had or broke.
@@ -73,6 +83,9 @@ pub enum StreamError {
     /// The CA file cannot be used.
     #[error(transparent)]
     Ca(#[from] crate::provider::http::CaFileError),
+    /// The inline CA is not PEM certificates.
+    #[error("the control plane's CA (BACKSTOP_CONTROL_PLANE_CA_DATA) holds no PEM certificate")]
+    CaData,
     /// TLS could not be set up.
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
@@ -224,9 +237,20 @@ impl ControlStream {
         let host = url.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
         let port = url.port_u16().unwrap_or(443);
         let mut roots = rustls::RootCertStore::empty();
-        match &self.settings.ca_file {
-            Some(path) => {
+        match &self.settings.ca {
+            Some(CaSource::File(path)) => {
                 for cert in load_ca_file(path)? {
+                    roots.add(cert)?;
+                }
+            }
+            Some(CaSource::Pem(pem)) => {
+                use rustls::pki_types::pem::PemObject;
+                let certs: Vec<_> =
+                    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok).collect();
+                if certs.is_empty() {
+                    return Err(StreamError::CaData);
+                }
+                for cert in certs {
                     roots.add(cert)?;
                 }
             }
@@ -454,7 +478,7 @@ mod tests {
     fn stream(dir: &std::path::Path) -> ControlStream {
         let settings = StreamSettings {
             url: "https://operator.example:7402".parse().expect("url"),
-            ca_file: None,
+            ca: None,
             token_file: dir.join("token"),
             state_dir: Some(dir.join("state")),
         };

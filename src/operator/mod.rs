@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod fleet;
+pub mod inject;
 pub mod leader;
 pub mod peer;
 pub mod reconcile;
@@ -53,6 +54,7 @@ use config::sidecars::Sidecars;
 use config::tls::ReloadingCert;
 use fleet::FleetView;
 use fleet::status::FleetStatus;
+use inject::webhook::Webhook;
 use leader::{Leadership, LeaseSettings};
 use peer::Follower;
 use served::ServedPolicies;
@@ -75,6 +77,15 @@ pub struct ConfigServiceSettings {
     pub advertise: Option<String>,
 }
 
+/// The injection webhook's settings.
+#[derive(Clone, Debug)]
+pub struct WebhookSettings {
+    /// Where the API server calls it.
+    pub listen: SocketAddr,
+    /// The injection settings file (the chart's ConfigMap).
+    pub injection_config: std::path::PathBuf,
+}
+
 /// How often the fleet view's timers advance.
 const FLEET_TICK: Duration = Duration::from_millis(250);
 /// How often the leader writes the fleet's status fields (when they changed).
@@ -85,6 +96,8 @@ const FLEET_STATUS_EVERY: Duration = Duration::from_secs(1);
 pub struct OperatorConfig {
     /// The config service sidecars stream from; `None`: off.
     pub config_service: Option<ConfigServiceSettings>,
+    /// The sidecar-injection webhook (it shares the config service's certificate); `None`: off.
+    pub webhook: Option<WebhookSettings>,
     /// Namespaces to watch; empty: all of them.
     pub namespaces: Vec<String>,
     /// The admin listener (`/healthz`, `/readyz`, `/metrics`).
@@ -108,6 +121,11 @@ pub enum OperatorError {
         /// Why.
         source: std::io::Error,
     },
+    /// The webhook was asked for without the config service.
+    #[error(
+        "the injection webhook needs the config service: its certificate, and the sidecars it injects stream from it"
+    )]
+    WebhookWithoutConfigService,
     /// The config service's certificate does not load.
     #[error("the config service's certificate: {0}; give --tls-cert-file and --tls-key-file, or --config-listen none")]
     Certificate(#[from] config::tls::CertError),
@@ -225,6 +243,26 @@ pub async fn run(
             Some((service, listener, cert, settings.max_connections))
         }
     };
+    let webhook = match (&config.webhook, &config_service) {
+        (None, _) => None,
+        (Some(_), None) => return Err(OperatorError::WebhookWithoutConfigService),
+        (Some(settings), Some((_, _, cert, _))) => {
+            let listener = TcpListener::bind(settings.listen).await.map_err(|source| OperatorError::Bind {
+                listener: "webhook",
+                address: settings.listen,
+                source,
+            })?;
+            let webhook = Webhook {
+                settings_file: settings.injection_config.clone(),
+                release: env!("CARGO_PKG_VERSION").to_string(),
+            };
+            if let Err(error) = webhook.settings() {
+                tracing::warn!(%error, "the injection settings do not load now; pods are created without the sidecar until they do");
+            }
+            Some((Arc::new(webhook), listener, cert.clone()))
+        }
+    };
+    let webhook_address = webhook.as_ref().and_then(|(_, l, _)| l.local_addr().ok());
     let config_address = config_service.as_ref().and_then(|(_, l, _, _)| l.local_addr().ok());
     // Where the other replicas reach this one while it leads: as given, else the pod's IP and
     // the bound port, else the bound address itself.
@@ -258,6 +296,7 @@ pub async fn run(
     });
     tracing::info!(admin = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         config = %config_address.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        webhook = %webhook_address.map_or_else(|| "off".to_string(), |a| a.to_string()),
         namespaces = %if config.namespaces.is_empty() { "all".to_string() } else { config.namespaces.join(",") },
         identity = %config.lease.identity, "backstop operator starting");
     {
@@ -296,7 +335,15 @@ pub async fn run(
     let controllers = futures_util::future::join_all(
         scopes.into_iter().map(|scope| controller(scope, ctx.clone(), ready.clone(), shutdown.clone())),
     );
-    tokio::join!(admin, controllers, config_service);
+    let webhook = {
+        let shutdown = shutdown.clone();
+        async move {
+            if let Some((webhook, listener, cert)) = webhook {
+                webhook.run(listener, cert, shutdown).await;
+            }
+        }
+    };
+    tokio::join!(admin, controllers, config_service, webhook);
     let _ = tokio::join!(fleet_ticks, fleet_status, follower);
     // The election releases the Lease when `shutdown` fires; wait for it to finish.
     let _ = election.await;

@@ -60,6 +60,8 @@ pub struct Operator {
     pub admin: SocketAddr,
     /// Its config service.
     pub config: SocketAddr,
+    /// Its injection webhook, when started with one.
+    pub webhook: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
 }
 
@@ -90,6 +92,11 @@ impl Operator {
             .arg(pki.dir.join("tls.crt"))
             .arg("--tls-key-file")
             .arg(pki.dir.join("tls.key"))
+            .args(if extra.iter().any(|a| a == "--webhook-listen") {
+                &[][..]
+            } else {
+                &["--webhook-listen", "none"][..]
+            })
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("BACKSTOP_LOG", "debug,kube=info,hyper=info,h2=info,tower=info,rustls=info")
@@ -112,16 +119,16 @@ impl Operator {
                     && let Some(tx) = tx.take()
                 {
                     let address = |key: &str| event[key].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
-                    let _ = tx.send((address("admin"), address("config")));
+                    let _ = tx.send((address("admin"), address("config"), address("webhook")));
                 }
                 sink.lock().expect("lock").push_str(&(line + "\n"));
             }
         });
-        let (admin, config) = tokio::time::timeout(Duration::from_secs(20), rx)
+        let (admin, config, webhook) = tokio::time::timeout(Duration::from_secs(20), rx)
             .await
             .expect("the operator starts within 20 s")
             .expect("starting line");
-        Operator { child, admin: admin.expect("admin address"), config: config.expect("config address"), log }
+        Operator { child, admin: admin.expect("admin address"), config: config.expect("config address"), webhook, log }
     }
 
     /// Everything it logged so far.

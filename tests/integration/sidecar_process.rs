@@ -53,8 +53,9 @@ impl SidecarProcess {
         state_dir: &Path,
         extra: &[&str],
     ) -> SidecarProcess {
-        let mut child = Command::new(BIN)
-            .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "json"])
+        let mut command = Command::new(BIN);
+        command
+            .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .arg("--control-plane")
             .arg(format!("https://{control_plane}"))
             .arg("--control-plane-ca")
@@ -63,7 +64,14 @@ impl SidecarProcess {
             .arg(token_file)
             .arg("--state-dir")
             .arg(state_dir)
-            .args(extra)
+            .args(extra);
+        SidecarProcess::from_command(command).await
+    }
+
+    /// A sidecar started by `command` (`backstop sidecar` with its settings), logging JSON.
+    pub async fn from_command(mut command: Command) -> SidecarProcess {
+        let mut child = command
+            .env("BACKSTOP_LOG_FORMAT", "json")
             .env("BACKSTOP_LOG", "debug,hyper=info,h2=info,rustls=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -93,12 +101,19 @@ impl SidecarProcess {
             .await
             .expect("the sidecar listens within 10 s")
             .expect("listening line");
+        let setting = |name: &str| {
+            let found = command.as_std().get_envs().find(|(key, _)| *key == name).and_then(|(_, v)| v);
+            let flag = format!("--{}", name.trim_start_matches("BACKSTOP_").to_lowercase().replace('_', "-"));
+            let args: Vec<_> = command.as_std().get_args().collect();
+            let given = args.iter().position(|a| *a == flag.as_str()).and_then(|i| args.get(i + 1)).copied();
+            PathBuf::from(given.or(found).unwrap_or_default())
+        };
         SidecarProcess {
             child,
             llm: llm.expect("llm address"),
             admin: admin.expect("admin address"),
-            state_dir: state_dir.to_path_buf(),
-            token_file: token_file.to_path_buf(),
+            state_dir: setting("BACKSTOP_STATE_DIR"),
+            token_file: setting("BACKSTOP_TOKEN_FILE"),
             log,
         }
     }

@@ -131,6 +131,11 @@ impl ReloadingCert {
     /// A server configuration that serves the certificate in force and speaks HTTP/2 only (the
     /// config stream is full duplex).
     pub fn server_config(self: &Arc<Self>) -> rustls::ServerConfig {
+        self.server_config_for(&[b"h2"])
+    }
+
+    /// A server configuration that serves the certificate in force, offering `alpn`.
+    pub fn server_config_for(self: &Arc<Self>, alpn: &[&[u8]]) -> rustls::ServerConfig {
         let mut config =
             rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
@@ -138,7 +143,7 @@ impl ReloadingCert {
                 .unwrap_or_else(|_| {
                     rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(self.clone())
                 });
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         config
     }
 }
