@@ -128,6 +128,26 @@ async fn helm_installs_everything_the_operator_runs_under_it_and_the_api_server_
             .expect("service");
     }
 
+    // An upgrade keeps the generated CA (sidecars and the webhook trust it).
+    let ca_before = Api::<Secret>::namespaced(client.clone(), &release_ns)
+        .get(&format!("{fullname}-tls"))
+        .await
+        .expect("secret")
+        .data;
+    run_helm(
+        &helm,
+        &cluster,
+        &["upgrade", &release, &chart.to_string_lossy(), "--namespace", &release_ns, "--set", "operator.replicas=3"],
+    );
+    let after = Api::<Secret>::namespaced(client.clone(), &release_ns)
+        .get(&format!("{fullname}-tls"))
+        .await
+        .expect("secret")
+        .data;
+    assert_eq!(after, ca_before, "helm upgrade regenerated the certificate");
+    let scaled = Api::<Deployment>::namespaced(client.clone(), &release_ns).get(&fullname).await.expect("deployment");
+    assert_eq!(scaled.spec.and_then(|s| s.replicas), Some(3));
+
     // The operator as a local process, under the chart's ServiceAccount and RBAC, with the
     // chart's injection settings (pointed at this operator on loopback).
     let kubeconfig = cluster.service_account_kubeconfig(&release_ns, &fullname).await;
