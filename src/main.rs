@@ -14,7 +14,7 @@ use backstop::operator::served::ServedPolicies;
 use backstop::operator::{ConfigServiceSettings, OperatorConfig, WebhookSettings};
 use backstop::proxy::{DEFAULT_MAX_REQUEST_BYTES, Sidecar, SidecarConfig};
 use backstop::snapshot::PolicyStore;
-use backstop::telemetry::{LogFormat, Metrics, init_logging};
+use backstop::telemetry::{LogFormat, Metrics, Telemetry, init_logging};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -261,7 +261,8 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
             watched = Some(policy_file);
         }
     }
-    let sidecar = Sidecar::bind(&config, store, http).await?;
+    let telemetry = Arc::new(Telemetry::from_env(Metrics::new("backstop-sidecar")?));
+    let sidecar = Sidecar::bind(&config, store, http, telemetry).await?;
     tracing::info!(llm = %sidecar.llm_addr()?, admin = %sidecar.admin_addr()?, "backstop sidecar listening");
     if let Some(policy_file) = watched {
         tasks.push(tokio::spawn(policy_file.watch(shutdown_rx.clone())));

@@ -10,11 +10,12 @@ use super::keys::KeyResolver;
 use super::overrides::compile_target_overrides;
 use super::providers::{ProviderConfig, compile_providers};
 use super::redact::redact;
+use super::settings::Price;
 use super::settings::{
     compile_breaker, compile_budget, compile_hedge, compile_overrides, compile_retry, compile_timeouts,
 };
 use super::{CompiledPolicy, RouteConfig, StepConfig, TargetConfig, distinct_targets};
-use crate::policy::{ChainStepSpec, ClassSet, FallbackPolicy, RequestFeature};
+use crate::policy::{ChainStepSpec, ClassSet, FallbackPolicy, PriceSpec, RequestFeature};
 
 /// Compiles a policy, collecting every problem with its field path. `keys` resolves `apiKey`s:
 /// [`super::LocalKeys`] in a sidecar reading a file, the Secrets of the policy's namespace in
@@ -92,6 +93,16 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
     })
 }
 
+/// One chain member as the policy names it.
+struct Member<'a> {
+    provider: &'a str,
+    model: &'a str,
+    timeout: Option<&'a String>,
+    weight: u32,
+    skip_for: Option<&'a [RequestFeature]>,
+    price: Option<&'a PriceSpec>,
+}
+
 /// What compiling chains needs at hand.
 struct Compiler<'a> {
     /// The valid providers by name, with their index in the compiled policy.
@@ -114,6 +125,9 @@ impl Compiler<'_> {
                 if spec.timeout.is_some() {
                     self.errors.push(format!("{path}.timeout"), "set `timeout` on each group member instead");
                 }
+                if spec.price.is_some() {
+                    self.errors.push(format!("{path}.price"), "set `price` on each group member instead");
+                }
                 let mut seen = HashSet::new();
                 let mut members = Vec::new();
                 for (m, member) in group.iter().enumerate() {
@@ -123,11 +137,14 @@ impl Compiler<'_> {
                         self.errors.push(member_path.clone(), "the same provider and model appear twice in this group");
                     }
                     members.extend(self.targets(
-                        &member.provider,
-                        &member.model,
-                        member.timeout.as_ref(),
-                        weight,
-                        member.skip_for.as_deref(),
+                        Member {
+                            provider: &member.provider,
+                            model: &member.model,
+                            timeout: member.timeout.as_ref(),
+                            weight,
+                            skip_for: member.skip_for.as_deref(),
+                            price: member.price.as_ref(),
+                        },
                         &member_path,
                     ));
                 }
@@ -138,7 +155,15 @@ impl Compiler<'_> {
                 return None;
             }
             (None, Some(provider), Some(model)) => {
-                self.targets(provider, model, spec.timeout.as_ref(), 1, spec.skip_for.as_deref(), path)
+                let member = Member {
+                    provider,
+                    model,
+                    timeout: spec.timeout.as_ref(),
+                    weight: 1,
+                    skip_for: spec.skip_for.as_deref(),
+                    price: spec.price.as_ref(),
+                };
+                self.targets(member, path)
             }
             (None, None, Some(_)) => {
                 self.errors.push(format!("{path}.provider"), "is required (or use `group`)");
@@ -153,16 +178,20 @@ impl Compiler<'_> {
     }
 
     /// The targets for one provider + model: one per API key of the provider.
-    fn targets(
-        &mut self,
-        provider: &str,
-        model: &str,
-        timeout: Option<&String>,
-        weight: u32,
-        skip_for: Option<&[RequestFeature]>,
-        path: &str,
-    ) -> Vec<TargetConfig> {
+    fn targets(&mut self, member: Member<'_>, path: &str) -> Vec<TargetConfig> {
+        let Member { provider, model, timeout, weight, skip_for, price } = member;
         let attempt_timeout = self.errors.duration(timeout, format!("{path}.timeout"), self.default_timeout);
+        let price = price.map(|price| {
+            for (field, value) in
+                [("input", Some(price.input)), ("output", Some(price.output)), ("cachedInput", price.cached_input)]
+            {
+                if value.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                    self.errors
+                        .push(format!("{path}.price.{field}"), "must be a price of zero or more, per million tokens");
+                }
+            }
+            Price { input: price.input, output: price.output, cached_input: price.cached_input }
+        });
         if model.is_empty() {
             self.errors.push(format!("{path}.model"), "must not be empty");
         }
@@ -186,6 +215,7 @@ impl Compiler<'_> {
                     label,
                     skip_for: skip_for.unwrap_or_default().to_vec(),
                     identity: format!("{}\u{1f}{model}", found.endpoint_id(key)),
+                    price,
                 }
             })
             .collect()

@@ -26,7 +26,9 @@ pub use keys::{ApiKey, CheckKeys, KeyError, KeyResolver, LocalKeys};
 pub use overrides::{TargetOverride, unix_ms_now};
 pub use providers::{MockBehaviour, ProviderConfig};
 pub use redact::REDACTED;
-pub use settings::{AllowedOverrides, BreakerSettings, BudgetSettings, FailureRate, Hedge, RetryPolicy, Timeouts};
+pub use settings::{
+    AllowedOverrides, BreakerSettings, BudgetSettings, FailureRate, Hedge, Price, RetryPolicy, Timeouts,
+};
 
 use crate::policy::{ClassSet, RequestFeature};
 
@@ -141,4 +143,7 @@ pub struct TargetConfig {
     /// What identifies this target's health across reloads and pods: provider, endpoint, key
     /// fingerprint and model; never the key.
     pub identity: String,
+    /// What it charges, if the policy says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<Price>,
 }

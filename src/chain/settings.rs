@@ -73,6 +73,18 @@ pub struct AllowedOverrides {
     pub deadline: bool,
 }
 
+/// A target's prices, in US dollars per million tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Price {
+    /// Input tokens.
+    pub input: f64,
+    /// Output tokens.
+    pub output: f64,
+    /// Cached input tokens; `input` when `None`.
+    pub cached_input: Option<f64>,
+}
+
 /// Breaker settings, compiled from `spec.circuitBreaker`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BreakerSettings {

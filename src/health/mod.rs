@@ -13,7 +13,7 @@ pub mod gate;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -71,6 +71,15 @@ pub struct TargetHealth {
     /// Locked before `breaker` where both are needed.
     gates: Mutex<Gates>,
     tally: Mutex<Tally>,
+    observer: Arc<OnceLock<Arc<dyn HealthObserver>>>,
+}
+
+/// What is told of breakers opening and closing (telemetry).
+pub trait HealthObserver: Send + Sync + std::fmt::Debug {
+    /// `target`'s breaker opened for `period`, because `why`.
+    fn opened(&self, target: &str, period: Duration, why: &str);
+    /// `target`'s breaker closed.
+    fn closed(&self, target: &str);
 }
 
 impl TargetHealth {
@@ -83,6 +92,7 @@ impl TargetHealth {
             stats: Mutex::default(),
             gates: Mutex::default(),
             tally: Mutex::default(),
+            observer: Arc::default(),
         }
     }
 
@@ -145,6 +155,36 @@ impl TargetHealth {
     /// Applies the fleet's decision for this target (`None`: the fleet leaves it to the pod).
     pub fn set_fleet(&self, state: Option<FleetState>) {
         lock(&self.gates).set_fleet(state);
+    }
+
+    /// Changes the breaker with `change` and tells the observer when it opened or closed.
+    fn breaker_change<T>(&self, now: Instant, change: impl FnOnce(&mut Breaker) -> T) -> T {
+        let (result, before, after, cause) = {
+            let mut breaker = lock(&self.breaker);
+            let before = std::mem::discriminant(&breaker.phase(now));
+            let result = change(&mut breaker);
+            let after = breaker.phase(now);
+            (result, before, after, breaker.cause())
+        };
+        if before != std::mem::discriminant(&after)
+            && let Some(observer) = self.observer.get()
+        {
+            match after {
+                Phase::Open { until, .. } => {
+                    let why = match cause {
+                        OpenCause::Failures => "failures crossed the breaker's threshold".to_string(),
+                        OpenCause::FailedProbe => "a probe failed".to_string(),
+                        OpenCause::RetryAfter(wait) => {
+                            format!("the provider asked to wait {}s", wait.as_secs_f64().ceil())
+                        }
+                    };
+                    observer.opened(&self.label, until.saturating_duration_since(now), &why);
+                }
+                Phase::Closed => observer.closed(&self.label),
+                Phase::HalfOpen { .. } => {}
+            }
+        }
+        result
     }
 
     /// Whether the fleet's evidence counts for this target (`circuitBreaker.scope: fleet`).
@@ -259,7 +299,7 @@ impl Permit {
     /// The request succeeded after `latency`.
     pub fn succeeded(mut self, now: Instant, latency: Duration) {
         self.done = true;
-        lock(&self.health.breaker).on_success(now, self.probe || self.forced);
+        self.health.breaker_change(now, |b| b.on_success(now, self.probe || self.forced));
         self.health.count_success();
         let mut stats = lock(&self.health.stats);
         stats.successes += 1;
@@ -274,7 +314,7 @@ impl Permit {
     /// A stream ended cleanly.
     pub fn finished(mut self, now: Instant) {
         self.done = true;
-        lock(&self.health.breaker).on_success(now, self.probe || self.forced);
+        self.health.breaker_change(now, |b| b.on_success(now, self.probe || self.forced));
         self.health.count_success();
         lock(&self.health.stats).successes += 1;
     }
@@ -284,7 +324,7 @@ impl Permit {
     pub fn broke(mut self, now: Instant, class: FailureClass, message: &str) {
         self.done = true;
         let failure = format!("{class} after the first token: {message}");
-        if lock(&self.health.breaker).on_failure(now, class, None, self.probe) {
+        if self.health.breaker_change(now, |b| b.on_failure(now, class, None, self.probe)) {
             self.health.count_failure(None, failure.clone());
         }
         let mut stats = lock(&self.health.stats);
@@ -303,7 +343,7 @@ impl Permit {
     ) {
         self.done = true;
         let failure = format!("{class}: {message}");
-        if lock(&self.health.breaker).on_failure(now, class, retry_after, self.probe) {
+        if self.health.breaker_change(now, |b| b.on_failure(now, class, retry_after, self.probe)) {
             let asked = retry_after.filter(|_| matches!(class, FailureClass::RateLimited | FailureClass::Overloaded));
             self.health.count_failure(asked, failure.clone());
         }
@@ -361,6 +401,7 @@ impl SharedBudget {
 pub struct HealthRegistry {
     targets: Mutex<HashMap<String, Arc<TargetHealth>>>,
     budgets: Mutex<HashMap<String, Arc<SharedBudget>>>,
+    observer: Arc<OnceLock<Arc<dyn HealthObserver>>>,
 }
 
 impl HealthRegistry {
@@ -375,8 +416,37 @@ impl HealthRegistry {
     pub fn target(&self, key: &str, label: &str, settings: &BreakerSettings) -> Arc<TargetHealth> {
         lock(&self.targets)
             .entry(key.to_string())
-            .or_insert_with(|| Arc::new(TargetHealth::new(label.to_string(), settings.clone())))
+            .or_insert_with(|| {
+                let mut target = TargetHealth::new(label.to_string(), settings.clone());
+                target.observer = self.observer.clone();
+                Arc::new(target)
+            })
             .clone()
+    }
+
+    /// Sets who is told of breakers opening and closing (once; later calls change nothing).
+    pub fn observe(&self, observer: Arc<dyn HealthObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
+    /// Each target's breaker state now (`closed`, `open`, `halfOpen`), by label.
+    pub fn states(&self, now: Instant) -> Vec<(String, &'static str)> {
+        lock(&self.targets)
+            .values()
+            .map(|t| {
+                let state = match lock(&t.breaker).phase(now) {
+                    Phase::Closed => "closed",
+                    Phase::Open { .. } => "open",
+                    Phase::HalfOpen { .. } => "halfOpen",
+                };
+                (t.label.clone(), state)
+            })
+            .collect()
+    }
+
+    /// Each route's retry budget now: extra attempts still allowed, by route.
+    pub fn budgets(&self, now: Instant) -> Vec<(String, f64)> {
+        lock(&self.budgets).values().map(|b| (b.route.clone(), lock(&b.budget).available(now).max(0.0))).collect()
     }
 
     /// The retry budget of a route, created if new.
@@ -446,6 +516,46 @@ impl HealthRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, Default)]
+    struct Seen(Mutex<Vec<String>>);
+
+    impl HealthObserver for Seen {
+        fn opened(&self, target: &str, period: Duration, why: &str) {
+            lock(&self.0).push(format!("{target} opened for {}s: {why}", period.as_secs()));
+        }
+
+        fn closed(&self, target: &str) {
+            lock(&self.0).push(format!("{target} closed"));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_observer_hears_each_opening_and_closing_once() {
+        let registry = HealthRegistry::new();
+        let seen = Arc::new(Seen::default());
+        registry.observe(seen.clone());
+        let settings = BreakerSettings {
+            consecutive_failures: 2,
+            failure_rate: None,
+            open_for: Duration::from_secs(5),
+            max_open_for: Duration::from_secs(5),
+            half_open_probes: 1,
+            counts: crate::policy::ClassSet::breaker_default(),
+            scope: crate::policy::BreakerScope::Fleet,
+        };
+        let target = registry.target("id", "a/m", &settings);
+        let now = Instant::now();
+        for _ in 0..3 {
+            if let Some(permit) = target.admit(now) {
+                permit.failed(now, Duration::ZERO, FailureClass::ServerError, None, "boom");
+            }
+        }
+        let later = now + Duration::from_secs(5);
+        target.admit(later).expect("a probe").succeeded(later, Duration::from_millis(1));
+        assert_eq!(*lock(&seen.0), ["a/m opened for 5s: failures crossed the breaker's threshold", "a/m closed"]);
+        assert_eq!(registry.states(later), [("a/m".to_string(), "closed")]);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn permits_count_in_flight_and_free_probe_slots_when_dropped() {

@@ -242,6 +242,12 @@ impl ChatRequest {
 
     /// The request body for one target: this request with `model` replaced.
     pub fn to_openai_json(&self, model: &str) -> Result<Vec<u8>, serde_json::Error> {
+        self.to_openai_json_with(model, false)
+    }
+
+    /// [`ChatRequest::to_openai_json`]; with `usage`, a stream also asks for its token usage
+    /// (`stream_options.include_usage`), for telemetry and cost, whether or not the app did.
+    pub fn to_openai_json_with(&self, model: &str, usage: bool) -> Result<Vec<u8>, serde_json::Error> {
         if self.operation == Operation::Embeddings {
             let mut body = self.rest.clone();
             body.insert("model".into(), Value::String(model.to_string()));
@@ -255,6 +261,14 @@ impl ChatRequest {
             stream: bool,
             #[serde(flatten)]
             rest: &'a Map<String, Value>,
+        }
+        if usage && self.stream && !self.include_usage() {
+            let mut rest = self.rest.clone();
+            let options = rest.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+            if let Some(options) = options.as_object_mut() {
+                options.insert("include_usage".into(), Value::Bool(true));
+            }
+            return serde_json::to_vec(&Outgoing { model, messages: &self.messages, stream: true, rest: &rest });
         }
         serde_json::to_vec(&Outgoing { model, messages: &self.messages, stream: self.stream, rest: &self.rest })
     }

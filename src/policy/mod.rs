@@ -457,7 +457,7 @@ pub struct HedgeSpec {
 /// One step of a chain: a single target, or a weighted group of equivalent targets.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.group) ? !has(self.provider) && !has(self.model) && !has(self.timeout) : has(self.provider) && has(self.model)", "message": "set either `group`, or `provider` and `model`"}]))]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.group) ? !has(self.provider) && !has(self.model) && !has(self.timeout) && !has(self.price) : has(self.provider) && has(self.model)", "message": "set either `group`, or `provider` and `model`"}]))]
 pub struct ChainStepSpec {
     /// The provider's `name`. Set with `model`, or use `group` instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -476,6 +476,11 @@ pub struct ChainStepSpec {
     /// them poorly: the chain skips it for them (reason `ineligible`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skip_for: Option<Vec<RequestFeature>>,
+
+    /// What this target charges, for the cost on each attempt's span and in the
+    /// `backstop.cost` metric. Set with `provider` and `model`; a group's members set their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<PriceSpec>,
 
     /// Equivalent targets (keys, regions, endpoints of one model) that share this step; each
     /// request picks one by weight. Set instead of `provider` and `model`.
@@ -507,6 +512,26 @@ pub struct GroupMemberSpec {
     /// Requests this member should not be sent (see the step's `skipFor`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skip_for: Option<Vec<RequestFeature>>,
+
+    /// What this member charges (see the step's `price`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<PriceSpec>,
+}
+
+/// A target's prices, in US dollars per million tokens.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PriceSpec {
+    /// Per million input tokens.
+    #[schemars(range(min = 0.0, max = 100000.0))]
+    pub input: f64,
+    /// Per million output tokens.
+    #[schemars(range(min = 0.0, max = 100000.0))]
+    pub output: f64,
+    /// Per million input tokens read from the provider's prompt cache. Default: `input`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100000.0))]
+    pub cached_input: Option<f64>,
 }
 
 /// A kind of request a target can be kept out of with `skipFor`.

@@ -104,6 +104,7 @@ pub(crate) async fn post_json(
     http: &HttpClient,
     uri: http::Uri,
     headers: impl IntoIterator<Item = (&'static str, http::HeaderValue)>,
+    trace: &[(&'static str, http::HeaderValue)],
     body: Vec<u8>,
     stream: bool,
     classify: fn(Option<u16>, &[u8]) -> FailureClass,
@@ -114,7 +115,7 @@ pub(crate) async fn post_json(
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::USER_AGENT, concat!("backstop/", env!("CARGO_PKG_VERSION")))
         .header(http::header::ACCEPT, if stream { "text/event-stream" } else { "application/json" });
-    for (name, value) in headers {
+    for (name, value) in headers.into_iter().chain(trace.iter().cloned()) {
         builder = builder.header(name, value);
     }
     let outgoing = builder

@@ -88,12 +88,6 @@ impl Mock {
                 "system_fingerprint": "backstop-mock",
             })));
         }
-        let include_usage = request
-            .rest
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
         let chunk = |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
         let mut chunks =
             vec![chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]))];
@@ -101,11 +95,11 @@ impl Mock {
             chunks.push(chunk(json!([{"index": 0, "delta": {"content": piece}, "finish_reason": null}])));
         }
         chunks.push(chunk(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}])));
-        if include_usage {
-            let mut last = chunk(json!([]));
-            last["usage"] = usage;
-            chunks.push(last);
-        }
+        // As OpenAI does when asked, which Backstop always does of OpenAI (for its telemetry);
+        // an app that did not ask is not sent it.
+        let mut last = chunk(json!([]));
+        last["usage"] = usage;
+        chunks.push(last);
         let first_token_latency = self.behaviour.first_token_latency;
         let stream: ChunkStream =
             Box::pin(stream::unfold((chunks.into_iter(), 0usize), move |(mut rest, index)| async move {

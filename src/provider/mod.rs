@@ -62,6 +62,10 @@ pub enum InvalidBackend {
 pub struct Provider {
     /// The policy's name for it.
     pub name: String,
+    /// Its `gen_ai.provider.name` in the OpenTelemetry GenAI conventions.
+    pub system: &'static str,
+    /// The host and port it is reached at (`server.address`, `server.port`), when remote.
+    pub server: Option<(String, u16)>,
     backend: Backend,
 }
 
@@ -84,6 +88,8 @@ pub struct Call<'a> {
     pub request: &'a ChatRequest,
     /// Which of the provider's keys to use.
     pub key: usize,
+    /// Trace headers (`traceparent`, `tracestate`) for the provider request.
+    pub trace: &'a [(&'static str, ::http::HeaderValue)],
 }
 
 /// A successful send: the reply and what the provider said about its rate limits.
@@ -108,7 +114,21 @@ impl Provider {
             ProviderKind::Gemini => Backend::Gemini(gemini::Gemini::new(config)?),
             ProviderKind::Mock => Backend::Mock(Box::new(mock::Mock::new(config.mock.clone().unwrap_or_default()))),
         };
-        Ok(Provider { name: config.name.clone(), backend })
+        let system = match config.kind {
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => "openai",
+            ProviderKind::AzureOpenAi => "azure.ai.openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gcp.gemini",
+            ProviderKind::Mock => "backstop.mock",
+        };
+        let server = (config.kind != ProviderKind::Mock)
+            .then(|| config.base_url.parse::<::http::Uri>().ok())
+            .flatten()
+            .and_then(|uri| {
+                let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("http") { 80 } else { 443 });
+                Some((uri.host()?.to_string(), port))
+            });
+        Ok(Provider { name: config.name.clone(), system, server, backend })
     }
 
     /// The wire format of its answers.

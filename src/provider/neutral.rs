@@ -35,8 +35,9 @@ pub fn into_openai_completion(api: Api, answer: Value) -> Value {
 
 /// Turns a provider's stream events into OpenAI `chat.completion.chunk`s.
 pub enum ToOpenAiStream {
-    /// Already OpenAI chunks.
-    Same,
+    /// Already OpenAI chunks; with `false`, the app did not ask for usage, and the usage-only
+    /// chunk Backstop asked for (for its telemetry) is left out.
+    Same(bool),
     /// From Messages events.
     Anthropic(anthropic::stream::ToOpenAiStream),
     /// From Gemini partial answers.
@@ -50,7 +51,7 @@ impl ToOpenAiStream {
     /// `stream_options.include_usage`.
     pub fn new(api: Api, include_usage: bool) -> Self {
         match api {
-            Api::OpenAi => ToOpenAiStream::Same,
+            Api::OpenAi => ToOpenAiStream::Same(include_usage),
             Api::Anthropic => ToOpenAiStream::Anthropic(anthropic::stream::ToOpenAiStream::new(include_usage)),
             Api::Gemini => ToOpenAiStream::Gemini(gemini::stream::ToOpenAiStream::new(include_usage)),
             Api::Responses => ToOpenAiStream::Responses,
@@ -60,7 +61,13 @@ impl ToOpenAiStream {
     /// The chunks for one event.
     pub fn push(&mut self, event: &StreamEvent) -> Vec<Value> {
         match self {
-            ToOpenAiStream::Same => vec![event.data.clone()],
+            ToOpenAiStream::Same(false)
+                if event.data["choices"].as_array().is_some_and(Vec::is_empty)
+                    && event.data.get("usage").is_some_and(|u| !u.is_null()) =>
+            {
+                Vec::new()
+            }
+            ToOpenAiStream::Same(_) => vec![event.data.clone()],
             ToOpenAiStream::Anthropic(t) => t.push(&event.data),
             ToOpenAiStream::Gemini(t) => t.push(&event.data),
             ToOpenAiStream::Responses => openai::responses::event_to_chunks(&event.data),
@@ -71,7 +78,7 @@ impl ToOpenAiStream {
     pub fn finish(&mut self) -> Vec<Value> {
         match self {
             ToOpenAiStream::Gemini(t) => t.finish(),
-            ToOpenAiStream::Same | ToOpenAiStream::Anthropic(_) | ToOpenAiStream::Responses => Vec::new(),
+            ToOpenAiStream::Same(_) | ToOpenAiStream::Anthropic(_) | ToOpenAiStream::Responses => Vec::new(),
         }
     }
 }

@@ -7,9 +7,10 @@ use serde_json::json;
 
 use super::body::{Body, json_response, text_response};
 use crate::snapshot::PolicyStore;
+use crate::telemetry::Metrics;
 
 /// Answers one admin request from the store's current state.
-pub fn handle(store: &PolicyStore, request: &Request<Incoming>) -> Response<Body> {
+pub fn handle(store: &PolicyStore, metrics: &Metrics, request: &Request<Incoming>) -> Response<Body> {
     if request.method() != Method::GET {
         return text_response(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
@@ -30,6 +31,7 @@ pub fn handle(store: &PolicyStore, request: &Request<Incoming>) -> Response<Body
             None => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": store.unavailable()})),
         },
         "/health" => json_response(StatusCode::OK, &store.health().report(tokio::time::Instant::now())),
-        _ => text_response(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz, /health or /config\n"),
+        "/metrics" => text_response(StatusCode::OK, &metrics.prometheus_text()),
+        _ => text_response(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz, /health, /config or /metrics\n"),
     }
 }

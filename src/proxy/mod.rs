@@ -6,6 +6,7 @@ pub mod admin;
 pub mod body;
 pub mod fallback;
 pub mod ingress;
+pub mod observe;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -28,6 +29,8 @@ use ingress::responses::ResponsesDialect;
 use crate::provider::HttpClient;
 use crate::server::serve;
 use crate::snapshot::PolicyStore;
+use crate::telemetry::Telemetry;
+use observe::Recorder;
 
 /// The default largest request body: bigger ones get a 413 (retries need the whole body).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 10 << 20;
@@ -63,6 +66,7 @@ struct State {
     drain: Duration,
     store: Arc<PolicyStore>,
     upstreams: Upstreams,
+    recorder: Arc<Recorder>,
     max_request_bytes: usize,
 }
 
@@ -74,17 +78,26 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Binds both listeners. Port 0 picks a free port; see [`Sidecar::llm_addr`].
-    pub async fn bind(config: &SidecarConfig, store: Arc<PolicyStore>, http: HttpClient) -> Result<Sidecar, BindError> {
+    /// Binds both listeners, recording into `telemetry`. Port 0 picks a free port; see
+    /// [`Sidecar::llm_addr`].
+    pub async fn bind(
+        config: &SidecarConfig,
+        store: Arc<PolicyStore>,
+        http: HttpClient,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Sidecar, BindError> {
         let bind = |address: SocketAddr, listener: &'static str| async move {
             TcpListener::bind(address).await.map_err(|source| BindError { listener, address, source })
         };
         let llm = bind(config.listen, "LLM").await?;
         let admin = bind(config.admin, "admin").await?;
+        let recorder = Arc::new(Recorder::new(telemetry));
+        recorder.watch(&store);
         let state = Arc::new(State {
             drain: config.drain,
             store,
             upstreams: Upstreams::new(http),
+            recorder,
             max_request_bytes: config.max_request_bytes,
         });
         Ok(Sidecar { state, llm, admin })
@@ -112,7 +125,7 @@ impl Sidecar {
         let admin_state = self.state.clone();
         let admin = serve(self.admin, shutdown, drain, move |request| {
             let state = admin_state.clone();
-            async move { admin::handle(&state.store, &request) }
+            async move { admin::handle(&state.store, &state.recorder.telemetry.metrics, &request) }
         });
         tokio::join!(llm, admin);
     }
@@ -138,10 +151,16 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
             };
             let (snapshot, upstreams) = (state.store.load().ok_or_else(|| state.store.unavailable()), &state.upstreams);
             match path {
-                "/messages" => ingress::serve::<AnthropicDialect>(snapshot, &headers, &body, upstreams).await,
-                "/responses" => ingress::serve::<ResponsesDialect>(snapshot, &headers, &body, upstreams).await,
-                "/embeddings" => ingress::serve::<EmbeddingsDialect>(snapshot, &headers, &body, upstreams).await,
-                _ => ingress::serve::<OpenAiDialect>(snapshot, &headers, &body, upstreams).await,
+                "/messages" => {
+                    ingress::serve::<AnthropicDialect>(snapshot, &headers, &body, upstreams, &state.recorder).await
+                }
+                "/responses" => {
+                    ingress::serve::<ResponsesDialect>(snapshot, &headers, &body, upstreams, &state.recorder).await
+                }
+                "/embeddings" => {
+                    ingress::serve::<EmbeddingsDialect>(snapshot, &headers, &body, upstreams, &state.recorder).await
+                }
+                _ => ingress::serve::<OpenAiDialect>(snapshot, &headers, &body, upstreams, &state.recorder).await,
             }
         }
         (&Method::GET, "/models") => ingress::openai::models(state.store.load().as_deref()),

@@ -40,13 +40,65 @@ pub trait StreamRenderer: Send + 'static {
     fn failure(&mut self, message: &str, class: Option<FailureClass>) -> Bytes;
 }
 
+/// How a committed stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Cleanly.
+    Finished,
+    /// The upstream failed after the first token.
+    Broke(FailureClass),
+    /// It reached the policy's `maxStream`.
+    Cut,
+    /// The app went away first.
+    Cancelled,
+}
+
+/// What watches a committed stream: each event as it goes by, and how the stream ends.
+pub trait StreamWatch: Send {
+    /// An event, as the upstream sent it.
+    fn event(&mut self, event: &StreamEvent);
+    /// The end (called at most once; a watcher dropped without it was cancelled).
+    fn end(&mut self, end: StreamEnd);
+}
+
+/// What rides along with a committed stream: the target's permit (its health learns how the
+/// stream ends) and the request's watcher (its telemetry is recorded then).
+#[derive(Default)]
+pub struct Tail {
+    /// The answering target's permit.
+    pub permit: Option<Permit>,
+    /// The watcher.
+    pub watch: Option<Box<dyn StreamWatch>>,
+}
+
+impl Tail {
+    fn event(&mut self, event: &StreamEvent) {
+        if let Some(watch) = &mut self.watch {
+            watch.event(event);
+        }
+    }
+
+    fn end(&mut self, end: StreamEnd, message: &str) {
+        let now = Instant::now();
+        match (self.permit.take(), end) {
+            (Some(permit), StreamEnd::Finished) => permit.finished(now),
+            (Some(permit), StreamEnd::Broke(class)) => permit.broke(now, class, message),
+            // Cut by the request's own limit: the target is not to blame; its permit counts nothing.
+            (permit, _) => drop(permit),
+        }
+        if let Some(watch) = &mut self.watch {
+            watch.end(end);
+        }
+    }
+}
+
 enum State<R> {
     Live {
         pending: std::vec::IntoIter<Bytes>,
         held: std::vec::IntoIter<StreamEvent>,
         rest: ChunkStream,
         renderer: R,
-        permit: Option<Permit>,
+        tail: Tail,
     },
     Closing(std::vec::IntoIter<Bytes>),
     Failing(BoxError),
@@ -63,24 +115,25 @@ pub struct Limits {
     pub deadline: Option<Instant>,
 }
 
-/// The response body for a committed stream: `held` events first, then the rest. The target's
-/// `permit` learns how the stream ends; if the app goes away first, it is dropped uncounted.
+/// The response body for a committed stream: `held` events first, then the rest. The `tail`
+/// learns how the stream ends; if the app goes away first, it is dropped (the permit uncounted,
+/// the watcher told the stream was cancelled).
 pub fn sse_body<R: StreamRenderer>(
     held: Vec<StreamEvent>,
     rest: ChunkStream,
     limits: Limits,
     renderer: R,
-    permit: Option<Permit>,
+    tail: Tail,
 ) -> Body {
     let Limits { idle, deadline } = limits;
-    let start = State::Live { pending: Vec::new().into_iter(), held: held.into_iter(), rest, renderer, permit };
+    let start = State::Live { pending: Vec::new().into_iter(), held: held.into_iter(), rest, renderer, tail };
     let frames = stream::unfold(start, move |state| async move {
         let mut state = state;
         loop {
             match state {
-                State::Live { mut pending, mut held, mut rest, mut renderer, mut permit } => {
+                State::Live { mut pending, mut held, mut rest, mut renderer, mut tail } => {
                     if let Some(frame) = pending.next() {
-                        return Some((Ok(Frame::data(frame)), State::Live { pending, held, rest, renderer, permit }));
+                        return Some((Ok(Frame::data(frame)), State::Live { pending, held, rest, renderer, tail }));
                     }
                     let next = match held.next() {
                         Some(event) => Ok(Some(Ok(event))),
@@ -92,20 +145,17 @@ pub fn sse_body<R: StreamRenderer>(
                     };
                     state = match next {
                         Ok(Some(Ok(event))) => {
+                            tail.event(&event);
                             let pending = renderer.event(&event).into_iter();
-                            State::Live { pending, held, rest, renderer, permit }
+                            State::Live { pending, held, rest, renderer, tail }
                         }
                         Ok(None) => {
-                            if let Some(permit) = permit.take() {
-                                permit.finished(Instant::now());
-                            }
+                            tail.end(StreamEnd::Finished, "");
                             State::Closing(renderer.finish().into_iter())
                         }
                         Ok(Some(Err(error))) => {
                             tracing::warn!(class = %error.class, error = %error.message, "stream failed after its first token");
-                            if let Some(permit) = permit.take() {
-                                permit.broke(Instant::now(), error.class, &error.message);
-                            }
+                            tail.end(StreamEnd::Broke(error.class), &error.message);
                             let message = format!("stream interrupted after it began: {}", error.message);
                             let last = renderer.failure(&message, Some(error.class));
                             return Some((Ok(Frame::data(last)), State::Failing(message.into())));
@@ -115,7 +165,7 @@ pub fn sse_body<R: StreamRenderer>(
                                 "stream interrupted after it began: it reached the policy's `maxStream`".to_string();
                             tracing::warn!(error = %message, "stream cut at its maximum length");
                             // The request ran out of time, not the target: its permit counts nothing.
-                            drop(permit);
+                            tail.end(StreamEnd::Cut, &message);
                             let last = renderer.failure(&message, None);
                             return Some((Ok(Frame::data(last)), State::Failing(message.into())));
                         }
@@ -125,9 +175,7 @@ pub fn sse_body<R: StreamRenderer>(
                                 idle.as_millis()
                             );
                             tracing::warn!(error = %message, "stream stalled after its first token");
-                            if let Some(permit) = permit.take() {
-                                permit.broke(Instant::now(), FailureClass::Timeout, &message);
-                            }
+                            tail.end(StreamEnd::Broke(FailureClass::Timeout), &message);
                             let last = renderer.failure(&message, None);
                             return Some((Ok(Frame::data(last)), State::Failing(message.into())));
                         }
@@ -202,7 +250,8 @@ mod tests {
     async fn a_three_minute_stream_is_relayed_whole_under_the_defaults() {
         let limits = Limits { idle: crate::chain::defaults::IDLE_TIMEOUT, deadline: None };
         let started = Instant::now();
-        let body = sse_body(Vec::new(), upstream(Duration::from_secs(1), 180, false), limits, renderer(), None);
+        let body =
+            sse_body(Vec::new(), upstream(Duration::from_secs(1), 180, false), limits, renderer(), Tail::default());
         let (frames, broken) = read(body).await;
         assert!(!broken, "a healthy stream is never cut: {:?}", frames.last());
         assert_eq!(frames.len(), 181, "180 chunks and [DONE]");
@@ -213,7 +262,7 @@ mod tests {
     async fn a_committed_stream_that_stalls_is_ended_with_an_error_after_idle() {
         let limits = Limits { idle: Duration::from_secs(60), deadline: None };
         let started = Instant::now();
-        let body = sse_body(Vec::new(), upstream(Duration::from_secs(1), 3, true), limits, renderer(), None);
+        let body = sse_body(Vec::new(), upstream(Duration::from_secs(1), 3, true), limits, renderer(), Tail::default());
         let (frames, broken) = read(body).await;
         assert!(broken, "the app's SDK sees an error, not a clean end");
         assert!(frames.last().is_some_and(|f| f.contains("upstream sent nothing for 60000ms")), "{frames:?}");
@@ -225,7 +274,8 @@ mod tests {
     async fn max_stream_caps_a_stream_that_asks_for_one() {
         let started = Instant::now();
         let limits = Limits { idle: Duration::from_secs(60), deadline: Some(started + Duration::from_secs(30)) };
-        let body = sse_body(Vec::new(), upstream(Duration::from_secs(1), 180, false), limits, renderer(), None);
+        let body =
+            sse_body(Vec::new(), upstream(Duration::from_secs(1), 180, false), limits, renderer(), Tail::default());
         let (frames, broken) = read(body).await;
         assert!(broken);
         assert!(frames.last().is_some_and(|f| f.contains("maxStream")), "{frames:?}");

@@ -44,6 +44,8 @@ pub struct Target {
     pub health: Arc<TargetHealth>,
     /// Requests the policy keeps away from this target (`skipFor`).
     pub skip_for: Vec<RequestFeature>,
+    /// What it charges, if the policy says.
+    pub price: Option<crate::chain::Price>,
 }
 
 impl Target {
@@ -239,6 +241,7 @@ impl Binder<'_> {
             label: config.label.clone(),
             health,
             skip_for: config.skip_for.clone(),
+            price: config.price,
         })
     }
 }

@@ -1,16 +1,25 @@
 //! Metrics: instruments are OpenTelemetry's, read by a Prometheus registry that the admin
-//! port serves as text at `/metrics`. One instrumentation, whichever way users collect it.
+//! port serves as text at `/metrics`, and pushed over OTLP when the `OTEL_*` settings ask for
+//! it ([`super::otlp`]). One instrumentation, whichever way users collect it.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Meter, MeterProvider as _};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use prometheus::{Encoder as _, TextEncoder};
+
+use super::otlp::{self, Dropped};
 
 /// The process's meter provider and the Prometheus registry that reads it.
 #[derive(Clone, Debug)]
 pub struct Metrics {
     provider: SdkMeterProvider,
     registry: prometheus::Registry,
+    resource: Resource,
+    dropped: Arc<Dropped>,
 }
 
 /// Why metrics could not be set up.
@@ -19,7 +28,8 @@ pub struct Metrics {
 pub struct MetricsError(String);
 
 impl Metrics {
-    /// Metrics for the service named `service` (`backstop-sidecar`, `backstop-operator`).
+    /// Metrics for the service named `service` (`backstop-sidecar`, `backstop-operator`):
+    /// Prometheus text always, OTLP when the environment asks.
     pub fn new(service: &'static str) -> Result<Metrics, MetricsError> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
@@ -27,11 +37,35 @@ impl Metrics {
             .without_target_info()
             .build()
             .map_err(|e| MetricsError(e.to_string()))?;
-        let provider = SdkMeterProvider::builder()
-            .with_resource(Resource::builder_empty().with_service_name(service).build())
-            .with_reader(exporter)
+        let resource = otlp::resource(service);
+        let dropped = Arc::new(Dropped::default());
+        let mut builder = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(exporter);
+        if let Some(otlp) = otlp::metrics(dropped.clone()) {
+            builder = builder.with_reader(PeriodicReader::builder(otlp).build());
+        }
+        let metrics = Metrics { provider: builder.build(), registry, resource, dropped };
+        let counter = metrics.dropped.clone();
+        metrics
+            .meter("backstop")
+            .u64_observable_counter("backstop.telemetry.dropped")
+            .with_description("Telemetry not exported: spans and log records that did not fit the queue or failed to export, and failed metric exports")
+            .with_callback(move |observer| {
+                for (signal, count) in [("spans", &counter.spans), ("logs", &counter.logs), ("metrics", &counter.metrics)] {
+                    observer.observe(count.load(Ordering::Relaxed), &[KeyValue::new("signal", signal)]);
+                }
+            })
             .build();
-        Ok(Metrics { provider, registry })
+        Ok(metrics)
+    }
+
+    /// The process's resource (service, pod, namespace).
+    pub fn resource(&self) -> &Resource {
+        &self.resource
+    }
+
+    /// The counts of telemetry not exported.
+    pub fn dropped(&self) -> Arc<Dropped> {
+        self.dropped.clone()
     }
 
     /// A meter for instruments.

@@ -13,6 +13,7 @@ mod health;
 mod ingress;
 mod operator;
 mod operator_process;
+mod otlp;
 mod reload;
 mod sidecar_process;
 mod support;

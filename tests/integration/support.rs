@@ -502,7 +502,11 @@ impl TestSidecar {
             max_request_bytes: 64 * 1024,
             drain: backstop::proxy::DEFAULT_DRAIN,
         };
-        let sidecar = Sidecar::bind(&config, store.clone(), http).await.expect("bind sidecar");
+        let telemetry = backstop::telemetry::Telemetry::local(
+            backstop::telemetry::Metrics::new("backstop-sidecar").expect("metrics"),
+        );
+        let sidecar =
+            Sidecar::bind(&config, store.clone(), http, std::sync::Arc::new(telemetry)).await.expect("bind sidecar");
         let (llm, admin) = (sidecar.llm_addr().expect("addr"), sidecar.admin_addr().expect("addr"));
         let (shutdown, rx) = watch::channel(false);
         let mut policy_file = PolicyFile::new(policy_path.clone(), store.clone(), Arc::new(LocalKeys));

@@ -54,7 +54,7 @@ impl Anthropic {
 
     /// Sends one Messages request.
     pub async fn send(&self, call: Call<'_>) -> Result<Sent, AttemptError> {
-        let Call { http, model, request, key } = call;
+        let Call { http, model, request, key, trace } = call;
         let body = to_wire::to_messages_request(request, model, self.default_max_tokens);
         let mut headers = vec![("anthropic-version", self.version.clone())];
         headers.extend(self.keys.header("x-api-key", key));
@@ -64,7 +64,8 @@ impl Anthropic {
             );
         }
         let response =
-            post_json(http, self.messages.clone(), headers, encode(&body)?, request.stream, error::classify).await?;
+            post_json(http, self.messages.clone(), headers, trace, encode(&body)?, request.stream, error::classify)
+                .await?;
         let headroom = anthropic_headroom(response.headers());
         if request.stream {
             let thinking_shows = request.origin.as_ref().is_some_and(|o| o.api == Api::Anthropic);

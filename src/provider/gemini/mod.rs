@@ -36,7 +36,7 @@ impl Gemini {
 
     /// Sends one `generateContent` (or streaming, or `batchEmbedContents`) request.
     pub async fn send(&self, call: Call<'_>) -> Result<Sent, AttemptError> {
-        let Call { http, model, request, key } = call;
+        let Call { http, model, request, key, trace } = call;
         let embeddings = request.operation == Operation::Embeddings;
         let method = match (embeddings, request.stream) {
             (true, _) => "batchEmbedContents",
@@ -50,7 +50,7 @@ impl Gemini {
         let wire =
             if embeddings { to_wire::to_embed_request(request, model) } else { to_wire::to_gemini_request(request) };
         let headers = self.keys.header("x-goog-api-key", key);
-        let response = post_json(http, uri, headers, encode(&wire)?, request.stream, error::classify).await?;
+        let response = post_json(http, uri, headers, trace, encode(&wire)?, request.stream, error::classify).await?;
         if request.stream && !embeddings {
             let events = sse::event_stream(response.into_body(), stream::EventParser::default());
             return Ok(Sent { reply: Reply::Stream(events), headroom: Headroom::default(), api: Api::Gemini });

@@ -57,15 +57,18 @@ impl OpenAi {
 
     /// Sends one Chat Completions (or embeddings, or Responses) request.
     pub async fn send(&self, call: Call<'_>) -> Result<Sent, AttemptError> {
-        let Call { http, model, request, key } = call;
+        let Call { http, model, request, key, trace } = call;
         if let (Some(origin), Endpoint::Fixed { responses, .. }) = (&request.origin, &self.endpoint)
             && origin.api == Api::Responses
             && self.kind == ProviderKind::OpenAi
         {
-            return self.send_responses(http, responses.clone(), model, request, key).await;
+            return self.send_responses(http, responses.clone(), model, request, key, trace).await;
         }
+        // OpenAI and Azure report a stream's usage when asked; other OpenAI-compatible servers
+        // may refuse the option, so they are sent the app's request as it is.
+        let usage = matches!(self.kind, ProviderKind::OpenAi | ProviderKind::AzureOpenAi);
         let body = request
-            .to_openai_json(model)
+            .to_openai_json_with(model, usage)
             .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
         let embeddings = request.operation == Operation::Embeddings;
         let uri = match (&self.endpoint, embeddings) {
@@ -74,7 +77,7 @@ impl OpenAi {
             (Endpoint::Azure(deployments), false) => deployments.completions(model)?,
             (Endpoint::Azure(deployments), true) => deployments.embeddings(model)?,
         };
-        let response = post_json(http, uri, self.credential(key), body, request.stream, error::classify).await?;
+        let response = post_json(http, uri, self.credential(key), trace, body, request.stream, error::classify).await?;
         let headroom = Headroom::from_headers(response.headers());
         if request.stream {
             return Ok(Sent {
@@ -125,11 +128,12 @@ impl OpenAi {
         model: &str,
         request: &ChatRequest,
         key: usize,
+        trace: &[(&'static str, http::HeaderValue)],
     ) -> Result<Sent, AttemptError> {
         let mut body = request.origin.as_deref().map(|o| o.body.clone()).unwrap_or_default();
         body.insert("model".into(), Value::String(model.to_string()));
         let response =
-            post_json(http, uri, self.credential(key), encode(&body)?, request.stream, error::classify).await?;
+            post_json(http, uri, self.credential(key), trace, encode(&body)?, request.stream, error::classify).await?;
         let headroom = Headroom::from_headers(response.headers());
         if request.stream {
             let events = sse::event_stream(response.into_body(), responses::EventParser::default());

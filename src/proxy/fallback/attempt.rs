@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures_util::{StreamExt, stream};
+use opentelemetry::trace::SpanId;
 use tokio::time::Instant;
 
 use super::outcome::Committed;
@@ -14,13 +15,20 @@ use crate::llm::{AttemptError, ChatRequest, ChunkStream, Reply};
 use crate::policy::FailureClass;
 use crate::provider::{Call, HttpClient, Sent};
 use crate::snapshot::{Route, Target};
+use crate::telemetry::spans::TraceContext;
 
 /// How an attempt reaches a target: the live upstreams in the sidecar, a scripted fake in the
 /// fallback loop's tests.
 pub trait Transport: Sync {
     /// Sends `request` to `target`. A `Stream` reply has answered with a 2xx but may still
     /// fail before its first chunk; the caller bounds every wait.
-    fn send(&self, target: &Target, request: &ChatRequest) -> impl Future<Output = Result<Sent, AttemptError>> + Send;
+    /// `span` is the attempt's own span, whose id goes upstream as its `traceparent`.
+    fn send(
+        &self,
+        target: &Target,
+        request: &ChatRequest,
+        span: SpanId,
+    ) -> impl Future<Output = Result<Sent, AttemptError>> + Send;
 }
 
 /// The live upstreams: each target's provider, over the shared HTTP client.
@@ -34,11 +42,27 @@ impl Upstreams {
     pub fn new(http: HttpClient) -> Self {
         Upstreams { http }
     }
+
+    /// The upstreams as one request in trace `trace` reaches them.
+    pub fn traced<'a>(&'a self, trace: &'a TraceContext) -> Traced<'a> {
+        Traced { http: &self.http, trace }
+    }
 }
 
-impl Transport for Upstreams {
-    async fn send(&self, target: &Target, request: &ChatRequest) -> Result<Sent, AttemptError> {
-        target.provider.send(Call { http: &self.http, model: &target.model, request, key: target.key }).await
+/// The upstreams for one request: each attempt's `traceparent` names its span in the
+/// request's trace.
+pub struct Traced<'a> {
+    http: &'a HttpClient,
+    trace: &'a TraceContext,
+}
+
+impl Transport for Traced<'_> {
+    async fn send(&self, target: &Target, request: &ChatRequest, span: SpanId) -> Result<Sent, AttemptError> {
+        let trace = self.trace.upstream(span);
+        target
+            .provider
+            .send(Call { http: self.http, model: &target.model, request, key: target.key, trace: &trace })
+            .await
     }
 }
 
@@ -54,11 +78,12 @@ pub(super) async fn attempt(
     request: &ChatRequest,
     transport: &impl Transport,
     deadline: Instant,
+    span: SpanId,
 ) -> Result<(Committed, Headroom), AttemptError> {
     let started = Instant::now();
     if !request.stream {
         let limit = (started + target.attempt_timeout).min(deadline);
-        return match tokio::time::timeout_at(limit, transport.send(target, request)).await {
+        return match tokio::time::timeout_at(limit, transport.send(target, request, span)).await {
             Ok(Ok(sent)) => match sent.reply {
                 Reply::Complete(body) => Ok((Committed::Complete { body, api: sent.api }, sent.headroom)),
                 Reply::Stream(_) => Err(AttemptError::new(
@@ -85,7 +110,7 @@ pub(super) async fn attempt(
         };
         timed_out(message, limit >= deadline)
     };
-    let sent = match tokio::time::timeout_at(first_token, transport.send(target, request)).await {
+    let sent = match tokio::time::timeout_at(first_token, transport.send(target, request, span)).await {
         Ok(sent) => sent?,
         Err(_) => return Err(silent(first_token, false)),
     };

@@ -26,7 +26,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use opentelemetry::trace::SpanId;
 use tokio::time::Instant;
+
+use crate::telemetry::spans::new_span_id;
 
 pub use attempt::{Transport, Upstreams};
 pub use controls::Controls;
@@ -129,9 +132,19 @@ struct Ledger {
 }
 
 impl Ledger {
-    fn failed(&mut self, target: &Target, error: &AttemptError, elapsed: Duration) {
+    fn failed(
+        &mut self,
+        target: &Arc<Target>,
+        error: &AttemptError,
+        started: Instant,
+        span: SpanId,
+        elapsed: Duration,
+    ) {
         self.attempts.push(Attempt {
             target: target.label.clone(),
+            at: target.clone(),
+            span,
+            started,
             class: Some(error.class),
             status: error.status,
             message: error.message.clone(),
@@ -162,15 +175,15 @@ impl Ledger {
     }
 }
 
-type Outcome = (Arc<Target>, Permit, u64, Instant, Result<(Committed, Headroom), AttemptError>);
+type Outcome = (Arc<Target>, Permit, u64, Instant, SpanId, Result<(Committed, Headroom), AttemptError>);
 type InFlight<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
 
 /// The attempts in flight: one, or several while a hedge races the one it hedges.
 #[derive(Default)]
 struct Race<'a> {
     in_flight: FuturesUnordered<InFlight<'a>>,
-    /// Attempts started and not yet finished: id, label and start.
-    pending: Vec<(u64, String, Instant)>,
+    /// Attempts started and not yet finished: id, target, start and span.
+    pending: Vec<(u64, Arc<Target>, Instant, SpanId)>,
     /// Failures while others were still running.
     raced: Vec<(u64, Arc<Target>, AttemptError)>,
     launches: u32,
@@ -199,11 +212,12 @@ impl<'r, T: Transport> Run<'r, T> {
     fn launch(&mut self, target: Arc<Target>, permit: Permit, now: Instant) {
         let (route, request, transport, deadline) = (self.route, self.request, self.transport, self.deadline);
         let id = u64::from(self.race.launches);
-        self.race.pending.push((id, target.label.clone(), now));
+        let span = new_span_id();
+        self.race.pending.push((id, target.clone(), now, span));
         self.race.in_flight.push(Box::pin(async move {
             let launched = Instant::now();
-            let outcome = attempt(&target, route, request, transport, deadline).await;
-            (target, permit, id, launched, outcome)
+            let outcome = attempt(&target, route, request, transport, deadline, span).await;
+            (target, permit, id, launched, span, outcome)
         }));
         self.race.latest = id;
         self.race.launches += 1;
@@ -253,12 +267,12 @@ impl<'r, T: Transport> Run<'r, T> {
                 }
                 else => None,
             };
-            let Some((target, permit, id, launched, outcome)) = finished else { break };
+            let Some((target, permit, id, launched, span, outcome)) = finished else { break };
             let now = Instant::now();
             let elapsed = now.saturating_duration_since(launched);
-            self.race.pending.retain(|(pending, _, _)| *pending != id);
+            self.race.pending.retain(|(pending, _, _, _)| *pending != id);
             let error = match self.check(&target, outcome, now) {
-                Ok(reply) => return Ok(self.answered(target, permit, reply, now, elapsed)),
+                Ok(reply) => return Ok(self.answered(target, permit, reply, now, launched, span)),
                 Err(error) => error,
             };
             if error.cut_by_deadline {
@@ -270,7 +284,7 @@ impl<'r, T: Transport> Run<'r, T> {
             target.health.note_saturation(now, error.saturated_for);
             tracing::debug!(target_label = %target.label, class = %error.class, status = error.status.unwrap_or_default(),
                 elapsed_ms = millis(elapsed), error = %error.message, "attempt failed");
-            self.ledger.failed(&target, &error, elapsed);
+            self.ledger.failed(&target, &error, launched, span, elapsed);
             if !self.race.in_flight.is_empty() {
                 // A hedge race is still on; whoever is left may yet answer.
                 self.race.raced.push((id, target, error));
@@ -324,8 +338,10 @@ impl<'r, T: Transport> Run<'r, T> {
         mut permit: Permit,
         mut reply: Committed,
         now: Instant,
-        elapsed: Duration,
+        launched: Instant,
+        span: SpanId,
     ) -> Answered {
+        let elapsed = now.saturating_duration_since(launched);
         match &mut reply {
             Committed::Complete { .. } => permit.succeeded(now, elapsed),
             Committed::Stream { permit: slot, .. } => {
@@ -336,20 +352,26 @@ impl<'r, T: Transport> Run<'r, T> {
         let ledger = &mut self.ledger;
         ledger.attempts.push(Attempt {
             target: target.label.clone(),
+            at: target.clone(),
+            span,
+            started: launched,
             class: None,
             status: Some(200),
             message: "answered".into(),
             elapsed,
         });
-        for (_, label, since) in self.race.pending.drain(..) {
+        for (_, other, since, span) in self.race.pending.drain(..) {
             ledger.attempts.push(Attempt {
-                target: label.clone(),
+                target: other.label.clone(),
+                at: other.clone(),
+                span,
+                started: since,
                 class: None,
                 status: None,
                 message: "cancelled: another target answered first".into(),
                 elapsed: now.saturating_duration_since(since),
             });
-            ledger.fell_through.push((label, "hedged"));
+            ledger.fell_through.push((other.label.clone(), "hedged"));
         }
         Answered {
             target,

@@ -7,17 +7,25 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::time::Instant;
 
+use opentelemetry::trace::SpanId;
+
 use crate::health::Permit;
 use crate::llm::{Api, AttemptError, ChunkStream, StreamEvent};
 use crate::policy::FailureClass;
 use crate::provider::neutral;
 use crate::snapshot::Target;
 
-/// One attempt at one target, as recorded for headers, errors and logs.
+/// One attempt at one target, as recorded for headers, errors, logs and traces.
 #[derive(Clone, Debug)]
 pub struct Attempt {
     /// `provider/model`.
     pub target: String,
+    /// The target itself.
+    pub at: Arc<Target>,
+    /// The attempt's span: its id went upstream in `traceparent`.
+    pub span: SpanId,
+    /// When it started.
+    pub started: Instant,
     /// `None` for the attempt that answered, and for one cancelled because another answered.
     pub class: Option<FailureClass>,
     /// The upstream's status, when it sent one.

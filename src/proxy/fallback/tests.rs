@@ -65,6 +65,8 @@ fn fail(class: FailureClass, status: u16) -> Play {
 struct Fake {
     scripts: Mutex<HashMap<String, VecDeque<Play>>>,
     calls: Mutex<Vec<(String, Duration)>>,
+    /// The span each call was sent with.
+    spans: Mutex<Vec<opentelemetry::trace::SpanId>>,
     cancelled: Arc<AtomicUsize>,
     start: Option<Instant>,
 }
@@ -98,9 +100,15 @@ impl Drop for Running {
 }
 
 impl Transport for Fake {
-    fn send(&self, target: &Target, request: &ChatRequest) -> impl Future<Output = Result<Sent, AttemptError>> + Send {
+    fn send(
+        &self,
+        target: &Target,
+        request: &ChatRequest,
+        span: opentelemetry::trace::SpanId,
+    ) -> impl Future<Output = Result<Sent, AttemptError>> + Send {
         let elapsed = self.start.map(|s| Instant::now().saturating_duration_since(s)).unwrap_or_default();
         self.calls.lock().expect("lock").push((target.label.clone(), elapsed));
+        self.spans.lock().expect("lock").push(span);
         let play = {
             let mut scripts = self.scripts.lock().expect("lock");
             let script = scripts.get_mut(&target.label).unwrap_or_else(|| panic!("no script for {}", target.label));
@@ -660,4 +668,21 @@ async fn the_fleet_keeps_a_target_out_and_lets_only_a_prober_probe_it() {
     let a_tally = tallies.iter().find(|(id, _)| a(id)).map(|(_, t)| t.successes);
     assert_eq!(a_tally, Some(2));
     assert!(health.take_tallies().is_empty(), "each outcome is reported once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_attempt_is_recorded_with_the_span_it_sent_upstream() {
+    let route = route(AB, "  retry: {attempts: 2, backoff: {base: 100ms, max: 100ms}}\n");
+    let fake = Fake::new(&[
+        ("a/m", &[fail(FailureClass::ServerError, 500), fail(FailureClass::ServerError, 500)]),
+        ("b/m", &[Play::Answer(ms(10))]),
+    ]);
+    let answered = walk(&route, &fake).await.ok().expect("answered");
+    let recorded: Vec<_> = answered.attempts.iter().map(|a| (a.target.clone(), a.span)).collect();
+    let sent: Vec<_> = fake.labels().into_iter().zip(fake.spans.lock().expect("lock").iter().copied()).collect();
+    assert_eq!(recorded, sent);
+    assert_eq!(recorded.len(), 3);
+    assert!(recorded.windows(2).all(|w| w[0].1 != w[1].1), "each attempt has a span of its own");
+    let starts: Vec<Duration> = answered.attempts.iter().map(|a| a.started - answered.attempts[0].started).collect();
+    assert_eq!(starts[1], ms(50), "the retry started after its backoff (half of 100 ms with no jitter)");
 }

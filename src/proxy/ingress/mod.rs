@@ -17,7 +17,8 @@ use http::{HeaderMap, Response, StatusCode};
 use serde_json::Value;
 
 use super::body::Body;
-use super::fallback::{self, Chance, Controls, Transport};
+use super::fallback::{self, Chance, Controls, Upstreams};
+use super::observe::{Recorder, RequestFacts, StreamObserver, Summary};
 use crate::llm::{Api, ChatRequest, InvalidRequest};
 use crate::proxy::relay::StreamRenderer;
 use crate::snapshot::PolicySnapshot;
@@ -45,7 +46,8 @@ pub async fn serve<D: Dialect>(
     snapshot: Result<Arc<PolicySnapshot>, String>,
     headers: &HeaderMap,
     body: &[u8],
-    transport: &impl Transport,
+    upstreams: &Upstreams,
+    recorder: &Arc<Recorder>,
 ) -> Response<Body> {
     let request = match D::parse(body, headers) {
         Ok(request) => request,
@@ -69,8 +71,20 @@ pub async fn serve<D: Dialect>(
         );
     };
     let controls = Controls::from_headers(route, headers);
-    let outcome = fallback::run(route, &request, transport, controls, Chance::Random).await;
-    respond::respond::<D>(route, &request, outcome)
+    let observation = recorder.start(headers);
+    let outcome = {
+        let transport = upstreams.traced(&observation.trace);
+        fallback::run(route, &request, &transport, controls, Chance::Random).await
+    };
+    let summary = Summary::of(&outcome);
+    let facts = RequestFacts::of(&request);
+    if summary.streamed() {
+        let watch = StreamObserver::new(observation, route.clone(), facts, summary);
+        return respond::respond::<D>(route, &request, outcome, Some(Box::new(watch)));
+    }
+    let response = respond::respond::<D>(route, &request, outcome, None);
+    observation.finish(route, &facts, &summary, response.status().as_u16(), tokio::time::Instant::now(), None);
+    response
 }
 
 /// A 503 for a sidecar with nothing to route by, naming why. A sidecar waiting for its policy

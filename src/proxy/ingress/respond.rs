@@ -16,16 +16,18 @@ use crate::proxy::fallback::{Answered, Attempt, Committed, Unanswered};
 use crate::proxy::relay;
 use crate::snapshot::Route;
 
-/// The response for the fallback loop's `outcome` on `route`.
+/// The response for the fallback loop's `outcome` on `route`; `watch` rides along with a
+/// streamed answer until it ends.
 pub fn respond<D: Dialect>(
     route: &Route,
     request: &ChatRequest,
     outcome: Result<Answered, Unanswered>,
+    watch: Option<Box<dyn relay::StreamWatch>>,
 ) -> Response<Body> {
     let mut response = match outcome {
         Ok(answered) => {
             log_answered(&route.alias, &answered);
-            answer::<D>(answered, request)
+            answer::<D>(answered, request, watch)
         }
         Err(Unanswered::Final { target, error, attempts }) => {
             tracing::info!(route = %route.alias, target_label = %target.label, class = %error.class,
@@ -93,14 +95,19 @@ fn fallback_reason(fell_through: &[(String, &'static str)]) -> String {
     fell_through.iter().map(|(target, why)| format!("{target}={why}")).collect::<Vec<_>>().join(", ")
 }
 
-fn answer<D: Dialect>(answered: Answered, request: &ChatRequest) -> Response<Body> {
+fn answer<D: Dialect>(
+    answered: Answered,
+    request: &ChatRequest,
+    watch: Option<Box<dyn relay::StreamWatch>>,
+) -> Response<Body> {
     let Answered { target, reply, attempts, fell_through } = answered;
     let mut response = match reply {
         Committed::Complete { body, api } => json_response(StatusCode::OK, &D::complete(api, body, request)),
         Committed::Stream { held, rest, idle_timeout, api, permit, stream_deadline } => {
             let renderer = D::renderer(api, request);
             let limits = relay::Limits { idle: idle_timeout, deadline: stream_deadline };
-            let mut response = Response::new(relay::sse_body(held, rest, limits, renderer, permit));
+            let mut response =
+                Response::new(relay::sse_body(held, rest, limits, renderer, relay::Tail { permit, watch }));
             let headers = response.headers_mut();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

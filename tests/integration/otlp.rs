@@ -1,0 +1,367 @@
+//! Telemetry as a collector receives it: the real sidecar binary, configured only by `OTEL_*`
+//! variables, exporting OTLP/HTTP protobuf to an in-process receiver; a request that falls
+//! back twice, streamed and not, asserted span by span, metric by metric, record by record.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message as _;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::Command;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_backstop");
+const PROMPT: &str = "PROMPT-CANARY-5d1e: what is our refund policy?";
+
+/// An OTLP/HTTP receiver keeping every request's path and body.
+struct Receiver {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<(String, Bytes)>>>,
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else { return };
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let sink = sink.clone();
+                        async move {
+                            let path = request.uri().path().to_string();
+                            let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            sink.lock().expect("lock").push((path, body));
+                            let mut response = hyper::Response::new(Full::new(Bytes::new()));
+                            response
+                                .headers_mut()
+                                .insert("content-type", "application/x-protobuf".parse().expect("header"));
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(socket), service)
+                        .await;
+                });
+            }
+        });
+        Receiver { addr, received }
+    }
+
+    fn bodies(&self, path: &str) -> Vec<Bytes> {
+        self.received.lock().expect("lock").iter().filter(|(p, _)| p == path).map(|(_, b)| b.clone()).collect()
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        self.bodies("/v1/traces")
+            .iter()
+            .flat_map(|b| ExportTraceServiceRequest::decode(b.as_ref()).expect("traces").resource_spans)
+            .flat_map(|r| r.scope_spans)
+            .flat_map(|s| s.spans)
+            .collect()
+    }
+
+    fn everything(&self) -> Vec<u8> {
+        self.received.lock().expect("lock").iter().flat_map(|(_, b)| b.to_vec()).collect()
+    }
+}
+
+fn attributes(list: &[KeyValue]) -> BTreeMap<String, String> {
+    list.iter()
+        .map(|kv| {
+            let value = match kv.value.as_ref().and_then(|v| v.value.clone()) {
+                Some(any_value::Value::StringValue(s)) => s,
+                Some(any_value::Value::IntValue(i)) => i.to_string(),
+                Some(any_value::Value::DoubleValue(d)) => format!("{d}"),
+                Some(any_value::Value::BoolValue(b)) => b.to_string(),
+                Some(any_value::Value::ArrayValue(a)) => a
+                    .values
+                    .iter()
+                    .filter_map(|v: &AnyValue| match &v.value {
+                        Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+                _ => String::new(),
+            };
+            (kv.key.clone(), value)
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn start_sidecar(
+    policy: &std::path::Path,
+    receiver: SocketAddr,
+) -> (tokio::process::Child, SocketAddr, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "json", "--policy-file"])
+        .arg(policy)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{receiver}"))
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
+        .env("OTEL_SERVICE_NAME", "support-bot-sidecar")
+        .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+        .env("BACKSTOP_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the sidecar");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let (llm, admin) = loop {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("starts")
+            .expect("read")
+            .expect("line");
+        if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+            && event["message"] == "backstop sidecar listening"
+        {
+            let addr = |k: &str| event[k].as_str().and_then(|a| a.parse::<SocketAddr>().ok()).expect("address");
+            break (addr("llm"), addr("admin"));
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, llm, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_falls_back_twice_is_traced_measured_and_logged_in_otlp() {
+    let receiver = Receiver::start().await;
+    let flaky = Upstream::start(Fault::status(500)).await;
+    let overloaded = Upstream::start(Fault::status(503)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {{name: traced, namespace: tests}}
+spec:
+  providers:
+    - {{name: flaky, type: openai-compatible, baseUrl: "{}", apiKey: {{value: sk-trace-SECRET-1}}}}
+    - {{name: busy, type: openai-compatible, baseUrl: "{}", apiKey: {{value: sk-trace-SECRET-2}}}}
+    - {{name: steady, type: mock, mock: {{reply: "Refunds within 30 days.", chunks: 2}}}}
+  routes:
+    - model: chat
+      chain:
+        - {{provider: flaky, model: up-a}}
+        - {{provider: busy, model: up-b}}
+        - {{provider: steady, model: steady-model, price: {{input: 2.5, output: 10}}}}
+  retry: {{attempts: 1}}
+  circuitBreaker: {{consecutiveFailures: 100}}
+"#,
+            flaky.base_url(),
+            overloaded.base_url()
+        ),
+    )
+    .expect("policy");
+    let (_child, llm, admin) = start_sidecar(&policy, receiver.addr).await;
+    let url = format!("http://{llm}/v1/chat/completions");
+    let app_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{app_trace}-00f067aa0ba902b7-01");
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": PROMPT}]});
+    let answer = post_raw(&url, body.to_string(), &[("traceparent", &traceparent)]).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-backstop-fallback-reason"), Some("flaky/up-a=serverError, busy/up-b=overloaded"));
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let stream = post_stream(&url, &streamed).await;
+    assert!(stream.done());
+    assert!(
+        stream.events.iter().all(|e| !e.contains("\"usage\":{")),
+        "the app did not ask for usage: the usage Backstop asked for is not passed on"
+    );
+
+    // Both requests' spans: 1 SERVER and 3 CLIENT each.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let spans = loop {
+        let spans = receiver.spans();
+        if spans.len() >= 8 {
+            break spans;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {} spans arrived", spans.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let servers: Vec<&Span> = spans.iter().filter(|s| s.kind == 2).collect();
+    assert_eq!(servers.len(), 2);
+    let server = servers.iter().find(|s| hex(&s.trace_id) == app_trace).expect("the app's trace is continued");
+    assert_eq!(hex(&server.parent_span_id), "00f067aa0ba902b7");
+    assert_eq!(server.name, "chat chat");
+    let attrs = attributes(&server.attributes);
+    assert_eq!(attrs["backstop.route"], "chat");
+    assert_eq!(attrs["backstop.target"], "steady/steady-model");
+    assert_eq!(attrs["backstop.attempts"], "3");
+    assert_eq!(attrs["backstop.outcome"], "fell_through");
+    assert_eq!(attrs["backstop.fallback_reason"], "flaky/up-a=serverError, busy/up-b=overloaded");
+    assert_eq!(attrs["gen_ai.provider.name"], "backstop.mock");
+    let events: Vec<(String, BTreeMap<String, String>)> =
+        server.events.iter().map(|e| (e.name.clone(), attributes(&e.attributes))).collect();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].0, "backstop.fallback");
+    assert_eq!(
+        (
+            events[0].1["backstop.fallback.from"].as_str(),
+            events[0].1["backstop.fallback.to"].as_str(),
+            events[0].1["backstop.fallback.reason"].as_str()
+        ),
+        ("flaky/up-a", "busy/up-b", "serverError")
+    );
+    assert_eq!(
+        (
+            events[1].1["backstop.fallback.from"].as_str(),
+            events[1].1["backstop.fallback.to"].as_str(),
+            events[1].1["backstop.fallback.reason"].as_str()
+        ),
+        ("busy/up-b", "steady/steady-model", "overloaded")
+    );
+
+    let clients: Vec<&Span> = spans.iter().filter(|s| s.kind == 3 && s.trace_id == server.trace_id).collect();
+    assert_eq!(clients.len(), 3);
+    for client in &clients {
+        assert_eq!(client.parent_span_id, server.span_id, "attempts are children of the request");
+    }
+    let by_target = |label: &str| {
+        let span = clients.iter().find(|s| attributes(&s.attributes)["backstop.target"] == label).expect(label);
+        (*span, attributes(&span.attributes))
+    };
+    let (flaky_span, a) = by_target("flaky/up-a");
+    assert_eq!(flaky_span.name, "chat up-a");
+    assert_eq!(a["gen_ai.provider.name"], "openai");
+    assert_eq!(a["gen_ai.request.model"], "up-a");
+    assert_eq!(a["error.type"], "serverError");
+    assert_eq!(a["backstop.outcome"], "failed");
+    assert_eq!(a["backstop.attempt"], "1");
+    assert_eq!(a["http.response.status_code"], "500");
+    assert_eq!(
+        (a["server.address"].as_str(), a["server.port"].as_str()),
+        ("127.0.0.1", flaky.addr.port().to_string().as_str())
+    );
+    // The span id each attempt sent upstream is its own.
+    let sent = flaky.received()[0].headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+    assert_eq!(sent, Some(format!("00-{app_trace}-{}-01", hex(&flaky_span.span_id))));
+    let (_, b) = by_target("busy/up-b");
+    assert_eq!((b["error.type"].as_str(), b["backstop.attempt"].as_str()), ("overloaded", "2"));
+    let (answering, c) = by_target("steady/steady-model");
+    assert_eq!(answering.name, "chat steady-model");
+    assert_eq!(c["backstop.outcome"], "answered");
+    assert!(!c.contains_key("error.type"));
+    assert_eq!(c["gen_ai.response.model"], "steady-model");
+    assert!(c["gen_ai.response.id"].starts_with("chatcmpl-"), "{c:?}");
+    assert_eq!(c["gen_ai.response.finish_reasons"], "stop");
+    let (input, output): (f64, f64) =
+        (c["gen_ai.usage.input_tokens"].parse().expect("n"), c["gen_ai.usage.output_tokens"].parse().expect("n"));
+    assert!(input > 0.0 && output > 0.0, "{c:?}");
+    let cost: f64 = c["backstop.cost"].parse().expect("cost");
+    assert!((cost - (input * 2.5 + output * 10.0) / 1e6).abs() < 1e-12, "{cost}");
+    assert_eq!(attrs["backstop.cost"], c["backstop.cost"], "the request's total");
+
+    // The streamed request: its answering span has the time to its first chunk, and ends with
+    // the stream.
+    let stream_server = servers.iter().find(|s| s.trace_id != server.trace_id).expect("the stream's request");
+    let stream_answer = spans
+        .iter()
+        .find(|s| {
+            s.trace_id == stream_server.trace_id
+                && attributes(&s.attributes).get("backstop.outcome").map(String::as_str) == Some("answered")
+                && s.kind == 3
+        })
+        .expect("the answering attempt");
+    let sa = attributes(&stream_answer.attributes);
+    assert!(sa.contains_key("backstop.time_to_first_chunk"), "{sa:?}");
+    assert!(sa["gen_ai.usage.output_tokens"].parse::<u64>().expect("tokens") > 0, "usage gathered from the stream");
+    assert!(stream_answer.end_time_unix_nano >= stream_answer.start_time_unix_nano);
+
+    // Metrics, credited per attempt to the target that made it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics: Vec<_> = receiver
+            .bodies("/v1/metrics")
+            .iter()
+            .map(|b| ExportMetricsServiceRequest::decode(b.as_ref()).expect("metrics"))
+            .collect();
+        let names: Vec<String> = metrics
+            .iter()
+            .flat_map(|m| &m.resource_metrics)
+            .flat_map(|r| &r.scope_metrics)
+            .flat_map(|s| &s.metrics)
+            .map(|m| m.name.clone())
+            .collect();
+        if names.iter().any(|n| n == "backstop.fallbacks")
+            && names.iter().any(|n| n == "gen_ai.client.operation.duration")
+        {
+            break metrics;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "metrics never arrived: {names:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let resource = attributes(&metrics[0].resource_metrics[0].resource.clone().expect("resource").attributes);
+    assert_eq!(resource["service.name"], "support-bot-sidecar");
+    assert_eq!(resource["deployment.environment"], "test");
+    let prometheus = get(&format!("http://{admin}/metrics")).await;
+    let text = String::from_utf8_lossy(&prometheus.body).into_owned();
+    for expected in [
+        "backstop_fallbacks_total{backstop_fallback_from=\"flaky/up-a\",backstop_fallback_reason=\"serverError\",backstop_fallback_to=\"busy/up-b\",backstop_route=\"chat\"",
+        "gen_ai_client_operation_duration_seconds_count{backstop_route=\"chat\",backstop_target=\"flaky/up-a\",error_type=\"serverError\"",
+        "gen_ai_client_token_usage",
+        "backstop_requests_total{backstop_outcome=\"fell_through\",backstop_route=\"chat\"",
+        "backstop_breaker_state{backstop_target=\"flaky/up-a\"",
+        "backstop_retry_budget_available{backstop_route=\"chat\"",
+        "backstop_cost_total{backstop_route=\"chat\",backstop_target=\"steady/steady-model\"",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from /metrics:\n{text}");
+    }
+
+    // One log record per fall-through, in the request's trace.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let records: Vec<_> = receiver
+            .bodies("/v1/logs")
+            .iter()
+            .map(|b| ExportLogsServiceRequest::decode(b.as_ref()).expect("logs"))
+            .flat_map(|r| r.resource_logs)
+            .flat_map(|r| r.scope_logs)
+            .flat_map(|s| s.log_records)
+            .collect();
+        if records.len() >= 4 {
+            break records;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {} log records arrived", records.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let in_trace: Vec<_> = records.iter().filter(|r| hex(&r.trace_id) == app_trace).collect();
+    assert_eq!(in_trace.len(), 2);
+    assert_eq!(attributes(&in_trace[0].attributes)["backstop.fallback.reason"], "serverError");
+
+    // No key, no prompt, no answer text anywhere.
+    let everything = receiver.everything();
+    for secret in ["sk-trace-SECRET-1", "sk-trace-SECRET-2", "PROMPT-CANARY-5d1e", "Refunds within 30 days"] {
+        assert!(!everything.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} reached the collector");
+    }
+}
