@@ -103,7 +103,27 @@ async fn start_dead_upstream() -> SocketAddr {
     addr
 }
 
-async fn start_sidecar(upstream: SocketAddr, dead: SocketAddr) -> Sidecar {
+/// An OTLP collector that takes every export at once.
+async fn start_collector() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind collector");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|request: Request<hyper::body::Incoming>| async move {
+                    let _ = request.into_body().collect().await;
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn start_sidecar(upstream: SocketAddr, dead: SocketAddr, env: &[(&str, String)]) -> Sidecar {
     let dir = tempfile::tempdir().expect("tempdir");
     let policy = dir.path().join("policy.yaml");
     std::fs::write(
@@ -120,6 +140,7 @@ async fn start_sidecar(upstream: SocketAddr, dead: SocketAddr) -> Sidecar {
         .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "json", "--policy-file"])
         .arg(&policy)
         .env("BACKSTOP_LOG", "warn,backstop=info")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -292,7 +313,7 @@ fn main() {
     runtime.block_on(async move {
         let upstream = start_upstream().await;
         let dead = start_dead_upstream().await;
-        let sidecar = start_sidecar(upstream, dead).await;
+        let sidecar = start_sidecar(upstream, dead, &[]).await;
         let pid = sidecar.child.id().expect("pid");
         let (idle_rss, _) = rss_kib(pid);
         println!("backstop sidecar overhead: {seconds} s per measurement, same machine, same run\n");
@@ -328,5 +349,40 @@ fn main() {
         dead_primary(upstream, sidecar.llm).await;
         let (rss, peak) = rss_kib(pid);
         println!("sidecar memory: {:.1} MiB resident idle, {:.1} MiB after the run, {:.1} MiB peak", idle_rss as f64 / 1024.0, rss as f64 / 1024.0, peak as f64 / 1024.0);
+        drop(sidecar);
+
+        // Telemetry: metrics only (the run above) against traces, metrics and logs exported to a
+        // collector that takes them, and to one that accepts connections and never answers.
+        let collector = start_collector().await;
+        let silent = start_dead_upstream().await;
+        println!("\ntelemetry: the same load through sidecars exporting OTLP, against metrics only\n");
+        println!("| telemetry | concurrency | req/s | p50 µs | p99 µs | req/s ratio to metrics only | p50 overhead µs | errors |");
+        println!("|---|---|---|---|---|---|---|---|");
+        let mut baseline = Vec::new();
+        for (mode, endpoint) in [("metrics only", None), ("OTLP, collector up", Some(collector)), ("OTLP, collector silent", Some(silent))] {
+            let env: Vec<(&str, String)> = endpoint
+                .map(|e| vec![("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{e}")), ("OTEL_METRIC_EXPORT_INTERVAL", "1000".to_string())])
+                .unwrap_or_default();
+            let sidecar = start_sidecar(upstream, dead, &env).await;
+            let pid = sidecar.child.id().expect("pid");
+            for (i, concurrency) in [1usize, 64].into_iter().enumerate() {
+                let measured = load(sidecar.llm, "chat", concurrency, seconds).await;
+                if endpoint.is_none() {
+                    baseline.push((measured.rps, measured.p50));
+                }
+                let (base_rps, base_p50) = baseline[i];
+                println!(
+                    "| {mode} | {concurrency} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {} |",
+                    measured.rps,
+                    us(measured.p50),
+                    us(measured.p99),
+                    measured.rps / base_rps,
+                    us(measured.p50) - us(base_p50),
+                    measured.errors
+                );
+            }
+            let (rss, peak) = rss_kib(pid);
+            println!("| {mode}: memory after the load | | {:.1} MiB resident | {:.1} MiB peak | | | | |", rss as f64 / 1024.0, peak as f64 / 1024.0);
+        }
     });
 }

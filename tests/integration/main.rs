@@ -11,6 +11,7 @@ mod fleet;
 mod golden;
 mod health;
 mod ingress;
+mod jaeger;
 mod operator;
 mod operator_process;
 mod otlp;

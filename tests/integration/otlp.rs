@@ -365,3 +365,55 @@ spec:
         assert!(!everything.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} reached the collector");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_charts_is_one_the_sidecar_exports() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../deploy/grafana/backstop.json")).expect("the dashboard is JSON");
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    assert!(exprs.len() >= 12, "{exprs:?}");
+    let mut names: Vec<String> = exprs
+        .iter()
+        .flat_map(|e| {
+            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map(str::to_string).collect::<Vec<_>>()
+        })
+        .filter(|w| w.starts_with("backstop_") || w.starts_with("gen_ai_client"))
+        .filter(|w| {
+            !w.ends_with("_route")
+                && !w.ends_with("_target")
+                && !w.ends_with("_reason")
+                && !w.ends_with("_state")
+                && !w.ends_with("_outcome")
+                && !w.ends_with("_type")
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    // A sidecar whose primary is rate limited (its breaker opens) and whose fallback is priced,
+    // asked streamed and not.
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("policy.yaml");
+    let quickstart = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/quickstart.yaml"))
+        .expect("quickstart");
+    let priced = quickstart.replace(
+        "{provider: fallback, model: claude-sonnet-4-5}",
+        "{provider: fallback, model: claude-sonnet-4-5, price: {input: 3, output: 15}}",
+    );
+    assert_ne!(priced, quickstart, "the quickstart's fallback step is priced");
+    std::fs::write(&policy, priced).expect("policy");
+    let (_child, llm, admin) = start_sidecar(&policy, receiver.addr).await;
+    let url = format!("http://{llm}/v1/chat/completions");
+    assert_eq!(post(&url, &chat(false)).await.status, 200);
+    assert!(post_stream(&url, &chat(true)).await.done());
+    let text = String::from_utf8_lossy(&get(&format!("http://{admin}/metrics")).await.body).into_owned();
+    for name in &names {
+        assert!(text.contains(name.as_str()), "the dashboard charts {name}, which /metrics does not have:\n{text}");
+    }
+}
