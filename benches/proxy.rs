@@ -492,10 +492,10 @@ async fn start_to_ready(policy_text: &str, n: usize) -> Duration {
             .expect("start the sidecar");
         loop {
             let probe = Request::get(format!("http://{admin}/readyz")).body(Full::new(Bytes::new())).expect("probe");
-            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), client.request(probe)).await {
-                if r.status().is_success() {
-                    break;
-                }
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), client.request(probe)).await
+                && r.status().is_success()
+            {
+                break;
             }
             assert!(started.elapsed() < Duration::from_secs(10), "the sidecar never became ready");
             tokio::time::sleep(Duration::from_micros(200)).await;

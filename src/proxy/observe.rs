@@ -249,6 +249,12 @@ pub fn fallbacks(
     out
 }
 
+/// Whether `reason` passed a target over without an attempt (out of rotation, or unable to
+/// take the request), as opposed to an attempt that failed.
+pub fn passed_over(reason: &str) -> bool {
+    matches!(reason, "circuitOpen" | "fleetOpen" | "forcedOpen" | "ineligible")
+}
+
 /// Whether `target` was left behind before `from` was (so it is not where `from` led).
 fn fell_through_before(fell_through: &[(String, &'static str)], target: &str, from: &str) -> bool {
     let position = |label: &str| fell_through.iter().position(|(l, _)| l == label);
@@ -477,7 +483,7 @@ impl Observation {
         let fallbacks = fallbacks(&summary.attempts, &summary.fell_through, answered_by.map(|t| t.label.as_str()));
         let mut events = Vec::new();
         for (from, to, reason) in &fallbacks {
-            let skipped = matches!(*reason, "circuitOpen" | "fleetOpen" | "forcedOpen" | "ineligible");
+            let skipped = passed_over(reason);
             let mut attributes = vec![
                 KeyValue::new(if skipped { "backstop.target" } else { "backstop.fallback.from" }, from.clone()),
                 KeyValue::new(if skipped { "backstop.skip.reason" } else { "backstop.fallback.reason" }, *reason),
@@ -496,6 +502,12 @@ impl Observation {
             instruments.fallbacks.add(1, &labels);
             if *reason == "hedged" {
                 instruments.hedges.add(1, std::slice::from_ref(&route_kv));
+            }
+            if skipped {
+                // A target out of rotation is passed over by every request until it returns:
+                // its breaker's opening and closing are logged once each, not every pass.
+                tracing::debug!(route = alias, target_label = %from, reason, "passed over");
+                continue;
             }
             tracing::info!(route = alias, from = %from, to = %to.as_deref().unwrap_or("-"), reason, "fallback");
             self.recorder.telemetry.log(

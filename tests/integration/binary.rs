@@ -96,6 +96,16 @@ async fn quickstart_falls_back_from_the_rate_limited_primary() {
     assert!(streamed.done());
     assert!(streamed.text().starts_with("Answered by the fallback target"), "{}", streamed.text());
     assert!(sidecar.log().contains("answered after falling through"), "{}", sidecar.log());
+    // The 429 asked for 30 s: the primary's breaker is open, and later requests pass it over
+    // without an attempt. That is logged once, when it opened, not on every request.
+    for _ in 0..3 {
+        let answer = post(&url, &chat(false)).await;
+        assert_eq!(answer.header("x-backstop-fallback-reason"), Some("primary/gpt-4o=circuitOpen"));
+        assert_eq!(answer.header("x-backstop-attempts"), Some("1"));
+    }
+    let log = sidecar.log();
+    assert_eq!(log.matches("answered after falling through").count(), 1, "{log}");
+    assert!(!log.contains("passed over"), "{log}");
     let status = sidecar.stop().await;
     assert!(status.success(), "exit status {status}");
 }

@@ -13,7 +13,7 @@ use crate::llm::status::status_of_class;
 use crate::policy::FailureClass;
 use crate::proxy::body::{Body, full, json_response};
 use crate::proxy::fallback::{Answered, Attempt, Committed, Unanswered};
-use crate::proxy::relay;
+use crate::proxy::{observe, relay};
 use crate::snapshot::Route;
 
 /// The response for the fallback loop's `outcome` on `route`; `watch` rides along with a
@@ -83,7 +83,7 @@ fn app_status(class: FailureClass) -> StatusCode {
 }
 
 fn log_answered(route: &str, answered: &Answered) {
-    if answered.fell_through.is_empty() {
+    if answered.fell_through.iter().all(|(_, why)| observe::passed_over(why)) {
         tracing::debug!(route, target_label = %answered.target.label, attempts = answered.attempts.len(), "answered");
     } else {
         tracing::info!(route, target_label = %answered.target.label, attempts = answered.attempts.len(),
