@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 
+use bytes::Bytes;
 use futures_util::Stream;
 use serde_json::Value;
 
@@ -11,7 +12,7 @@ use super::AttemptError;
 /// A successful answer, in the provider's own format (see [`Sent::api`]).
 pub enum Reply {
     /// A whole answer.
-    Complete(Value),
+    Complete(Whole),
     /// Events as they arrive. The stream ends after the provider's end marker; an early end
     /// or an error event is an `Err` item.
     Stream(ChunkStream),
@@ -20,9 +21,27 @@ pub enum Reply {
 impl std::fmt::Debug for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Reply::Complete(v) => f.debug_tuple("Complete").field(v).finish(),
+            Reply::Complete(whole) => f.debug_tuple("Complete").field(&whole.json).finish(),
             Reply::Stream(_) => f.write_str("Stream(..)"),
         }
+    }
+}
+
+/// A whole answer: its JSON, and the bytes it arrived as when it was read off the wire. An app
+/// that speaks the provider's own API gets those bytes as they are, not decoded and encoded
+/// again.
+#[derive(Clone, Debug)]
+pub struct Whole {
+    /// The answer.
+    pub json: Value,
+    /// Its bytes as the provider sent them; `None` for an answer built here (a translation,
+    /// the mock provider).
+    pub raw: Option<Bytes>,
+}
+
+impl From<Value> for Whole {
+    fn from(json: Value) -> Whole {
+        Whole { json, raw: None }
     }
 }
 

@@ -12,7 +12,7 @@ pub mod status;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use answer::{ChunkStream, Reply, StreamEvent};
+pub use answer::{ChunkStream, Reply, StreamEvent, Whole};
 pub use outcome::AttemptError;
 pub use request::{ChatRequest, InvalidRequest, Message, Operation, Origin};
 

@@ -69,6 +69,18 @@ fn not_found() -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
 }
 
+/// The first reconcile of a valid policy, answered: its Secret read, its status applied, one
+/// Event recorded. Returns the status patch and the Event.
+async fn first_reconcile(handle: &mut Handle) -> (Value, Value) {
+    expect(handle, Method::GET, SECRET_PATH, StatusCode::OK, secret()).await;
+    let patch =
+        expect(handle, Method::PATCH, STATUS_PATH, StatusCode::OK, serde_json::to_value(policy(None)).expect("json"))
+            .await;
+    let event = expect(handle, Method::POST, EVENTS_PATH, StatusCode::OK, json!({})).await;
+    (patch, event)
+}
+
+const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
 const SECRET_PATH: &str = "/api/v1/namespaces/shop/secrets/llm-keys";
 const STATUS_PATH: &str = "/apis/backstop.dev/v1alpha1/namespaces/shop/fallbackpolicies/chat/status";
 
@@ -77,23 +89,12 @@ async fn a_new_policy_reads_its_secret_then_applies_its_status_and_records_one_e
     let (ctx, mut handle) = context(true);
     let served = ctx.served.clone();
     let reconciling = tokio::spawn(reconcile(Arc::new(policy(None)), ctx));
-    expect(&mut handle, Method::GET, SECRET_PATH, StatusCode::OK, secret()).await;
-    let patch = expect(
-        &mut handle,
-        Method::PATCH,
-        STATUS_PATH,
-        StatusCode::OK,
-        serde_json::to_value(policy(None)).expect("json"),
-    )
-    .await;
+    let (patch, event) = first_reconcile(&mut handle).await;
     assert_eq!(patch["status"]["conditions"][0]["reason"], "Compiled");
     assert_eq!(patch["status"]["observedGeneration"], 2);
     let version = served.get("shop", "chat").expect("served").version.clone();
     assert_eq!(patch["status"]["compiledVersion"], version.as_str());
     assert!(!patch.to_string().contains("sk-live"), "the key stays out of the status: {patch}");
-    let event =
-        expect(&mut handle, Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events", StatusCode::OK, json!({}))
-            .await;
     assert_eq!(event["reason"], "Compiled");
     reconciling.await.expect("task").expect("reconciled");
 }
@@ -103,16 +104,7 @@ async fn a_policy_whose_status_is_current_is_only_read() {
     let (first, mut handle) = context(true);
     let served = first.served.clone();
     let reconciling = tokio::spawn(reconcile(Arc::new(policy(None)), first));
-    expect(&mut handle, Method::GET, SECRET_PATH, StatusCode::OK, secret()).await;
-    let patch = expect(
-        &mut handle,
-        Method::PATCH,
-        STATUS_PATH,
-        StatusCode::OK,
-        serde_json::to_value(policy(None)).expect("json"),
-    )
-    .await;
-    expect(&mut handle, Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events", StatusCode::OK, json!({})).await;
+    let (patch, _) = first_reconcile(&mut handle).await;
     reconciling.await.expect("task").expect("reconciled");
     // The same policy with the status that reconcile wrote: one GET, nothing written.
     let status: FallbackPolicyStatus = serde_json::from_value(patch["status"].clone()).expect("status");

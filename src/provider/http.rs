@@ -11,9 +11,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::CertificateDer;
-use serde_json::Value;
 
-use crate::llm::AttemptError;
+use crate::llm::{AttemptError, Whole};
 use crate::policy::FailureClass;
 
 /// The shared upstream HTTP client: pooled connections, HTTPS through rustls, HTTP/1.1 and
@@ -138,12 +137,13 @@ pub(crate) fn encode(body: &impl serde::Serialize) -> Result<Vec<u8>, AttemptErr
         .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))
 }
 
-/// Reads a 2xx answer as JSON.
-pub(crate) async fn read_json(body: hyper::body::Incoming) -> Result<Value, AttemptError> {
-    let body = read_body(body).await?;
-    serde_json::from_slice(&body).map_err(|e| {
+/// Reads a 2xx answer as JSON, keeping its bytes.
+pub(crate) async fn read_json(body: hyper::body::Incoming) -> Result<Whole, AttemptError> {
+    let raw = read_body(body).await?;
+    let json = serde_json::from_slice(&raw).map_err(|e| {
         AttemptError::new(FailureClass::ServerError, format!("upstream answered 200 with invalid JSON: {e}"))
-    })
+    })?;
+    Ok(Whole { json, raw: Some(raw) })
 }
 
 /// Classifies a failed connection: whether it never opened or broke before an answer, the

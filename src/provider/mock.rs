@@ -61,7 +61,7 @@ impl Mock {
             return Err(self.failure());
         }
         if request.operation == Operation::Embeddings {
-            return Ok(Reply::Complete(embeddings(model, request)));
+            return Ok(Reply::Complete(embeddings(model, request).into()));
         }
         let id = format!("chatcmpl-mock-{:x}", rand::random::<u64>());
         let created = unix_seconds();
@@ -73,20 +73,23 @@ impl Mock {
             "total_tokens": prompt_tokens + completion_tokens,
         });
         if !request.stream {
-            return Ok(Reply::Complete(json!({
-                "id": id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": self.behaviour.reply, "refusal": null},
-                    "logprobs": null,
-                    "finish_reason": "stop",
-                }],
-                "usage": usage,
-                "system_fingerprint": "backstop-mock",
-            })));
+            return Ok(Reply::Complete(
+                json!({
+                    "id": id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [{
+                        "index": 0,
+                        "message": {"role": "assistant", "content": self.behaviour.reply, "refusal": null},
+                        "logprobs": null,
+                        "finish_reason": "stop",
+                    }],
+                    "usage": usage,
+                    "system_fingerprint": "backstop-mock",
+                })
+                .into(),
+            ));
         }
         let chunk = |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
         let mut chunks =

@@ -55,6 +55,8 @@ pub enum Fault {
     OkWith(Vec<(&'static str, String)>),
     /// Answers 200 with no content at all.
     Empty,
+    /// Answers 200 (not streamed) with exactly this body.
+    Body(&'static str),
     /// Streams the role chunk at once and the content only after this long; counts a
     /// cancellation if the client goes away before the end.
     SlowFirstToken(Duration),
@@ -430,6 +432,7 @@ async fn respond_now(
             vec![Ok(role), Ok(sse(&chunk(json!({}), Some("stop")))), Ok(Bytes::from_static(b"data: [DONE]\n\n"))],
             false,
         ),
+        Fault::Body(body) => whole(200, body.to_string(), &[]),
         Fault::Empty => whole(
             200,
             json!({"id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": "up-model",

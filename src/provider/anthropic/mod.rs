@@ -72,7 +72,8 @@ impl Anthropic {
             let events = sse::event_stream(response.into_body(), stream::EventParser::new(thinking_shows));
             return Ok(Sent { reply: Reply::Stream(events), headroom, api: Api::Anthropic });
         }
-        let answer = read_json(response.into_body()).await?;
+        let whole = read_json(response.into_body()).await?;
+        let answer = &whole.json;
         if answer.get("type").and_then(Value::as_str) == Some("error") {
             let error = answer.get("error").unwrap_or(&Value::Null);
             return Err(AttemptError::in_answer(error::classify_error(None, error), message_of(error)));
@@ -87,7 +88,7 @@ impl Anthropic {
         {
             return Err(AttemptError::new(FailureClass::ContentFiltered, "the model refused to answer"));
         }
-        Ok(Sent { reply: Reply::Complete(answer), headroom, api: Api::Anthropic })
+        Ok(Sent { reply: Reply::Complete(whole), headroom, api: Api::Anthropic })
     }
 }
 

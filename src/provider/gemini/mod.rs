@@ -55,19 +55,20 @@ impl Gemini {
             let events = sse::event_stream(response.into_body(), stream::EventParser::default());
             return Ok(Sent { reply: Reply::Stream(events), headroom: Headroom::default(), api: Api::Gemini });
         }
-        let answer = read_json(response.into_body()).await?;
+        let whole = read_json(response.into_body()).await?;
+        let answer = &whole.json;
         if embeddings {
             let base64 = request.rest.get("encoding_format").and_then(Value::as_str) == Some("base64");
-            return match from_wire::embeddings_to_openai(&answer, model, base64) {
+            return match from_wire::embeddings_to_openai(answer, model, base64) {
                 Some(list) => {
-                    Ok(Sent { reply: Reply::Complete(list), headroom: Headroom::default(), api: Api::OpenAi })
+                    Ok(Sent { reply: Reply::Complete(list.into()), headroom: Headroom::default(), api: Api::OpenAi })
                 }
                 None => Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `embeddings`")),
             };
         }
-        if let Some(error) = error::blocked(&answer) {
+        if let Some(error) = error::blocked(answer) {
             return Err(error);
         }
-        Ok(Sent { reply: Reply::Complete(answer), headroom: Headroom::default(), api: Api::Gemini })
+        Ok(Sent { reply: Reply::Complete(whole), headroom: Headroom::default(), api: Api::Gemini })
     }
 }

@@ -86,7 +86,8 @@ impl OpenAi {
                 api: Api::OpenAi,
             });
         }
-        let answer = read_json(response.into_body()).await?;
+        let whole = read_json(response.into_body()).await?;
+        let answer = &whole.json;
         if let Some(error) = answer.get("error").filter(|e| e.is_object()) {
             return Err(error::in_answer(error));
         }
@@ -94,18 +95,18 @@ impl OpenAi {
             if !answer.get("data").is_some_and(Value::is_array) {
                 return Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `data`"));
             }
-            return Ok(Sent { reply: Reply::Complete(answer), headroom, api: Api::OpenAi });
+            return Ok(Sent { reply: Reply::Complete(whole), headroom, api: Api::OpenAi });
         }
         if !answer.get("choices").is_some_and(Value::is_array) {
             return Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `choices`"));
         }
-        if content::filtered_without_content(&answer) {
+        if content::filtered_without_content(answer) {
             return Err(AttemptError::new(
                 FailureClass::ContentFiltered,
                 "the provider's content filter withheld the answer",
             ));
         }
-        Ok(Sent { reply: Reply::Complete(answer), headroom, api: Api::OpenAi })
+        Ok(Sent { reply: Reply::Complete(whole), headroom, api: Api::OpenAi })
     }
 
     /// The credential header for key `key`: `Authorization: Bearer` or Azure's `api-key`.
@@ -139,14 +140,15 @@ impl OpenAi {
             let events = sse::event_stream(response.into_body(), responses::EventParser::default());
             return Ok(Sent { reply: Reply::Stream(events), headroom, api: Api::Responses });
         }
-        let answer = read_json(response.into_body()).await?;
+        let whole = read_json(response.into_body()).await?;
+        let answer = &whole.json;
         if answer.get("status").and_then(Value::as_str) == Some("failed") {
             return Err(error::in_answer(answer.get("error").unwrap_or(&Value::Null)));
         }
         if !answer.get("output").is_some_and(Value::is_array) {
             return Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `output`"));
         }
-        Ok(Sent { reply: Reply::Complete(answer), headroom, api: Api::Responses })
+        Ok(Sent { reply: Reply::Complete(whole), headroom, api: Api::Responses })
     }
 }
 

@@ -4,13 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::time::Instant;
 
 use opentelemetry::trace::SpanId;
 
 use crate::health::Permit;
-use crate::llm::{Api, AttemptError, ChunkStream, StreamEvent};
+use crate::llm::{Api, AttemptError, ChunkStream, StreamEvent, Whole};
 use crate::policy::FailureClass;
 use crate::provider::neutral;
 use crate::snapshot::Target;
@@ -41,7 +40,7 @@ pub enum Committed {
     /// A whole answer.
     Complete {
         /// The answer.
-        body: Value,
+        body: Whole,
         /// Its wire format.
         api: Api,
     },
@@ -69,7 +68,7 @@ impl Committed {
     /// stream is committed at its first content event or its end).
     pub(super) fn is_empty(&self) -> bool {
         match self {
-            Committed::Complete { body, api } => !neutral::has_content(*api, body),
+            Committed::Complete { body, api } => !neutral::has_content(*api, &body.json),
             Committed::Stream { held, .. } => !held.iter().any(|e| e.content),
         }
     }

@@ -126,7 +126,7 @@ impl Transport for Fake {
                     tokio::time::sleep(after).await;
                     let answer = json!({"id": "x", "model": label, "choices": [{"index": 0,
                         "message": {"role": "assistant", "content": format!("from {label}")}, "finish_reason": "stop"}]});
-                    Ok(Sent { reply: Reply::Complete(answer), headroom: Headroom::default(), api: Api::OpenAi })
+                    Ok(Sent { reply: Reply::Complete(answer.into()), headroom: Headroom::default(), api: Api::OpenAi })
                 }
                 Play::Fail(after, class, status, retry_after) => {
                     tokio::time::sleep(after).await;

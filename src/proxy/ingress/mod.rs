@@ -36,6 +36,9 @@ pub trait Dialect {
     fn error(status: StatusCode, message: &str, code: &str, param: Option<&str>, extra: Value) -> Response<Body>;
     /// A whole answer from a provider of `api`, in this API's format.
     fn complete(api: Api, answer: Value, request: &ChatRequest) -> Value;
+    /// Whether [`Dialect::complete`] leaves an answer in this API's own format as it is, so the
+    /// provider's bytes can go to the app unchanged.
+    const FORWARDS_OWN_API: bool = false;
     /// A renderer for a stream from a provider of `api`.
     fn renderer(api: Api, request: &ChatRequest) -> Self::Renderer;
 }

@@ -35,6 +35,8 @@ impl Dialect for OpenAiDialect {
         json_response(status, &json!({ "error": error }))
     }
 
+    const FORWARDS_OWN_API: bool = true;
+
     fn complete(api: Api, answer: Value, _request: &ChatRequest) -> Value {
         neutral::into_openai_completion(api, answer)
     }

@@ -102,7 +102,15 @@ fn answer<D: Dialect>(
 ) -> Response<Body> {
     let Answered { target, reply, attempts, fell_through } = answered;
     let mut response = match reply {
-        Committed::Complete { body, api } => json_response(StatusCode::OK, &D::complete(api, body, request)),
+        Committed::Complete { body, api } => match body.raw {
+            // Same API, nothing to change: the provider's bytes, not decoded and encoded again.
+            Some(raw) if api == D::API && D::FORWARDS_OWN_API => {
+                let mut response = Response::new(full(raw));
+                response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                response
+            }
+            _ => json_response(StatusCode::OK, &D::complete(api, body.json, request)),
+        },
         Committed::Stream { held, rest, idle_timeout, api, permit, stream_deadline } => {
             let renderer = D::renderer(api, request);
             let limits = relay::Limits { idle: idle_timeout, deadline: stream_deadline };

@@ -34,6 +34,8 @@ impl Dialect for AnthropicDialect {
         error(status, message, code, extra)
     }
 
+    const FORWARDS_OWN_API: bool = true;
+
     fn complete(api: Api, answer: Value, _request: &ChatRequest) -> Value {
         to_anthropic_message(api, answer)
     }

@@ -35,6 +35,8 @@ impl Dialect for ResponsesDialect {
         OpenAiDialect::error(status, message, code, param, extra)
     }
 
+    const FORWARDS_OWN_API: bool = true;
+
     fn complete(api: Api, answer: Value, request: &ChatRequest) -> Value {
         match api {
             Api::Responses => answer,
