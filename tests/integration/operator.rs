@@ -248,7 +248,17 @@ async fn of_two_operators_only_the_leader_writes_and_a_standby_takes_over_within
     // And keeps status written: a new policy becomes Ready through the new leader.
     cluster.apply_yaml(&policy(&namespace, "b", "")).await;
     until(&cluster, &namespace, "b", Duration::from_secs(20), |p| ready(p).is_some_and(|r| r.0 == "True")).await;
-    assert!(second.log().contains("status written"), "{}", second.log());
+    // Its log line follows the write the watch already saw.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !second.log().contains("status written") {
+        assert!(
+            Instant::now() < deadline,
+            "the new leader logged no status write:
+{}",
+            second.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
