@@ -23,6 +23,10 @@ struct Running {
 
 impl Running {
     async fn start(policy_file: &std::path::Path, log_level: &str) -> Running {
+        Running::start_with(policy_file, log_level, &[]).await
+    }
+
+    async fn start_with(policy_file: &std::path::Path, log_level: &str, env: &[(&str, &str)]) -> Running {
         let mut child = Command::new(BIN)
             .args([
                 "sidecar",
@@ -36,6 +40,7 @@ impl Running {
             ])
             .arg(policy_file)
             .env("BACKSTOP_LOG", log_level)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -108,6 +113,39 @@ async fn quickstart_falls_back_from_the_rate_limited_primary() {
     assert!(!log.contains("passed over"), "{log}");
     let status = sidecar.stop().await;
     assert!(status.success(), "exit status {status}");
+}
+
+/// How many tokio worker threads process `pid` runs.
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_thread_serves_requests_unless_told_otherwise() {
+    let policy = repo_file("deploy/examples/quickstart.yaml");
+    for (env, workers) in [(None, 0), (Some("3"), 3)] {
+        let env: Vec<(&str, &str)> = env.map(|n| ("BACKSTOP_WORKER_THREADS", n)).into_iter().collect();
+        let sidecar = Running::start_with(&policy, "info", &env).await;
+        // The default runs every task on the main thread: no worker threads at all.
+        assert_eq!(worker_threads(sidecar.child.id().expect("pid")), workers, "{env:?}");
+        let url = format!("http://{}/v1/chat/completions", sidecar.llm);
+        let request = chat(false);
+        let answers = futures_util::future::join_all((0..8).map(|_| post(&url, &request))).await;
+        assert!(answers.iter().all(|a| a.status == 200 && a.header("x-backstop-provider") == Some("fallback")));
+        assert!(sidecar.stop().await.success());
+    }
+    let refused = std::process::Command::new(BIN)
+        .args(["sidecar", "--worker-threads", "0", "--policy-file"])
+        .arg(&policy)
+        .output()
+        .expect("run backstop");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--worker-threads") && stderr.contains("1..=256"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
