@@ -31,20 +31,28 @@ pub fn http_client(extra_roots: &[CertificateDer<'static>]) -> Result<HttpClient
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(https_connector(tls, Duration::from_secs(10))))
+}
+
+/// The connector of an outbound client: `https://` through rustls with `tls`, plain `http://`
+/// too, HTTP/2 or HTTP/1.1 by ALPN, no Nagle delay, connects bounded by `connect_timeout`.
+pub fn https_connector(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+) -> hyper_rustls::HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    http.set_connect_timeout(Some(connect_timeout));
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(https))
+        .wrap_connector(http)
 }
 
 /// Why a CA file cannot be trusted.

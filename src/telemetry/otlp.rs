@@ -90,15 +90,7 @@ fn http_client() -> opentelemetry_http::hyper::HyperClient<
         .unwrap_or_else(|_| {
             rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth()
         });
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(Duration::from_secs(5)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+    let https = crate::provider::http::https_connector(tls, Duration::from_secs(5));
     opentelemetry_http::hyper::HyperClient::new(https, timeout, None)
 }
 
