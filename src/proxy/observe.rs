@@ -359,6 +359,24 @@ fn seconds(duration: Duration) -> f64 {
     duration.as_secs_f64()
 }
 
+/// A span's attributes, made only when the span will be exported.
+struct Attributes {
+    traced: bool,
+    list: Vec<KeyValue>,
+}
+
+impl Attributes {
+    fn new(traced: bool, first: impl FnOnce() -> Vec<KeyValue>) -> Attributes {
+        Attributes { traced, list: if traced { first() } else { Vec::new() } }
+    }
+
+    fn add(&mut self, attribute: impl FnOnce() -> KeyValue) {
+        if self.traced {
+            self.list.push(attribute());
+        }
+    }
+}
+
 impl Observation {
     /// Records the request: `route` answered `request` with `status`; `ended` is when (for a
     /// stream, its end), `stream_end` how a relayed stream ended.
@@ -376,7 +394,9 @@ impl Observation {
         let operation = request.operation;
         let alias = route.alias.as_str();
         let route_kv = KeyValue::new("backstop.route", route.alias.clone());
-        let mut records = Vec::with_capacity(summary.attempts.len() + 1);
+        // Spans only for a sampled trace: an unsampled request records its metrics alone.
+        let traced = self.trace.sampled;
+        let mut records = Vec::with_capacity(if traced { summary.attempts.len() + 1 } else { 0 });
         let mut total_cost = None::<f64>;
         let last = summary.attempts.iter().rposition(|a| a.class.is_none() && a.status == Some(200));
         for (index, attempt) in summary.attempts.iter().enumerate() {
@@ -393,20 +413,22 @@ impl Observation {
                 (None, false) => "hedged",
             };
             let provider = provider_name(target);
-            let mut attributes = vec![
-                KeyValue::new("gen_ai.operation.name", operation),
-                KeyValue::new("gen_ai.provider.name", provider),
-                KeyValue::new("gen_ai.request.model", target.model.clone()),
-                KeyValue::new("backstop.target", target.label.clone()),
-                KeyValue::new("backstop.attempt", (index + 1) as i64),
-                KeyValue::new("backstop.outcome", outcome),
-            ];
+            let mut attributes = Attributes::new(traced, || {
+                vec![
+                    KeyValue::new("gen_ai.operation.name", operation),
+                    KeyValue::new("gen_ai.provider.name", provider),
+                    KeyValue::new("gen_ai.request.model", target.model.clone()),
+                    KeyValue::new("backstop.target", target.label.clone()),
+                    KeyValue::new("backstop.attempt", (index + 1) as i64),
+                    KeyValue::new("backstop.outcome", outcome),
+                ]
+            });
             if let Some((host, port)) = &target.provider.server {
-                attributes.push(KeyValue::new("server.address", host.clone()));
-                attributes.push(KeyValue::new("server.port", i64::from(*port)));
+                attributes.add(|| KeyValue::new("server.address", host.clone()));
+                attributes.add(|| KeyValue::new("server.port", i64::from(*port)));
             }
             if let Some(status) = attempt.status.filter(|_| !answering || stream_end.is_none()) {
-                attributes.push(KeyValue::new("http.response.status_code", i64::from(status)));
+                attributes.add(|| KeyValue::new("http.response.status_code", i64::from(status)));
             }
             let error = match (&attempt.class, stream_end, answering) {
                 (Some(class), _, _) => Some(class.as_str().to_string()),
@@ -415,7 +437,7 @@ impl Observation {
                 _ => None,
             };
             if let Some(error) = &error {
-                attributes.push(KeyValue::new("error.type", error.clone()));
+                attributes.add(|| KeyValue::new("error.type", error.clone()));
             }
             let mut metric = vec![
                 KeyValue::new("gen_ai.operation.name", operation),
@@ -431,51 +453,55 @@ impl Observation {
             if answering {
                 let info = &summary.info;
                 if let Some(id) = &info.id {
-                    attributes.push(KeyValue::new("gen_ai.response.id", id.clone()));
+                    attributes.add(|| KeyValue::new("gen_ai.response.id", id.clone()));
                 }
                 if let Some(model) = &info.model {
-                    attributes.push(KeyValue::new("gen_ai.response.model", model.clone()));
+                    attributes.add(|| KeyValue::new("gen_ai.response.model", model.clone()));
                 }
                 if !info.finish_reasons.is_empty() {
-                    let reasons: Vec<opentelemetry::StringValue> =
-                        info.finish_reasons.iter().map(|r| r.clone().into()).collect();
-                    attributes.push(KeyValue::new("gen_ai.response.finish_reasons", Value::Array(reasons.into())));
+                    attributes.add(|| {
+                        let reasons: Vec<opentelemetry::StringValue> =
+                            info.finish_reasons.iter().map(|r| r.clone().into()).collect();
+                        KeyValue::new("gen_ai.response.finish_reasons", Value::Array(reasons.into()))
+                    });
                 }
                 for (kind, tokens, key) in [
                     ("input", info.input_tokens, "gen_ai.usage.input_tokens"),
                     ("output", info.output_tokens, "gen_ai.usage.output_tokens"),
                 ] {
                     if let Some(tokens) = tokens {
-                        attributes.push(KeyValue::new(key, tokens as i64));
+                        attributes.add(|| KeyValue::new(key, tokens as i64));
                         let mut labels = metric.clone();
                         labels.push(KeyValue::new("gen_ai.token.type", kind));
                         instruments.tokens.record(tokens, &labels);
                     }
                 }
                 if summary.streamed {
-                    attributes.push(KeyValue::new("backstop.time_to_first_chunk", seconds(attempt.elapsed)));
+                    attributes.add(|| KeyValue::new("backstop.time_to_first_chunk", seconds(attempt.elapsed)));
                     instruments.first_chunk.record(seconds(attempt.elapsed), &metric);
                 }
                 if let Some(cost) = info.cost(target.price.as_ref()) {
-                    attributes.push(KeyValue::new("backstop.cost", cost));
+                    attributes.add(|| KeyValue::new("backstop.cost", cost));
                     instruments
                         .cost
                         .add(cost, &[route_kv.clone(), KeyValue::new("backstop.target", target.label.clone())]);
                     total_cost = Some(total_cost.unwrap_or(0.0) + cost);
                 }
             }
-            records.push(SpanRecord {
-                id: attempt.span,
-                parent: Some(self.trace.server),
-                remote_parent: false,
-                kind: SpanKind::Client,
-                name: format!("{operation} {}", target.model),
-                start: wall_at(self.wall, self.start, attempt.started),
-                end: wall_at(self.wall, self.start, end),
-                attributes,
-                events: Vec::new(),
-                error: error.filter(|e| e != "cancelled").map(|e| format!("{}: {e}", target.label)),
-            });
+            if traced {
+                records.push(SpanRecord {
+                    id: attempt.span,
+                    parent: Some(self.trace.server),
+                    remote_parent: false,
+                    kind: SpanKind::Client,
+                    name: format!("{operation} {}", target.model),
+                    start: wall_at(self.wall, self.start, attempt.started),
+                    end: wall_at(self.wall, self.start, end),
+                    attributes: attributes.list,
+                    events: Vec::new(),
+                    error: error.filter(|e| e != "cancelled").map(|e| format!("{}: {e}", target.label)),
+                });
+            }
         }
 
         // The request itself.
@@ -484,15 +510,17 @@ impl Observation {
         let mut events = Vec::new();
         for (from, to, reason) in &fallbacks {
             let skipped = passed_over(reason);
-            let mut attributes = vec![
-                KeyValue::new(if skipped { "backstop.target" } else { "backstop.fallback.from" }, from.clone()),
-                KeyValue::new(if skipped { "backstop.skip.reason" } else { "backstop.fallback.reason" }, *reason),
-            ];
-            if let Some(to) = to.as_ref().filter(|_| !skipped) {
-                attributes.push(KeyValue::new("backstop.fallback.to", to.clone()));
+            if traced {
+                let mut attributes = vec![
+                    KeyValue::new(if skipped { "backstop.target" } else { "backstop.fallback.from" }, from.clone()),
+                    KeyValue::new(if skipped { "backstop.skip.reason" } else { "backstop.fallback.reason" }, *reason),
+                ];
+                if let Some(to) = to.as_ref().filter(|_| !skipped) {
+                    attributes.push(KeyValue::new("backstop.fallback.to", to.clone()));
+                }
+                let name = if skipped { "backstop.skipped" } else { "backstop.fallback" };
+                events.push(Event::new(name, self.wall, attributes, 0));
             }
-            let name = if skipped { "backstop.skipped" } else { "backstop.fallback" };
-            events.push(Event::new(name, self.wall, attributes, 0));
             let mut labels = vec![
                 route_kv.clone(),
                 KeyValue::new("backstop.fallback.from", from.clone()),
@@ -526,12 +554,14 @@ impl Observation {
             if stopped.contains("budget") {
                 instruments.budget_exhausted.add(1, std::slice::from_ref(&route_kv));
             }
-            events.push(Event::new(
-                "backstop.stopped",
-                self.wall,
-                vec![KeyValue::new("backstop.stop.reason", stopped)],
-                0,
-            ));
+            if traced {
+                events.push(Event::new(
+                    "backstop.stopped",
+                    self.wall,
+                    vec![KeyValue::new("backstop.stop.reason", stopped)],
+                    0,
+                ));
+            }
         }
         let outcome = match (answered_by, fallbacks.iter().any(|(_, _, r)| *r != "hedged")) {
             (Some(_), false) => "answered",
@@ -541,6 +571,9 @@ impl Observation {
         };
         instruments.requests.add(1, &[route_kv.clone(), KeyValue::new("backstop.outcome", outcome)]);
         instruments.attempts.record(summary.attempts.len() as u64, std::slice::from_ref(&route_kv));
+        if !traced {
+            return;
+        }
         let mut attributes = vec![
             KeyValue::new("gen_ai.operation.name", operation),
             KeyValue::new("gen_ai.request.model", request.model.clone()),

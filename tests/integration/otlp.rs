@@ -364,6 +364,32 @@ spec:
     for secret in ["sk-trace-SECRET-1", "sk-trace-SECRET-2", "PROMPT-CANARY-5d1e", "Refunds within 30 days"] {
         assert!(!everything.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} reached the collector");
     }
+
+    // A trace the app chose not to sample leaves no span, and its request is counted all the
+    // same; a sampled one sent after it is exported (spans leave in order).
+    let fell_through = |text: &str| -> f64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with("backstop_requests_total{backstop_outcome=\"fell_through\",backstop_route=\"chat\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let before = fell_through(&text);
+    let (unsampled, sampled) = ("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb");
+    for (trace, flags) in [(unsampled, "00"), (sampled, "01")] {
+        let traceparent = format!("00-{trace}-00f067aa0ba902b7-{flags}");
+        assert_eq!(post_raw(&url, body.to_string(), &[("traceparent", &traceparent)]).await.status, 200);
+    }
+    let text = String::from_utf8_lossy(&get(&format!("http://{admin}/metrics")).await.body).into_owned();
+    assert_eq!(fell_through(&text), before + 2.0, "{text}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !receiver.spans().iter().any(|s| hex(&s.trace_id) == sampled) {
+        assert!(tokio::time::Instant::now() < deadline, "the sampled request's spans never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!receiver.spans().iter().any(|s| hex(&s.trace_id) == unsampled), "an unsampled trace was exported");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
