@@ -11,7 +11,7 @@ use super::Dialect;
 use crate::llm::ChatRequest;
 use crate::llm::status::status_of_class;
 use crate::policy::FailureClass;
-use crate::proxy::body::{Body, full, json_response};
+use crate::proxy::body::{Body, json_bytes_response, json_response};
 use crate::proxy::fallback::{Answered, Attempt, Committed, Unanswered};
 use crate::proxy::{observe, relay};
 use crate::snapshot::Route;
@@ -37,10 +37,7 @@ pub fn respond<D: Dialect>(
             let same_api = target.provider.api() == D::API;
             let mut response = match (status, &error.body) {
                 (Some(status), Some(body)) if same_api && serde_json::from_slice::<Value>(body).is_ok() => {
-                    let mut response = Response::new(full(body.clone()));
-                    *response.status_mut() = status;
-                    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    response
+                    json_bytes_response(status, body.clone())
                 }
                 _ => D::error(
                     status.unwrap_or_else(|| app_status(error.class)),
@@ -104,11 +101,7 @@ fn answer<D: Dialect>(
     let mut response = match reply {
         Committed::Complete { body, api } => match body.raw {
             // Same API, nothing to change: the provider's bytes, not decoded and encoded again.
-            Some(raw) if api == D::API && D::FORWARDS_OWN_API => {
-                let mut response = Response::new(full(raw));
-                response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                response
-            }
+            Some(raw) if api == D::API && D::FORWARDS_OWN_API => json_bytes_response(StatusCode::OK, raw),
             _ => json_response(StatusCode::OK, &D::complete(api, body.json, request)),
         },
         Committed::Stream { held, rest, idle_timeout, api, permit, stream_deadline } => {
