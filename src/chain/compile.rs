@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use super::adapt::compile_adapt;
+use super::defaults;
 use super::error::{Errors, InvalidPolicy};
 use super::keys::KeyResolver;
 use super::overrides::compile_target_overrides;
@@ -14,8 +16,8 @@ use super::settings::Price;
 use super::settings::{
     compile_breaker, compile_budget, compile_hedge, compile_overrides, compile_retry, compile_timeouts,
 };
-use super::{CompiledPolicy, RouteConfig, StepConfig, TargetConfig, distinct_targets};
-use crate::policy::{ChainStepSpec, ClassSet, FallbackPolicy, PriceSpec, RequestFeature};
+use super::{CompiledPolicy, RouteConfig, ShadowConfig, StepConfig, TargetConfig, distinct_targets};
+use crate::policy::{AdaptSpec, ChainStepSpec, ClassSet, FallbackPolicy, PriceSpec, RequestFeature, ShadowSpec};
 
 /// Compiles a policy, collecting every problem with its field path. `keys` resolves `apiKey`s:
 /// [`super::LocalKeys`] in a sidecar reading a file, the Secrets of the policy's namespace in
@@ -56,6 +58,7 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
         let on_content_filtered = compiler
             .chain(route.on_content_filtered.as_deref().unwrap_or_default(), &format!("{path}.onContentFiltered"));
         let hedge = compile_hedge(route, &path, &mut compiler.errors);
+        let shadow = route.shadow.as_ref().map(|spec| compiler.shadow(spec, &format!("{path}.shadow")));
         routes.push(RouteConfig {
             alias: route.model.clone(),
             steps,
@@ -66,6 +69,7 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
             timeouts,
             hedge,
             overrides,
+            shadow,
         });
     }
     if let Some(selector) = &spec.selector
@@ -101,6 +105,7 @@ struct Member<'a> {
     weight: u32,
     skip_for: Option<&'a [RequestFeature]>,
     price: Option<&'a PriceSpec>,
+    adapt: Option<&'a AdaptSpec>,
 }
 
 /// What compiling chains needs at hand.
@@ -128,6 +133,9 @@ impl Compiler<'_> {
                 if spec.price.is_some() {
                     self.errors.push(format!("{path}.price"), "set `price` on each group member instead");
                 }
+                if spec.adapt.is_some() {
+                    self.errors.push(format!("{path}.adapt"), "set `adapt` on each group member instead");
+                }
                 let mut seen = HashSet::new();
                 let mut members = Vec::new();
                 for (m, member) in group.iter().enumerate() {
@@ -144,6 +152,7 @@ impl Compiler<'_> {
                             weight,
                             skip_for: member.skip_for.as_deref(),
                             price: member.price.as_ref(),
+                            adapt: member.adapt.as_ref(),
                         },
                         &member_path,
                     ));
@@ -162,6 +171,7 @@ impl Compiler<'_> {
                     weight: 1,
                     skip_for: spec.skip_for.as_deref(),
                     price: spec.price.as_ref(),
+                    adapt: spec.adapt.as_ref(),
                 };
                 self.targets(member, path)
             }
@@ -179,7 +189,7 @@ impl Compiler<'_> {
 
     /// The targets for one provider + model: one per API key of the provider.
     fn targets(&mut self, member: Member<'_>, path: &str) -> Vec<TargetConfig> {
-        let Member { provider, model, timeout, weight, skip_for, price } = member;
+        let Member { provider, model, timeout, weight, skip_for, price, adapt } = member;
         let attempt_timeout = self.errors.duration(timeout, format!("{path}.timeout"), self.default_timeout);
         let price = price.map(|price| {
             for (field, value) in
@@ -199,6 +209,7 @@ impl Compiler<'_> {
             self.errors.push(format!("{path}.provider"), format!("`{provider}` is not defined in `spec.providers`"));
             return Vec::new();
         };
+        let adapt = compile_adapt(adapt, found.kind, provider, path, &mut self.errors);
         let keys = found.key_count();
         (0..keys)
             .map(|key| {
@@ -216,9 +227,42 @@ impl Compiler<'_> {
                     skip_for: skip_for.unwrap_or_default().to_vec(),
                     identity: format!("{}\u{1f}{model}", found.endpoint_id(key)),
                     price,
+                    adapt: adapt.clone(),
                 }
             })
             .collect()
+    }
+}
+
+impl Compiler<'_> {
+    /// A route's `shadow` at `path`.
+    fn shadow(&mut self, spec: &ShadowSpec, path: &str) -> ShadowConfig {
+        if !(spec.percent.is_finite() && spec.percent > 0.0 && spec.percent <= 100.0) {
+            self.errors.push(format!("{path}.percent"), format!("{} is not more than 0 and at most 100", spec.percent));
+        }
+        let max_concurrent = self.errors.number(
+            spec.max_concurrent,
+            &format!("{path}.maxConcurrent"),
+            1..=256,
+            defaults::SHADOW_MAX_CONCURRENT,
+        );
+        let timeout = self.errors.duration(spec.timeout.as_ref(), format!("{path}.timeout"), defaults::SHADOW_TIMEOUT);
+        let member = Member {
+            provider: &spec.provider,
+            model: &spec.model,
+            timeout: spec.timeout.as_ref(),
+            weight: 1,
+            skip_for: None,
+            price: spec.price.as_ref(),
+            adapt: spec.adapt.as_ref(),
+        };
+        ShadowConfig {
+            targets: self.targets(member, path),
+            share: (spec.percent / 100.0).clamp(0.0, 1.0),
+            max_concurrent,
+            timeout,
+            capture_content: spec.capture_content.unwrap_or(false),
+        }
     }
 }
 
@@ -229,7 +273,7 @@ mod tests {
     use crate::chain::defaults;
     use crate::chain::redact::REDACTED;
     use crate::chain::settings::{AllowedOverrides, Hedge, RetryPolicy};
-    use crate::policy::FailureClass;
+    use crate::policy::{FailureClass, Parameter};
 
     use crate::testing::{DEMO_POLICY as GOOD, assert_errors};
 
@@ -397,7 +441,10 @@ mod tests {
         assert_eq!(chat.hedge, Some(Hedge { delay: Duration::from_secs(2), max_extra: 1 }));
         assert_eq!(chat.on_context_window_exceeded[0].members[0].label, "fake/big");
         assert!(chat.on_content_filtered.is_empty());
-        assert_eq!(chat.overrides, AllowedOverrides { no_fallback: true, max_attempts: false, deadline: true });
+        assert_eq!(
+            chat.overrides,
+            AllowedOverrides { no_fallback: true, max_attempts: false, deadline: true, drill: false }
+        );
         let bad = yaml.replace("afterFirstTokenDelay: 2s", "afterFirstTokenDelay: 2s, maxExtra: 9");
         assert!(
             compile(&bad)
@@ -412,6 +459,119 @@ mod tests {
                 .to_string()
                 .contains("`spec.routes[0].onContextWindowExceeded[0].provider`")
         );
+    }
+
+    #[test]
+    fn adaptations_compile_per_target_and_name_what_an_api_cannot_take() {
+        let anthropic = GOOD.replace(
+            "    - {name: fake, type: mock",
+            "    - {name: claude, type: anthropic, apiKey: {value: sk-a}}\n    - {name: fake, type: mock",
+        );
+        let with = |step: &str| anthropic.replace("{provider: primary, model: gpt-4o, timeout: 20s}", step);
+        let policy = compile(&with(
+            "{provider: claude, model: c, adapt: {set: {temperature: 0.3, topK: 40}, cap: {maxTokens: 512}, remove: [topP], systemPrompt: {suffix: Be brief.}}}",
+        ))
+        .expect("valid");
+        let adaptation = route(&policy, "chat").steps[0].members[0].adapt.clone().expect("adapted");
+        assert_eq!(
+            adaptation,
+            crate::chain::Adaptation {
+                set: vec![(Parameter::Temperature, serde_json::json!(0.3)), (Parameter::TopK, serde_json::json!(40))],
+                cap: vec![(Parameter::MaxTokens, 512.0)],
+                remove: vec![Parameter::TopP],
+                system_prefix: None,
+                system_suffix: Some("Be brief.".into()),
+            }
+        );
+        assert!(policy.document.to_string().contains("Be brief."), "/config shows the adaptation");
+        let cases = [
+            (
+                with("{provider: primary, model: gpt-4o, adapt: {set: {topK: 40}}}"),
+                "`spec.routes[0].chain[0].adapt.set.topK`: provider `primary` (type `openai`) has no `topK` parameter; it is for openai-compatible, anthropic, gemini",
+            ),
+            (
+                with("{provider: claude, model: c, adapt: {set: {temperature: 1.5}}}"),
+                "`spec.routes[0].chain[0].adapt.set.temperature`: 1.5 is not between 0 and 1 for Anthropic",
+            ),
+            (
+                with("{provider: claude, model: c, adapt: {set: {reasoningEffort: low}}}"),
+                "`spec.routes[0].chain[0].adapt.set.reasoningEffort`: provider `claude` (type `anthropic`) has no",
+            ),
+            (
+                with("{provider: claude, model: c, adapt: {set: {thinkingBudget: 500}}}"),
+                "`spec.routes[0].chain[0].adapt.set.thinkingBudget`: 500 is not between 1024",
+            ),
+            (
+                with("{provider: claude, model: c, adapt: {set: {thinkingBudget: 2048, topK: 5}}}"),
+                "`spec.routes[0].chain[0].adapt.set.topK`: Anthropic's extended thinking",
+            ),
+            (
+                with("{provider: claude, model: c, adapt: {remove: [maxTokens]}}"),
+                "`spec.routes[0].chain[0].adapt.remove[0]`: Anthropic's Messages API requires `max_tokens`",
+            ),
+            (
+                with("{provider: claude, model: c, adapt: {remove: [seed]}}"),
+                "`spec.routes[0].chain[0].adapt.remove[0]`: provider `claude` (type `anthropic`) has no `seed`",
+            ),
+            (
+                with("{provider: primary, model: gpt-4o, adapt: {set: {maxTokens: 9}, cap: {maxTokens: 5}}}"),
+                "`spec.routes[0].chain[0].adapt.cap.maxTokens`: is also in `set`",
+            ),
+            (
+                with("{provider: primary, model: gpt-4o, adapt: {set: {seed: 1}, remove: [seed]}}"),
+                "`spec.routes[0].chain[0].adapt.remove[0]`: `seed` is also set or capped",
+            ),
+            (
+                with("{provider: primary, model: gpt-4o, adapt: {cap: {thinkingBudget: 10}}}"),
+                "`spec.routes[0].chain[0].adapt.cap.thinkingBudget`: provider `primary` (type `openai`) has no",
+            ),
+            (
+                with("{provider: primary, model: gpt-4o, adapt: {systemPrompt: {prefix: \" \"}}}"),
+                "`spec.routes[0].chain[0].adapt.systemPrompt.prefix`: must not be empty",
+            ),
+            (
+                anthropic
+                    .replace("- {provider: fake, model: m}", "- {provider: claude, model: m, adapt: {set: {seed: 3}}}"),
+                "`spec.routes[0].chain[1].group[1].adapt.set.seed`: provider `claude`",
+            ),
+            (
+                anthropic.replace("        - group:\n", "        - adapt: {set: {seed: 3}}\n          group:\n"),
+                "`spec.routes[0].chain[1].adapt`: set `adapt` on each group member instead",
+            ),
+        ];
+        assert_errors(&cases, compile);
+    }
+
+    #[test]
+    fn a_shadow_compiles_with_its_target_and_limits() {
+        let yaml = GOOD.replace(
+            "    - model: \"*\"",
+            "      shadow: {provider: local, model: llama-shadow, percent: 1, adapt: {set: {topK: 5}}}\n    - model: \"*\"",
+        );
+        let policy = compile(&yaml).expect("valid");
+        let shadow = route(&policy, "chat").shadow.clone().expect("shadow");
+        assert_eq!(shadow.targets[0].label, "local/llama-shadow");
+        assert_eq!((shadow.share, shadow.max_concurrent, shadow.capture_content), (0.01, 4, false));
+        assert_eq!(shadow.timeout, defaults::SHADOW_TIMEOUT);
+        assert!(shadow.targets[0].adapt.is_some());
+        assert!(
+            policy.targets().iter().all(|t| t.label != "local/llama-shadow"),
+            "a shadow target is not a chain target: it has no breaker and no fleet state"
+        );
+        let cases = [
+            (yaml.replace("percent: 1", "percent: 0"), "`spec.routes[0].shadow.percent`: 0 is not more than 0"),
+            (yaml.replace("percent: 1", "percent: 1, maxConcurrent: 0"), "`spec.routes[0].shadow.maxConcurrent`"),
+            (
+                yaml.replace("provider: local, model: llama-shadow", "provider: nope, model: x"),
+                "`spec.routes[0].shadow.provider`: `nope` is not defined",
+            ),
+            (yaml.replace("percent: 1", "percent: 1, timeout: never"), "`spec.routes[0].shadow.timeout`"),
+            (
+                yaml.replace("topK: 5", "reasoningEffort: high, thinkingBudget: 5"),
+                "`spec.routes[0].shadow.adapt.set.thinkingBudget`",
+            ),
+        ];
+        assert_errors(&cases, compile);
     }
 
     #[test]

@@ -41,3 +41,7 @@ pub const BREAKER_MAX_OPEN_FOR: Duration = Duration::from_secs(300);
 pub const BREAKER_HALF_OPEN_PROBES: u32 = 1;
 /// Extra targets a hedged request may start.
 pub const HEDGE_MAX_EXTRA: u32 = 1;
+/// Shadow requests in flight at once, per sidecar.
+pub const SHADOW_MAX_CONCURRENT: u32 = 4;
+/// How long a shadow request may take.
+pub const SHADOW_TIMEOUT: Duration = Duration::from_secs(60);

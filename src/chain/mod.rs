@@ -5,6 +5,7 @@
 //! config stream and has a content [`digest`](CompiledPolicy::digest) that versions it. The
 //! sidecar binds it to live providers and health in [`crate::snapshot`].
 
+pub mod adapt;
 pub mod defaults;
 pub mod duration;
 pub mod error;
@@ -19,6 +20,7 @@ mod compile;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use adapt::Adaptation;
 pub use compile::compile;
 pub use duration::parse_duration;
 pub use error::{FieldError, InvalidPolicy};
@@ -111,6 +113,26 @@ pub struct RouteConfig {
     pub hedge: Option<Hedge>,
     /// Per-request headers the policy honours.
     pub overrides: AllowedOverrides,
+    /// Shadow comparison, if enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowConfig>,
+}
+
+/// A route's shadow comparison: which target a sampled share of its answered requests is also
+/// sent to, in the background.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowConfig {
+    /// The shadow target, one per key of its provider (a shadow request picks one).
+    pub targets: Vec<TargetConfig>,
+    /// Share of eligible requests shadowed, 0 to 1.
+    pub share: f64,
+    /// Shadow requests in flight at once.
+    pub max_concurrent: u32,
+    /// How long a shadow request may take.
+    pub timeout: std::time::Duration,
+    /// Whether prompt and answer text are recorded.
+    pub capture_content: bool,
 }
 
 /// One step of a chain: one target, or several equivalent ones balanced by weight, latency
@@ -146,4 +168,7 @@ pub struct TargetConfig {
     /// What it charges, if the policy says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<Price>,
+    /// How its requests are adapted, if the policy says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt: Option<Adaptation>,
 }

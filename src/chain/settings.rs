@@ -71,6 +71,9 @@ pub struct AllowedOverrides {
     pub max_attempts: bool,
     /// `x-backstop-deadline`.
     pub deadline: bool,
+    /// `x-backstop-drill`.
+    #[serde(default)]
+    pub drill: bool,
 }
 
 /// A target's prices, in US dollars per million tokens.
@@ -134,6 +137,7 @@ pub(crate) fn compile_overrides(allowed: Option<&[RequestOverride]>) -> AllowedO
             RequestOverride::NoFallback => allowed.no_fallback = true,
             RequestOverride::MaxAttempts => allowed.max_attempts = true,
             RequestOverride::Deadline => allowed.deadline = true,
+            RequestOverride::Drill => allowed.drill = true,
         }
         allowed
     })

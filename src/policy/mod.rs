@@ -5,11 +5,13 @@
 //! `///` docs on every field are what `kubectl explain fallbackpolicy.spec...` shows.
 //! [`document`] reads a policy file; [`crd`] prints the CustomResourceDefinition.
 
+pub mod adapt;
 pub mod crd;
 pub mod document;
 pub mod duration;
 mod failure;
 
+pub use adapt::{AdaptSpec, CapSpec, Parameter, ParametersSpec, ReasoningEffort, ShadowSpec, SystemPromptSpec};
 pub use failure::{ClassSet, FailureClass};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
@@ -80,8 +82,9 @@ pub struct FallbackPolicySpec {
 
     /// Request headers an app may use to tighten this policy for one request: `noFallback`
     /// honours `x-backstop-no-fallback: true`, `maxAttempts` honours `x-backstop-max-attempts:
-    /// N` (lower only), `deadline` honours `x-backstop-deadline: 5s` (shorter only). Headers not
-    /// allowed here are ignored and logged.
+    /// N` (lower only), `deadline` honours `x-backstop-deadline: 5s` (shorter only), `drill`
+    /// honours `x-backstop-drill: primary/gpt-4o` (skip the named targets, to test the fallback
+    /// path). Headers not allowed here are ignored and logged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub allow_request_overrides: Option<Vec<RequestOverride>>,
@@ -166,6 +169,11 @@ pub enum RequestOverride {
     MaxAttempts,
     /// `x-backstop-deadline: DURATION`: a shorter total deadline for this request.
     Deadline,
+    /// `x-backstop-drill: TARGET[, TARGET...]`: a fallback drill. The named targets
+    /// (`provider/model`, `provider/model#2` or `provider`) are skipped as if drained, so the
+    /// request walks the fallback path on purpose; the answer says `x-backstop-drill: true`
+    /// and lists them as `=drill` in `x-backstop-fallback-reason`.
+    Drill,
 }
 
 /// Circuit-breaker settings, applied to every target (provider + model + key) separately.
@@ -437,6 +445,11 @@ pub struct RouteSpec {
     /// the next target too; the first to produce a token answers and the other is cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hedge: Option<HedgeSpec>,
+
+    /// Shadow comparison: a sampled share of this route's successful requests also sent to
+    /// another target in the background, both answers compared in telemetry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSpec>,
 }
 
 /// Hedging on slow first tokens.
@@ -457,7 +470,7 @@ pub struct HedgeSpec {
 /// One step of a chain: a single target, or a weighted group of equivalent targets.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.group) ? !has(self.provider) && !has(self.model) && !has(self.timeout) && !has(self.price) : has(self.provider) && has(self.model)", "message": "set either `group`, or `provider` and `model`"}]))]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.group) ? !has(self.provider) && !has(self.model) && !has(self.timeout) && !has(self.price) && !has(self.adapt) : has(self.provider) && has(self.model)", "message": "set either `group`, or `provider` and `model`"}]))]
 pub struct ChainStepSpec {
     /// The provider's `name`. Set with `model`, or use `group` instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -481,6 +494,12 @@ pub struct ChainStepSpec {
     /// `backstop.cost` metric. Set with `provider` and `model`; a group's members set their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<PriceSpec>,
+
+    /// How requests to this target are adapted: parameters set, capped or removed, and text
+    /// around the system prompt. Set with `provider` and `model`; a group's members set their
+    /// own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt: Option<AdaptSpec>,
 
     /// Equivalent targets (keys, regions, endpoints of one model) that share this step; each
     /// request picks one by weight. Set instead of `provider` and `model`.
@@ -516,6 +535,10 @@ pub struct GroupMemberSpec {
     /// What this member charges (see the step's `price`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<PriceSpec>,
+
+    /// How requests to this member are adapted (see the step's `adapt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapt: Option<AdaptSpec>,
 }
 
 /// A target's prices, in US dollars per million tokens.

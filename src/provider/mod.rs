@@ -11,6 +11,7 @@
 //! assembles a snapshot; building one is where a config that cannot work is refused
 //! ([`InvalidBackend`]), so a bad config from any source never reaches the request path.
 
+pub mod adapt;
 pub mod anthropic;
 pub mod credentials;
 pub mod gemini;
@@ -90,6 +91,8 @@ pub struct Call<'a> {
     pub key: usize,
     /// Trace headers (`traceparent`, `tracestate`) for the provider request.
     pub trace: &'a [(&'static str, ::http::HeaderValue)],
+    /// How the target's requests are adapted, if the policy says.
+    pub adapt: Option<&'a crate::chain::Adaptation>,
 }
 
 /// A successful send: the reply and what the provider said about its rate limits.

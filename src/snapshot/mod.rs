@@ -46,6 +46,8 @@ pub struct Target {
     pub skip_for: Vec<RequestFeature>,
     /// What it charges, if the policy says.
     pub price: Option<crate::chain::Price>,
+    /// How its requests are adapted, if the policy says.
+    pub adapt: Option<crate::chain::Adaptation>,
 }
 
 impl Target {
@@ -242,6 +244,7 @@ impl Binder<'_> {
             health,
             skip_for: config.skip_for.clone(),
             price: config.price,
+            adapt: config.adapt.clone(),
         })
     }
 }

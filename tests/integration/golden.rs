@@ -194,3 +194,92 @@ fn gemini_response_to_anthropic() {
         json_fixture("gemini_response_tools.json")
     ));
 }
+
+/// A policy adapting one target of each API; returns each target's adaptation by provider.
+fn adaptations() -> std::collections::BTreeMap<String, backstop::chain::Adaptation> {
+    let policy = backstop::policy::document::parse_policy(
+        r#"apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {name: adapted}
+spec:
+  providers:
+    - {name: oai, type: openai, apiKey: {value: sk-test}}
+    - {name: claude, type: anthropic, apiKey: {value: sk-ant-test}}
+    - {name: gem, type: gemini, apiKey: {value: g-test}}
+  routes:
+    - model: chat
+      chain:
+        - provider: oai
+          model: gpt-5
+          adapt:
+            set: {reasoningEffort: low, seed: 7}
+            cap: {maxTokens: 256}
+            remove: [temperature, topP]
+            systemPrompt: {prefix: "You are the shop's assistant.", suffix: "Answer in under 100 words."}
+        - provider: claude
+          model: claude-sonnet-4-5
+          adapt:
+            set: {thinkingBudget: 2048}
+            cap: {maxTokens: 300}
+            remove: [temperature, topK]
+            systemPrompt: {suffix: "Return tool arguments as strict JSON."}
+        - provider: gem
+          model: gemini-2.5-flash
+          adapt:
+            set: {thinkingBudget: 0, topK: 20}
+            cap: {temperature: 0.4, maxTokens: 200}
+            remove: [seed]
+            systemPrompt: {prefix: "Use plain text."}
+"#,
+    )
+    .expect("policy parses");
+    let compiled = backstop::chain::compile(&policy, &backstop::chain::LocalKeys).expect("policy compiles");
+    compiled
+        .targets()
+        .into_iter()
+        .map(|t| (compiled.providers[t.provider].name.clone(), t.adapt.clone().expect("adapted")))
+        .collect()
+}
+
+fn adapted(adaptation: &backstop::chain::Adaptation, wire: backstop::provider::adapt::Wire, body: Value) -> Value {
+    let Value::Object(mut body) = body else { panic!("a request body is an object") };
+    backstop::provider::adapt::apply(adaptation, wire, &mut body);
+    Value::Object(body)
+}
+
+#[test]
+fn adaptation_of_an_openai_request_at_each_target() {
+    use backstop::provider::adapt::Wire;
+    let adapt = adaptations();
+    let mut request = openai_request();
+    request.rest.remove("parallel_tool_calls");
+    let openai_body: Value = serde_json::from_slice(&request.to_openai_json("gpt-5").expect("encodes")).expect("json");
+    insta::assert_json_snapshot!(json!({
+        "openai": adapted(&adapt["oai"], Wire::Chat { completion_tokens: true }, openai_body),
+        "anthropic": adapted(&adapt["claude"], Wire::Messages, anthropic::to_wire::to_messages_request(&request, "claude-sonnet-4-5", 4096)),
+        "gemini": adapted(&adapt["gem"], Wire::Gemini, gemini::to_wire::to_gemini_request(&request)),
+    }));
+}
+
+#[test]
+fn adaptation_of_an_anthropic_request_at_each_target() {
+    use backstop::provider::adapt::Wire;
+    let adapt = adaptations();
+    let request = anthropic_ingress::parse::from_messages_request(fixture("anthropic_request_tools.json").as_bytes())
+        .expect("valid Messages request");
+    let openai_body: Value = serde_json::from_slice(&request.to_openai_json("gpt-5").expect("encodes")).expect("json");
+    insta::assert_json_snapshot!(json!({
+        "anthropic": adapted(&adapt["claude"], Wire::Messages, anthropic::to_wire::to_messages_request(&request, "claude-sonnet-4-5", 4096)),
+        "openai": adapted(&adapt["oai"], Wire::Chat { completion_tokens: true }, openai_body),
+        "gemini": adapted(&adapt["gem"], Wire::Gemini, gemini::to_wire::to_gemini_request(&request)),
+    }));
+}
+
+#[test]
+fn adaptation_of_a_stateful_responses_request_at_openai() {
+    use backstop::provider::adapt::Wire;
+    let adapt = adaptations();
+    let mut body = json_fixture("responses_request_tools.json");
+    body["model"] = json!("gpt-5");
+    insta::assert_json_snapshot!(adapted(&adapt["oai"], Wire::Responses, body));
+}

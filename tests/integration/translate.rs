@@ -421,3 +421,46 @@ async fn stateless_responses_requests_fall_back_across_providers() {
     let sequence: Vec<u64> = events.iter().filter_map(|e| e["sequence_number"].as_u64()).collect();
     assert!(sequence.windows(2).all(|w| w[1] == w[0] + 1), "{sequence:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_target_receives_its_adaptation_in_its_own_api_from_apps_of_either_api() {
+    let openai = Upstream::start(Fault::status(500)).await;
+    let anthropic = Upstream::speaking(Wire::Anthropic, vec![], Fault::Ok).await;
+    let providers = format!(
+        "    - {{name: oai, type: openai-compatible, baseUrl: \"{}\"}}\n    - {{name: claude, type: anthropic, baseUrl: \"http://{}\", apiKey: {{value: sk-ant-test}}}}",
+        openai.base_url(),
+        anthropic.addr
+    );
+    let chain = "\n        - {provider: oai, model: llama, adapt: {set: {topK: 20, temperature: 0.1}, cap: {maxTokens: 32}, systemPrompt: {prefix: For llama.}}}\n        - {provider: claude, model: claude-sonnet-4-5, adapt: {cap: {temperature: 0.5, maxTokens: 48}, remove: [topP], systemPrompt: {suffix: For claude.}}}";
+    let sidecar = TestSidecar::start(&policy(&providers, chain, "")).await;
+
+    // An OpenAI app: the OpenAI-compatible target gets Chat Completions, Anthropic Messages.
+    let body = json!({"model": "chat", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}],
+                      "temperature": 0.9, "top_p": 0.5, "max_tokens": 500});
+    let answer = post(&sidecar.url("/v1/chat/completions"), &body).await;
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    let to_llama = &openai.received()[0].body;
+    assert_eq!((to_llama["top_k"].clone(), to_llama["temperature"].clone()), (json!(20), json!(0.1)));
+    assert_eq!(to_llama["max_tokens"], 32, "capped in the field the app used: {to_llama}");
+    assert_eq!(to_llama["messages"][0], json!({"role": "system", "content": "For llama.\n\nBe brief."}));
+    let to_claude = &anthropic.received()[0].body;
+    assert_eq!((to_claude["temperature"].clone(), to_claude["max_tokens"].clone()), (json!(0.5), json!(48)));
+    assert!(to_claude.get("top_p").is_none(), "removed: {to_claude}");
+    assert_eq!(to_claude["system"], "Be brief.\n\nFor claude.");
+
+    // An Anthropic app: the same adaptations, the other way round.
+    let answer = post(&sidecar.url("/v1/messages"), &messages_request(false)).await;
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    let to_llama = &openai.received()[1].body;
+    assert_eq!(to_llama["top_k"], 20);
+    assert_eq!(to_llama["max_completion_tokens"], 32, "{to_llama}");
+    assert_eq!(to_llama["messages"][0], json!({"role": "system", "content": "For llama.\n\nBe brief."}));
+    let to_claude = &anthropic.received()[1].body;
+    assert_eq!(to_claude["max_tokens"], 48, "the app's 64, capped: {to_claude}");
+    assert_eq!(to_claude["system"], "Be brief.\n\nFor claude.");
+    assert_eq!(to_claude["messages"], messages_request(false)["messages"], "nothing else changed");
+
+    // `/config` shows each target's adaptation.
+    let config = get(&sidecar.admin_url("/config")).await;
+    assert!(String::from_utf8_lossy(&config.body).contains("For claude."), "{:?}", config.body);
+}

@@ -54,8 +54,11 @@ impl Anthropic {
 
     /// Sends one Messages request.
     pub async fn send(&self, call: Call<'_>) -> Result<Sent, AttemptError> {
-        let Call { http, model, request, key, trace } = call;
-        let body = to_wire::to_messages_request(request, model, self.default_max_tokens);
+        let Call { http, model, request, key, trace, adapt } = call;
+        let mut body = to_wire::to_messages_request(request, model, self.default_max_tokens);
+        if let (Some(adaptation), Value::Object(wire)) = (adapt, &mut body) {
+            super::adapt::apply(adaptation, super::adapt::Wire::Messages, wire);
+        }
         let mut headers = vec![("anthropic-version", self.version.clone())];
         headers.extend(self.keys.header("x-api-key", key));
         if let Some(origin) = request.origin.as_deref().filter(|o| o.api == Api::Anthropic) {

@@ -36,7 +36,7 @@ impl Gemini {
 
     /// Sends one `generateContent` (or streaming, or `batchEmbedContents`) request.
     pub async fn send(&self, call: Call<'_>) -> Result<Sent, AttemptError> {
-        let Call { http, model, request, key, trace } = call;
+        let Call { http, model, request, key, trace, adapt } = call;
         let embeddings = request.operation == Operation::Embeddings;
         let method = match (embeddings, request.stream) {
             (true, _) => "batchEmbedContents",
@@ -47,8 +47,11 @@ impl Gemini {
         let uri: Uri = format!("{}/models/{model}:{method}", self.base).parse().map_err(|e| {
             AttemptError::new(FailureClass::BadRequest, format!("model `{model}` does not fit in a URL: {e}"))
         })?;
-        let wire =
+        let mut wire =
             if embeddings { to_wire::to_embed_request(request, model) } else { to_wire::to_gemini_request(request) };
+        if let (Some(adaptation), Value::Object(body), false) = (adapt, &mut wire, embeddings) {
+            super::adapt::apply(adaptation, super::adapt::Wire::Gemini, body);
+        }
         let headers = self.keys.header("x-goog-api-key", key);
         let response = post_json(http, uri, headers, trace, encode(&wire)?, request.stream, error::classify).await?;
         if request.stream && !embeddings {

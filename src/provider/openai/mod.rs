@@ -12,7 +12,7 @@ use http::{HeaderValue, Uri};
 use serde_json::Value;
 
 use super::credentials::Credentials;
-use super::http::{HttpClient, encode, post_json, read_json};
+use super::http::{encode, post_json, read_json};
 use super::{Call, InvalidBackend, Sent, endpoint, sse};
 use crate::chain::ProviderConfig;
 use crate::llm::ratelimit::Headroom;
@@ -57,20 +57,28 @@ impl OpenAi {
 
     /// Sends one Chat Completions (or embeddings, or Responses) request.
     pub async fn send(&self, call: Call<'_>) -> Result<Sent, AttemptError> {
-        let Call { http, model, request, key, trace } = call;
+        let Call { http, model, request, key, trace, adapt } = call;
         if let (Some(origin), Endpoint::Fixed { responses, .. }) = (&request.origin, &self.endpoint)
             && origin.api == Api::Responses
             && self.kind == ProviderKind::OpenAi
         {
-            return self.send_responses(http, responses.clone(), model, request, key, trace).await;
+            return self.send_responses(call, responses.clone()).await;
         }
         // OpenAI and Azure report a stream's usage when asked; other OpenAI-compatible servers
         // may refuse the option, so they are sent the app's request as it is.
         let usage = matches!(self.kind, ProviderKind::OpenAi | ProviderKind::AzureOpenAi);
-        let body = request
+        let mut body = request
             .to_openai_json_with(model, usage)
             .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
         let embeddings = request.operation == Operation::Embeddings;
+        if let Some(adaptation) = adapt.filter(|_| !embeddings) {
+            // Only an adapted target pays for decoding its encoded request again.
+            let mut wire: serde_json::Map<String, Value> = serde_json::from_slice(&body)
+                .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
+            let completion_tokens = matches!(self.kind, ProviderKind::OpenAi | ProviderKind::AzureOpenAi);
+            super::adapt::apply(adaptation, super::adapt::Wire::Chat { completion_tokens }, &mut wire);
+            body = encode(&wire)?;
+        }
         let uri = match (&self.endpoint, embeddings) {
             (Endpoint::Fixed { completions, .. }, false) => completions.clone(),
             (Endpoint::Fixed { embeddings, .. }, true) => embeddings.clone(),
@@ -122,17 +130,13 @@ impl OpenAi {
 
     /// Sends the app's own Responses request, `model` replaced: state, tools and every field
     /// stay as OpenAI means them.
-    async fn send_responses(
-        &self,
-        http: &HttpClient,
-        uri: Uri,
-        model: &str,
-        request: &ChatRequest,
-        key: usize,
-        trace: &[(&'static str, http::HeaderValue)],
-    ) -> Result<Sent, AttemptError> {
+    async fn send_responses(&self, call: Call<'_>, uri: Uri) -> Result<Sent, AttemptError> {
+        let Call { http, model, request, key, trace, adapt } = call;
         let mut body = request.origin.as_deref().map(|o| o.body.clone()).unwrap_or_default();
         body.insert("model".into(), Value::String(model.to_string()));
+        if let Some(adaptation) = adapt {
+            super::adapt::apply(adaptation, super::adapt::Wire::Responses, &mut body);
+        }
         let response =
             post_json(http, uri, self.credential(key), trace, encode(&body)?, request.stream, error::classify).await?;
         let headroom = Headroom::from_headers(response.headers());

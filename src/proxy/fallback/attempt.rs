@@ -61,7 +61,14 @@ impl Transport for Traced<'_> {
         let trace = self.trace.upstream(span);
         target
             .provider
-            .send(Call { http: self.http, model: &target.model, request, key: target.key, trace: &trace })
+            .send(Call {
+                http: self.http,
+                model: &target.model,
+                request,
+                key: target.key,
+                trace: &trace,
+                adapt: target.adapt.as_ref(),
+            })
             .await
     }
 }
