@@ -214,16 +214,18 @@ pub struct RequestFacts {
     pub operation: &'static str,
     /// The model the app asked for (a route alias).
     pub model: String,
+    /// Whether it was a fallback drill (`x-backstop-drill`).
+    pub drill: bool,
 }
 
 impl RequestFacts {
     /// The facts of `request`.
-    pub fn of(request: &ChatRequest) -> RequestFacts {
+    pub fn of(request: &ChatRequest, drill: bool) -> RequestFacts {
         let operation = match request.operation {
             Operation::Chat => "chat",
             Operation::Embeddings => "embeddings",
         };
-        RequestFacts { operation, model: request.model.clone() }
+        RequestFacts { operation, model: request.model.clone(), drill }
     }
 }
 
@@ -252,7 +254,7 @@ pub fn fallbacks(
 /// Whether `reason` passed a target over without an attempt (out of rotation, or unable to
 /// take the request), as opposed to an attempt that failed.
 pub fn passed_over(reason: &str) -> bool {
-    matches!(reason, "circuitOpen" | "fleetOpen" | "forcedOpen" | "ineligible")
+    matches!(reason, "circuitOpen" | "fleetOpen" | "forcedOpen" | "ineligible" | "drill")
 }
 
 /// Whether `target` was left behind before `from` was (so it is not where `from` led).
@@ -569,7 +571,12 @@ impl Observation {
             (None, _) if summary.attempts.is_empty() => "refused",
             (None, _) => "failed",
         };
-        instruments.requests.add(1, &[route_kv.clone(), KeyValue::new("backstop.outcome", outcome)]);
+        let mut labels = vec![route_kv.clone(), KeyValue::new("backstop.outcome", outcome)];
+        if request.drill {
+            // Drill traffic falls back on purpose: kept apart from the real fallback rate.
+            labels.push(KeyValue::new("backstop.drill", true));
+        }
+        instruments.requests.add(1, &labels);
         instruments.attempts.record(summary.attempts.len() as u64, std::slice::from_ref(&route_kv));
         if !traced {
             return;
@@ -582,6 +589,9 @@ impl Observation {
             KeyValue::new("backstop.outcome", outcome),
             KeyValue::new("http.response.status_code", i64::from(status)),
         ];
+        if request.drill {
+            attributes.push(KeyValue::new("backstop.drill", true));
+        }
         if let Some(target) = answered_by {
             attributes.push(KeyValue::new("backstop.target", target.label.clone()));
             attributes.push(KeyValue::new("gen_ai.provider.name", provider_name(target)));

@@ -92,6 +92,17 @@ pub struct Route {
     pub overrides: AllowedOverrides,
 }
 
+impl Route {
+    /// Every target of its chains, special chains included (a target may appear twice).
+    pub fn targets(&self) -> impl Iterator<Item = &Arc<Target>> {
+        self.steps
+            .iter()
+            .chain(&self.on_context_window_exceeded)
+            .chain(&self.on_content_filtered)
+            .flat_map(|step| &step.members)
+    }
+}
+
 /// An immutable, live set of policies: the file's one, or every policy the operator serves
 /// the pod. A route's alias is taken from the first policy (in name order) that routes it.
 #[derive(Debug)]

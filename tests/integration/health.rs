@@ -364,3 +364,35 @@ async fn a_committed_stream_is_ended_by_a_stall_not_by_the_request_deadline() {
     let state = health(&sidecar, "primary/up-model").await;
     assert_eq!(state["failures"]["timeout"], 1, "a stalled stream counts against its target: {state}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_request_walks_the_fallback_path_on_purpose_and_says_so() {
+    let upstream = Upstream::start(Fault::Ok).await;
+    let policy = two_target_policy(&upstream.base_url(), "  allowRequestOverrides: [drill]\n");
+    let sidecar = TestSidecar::start(&policy).await;
+    let url = sidecar.url("/v1/chat/completions");
+
+    let drilled = post_raw(&url, chat(false).to_string(), &[("x-backstop-drill", "primary/up-model")]).await;
+    assert_eq!(drilled.status, 200, "{}", String::from_utf8_lossy(&drilled.body));
+    assert_eq!((drilled.header("x-backstop-provider"), drilled.text().as_str()), (Some("fallback"), "from fallback"));
+    assert_eq!(drilled.header("x-backstop-drill"), Some("true"));
+    assert_eq!(drilled.header("x-backstop-fallback-reason"), Some("primary/up-model=drill"));
+    let streamed = post_stream_with(&url, &chat(true), &[("x-backstop-drill", "primary")]).await;
+    assert_eq!((streamed.header("x-backstop-drill"), streamed.text().as_str()), (Some("true"), "from fallback"));
+    assert_eq!(upstream.count(), 0, "the drilled target was never called");
+
+    let typo = post_raw(&url, chat(false).to_string(), &[("x-backstop-drill", "primary/gpt-4o")]).await;
+    assert_eq!(typo.status, 400);
+    assert_eq!(typo.json()["error"]["code"], "invalid_drill", "{}", typo.json());
+
+    let plain = post(&url, &chat(false)).await;
+    assert_eq!((plain.header("x-backstop-provider"), plain.header("x-backstop-drill")), (Some("primary"), None));
+
+    // The same header where the policy does not allow drills is ignored.
+    let strict = TestSidecar::start(&two_target_policy(&upstream.base_url(), "")).await;
+    let ignored =
+        post_raw(&strict.url("/v1/chat/completions"), chat(false).to_string(), &[("x-backstop-drill", "primary")])
+            .await;
+    assert_eq!((ignored.header("x-backstop-provider"), ignored.header("x-backstop-drill")), (Some("primary"), None));
+    assert_eq!(upstream.count(), 2);
+}

@@ -33,7 +33,7 @@ pub(super) fn decide<'r>(
     walk: &mut Walk<'r>,
     route: &'r Route,
     error: &AttemptError,
-    controls: Controls,
+    controls: &Controls,
     now: Instant,
     deadline: Instant,
     skipped: &mut Vec<(String, &'static str)>,

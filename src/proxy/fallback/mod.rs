@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use crate::telemetry::spans::new_span_id;
 
 pub use attempt::{Transport, Upstreams};
-pub use controls::Controls;
+pub use controls::{Controls, UnknownDrillTarget};
 pub use outcome::{Answered, Attempt, Committed, Unanswered};
 
 use attempt::{attempt, millis};
@@ -88,23 +88,26 @@ pub async fn run(
     if !controls.client_retry {
         route.budget.deposit(started);
     }
+    let deadline = started + controls.deadline.map_or(route.timeouts.total, |d| d.min(route.timeouts.total));
+    let max_attempts = controls
+        .max_attempts
+        .map_or(route.retry.max_request_attempts, |n| n.min(route.retry.max_request_attempts))
+        .max(1);
+    let walk = Walk::new(route, request, chance, controls.drill.clone());
     let mut run = Run {
         route,
         request,
         transport,
         controls,
         chance,
-        deadline: started + controls.deadline.map_or(route.timeouts.total, |d| d.min(route.timeouts.total)),
-        max_attempts: controls
-            .max_attempts
-            .map_or(route.retry.max_request_attempts, |n| n.min(route.retry.max_request_attempts))
-            .max(1),
-        walk: Walk::new(route, request, chance),
+        deadline,
+        max_attempts,
+        walk,
         ledger: Ledger::default(),
         race: Race::default(),
     };
     let mut skipped = Vec::new();
-    let Some((first, permit)) = run.walk.first(started, controls.no_fallback, &mut skipped) else {
+    let Some((first, permit)) = run.walk.first(started, run.controls.no_fallback, &mut skipped) else {
         if skipped.iter().any(|(_, why)| *why == "forcedOpen") {
             // Every target that could serve it is drained by an override.
             run.ledger.fell_through.append(&mut skipped);
@@ -409,7 +412,7 @@ impl<'r, T: Transport> Run<'r, T> {
     ) -> Result<Option<(Arc<Target>, Permit)>, Unanswered> {
         let mut skipped = Vec::new();
         let next =
-            decide(&mut self.walk, self.route, &error, self.controls, now, self.deadline, &mut skipped, self.chance);
+            decide(&mut self.walk, self.route, &error, &self.controls, now, self.deadline, &mut skipped, self.chance);
         self.ledger.fell_through.append(&mut skipped);
         let chosen = match next {
             Next::Final => return Err(self.finally(target, error)),

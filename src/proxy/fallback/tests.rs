@@ -515,7 +515,7 @@ async fn an_apps_own_retry_earns_no_budget_and_walks_only_if_the_budget_allows()
     let route = route(AB, "  retry: {attempts: 1, budgetPercent: 0, minRetriesPerSecond: 0}\n");
     let retry = Controls { client_retry: true, ..Controls::default() };
     let Err(Unanswered::Exhausted { attempts, stopped, .. }) =
-        run(&route, &request(false), &fake, retry, Chance::Fixed(0.0)).await
+        run(&route, &request(false), &fake, retry.clone(), Chance::Fixed(0.0)).await
     else {
         panic!("exhausted")
     };
@@ -685,4 +685,67 @@ async fn every_attempt_is_recorded_with_the_span_it_sent_upstream() {
     assert!(recorded.windows(2).all(|w| w[0].1 != w[1].1), "each attempt has a span of its own");
     let starts: Vec<Duration> = answered.attempts.iter().map(|a| a.started - answered.attempts[0].started).collect();
     assert_eq!(starts[1], ms(50), "the retry started after its backoff (half of 100 ms with no jitter)");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drill_walks_past_the_targets_it_names_without_trying_them() {
+    const OK: &[Play] = &[Play::Answer(Duration::ZERO)];
+    let fake = Fake::new(&[("a/m", OK), ("b/m", OK), ("c/m", OK)]);
+    let route = route(ABC, "");
+    let drill = Controls { drill: vec!["a".into(), "b/m".into()], ..Controls::default() };
+    let outcome = run(&route, &request(false), &fake, drill, Chance::Fixed(0.0)).await;
+    assert_eq!(answered_by(&outcome), "c/m");
+    assert_eq!(fell_through(&outcome), [("a/m".to_string(), "drill"), ("b/m".to_string(), "drill")]);
+    assert_eq!(fake.labels(), ["c/m"], "drilled targets get no attempt");
+
+    // A drill of every target leaves nothing to try: no last resort, and the reason is named.
+    let fake = Fake::new(&[("a/m", OK), ("b/m", OK), ("c/m", OK)]);
+    let everything = Controls { drill: vec!["a".into(), "b".into(), "c".into()], ..Controls::default() };
+    let Err(Unanswered::Ineligible { reasons }) =
+        run(&route, &request(false), &fake, everything, Chance::Fixed(0.0)).await
+    else {
+        panic!("nothing to try")
+    };
+    assert!(reasons.iter().all(|(_, why)| why.contains("drill")), "{reasons:?}");
+    assert!(fake.labels().is_empty());
+}
+
+/// A log line sink for one test's subscriber.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_drill_header_needs_the_policy_s_permission_and_must_name_a_target() {
+    let headers = |value: &str| {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-backstop-drill", value.parse().expect("header"));
+        headers
+    };
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+    let forbidden = route(ABC, "");
+    let ignored = tracing::subscriber::with_default(subscriber, || Controls::from_headers(&forbidden, &headers("a")));
+    assert_eq!(ignored, Ok(Controls::default()), "not allowed: no drill");
+    let logged = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf-8");
+    assert!(logged.contains("ignoring a request control header") && logged.contains("x-backstop-drill"), "{logged}");
+
+    let allowed = route(ABC, "  allowRequestOverrides: [drill]\n");
+    let controls = Controls::from_headers(&allowed, &headers(" a/m , b ")).expect("valid drill");
+    assert_eq!(controls.drill, ["a/m", "b"]);
+    let typo = Controls::from_headers(&allowed, &headers("a/m, primary")).expect_err("no such target");
+    assert_eq!(
+        typo.to_string(),
+        "`x-backstop-drill` names `primary`, which is no target of route `chat`; its targets: a/m, b/m, c/m"
+    );
 }

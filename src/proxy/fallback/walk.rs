@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::Chance;
+use super::controls::drill_names;
 use crate::health::Permit;
 use crate::health::balance::pick;
 use crate::health::breaker::{Admission, RefusedBy};
@@ -27,10 +28,12 @@ pub(super) struct Walk<'r> {
     pub(super) attempts_here: u32,
     /// Targets that cannot serve this request, and why; filled as steps are reached.
     pub(super) ineligible: Vec<(String, String)>,
+    /// A drill's selectors: the targets they name are skipped.
+    drill: Vec<String>,
 }
 
 impl<'r> Walk<'r> {
-    pub(super) fn new(route: &'r Route, request: &'r ChatRequest, chance: Chance) -> Self {
+    pub(super) fn new(route: &'r Route, request: &'r ChatRequest, chance: Chance, drill: Vec<String>) -> Self {
         Walk {
             request,
             chance,
@@ -40,7 +43,12 @@ impl<'r> Walk<'r> {
             tried: Vec::new(),
             attempts_here: 0,
             ineligible: Vec::new(),
+            drill,
         }
+    }
+
+    fn drilled(&self, target: &Target) -> bool {
+        self.drill.iter().any(|selector| drill_names(selector, target))
     }
 
     /// Whether a target can serve the request faithfully; notes why not, once.
@@ -48,7 +56,8 @@ impl<'r> Walk<'r> {
         if self.ineligible.iter().any(|(label, _)| *label == target.label) {
             return false;
         }
-        match target.provider.unsupported(self.request).or_else(|| target.skip_for(self.request)) {
+        let drilled = self.drilled(target).then(|| "skipped by a fallback drill (`x-backstop-drill`)".to_string());
+        match drilled.or_else(|| target.provider.unsupported(self.request)).or_else(|| target.skip_for(self.request)) {
             None => true,
             Some(reason) => {
                 self.ineligible.push((target.label.clone(), reason));
@@ -59,6 +68,9 @@ impl<'r> Walk<'r> {
 
     /// Why `target` was passed over without an attempt.
     fn skip_reason(&self, target: &Target, now: Instant) -> &'static str {
+        if self.drilled(target) {
+            return "drill";
+        }
         if self.ineligible.iter().any(|(l, _)| *l == target.label) {
             return "ineligible";
         }

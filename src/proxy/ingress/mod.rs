@@ -73,20 +73,34 @@ pub async fn serve<D: Dialect>(
             Value::Null,
         );
     };
-    let controls = Controls::from_headers(route, headers);
+    let controls = match Controls::from_headers(route, headers) {
+        Ok(controls) => controls,
+        Err(unknown) => {
+            return D::error(StatusCode::BAD_REQUEST, &unknown.to_string(), "invalid_drill", None, Value::Null);
+        }
+    };
+    let drill = !controls.drill.is_empty();
     let observation = recorder.start(headers);
     let outcome = {
         let transport = upstreams.traced(&observation.trace);
         fallback::run(route, &request, &transport, controls, Chance::Random).await
     };
     let summary = Summary::of(&outcome);
-    let facts = RequestFacts::of(&request);
+    let facts = RequestFacts::of(&request, drill);
     if summary.streamed() {
         let watch = StreamObserver::new(observation, route.clone(), facts, summary);
-        return respond::respond::<D>(route, &request, outcome, Some(Box::new(watch)));
+        return drilled(respond::respond::<D>(route, &request, outcome, Some(Box::new(watch))), drill);
     }
-    let response = respond::respond::<D>(route, &request, outcome, None);
+    let response = drilled(respond::respond::<D>(route, &request, outcome, None), drill);
     observation.finish(route, &facts, &summary, response.status().as_u16(), tokio::time::Instant::now(), None);
+    response
+}
+
+/// A drill's response says so, whatever its outcome.
+fn drilled(mut response: Response<Body>, drill: bool) -> Response<Body> {
+    if drill {
+        response.headers_mut().insert("x-backstop-drill", http::HeaderValue::from_static("true"));
+    }
     response
 }
 
