@@ -388,6 +388,14 @@ impl SharedBudget {
         lock(&self.budget).withdraw(now)
     }
 
+    /// Whether the route has retried, fallen through or hedged within the budget's window:
+    /// a route under failure, where nothing optional (a shadow) should add load.
+    pub fn strained(&self, now: Instant) -> bool {
+        let mut budget = lock(&self.budget);
+        budget.available(now);
+        budget.totals().1 > 0
+    }
+
     fn report(&self, now: Instant) -> Value {
         let mut budget = lock(&self.budget);
         let available = budget.available(now).max(0.0).floor();

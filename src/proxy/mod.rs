@@ -8,6 +8,7 @@ pub mod fallback;
 pub mod ingress;
 pub mod observe;
 pub mod relay;
+pub mod shadow;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use super::fallback::{Answered, Attempt, Committed, Unanswered};
 use super::relay::{StreamEnd, StreamWatch};
+use super::shadow::{Pending, StreamGist};
 use crate::health::HealthObserver;
 use crate::llm::{Api, ChatRequest, Operation, StreamEvent};
 use crate::snapshot::{PolicyStore, Route, Target};
@@ -55,6 +56,8 @@ pub struct Recorder {
     /// The process's telemetry.
     pub telemetry: Arc<Telemetry>,
     instruments: Instruments,
+    /// The shadow comparison's.
+    pub(crate) shadow: super::shadow::Instruments,
 }
 
 impl Recorder {
@@ -113,7 +116,8 @@ impl Recorder {
                 .with_description("Requests that stopped short because the route's retry budget was spent")
                 .build(),
         };
-        Recorder { telemetry, instruments }
+        let shadow = super::shadow::Instruments::new(&meter);
+        Recorder { telemetry, instruments, shadow }
     }
 
     /// Watches `store`'s health: breaker states and retry budgets as gauges, and each breaker
@@ -644,17 +648,34 @@ pub struct StreamObserver {
     route: Arc<Route>,
     request: RequestFacts,
     summary: Summary,
+    /// A shadow comparison waiting for the stream's end, and the stream's gist so far.
+    shadow: Option<(Pending, StreamGist)>,
 }
 
 impl StreamObserver {
-    /// Observes the stream `summary` describes.
-    pub fn new(observation: Observation, route: Arc<Route>, request: RequestFacts, summary: Summary) -> Self {
-        StreamObserver { observation: Some(observation), route, request, summary }
+    /// Observes the stream `summary` describes; a `shadow` starts once it has ended well.
+    pub fn new(
+        observation: Observation,
+        route: Arc<Route>,
+        request: RequestFacts,
+        summary: Summary,
+        shadow: Option<Pending>,
+    ) -> Self {
+        let shadow = shadow.zip(summary.api).map(|(pending, api)| (pending, StreamGist::new(api)));
+        StreamObserver { observation: Some(observation), route, request, summary, shadow }
     }
 
     fn end_with(&mut self, end: StreamEnd) {
+        let now = Instant::now();
+        if let (Some((pending, gist)), StreamEnd::Finished) = (self.shadow.take(), &end)
+            && let (Some(target), Some(attempt)) = (&self.summary.answered_by, self.summary.attempts.last())
+        {
+            let latency = now.saturating_duration_since(attempt.started);
+            let primary = pending.primary_of_stream(target, self.summary.info.clone(), latency, gist);
+            pending.launch(primary);
+        }
         if let Some(observation) = self.observation.take() {
-            observation.finish(&self.route, &self.request, &self.summary, 200, Instant::now(), Some(&end));
+            observation.finish(&self.route, &self.request, &self.summary, 200, now, Some(&end));
         }
     }
 }
@@ -663,6 +684,9 @@ impl StreamWatch for StreamObserver {
     fn event(&mut self, event: &StreamEvent) {
         if let Some(api) = self.summary.api {
             self.summary.info.observe(api, &event.data);
+        }
+        if let Some((_, gist)) = &mut self.shadow {
+            gist.push(event);
         }
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::chain::{
-    AllowedOverrides, CompiledPolicy, Hedge, RetryPolicy, RouteConfig, StepConfig, TargetConfig, Timeouts,
+    AllowedOverrides, CompiledPolicy, Hedge, RetryPolicy, RouteConfig, ShadowConfig, StepConfig, TargetConfig, Timeouts,
 };
 use crate::health::gate::Forced;
 use crate::health::{HealthRegistry, SharedBudget, TargetHealth};
@@ -90,6 +90,24 @@ pub struct Route {
     pub budget: Arc<SharedBudget>,
     /// Per-request headers the policy honours.
     pub overrides: AllowedOverrides,
+    /// Shadow comparison, if enabled.
+    pub shadow: Option<Arc<Shadow>>,
+}
+
+/// A route's shadow comparison, live.
+#[derive(Debug)]
+pub struct Shadow {
+    /// The shadow target, one per key of its provider. Their health is their own: a shadow
+    /// never opens a breaker, reports to the fleet, or shows in status.
+    pub targets: Vec<Arc<Target>>,
+    /// Share of eligible requests shadowed, 0 to 1.
+    pub share: f64,
+    /// How long a shadow request may take.
+    pub timeout: std::time::Duration,
+    /// Whether prompt and answer text are recorded.
+    pub capture_content: bool,
+    /// Shadow requests in flight.
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Route {
@@ -224,7 +242,27 @@ impl Binder<'_> {
             hedge: config.hedge,
             budget,
             overrides: config.overrides,
+            shadow: config.shadow.as_ref().map(|shadow| self.shadow(shadow)).transpose()?,
         })
+    }
+
+    /// A shadow's targets, bound to their providers but not to the registry's health.
+    fn shadow(&mut self, config: &ShadowConfig) -> Result<Arc<Shadow>, InvalidBackend> {
+        let targets = config
+            .targets
+            .iter()
+            .map(|target| {
+                let health = Arc::new(TargetHealth::new(target.label.clone(), self.compiled.breaker.clone()));
+                self.live(target, health).map(Arc::new)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Arc::new(Shadow {
+            targets,
+            share: config.share,
+            timeout: config.timeout,
+            capture_content: config.capture_content,
+            slots: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent as usize)),
+        }))
     }
 
     fn chain(&mut self, steps: &[StepConfig]) -> Result<Vec<Step>, InvalidBackend> {
@@ -238,13 +276,17 @@ impl Binder<'_> {
     }
 
     fn target(&mut self, config: &TargetConfig) -> Result<Target, InvalidBackend> {
+        let health = self.health.target(&config.identity, &config.label, &self.compiled.breaker);
+        self.targets.push((health.clone(), self.forced(&config.identity)));
+        self.live(config, health)
+    }
+
+    fn live(&self, config: &TargetConfig, health: Arc<TargetHealth>) -> Result<Target, InvalidBackend> {
         let provider = self
             .providers
             .get(config.provider)
             .ok_or_else(|| InvalidBackend::UnknownProvider { target: config.label.clone() })?
             .clone();
-        let health = self.health.target(&config.identity, &config.label, &self.compiled.breaker);
-        self.targets.push((health.clone(), self.forced(&config.identity)));
         Ok(Target {
             provider,
             model: config.model.clone(),

@@ -16,6 +16,7 @@ mod operator;
 mod operator_process;
 mod otlp;
 mod reload;
+mod shadow;
 mod sidecar_process;
 mod support;
 mod tls;

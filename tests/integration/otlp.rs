@@ -19,7 +19,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::Command;
@@ -442,4 +442,182 @@ async fn every_metric_the_dashboard_charts_is_one_the_sidecar_exports() {
     for name in &names {
         assert!(text.contains(name.as_str()), "the dashboard charts {name}, which /metrics does not have:\n{text}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_comparison_reaches_the_collector_with_both_answers_facts() {
+    let receiver = Receiver::start().await;
+    let primary = Upstream::start(Fault::Ok).await;
+    let shadow = Upstream::speaking(Wire::Anthropic, vec![], Fault::Ok).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("policy.yaml");
+    let shadow_of = |capture: bool| {
+        format!(
+            "{{provider: claude, model: claude-shadow, percent: 100, price: {{input: 3, output: 15}}, captureContent: {capture}}}"
+        )
+    };
+    std::fs::write(
+        &policy,
+        format!(
+            r#"apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {{name: shadowed, namespace: tests}}
+spec:
+  providers:
+    - {{name: primary, type: openai-compatible, baseUrl: "{}"}}
+    - {{name: claude, type: anthropic, baseUrl: "http://{}", apiKey: {{value: sk-ant-shadow-SECRET}}}}
+  routes:
+    - model: chat
+      chain: [{{provider: primary, model: up-model, price: {{input: 1, output: 2}}}}]
+      shadow: {}
+    - model: captured
+      chain: [{{provider: primary, model: up-model}}, {{provider: claude, model: claude-backup}}]
+      shadow: {}
+  allowRequestOverrides: [drill]
+"#,
+            primary.base_url(),
+            shadow.addr,
+            shadow_of(false),
+            shadow_of(true),
+        ),
+    )
+    .expect("policy");
+    let (_child, llm, admin) = start_sidecar(&policy, receiver.addr).await;
+    let url = format!("http://{llm}/v1/chat/completions");
+    let app_trace = "5cf92f3577b34da6a3ce929d0e0e4737";
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": PROMPT}]});
+    let answer =
+        post_raw(&url, body.to_string(), &[("traceparent", &format!("00-{app_trace}-00f067aa0ba902b7-01"))]).await;
+    assert_eq!((answer.status, answer.text().as_str()), (200, "from upstream"));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let (server, comparison) = loop {
+        let spans = receiver.spans();
+        let in_trace: Vec<Span> = spans.into_iter().filter(|s| hex(&s.trace_id) == app_trace).collect();
+        let server = in_trace.iter().find(|s| s.kind == 2).cloned();
+        let comparison = in_trace.iter().find(|s| s.name == "shadow claude-shadow").cloned();
+        if let (Some(server), Some(comparison)) = (server, comparison) {
+            break (server, comparison);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the shadow's span never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(comparison.parent_span_id, server.span_id, "the comparison is part of the request's trace");
+    let sent = shadow.received()[0].headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+    assert_eq!(sent, Some(format!("00-{app_trace}-{}-01", hex(&comparison.span_id))));
+    let a = attributes(&comparison.attributes);
+    let expected = [
+        ("backstop.route", "chat"),
+        ("backstop.shadow.primary.target", "primary/up-model"),
+        ("backstop.shadow.primary.model", "up-model"),
+        ("backstop.shadow.primary.finish_reason", "stop"),
+        ("backstop.shadow.primary.chars", "13"),
+        ("backstop.shadow.target", "claude/claude-shadow"),
+        ("backstop.shadow.model", "claude-up"),
+        ("backstop.shadow.finish_reason", "end_turn"),
+        ("backstop.shadow.input_tokens", "11"),
+        ("backstop.shadow.output_tokens", "3"),
+        ("backstop.shadow.chars", "14"),
+    ];
+    for (key, value) in expected {
+        assert_eq!(a.get(key).map(String::as_str), Some(value), "{key} in {a:?}");
+    }
+    let number = |key: &str| a.get(key).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{key} in {a:?}"));
+    assert!((number("backstop.shadow.length_ratio") - 14.0 / 13.0).abs() < 1e-9);
+    assert!((number("backstop.shadow.cost") - (11.0 * 3.0 + 3.0 * 15.0) / 1e6).abs() < 1e-12);
+    assert!(number("backstop.shadow.primary.cost") > 0.0);
+    assert!(number("backstop.shadow.latency") > 0.0 && number("backstop.shadow.primary.latency") > 0.0);
+    assert!(number("backstop.shadow.latency_ratio") > 0.0);
+    assert!(!a.contains_key("backstop.shadow.exact_match"), "prose is compared by length, not for a match");
+    assert!(!a.contains_key("backstop.shadow.prompt") && !a.contains_key("backstop.shadow.text"), "no capture: {a:?}");
+
+    // The same comparison as a log record, in the trace, and as metrics.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let records: Vec<_> = receiver
+            .bodies("/v1/logs")
+            .iter()
+            .map(|b| ExportLogsServiceRequest::decode(b.as_ref()).expect("logs"))
+            .flat_map(|r| r.resource_logs)
+            .flat_map(|r| r.scope_logs)
+            .flat_map(|s| s.log_records)
+            .filter(|r| {
+                r.body.as_ref().and_then(|b| b.value.clone())
+                    == Some(any_value::Value::StringValue("shadow comparison".into()))
+            })
+            .collect();
+        if let Some(record) = records.first() {
+            assert_eq!(hex(&record.trace_id), app_trace);
+            assert_eq!(
+                attributes(&record.attributes)["backstop.shadow.length_ratio"],
+                a["backstop.shadow.length_ratio"]
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no shadow comparison log record");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = String::from_utf8_lossy(&get(&format!("http://{admin}/metrics")).await.body).into_owned();
+    assert!(
+        text.contains("backstop_shadow_requests_total{backstop_route=\"chat\",backstop_shadow_outcome=\"compared\""),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "backstop_shadow_cost_total{backstop_route=\"chat\",backstop_shadow_target=\"claude/claude-shadow\""
+        ),
+        "{text}"
+    );
+
+    // Content is recorded only where the policy says so.
+    let everything = receiver.everything();
+    assert!(!everything.windows(PROMPT.len()).any(|w| w == PROMPT.as_bytes()), "the prompt left without consent");
+    assert!(!everything.windows(17).any(|w| w == b"sk-ant-shadow-SEC"), "a key reached the collector");
+    let captured = json!({"model": "captured", "messages": [{"role": "user", "content": PROMPT}]});
+    assert_eq!(post(&url, &captured).await.status, 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let shown = loop {
+        let found = receiver
+            .spans()
+            .into_iter()
+            .find(|s| s.name == "shadow claude-shadow" && attributes(&s.attributes)["backstop.route"] == "captured");
+        if let Some(span) = found {
+            break attributes(&span.attributes);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the captured comparison never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(shown["backstop.shadow.prompt"], PROMPT);
+    assert_eq!(
+        (shown["backstop.shadow.primary.text"].as_str(), shown["backstop.shadow.text"].as_str()),
+        ("from upstream", "from anthropic")
+    );
+
+    // A drill is never shadowed, and its request span says it was a drill.
+    let before = shadow.count();
+    let drill_trace = "6df92f3577b34da6a3ce929d0e0e4738";
+    let drill = post_raw(
+        &url,
+        captured.to_string(),
+        &[("x-backstop-drill", "primary"), ("traceparent", &format!("00-{drill_trace}-00f067aa0ba902b7-01"))],
+    )
+    .await;
+    assert_eq!((drill.status, drill.header("x-backstop-drill")), (200, Some("true")));
+    assert_eq!(drill.header("x-backstop-model"), Some("claude-backup"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let drilled = loop {
+        let found = receiver.spans().into_iter().find(|s| hex(&s.trace_id) == drill_trace && s.kind == 2);
+        if let Some(span) = found {
+            break attributes(&span.attributes);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the drill's span never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (drilled["backstop.drill"].as_str(), drilled["backstop.fallback_reason"].as_str()),
+        ("true", "primary/up-model=drill")
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let models: Vec<Value> = shadow.received()[before..].iter().map(|r| r.body["model"].clone()).collect();
+    assert_eq!(models, [json!("claude-backup")], "the drill's own attempt, and no shadow of it");
 }

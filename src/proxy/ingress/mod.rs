@@ -19,6 +19,7 @@ use serde_json::Value;
 use super::body::Body;
 use super::fallback::{self, Chance, Controls, Upstreams};
 use super::observe::{Recorder, RequestFacts, StreamObserver, Summary};
+use super::shadow;
 use crate::llm::{Api, ChatRequest, InvalidRequest};
 use crate::proxy::relay::StreamRenderer;
 use crate::snapshot::PolicySnapshot;
@@ -87,11 +88,18 @@ pub async fn serve<D: Dialect>(
     };
     let summary = Summary::of(&outcome);
     let facts = RequestFacts::of(&request, drill);
+    let shadow =
+        if drill { None } else { shadow::sample(route, &request, &outcome, &observation.trace, upstreams, recorder) };
     if summary.streamed() {
-        let watch = StreamObserver::new(observation, route.clone(), facts, summary);
+        let watch = StreamObserver::new(observation, route.clone(), facts, summary, shadow);
         return drilled(respond::respond::<D>(route, &request, outcome, Some(Box::new(watch))), drill);
     }
+    let primary =
+        shadow.as_ref().zip(outcome.as_ref().ok()).and_then(|(pending, answered)| pending.primary_of(answered));
     let response = drilled(respond::respond::<D>(route, &request, outcome, None), drill);
+    if let (Some(pending), Some(primary)) = (shadow, primary) {
+        pending.launch(primary);
+    }
     observation.finish(route, &facts, &summary, response.status().as_u16(), tokio::time::Instant::now(), None);
     response
 }
