@@ -11,6 +11,9 @@
 //! - a fall-through: the first target answers 503 at once, the second answers; the cost beyond
 //!   the two upstream calls;
 //! - a primary whose breaker is open (it never answers): the cost of passing it over;
+//! - shadow comparison at 100%: app latency on a route whose shadow target never answers (its
+//!   pool full, the rest shed) and on one whose shadow answers, against the same route without
+//!   a shadow;
 //! - memory idle, after the load, and holding 1,000 open streams; start to ready;
 //! - telemetry: metrics only, against OTLP to a collector that takes everything and to one that
 //!   never answers.
@@ -21,7 +24,7 @@
 //! - `BENCH_JSON`: where the results go as JSON (default `target/bench/proxy.json`);
 //! - `BENCH_CHECK`: a JSON file of floors and ceilings (`benches/proxy-limits.json`); the run
 //!   fails if a measured ratio crosses one (CI's regression step);
-//! - `BENCH_QUICK=1`: only the passthrough, streaming and fall-through scenarios;
+//! - `BENCH_QUICK=1`: only the passthrough, streaming, fall-through and shadow scenarios;
 //! - `BACKSTOP_BENCH_BIN`: another sidecar binary to measure with this harness;
 //! - head to head: `BENCH_COMPARE_URL=http://127.0.0.1:4000/v1` measures another proxy's
 //!   passthrough beside the sidecar's. Pin the upstream with `BENCH_UPSTREAM=127.0.0.1:18080`
@@ -206,7 +209,9 @@ impl Sidecar {
 
 /// The benchmark's policy. `flaky` falls through from a target that answers 503 at once (kept
 /// in rotation by a `ForcedClosed` override, so its breaker never takes it out);
-/// `dead-primary` starts at a target that never answers, whose breaker opens.
+/// `dead-primary` starts at a target that never answers, whose breaker opens; `shadowed` and
+/// `shadow-stalled` are `chat` shadowed on every request, to a target that answers and to one
+/// that never does.
 fn policy(upstream: SocketAddr, dead: SocketAddr) -> String {
     format!(
         "apiVersion: backstop.dev/v1alpha1
@@ -238,6 +243,14 @@ spec:
       chain:
         - {{provider: dead, model: bench-model, timeout: 200ms}}
         - {{provider: up, model: bench-model}}
+    - model: shadowed
+      chain:
+        - {{provider: up, model: bench-model}}
+      shadow: {{provider: up, model: shadow-model, percent: 100}}
+    - model: shadow-stalled
+      chain:
+        - {{provider: up, model: bench-model}}
+      shadow: {{provider: dead, model: bench-model, percent: 100, timeout: 1m}}
   overrides:
     - {{target: down, state: ForcedClosed, reason: the benchmark's always-503 target}}
 "
@@ -697,6 +710,8 @@ async fn run(seconds: f64, quick: bool) -> Value {
         }),
     );
 
+    results.insert("shadow", shadow(&sidecar, &direct_to).await);
+
     if !quick {
         dead_primary(&sidecar, &direct_to, &mut results).await;
         let after = sidecar.rss();
@@ -727,6 +742,46 @@ async fn run(seconds: f64, quick: bool) -> Value {
         results.insert("telemetry", telemetry(&policy, collector, seconds).await);
     }
     serde_json::to_value(results).expect("results")
+}
+
+/// App latency with a shadow on every request, against the same route without one, taken in
+/// alternating rounds so drift on the machine touches all three alike.
+async fn shadow(sidecar: &Sidecar, direct: &Endpoint) -> Value {
+    let routes = ["chat", "shadow-stalled", "shadowed"];
+    let mut samples: [Vec<Duration>; 3] = Default::default();
+    for _ in 0..4 {
+        for (route, into) in routes.iter().zip(samples.iter_mut()) {
+            into.extend(latencies(&Endpoint::direct(sidecar.llm, route), 100).await);
+        }
+    }
+    let direct = median(latencies(direct, 200).await);
+    let stats = |mut s: Vec<Duration>| {
+        s.sort();
+        (quantile(&s, 0.5), quantile(&s, 0.99))
+    };
+    let [plain, stalled, shadowed] = samples.map(stats);
+    println!(
+        "shadow at 100%: app p50/p99 {:.0}/{:.0} µs without a shadow, {:.0}/{:.0} µs with a shadow that never answers, \
+         {:.0}/{:.0} µs with one that answers (direct {:.0} µs)",
+        us(plain.0),
+        us(plain.1),
+        us(stalled.0),
+        us(stalled.1),
+        us(shadowed.0),
+        us(shadowed.1),
+        us(direct)
+    );
+    json!({
+        "plain_p50_us": us(plain.0),
+        "plain_p99_us": us(plain.1),
+        "stalled_p50_us": us(stalled.0),
+        "stalled_p99_us": us(stalled.1),
+        "answering_p50_us": us(shadowed.0),
+        "answering_p99_us": us(shadowed.1),
+        "stalled_p50_ratio": us(stalled.0) / us(plain.0),
+        "answering_p50_ratio": us(shadowed.0) / us(plain.0),
+        "direct_p50_us": us(direct),
+    })
 }
 
 async fn latencies_of_503(upstream: SocketAddr, n: usize) -> Vec<Duration> {

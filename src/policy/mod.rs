@@ -446,8 +446,11 @@ pub struct RouteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hedge: Option<HedgeSpec>,
 
-    /// Shadow comparison: a sampled share of this route's successful requests also sent to
-    /// another target in the background, both answers compared in telemetry.
+    /// Shadow comparison: a sampled share of the requests this route's first target answered
+    /// at once is also sent, in the background, to another target, and both answers are
+    /// compared in telemetry (model, latency, tokens, cost, finish reason, length ratio, exact
+    /// match of tool calls and JSON output). The app's answer is never delayed or changed, and
+    /// no shadow runs while the route is retrying or falling through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowSpec>,
 }
@@ -495,9 +498,12 @@ pub struct ChainStepSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<PriceSpec>,
 
-    /// How requests to this target are adapted: parameters set, capped or removed, and text
-    /// around the system prompt. Set with `provider` and `model`; a group's members set their
-    /// own.
+    /// How requests to this target are adapted, after they are translated into its API:
+    /// parameters set, capped or removed (each named once for every API: `maxTokens` is
+    /// `max_completion_tokens` for OpenAI, `max_tokens` for Anthropic, `maxOutputTokens` for
+    /// Gemini), and text put before and after the system prompt. A parameter the target's API
+    /// cannot take is a policy error. Set with `provider` and `model`; a group's members set
+    /// their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapt: Option<AdaptSpec>,
 

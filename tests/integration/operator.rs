@@ -116,6 +116,21 @@ async fn the_crd_is_accepted_and_its_rules_refuse_broken_policies_with_their_mes
             "should have at least 1 items",
         ),
         (base.clone() + "  retry: {backoff: {base: 2s, max: 1s}}\n", "`max` must not be shorter than `base`"),
+        (
+            base.replace(
+                "{provider: spare, model: m}",
+                "{group: [{provider: spare, model: m}], adapt: {set: {seed: 1}}}",
+            ),
+            "set either `group`, or `provider` and `model`",
+        ),
+        (
+            base.replace("{provider: spare, model: m}", "{provider: spare, model: m, adapt: {remove: [topQ]}}"),
+            "Unsupported value",
+        ),
+        (
+            base.replace("{provider: spare, model: m}", "{provider: spare, model: m, adapt: {set: {temperature: 3}}}"),
+            "should be less than or equal to 2",
+        ),
     ];
     for (yaml, expected) in cases {
         let error = create(yaml).await.expect_err(expected);
@@ -124,6 +139,15 @@ async fn the_crd_is_accepted_and_its_rules_refuse_broken_policies_with_their_mes
     let explained = cluster.kubectl(&["explain", "fallbackpolicy.spec.routes"]).expect("kubectl explain");
     assert!(explained.contains("Model aliases the app may send"), "{explained}");
     assert!(explained.contains("onContextWindowExceeded"), "{explained}");
+    // kubectl wraps descriptions: compare with the whitespace folded.
+    let explain = |path: &str| {
+        let text = cluster.kubectl(&["explain", path]).expect("kubectl explain");
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    let adapt = explain("fallbackpolicy.spec.routes.chain.adapt");
+    assert!(adapt.contains("after they are translated into its API") && adapt.contains("systemPrompt"), "{adapt}");
+    let shadow = explain("fallbackpolicy.spec.routes.shadow");
+    assert!(shadow.contains("never delayed or changed") && shadow.contains("captureContent"), "{shadow}");
     let listed = cluster.kubectl(&["get", "fbp", "-n", &namespace]).expect("kubectl get");
     let header: Vec<&str> = listed.lines().next().unwrap_or_default().split_whitespace().collect();
     assert_eq!(header, ["NAME", "READY", "REASON", "ROUTES", "SIDECARS", "DEGRADED", "AGE"], "{listed}");
