@@ -50,7 +50,9 @@ pub struct SystemPromptSpec {
     pub suffix: Option<String>,
 }
 
-/// A request parameter, in Backstop's provider-neutral name.
+/// A request parameter, in Backstop's provider-neutral name. A stateful Responses request (sent
+/// to an `openai` target as the app wrote it) has no `topK`, `seed` or penalties: those are not
+/// sent with it.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Parameter {
@@ -149,7 +151,9 @@ pub struct CapSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub top_k: Option<u64>,
-    /// The longest answer, in tokens; sent also when the app gave no limit.
+    /// The longest answer, in tokens; sent also when the app gave no limit. With Anthropic's
+    /// extended thinking on, `max_tokens` is raised above the thinking budget (the answer keeps
+    /// this room besides the thinking).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100_000_000))]
     pub max_tokens: Option<u64>,
@@ -206,8 +210,8 @@ pub struct ShadowSpec {
     #[schemars(range(min = 0.001, max = 100.0))]
     pub percent: f64,
 
-    /// Shadow requests in flight at once, per sidecar; a request sampled while all are busy is
-    /// not shadowed. Default 4.
+    /// Shadow requests in flight at once for this route in each sidecar; a request sampled
+    /// while all are busy is not shadowed. Default 4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 256))]
     pub max_concurrent: Option<u32>,

@@ -77,30 +77,32 @@ pub fn apply(adaptation: &Adaptation, wire: Wire, body: &mut Map<String, Value>)
         }
     }
     for (parameter, value) in &adaptation.set {
-        if let Some(path) = tokens_path(wire, *parameter, body).or_else(|| path(wire, *parameter)) {
+        if let (Parameter::MaxTokens, Wire::Chat { completion_tokens }) = (parameter, wire) {
+            chat_limit(body, completion_tokens, value.clone());
+        } else if let Some(path) = path(wire, *parameter) {
             if *parameter == Parameter::ThinkingBudget && wire == Wire::Messages {
-                body.insert("thinking".into(), json!({"type": "enabled"}));
+                thinking_on(body);
             }
             insert(body, path, value.clone());
         }
     }
     for &(parameter, cap) in &adaptation.cap {
-        let Some(path) = tokens_path(wire, parameter, body).or_else(|| path(wire, parameter)) else { continue };
         let limit = if integral(parameter) { json!(cap as u64) } else { json!(cap) };
-        match get(body, path).and_then(Value::as_f64) {
-            Some(current) if current > cap => insert(body, path, limit.clone()),
-            None if parameter == Parameter::MaxTokens => insert(body, path, limit.clone()),
-            _ => {}
-        }
-        if parameter == Parameter::MaxTokens
-            && let Wire::Chat { .. } = wire
-        {
-            // A request may carry both limits; neither may exceed the cap.
-            for other in ["max_tokens", "max_completion_tokens"] {
-                if body.get(other).and_then(Value::as_f64).is_some_and(|v| v > cap) {
-                    body.insert(other.into(), limit.clone());
-                }
+        if let (Parameter::MaxTokens, Wire::Chat { completion_tokens }) = (parameter, wire) {
+            let current = ["max_completion_tokens", "max_tokens"]
+                .iter()
+                .filter_map(|field| body.get(*field).and_then(Value::as_f64))
+                .fold(None, |lowest: Option<f64>, v| Some(lowest.map_or(v, |l| l.min(v))));
+            if current.is_none_or(|current| current > cap) {
+                chat_limit(body, completion_tokens, limit);
             }
+            continue;
+        }
+        let Some(path) = path(wire, parameter) else { continue };
+        match get(body, path).and_then(Value::as_f64) {
+            Some(current) if current > cap => insert(body, path, limit),
+            None if parameter == Parameter::MaxTokens => insert(body, path, limit),
+            _ => {}
         }
     }
     if wire == Wire::Messages {
@@ -111,7 +113,7 @@ pub fn apply(adaptation: &Adaptation, wire: Wire, body: &mut Map<String, Value>)
         if let (Some(budget), Some(max)) = (budget, max)
             && max <= budget
         {
-            body.insert("max_tokens".into(), json!(budget + max));
+            body.insert("max_tokens".into(), json!(budget.saturating_add(max)));
         }
     }
     if adaptation.system_prefix.is_some() || adaptation.system_suffix.is_some() {
@@ -119,17 +121,43 @@ pub fn apply(adaptation: &Adaptation, wire: Wire, body: &mut Map<String, Value>)
     }
 }
 
-/// Chat Completions keeps the answer's limit in the field the app used, when it used one.
-fn tokens_path(wire: Wire, parameter: Parameter, body: &Map<String, Value>) -> Option<&'static [&'static str]> {
-    if parameter != Parameter::MaxTokens || !matches!(wire, Wire::Chat { .. }) {
-        return None;
+/// Writes the answer's limit of a Chat Completions request: in `max_completion_tokens` for
+/// OpenAI and Azure (their reasoning models refuse `max_tokens`, which it replaces), else in the
+/// field the app used (`max_tokens` when it used none), so that one limit is sent.
+fn chat_limit(body: &mut Map<String, Value>, completion_tokens: bool, limit: Value) {
+    if completion_tokens {
+        body.remove("max_tokens");
+        body.insert("max_completion_tokens".into(), limit);
+        return;
     }
-    if body.contains_key("max_completion_tokens") {
-        Some(&["max_completion_tokens"])
-    } else if body.contains_key("max_tokens") {
-        Some(&["max_tokens"])
-    } else {
-        None
+    let fields: Vec<&str> =
+        ["max_completion_tokens", "max_tokens"].into_iter().filter(|field| body.contains_key(*field)).collect();
+    if fields.is_empty() {
+        body.insert("max_tokens".into(), limit.clone());
+    }
+    for field in fields {
+        body.insert(field.into(), limit.clone());
+    }
+}
+
+/// Turns on Anthropic's extended thinking, and takes from the request what Anthropic refuses
+/// alongside it: a temperature or top-k (thinking samples its own way), a top-p below 0.95,
+/// and a forced tool choice (it may only be `auto` or `none`).
+fn thinking_on(body: &mut Map<String, Value>) {
+    body.insert("thinking".into(), json!({"type": "enabled"}));
+    body.remove("temperature");
+    body.remove("top_k");
+    if body.get("top_p").and_then(Value::as_f64).is_some_and(|p| p < 0.95) {
+        body.remove("top_p");
+    }
+    if let Some(choice) = body.get_mut("tool_choice")
+        && matches!(choice["type"].as_str(), Some("any" | "tool"))
+    {
+        let parallel = choice.get("disable_parallel_tool_use").cloned();
+        *choice = json!({"type": "auto"});
+        if let Some(parallel) = parallel {
+            choice["disable_parallel_tool_use"] = parallel;
+        }
     }
 }
 
@@ -242,7 +270,21 @@ mod tests {
         let cap = adaptation("cap: [[temperature, 0.5], [maxTokens, 100]]");
         let mut body = json!({"temperature": 0.2, "max_tokens": 500}).as_object().cloned().expect("object");
         apply(&cap, Wire::Chat { completion_tokens: true }, &mut body);
-        assert_eq!(Value::Object(body), json!({"temperature": 0.2, "max_tokens": 100}));
+        assert_eq!(
+            Value::Object(body),
+            json!({"temperature": 0.2, "max_completion_tokens": 100}),
+            "OpenAI's reasoning models refuse `max_tokens`"
+        );
+        let mut body = json!({"max_tokens": 500, "max_completion_tokens": 50}).as_object().cloned().expect("object");
+        apply(&cap, Wire::Chat { completion_tokens: false }, &mut body);
+        assert_eq!(Value::Object(body), json!({"max_tokens": 500, "max_completion_tokens": 50}), "within the cap");
+        let mut body = json!({"max_tokens": 500, "max_completion_tokens": 400}).as_object().cloned().expect("object");
+        apply(&cap, Wire::Chat { completion_tokens: false }, &mut body);
+        assert_eq!(Value::Object(body), json!({"max_tokens": 100, "max_completion_tokens": 100}), "both capped");
+        let set = adaptation("set: [[maxTokens, 64]]");
+        let mut body = json!({"max_tokens": 500, "max_completion_tokens": 400}).as_object().cloned().expect("object");
+        apply(&set, Wire::Chat { completion_tokens: true }, &mut body);
+        assert_eq!(Value::Object(body), json!({"max_completion_tokens": 64}), "one limit is sent");
         let mut body = json!({"temperature": 1.5}).as_object().cloned().expect("object");
         apply(&cap, Wire::Chat { completion_tokens: true }, &mut body);
         assert_eq!(Value::Object(body), json!({"temperature": 0.5, "max_completion_tokens": 100}));
@@ -260,6 +302,25 @@ mod tests {
             Value::Object(body),
             json!({"max_tokens": 3048, "thinking": {"type": "enabled", "budget_tokens": 2048}})
         );
+        let mut body = json!({"max_tokens": u64::MAX, "temperature": 0.2, "top_k": 5, "top_p": 0.5,
+                              "tool_choice": {"type": "tool", "name": "f", "disable_parallel_tool_use": true}})
+        .as_object()
+        .cloned()
+        .expect("object");
+        apply(&set, Wire::Messages, &mut body);
+        assert_eq!(
+            Value::Object(body),
+            json!({"max_tokens": u64::MAX, "thinking": {"type": "enabled", "budget_tokens": 2048},
+                   "tool_choice": {"type": "auto", "disable_parallel_tool_use": true}}),
+            "what Anthropic refuses beside thinking is taken out, and nothing overflows"
+        );
+        let wrap = adaptation("systemSuffix: S");
+        let mut body = json!({"max_tokens": 5, "thinking": {"type": "enabled", "budget_tokens": u64::MAX}})
+            .as_object()
+            .cloned()
+            .expect("object");
+        apply(&wrap, Wire::Messages, &mut body);
+        assert_eq!(body["max_tokens"], json!(u64::MAX), "an app's huge budget saturates");
         let remove = adaptation("remove: [thinkingBudget, temperature]");
         let mut body =
             json!({"max_tokens": 10, "temperature": 1, "thinking": {"type": "enabled", "budget_tokens": 1024}})

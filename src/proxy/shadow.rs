@@ -4,11 +4,14 @@
 //! lengths, and whether their tool calls or JSON output match exactly.
 //!
 //! The app's answer is never touched: a shadow starts once the app has its whole answer (for a
-//! stream, once the stream has ended), runs on its own task with its own timeout, takes a slot
-//! of the route's bounded pool or does not run, and never runs while the route is under failure
-//! (an attempt of this request failed, or the route retried, fell through or hedged within its
-//! retry budget's window). Its outcome feeds no breaker and no fleet state. Prompt and answer
-//! text are recorded only where the policy's `captureContent` says so.
+//! stream, once the stream has ended), takes a slot of the route's bounded pool or does not run,
+//! and does its work (the request's copy, both answers' reading) on its own task with its own
+//! timeout. It never runs while the route is under failure: when this request was not answered
+//! by its first target at its first attempt, or the route spent retry budget (retries,
+//! fall-throughs, hedges, the apps' own retries) within the budget's window. Stateful Responses
+//! requests are never shadowed, as a second one would change the app's state at OpenAI. Its
+//! outcome feeds no breaker and no fleet state. Prompt and answer text are recorded only where
+//! the policy's `captureContent` says so.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,12 +22,13 @@ use opentelemetry::logs::Severity;
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 use opentelemetry::trace::SpanKind;
 use serde_json::Value;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::fallback::{Answered, Committed, Transport as _, Unanswered, Upstreams};
 use super::observe::Recorder;
-use crate::llm::{Api, ChatRequest, Operation, Origin, Reply, StreamEvent};
+use crate::llm::request::STATEFUL;
+use crate::llm::{Api, ChatRequest, Operation, Origin, Reply, StreamEvent, Whole};
 use crate::policy::RequestFeature;
 use crate::provider::neutral::{self, ToOpenAiStream};
 use crate::snapshot::{Route, Shadow, Target};
@@ -213,22 +217,39 @@ impl Side {
     }
 }
 
-/// A request chosen for shadowing, holding its slot until its comparison is recorded.
+/// A request chosen for shadowing. The app's request reaches it once the app's response is
+/// built (the shadow's copy is made on the shadow's own task).
 pub struct Pending {
     shadow: Arc<Shadow>,
     alias: String,
     target: Arc<Target>,
-    request: ChatRequest,
+    request: oneshot::Receiver<ChatRequest>,
     structured: bool,
-    prompt: Option<String>,
+    capture: bool,
     trace: TraceContext,
     upstreams: Upstreams,
     recorder: Arc<Recorder>,
-    _slot: OwnedSemaphorePermit,
 }
 
-/// Why a sampled request was not shadowed.
-fn skipped(recorder: &Recorder, alias: &str, target: &str, why: &'static str) -> Option<Pending> {
+/// The app's answer, as the comparison receives it.
+pub enum Primary {
+    /// A whole answer, read on the shadow's task.
+    Whole {
+        /// The target that answered.
+        target: Arc<Target>,
+        /// Its wire format.
+        api: Api,
+        /// The answer (its bytes, when it has them: a reference, not a copy).
+        body: Whole,
+        /// How long its attempt took.
+        latency: Duration,
+    },
+    /// A stream, already read as it was relayed.
+    Read(Side),
+}
+
+/// Notes why a sampled request was not shadowed.
+fn skipped<T>(recorder: &Recorder, alias: &str, target: &str, why: &'static str) -> Option<T> {
     recorder.shadow.requests.add(1, &labels(alias, target, why));
     tracing::debug!(route = alias, target_label = target, reason = why, "shadow skipped");
     None
@@ -244,7 +265,8 @@ fn labels(alias: &str, target: &str, outcome: &'static str) -> [KeyValue; 3] {
 
 /// Chooses whether `request`, answered by `outcome` on `route`, is shadowed: a sampled share of
 /// the requests its first target answered at once, while the route is not under failure, when
-/// the shadow target can take the request and a slot is free.
+/// the shadow target can take the request. The sender takes the app's request once its
+/// response is built.
 pub fn sample(
     route: &Route,
     request: &ChatRequest,
@@ -252,8 +274,8 @@ pub fn sample(
     trace: &TraceContext,
     upstreams: &Upstreams,
     recorder: &Arc<Recorder>,
-) -> Option<Pending> {
-    let shadow = route.shadow.as_ref()?;
+) -> Option<(Pending, oneshot::Sender<ChatRequest>)> {
+    let shadow = route.shadow.as_ref().filter(|s| !s.targets.is_empty())?;
     let Ok(answered) = outcome else { return None };
     if request.operation != Operation::Chat || rand::random::<f64>() >= shadow.share {
         return None;
@@ -263,25 +285,23 @@ pub fn sample(
     if answered.attempts.len() != 1 || !answered.fell_through.is_empty() || route.budget.strained(Instant::now()) {
         return skipped(recorder, alias, &target.label, "underFailure");
     }
-    let request = non_streamed(request);
-    if target.provider.unsupported(&request).or_else(|| target.skip_for(&request)).is_some() {
+    let stateful = request.origin.as_ref().is_some_and(|o| o.unportable.iter().any(|f| f == STATEFUL));
+    if stateful || target.provider.unsupported(request).or_else(|| target.skip_for(request)).is_some() {
         return skipped(recorder, alias, &target.label, "ineligible");
     }
-    let Ok(slot) = shadow.slots.clone().try_acquire_owned() else {
-        return skipped(recorder, alias, &target.label, "busy");
-    };
-    Some(Pending {
+    let (send, receive) = oneshot::channel();
+    let pending = Pending {
         shadow: shadow.clone(),
         alias: route.alias.clone(),
         structured: request.uses(RequestFeature::StructuredOutput),
-        prompt: shadow.capture_content.then(|| last_user_text(&request)),
+        capture: shadow.capture_content,
         target,
-        request,
+        request: receive,
         trace: trace.clone(),
         upstreams: upstreams.clone(),
         recorder: recorder.clone(),
-        _slot: slot,
-    })
+    };
+    Some((pending, send))
 }
 
 /// The same request, asking for a whole answer.
@@ -306,45 +326,76 @@ fn last_user_text(request: &ChatRequest) -> String {
     }
 }
 
-impl Pending {
-    /// The app's answer as one side of the comparison, for a whole answer.
-    pub fn primary_of(&self, answered: &Answered) -> Option<Side> {
+impl Primary {
+    /// A whole answer, for the comparison to read later; `None` for a stream.
+    pub fn of(answered: &Answered) -> Option<Primary> {
         let Committed::Complete { body, api } = &answered.reply else { return None };
-        let attempt = answered.attempts.last()?;
-        let info = AnswerInfo::of_complete(*api, &body.json);
-        let completion = neutral::to_openai_completion(*api, &body.json);
-        Some(Side {
-            target: answered.target.label.clone(),
-            cost: info.cost(answered.target.price.as_ref()),
-            info,
-            latency: attempt.elapsed,
-            gist: Gist::of_completion(&completion, self.shadow.capture_content, self.structured),
-        })
+        let body = match &body.raw {
+            Some(raw) => Whole { json: Value::Null, raw: Some(raw.clone()) },
+            None => body.clone(),
+        };
+        let latency = answered.attempts.last()?.elapsed;
+        Some(Primary::Whole { target: answered.target.clone(), api: *api, body, latency })
     }
 
+    fn read(self, capture: bool, structured: bool) -> Side {
+        match self {
+            Primary::Read(side) => side,
+            Primary::Whole { target, api, body, latency } => {
+                let json = match body.raw {
+                    Some(raw) => serde_json::from_slice(&raw).unwrap_or(Value::Null),
+                    None => body.json,
+                };
+                let info = AnswerInfo::of_complete(api, &json);
+                let completion = neutral::into_openai_completion(api, json);
+                Side {
+                    target: target.label.clone(),
+                    cost: info.cost(target.price.as_ref()),
+                    info,
+                    latency,
+                    gist: Gist::of_completion(&completion, capture, structured),
+                }
+            }
+        }
+    }
+}
+
+impl Pending {
     /// The app's streamed answer as one side of the comparison, once the stream has ended.
-    pub fn primary_of_stream(&self, target: &Target, info: AnswerInfo, latency: Duration, gist: StreamGist) -> Side {
-        Side {
+    pub fn primary_of_stream(&self, target: &Target, info: AnswerInfo, latency: Duration, gist: StreamGist) -> Primary {
+        Primary::Read(Side {
             target: target.label.clone(),
             cost: info.cost(target.price.as_ref()),
             info,
             latency,
-            gist: gist.finish(self.shadow.capture_content, self.structured),
-        }
+            gist: gist.finish(self.capture, self.structured),
+        })
     }
 
-    /// Sends the shadow request on its own task and records the comparison with `primary`.
-    pub fn launch(self, primary: Side) {
-        tokio::spawn(self.run(primary));
+    /// Sends the shadow request on its own task, if a slot of the pool is free, and records
+    /// the comparison with `primary`.
+    pub fn launch(self, primary: Primary) {
+        let Ok(slot) = self.shadow.slots.clone().try_acquire_owned() else {
+            skipped::<()>(&self.recorder, &self.alias, &self.target.label, "busy");
+            return;
+        };
+        tokio::spawn(async move {
+            // The app's answer is on its way first.
+            tokio::task::yield_now().await;
+            self.run(primary).await;
+            drop(slot);
+        });
     }
 
-    async fn run(self, primary: Side) {
-        // The app's answer is on its way first.
-        tokio::task::yield_now().await;
+    async fn run(mut self, primary: Primary) {
+        let Ok(request) = (&mut self.request).await else { return };
+        let request = non_streamed(&request);
+        let prompt = self.capture.then(|| last_user_text(&request));
+        let primary = primary.read(self.capture, self.structured);
         let span = new_span_id();
         let (wall, started) = (SystemTime::now(), Instant::now());
         let transport = self.upstreams.traced(&self.trace);
-        let sent = tokio::time::timeout(self.shadow.timeout, transport.send(&self.target, &self.request, span)).await;
+        let sent = tokio::time::timeout(self.shadow.timeout, transport.send(&self.target, &request, span)).await;
         let latency = started.elapsed();
         let shadow = match sent {
             Ok(Ok(sent)) => match sent.reply {
@@ -356,7 +407,7 @@ impl Pending {
                         cost: info.cost(self.target.price.as_ref()),
                         info,
                         latency,
-                        gist: Gist::of_completion(&completion, self.shadow.capture_content, self.structured),
+                        gist: Gist::of_completion(&completion, self.capture, self.structured),
                     })
                 }
                 Reply::Stream(_) => Err("serverError".to_string()),
@@ -364,13 +415,14 @@ impl Pending {
             Ok(Err(error)) => Err(error.class.as_str().to_string()),
             Err(_) => Err("timeout".to_string()),
         };
-        self.record(&primary, shadow, span, wall, wall + latency);
+        self.record(&primary, shadow, prompt, span, wall, wall + latency);
     }
 
     fn record(
         &self,
         primary: &Side,
         shadow: Result<Side, String>,
+        prompt: Option<String>,
         span: opentelemetry::trace::SpanId,
         start: SystemTime,
         end: SystemTime,
@@ -379,8 +431,8 @@ impl Pending {
         let alias = self.alias.as_str();
         let mut attributes = vec![KeyValue::new("backstop.route", self.alias.clone())];
         primary.attributes("backstop.shadow.primary", &mut attributes);
-        if let Some(prompt) = &self.prompt {
-            attributes.push(KeyValue::new("backstop.shadow.prompt", prompt.clone()));
+        if let Some(prompt) = prompt {
+            attributes.push(KeyValue::new("backstop.shadow.prompt", prompt));
         }
         let error = match &shadow {
             Ok(side) => {

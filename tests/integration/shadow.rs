@@ -147,3 +147,43 @@ async fn a_route_under_failure_is_not_shadowed() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateful_responses_request_is_never_shadowed() {
+    let primary = Upstream::start(Fault::Ok).await;
+    let shadow = Upstream::start(Fault::Ok).await;
+    let sidecar = TestSidecar::start(&format!(
+        r#"apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {{name: responses, namespace: tests}}
+spec:
+  providers:
+    - {{name: oai, type: openai, baseUrl: "{}", apiKey: {{value: sk-a}}}}
+    - {{name: other, type: openai, baseUrl: "{}", apiKey: {{value: sk-b}}}}
+  routes:
+    - model: chat
+      chain: [{{provider: oai, model: gpt-5}}]
+      shadow: {{provider: other, model: gpt-5-mini, percent: 100}}
+"#,
+        primary.base_url(),
+        shadow.base_url()
+    ))
+    .await;
+    let url = sidecar.url("/v1/responses");
+    // `store` defaults to true: OpenAI keeps this response, and a second one would be kept too.
+    let stateful = post(&url, &json!({"model": "chat", "input": "hello"})).await;
+    assert_eq!(stateful.status, 200, "{}", String::from_utf8_lossy(&stateful.body));
+    let stateless = post(&url, &json!({"model": "chat", "input": "hello", "store": false})).await;
+    assert_eq!(stateless.status, 200);
+    wait_for("the stateless request's shadow", || shadow.count() == 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let received = shadow.received();
+    assert_eq!(received.len(), 1, "only the stateless request was shadowed");
+    assert_eq!((received[0].path.as_str(), received[0].body["store"].clone()), ("/v1/responses", json!(false)));
+    let text = String::from_utf8_lossy(&get(&sidecar.admin_url("/metrics")).await.body).into_owned();
+    assert_eq!(
+        sample(&text, "backstop_shadow_requests_total{backstop_route=\"chat\",backstop_shadow_outcome=\"ineligible\""),
+        1.0,
+        "{text}"
+    );
+}

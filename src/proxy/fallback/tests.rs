@@ -706,6 +706,7 @@ async fn a_drill_walks_past_the_targets_it_names_without_trying_them() {
     else {
         panic!("nothing to try")
     };
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
     assert!(reasons.iter().all(|(_, why)| why.contains("drill")), "{reasons:?}");
     assert!(fake.labels().is_empty());
 }

@@ -90,17 +90,23 @@ pub async fn serve<D: Dialect>(
     let facts = RequestFacts::of(&request, drill);
     let shadow =
         if drill { None } else { shadow::sample(route, &request, &outcome, &observation.trace, upstreams, recorder) };
+    let (shadow, request_for_shadow) = shadow.unzip();
     if summary.streamed() {
         let watch = StreamObserver::new(observation, route.clone(), facts, summary, shadow);
-        return drilled(respond::respond::<D>(route, &request, outcome, Some(Box::new(watch))), drill);
+        let response = drilled(respond::respond::<D>(route, &request, outcome, Some(Box::new(watch))), drill);
+        if let Some(sender) = request_for_shadow {
+            // Taken when the stream has ended, by the shadow's task.
+            let _ = sender.send(request);
+        }
+        return response;
     }
-    let primary =
-        shadow.as_ref().zip(outcome.as_ref().ok()).and_then(|(pending, answered)| pending.primary_of(answered));
+    let primary = shadow.as_ref().and(outcome.as_ref().ok()).and_then(shadow::Primary::of);
     let response = drilled(respond::respond::<D>(route, &request, outcome, None), drill);
-    if let (Some(pending), Some(primary)) = (shadow, primary) {
+    observation.finish(route, &facts, &summary, response.status().as_u16(), tokio::time::Instant::now(), None);
+    if let (Some(pending), Some(primary), Some(sender)) = (shadow, primary, request_for_shadow) {
+        let _ = sender.send(request);
         pending.launch(primary);
     }
-    observation.finish(route, &facts, &summary, response.status().as_u16(), tokio::time::Instant::now(), None);
     response
 }
 
