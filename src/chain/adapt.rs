@@ -41,6 +41,16 @@ pub fn supports(kind: ProviderKind, parameter: Parameter) -> bool {
     }
 }
 
+/// Why a provider `provider` of type `kind` cannot take `parameter`.
+fn unsupported(kind: ProviderKind, provider: &str, parameter: Parameter) -> String {
+    format!(
+        "provider `{provider}` (type `{}`) has no `{}` parameter; it is for {}",
+        kind.as_str(),
+        parameter.as_str(),
+        who_supports(parameter)
+    )
+}
+
 /// Which provider types have `parameter`, for an error message.
 fn who_supports(parameter: Parameter) -> String {
     let kinds = [
@@ -68,15 +78,7 @@ pub(crate) fn compile_adapt(
     let check = |parameter: Parameter, field: &str, errors: &mut Errors| {
         let supported = supports(kind, parameter);
         if !supported {
-            errors.push(
-                format!("{path}.{field}.{}", parameter.as_str()),
-                format!(
-                    "provider `{provider}` (type `{}`) has no `{}` parameter; it is for {}",
-                    kind.as_str(),
-                    parameter.as_str(),
-                    who_supports(parameter)
-                ),
-            );
+            errors.push(format!("{path}.{field}.{}", parameter.as_str()), unsupported(kind, provider, parameter));
         }
         supported
     };
@@ -126,10 +128,7 @@ pub(crate) fn compile_adapt(
         } else if parameter == Parameter::MaxTokens && kind == ProviderKind::Anthropic {
             errors.push(field, "Anthropic's Messages API requires `max_tokens`; cap it instead");
         } else if !supports(kind, parameter) {
-            errors.push(
-                field,
-                format!("provider `{provider}` (type `{}`) has no `{}` parameter", kind.as_str(), parameter.as_str()),
-            );
+            errors.push(field, unsupported(kind, provider, parameter));
         } else if !adaptation.remove.contains(&parameter) {
             adaptation.remove.push(parameter);
         }

@@ -54,6 +54,12 @@ impl RetryBudget {
         floor + requests as f64 * f64::from(self.settings.percent) / 100.0 - extra as f64
     }
 
+    /// Whether any extra attempt was made within the window.
+    pub fn spent(&mut self, now: Instant) -> bool {
+        self.expire(now);
+        self.totals().1 > 0
+    }
+
     /// Requests and extra attempts in the window.
     pub fn totals(&self) -> (u64, u64) {
         self.buckets.iter().fold((0, 0), |(r, e), (_, requests, extra)| (r + requests, e + extra))

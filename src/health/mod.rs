@@ -391,9 +391,7 @@ impl SharedBudget {
     /// Whether the route has retried, fallen through or hedged within the budget's window:
     /// a route under failure, where nothing optional (a shadow) should add load.
     pub fn strained(&self, now: Instant) -> bool {
-        let mut budget = lock(&self.budget);
-        budget.available(now);
-        budget.totals().1 > 0
+        lock(&self.budget).spent(now)
     }
 
     fn report(&self, now: Instant) -> Value {

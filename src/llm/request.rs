@@ -75,6 +75,23 @@ pub struct ChatRequest {
     pub operation: Operation,
 }
 
+/// A request to an OpenAI-format target, as it is encoded.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Outgoing<'a> {
+    /// Embeddings: the app's fields, `model` replaced.
+    Embeddings(Map<String, Value>),
+    /// A chat completion.
+    Chat {
+        model: &'a str,
+        messages: &'a [Message],
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        stream: bool,
+        #[serde(flatten)]
+        rest: &'a Map<String, Value>,
+    },
+}
+
 /// One message of the conversation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Message {
@@ -248,19 +265,29 @@ impl ChatRequest {
     /// [`ChatRequest::to_openai_json`]; with `usage`, a stream also asks for its token usage
     /// (`stream_options.include_usage`), for telemetry and cost, whether or not the app did.
     pub fn to_openai_json_with(&self, model: &str, usage: bool) -> Result<Vec<u8>, serde_json::Error> {
+        self.to_openai_with(model, usage, |body| serde_json::to_vec(body))
+    }
+
+    /// [`ChatRequest::to_openai_json_with`] as a JSON object, for a target whose request is
+    /// adapted before it is encoded.
+    pub fn to_openai_object_with(&self, model: &str, usage: bool) -> Result<Map<String, Value>, serde_json::Error> {
+        self.to_openai_with(model, usage, |body| match serde_json::to_value(body)? {
+            Value::Object(object) => Ok(object),
+            _ => Err(serde::ser::Error::custom("a request must encode as a JSON object")),
+        })
+    }
+
+    /// The OpenAI request for `model`, written by `write`.
+    fn to_openai_with<T>(
+        &self,
+        model: &str,
+        usage: bool,
+        write: impl FnOnce(&Outgoing<'_>) -> Result<T, serde_json::Error>,
+    ) -> Result<T, serde_json::Error> {
         if self.operation == Operation::Embeddings {
             let mut body = self.rest.clone();
             body.insert("model".into(), Value::String(model.to_string()));
-            return serde_json::to_vec(&body);
-        }
-        #[derive(Serialize)]
-        struct Outgoing<'a> {
-            model: &'a str,
-            messages: &'a [Message],
-            #[serde(skip_serializing_if = "std::ops::Not::not")]
-            stream: bool,
-            #[serde(flatten)]
-            rest: &'a Map<String, Value>,
+            return write(&Outgoing::Embeddings(body));
         }
         if usage && self.stream && !self.include_usage() {
             let mut rest = self.rest.clone();
@@ -268,9 +295,9 @@ impl ChatRequest {
             if let Some(options) = options.as_object_mut() {
                 options.insert("include_usage".into(), Value::Bool(true));
             }
-            return serde_json::to_vec(&Outgoing { model, messages: &self.messages, stream: true, rest: &rest });
+            return write(&Outgoing::Chat { model, messages: &self.messages, stream: true, rest: &rest });
         }
-        serde_json::to_vec(&Outgoing { model, messages: &self.messages, stream: self.stream, rest: &self.rest })
+        write(&Outgoing::Chat { model, messages: &self.messages, stream: self.stream, rest: &self.rest })
     }
 
     /// Whether the request uses `feature`.

@@ -26,6 +26,7 @@ pub enum Wire {
 }
 
 /// Where `wire` keeps `parameter`, as a path of object keys; `None` when it has no such field.
+/// Chat Completions' answer limit, kept in one of two fields, is [`chat_limit`]'s.
 fn path(wire: Wire, parameter: Parameter) -> Option<&'static [&'static str]> {
     use Parameter::*;
     Some(match (wire, parameter) {
@@ -36,8 +37,6 @@ fn path(wire: Wire, parameter: Parameter) -> Option<&'static [&'static str]> {
         (Wire::Chat { .. }, Seed) => &["seed"],
         (Wire::Chat { .. }, PresencePenalty) => &["presence_penalty"],
         (Wire::Chat { .. }, FrequencyPenalty) => &["frequency_penalty"],
-        (Wire::Chat { completion_tokens: true }, MaxTokens) => &["max_completion_tokens"],
-        (Wire::Chat { completion_tokens: false }, MaxTokens) => &["max_tokens"],
         (Wire::Responses, Temperature) => &["temperature"],
         (Wire::Responses, TopP) => &["top_p"],
         (Wire::Responses, MaxTokens) => &["max_output_tokens"],

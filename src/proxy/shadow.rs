@@ -225,7 +225,6 @@ pub struct Pending {
     target: Arc<Target>,
     request: oneshot::Receiver<ChatRequest>,
     structured: bool,
-    capture: bool,
     trace: TraceContext,
     upstreams: Upstreams,
     recorder: Arc<Recorder>,
@@ -249,10 +248,9 @@ pub enum Primary {
 }
 
 /// Notes why a sampled request was not shadowed.
-fn skipped<T>(recorder: &Recorder, alias: &str, target: &str, why: &'static str) -> Option<T> {
+fn skipped(recorder: &Recorder, alias: &str, target: &str, why: &'static str) {
     recorder.shadow.requests.add(1, &labels(alias, target, why));
     tracing::debug!(route = alias, target_label = target, reason = why, "shadow skipped");
-    None
 }
 
 fn labels(alias: &str, target: &str, outcome: &'static str) -> [KeyValue; 3] {
@@ -283,18 +281,19 @@ pub fn sample(
     let target = shadow.targets[rand::random_range(0..shadow.targets.len())].clone();
     let alias = route.alias.as_str();
     if answered.attempts.len() != 1 || !answered.fell_through.is_empty() || route.budget.strained(Instant::now()) {
-        return skipped(recorder, alias, &target.label, "underFailure");
+        skipped(recorder, alias, &target.label, "underFailure");
+        return None;
     }
     let stateful = request.origin.as_ref().is_some_and(|o| o.unportable.iter().any(|f| f == STATEFUL));
     if stateful || target.provider.unsupported(request).or_else(|| target.skip_for(request)).is_some() {
-        return skipped(recorder, alias, &target.label, "ineligible");
+        skipped(recorder, alias, &target.label, "ineligible");
+        return None;
     }
     let (send, receive) = oneshot::channel();
     let pending = Pending {
         shadow: shadow.clone(),
         alias: route.alias.clone(),
         structured: request.uses(RequestFeature::StructuredOutput),
-        capture: shadow.capture_content,
         target,
         request: receive,
         trace: trace.clone(),
@@ -368,7 +367,7 @@ impl Pending {
             cost: info.cost(target.price.as_ref()),
             info,
             latency,
-            gist: gist.finish(self.capture, self.structured),
+            gist: gist.finish(self.shadow.capture_content, self.structured),
         })
     }
 
@@ -376,7 +375,7 @@ impl Pending {
     /// the comparison with `primary`.
     pub fn launch(self, primary: Primary) {
         let Ok(slot) = self.shadow.slots.clone().try_acquire_owned() else {
-            skipped::<()>(&self.recorder, &self.alias, &self.target.label, "busy");
+            skipped(&self.recorder, &self.alias, &self.target.label, "busy");
             return;
         };
         tokio::spawn(async move {
@@ -390,8 +389,8 @@ impl Pending {
     async fn run(mut self, primary: Primary) {
         let Ok(request) = (&mut self.request).await else { return };
         let request = non_streamed(&request);
-        let prompt = self.capture.then(|| last_user_text(&request));
-        let primary = primary.read(self.capture, self.structured);
+        let prompt = self.shadow.capture_content.then(|| last_user_text(&request));
+        let primary = primary.read(self.shadow.capture_content, self.structured);
         let span = new_span_id();
         let (wall, started) = (SystemTime::now(), Instant::now());
         let transport = self.upstreams.traced(&self.trace);
@@ -407,7 +406,7 @@ impl Pending {
                         cost: info.cost(self.target.price.as_ref()),
                         info,
                         latency,
-                        gist: Gist::of_completion(&completion, self.capture, self.structured),
+                        gist: Gist::of_completion(&completion, self.shadow.capture_content, self.structured),
                     })
                 }
                 Reply::Stream(_) => Err("serverError".to_string()),

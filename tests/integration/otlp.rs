@@ -17,6 +17,7 @@ use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use serde_json::{Value, json};
@@ -78,6 +79,15 @@ impl Receiver {
             .flat_map(|b| ExportTraceServiceRequest::decode(b.as_ref()).expect("traces").resource_spans)
             .flat_map(|r| r.scope_spans)
             .flat_map(|s| s.spans)
+            .collect()
+    }
+
+    fn log_records(&self) -> Vec<LogRecord> {
+        self.bodies("/v1/logs")
+            .iter()
+            .flat_map(|b| ExportLogsServiceRequest::decode(b.as_ref()).expect("logs").resource_logs)
+            .flat_map(|r| r.scope_logs)
+            .flat_map(|s| s.log_records)
             .collect()
     }
 
@@ -341,14 +351,7 @@ spec:
     // One log record per fall-through, in the request's trace.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let records = loop {
-        let records: Vec<_> = receiver
-            .bodies("/v1/logs")
-            .iter()
-            .map(|b| ExportLogsServiceRequest::decode(b.as_ref()).expect("logs"))
-            .flat_map(|r| r.resource_logs)
-            .flat_map(|r| r.scope_logs)
-            .flat_map(|s| s.log_records)
-            .collect();
+        let records = receiver.log_records();
         if records.len() >= 4 {
             break records;
         }
@@ -367,14 +370,8 @@ spec:
 
     // A trace the app chose not to sample leaves no span, and its request is counted all the
     // same; a sampled one sent after it is exported (spans leave in order).
-    let fell_through = |text: &str| -> f64 {
-        text.lines()
-            .find(|l| {
-                l.starts_with("backstop_requests_total{backstop_outcome=\"fell_through\",backstop_route=\"chat\"")
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0.0)
+    let fell_through = |text: &str| {
+        prometheus_sample(text, "backstop_requests_total{backstop_outcome=\"fell_through\",backstop_route=\"chat\"")
     };
     let before = fell_through(&text);
     let (unsampled, sampled) = ("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb");
@@ -536,12 +533,8 @@ spec:
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let records: Vec<_> = receiver
-            .bodies("/v1/logs")
-            .iter()
-            .map(|b| ExportLogsServiceRequest::decode(b.as_ref()).expect("logs"))
-            .flat_map(|r| r.resource_logs)
-            .flat_map(|r| r.scope_logs)
-            .flat_map(|s| s.log_records)
+            .log_records()
+            .into_iter()
             .filter(|r| {
                 r.body.as_ref().and_then(|b| b.value.clone())
                     == Some(any_value::Value::StringValue("shadow comparison".into()))

@@ -29,15 +29,6 @@ spec:
     )
 }
 
-/// The value of the Prometheus sample that starts with `series`, or 0.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !done() {
@@ -87,7 +78,7 @@ async fn every_request_is_shadowed_and_every_answer_is_the_primary_s_untouched()
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let text = loop {
         let text = String::from_utf8_lossy(&get(&sidecar.admin_url("/metrics")).await.body).into_owned();
-        if sample(&text, compared) == 5.0 {
+        if prometheus_sample(&text, compared) == 5.0 {
             break text;
         }
         assert!(tokio::time::Instant::now() < deadline, "five comparisons:\n{text}");
@@ -118,7 +109,10 @@ async fn a_stalled_shadow_keeps_nobody_waiting_and_its_pool_is_bounded() {
     assert_eq!(stalled.count(), 1, "one slot: the others were not shadowed");
     let text = String::from_utf8_lossy(&get(&sidecar.admin_url("/metrics")).await.body).into_owned();
     assert_eq!(
-        sample(&text, "backstop_shadow_requests_total{backstop_route=\"chat\",backstop_shadow_outcome=\"busy\""),
+        prometheus_sample(
+            &text,
+            "backstop_shadow_requests_total{backstop_route=\"chat\",backstop_shadow_outcome=\"busy\""
+        ),
         3.0,
         "{text}"
     );
@@ -139,7 +133,7 @@ async fn a_route_under_failure_is_not_shadowed() {
     assert_eq!(shadow.count(), 0);
     let text = String::from_utf8_lossy(&get(&sidecar.admin_url("/metrics")).await.body).into_owned();
     assert_eq!(
-        sample(
+        prometheus_sample(
             &text,
             "backstop_shadow_requests_total{backstop_route=\"chat\",backstop_shadow_outcome=\"underFailure\""
         ),
@@ -182,7 +176,10 @@ spec:
     assert_eq!((received[0].path.as_str(), received[0].body["store"].clone()), ("/v1/responses", json!(false)));
     let text = String::from_utf8_lossy(&get(&sidecar.admin_url("/metrics")).await.body).into_owned();
     assert_eq!(
-        sample(&text, "backstop_shadow_requests_total{backstop_route=\"chat\",backstop_shadow_outcome=\"ineligible\""),
+        prometheus_sample(
+            &text,
+            "backstop_shadow_requests_total{backstop_route=\"chat\",backstop_shadow_outcome=\"ineligible\""
+        ),
         1.0,
         "{text}"
     );

@@ -568,6 +568,15 @@ spec:
     )
 }
 
+/// The value of the first Prometheus sample in `text` whose line starts with `series`, or 0.
+pub fn prometheus_sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A whole HTTP answer.
 #[derive(Debug)]
 pub struct Answer {

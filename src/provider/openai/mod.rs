@@ -67,18 +67,18 @@ impl OpenAi {
         // OpenAI and Azure report a stream's usage when asked; other OpenAI-compatible servers
         // may refuse the option, so they are sent the app's request as it is.
         let usage = matches!(self.kind, ProviderKind::OpenAi | ProviderKind::AzureOpenAi);
-        let mut body = request
-            .to_openai_json_with(model, usage)
-            .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
         let embeddings = request.operation == Operation::Embeddings;
-        if let Some(adaptation) = adapt.filter(|_| !embeddings) {
-            // Only an adapted target pays for decoding its encoded request again.
-            let mut wire: serde_json::Map<String, Value> = serde_json::from_slice(&body)
-                .map_err(|e| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}")))?;
-            let completion_tokens = matches!(self.kind, ProviderKind::OpenAi | ProviderKind::AzureOpenAi);
-            super::adapt::apply(adaptation, super::adapt::Wire::Chat { completion_tokens }, &mut wire);
-            body = encode(&wire)?;
-        }
+        let cannot_encode =
+            |e: serde_json::Error| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}"));
+        let body = match adapt.filter(|_| !embeddings) {
+            None => request.to_openai_json_with(model, usage).map_err(cannot_encode)?,
+            Some(adaptation) => {
+                let mut wire = request.to_openai_object_with(model, usage).map_err(cannot_encode)?;
+                let completion_tokens = matches!(self.kind, ProviderKind::OpenAi | ProviderKind::AzureOpenAi);
+                super::adapt::apply(adaptation, super::adapt::Wire::Chat { completion_tokens }, &mut wire);
+                encode(&wire)?
+            }
+        };
         let uri = match (&self.endpoint, embeddings) {
             (Endpoint::Fixed { completions, .. }, false) => completions.clone(),
             (Endpoint::Fixed { embeddings, .. }, true) => embeddings.clone(),
