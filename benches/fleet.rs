@@ -27,8 +27,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backstop::control::protocol::{
-    FleetTarget, Lines, PROTOCOL, PROTOCOL_HEADER, Report, STREAM_PATH, ServerMessage, TargetReport, line,
+use backstop::configstream::{
+    FleetTarget, Lines, MAX_CONFIG_BYTES, PROTOCOL_HEADER, Protocol, Report, STREAM_PATH, ServerMessage, TargetReport,
+    line, v2,
 };
 use backstop::policy::FallbackPolicy;
 use bytes::Bytes;
@@ -84,13 +85,13 @@ async fn simulate(
     });
     let request = http::Request::post(format!("https://{operator}{STREAM_PATH}"))
         .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-        .header(PROTOCOL_HEADER, PROTOCOL)
+        .header(PROTOCOL_HEADER, Protocol::NEWEST.as_str())
         .body(Body::new(StreamBody::new(frames)))
         .expect("request");
     let response = sender.send_request(request).await.expect("stream");
     assert_eq!(response.status(), 200, "sidecar {index} refused");
     let mut body = response.into_body();
-    let mut lines = Lines::default();
+    let mut lines = Lines::new(MAX_CONFIG_BYTES);
     loop {
         tokio::select! {
             Some(report) = commands.recv() => {
@@ -101,14 +102,15 @@ async fn simulate(
                 let Ok(data) = frame.into_data() else { continue };
                 for text in lines.push(&data).expect("line") {
                     let now = Instant::now();
-                    match serde_json::from_slice::<ServerMessage>(&text).expect("message") {
+                    match serde_json::from_slice::<ServerMessage<v2::Config>>(&text).expect("message") {
                         ServerMessage::Config(config) => {
                             let report = Report { applied: Some(config.version.clone()), ..Report::default() };
                             let _ = tx.send(line(&report)).await;
-                            let first = config
-                                .policies
-                                .first()
-                                .and_then(|p| Some((p.digest(), p.targets().first()?.identity.clone())));
+                            // What a real sidecar does with it: compile the policy it was sent.
+                            let first = config.policies.first().and_then(|p| {
+                                let compiled = p.compile(&config.namespace).expect("compiles");
+                                Some((compiled.digest(), compiled.targets().first()?.identity.clone()))
+                            });
                             let _ = seen.send(Seen::Config(config.version, first, now));
                         }
                         ServerMessage::Fleet(fleet) => {

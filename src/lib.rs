@@ -9,12 +9,14 @@
 //! - [`provider`] — one folder per upstream wire API, built from compiled provider configs.
 //! - [`snapshot`] — a compiled policy bound to live providers and health, published atomically.
 //! - [`proxy`] — the sidecar's listeners, one ingress per API, and the fallback loop.
+//! - [`configstream`] — the config stream's versioned contract, shared by both halves.
 //! - [`control`] — where a sidecar's policies come from.
 //! - [`operator`] — the controller behind `kubectl apply`: compiles policies, writes status, serves them.
 //! - [`server`] — the accept-and-drain loop every listener shares.
 //! - [`telemetry`] — logs and metrics.
 
 pub mod chain;
+pub mod configstream;
 pub mod control;
 pub mod health;
 pub mod llm;

@@ -12,6 +12,7 @@ use backstop::control::stream::{CaSource, ControlStream, StreamSettings};
 use backstop::operator::leader::LeaseSettings;
 use backstop::operator::served::ServedPolicies;
 use backstop::operator::{ConfigServiceSettings, OperatorConfig, WebhookSettings};
+use backstop::proxy::passthrough::{Destinations, Passthrough};
 use backstop::proxy::{DEFAULT_MAX_REQUEST_BYTES, Sidecar, SidecarConfig};
 use backstop::snapshot::PolicyStore;
 use backstop::telemetry::{LogFormat, Metrics, Telemetry, init_logging};
@@ -173,6 +174,17 @@ struct SidecarArgs {
     #[arg(long, env = "BACKSTOP_WORKER_THREADS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: u16,
+    /// Where OpenAI API calls go while no policy applies (no policy selects the pod, or none has
+    /// arrived): the base URL the app had before injection, which the webhook passes here.
+    #[arg(long, env = "BACKSTOP_PASSTHROUGH_OPENAI", default_value = backstop::proxy::passthrough::OPENAI_DEFAULT)]
+    passthrough_openai: String,
+    /// Where Anthropic API calls go while no policy applies.
+    #[arg(long, env = "BACKSTOP_PASSTHROUGH_ANTHROPIC", default_value = backstop::proxy::passthrough::ANTHROPIC_DEFAULT)]
+    passthrough_anthropic: String,
+    /// With `--control-plane`: how long a sidecar with nothing to serve waits for the operator
+    /// before it reports ready and passes calls through (the app's pod starts either way).
+    #[arg(long, env = "BACKSTOP_STARTUP_TIMEOUT", default_value = "10s", value_parser = duration)]
+    startup_timeout: Duration,
 }
 
 fn main() -> std::process::ExitCode {
@@ -229,17 +241,19 @@ fn unusable(path: &std::path::Path, error: &file::LoadError) -> anyhow::Error {
 
 async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let store = Arc::new(PolicyStore::new());
-    let config = SidecarConfig {
-        listen: args.listen,
-        admin: args.admin,
-        max_request_bytes: args.max_request_bytes,
-        drain: args.drain_timeout,
-    };
     let extra_roots = match &args.ca_file {
         Some(path) => backstop::provider::load_ca_file(path)?,
         None => Vec::new(),
     };
     let http = backstop::provider::http_client(&extra_roots).context("cannot set up upstream TLS")?;
+    let destinations = Destinations::new(&args.passthrough_openai, &args.passthrough_anthropic, args.listen)?;
+    let config = SidecarConfig {
+        listen: args.listen,
+        admin: args.admin,
+        max_request_bytes: args.max_request_bytes,
+        drain: args.drain_timeout,
+        passthrough: Some(Passthrough::new(destinations, &extra_roots)?),
+    };
     // Load before listening: a policy that cannot be served stops the sidecar at once, with
     // every problem; a later change that is invalid only keeps the last good policy.
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -256,6 +270,7 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
                 },
                 token_file: args.token_file.clone(),
                 state_dir: args.state_dir.clone(),
+                startup_timeout: args.startup_timeout,
             };
             let mut stream = ControlStream::new(settings, store.clone())?;
             if stream.restore().is_none() {
@@ -347,7 +362,7 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     };
     let metrics = Metrics::new("backstop-operator")?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let served = Arc::new(ServedPolicies::new());
+    let served = Arc::new(ServedPolicies::for_namespaces(&config.namespaces));
     let operator = tokio::spawn(backstop::operator::run(config, client, metrics, served, shutdown_rx));
     shutdown_signal().await;
     tracing::info!("shutting down: releasing the leader lease");

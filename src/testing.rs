@@ -3,7 +3,12 @@
 
 use std::fmt::Display;
 
-use crate::chain::{CompiledPolicy, LocalKeys, compile};
+use std::collections::BTreeMap;
+
+use crate::chain::{ApiKey, CompiledPolicy, KeyError, KeyResolver, LocalKeys, compile};
+use crate::configstream::v2;
+use crate::operator::served::ServedPolicy;
+use crate::policy::ApiKeySource;
 use crate::policy::document::parse_policy;
 
 /// A valid policy: an `openai` primary with a key, a balanced group of an
@@ -30,6 +35,58 @@ spec:
   retry: {attempts: 3, backoff: {base: 100ms, max: 1s}}
   timeouts: {attempt: 5s, firstToken: 2s, total: 1m30s}
 "#;
+
+/// A policy as a cluster holds it: its key in a Secret.
+pub(crate) const CLUSTER_POLICY: &str = r#"
+apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {name: chat, namespace: shop}
+spec:
+  providers:
+    - {name: primary, type: openai, apiKey: {secretKeyRef: {name: llm-keys, key: openai}}}
+    - {name: backup, type: mock, mock: {reply: from backup}}
+  routes:
+    - model: chat
+      chain: [{provider: primary, model: gpt-4o}, {provider: backup, model: m}]
+"#;
+
+/// Keys as a test cluster's Secrets hold them: `key-of-SECRET/KEY`.
+struct TestSecrets;
+
+impl KeyResolver for TestSecrets {
+    fn resolve(&self, source: &ApiKeySource) -> Result<ApiKey, KeyError> {
+        match &source.secret_key_ref {
+            Some(reference) => Ok(ApiKey::new(format!("key-of-{}/{}", reference.name, reference.key))),
+            None => LocalKeys.resolve(source),
+        }
+    }
+}
+
+/// `yaml` as the operator serves it as `name`: compiled with the test Secrets, and with the
+/// protocol-2 message that carries its spec and keys.
+pub(crate) fn served(name: &str, yaml: &str) -> ServedPolicy {
+    let policy = parse_policy(yaml).expect("test policy parses");
+    let compiled = compile(&policy, &TestSecrets).expect("test policy compiles");
+    let keys: BTreeMap<String, ApiKey> = policy
+        .spec
+        .providers
+        .iter()
+        .flat_map(|p| p.api_key.iter().chain(p.api_keys.iter().flatten()))
+        .filter_map(|source| {
+            let reference = source.secret_key_ref.as_ref()?;
+            Some((v2::key_name(&reference.name, &reference.key), TestSecrets.resolve(source).ok()?))
+        })
+        .collect();
+    ServedPolicy {
+        name: name.into(),
+        selector: policy.spec.selector.clone(),
+        wire: v2::Policy::new(name, &policy.spec, keys),
+        version: compiled.digest(),
+        compiled,
+        generation: 1,
+        uid: "u".into(),
+    }
+}
 
 /// `yaml` parsed and compiled with local keys.
 pub(crate) fn compiled(yaml: &str) -> CompiledPolicy {

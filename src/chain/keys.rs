@@ -53,6 +53,11 @@ pub enum KeyError {
     /// `env` in a policy the operator serves: it cannot read a sidecar's environment.
     #[error("`env` names a variable of the sidecar's environment, which the operator cannot read; use `secretKeyRef`")]
     EnvInCluster,
+    /// `value` in a policy a cluster serves: anyone who can read the policy could read the key.
+    #[error(
+        "an inline `value` key is refused in a cluster, where anyone who can read the policy could read it; put it in a Secret and use `secretKeyRef`"
+    )]
+    InlineInCluster,
     /// `secretKeyRef` in a policy the sidecar reads itself.
     #[error("`secretKeyRef` is resolved by the operator; a policy file must use `value` or `env`")]
     SecretRefInFile,

@@ -7,7 +7,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use super::protocol::Config;
+use crate::configstream::v1::Config;
 
 /// The file's name inside the state directory.
 pub const FILE: &str = "config.json";

@@ -1,8 +1,13 @@
-//! The sidecar's side of the config stream ([`super::protocol`]): connect to the operator with
-//! the pod's token, apply each configuration atomically (requests in flight keep the snapshot
-//! they started with), acknowledge or refuse it, persist it, apply the fleet's decisions, and
-//! report what the targets did. Reconnects with exponential backoff and full jitter, resuming
-//! by version so that an unchanged configuration is not sent again.
+//! The sidecar's side of the config stream ([`crate::configstream`]): connect to the operator
+//! with the pod's token, apply each configuration atomically (requests in flight keep the
+//! snapshot they started with), acknowledge or refuse it, persist it, apply the fleet's
+//! decisions, and report what the targets did. Reconnects with exponential backoff and full
+//! jitter, resuming by version so that an unchanged configuration is not sent again.
+//!
+//! It asks for the newest protocol and falls back to the previous one when an operator of the
+//! previous release refuses it (a rolling upgrade under way). A policy it cannot take, or one
+//! the operator says to hold, keeps the copy the sidecar already has: it is never left with
+//! less than it had because of what it was sent.
 //!
 //! The token file is read at every connection, so the kubelet's rotation is picked up; the
 //! operator ends a stream when its token expires. The CA file is read at every connection too.
@@ -25,15 +30,16 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::protocol::{
-    Config, Fleet, FleetTarget, HEARTBEAT, Lines, PROTOCOL, PROTOCOL_HEADER, REPORT_EVERY, Rejected, Report,
-    STREAM_IDLE, STREAM_PATH, ServerMessage, TargetReport, VERSION_HEADER, line,
-};
 use super::state;
+use crate::chain::CompiledPolicy;
+use crate::configstream::{
+    Fleet, FleetTarget, HEARTBEAT, Lines, MAX_CONFIG_BYTES, PROTOCOL_HEADER, Protocol, REPORT_EVERY, Rejected, Report,
+    STREAM_IDLE, STREAM_PATH, ServerMessage, TargetReport, VERSION_HEADER, bounded_reason, line, v1, v2,
+};
 use crate::health::gate::FleetState;
 use crate::provider::load_ca_file;
 use crate::server::{Body, BoxError};
-use crate::snapshot::PolicyStore;
+use crate::snapshot::{LinkStatus, PolicyStore};
 
 /// The default path of the pod's projected token.
 pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/backstop/token";
@@ -55,6 +61,9 @@ pub struct StreamSettings {
     pub token_file: PathBuf,
     /// Where the applied configuration is kept, if anywhere.
     pub state_dir: Option<PathBuf>,
+    /// How long a sidecar with nothing to serve waits for the operator before it is ready
+    /// anyway, passing calls through.
+    pub startup_timeout: Duration,
 }
 
 /// Where the control plane's CA comes from.
@@ -112,9 +121,27 @@ pub enum StreamError {
     /// The operator sent a message longer than the protocol allows.
     #[error("the operator sent a message longer than the protocol allows")]
     TooLong,
+    /// The operator does not speak the protocol version asked for (an older release).
+    #[error("the operator does not speak protocol {asked}: {message}")]
+    Protocol {
+        /// The version asked for.
+        asked: &'static str,
+        /// The operator's explanation.
+        message: String,
+    },
     /// The stream ended without a goodbye.
     #[error("the stream ended")]
     Ended,
+}
+
+impl StreamError {
+    /// Whether the operator's certificate did not verify against the CA this pod trusts.
+    pub fn is_untrusted(&self) -> bool {
+        let StreamError::Connect(error) = self else { return false };
+        error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).is_some_and(|tls| {
+            matches!(tls, rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+        })
+    }
 }
 
 /// How a stream ended without an error.
@@ -129,8 +156,12 @@ enum Ended {
 pub struct ControlStream {
     settings: StreamSettings,
     store: Arc<PolicyStore>,
+    /// The protocol version the next connection asks for.
+    protocol: Protocol,
     /// The configuration version served, from the operator or the state directory.
     applied: Option<String>,
+    /// The policies served, by source: what a held or refused policy keeps.
+    current: BTreeMap<String, CompiledPolicy>,
     /// The fleet's decisions last received, applied again after each configuration.
     fleet: Option<Fleet>,
     /// A refusal not yet reported.
@@ -149,7 +180,9 @@ impl ControlStream {
         Ok(ControlStream {
             settings,
             store,
+            protocol: Protocol::NEWEST,
             applied: None,
+            current: BTreeMap::new(),
             fleet: None,
             rejected: None,
             pending_ack: false,
@@ -173,6 +206,7 @@ impl ControlStream {
                 tracing::info!(version = %config.version, policies = %names(&config), dir = %dir.display(),
                     "serving the persisted configuration until the operator is reached");
                 self.applied = Some(config.version.clone());
+                self.current = config.policies.iter().map(|p| (p.source.clone(), p.clone())).collect();
                 Some(config.version)
             }
             Err(error) => {
@@ -184,14 +218,24 @@ impl ControlStream {
 
     /// Keeps the stream up until `shutdown`.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        self.store.settle_after(self.settings.startup_timeout);
         let mut failures: u32 = 0;
         loop {
             let started = Instant::now();
-            match self.session(&mut shutdown).await {
+            let outcome = self.session(&mut shutdown).await;
+            let asked = std::mem::replace(&mut self.protocol, Protocol::NEWEST);
+            match outcome {
                 Ok(Ended::Shutdown) => return,
                 Ok(Ended::Goodbye(reason)) => {
                     tracing::info!(%reason, "the operator ended the stream; reconnecting");
                     failures = 0;
+                    continue;
+                }
+                Err(StreamError::Protocol { message, .. }) if asked.previous().is_some() => {
+                    let previous = asked.previous().unwrap_or(asked);
+                    tracing::info!(asked = asked.as_str(), using = previous.as_str(), %message,
+                        "the operator is of an earlier release; speaking its protocol");
+                    self.protocol = previous;
                     continue;
                 }
                 Err(error) => {
@@ -215,18 +259,33 @@ impl ControlStream {
     fn note_error(&mut self, error: &StreamError) {
         let text = error.to_string();
         let url = &self.settings.url;
-        if self.last_error.as_deref() != Some(text.as_str()) {
+        let untrusted = error.is_untrusted();
+        let changed = self.last_error.as_deref() != Some(text.as_str());
+        if changed {
+            self.store.set_link(LinkStatus {
+                url: url.to_string(),
+                connected: false,
+                last_error: Some(text.clone()),
+                untrusted,
+                since_unix_ms: crate::chain::unix_ms_now(),
+            });
+        }
+        if changed && untrusted {
+            // Loud: a replaced serving CA leaves every running pod unable to hear the operator
+            // until it is restarted with the new CA.
+            tracing::error!(operator = %url, error = %text,
+                "cannot verify the operator's certificate with the CA this pod was given; keeping the last configuration (restart the pod to take the current CA)");
+        } else if changed {
             match self.store.load() {
                 Some(snapshot) => tracing::warn!(operator = %url, error = %text,
                     serving = %snapshot.digest, "lost the operator; serving the last configuration applied"),
-                None => {
-                    tracing::warn!(operator = %url, error = %text, "cannot reach the operator; nothing to serve yet")
-                }
+                None => tracing::warn!(operator = %url, error = %text,
+                    "cannot reach the operator; passing calls through until it is reached"),
             }
-            self.last_error = Some(text.clone());
         } else {
             tracing::debug!(operator = %url, error = %text, "still cannot reach the operator");
         }
+        self.last_error = Some(text.clone());
         if self.store.load().is_none() {
             self.store.set_unavailable(format!("waiting for the operator at {url}: {text}"));
         }
@@ -298,7 +357,7 @@ impl ControlStream {
             format!("https://{}{STREAM_PATH}", self.settings.url.authority().map(|a| a.as_str()).unwrap_or_default());
         let request = Request::post(uri)
             .header(http::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
-            .header(PROTOCOL_HEADER, PROTOCOL)
+            .header(PROTOCOL_HEADER, self.protocol.as_str())
             .header(VERSION_HEADER, self.applied.clone().unwrap_or_default())
             .header(http::header::CONTENT_TYPE, "application/x-ndjson")
             .body(Body::new(StreamBody::new(frames)))
@@ -311,7 +370,10 @@ impl ControlStream {
         if !status.is_success() {
             let text =
                 http_body_util::Limited::new(body, 4096).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            let message = String::from_utf8_lossy(&text).trim().to_string();
+            let message = bounded_reason(String::from_utf8_lossy(&text).trim());
+            if status == StatusCode::BAD_REQUEST && message.contains("speaks protocol") {
+                return Err(StreamError::Protocol { asked: self.protocol.as_str(), message });
+            }
             return Err(StreamError::Refused { status, message });
         }
         if self.last_error.take().is_some() {
@@ -319,7 +381,14 @@ impl ControlStream {
         } else {
             tracing::info!(operator = %self.settings.url, "connected to the operator");
         }
-        let mut lines = Lines::default();
+        self.store.set_link(LinkStatus {
+            url: self.settings.url.to_string(),
+            connected: true,
+            last_error: None,
+            untrusted: false,
+            since_unix_ms: crate::chain::unix_ms_now(),
+        });
+        let mut lines = Lines::new(MAX_CONFIG_BYTES);
         let mut reports = tokio::time::interval(REPORT_EVERY);
         reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_sent = Instant::now();
@@ -392,43 +461,111 @@ impl ControlStream {
 
     /// Handles one message; `Some` when it ends the stream.
     fn take(&mut self, text: &[u8]) -> Option<Ended> {
-        let message = match serde_json::from_slice::<ServerMessage>(text) {
+        let message = match self.protocol {
+            Protocol::V2 => serde_json::from_slice::<ServerMessage<v2::Config>>(text).map(|m| match m {
+                ServerMessage::Config(config) => Taken::V2(config),
+                other => Taken::Other(other),
+            }),
+            Protocol::V1 => serde_json::from_slice::<ServerMessage<v1::Config>>(text).map(|m| match m {
+                ServerMessage::Config(config) => Taken::V1(config),
+                ServerMessage::Unchanged { version } => Taken::Other(ServerMessage::Unchanged { version }),
+                ServerMessage::Fleet(fleet) => Taken::Other(ServerMessage::Fleet(fleet)),
+                ServerMessage::Heartbeat => Taken::Other(ServerMessage::Heartbeat),
+                ServerMessage::Goodbye { reason } => Taken::Other(ServerMessage::Goodbye { reason }),
+            }),
+        };
+        let message = match message {
             Ok(message) => message,
             Err(error) => {
-                // A configuration this release cannot read is refused by its version; anything
-                // else unreadable is skipped (a newer operator's message type).
+                // A configuration this release cannot read is refused by its version, keeping
+                // everything; anything else unreadable is skipped (a newer operator's message).
                 let value: serde_json::Value = serde_json::from_slice(text).unwrap_or_default();
                 if value["type"] == "config" {
                     let version = value["version"].as_str().unwrap_or_default().to_string();
                     tracing::error!(%version, %error, "cannot read the configuration the operator sent; keeping the last good one");
-                    self.rejected = Some(Rejected { version, reason: format!("unreadable: {error}") });
+                    self.rejected = Some(Rejected {
+                        version,
+                        reason: bounded_reason(&format!("unreadable: {error}")),
+                        policies: Vec::new(),
+                    });
                 }
                 return None;
             }
         };
         match message {
-            ServerMessage::Config(config) => self.apply(config),
-            ServerMessage::Unchanged { version } => {
+            Taken::V2(config) => self.apply_v2(&config),
+            Taken::V1(config) => {
+                let note = config.empty_note();
+                self.apply_with_note(config, &note, None);
+            }
+            Taken::Other(ServerMessage::Config(config)) => self.apply_v2(&config),
+            Taken::Other(ServerMessage::Unchanged { version }) => {
                 tracing::debug!(%version, "the configuration is unchanged since the last connection");
                 self.applied = Some(version);
                 self.pending_ack = true;
             }
-            ServerMessage::Fleet(fleet) => {
+            Taken::Other(ServerMessage::Fleet(fleet)) => {
                 apply_fleet(&self.store, &fleet);
                 self.fleet = Some(fleet);
             }
-            ServerMessage::Heartbeat => {}
-            ServerMessage::Goodbye { reason } => return Some(Ended::Goodbye(reason)),
+            Taken::Other(ServerMessage::Heartbeat) => {}
+            Taken::Other(ServerMessage::Goodbye { reason }) => return Some(Ended::Goodbye(reason)),
         }
         None
     }
 
-    fn apply(&mut self, config: Config) {
-        match self.store.publish_all(&config.policies, &config.version, &config.empty_note()) {
+    /// A protocol-2 configuration: each policy compiled here; a held policy, or one that does
+    /// not compile here, keeps the copy this sidecar has.
+    fn apply_v2(&mut self, config: &v2::Config) {
+        let mut policies = Vec::new();
+        let mut refused = Vec::new();
+        let mut reasons = Vec::new();
+        let keep = |name: &str, policies: &mut Vec<CompiledPolicy>| {
+            if let Some(mine) = self.current.get(&config.source(name)) {
+                policies.push(mine.clone());
+            }
+        };
+        for policy in &config.policies {
+            match policy.compile(&config.namespace) {
+                Ok(compiled) => policies.push(compiled),
+                Err(error) => {
+                    tracing::error!(policy = %config.source(&policy.name), %error, "cannot take a policy the operator sent; keeping this sidecar's copy");
+                    refused.push(policy.name.clone());
+                    reasons.push(error.to_string());
+                    keep(&policy.name, &mut policies);
+                }
+            }
+        }
+        for name in &config.held {
+            tracing::debug!(policy = %config.source(name), "the operator holds a policy: keeping this sidecar's copy");
+            keep(name, &mut policies);
+        }
+        policies.sort_by(|a, b| a.source.cmp(&b.source));
+        let resolved = v1::Config {
+            version: config.version.clone(),
+            namespace: config.namespace.clone(),
+            pod: config.pod.clone(),
+            policies,
+        };
+        let refusal = (!refused.is_empty()).then(|| Rejected {
+            version: config.version.clone(),
+            reason: bounded_reason(&reasons.join("; ")),
+            policies: refused,
+        });
+        let note = config.empty_note();
+        self.apply_with_note(resolved, &note, refusal);
+    }
+
+    /// Serves `config` (its policies compiled), or refuses it whole keeping the last good one;
+    /// `refusal` reports the policies of it that were not taken.
+    fn apply_with_note(&mut self, config: v1::Config, note: &str, refusal: Option<Rejected>) {
+        match self.store.publish_all(&config.policies, &config.version, note) {
             Ok(_) => {
                 tracing::info!(version = %config.version, policies = %names(&config), "applied the operator's configuration");
                 self.applied = Some(config.version.clone());
+                self.current = config.policies.iter().map(|p| (p.source.clone(), p.clone())).collect();
                 self.pending_ack = true;
+                self.rejected = refusal;
                 if let Some(fleet) = &self.fleet {
                     apply_fleet(&self.store, fleet);
                 }
@@ -440,13 +577,24 @@ impl ControlStream {
             }
             Err(error) => {
                 tracing::error!(version = %config.version, %error, "refused the operator's configuration; keeping the last good one");
-                self.rejected = Some(Rejected { version: config.version, reason: error.to_string() });
+                self.rejected = Some(Rejected {
+                    version: config.version,
+                    reason: bounded_reason(&error.to_string()),
+                    policies: Vec::new(),
+                });
             }
         }
     }
 }
 
-fn names(config: &Config) -> String {
+/// A message as read, whatever the protocol.
+enum Taken {
+    V1(v1::Config),
+    V2(v2::Config),
+    Other(ServerMessage<v2::Config>),
+}
+
+fn names(config: &v1::Config) -> String {
     if config.policies.is_empty() {
         return config.empty_note();
     }
@@ -473,7 +621,8 @@ fn apply_fleet(store: &PolicyStore, fleet: &Fleet) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{DEMO_POLICY, compiled};
+    use crate::configstream::v1::Config;
+    use crate::testing::{CLUSTER_POLICY, DEMO_POLICY, compiled, served};
 
     fn stream(dir: &std::path::Path) -> ControlStream {
         let settings = StreamSettings {
@@ -481,18 +630,26 @@ mod tests {
             ca: None,
             token_file: dir.join("token"),
             state_dir: Some(dir.join("state")),
+            startup_timeout: Duration::from_secs(10),
         };
         ControlStream::new(settings, Arc::new(PolicyStore::new())).expect("stream")
     }
 
-    fn message(message: &ServerMessage) -> Vec<u8> {
+    /// A link that speaks protocol 1, as to an operator of the previous release.
+    fn stream_v1(dir: &std::path::Path) -> ControlStream {
+        let mut link = stream(dir);
+        link.protocol = Protocol::V1;
+        link
+    }
+
+    fn message<C: serde::Serialize>(message: &ServerMessage<C>) -> Vec<u8> {
         serde_json::to_vec(message).expect("json")
     }
 
     #[tokio::test]
     async fn configurations_are_applied_persisted_acknowledged_or_refused_keeping_the_last_good() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut link = stream(dir.path());
+        let mut link = stream_v1(dir.path());
         let good = Config::new("shop", "web-1", vec![compiled(DEMO_POLICY)]);
         assert!(link.take(&message(&ServerMessage::Config(good.clone()))).is_none());
         let ack = link.acknowledgement().expect("an acknowledgement is owed");
@@ -521,12 +678,12 @@ mod tests {
         assert!(link.take(br#"{"type":"somethingNew"}"#).is_none());
         assert!(link.acknowledgement().is_none());
         assert!(matches!(
-            link.take(&message(&ServerMessage::Goodbye { reason: "bye".into() })),
+            link.take(&message(&ServerMessage::<Config>::Goodbye { reason: "bye".into() })),
             Some(Ended::Goodbye(_))
         ));
 
         // A restart finds it in the state directory.
-        let mut restarted = stream(dir.path());
+        let mut restarted = stream_v1(dir.path());
         assert_eq!(restarted.restore(), Some(good.version.clone()));
         assert_eq!(restarted.store.load().map(|s| s.digest.clone()), Some(good.version));
     }
@@ -534,7 +691,7 @@ mod tests {
     #[tokio::test]
     async fn fleet_decisions_reach_the_targets_and_survive_a_new_configuration() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut link = stream(dir.path());
+        let mut link = stream_v1(dir.path());
         let policy = compiled(DEMO_POLICY);
         let identity = policy.targets()[0].identity.clone();
         let config = Config::new("shop", "web-1", vec![policy]);
@@ -542,7 +699,7 @@ mod tests {
         let fleet = Fleet {
             targets: BTreeMap::from([(identity, FleetTarget::Open { retry_in_ms: 60_000, reason: "3 pods".into() })]),
         };
-        link.take(&message(&ServerMessage::Fleet(fleet)));
+        link.take(&message(&ServerMessage::<Config>::Fleet(fleet)));
         let state = |link: &ControlStream| {
             let health = link.store.health().report(Instant::now());
             health["targets"]
@@ -560,7 +717,66 @@ mod tests {
         renamed.version = "v2".into();
         link.take(&message(&ServerMessage::Config(renamed)));
         assert_eq!(state(&link)["state"], "open");
-        link.take(&message(&ServerMessage::Fleet(Fleet::default())));
+        link.take(&message(&ServerMessage::<Config>::Fleet(Fleet::default())));
         assert_eq!(state(&link)["state"], "closed");
+    }
+
+    fn v2_config(policies: Vec<v2::Policy>, held: &[&str]) -> v2::Config {
+        let held: Vec<String> = held.iter().map(|h| h.to_string()).collect();
+        let versions: Vec<(String, String)> =
+            policies.iter().map(|p| (p.name.clone(), v2::short_digest(p.spec.to_string().as_bytes()))).collect();
+        v2::Config {
+            version: v2::Config::version_of(versions.iter().map(|(n, v)| (n.as_str(), v.as_str())), &held),
+            namespace: "shop".into(),
+            pod: "web-1".into(),
+            policies,
+            held,
+            note: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_held_policy_and_one_this_sidecar_cannot_take_keep_its_own_copy() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut link = stream(dir.path());
+        let chat = served("chat", CLUSTER_POLICY).wire;
+        let other = served("other", &CLUSTER_POLICY.replace("name: chat", "name: other")).wire;
+        let both = v2_config(vec![chat.clone(), other.clone()], &[]);
+        link.take(&message(&ServerMessage::Config(both.clone())));
+        let ack = link.acknowledgement().expect("owed");
+        assert_eq!((ack.applied.as_deref(), ack.rejected), (Some(both.version.as_str()), None));
+        let sources = |link: &ControlStream| link.current.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(sources(&link), ["shop/chat", "shop/other"]);
+
+        // The operator restarted and cannot serve `other` now (its Secret is gone): held.
+        let held = v2_config(vec![chat.clone()], &["other"]);
+        link.take(&message(&ServerMessage::Config(held.clone())));
+        assert_eq!(link.acknowledgement().and_then(|a| a.applied), Some(held.version.clone()));
+        assert_eq!(sources(&link), ["shop/chat", "shop/other"], "nothing dropped");
+        let snapshot = link.store.load().expect("served");
+        assert!(snapshot.source.contains("shop/other"), "{}", snapshot.source);
+
+        // A newer operator sends a spec this release cannot read: that policy keeps its copy,
+        // the rest applies, and the refusal names it.
+        let mut newer = chat.clone();
+        newer.spec["fieldOfANewerRelease"] = serde_json::json!(1);
+        let partly = v2_config(vec![newer, other.clone()], &[]);
+        link.take(&message(&ServerMessage::Config(partly.clone())));
+        let ack = link.acknowledgement().expect("owed");
+        assert_eq!(ack.applied.as_deref(), Some(partly.version.as_str()));
+        let refusal = ack.rejected.expect("a refusal");
+        assert_eq!(refusal.policies, ["chat"]);
+        assert!(refusal.reason.contains("not one this sidecar can read"), "{}", refusal.reason);
+        assert_eq!(sources(&link), ["shop/chat", "shop/other"]);
+
+        // A restart serves what was applied, held copies included.
+        let mut restarted = stream(dir.path());
+        assert_eq!(restarted.restore(), Some(partly.version));
+        assert_eq!(sources(&restarted), ["shop/chat", "shop/other"]);
+
+        // No policy selects the pod any more: an empty configuration, passed through.
+        let none = v2_config(vec![], &[]);
+        link.take(&message(&ServerMessage::Config(none)));
+        assert!(link.store.passthrough_reason().is_some_and(|why| why.contains("selects pod `web-1`")));
     }
 }

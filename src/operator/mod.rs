@@ -8,7 +8,7 @@
 //! policies warm and serves sidecars; only the replica that holds the Lease ([`leader`]) writes
 //! status and Events and decides for the fleet, with the others forwarding their sidecars'
 //! evidence to it ([`peer`]). The process also serves `/healthz`, `/readyz` (ready once every
-//! watch has listed) and `/metrics` on its admin port.
+//! policy the first listing found has been reconciled) and `/metrics` on its admin port.
 
 pub mod config;
 pub mod fleet;
@@ -25,7 +25,6 @@ mod verifier;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -214,7 +213,6 @@ pub async fn run(
     });
     let scopes: Vec<Option<String>> =
         if config.namespaces.is_empty() { vec![None] } else { config.namespaces.iter().cloned().map(Some).collect() };
-    let ready = Arc::new(AtomicUsize::new(0));
     let listener = TcpListener::bind(config.admin).await.map_err(|source| OperatorError::Bind {
         listener: "admin",
         address: config.admin,
@@ -233,11 +231,14 @@ pub async fn run(
             })?;
             let service = Arc::new(ConfigService::new(
                 client.clone(),
-                ctx.served.clone(),
-                fleet.clone(),
-                sidecars.clone(),
-                leader.clone(),
+                config::Shared {
+                    served: ctx.served.clone(),
+                    fleet: fleet.clone(),
+                    sidecars: sidecars.clone(),
+                    leader: leader.clone(),
+                },
                 settings.peer_token_file.clone(),
+                &metrics,
                 shutdown.clone(),
             ));
             Some((service, listener, cert, settings.max_connections))
@@ -326,14 +327,14 @@ pub async fn run(
         }
     };
     let admin = {
-        let (ready, scopes, metrics) = (ready.clone(), scopes.len(), metrics.clone());
+        let (served, metrics) = (ctx.served.clone(), metrics.clone());
         serve(listener, shutdown.clone(), Duration::from_secs(5), move |request| {
-            let response = admin(&request, ready.load(Ordering::Relaxed) >= scopes, &metrics);
+            let response = admin(&request, served.is_complete(), &metrics);
             async move { response }
         })
     };
     let controllers = futures_util::future::join_all(
-        scopes.into_iter().map(|scope| controller(scope, ctx.clone(), ready.clone(), shutdown.clone())),
+        scopes.into_iter().map(|scope| controller(scope, ctx.clone(), shutdown.clone())),
     );
     let webhook = {
         let shutdown = shutdown.clone();
@@ -352,12 +353,7 @@ pub async fn run(
 
 /// One controller: the policies of one namespace (or all), triggered by their changes, by the
 /// Secrets they name, and by this replica becoming the leader.
-async fn controller(
-    scope: Option<String>,
-    ctx: Arc<Context>,
-    ready: Arc<AtomicUsize>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn controller(scope: Option<String>, ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     // `PartialObjectMeta` makes the Secret watch metadata-only: the operator learns that a
     // Secret changed without ever holding Secrets it does not use.
     let (policies, secrets): (Api<FallbackPolicy>, Api<PartialObjectMeta<Secret>>) = match &scope {
@@ -376,8 +372,17 @@ async fn controller(
             Ok(WatchEvent::Delete(policy)) => {
                 served.remove(&policy.namespace().unwrap_or_default(), &policy.name_any())
             }
-            // After a (re-)list, stop serving what no longer exists.
-            Ok(WatchEvent::InitDone) => prune(&served, &listed, scope_for_prune.as_deref()),
+            // After a (re-)list, stop serving what no longer exists; after the first, the
+            // namespaces are complete once every policy listed has been reconciled.
+            Ok(WatchEvent::InitDone) => {
+                let found = listed
+                    .state()
+                    .iter()
+                    .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
+                    .collect::<Vec<_>>();
+                served.listed(scope_for_prune.as_deref(), found);
+                prune(&served, &listed, scope_for_prune.as_deref());
+            }
             _ => {}
         })
         .applied_objects()
@@ -395,14 +400,6 @@ async fn controller(
             }
         }
     });
-    let readiness = {
-        let reader = reader.clone();
-        async move {
-            if reader.wait_until_ready().await.is_ok() {
-                ready.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    };
     let run = Controller::for_stream(changes, reader)
         .watches_stream(secret_changes, move |secret: PartialObjectMeta<Secret>| policies_naming(&by_secret, &secret))
         .reconcile_all_on(became_leader)
@@ -419,7 +416,7 @@ async fn controller(
             }
             std::future::ready(())
         });
-    tokio::join!(run, readiness);
+    run.await;
 }
 
 /// The policies that take a key from `secret`.
@@ -453,9 +450,10 @@ fn admin(request: &Request<Incoming>, ready: bool, metrics: &Metrics) -> Respons
     match request.uri().path() {
         "/healthz" => text_response(StatusCode::OK, "ok\n"),
         "/readyz" if ready => text_response(StatusCode::OK, "ready\n"),
-        "/readyz" => {
-            text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: the first listing of policies is not done\n")
-        }
+        "/readyz" => text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the first listing and reconcile of every policy is not done\n",
+        ),
         "/metrics" => text_response(StatusCode::OK, &metrics.prometheus_text()),
         _ => text_response(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz or /metrics\n"),
     }

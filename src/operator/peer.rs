@@ -44,7 +44,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::control::protocol::{HEARTBEAT, Lines, STREAM_IDLE, line};
+use crate::configstream::{HEARTBEAT, Lines, STREAM_IDLE, line};
 use crate::operator::config::ConfigService;
 use crate::operator::config::auth::bearer;
 use crate::operator::config::sidecars::{Sidecar, Sidecars};
@@ -72,11 +72,65 @@ pub enum ToLeader {
         /// What happened.
         evidence: Forwarded,
     },
-    /// The replica's sidecars now.
+    /// One page of the replica's sidecars now: no message grows with the fleet.
     Sidecars {
-        /// All of them.
+        /// This page's sidecars.
         sidecars: Vec<Sidecar>,
+        /// Which page of the round, from 0.
+        #[serde(default)]
+        page: u32,
+        /// How many pages the round has.
+        #[serde(default = "one")]
+        pages: u32,
     },
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Sidecars per [`ToLeader::Sidecars`] page.
+const SIDECARS_PER_PAGE: usize = 200;
+/// The largest message either replica reads from the other.
+const MAX_PEER_BYTES: usize = 1 << 20;
+
+/// The pages of one round of a replica's sidecars.
+fn sidecar_pages(sidecars: Vec<Sidecar>) -> Vec<ToLeader> {
+    let chunks: Vec<Vec<Sidecar>> = sidecars.chunks(SIDECARS_PER_PAGE).map(<[Sidecar]>::to_vec).collect();
+    let pages = u32::try_from(chunks.len().max(1)).unwrap_or(u32::MAX);
+    if chunks.is_empty() {
+        return vec![ToLeader::Sidecars { sidecars: Vec::new(), page: 0, pages }];
+    }
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(page, sidecars)| ToLeader::Sidecars { sidecars, page: u32::try_from(page).unwrap_or(u32::MAX), pages })
+        .collect()
+}
+
+/// Gathers a replica's pages until a round is whole.
+#[derive(Default)]
+struct Round {
+    sidecars: Vec<Sidecar>,
+    next: u32,
+}
+
+impl Round {
+    /// Takes a page; the whole round once its last page came in order.
+    fn take(&mut self, sidecars: Vec<Sidecar>, page: u32, pages: u32) -> Option<Vec<Sidecar>> {
+        if page == 0 {
+            self.sidecars.clear();
+            self.next = 0;
+        }
+        if page != self.next {
+            // A page out of order: wait for the next round to start.
+            self.next = u32::MAX;
+            return None;
+        }
+        self.sidecars.extend(sidecars);
+        self.next += 1;
+        (self.next == pages).then(|| std::mem::take(&mut self.sidecars))
+    }
 }
 
 /// A decision as it travels between replicas.
@@ -169,7 +223,8 @@ async fn lead(
     let mut changes = fleet.changes();
     let mut sent: HashMap<String, u64> = HashMap::new();
     let mut joined: HashSet<(String, String)> = HashSet::new();
-    let mut lines = Lines::default();
+    let mut lines = Lines::new(MAX_PEER_BYTES);
+    let mut round = Round::default();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut heard = Instant::now();
     let mut shutdown = service.shutdown.clone();
@@ -220,7 +275,11 @@ async fn lead(
                                 }
                                 fleet.take_forwarded(evidence, Instant::now());
                             }
-                            Ok(ToLeader::Sidecars { sidecars }) => service.sidecars.set_remote(&replica, sidecars),
+                            Ok(ToLeader::Sidecars { sidecars, page, pages }) => {
+                                if let Some(all) = round.take(sidecars, page, pages) {
+                                    service.sidecars.set_remote(&replica, all);
+                                }
+                            }
                             Err(error) => tracing::debug!(%replica, %error, "unreadable peer message"),
                         }
                     }
@@ -367,7 +426,7 @@ impl Follower {
         }
         tracing::info!(leader = %endpoint, "forwarding this replica's sidecars' evidence to the leader");
         self.fleet.follow(evidence_tx);
-        let mut lines = Lines::default();
+        let mut lines = Lines::new(crate::configstream::MAX_CONFIG_BYTES);
         let mut sidecars = tokio::time::interval(SIDECARS_EVERY);
         let mut heard = Instant::now();
         loop {
@@ -379,9 +438,10 @@ impl Follower {
                     }
                 }
                 _ = sidecars.tick() => {
-                    let message = ToLeader::Sidecars { sidecars: self.sidecars.local() };
-                    if up_tx.send(line(&message)).await.is_err() {
-                        return Err(LinkError::Ended);
+                    for page in sidecar_pages(self.sidecars.local()) {
+                        if up_tx.send(line(&page)).await.is_err() {
+                            return Err(LinkError::Ended);
+                        }
                     }
                 }
                 frame = body.frame() => {
@@ -452,6 +512,29 @@ impl ServerCertVerifier for SameCertificate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replicas_sidecars_go_in_pages_no_message_grows_with_the_fleet() {
+        let fleet: Vec<Sidecar> = (0..450).map(|i| Sidecar { uid: format!("uid-{i}"), ..Sidecar::default() }).collect();
+        let pages = sidecar_pages(fleet.clone());
+        assert_eq!(pages.len(), 3);
+        assert!(pages.iter().all(|p| line(p).len() < 64 << 10), "each page is small");
+        let mut round = Round::default();
+        let mut whole = None;
+        for page in pages {
+            let ToLeader::Sidecars { sidecars, page, pages } = page else { panic!("a page") };
+            whole = round.take(sidecars, page, pages);
+        }
+        assert_eq!(whole.map(|all| all.len()), Some(450));
+        // An empty replica still sends its (empty) round; an out-of-order page is dropped.
+        assert_eq!(sidecar_pages(Vec::new()).len(), 1);
+        assert_eq!(round.take(fleet[..2].to_vec(), 1, 3), None);
+        assert_eq!(round.take(fleet[..2].to_vec(), 2, 3), None, "waits for the next round");
+        assert_eq!(round.take(fleet[..2].to_vec(), 0, 1).map(|all| all.len()), Some(2));
+        // A replica of the previous release sends its sidecars in one message.
+        let old: ToLeader = serde_json::from_str(r#"{"type":"sidecars","sidecars":[]}"#).expect("parses");
+        assert_eq!(old, ToLeader::Sidecars { sidecars: Vec::new(), page: 0, pages: 1 });
+    }
 
     #[test]
     fn decisions_cross_between_replicas_with_their_times() {

@@ -56,7 +56,7 @@ pub async fn reconcile(policy: Arc<FallbackPolicy>, ctx: Arc<Context>) -> Result
     match outcome? {
         Reason::Compiled => Ok(Action::requeue(RESYNC)),
         Reason::SecretNotFound | Reason::SecretKeyNotFound => Ok(Action::requeue(SECRET_RETRY)),
-        Reason::InvalidPolicy => Ok(Action::await_change()),
+        Reason::InvalidPolicy | Reason::InlineKeyRefused => Ok(Action::await_change()),
     }
 }
 
@@ -64,7 +64,17 @@ async fn reconcile_inner(policy: &FallbackPolicy, ctx: &Context) -> Result<Reaso
     let namespace = policy.namespace().ok_or(Error::NoNamespace)?;
     let name = policy.name_any();
     let secrets =
-        SecretKeys::read(&Api::<Secret>::namespaced(ctx.client.clone(), &namespace), referenced(&policy.spec)).await?;
+        match SecretKeys::read(&Api::<Secret>::namespaced(ctx.client.clone(), &namespace), referenced(&policy.spec))
+            .await
+        {
+            Ok(secrets) => secrets,
+            Err(error) => {
+                // Not knowing is no reason to take anything from sidecars: they hold theirs.
+                let reason = format!("cannot read its Secrets: {error}");
+                ctx.served.hold(&namespace, &name, policy.spec.selector.clone(), &reason);
+                return Err(error.into());
+            }
+        };
     let verdict = match compile(policy, &secrets) {
         Ok(compiled) => {
             let version = compiled.digest();
@@ -72,6 +82,7 @@ async fn reconcile_inner(policy: &FallbackPolicy, ctx: &Context) -> Result<Reaso
             let served = ServedPolicy {
                 name: name.clone(),
                 selector: policy.spec.selector.clone(),
+                wire: crate::configstream::v2::Policy::new(&name, &policy.spec, secrets.named_by(&policy.spec)),
                 compiled,
                 version: version.clone(),
                 generation: policy.metadata.generation.unwrap_or_default(),
@@ -97,6 +108,7 @@ async fn reconcile_inner(policy: &FallbackPolicy, ctx: &Context) -> Result<Reaso
                 None => String::new(),
             };
             let problems: Vec<String> = invalid.errors.iter().map(ToString::to_string).collect();
+            ctx.served.hold(&namespace, &name, policy.spec.selector.clone(), &problems.join("; "));
             tracing::info!(policy = %format!("{namespace}/{name}"), reason = reason.as_str(), problems = %problems.join("; "), "policy not compiled");
             Verdict { reason, message: format!("{}{kept}", problems.join("; ")), served }
         }
@@ -130,7 +142,7 @@ async fn write_status(
     if !same_verdict {
         let (type_, reason) = match verdict.reason {
             Reason::Compiled => (EventType::Normal, "Compiled"),
-            Reason::InvalidPolicy => (EventType::Warning, "Rejected"),
+            Reason::InvalidPolicy | Reason::InlineKeyRefused => (EventType::Warning, "Rejected"),
             Reason::SecretNotFound | Reason::SecretKeyNotFound => (EventType::Warning, "SecretMissing"),
         };
         let event = Event {

@@ -50,6 +50,20 @@ impl SecretKeys {
         Ok(SecretKeys { secrets })
     }
 
+    /// The keys `spec`'s `secretKeyRef`s name, by `SECRET/KEY`: what the config stream sends
+    /// with the policy (those that resolve; a compiled policy has them all).
+    pub fn named_by(&self, spec: &FallbackPolicySpec) -> BTreeMap<String, ApiKey> {
+        spec.providers
+            .iter()
+            .flat_map(|p| p.api_key.iter().chain(p.api_keys.iter().flatten()))
+            .filter_map(|source| {
+                let reference = source.secret_key_ref.as_ref()?;
+                let key = self.resolve(source).ok()?;
+                Some((crate::configstream::v2::key_name(&reference.name, &reference.key), key))
+            })
+            .collect()
+    }
+
     /// Secrets as given, for tests.
     #[cfg(test)]
     pub fn from_map(secrets: BTreeMap<String, Option<BTreeMap<String, Vec<u8>>>>) -> Self {
@@ -59,8 +73,8 @@ impl SecretKeys {
 
 impl KeyResolver for SecretKeys {
     fn resolve(&self, source: &ApiKeySource) -> Result<ApiKey, KeyError> {
-        if let Some(value) = &source.value {
-            return Ok(ApiKey::new(value.as_str()));
+        if source.value.is_some() {
+            return Err(KeyError::InlineInCluster);
         }
         if source.env.is_some() {
             return Err(KeyError::EnvInCluster);

@@ -26,6 +26,8 @@ pub enum Reason {
     SecretNotFound,
     /// A Secret it names has no such key.
     SecretKeyNotFound,
+    /// It has an inline key (`apiKey.value`), which a cluster refuses.
+    InlineKeyRefused,
 }
 
 impl Reason {
@@ -36,6 +38,7 @@ impl Reason {
             Reason::InvalidPolicy => "InvalidPolicy",
             Reason::SecretNotFound => "SecretNotFound",
             Reason::SecretKeyNotFound => "SecretKeyNotFound",
+            Reason::InlineKeyRefused => "InlineKeyRefused",
         }
     }
 
@@ -45,6 +48,7 @@ impl Reason {
         match invalid.key_error() {
             Some(KeyError::SecretNotFound(_)) => Reason::SecretNotFound,
             Some(KeyError::SecretKeyNotFound { .. }) => Reason::SecretKeyNotFound,
+            Some(KeyError::InlineInCluster) => Reason::InlineKeyRefused,
             _ => Reason::InvalidPolicy,
         }
     }

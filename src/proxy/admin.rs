@@ -1,26 +1,68 @@
-//! The admin listener: probes (`/healthz`, `/readyz`), target health (`/health`) and the
-//! active policy with every key redacted (`/config`).
+//! The admin listener: probes (`/healthz`, `/readyz`), target health, pass-through and the
+//! link to the operator (`/health`), the active policy with every key redacted (`/config`),
+//! and metrics (`/metrics`).
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use opentelemetry::KeyValue;
 use serde_json::json;
 
 use super::body::{Body, json_response, text_response};
+use super::passthrough::Passthrough;
 use crate::snapshot::PolicyStore;
 use crate::telemetry::Metrics;
 
+/// Registers the gauges that show the sidecar's link to the operator and whether it passes
+/// calls through.
+pub fn instruments(metrics: &Metrics, store: &std::sync::Arc<PolicyStore>) {
+    let meter = metrics.meter("backstop");
+    let link = store.clone();
+    meter
+        .u64_observable_gauge("backstop.control_plane.connected")
+        .with_description("1 while the config stream to the operator is up (absent without an operator)")
+        .with_callback(move |gauge| {
+            if let Some(status) = link.link() {
+                gauge.observe(u64::from(status.connected), &[]);
+            }
+        })
+        .build();
+    let link = store.clone();
+    meter
+        .u64_observable_gauge("backstop.control_plane.untrusted")
+        .with_description(
+            "1 while the operator's certificate does not verify against the CA this pod was given: the sidecar keeps its last configuration",
+        )
+        .with_callback(move |gauge| {
+            if let Some(status) = link.link() {
+                gauge.observe(u64::from(status.untrusted), &[]);
+            }
+        })
+        .build();
+    let passing = store.clone();
+    meter
+        .u64_observable_gauge("backstop.passthrough.active")
+        .with_description("1 while no policy applies and calls go where the app would have sent them")
+        .with_callback(move |gauge| {
+            gauge.observe(u64::from(passing.passthrough_reason().is_some()), &[KeyValue::new("mode", "sidecar")]);
+        })
+        .build();
+}
+
 /// Answers one admin request from the store's current state.
-pub fn handle(store: &PolicyStore, metrics: &Metrics, request: &Request<Incoming>) -> Response<Body> {
+pub fn handle(
+    store: &PolicyStore,
+    passthrough: &Passthrough,
+    metrics: &Metrics,
+    request: &Request<Incoming>,
+) -> Response<Body> {
     if request.method() != Method::GET {
         return text_response(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
     }
     match request.uri().path() {
         "/healthz" => text_response(StatusCode::OK, "ok\n"),
-        "/readyz" => match store.load() {
-            Some(snapshot) => {
-                text_response(StatusCode::OK, &format!("ready: {} (version {})\n", snapshot.source, snapshot.digest))
-            }
-            None => text_response(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {}\n", store.unavailable())),
+        "/readyz" => match store.readiness() {
+            Ok(ready) => text_response(StatusCode::OK, &format!("ready: {ready}\n")),
+            Err(why) => text_response(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {why}\n")),
         },
         "/config" => match store.load() {
             Some(snapshot) => json_response(
@@ -30,7 +72,20 @@ pub fn handle(store: &PolicyStore, metrics: &Metrics, request: &Request<Incoming
             ),
             None => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": store.unavailable()})),
         },
-        "/health" => json_response(StatusCode::OK, &store.health().report(tokio::time::Instant::now())),
+        "/health" => {
+            let mut health = store.health().report(tokio::time::Instant::now());
+            let destinations = passthrough.destinations();
+            health["passthrough"] = json!({
+                "active": store.passthrough_reason().is_some(),
+                "reason": store.passthrough_reason(),
+                "openai": destinations.openai.to_string(),
+                "anthropic": destinations.anthropic.to_string(),
+            });
+            if let Some(link) = store.link() {
+                health["controlPlane"] = json!(link);
+            }
+            json_response(StatusCode::OK, &health)
+        }
         "/metrics" => text_response(StatusCode::OK, &metrics.prometheus_text()),
         _ => text_response(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz, /health, /config or /metrics\n"),
     }

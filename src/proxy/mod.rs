@@ -1,12 +1,14 @@
 //! The sidecar's request path: the LLM listener apps point their SDKs at, one ingress per API
-//! ([`ingress`]), the fallback walk ([`fallback`]), the stream relay ([`relay`]), and the admin
-//! listener for probes, health and the redacted config ([`admin`]).
+//! ([`ingress`]), the fallback walk ([`fallback`]), the stream relay ([`relay`]), pass-through
+//! while no policy applies and for endpoints Backstop does not handle ([`passthrough`]), and
+//! the admin listener for probes, health and the redacted config ([`admin`]).
 
 pub mod admin;
 pub mod body;
 pub mod fallback;
 pub mod ingress;
 pub mod observe;
+pub mod passthrough;
 pub mod relay;
 pub mod shadow;
 
@@ -49,18 +51,26 @@ pub struct SidecarConfig {
     pub max_request_bytes: usize,
     /// How long requests in flight may finish after a shutdown signal.
     pub drain: Duration,
+    /// Where calls go while no policy applies; `None`: the providers' public endpoints.
+    pub passthrough: Option<passthrough::Passthrough>,
 }
 
-/// A listener that could not be bound.
+/// Why the sidecar could not start serving.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot bind the sidecar's {listener} listener on {address}: {source}")]
-pub struct BindError {
-    /// Which listener.
-    pub listener: &'static str,
-    /// Its address.
-    pub address: SocketAddr,
-    /// Why.
-    pub source: std::io::Error,
+pub enum BindError {
+    /// A listener could not be bound.
+    #[error("cannot bind the sidecar's {listener} listener on {address}: {source}")]
+    Listen {
+        /// Which listener.
+        listener: &'static str,
+        /// Its address.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The default pass-through could not be set up.
+    #[error("pass-through: {0}")]
+    Passthrough(#[from] passthrough::PassthroughError),
 }
 
 struct State {
@@ -69,6 +79,7 @@ struct State {
     upstreams: Upstreams,
     recorder: Arc<Recorder>,
     max_request_bytes: usize,
+    passthrough: passthrough::Passthrough,
 }
 
 /// A bound sidecar, ready to serve.
@@ -88,18 +99,32 @@ impl Sidecar {
         telemetry: Arc<Telemetry>,
     ) -> Result<Sidecar, BindError> {
         let bind = |address: SocketAddr, listener: &'static str| async move {
-            TcpListener::bind(address).await.map_err(|source| BindError { listener, address, source })
+            TcpListener::bind(address).await.map_err(|source| BindError::Listen { listener, address, source })
         };
         let llm = bind(config.listen, "LLM").await?;
         let admin = bind(config.admin, "admin").await?;
+        let passthrough = match &config.passthrough {
+            Some(passthrough) => passthrough.clone(),
+            None => {
+                let listen = llm.local_addr().unwrap_or(config.listen);
+                let destinations = passthrough::Destinations::new(
+                    passthrough::OPENAI_DEFAULT,
+                    passthrough::ANTHROPIC_DEFAULT,
+                    listen,
+                )?;
+                passthrough::Passthrough::new(destinations, &[])?
+            }
+        };
         let recorder = Arc::new(Recorder::new(telemetry));
         recorder.watch(&store);
+        admin::instruments(&recorder.telemetry.metrics, &store);
         let state = Arc::new(State {
             drain: config.drain,
             store,
             upstreams: Upstreams::new(http),
             recorder,
             max_request_bytes: config.max_request_bytes,
+            passthrough,
         });
         Ok(Sidecar { state, llm, admin })
     }
@@ -126,7 +151,7 @@ impl Sidecar {
         let admin_state = self.state.clone();
         let admin = serve(self.admin, shutdown, drain, move |request| {
             let state = admin_state.clone();
-            async move { admin::handle(&state.store, &state.recorder.telemetry.metrics, &request) }
+            async move { admin::handle(&state.store, &state.passthrough, &state.recorder.telemetry.metrics, &request) }
         });
         tokio::join!(llm, admin);
     }
@@ -143,6 +168,12 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
             OpenAiDialect::error(status, message, code, None, serde_json::Value::Null)
         }
     };
+    // No policy applies: the call goes where it would have gone without Backstop.
+    let snapshot = match state.store.load() {
+        Some(snapshot) if !snapshot.is_empty() => snapshot,
+        Some(empty) => return state.passthrough.forward(request, &empty.source).await,
+        None => return state.passthrough.forward(request, &state.store.unavailable()).await,
+    };
     match (request.method(), path) {
         (&Method::POST, "/chat/completions" | "/messages" | "/responses" | "/embeddings") => {
             let headers = request.headers().clone();
@@ -150,7 +181,7 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
                 Ok(body) => body,
                 Err(refused) => return fail(refused.status, &refused.message, refused.code),
             };
-            let (snapshot, upstreams) = (state.store.load().ok_or_else(|| state.store.unavailable()), &state.upstreams);
+            let upstreams = &state.upstreams;
             match path {
                 "/messages" => {
                     ingress::serve::<AnthropicDialect>(snapshot, &headers, &body, upstreams, &state.recorder).await
@@ -164,16 +195,14 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
                 _ => ingress::serve::<OpenAiDialect>(snapshot, &headers, &body, upstreams, &state.recorder).await,
             }
         }
-        (&Method::GET, "/models") => ingress::openai::models(state.store.load().as_deref()),
+        (&Method::GET, "/models") => ingress::openai::models(&snapshot),
         (_, "/chat/completions" | "/messages" | "/embeddings" | "/responses" | "/models") => fail(
             StatusCode::METHOD_NOT_ALLOWED,
             &format!("{} is not allowed here", request.method()),
             "method_not_allowed",
         ),
-        _ => fail(
-            StatusCode::NOT_FOUND,
-            &format!("no such endpoint: {} {}", request.method(), request.uri().path()),
-            "unknown_url",
-        ),
+        // An endpoint Backstop does not handle (files, audio, batches ...): what the app would
+        // have done without Backstop, with its own credentials.
+        _ => state.passthrough.forward(request, "Backstop does not handle this endpoint").await,
     }
 }

@@ -23,7 +23,7 @@ use crate::llm::ChatRequest;
 use crate::policy::{ClassSet, OverrideState, RequestFeature};
 use crate::provider::{InvalidBackend, Provider};
 
-pub use store::PolicyStore;
+pub use store::{LinkStatus, PolicyStore};
 
 /// One provider + model (+ key) a chain can send to, live.
 #[derive(Debug)]

@@ -260,3 +260,132 @@ async fn classes_outside_fallback_on_are_returned_as_is() {
     assert_eq!(answer.header("x-backstop-provider"), Some("primary"));
     assert_eq!(upstream.count(), 2, "transient failures are still retried at the same target");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_after_the_first_chunk_on_a_reused_connection_delivers_the_chunk_then_the_error() {
+    for wire in [Wire::OpenAi, Wire::Anthropic] {
+        for _ in 0..5 {
+            // The first request leaves its connection in the sidecar's pool; the second reuses it.
+            let upstream = Upstream::speaking(wire, vec![Fault::Ok], Fault::CutAfterFirstChunk).await;
+            let kind = if wire == Wire::Anthropic { "anthropic" } else { "openai-compatible" };
+            let base = if wire == Wire::Anthropic {
+                upstream.base_url().trim_end_matches("/v1").to_string()
+            } else {
+                upstream.base_url()
+            };
+            let policy = two_target_policy(&base, "").replace("type: openai-compatible", &format!("type: {kind}"));
+            let sidecar = TestSidecar::start(&policy).await;
+            let warm = post_stream(&sidecar.url("/v1/chat/completions"), &chat(true)).await;
+            assert!(warm.done(), "{warm:?}");
+            let answer = post_stream(&sidecar.url("/v1/chat/completions"), &chat(true)).await;
+            assert_eq!(answer.header("x-backstop-provider"), Some("primary"), "{wire:?}: committed: {answer:?}");
+            assert_eq!(answer.text(), "from", "{wire:?}: the chunk that arrived reached the app");
+            assert!(answer.broken.is_some() && !answer.done(), "{wire:?}: then the error");
+            assert_eq!(upstream.count(), 2, "{wire:?}: no second billed call to a target that streamed");
+        }
+    }
+}
+
+/// A raw HTTP/1.1 upstream: answers its first request on a connection with a whole stream and
+/// keeps the connection; on the second it sends the headers and the first content chunk, then
+/// closes the connection (`reset`: with a TCP reset) without the terminating chunk.
+async fn raw_cutting_upstream(reset: bool, anthropic: bool) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = requests.clone();
+    let event = move |text: &str| -> String {
+        if anthropic {
+            let data = serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}});
+            format!("event: content_block_delta\ndata: {data}\n\n")
+        } else {
+            let data = serde_json::json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
+            format!("data: {data}\n\n")
+        }
+    };
+    let start = if anthropic {
+        let message = serde_json::json!({"type": "message_start", "message": {"id": "msg", "type": "message", "role": "assistant",
+            "model": "m", "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 1, "output_tokens": 1}}});
+        let block = serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}});
+        format!("event: message_start\ndata: {message}\n\nevent: content_block_start\ndata: {block}\n\n")
+    } else {
+        String::new()
+    };
+    let end = if anthropic {
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":2}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_string()
+    } else {
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n".to_string()
+    };
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (counted, start, end) = (counted.clone(), start.clone(), end.clone());
+            let whole = format!("{start}{}{}{end}", event("from"), event(" upstream"));
+            let first = format!("{start}{}", event("from"));
+            tokio::spawn(async move {
+                let mut served = 0;
+                let mut buffer = Vec::new();
+                loop {
+                    // Read one request: headers, then its content-length body.
+                    let mut chunk = [0u8; 65536];
+                    let Ok(n) = socket.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
+                    let Some(head_end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                    let head = String::from_utf8_lossy(&buffer[..head_end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                        .unwrap_or(0);
+                    if buffer.len() < head_end + 4 + length {
+                        continue;
+                    }
+                    buffer.drain(..head_end + 4 + length);
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    served += 1;
+                    let body = if served == 1 { &whole } else { &first };
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n",
+                        body.len()
+                    );
+                    let _ = socket.write_all(response.as_bytes()).await;
+                    if served == 1 {
+                        let _ = socket.write_all(b"0\r\n\r\n").await;
+                        continue;
+                    }
+                    let _ = socket.flush().await;
+                    if reset {
+                        let _ = socket.set_linger(Some(Duration::ZERO));
+                    }
+                    drop(socket);
+                    return;
+                }
+            });
+        }
+    });
+    (address, requests)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_upstream_cut_after_its_first_chunk_on_a_reused_connection_keeps_the_commit_point() {
+    for anthropic in [false, true] {
+        for reset in [false, true] {
+            let (address, requests) = raw_cutting_upstream(reset, anthropic).await;
+            let kind = if anthropic { "anthropic" } else { "openai-compatible" };
+            let base = if anthropic { format!("http://{address}") } else { format!("http://{address}/v1") };
+            let policy = two_target_policy(&base, "").replace("type: openai-compatible", &format!("type: {kind}"));
+            let sidecar = TestSidecar::start(&policy).await;
+            let warm = post_stream(&sidecar.url("/v1/chat/completions"), &chat(true)).await;
+            assert!(warm.done(), "anthropic={anthropic} reset={reset}: {warm:?}");
+            let answer = post_stream(&sidecar.url("/v1/chat/completions"), &chat(true)).await;
+            let case = format!("anthropic={anthropic} reset={reset}");
+            assert_eq!(answer.header("x-backstop-provider"), Some("primary"), "{case}: committed: {answer:?}");
+            assert_eq!(answer.text(), "from", "{case}: the chunk that arrived reached the app");
+            assert!(answer.broken.is_some() && !answer.done(), "{case}: then the error");
+            assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 2, "{case}: no second billed call");
+        }
+    }
+}

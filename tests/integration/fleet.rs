@@ -112,11 +112,12 @@ async fn every_sidecar_applies_a_policy_change_and_an_invalid_change_leaves_them
     for name in ["web-1", "web-2", "web-3"] {
         pods.push(s.sidecar(operator.config, name).await);
     }
-    // Connected, but no policy selects the pods yet: ready, and requests are told why.
+    // Connected, but no policy selects the pods yet: ready, and calls pass through (here to a
+    // port where nothing listens), saying why.
     for pod in &pods {
         pod.until(Duration::from_secs(10), "connected", || async { pod.admin("/readyz").await.status == 200 }).await;
         let answer = pod.chat("chat").await;
-        assert_eq!(answer.status, 503);
+        assert_eq!((answer.status, answer.header("x-backstop-passthrough")), (502, Some("true")));
         let message = answer.json()["error"]["message"].as_str().unwrap_or_default().to_string();
         assert!(
             message.contains(&format!("no FallbackPolicy in namespace `{}` selects pod `web-", s.namespace)),
@@ -290,7 +291,8 @@ async fn sidecars_ride_out_an_operator_outage_and_converge_when_it_returns() {
     assert_eq!(b.admin("/readyz").await.status, 200, "ready from the persisted configuration");
     assert_eq!(text_of(&b).await, "one");
     assert!(b.log().contains("serving the persisted configuration"), "{}", b.log());
-    // A new pod with nothing persisted and no policy file: not ready, and says why.
+    // A new pod with nothing persisted and no policy file: not ready, saying why, until the
+    // start-up bound (default 10 s) passes; ready then, passing calls through.
     let c = s.sidecar(config, "web-c").await;
     c.until(Duration::from_secs(10), "says why it is not ready", || async {
         let answer = c.admin("/readyz").await;
@@ -298,9 +300,9 @@ async fn sidecars_ride_out_an_operator_outage_and_converge_when_it_returns() {
             && String::from_utf8_lossy(&answer.body).contains(&format!("waiting for the operator at https://{config}"))
     })
     .await;
-    let refused = c.chat("chat").await;
-    assert_eq!(refused.status, 503);
-    assert!(String::from_utf8_lossy(&refused.body).contains("waiting for the operator"));
+    let passed = c.chat("chat").await;
+    assert_eq!((passed.status, passed.header("x-backstop-passthrough")), (502, Some("true")));
+    assert!(String::from_utf8_lossy(&passed.body).contains("waiting for the operator"));
 
     // A change made while the operator is down reaches everyone when it returns.
     s.apply(&policy(&s.namespace, "chat", "two", "")).await;
@@ -359,7 +361,12 @@ async fn a_pod_gets_only_its_own_namespace_and_selection_wrong_tokens_get_401_an
                 && String::from_utf8_lossy(&answer.body).contains(&format!("refused the stream ({expected}"))
         })
         .await;
-        assert_eq!(pod.chat("chat").await.status, 503, "a refused sidecar serves nothing");
+        let passed = pod.chat("chat").await;
+        assert_eq!(
+            (passed.status, passed.header("x-backstop-passthrough")),
+            (502, Some("true")),
+            "a refused sidecar has no policy: it passes calls through"
+        );
         if name == "z" {
             // The kubelet writes the pod's token: the sidecar reads the file again at its next
             // attempt and is served.

@@ -58,7 +58,11 @@ async fn unknown_models_get_404_and_models_lists_the_routes() {
     assert_eq!(models.status, 200);
     let ids: Vec<Value> = models.json()["data"].as_array().expect("data").iter().map(|m| m["id"].clone()).collect();
     assert_eq!(ids, [json!("chat")]);
-    assert_eq!(get(&sidecar.url("/v1/nothing")).await.status, 404);
+    // An endpoint Backstop does not handle goes where the app would have sent it (here nowhere).
+    let elsewhere = get(&sidecar.url("/v1/nothing")).await;
+    assert_eq!((elsewhere.status, elsewhere.header("x-backstop-passthrough")), (502, Some("true")));
+    let message = elsewhere.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("could not reach http://127.0.0.1:9/v1/nothing"), "{message}");
     assert_eq!(get(&sidecar.url("/v1/chat/completions")).await.status, 405);
     assert_eq!(upstream.count(), 0);
 }

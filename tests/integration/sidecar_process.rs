@@ -70,6 +70,16 @@ impl SidecarProcess {
 
     /// A sidecar started by `command` (`backstop sidecar` with its settings), logging JSON.
     pub async fn from_command(mut command: Command) -> SidecarProcess {
+        // Pass-through goes to a loopback port where nothing listens unless a test says where:
+        // no test reaches the providers' public endpoints.
+        for (name, value) in [
+            ("BACKSTOP_PASSTHROUGH_OPENAI", "http://127.0.0.1:9/v1"),
+            ("BACKSTOP_PASSTHROUGH_ANTHROPIC", "http://127.0.0.1:9"),
+        ] {
+            if !command.as_std().get_envs().any(|(key, _)| key == name) {
+                command.env(name, value);
+            }
+        }
         let mut child = command
             .env("BACKSTOP_LOG_FORMAT", "json")
             .env("BACKSTOP_LOG", "debug,hyper=info,h2=info,rustls=info")

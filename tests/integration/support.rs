@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use backstop::chain::LocalKeys;
 use backstop::control::file::PolicyFile;
+use backstop::proxy::passthrough::{Destinations, Passthrough};
 use backstop::proxy::{Sidecar, SidecarConfig};
 use backstop::snapshot::PolicyStore;
 use bytes::Bytes;
@@ -248,6 +249,7 @@ async fn answer(request: Request<Incoming>, seen: &Mutex<Vec<Received>>, script:
             whole(200, json!({"embeddings": embeddings}).to_string(), &[])
         }
         (Wire::Anthropic, Fault::Ok) => anthropic_answer(stream),
+        (Wire::Anthropic, Fault::CutAfterFirstChunk) if stream => anthropic_cut(),
         (Wire::Gemini, Fault::Ok) => gemini_answer(stream),
         (_, fault) => respond(fault, stream, headers, script.cancelled.clone()).await,
     }
@@ -328,6 +330,29 @@ fn anthropic_answer(stream: bool) -> Response<UpBody> {
         events.iter().map(|(name, data)| Ok(Bytes::from(format!("event: {name}\ndata: {data}\n\n")))).collect(),
         false,
     )
+}
+
+/// An Anthropic stream cut right after its first text delta.
+fn anthropic_cut() -> Response<UpBody> {
+    let events = [
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {"id": "msg_up", "type": "message", "role": "assistant",
+            "model": "claude-up", "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 11, "output_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        (
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "from"}}),
+        ),
+    ];
+    let mut frames: Vec<Result<Bytes, BoxError>> =
+        events.iter().map(|(name, data)| Ok(Bytes::from(format!("event: {name}\ndata: {data}\n\n")))).collect();
+    frames.push(Err("reset".into()));
+    streamed(frames, false)
 }
 
 fn gemini_answer(stream: bool) -> Response<UpBody> {
@@ -499,11 +524,17 @@ impl TestSidecar {
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, policy).expect("write policy");
         let store = Arc::new(PolicyStore::new());
+        // Pass-through goes to a loopback port where nothing listens: no test reaches the
+        // providers' public endpoints.
+        let destinations =
+            Destinations::new("http://127.0.0.1:9/v1", "http://127.0.0.1:9", "127.0.0.1:7400".parse().expect("addr"))
+                .expect("destinations");
         let config = SidecarConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             admin: "127.0.0.1:0".parse().expect("addr"),
             max_request_bytes: 64 * 1024,
             drain: backstop::proxy::DEFAULT_DRAIN,
+            passthrough: Some(Passthrough::new(destinations, &[]).expect("passthrough")),
         };
         let telemetry = backstop::telemetry::Telemetry::local(
             backstop::telemetry::Metrics::new("backstop-sidecar").expect("metrics"),

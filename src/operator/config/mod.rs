@@ -1,5 +1,5 @@
 //! The config service: the HTTPS endpoint sidecars stream their configuration from (the wire
-//! format is in [`crate::control::protocol`]).
+//! contract is [`crate::configstream`]).
 //!
 //! Every replica serves it from its own warm copy of the served policies, so sidecars connect
 //! to whichever replica the Service picks; the same listener carries the other replicas'
@@ -23,7 +23,7 @@ use hyper::body::{Frame, Incoming};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::control::protocol::{PROTOCOL, PROTOCOL_HEADER, STREAM_PATH, VERSION_HEADER};
+use crate::configstream::{PROTOCOL_HEADER, Protocol, STREAM_PATH, VERSION_HEADER};
 use crate::operator::fleet::FleetView;
 use crate::operator::leader::Leadership;
 use crate::operator::peer::{self, PEER_PATH};
@@ -54,20 +54,49 @@ pub struct ConfigService {
     pub(crate) leader: Leadership,
     /// This replica's own token, to recognise the other replicas' tokens by.
     pub(crate) peer_token_file: PathBuf,
+    /// Streams cut off for what a sidecar sent, by reason.
+    pub(crate) refusals: opentelemetry::metrics::Counter<u64>,
+}
+
+/// The operator's state the config service serves from.
+pub struct Shared {
+    /// The policies to serve.
+    pub served: Arc<ServedPolicies>,
+    /// The fleet view.
+    pub fleet: Arc<FleetView>,
+    /// The sidecars connected to this replica.
+    pub sidecars: Arc<Sidecars>,
+    /// Whether this replica leads.
+    pub leader: Leadership,
 }
 
 impl ConfigService {
-    /// A service over `served` and `fleet`, checking tokens with `client`'s API server.
+    /// A service over `shared`, checking tokens with `client`'s API server.
     pub fn new(
         client: kube::Client,
-        served: Arc<ServedPolicies>,
-        fleet: Arc<FleetView>,
-        sidecars: Arc<Sidecars>,
-        leader: Leadership,
+        shared: Shared,
         peer_token_file: PathBuf,
+        metrics: &crate::telemetry::Metrics,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        ConfigService { served, fleet, sidecars, auth: Authenticator::new(client), shutdown, leader, peer_token_file }
+        let Shared { served, fleet, sidecars, leader } = shared;
+        let refusals = metrics
+            .meter("backstop-operator")
+            .u64_counter("backstop.operator.sidecar.cutoffs")
+            .with_description(
+                "Sidecar streams ended for what the sidecar sent (oversized or unreadable reports), by reason",
+            )
+            .build();
+        ConfigService {
+            served,
+            fleet,
+            sidecars,
+            auth: Authenticator::new(client),
+            shutdown,
+            leader,
+            peer_token_file,
+            refusals,
+        }
     }
 
     /// Serves on `listener` with `cert` until shutdown.
@@ -101,13 +130,13 @@ impl ConfigService {
         if request.version() != Version::HTTP_2 {
             return text_response(StatusCode::HTTP_VERSION_NOT_SUPPORTED, "the config stream needs HTTP/2\n");
         }
-        let protocol = request.headers().get(PROTOCOL_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
-        if protocol != PROTOCOL {
+        let asked = request.headers().get(PROTOCOL_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let Some(protocol) = Protocol::from_header(asked) else {
             return text_response(
                 StatusCode::BAD_REQUEST,
-                &format!("this operator speaks protocol {PROTOCOL}; the sidecar sent `{protocol}`\n"),
+                &format!("this operator speaks protocol 1 and 2; the sidecar sent `{asked}`\n"),
             );
-        }
+        };
         let identity = match self.auth.authenticate(bearer(request.headers())).await {
             Ok(identity) => identity,
             Err(error) => {
@@ -125,7 +154,7 @@ impl ConfigService {
         let (session, replaced) = self.sidecars.connect(&identity.uid, &identity.namespace, &identity.pod);
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
         let body = request.into_body();
-        tokio::spawn(Session::new(self.clone(), identity, session, tx).run(body, resume, replaced));
+        tokio::spawn(Session::new(self.clone(), identity, session, protocol, tx).run(body, resume, replaced));
         let frames = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|frame| (frame, rx)) });
         let mut response = Response::new(Body::new(StreamBody::new(frames)));
         response

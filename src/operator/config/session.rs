@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Frame;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
 use kube::core::{Selector, SelectorExt};
 use tokio::sync::{mpsc, watch};
@@ -17,8 +18,8 @@ use tokio::time::Instant;
 
 use super::ConfigService;
 use super::auth::Identity;
-use crate::control::protocol::{
-    Config, Fleet, FleetTarget, HEARTBEAT, Lines, Report, STREAM_IDLE, ServerMessage, line,
+use crate::configstream::{
+    Fleet, FleetTarget, HEARTBEAT, Lines, MAX_REPORT_BYTES, Protocol, Report, STREAM_IDLE, ServerMessage, line, v1, v2,
 };
 use crate::operator::fleet::{DecisionPhase, Decisions};
 use crate::operator::served::{NamespacePolicies, ServedPolicy};
@@ -33,17 +34,21 @@ const HISTORY: usize = 4;
 const REPORT_BURST: f64 = 20.0;
 const REPORTS_PER_SECOND: f64 = 5.0;
 
+fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    match selector {
+        None => true,
+        Some(selector) => Selector::try_from(selector.clone()).is_ok_and(|selector| selector.matches(labels)),
+    }
+}
+
 /// The policies of `policies` whose selector matches `labels`, in name order.
 pub fn select(policies: &NamespacePolicies, labels: &BTreeMap<String, String>) -> Vec<Arc<ServedPolicy>> {
-    policies
-        .policies
-        .values()
-        .filter(|policy| match &policy.selector {
-            None => true,
-            Some(selector) => Selector::try_from(selector.clone()).is_ok_and(|selector| selector.matches(labels)),
-        })
-        .cloned()
-        .collect()
+    policies.policies.values().filter(|policy| selects(policy.selector.as_ref(), labels)).cloned().collect()
+}
+
+/// The held policies of `policies` whose selector matches `labels`, in name order.
+fn select_held(policies: &NamespacePolicies, labels: &BTreeMap<String, String>) -> Vec<String> {
+    policies.held.iter().filter(|(_, held)| selects(held.selector.as_ref(), labels)).map(|(n, _)| n.clone()).collect()
 }
 
 /// The fleet's decisions as one pod is to see them: about its targets, with its probe role.
@@ -107,6 +112,7 @@ pub struct Session {
     service: Arc<ConfigService>,
     identity: Identity,
     session: u64,
+    protocol: Protocol,
     tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
     /// Configurations sent, newest last: version and policy versions.
     history: VecDeque<(String, BTreeMap<String, String>)>,
@@ -117,63 +123,99 @@ pub struct Session {
     /// The last refusal logged.
     rejection_logged: Option<String>,
     reports: Bucket,
+    /// The version the sidecar serves, as it said when it connected; used up by the first
+    /// configuration sent.
+    resume: Option<String>,
 }
 
 impl Session {
-    /// A session for `identity`, writing to `tx`.
+    /// A session for `identity` speaking `protocol`, writing to `tx`.
     pub fn new(
         service: Arc<ConfigService>,
         identity: Identity,
         session: u64,
+        protocol: Protocol,
         tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
     ) -> Session {
         Session {
             service,
             identity,
             session,
+            protocol,
             tx,
             history: VecDeque::new(),
             identities: HashSet::new(),
             fleet_sent: None,
             rejection_logged: None,
             reports: Bucket { tokens: REPORT_BURST, at: Instant::now() },
+            resume: None,
         }
     }
 
-    async fn send(&self, message: &ServerMessage) -> bool {
+    async fn send(&self, message: &ServerMessage<impl serde::Serialize>) -> bool {
         matches!(tokio::time::timeout(SEND_TIMEOUT, self.tx.send(Ok(Frame::data(line(message))))).await, Ok(Ok(())))
     }
 
-    /// Sends the pod's configuration if it changed; `resume` is the version the sidecar says it
-    /// serves, on a reconnect.
-    async fn send_config(&mut self, policies: &NamespacePolicies, resume: Option<&str>) -> bool {
-        let selected = select(policies, &self.identity.labels);
-        let versions: BTreeMap<String, String> = selected.iter().map(|p| (p.name.clone(), p.version.clone())).collect();
-        let config = Config::new(
-            &self.identity.namespace,
-            &self.identity.pod,
-            selected.iter().map(|p| p.compiled.clone()).collect(),
-        );
-        if self.history.back().is_some_and(|(version, _)| *version == config.version) {
+    /// A message without a configuration, the same in every protocol version.
+    async fn say(&self, message: ServerMessage<v2::Config>) -> bool {
+        self.send(&message).await
+    }
+
+    /// Sends the pod's configuration if it changed (or `Unchanged` when it is the version the
+    /// sidecar said it serves as it reconnected). Nothing is sent while the namespace is
+    /// incomplete (this replica has not yet reconciled every policy there): the sidecar keeps
+    /// what it has.
+    async fn send_config(&mut self, policies: &NamespacePolicies) -> bool {
+        if !policies.complete {
             return true;
         }
-        self.history.push_back((config.version.clone(), versions.clone()));
+        let selected = select(policies, &self.identity.labels);
+        let held = select_held(policies, &self.identity.labels);
+        let versions: BTreeMap<String, String> = selected.iter().map(|p| (p.name.clone(), p.version.clone())).collect();
+        let (namespace, pod) = (&self.identity.namespace, &self.identity.pod);
+        let (version, message) = match self.protocol {
+            Protocol::V2 => {
+                let version = v2::Config::version_of(versions.iter().map(|(n, v)| (n.as_str(), v.as_str())), &held);
+                let note = (policies.unwatched)
+                    .then(|| format!("the operator does not serve namespace `{namespace}` (its `--namespaces`)"));
+                let config = v2::Config {
+                    version: version.clone(),
+                    namespace: namespace.clone(),
+                    pod: pod.clone(),
+                    policies: selected.iter().map(|p| p.wire.clone()).collect(),
+                    held,
+                    note,
+                };
+                (version, line(&ServerMessage::Config(config)))
+            }
+            Protocol::V1 => {
+                if !held.is_empty() {
+                    // Protocol 1 cannot say "keep yours": send nothing rather than less.
+                    tracing::debug!(%namespace, %pod, held = ?held, "holding back a configuration a protocol-1 sidecar would lose policies by");
+                    return true;
+                }
+                let config = v1::Config::new(namespace, pod, selected.iter().map(|p| p.compiled.clone()).collect());
+                (config.version.clone(), line(&ServerMessage::Config(config)))
+            }
+        };
+        if self.history.back().is_some_and(|(sent, _)| *sent == version) {
+            return true;
+        }
+        self.history.push_back((version.clone(), versions.clone()));
         if self.history.len() > HISTORY {
             self.history.pop_front();
         }
         self.service.sidecars.update(&self.identity.uid, self.session, |sidecar| sidecar.sent = versions);
-        self.identities = config
-            .policies
+        self.identities = selected
             .iter()
-            .filter(|policy| policy.breaker.scope == BreakerScope::Fleet)
-            .flat_map(|policy| policy.targets().into_iter().map(|t| t.identity.clone()))
+            .filter(|policy| policy.compiled.breaker.scope == BreakerScope::Fleet)
+            .flat_map(|policy| policy.compiled.targets().into_iter().map(|t| t.identity.clone()))
             .collect();
         self.service.fleet.join(&self.identity.namespace, &self.identity.uid, self.identities.clone(), Instant::now());
-        let message = match resume {
-            Some(version) if version == config.version => ServerMessage::Unchanged { version: config.version },
-            _ => ServerMessage::Config(config),
-        };
-        self.send(&message).await
+        if self.resume.take().as_deref() == Some(version.as_str()) {
+            return self.say(ServerMessage::Unchanged { version }).await;
+        }
+        matches!(tokio::time::timeout(SEND_TIMEOUT, self.tx.send(Ok(Frame::data(message)))).await, Ok(Ok(())))
     }
 
     /// Sends the fleet's decisions on the pod's targets if they changed for it.
@@ -184,16 +226,22 @@ impl Session {
         }
         self.fleet_sent = Some(view);
         let message = fleet_message(decisions, &self.identities, &self.identity.uid, Instant::now());
-        self.send(&ServerMessage::Fleet(message)).await
+        self.say(ServerMessage::Fleet(message)).await
     }
 
     fn policies_of(&self, version: &str) -> Option<BTreeMap<String, String>> {
         self.history.iter().rev().find(|(v, _)| v == version).map(|(_, policies)| policies.clone())
     }
 
-    fn take(&mut self, report: Report) {
+    /// Takes one report; `Err` says why the sidecar is cut off (it exceeds what a sidecar may
+    /// send).
+    fn take(&mut self, mut report: Report) -> Result<(), &'static str> {
+        report.check_bounds()?;
+        report.bound_reasons();
         let (uid, session) = (self.identity.uid.clone(), self.session);
-        if let Some(applied) = report.applied.as_deref().and_then(|version| self.policies_of(version)) {
+        let refused: Vec<String> = report.rejected.as_ref().map(|r| r.policies.clone()).unwrap_or_default();
+        if let Some(mut applied) = report.applied.as_deref().and_then(|version| self.policies_of(version)) {
+            applied.retain(|name, _| !refused.contains(name));
             self.service.sidecars.update(&uid, session, |sidecar| {
                 if sidecar.rejected.as_ref().is_some_and(|(rejected, _)| *rejected == applied) {
                     sidecar.rejected = None;
@@ -207,18 +255,24 @@ impl Session {
                     reason = %rejected.reason, "a sidecar refused its configuration and keeps serving its last good one");
                 self.rejection_logged = Some(rejected.version.clone());
             }
-            if let Some(policies) = self.policies_of(&rejected.version) {
+            if let Some(mut policies) = self.policies_of(&rejected.version) {
+                if !refused.is_empty() {
+                    policies.retain(|name, _| refused.contains(name));
+                }
                 self.service
                     .sidecars
                     .update(&uid, session, |sidecar| sidecar.rejected = Some((policies, rejected.reason)));
             }
         }
+        // Evidence only about the targets of the pod's own policies counts.
+        report.targets.retain(|identity, _| self.identities.contains(identity));
         if !report.targets.is_empty() {
             let now = Instant::now();
             if self.reports.take(now) {
                 self.service.fleet.observe(&self.identity.namespace, &uid, &report.targets, now);
             }
         }
+        Ok(())
     }
 
     /// Runs the stream until the sidecar goes, a newer stream replaces it, its token expires or
@@ -237,9 +291,10 @@ impl Session {
         });
         let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
         let mut heard = Instant::now();
-        let mut lines = Lines::default();
+        let mut lines = Lines::new(MAX_REPORT_BYTES);
+        self.resume = resume;
         let current = policies.borrow_and_update().clone();
-        let mut open = self.send_config(&current, resume.as_deref()).await;
+        let mut open = self.send_config(&current).await;
         if open {
             let current = decisions.borrow_and_update().clone();
             open = self.send_fleet(&current).await;
@@ -254,7 +309,7 @@ impl Session {
                 () = sleep_until(expires) => break Some("the token expired; reconnect with the current one"),
                 Ok(()) = policies.changed() => {
                     let current = policies.borrow_and_update().clone();
-                    open = self.send_config(&current, None).await;
+                    open = self.send_config(&current).await;
                     if open {
                         let current = decisions.borrow_and_update().clone();
                         open = self.send_fleet(&current).await;
@@ -268,16 +323,22 @@ impl Session {
                     Some(Ok(frame)) => {
                         let Some(data) = frame.data_ref() else { continue };
                         heard = Instant::now();
-                        match lines.push(data) {
-                            Ok(complete) => {
-                                for text in complete {
-                                    match serde_json::from_slice::<Report>(&text) {
-                                        Ok(report) => self.take(report),
-                                        Err(error) => tracing::debug!(pod = %self.identity.pod, %error, "unreadable report"),
-                                    }
-                                }
+                        let complete = match lines.push(data) {
+                            Ok(complete) => complete,
+                            Err(_) => break Some(self.cut_off("a report was longer than the protocol allows")),
+                        };
+                        let mut cut = None;
+                        for text in complete {
+                            let taken = serde_json::from_slice::<Report>(&text)
+                                .map_err(|_| "a report was not one the protocol defines")
+                                .and_then(|report| self.take(report));
+                            if let Err(why) = taken {
+                                cut = Some(self.cut_off(why));
+                                break;
                             }
-                            Err(_) => break Some("a report was longer than the protocol allows"),
+                        }
+                        if cut.is_some() {
+                            break cut;
                         }
                     }
                     Some(Err(_)) | None => break None,
@@ -287,17 +348,27 @@ impl Session {
                         tracing::debug!(pod = %self.identity.pod, "no report for {}s; ending the stream", STREAM_IDLE.as_secs());
                         break None;
                     }
-                    open = self.send(&ServerMessage::Heartbeat).await;
+                    open = self.say(ServerMessage::Heartbeat).await;
                 }
             }
         };
         if let Some(reason) = goodbye {
-            let _ = self.send(&ServerMessage::Goodbye { reason: reason.to_string() }).await;
+            let _ = self.say(ServerMessage::Goodbye { reason: reason.to_string() }).await;
         }
         if self.service.sidecars.disconnect(&self.identity.uid, self.session) {
             self.service.fleet.leave(&namespace, &self.identity.uid, Instant::now());
         }
         tracing::debug!(namespace = %namespace, pod = %self.identity.pod, "sidecar stream ended");
+    }
+}
+
+impl Session {
+    /// Ends a sidecar's stream for what it sent, and counts it; every other stream goes on.
+    fn cut_off(&self, why: &'static str) -> &'static str {
+        tracing::warn!(namespace = %self.identity.namespace, pod = %self.identity.pod, reason = why,
+            "cut off a sidecar's stream for what it sent");
+        self.service.refusals.add(1, &[opentelemetry::KeyValue::new("reason", why)]);
+        why
     }
 }
 
@@ -315,11 +386,11 @@ mod tests {
     use http_body_util::StreamBody;
 
     use super::*;
-    use crate::control::protocol::TargetReport;
+    use crate::configstream::TargetReport;
     use crate::operator::config::sidecars::Sidecars;
     use crate::operator::fleet::FleetView;
-    use crate::operator::served::{ServedPolicies, ServedPolicy};
-    use crate::testing::{DEMO_POLICY, compiled};
+    use crate::operator::served::ServedPolicies;
+    use crate::testing::{CLUSTER_POLICY, served};
 
     type Up = mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>;
     type Down = mpsc::Receiver<Result<Frame<Bytes>, BoxError>>;
@@ -329,21 +400,17 @@ mod tests {
         shutdown: watch::Sender<bool>,
     }
 
+    /// A service whose namespace `shop` is listed and serves `chat`.
     fn harness() -> Harness {
+        let harness = empty_harness();
+        harness.service.served.listed(None, [("shop".to_string(), "chat".to_string())]);
+        harness.service.served.publish("shop", served("chat", CLUSTER_POLICY));
+        harness
+    }
+
+    /// A service that has listed nothing yet: a replica just started.
+    fn empty_harness() -> Harness {
         let served = Arc::new(ServedPolicies::new());
-        let policy = compiled(DEMO_POLICY);
-        let version = policy.digest();
-        served.publish(
-            "shop",
-            ServedPolicy {
-                name: "demo".into(),
-                selector: None,
-                compiled: policy,
-                version,
-                generation: 1,
-                uid: "u".into(),
-            },
-        );
         let client =
             kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().expect("url"))).expect("client");
         let (shutdown, stopped) = watch::channel(false);
@@ -351,11 +418,9 @@ mod tests {
         let (_, leader) = watch::channel(true);
         let service = Arc::new(ConfigService::new(
             client,
-            served,
-            fleet,
-            Arc::new(Sidecars::default()),
-            leader,
+            crate::operator::config::Shared { served, fleet, sidecars: Arc::new(Sidecars::default()), leader },
             "/nonexistent".into(),
+            &crate::telemetry::Metrics::new("backstop-test").expect("metrics"),
             stopped,
         ));
         Harness { service, shutdown }
@@ -373,19 +438,26 @@ mod tests {
 
     /// Starts a session; returns the sidecar's ends: its reports and the operator's messages.
     fn open(h: &Harness, identity: Identity, resume: Option<&str>) -> (Up, Down) {
+        open_with(h, identity, resume, Protocol::V2)
+    }
+
+    fn open_with(h: &Harness, identity: Identity, resume: Option<&str>, protocol: Protocol) -> (Up, Down) {
         let (session, replaced) = h.service.sidecars.connect(&identity.uid, &identity.namespace, &identity.pod);
         let (tx, rx) = mpsc::channel(2);
         let (up, up_rx) = mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(8);
         let body = StreamBody::new(Box::pin(futures_util::stream::unfold(up_rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         })));
-        let run =
-            Session::new(h.service.clone(), identity, session, tx).run(body, resume.map(str::to_string), replaced);
+        let run = Session::new(h.service.clone(), identity, session, protocol, tx).run(
+            body,
+            resume.map(str::to_string),
+            replaced,
+        );
         tokio::spawn(run);
         (up, rx)
     }
 
-    async fn next(down: &mut Down) -> Option<ServerMessage> {
+    async fn next(down: &mut Down) -> Option<ServerMessage<v2::Config>> {
         let frame = down.recv().await?.ok()?;
         let data = frame.into_data().ok()?;
         Some(serde_json::from_slice(&data).expect("a message"))
@@ -412,7 +484,7 @@ mod tests {
             report(&up, &Report::default()).await;
         }
         let targets = BTreeMap::from([(
-            config.policies[0].targets()[0].identity.clone(),
+            config.policies[0].compile("shop").expect("compiles").targets()[0].identity.clone(),
             TargetReport { failures: 9, ..TargetReport::default() },
         )]);
         report(&up, &Report { targets, ..Report::default() }).await;
@@ -432,7 +504,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_resumed_session_sends_no_resend_a_newer_one_replaces_it_and_a_silent_one_ends() {
         let h = harness();
-        let version = Config::version_of(&[compiled(DEMO_POLICY)]);
+        let chat = served("chat", CLUSTER_POLICY);
+        let version = v2::Config::version_of([("chat", chat.version.as_str())], &[]);
         let (_up, mut first) = open(&h, identity(None), Some(&version));
         assert_eq!(next(&mut first).await, Some(ServerMessage::Unchanged { version: version.clone() }));
         let (up, mut second) = open(&h, identity(None), None);
@@ -450,6 +523,87 @@ mod tests {
         while next(&mut second).await.is_some() {}
         assert!(started.elapsed() >= STREAM_IDLE && started.elapsed() < STREAM_IDLE + HEARTBEAT * 2);
         drop(up);
+        h.shutdown.send_replace(true);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_replica_sends_nothing_until_the_namespace_is_complete_then_holds_what_it_cannot_serve() {
+        let h = empty_harness();
+        let (up, mut down) = open(&h, identity(None), Some("v-the-sidecar-serves"));
+        // Not listed yet: no configuration (the sidecar keeps its own), only the fleet view.
+        assert!(matches!(next(&mut down).await, Some(ServerMessage::Fleet(_))));
+        let served_store = h.service.served.clone();
+        served_store.listed(None, [("shop".to_string(), "chat".to_string()), ("shop".to_string(), "gone".to_string())]);
+        served_store.publish("shop", served("chat", CLUSTER_POLICY));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        report(&up, &Report::default()).await;
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), next(&mut down)).await.is_err(),
+            "still incomplete: `gone` is not reconciled"
+        );
+        // `gone` cannot be compiled (its Secret was deleted before this replica started).
+        served_store.hold("shop", "gone", None, "Secret `llm-keys` not found");
+        let Some(ServerMessage::Config(config)) = next(&mut down).await else { panic!("the configuration") };
+        assert_eq!(config.held, ["gone"], "the sidecar is told to keep its copy");
+        assert_eq!(config.policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["chat"]);
+        drop(up);
+        h.shutdown.send_replace(true);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sidecar_of_the_previous_release_gets_protocol_1_and_never_a_configuration_with_less() {
+        let h = harness();
+        let (up, mut down) = open_with(&h, identity(None), None, Protocol::V1);
+        let frame = down.recv().await.expect("a message").expect("data");
+        let text = frame.into_data().expect("data");
+        let Ok(ServerMessage::Config(config)) = serde_json::from_slice::<ServerMessage<v1::Config>>(&text) else {
+            panic!("a protocol-1 configuration: {}", String::from_utf8_lossy(&text))
+        };
+        assert_eq!(config.policies.len(), 1);
+        assert_eq!(config.policies[0].source, "shop/chat");
+        assert!(matches!(next(&mut down).await, Some(ServerMessage::Fleet(_))));
+        // A policy becomes held: protocol 1 cannot say "keep yours", so nothing is sent.
+        h.service.served.hold("shop", "other", None, "Secret gone");
+        report(&up, &Report::default()).await;
+        assert!(tokio::time::timeout(Duration::from_secs(1), next(&mut down)).await.is_err());
+        drop(up);
+        h.shutdown.send_replace(true);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sidecar_sending_garbage_or_oversized_reports_is_cut_off_and_the_others_go_on() {
+        let h = harness();
+        let (bad, mut bad_down) = open(&h, identity(None), None);
+        let mut other = identity(None);
+        (other.pod, other.uid) = ("web-2".into(), "uid-2".into());
+        let (good, mut good_down) = open(&h, other, None);
+        for down in [&mut bad_down, &mut good_down] {
+            assert!(matches!(next(down).await, Some(ServerMessage::Config(_))));
+            assert!(matches!(next(down).await, Some(ServerMessage::Fleet(_))));
+        }
+        bad.send(Ok(Frame::data(Bytes::from_static(b"{not json}\n")))).await.expect("open");
+        let mut last = None;
+        while let Some(message) = next(&mut bad_down).await {
+            last = Some(message);
+        }
+        assert_eq!(last, Some(ServerMessage::Goodbye { reason: "a report was not one the protocol defines".into() }));
+        // Another pod's stream is unaffected.
+        report(&good, &Report::default()).await;
+        assert_eq!(next(&mut good_down).await, Some(ServerMessage::Heartbeat));
+        // One line longer than a report may be: cut off too.
+        let (huge, mut huge_down) = open(&h, identity(None), None);
+        assert!(matches!(next(&mut huge_down).await, Some(ServerMessage::Config(_))));
+        let long = vec![b'x'; crate::configstream::MAX_REPORT_BYTES + 1];
+        let _ = huge.send(Ok(Frame::data(Bytes::from(long)))).await;
+        let mut last = None;
+        while let Some(message) = next(&mut huge_down).await {
+            last = Some(message);
+        }
+        assert_eq!(
+            last,
+            Some(ServerMessage::Goodbye { reason: "a report was longer than the protocol allows".into() })
+        );
+        drop(good);
         h.shutdown.send_replace(true);
     }
 }

@@ -46,7 +46,7 @@ use tokio::time::Instant;
 
 use super::served::{NamespacePolicies, ServedPolicies};
 use crate::chain::BreakerSettings;
-use crate::control::protocol::TargetReport;
+use crate::configstream::TargetReport;
 use crate::policy::BreakerScope;
 
 /// The shortest time probers get to send a probe before others are chosen.

@@ -238,7 +238,6 @@ mod tests {
 
     use super::*;
     use crate::operator::fleet::Decision;
-    use crate::testing::compiled;
 
     #[test]
     fn targets_show_overrides_over_the_fleet_and_transitions_make_one_event_each() {
@@ -250,16 +249,8 @@ spec:
   routes: [{model: chat, chain: [{provider: a, model: m}, {provider: b, model: m}, {provider: c, model: m}]}]
   overrides: [{target: c, state: ForcedOpen, until: '2126-01-01T00:00:00Z', reason: drill}]
 ";
-        let compiled = compiled(yaml);
-        let a = compiled.targets()[0].identity.clone();
-        let policy = ServedPolicy {
-            name: "p".into(),
-            selector: None,
-            version: compiled.digest(),
-            compiled,
-            generation: 1,
-            uid: "u".into(),
-        };
+        let policy = crate::testing::served("p", yaml);
+        let a = policy.compiled.targets()[0].identity.clone();
         let since: Timestamp = "2026-11-27T10:00:00Z".parse().expect("time");
         let decisions = Decisions {
             revision: 1,

@@ -2,7 +2,6 @@
 //! pod can and cannot do, and how probes bring it back.
 
 use super::*;
-use crate::operator::served::ServedPolicy;
 use crate::testing::compiled;
 
 const POLICY: &str = "apiVersion: backstop.dev/v1alpha1
@@ -31,10 +30,8 @@ fn fixture(extra: &str) -> Fixture {
     let targets = policy.targets();
     let (a, b) = (targets[0].identity.clone(), targets[1].identity.clone());
     let version = policy.digest();
-    served.publish(
-        "shop",
-        ServedPolicy { name: "p".into(), selector: None, compiled: policy, version, generation: 1, uid: "u".into() },
-    );
+    let _ = (policy, version);
+    served.publish("shop", crate::testing::served("p", &format!("{POLICY}{extra}")));
     let view = FleetView::new(served);
     let start = Instant::now();
     for pod in ["pod-1", "pod-2", "pod-3"] {
@@ -171,12 +168,8 @@ fn a_pod_is_heard_only_about_its_own_policies_fleet_scoped_targets() {
     );
     assert!(f.decision(&f.a).is_none(), "not its target, not a member, not its namespace");
     let g = fixture("");
-    let local = compiled(&POLICY.replace("maxOpenFor: 60s}", "maxOpenFor: 60s, scope: pod}"));
-    let version = local.digest();
-    g.view.served.publish(
-        "shop",
-        ServedPolicy { name: "p".into(), selector: None, compiled: local, version, generation: 2, uid: "u".into() },
-    );
+    let local = POLICY.replace("maxOpenFor: 60s}", "maxOpenFor: 60s, scope: pod}");
+    g.view.served.publish("shop", crate::testing::served("p", &local));
     g.report("pod-1", &g.a, 0, 50, secs(1));
     assert!(g.decision(&g.a).is_none(), "scope: pod keeps breakers local");
 }

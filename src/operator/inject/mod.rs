@@ -8,7 +8,8 @@
 //! 1.29. It gets the pod's projected ServiceAccount token for audience `backstop`, an in-memory
 //! `emptyDir` for the last good configuration, probes, resources and a restricted security
 //! context. The app's containers get `OPENAI_BASE_URL` and `ANTHROPIC_BASE_URL` pointing at it,
-//! unless they set those themselves: the app changes nothing.
+//! and the base URLs the app had go to the sidecar as where to pass calls through while no
+//! policy applies: the app changes nothing, and without a policy its calls go where they went.
 //!
 //! A pod is left alone when it opts out (`backstop.dev/inject: disabled`), when it already has
 //! the sidecar, or when it uses the host's network (the sidecar's loopback port would be the
@@ -86,6 +87,10 @@ pub struct Settings {
     /// Extra environment for the sidecar (`OTEL_*` settings, `BACKSTOP_LOG`).
     #[serde(default)]
     pub env: Vec<EnvVar>,
+    /// How long a new pod's sidecar waits for the operator before it is ready anyway and
+    /// passes calls through (`10s`); the sidecar's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_timeout: Option<String>,
 }
 
 /// What injection decided for a pod.
@@ -175,6 +180,12 @@ fn sidecar(
         field("POD_NAMESPACE", "metadata.namespace"),
         field("POD_UID", "metadata.uid"),
     ];
+    if let Some(timeout) = &settings.startup_timeout {
+        match crate::chain::parse_duration(timeout) {
+            Ok(_) => variables.push(env("BACKSTOP_STARTUP_TIMEOUT", timeout)),
+            Err(error) => warnings.push(format!("startupTimeout `{timeout}`: {error}; the sidecar's default applies")),
+        }
+    }
     if !settings.env.iter().any(|e| e.name == "OTEL_SERVICE_NAME") {
         variables.push(env("OTEL_SERVICE_NAME", "backstop-sidecar"));
     }
@@ -249,17 +260,54 @@ fn volumes() -> [Volume; 2] {
     ]
 }
 
-/// Points an app container's SDKs at the sidecar, unless it chose a base URL itself.
-fn point_at_sidecar(container: &mut Container) {
-    let variables = container.env.get_or_insert_with(Vec::new);
-    for (name, value) in [
-        ("OPENAI_BASE_URL", format!("http://127.0.0.1:{LLM_PORT}/v1")),
-        ("ANTHROPIC_BASE_URL", format!("http://127.0.0.1:{LLM_PORT}")),
-    ] {
-        if !variables.iter().any(|e| e.name == name) {
-            variables.push(env(name, &value));
+/// The SDK variables the webhook points at the sidecar, the sidecar's URL for each, and the
+/// sidecar's variable that takes the app's own value for pass-through.
+const BASE_URLS: [(&str, &str, &str); 2] = [
+    ("OPENAI_BASE_URL", "/v1", "BACKSTOP_PASSTHROUGH_OPENAI"),
+    ("ANTHROPIC_BASE_URL", "", "BACKSTOP_PASSTHROUGH_ANTHROPIC"),
+];
+
+fn sidecar_url(suffix: &str) -> String {
+    format!("http://127.0.0.1:{LLM_PORT}{suffix}")
+}
+
+/// A container's own setting of `name`: its value or where the value comes from; `None` when it
+/// sets none (or already points at the sidecar), so its SDK goes to the provider's endpoint.
+fn own_setting(container: &Container, name: &str) -> Option<EnvVar> {
+    let variable = container.env.as_ref()?.iter().find(|e| e.name == name)?;
+    let at_sidecar = variable.value.as_deref().is_some_and(|value| {
+        value.contains(&format!("127.0.0.1:{LLM_PORT}")) || value.contains(&format!("localhost:{LLM_PORT}"))
+    });
+    (!at_sidecar).then(|| EnvVar { name: String::new(), ..variable.clone() })
+}
+
+/// Points the pod's app containers at the sidecar. The first container decides where calls go
+/// while no policy applies (the base URL it had, else the provider's endpoint): those variables
+/// are returned for the sidecar. A container that set another base URL than the first keeps its
+/// own, with a warning: pass-through has one destination per API.
+fn point_at_sidecar(spec: &mut k8s_openapi::api::core::v1::PodSpec, warnings: &mut Vec<String>) -> Vec<EnvVar> {
+    let first = spec.containers.first().map(|c| c.name.clone()).unwrap_or_default();
+    let mut passthrough = Vec::new();
+    for (name, suffix, sidecar_variable) in BASE_URLS {
+        let decided = spec.containers.first().and_then(|c| own_setting(c, name));
+        if let Some(own) = &decided {
+            passthrough.push(EnvVar { name: sidecar_variable.into(), ..own.clone() });
+        }
+        let containers = spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten());
+        for container in containers {
+            if own_setting(container, name) != decided {
+                warnings.push(format!(
+                    "container `{}` sets {name} to another URL than container `{first}`: it keeps its own and bypasses Backstop",
+                    container.name
+                ));
+                continue;
+            }
+            let variables = container.env.get_or_insert_with(Vec::new);
+            variables.retain(|e| e.name != name);
+            variables.push(env(name, &sidecar_url(suffix)));
         }
     }
+    passthrough
 }
 
 /// What injection does to `pod`; `ca` is the PEM of the config service's CA, `release` the
@@ -280,13 +328,9 @@ pub fn inject(pod: &Pod, settings: &Settings, ca: &str, release: &str) -> Decisi
     let mut warnings = Vec::new();
     let mut injected = pod.clone();
     let spec = injected.spec.get_or_insert_with(Default::default);
-    for container in &mut spec.containers {
-        point_at_sidecar(container);
-    }
-    for container in spec.init_containers.iter_mut().flatten() {
-        point_at_sidecar(container);
-    }
-    let container = sidecar(settings, ca, &annotations, &mut warnings);
+    let passthrough = point_at_sidecar(spec, &mut warnings);
+    let mut container = sidecar(settings, ca, &annotations, &mut warnings);
+    container.env.get_or_insert_with(Vec::new).extend(passthrough);
     match settings.mode {
         Mode::Native => spec.init_containers.get_or_insert_with(Vec::new).insert(0, container),
         Mode::Container => spec.containers.insert(0, container),

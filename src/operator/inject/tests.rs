@@ -119,6 +119,54 @@ fn a_pod_gets_a_native_sidecar_first_its_apps_point_at_it_and_an_app_that_chose_
 }
 
 #[test]
+fn the_base_urls_an_app_had_become_where_the_sidecar_passes_calls_through() {
+    let dir = tempfile::tempdir().expect("dir");
+    let webhook = webhook(dir.path(), "native");
+    let mut pod: Value = serde_json::from_str::<Value>(REVIEW).expect("fixture")["request"]["object"].clone();
+    pod["spec"]["containers"][0]["env"] = json!([
+        {"name": "OPENAI_BASE_URL", "value": "https://gateway.example/v1"},
+        {"name": "ANTHROPIC_BASE_URL", "valueFrom": {"configMapKeyRef": {"name": "llm", "key": "anthropic"}}},
+    ]);
+    let (answer, injected) = answered(&webhook, &review_of(&pod));
+    let app = &injected["spec"]["containers"][0];
+    assert_eq!(
+        env_of(app, "OPENAI_BASE_URL"),
+        Some(&json!({"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:7400/v1"}))
+    );
+    assert_eq!(
+        env_of(app, "ANTHROPIC_BASE_URL"),
+        Some(&json!({"name": "ANTHROPIC_BASE_URL", "value": "http://127.0.0.1:7400"}))
+    );
+    let sidecar = &injected["spec"]["initContainers"][0];
+    assert_eq!(
+        env_of(sidecar, "BACKSTOP_PASSTHROUGH_OPENAI").map(|e| &e["value"]),
+        Some(&json!("https://gateway.example/v1"))
+    );
+    assert_eq!(
+        env_of(sidecar, "BACKSTOP_PASSTHROUGH_ANTHROPIC").map(|e| &e["valueFrom"]),
+        Some(&json!({"configMapKeyRef": {"name": "llm", "key": "anthropic"}})),
+        "a value from a ConfigMap is read by the kubelet for the sidecar too"
+    );
+    // The worker sets the same gateway: pointed at the sidecar. Its Anthropic setting (none)
+    // differs from the first container's: it keeps calling Anthropic directly, and says so.
+    let worker = &injected["spec"]["containers"][1];
+    assert_eq!(env_of(worker, "OPENAI_BASE_URL").map(|e| &e["value"]), Some(&json!("http://127.0.0.1:7400/v1")));
+    assert_eq!(env_of(worker, "ANTHROPIC_BASE_URL"), None);
+    let warnings: Vec<&str> =
+        answer["warnings"].as_array().expect("warnings").iter().filter_map(Value::as_str).collect();
+    assert!(
+        warnings.iter().any(|w| w.contains("`worker` sets ANTHROPIC_BASE_URL to another URL than container `app`")),
+        "{warnings:?}"
+    );
+
+    // An app with no base URL of its own: nothing to pass through to but the providers'.
+    let (_, plain) = answered(&webhook, &serde_json::from_str(REVIEW).expect("fixture"));
+    let sidecar = &plain["spec"]["initContainers"][0];
+    assert_eq!(env_of(sidecar, "BACKSTOP_PASSTHROUGH_OPENAI"), None);
+    assert_eq!(env_of(sidecar, "BACKSTOP_PASSTHROUGH_ANTHROPIC"), None);
+}
+
+#[test]
 fn opted_out_host_network_and_hand_made_sidecar_pods_are_left_alone() {
     let dir = tempfile::tempdir().expect("dir");
     let webhook = webhook(dir.path(), "native");
@@ -158,7 +206,10 @@ fn older_clusters_get_a_first_container_and_annotations_override_image_and_resou
     assert_eq!(pod["spec"]["initContainers"].as_array().map(Vec::len), Some(1), "the app's init container only");
     assert_eq!(
         answer["warnings"],
-        json!(["backstop.dev/sidecar-cpu-request: `lots` is not a quantity such as 100m or 64Mi; the default applies"])
+        json!([
+            "container `worker` sets OPENAI_BASE_URL to another URL than container `app`: it keeps its own and bypasses Backstop",
+            "backstop.dev/sidecar-cpu-request: `lots` is not a quantity such as 100m or 64Mi; the default applies"
+        ])
     );
 }
 

@@ -47,7 +47,7 @@ pub trait Dialect {
 /// Answers one chat request whose body has been read: parsed in the dialect's API, routed by
 /// `model`, walked down the route's chain through `transport`, and answered in the same API.
 pub async fn serve<D: Dialect>(
-    snapshot: Result<Arc<PolicySnapshot>, String>,
+    snapshot: Arc<PolicySnapshot>,
     headers: &HeaderMap,
     body: &[u8],
     upstreams: &Upstreams,
@@ -58,11 +58,6 @@ pub async fn serve<D: Dialect>(
         Err(invalid) => {
             return D::error(StatusCode::BAD_REQUEST, &invalid.message, "invalid_request", invalid.param, Value::Null);
         }
-    };
-    let snapshot = match snapshot {
-        Ok(snapshot) if !snapshot.is_empty() => snapshot,
-        Ok(snapshot) => return no_policy::<D>(&snapshot.source),
-        Err(why) => return no_policy::<D>(&why),
     };
     let Some(route) = snapshot.route(&request.model) else {
         let known = snapshot.aliases().join(", ");
@@ -115,21 +110,5 @@ fn drilled(mut response: Response<Body>, drill: bool) -> Response<Body> {
     if drill {
         response.headers_mut().insert("x-backstop-drill", http::HeaderValue::from_static("true"));
     }
-    response
-}
-
-/// A 503 for a sidecar with nothing to route by, naming why. A sidecar waiting for its policy
-/// (starting, or waiting for the operator) may have one in a moment: worth the SDK's own retry.
-fn no_policy<D: Dialect>(why: &str) -> Response<Body> {
-    let mut response = D::error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &format!("backstop has no policy to serve: {why}"),
-        "no_policy",
-        None,
-        Value::Null,
-    );
-    let headers = response.headers_mut();
-    headers.insert("retry-after", http::HeaderValue::from_static("1"));
-    headers.insert("x-should-retry", http::HeaderValue::from_static("true"));
     response
 }

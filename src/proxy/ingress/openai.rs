@@ -73,10 +73,9 @@ impl StreamRenderer for OpenAiStream {
 }
 
 /// `GET /v1/models`: the route aliases, as OpenAI's model list.
-pub fn models(snapshot: Option<&PolicySnapshot>) -> Response<Body> {
+pub fn models(snapshot: &PolicySnapshot) -> Response<Body> {
     let data: Vec<Value> = snapshot
-        .map(|s| s.aliases())
-        .unwrap_or_default()
+        .aliases()
         .iter()
         .map(|alias| json!({"id": alias, "object": "model", "created": 0, "owned_by": "backstop"}))
         .collect();

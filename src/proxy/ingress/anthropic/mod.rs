@@ -47,11 +47,8 @@ impl Dialect for AnthropicDialect {
 
 /// A Messages error. Every target overloaded answers 529, as Anthropic itself does.
 pub fn error(status: StatusCode, message: &str, code: &str, extra: Value) -> Response<Body> {
-    let status = if status == StatusCode::SERVICE_UNAVAILABLE && code != "no_policy" {
-        StatusCode::from_u16(529).unwrap_or(status)
-    } else {
-        status
-    };
+    let status =
+        if status == StatusCode::SERVICE_UNAVAILABLE { StatusCode::from_u16(529).unwrap_or(status) } else { status };
     let mut body = error_body(status.as_u16(), message);
     body["error"]["backstop_code"] = json!(code);
     if let (Some(error), Value::Object(extra)) = (body["error"].as_object_mut(), extra) {
