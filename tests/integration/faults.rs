@@ -289,7 +289,10 @@ async fn a_cut_after_the_first_chunk_on_a_reused_connection_delivers_the_chunk_t
 /// A raw HTTP/1.1 upstream: answers its first request on a connection with a whole stream and
 /// keeps the connection; on the second it sends the headers and the first content chunk, then
 /// closes the connection (`reset`: with a TCP reset) without the terminating chunk.
-async fn raw_cutting_upstream(reset: bool, anthropic: bool) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+async fn raw_cutting_upstream(
+    reset: bool,
+    anthropic: bool,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
