@@ -361,7 +361,7 @@ async fn raw_cutting_upstream(
                     }
                     let _ = socket.flush().await;
                     if reset {
-                        let _ = socket.set_linger(Some(Duration::ZERO));
+                        let _ = socket.set_zero_linger();
                     }
                     drop(socket);
                     return;
