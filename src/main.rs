@@ -102,6 +102,10 @@ struct OperatorArgs {
     /// certificate); `none` turns it off.
     #[arg(long, env = "BACKSTOP_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443", value_parser = listen_or_none)]
     webhook_listen: Listen,
+    /// Read only Secrets labelled `backstop.dev/credentials=true`: a policy's author can then not
+    /// send just any Secret of the namespace to a provider URL of their choice.
+    #[arg(long, env = "BACKSTOP_REQUIRE_CREDENTIALS_LABEL")]
+    require_credentials_label: bool,
     /// The injection settings (image, config service URL, CA file, mode, resources, env), read
     /// for every pod.
     #[arg(long, env = "BACKSTOP_INJECTION_CONFIG", default_value = "/etc/backstop/injection/config.yaml")]
@@ -350,6 +354,7 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         }),
         namespaces: args.namespaces.into_iter().filter(|ns| !ns.is_empty()).collect(),
         admin: args.admin,
+        require_credentials_label: args.require_credentials_label,
         lease_namespace,
         lease: LeaseSettings {
             endpoint: None,

@@ -30,10 +30,109 @@ pub struct Options {
     pub max_streams: Option<u32>,
     /// HTTP/2 keep-alive pings, to notice dead peers on long-lived streams.
     pub keep_alive: Option<Duration>,
+    /// How long a new connection (after TLS) may take to send its first byte: the HTTP/2
+    /// preface or an HTTP/1 request line. A client that connects and says nothing is closed.
+    pub first_byte: Option<Duration>,
+    /// How long an HTTP/1 client may take to send a request's headers once it began.
+    pub header_read: Option<Duration>,
+}
+
+impl Options {
+    /// Limits for a listener that faces the network (the operator's): slow and silent clients
+    /// are closed, and at most `max_connections` are open at once.
+    pub fn network_facing(max_connections: usize) -> Options {
+        Options {
+            max_connections: Some(max_connections),
+            first_byte: Some(FIRST_BYTE_TIMEOUT),
+            header_read: Some(HEADER_READ_TIMEOUT),
+            ..Options::default()
+        }
+    }
 }
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a network-facing listener waits for a connection's first byte.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a network-facing listener waits for an HTTP/1 request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection that must send its first byte by a deadline; after that it is itself.
+struct FirstByte<T> {
+    io: T,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> FirstByte<T> {
+    fn new(io: T, within: Option<Duration>) -> Self {
+        FirstByte { io, deadline: within.map(|d| Box::pin(tokio::time::sleep(d))) }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByte<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.deadline = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let expired = this.deadline.as_mut().is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if expired {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client sent nothing in time",
+                    )));
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByte<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
 
 /// Accepts connections (HTTP/1.1 and cleartext HTTP/2) and answers each request with
 /// `handler` until `shutdown` turns true, then lets requests in flight finish for up to `drain`.
@@ -64,6 +163,10 @@ pub async fn serve_with<F, Fut>(
     if let Some(interval) = options.keep_alive {
         builder.http2().timer(hyper_util::rt::TokioTimer::new()).keep_alive_interval(interval);
     }
+    if let Some(timeout) = options.header_read {
+        builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(timeout);
+    }
+    let first_byte = options.first_byte;
     let slots = options.max_connections.map(|n| Arc::new(Semaphore::new(n)));
     loop {
         tokio::select! {
@@ -96,6 +199,7 @@ pub async fn serve_with<F, Fut>(
                 });
                 match &options.tls {
                     None => {
+                        let socket = FirstByte::new(socket, first_byte);
                         let connection = builder.serve_connection_with_upgrades(TokioIo::new(socket), service).into_owned();
                         let connection = graceful.watch(connection);
                         // Owned by `graceful`, which waits for it on shutdown.
@@ -120,6 +224,7 @@ pub async fn serve_with<F, Fut>(
                                     return;
                                 }
                             };
+                            let stream = FirstByte::new(stream, first_byte);
                             let connection = builder.serve_connection(TokioIo::new(stream), service);
                             if let Err(error) = watcher.watch(connection).await {
                                 tracing::debug!(%error, "connection ended with an error");
@@ -144,6 +249,37 @@ pub async fn serve_with<F, Fut>(
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_silent_client_and_one_that_dribbles_its_headers_are_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (stop, stopped) = watch::channel(false);
+        let options = Options {
+            first_byte: Some(Duration::from_millis(200)),
+            header_read: Some(Duration::from_millis(300)),
+            ..Options::network_facing(8)
+        };
+        let server = tokio::spawn(serve_with(listener, stopped, Duration::from_secs(1), options, |_| async {
+            crate::proxy::body::text_response(http::StatusCode::OK, "ok\n")
+        }));
+        let closed_within = |mut socket: tokio::net::TcpStream, limit: Duration| async move {
+            let mut buffer = [0u8; 64];
+            matches!(tokio::time::timeout(limit, socket.read(&mut buffer)).await, Ok(Ok(0) | Err(_)))
+        };
+        let silent = tokio::net::TcpStream::connect(address).await.expect("connect");
+        assert!(closed_within(silent, Duration::from_secs(2)).await, "a silent connection is closed");
+        let mut slow = tokio::net::TcpStream::connect(address).await.expect("connect");
+        slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.expect("half a request");
+        assert!(closed_within(slow, Duration::from_secs(2)).await, "headers that never end are cut off");
+        let mut prompt = tokio::net::TcpStream::connect(address).await.expect("connect");
+        prompt.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.expect("request");
+        let mut answer = String::new();
+        prompt.read_to_string(&mut answer).await.expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        stop.send_replace(true);
+        server.await.expect("server");
+    }
 
     #[tokio::test]
     async fn connections_beyond_the_limit_are_closed_at_once_and_a_freed_slot_serves_again() {

@@ -64,6 +64,11 @@ pub enum KeyError {
     /// The Secret does not exist (yet).
     #[error("Secret `{0}` not found in the policy's namespace")]
     SecretNotFound(String),
+    /// The Secret lacks the label the operator requires of the Secrets it reads.
+    #[error(
+        "Secret `{0}` is not labelled `backstop.dev/credentials=true`, which this operator requires of the Secrets it reads"
+    )]
+    SecretNotLabelled(String),
     /// The Secret has no such key.
     #[error("Secret `{name}` has no key `{key}`")]
     SecretKeyNotFound {

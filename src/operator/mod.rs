@@ -46,7 +46,7 @@ use tokio::sync::watch;
 
 use crate::policy::FallbackPolicy;
 use crate::proxy::body::{Body, text_response};
-use crate::server::serve;
+use crate::server::{Options, serve_with};
 use crate::telemetry::Metrics;
 use config::ConfigService;
 use config::sidecars::Sidecars;
@@ -85,6 +85,8 @@ pub struct WebhookSettings {
     pub injection_config: std::path::PathBuf,
 }
 
+/// Connections the admin listener holds at once.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 /// How often the fleet view's timers advance.
 const FLEET_TICK: Duration = Duration::from_millis(250);
 /// How often the leader writes the fleet's status fields (when they changed).
@@ -105,6 +107,8 @@ pub struct OperatorConfig {
     pub lease_namespace: String,
     /// The leader election.
     pub lease: LeaseSettings,
+    /// Read only Secrets labelled [`secrets::CREDENTIALS_LABEL`].
+    pub require_credentials_label: bool,
 }
 
 /// Why the operator could not run.
@@ -173,6 +177,8 @@ pub struct Context {
     pub leader: Leadership,
     /// Reconcile metrics.
     pub instruments: Instruments,
+    /// Whether only Secrets labelled [`secrets::CREDENTIALS_LABEL`] may be read.
+    pub require_credentials_label: bool,
     failures: Mutex<HashMap<String, u32>>,
 }
 
@@ -209,6 +215,7 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         leader: leader.clone(),
         instruments: Instruments::new(&metrics, leader.clone()),
+        require_credentials_label: config.require_credentials_label,
         failures: Mutex::default(),
     });
     let scopes: Vec<Option<String>> =
@@ -328,7 +335,9 @@ pub async fn run(
     };
     let admin = {
         let (served, metrics) = (ctx.served.clone(), metrics.clone());
-        serve(listener, shutdown.clone(), Duration::from_secs(5), move |request| {
+        // Probes and Prometheus: a handful of connections at a time.
+        let options = Options::network_facing(ADMIN_MAX_CONNECTIONS);
+        serve_with(listener, shutdown.clone(), Duration::from_secs(5), options, move |request| {
             let response = admin(&request, served.is_complete(), &metrics);
             async move { response }
         })
@@ -387,7 +396,12 @@ async fn controller(scope: Option<String>, ctx: Arc<Context>, mut shutdown: watc
         })
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
-    let secret_changes = watcher(secrets, watcher::Config::default())
+    let secret_watch = if ctx.require_credentials_label {
+        watcher::Config::default().labels(&format!("{}=true", secrets::CREDENTIALS_LABEL))
+    } else {
+        watcher::Config::default()
+    };
+    let secret_changes = watcher(secrets, secret_watch)
         .default_backoff()
         .touched_objects()
         .predicate_filter(predicates::resource_version, Default::default());

@@ -55,7 +55,9 @@ pub async fn reconcile(policy: Arc<FallbackPolicy>, ctx: Arc<Context>) -> Result
     ctx.instruments.duration.record(started.elapsed().as_secs_f64(), &[]);
     match outcome? {
         Reason::Compiled => Ok(Action::requeue(RESYNC)),
-        Reason::SecretNotFound | Reason::SecretKeyNotFound => Ok(Action::requeue(SECRET_RETRY)),
+        Reason::SecretNotFound | Reason::SecretKeyNotFound | Reason::SecretNotLabelled => {
+            Ok(Action::requeue(SECRET_RETRY))
+        }
         Reason::InvalidPolicy | Reason::InlineKeyRefused => Ok(Action::await_change()),
     }
 }
@@ -63,18 +65,21 @@ pub async fn reconcile(policy: Arc<FallbackPolicy>, ctx: Arc<Context>) -> Result
 async fn reconcile_inner(policy: &FallbackPolicy, ctx: &Context) -> Result<Reason> {
     let namespace = policy.namespace().ok_or(Error::NoNamespace)?;
     let name = policy.name_any();
-    let secrets =
-        match SecretKeys::read(&Api::<Secret>::namespaced(ctx.client.clone(), &namespace), referenced(&policy.spec))
-            .await
-        {
-            Ok(secrets) => secrets,
-            Err(error) => {
-                // Not knowing is no reason to take anything from sidecars: they hold theirs.
-                let reason = format!("cannot read its Secrets: {error}");
-                ctx.served.hold(&namespace, &name, policy.spec.selector.clone(), &reason);
-                return Err(error.into());
-            }
-        };
+    let secrets = match SecretKeys::read(
+        &Api::<Secret>::namespaced(ctx.client.clone(), &namespace),
+        referenced(&policy.spec),
+        ctx.require_credentials_label,
+    )
+    .await
+    {
+        Ok(secrets) => secrets,
+        Err(error) => {
+            // Not knowing is no reason to take anything from sidecars: they hold theirs.
+            let reason = format!("cannot read its Secrets: {error}");
+            ctx.served.hold(&namespace, &name, policy.spec.selector.clone(), &reason);
+            return Err(error.into());
+        }
+    };
     let verdict = match compile(policy, &secrets) {
         Ok(compiled) => {
             let version = compiled.digest();
@@ -143,7 +148,9 @@ async fn write_status(
         let (type_, reason) = match verdict.reason {
             Reason::Compiled => (EventType::Normal, "Compiled"),
             Reason::InvalidPolicy | Reason::InlineKeyRefused => (EventType::Warning, "Rejected"),
-            Reason::SecretNotFound | Reason::SecretKeyNotFound => (EventType::Warning, "SecretMissing"),
+            Reason::SecretNotFound | Reason::SecretKeyNotFound | Reason::SecretNotLabelled => {
+                (EventType::Warning, "SecretMissing")
+            }
         };
         let event = Event {
             type_,

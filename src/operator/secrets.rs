@@ -13,6 +13,10 @@ use kube::Api;
 use crate::chain::{ApiKey, KeyError, KeyResolver};
 use crate::policy::{ApiKeySource, FallbackPolicySpec};
 
+/// The label an operator started with `--require-credentials-label` requires of every Secret it
+/// reads (value `true`).
+pub const CREDENTIALS_LABEL: &str = "backstop.dev/credentials";
+
 /// The names of the Secrets a policy's keys come from.
 pub fn referenced(spec: &FallbackPolicySpec) -> BTreeSet<String> {
     spec.providers
@@ -30,22 +34,36 @@ pub fn references(spec: &FallbackPolicySpec, name: &str) -> bool {
         .any(|source| source.secret_key_ref.as_ref().is_some_and(|r| r.name == name))
 }
 
-/// The Secrets one reconcile read, by name: `None` for one that does not exist.
+/// One Secret as a reconcile read it.
+enum Read {
+    /// It does not exist.
+    Missing,
+    /// It exists without the required label: its data was not kept.
+    Unlabelled,
+    /// Its data.
+    Data(BTreeMap<String, Vec<u8>>),
+}
+
+/// The Secrets one reconcile read, by name.
 #[derive(Default)]
 pub struct SecretKeys {
-    secrets: BTreeMap<String, Option<BTreeMap<String, Vec<u8>>>>,
+    secrets: BTreeMap<String, Read>,
 }
 
 impl SecretKeys {
-    /// Reads the Secrets `names` from `api` (the policy's namespace).
-    pub async fn read(api: &Api<Secret>, names: BTreeSet<String>) -> kube::Result<SecretKeys> {
+    /// Reads the Secrets `names` from `api` (the policy's namespace); with `require_label`, a
+    /// Secret without [`CREDENTIALS_LABEL`]`=true` is not used.
+    pub async fn read(api: &Api<Secret>, names: BTreeSet<String>, require_label: bool) -> kube::Result<SecretKeys> {
         let mut secrets = BTreeMap::new();
         for name in names {
-            let data = api
-                .get_opt(&name)
-                .await?
-                .map(|secret| secret.data.unwrap_or_default().into_iter().map(|(key, bytes)| (key, bytes.0)).collect());
-            secrets.insert(name, data);
+            let read = match api.get_opt(&name).await? {
+                None => Read::Missing,
+                Some(secret) if require_label && !labelled(&secret) => Read::Unlabelled,
+                Some(secret) => {
+                    Read::Data(secret.data.unwrap_or_default().into_iter().map(|(key, bytes)| (key, bytes.0)).collect())
+                }
+            };
+            secrets.insert(name, read);
         }
         Ok(SecretKeys { secrets })
     }
@@ -67,8 +85,13 @@ impl SecretKeys {
     /// Secrets as given, for tests.
     #[cfg(test)]
     pub fn from_map(secrets: BTreeMap<String, Option<BTreeMap<String, Vec<u8>>>>) -> Self {
+        let secrets = secrets.into_iter().map(|(name, data)| (name, data.map_or(Read::Missing, Read::Data))).collect();
         SecretKeys { secrets }
     }
+}
+
+fn labelled(secret: &Secret) -> bool {
+    secret.metadata.labels.as_ref().and_then(|labels| labels.get(CREDENTIALS_LABEL)).is_some_and(|v| v == "true")
 }
 
 impl KeyResolver for SecretKeys {
@@ -81,7 +104,8 @@ impl KeyResolver for SecretKeys {
         }
         let Some(reference) = &source.secret_key_ref else { return Err(KeyError::SecretRefInFile) };
         let data = match self.secrets.get(&reference.name) {
-            Some(Some(data)) => data,
+            Some(Read::Data(data)) => data,
+            Some(Read::Unlabelled) => return Err(KeyError::SecretNotLabelled(reference.name.clone())),
             _ => return Err(KeyError::SecretNotFound(reference.name.clone())),
         };
         let bytes = data
@@ -124,5 +148,9 @@ mod tests {
         assert_eq!(secrets.resolve(&reference("never-read", "x")), Err(KeyError::SecretNotFound("never-read".into())));
         let env = ApiKeySource { value: None, env: Some("OPENAI_API_KEY".into()), secret_key_ref: None };
         assert_eq!(secrets.resolve(&env), Err(KeyError::EnvInCluster));
+        let inline = ApiKeySource { value: Some("sk-inline".into()), env: None, secret_key_ref: None };
+        assert_eq!(secrets.resolve(&inline), Err(KeyError::InlineInCluster), "inline keys are for policy files");
+        let unlabelled = SecretKeys { secrets: BTreeMap::from([("plain".to_string(), Read::Unlabelled)]) };
+        assert_eq!(unlabelled.resolve(&reference("plain", "x")), Err(KeyError::SecretNotLabelled("plain".into())));
     }
 }

@@ -28,6 +28,8 @@ pub enum Reason {
     SecretKeyNotFound,
     /// It has an inline key (`apiKey.value`), which a cluster refuses.
     InlineKeyRefused,
+    /// A Secret it names lacks the label the operator requires.
+    SecretNotLabelled,
 }
 
 impl Reason {
@@ -39,6 +41,7 @@ impl Reason {
             Reason::SecretNotFound => "SecretNotFound",
             Reason::SecretKeyNotFound => "SecretKeyNotFound",
             Reason::InlineKeyRefused => "InlineKeyRefused",
+            Reason::SecretNotLabelled => "SecretNotLabelled",
         }
     }
 
@@ -49,6 +52,7 @@ impl Reason {
             Some(KeyError::SecretNotFound(_)) => Reason::SecretNotFound,
             Some(KeyError::SecretKeyNotFound { .. }) => Reason::SecretKeyNotFound,
             Some(KeyError::InlineInCluster) => Reason::InlineKeyRefused,
+            Some(KeyError::SecretNotLabelled(_)) => Reason::SecretNotLabelled,
             _ => Reason::InvalidPolicy,
         }
     }

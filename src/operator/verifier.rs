@@ -46,6 +46,7 @@ fn context(leader: bool) -> (Arc<Context>, Handle) {
         recorder: Recorder::new(client, Reporter { controller: "backstop-operator".into(), instance: None }),
         leader: leadership.clone(),
         instruments: Instruments::new(&metrics, leadership),
+        require_credentials_label: false,
         failures: Mutex::default(),
     };
     (Arc::new(ctx), handle)

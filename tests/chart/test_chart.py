@@ -22,6 +22,8 @@ EVERYTHING_ON = [
     "--set", "tls.certManager.enabled=true",
     "--set", "metrics.serviceMonitor.enabled=true",
     "--set", "networkPolicy.enabled=true",
+    "--set", "networkPolicy.apiServer[0].ipBlock.cidr=10.0.0.0/24",
+    "--set", "operator.requireCredentialsLabel=true",
     "--set", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
     "--set", "openTelemetry.endpoint=http://otel-collector.observability:4318",
     "--set", "openTelemetry.samplerArg=0.5",
@@ -181,6 +183,33 @@ def test_the_tested_rbac_is_the_chart_s():
             {**rule, "resourceNames": ["backstop-operator"]} if "resourceNames" in rule else rule
             for rule in by_kind(chart, kind)[0]["rules"]
         ], f"the chart's {kind} differs from deploy/operator/rbac.yaml"
+
+
+def test_with_namespaces_set_secrets_are_readable_in_those_namespaces_only():
+    everywhere = render()
+    (cluster_role,) = by_kind(everywhere, "ClusterRole")
+    assert any("secrets" in rule["resources"] for rule in cluster_role["rules"])
+    assert not [r for r in by_kind(everywhere, "Role") if r["metadata"]["name"].endswith("-secrets")]
+    scoped = render("--set", "operator.namespaces={shop,support}")
+    (cluster_role,) = by_kind(scoped, "ClusterRole")
+    assert not any("secrets" in rule["resources"] for rule in cluster_role["rules"]), "no cluster-wide Secret access"
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(scoped, "Role") if r["metadata"]["name"].endswith("-secrets")}
+    assert set(roles) == {"shop", "support"}
+    assert roles["shop"]["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}]
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(scoped, "RoleBinding") if b["metadata"]["name"].endswith("-secrets")}
+    assert bindings["support"]["subjects"] == [{"kind": "ServiceAccount", "name": "backstop", "namespace": "backstop-system"}]
+
+
+def test_the_network_policy_admits_the_webhook_from_the_api_server_only_and_the_config_port_from_pods():
+    refused = helm("template", "backstop", str(CHART), "--set", "networkPolicy.enabled=true", check=False)
+    assert refused.returncode != 0 and "apiServer" in refused.stderr, refused.stderr
+    docs = render("--set", "networkPolicy.enabled=true", "--set", "networkPolicy.apiServer[0].ipBlock.cidr=10.0.0.0/24")
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    rules = {rule["ports"][0]["port"]: rule for rule in policy["spec"]["ingress"]}
+    assert rules["webhook"]["from"] == [{"ipBlock": {"cidr": "10.0.0.0/24"}}]
+    assert rules["config"]["from"] == [{"namespaceSelector": {}}], "pods of any namespace, no host addresses"
+    operator = by_kind(render("--set", "operator.requireCredentialsLabel=true"), "Deployment")[0]
+    assert "--require-credentials-label" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 def test_the_dockerfile_passes_hadolint():

@@ -6,6 +6,7 @@
 mod binary;
 mod chart;
 mod cluster;
+mod donoharm;
 mod faults;
 mod fleet;
 mod golden;

@@ -88,10 +88,16 @@ impl Operator {
             .args(["--lease-renew", "1s", "--lease-retry", "500ms", "--identity", identity])
             .args(["--lease-namespace", lease_namespace, "--namespaces", &namespaces.join(",")])
             .args(["--config-listen", config_listen])
-            .arg("--tls-cert-file")
-            .arg(pki.dir.join("tls.crt"))
-            .arg("--tls-key-file")
-            .arg(pki.dir.join("tls.key"))
+            .args(if extra.iter().any(|a| a == "--tls-cert-file") {
+                Vec::new()
+            } else {
+                vec![
+                    "--tls-cert-file".into(),
+                    pki.dir.join("tls.crt").into_os_string(),
+                    "--tls-key-file".into(),
+                    pki.dir.join("tls.key").into_os_string(),
+                ]
+            })
             .args(if extra.iter().any(|a| a == "--webhook-listen") {
                 &[][..]
             } else {

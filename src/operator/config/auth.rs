@@ -8,8 +8,13 @@
 //! sidecar says, so a pod can only ever be served its own namespace's policies.
 //!
 //! Reviews are cached for a minute by the token's SHA-256 (never the token itself), so that a
-//! fleet reconnecting at once after an operator restart costs one review per pod, and at most
-//! [`CONCURRENT_REVIEWS`] run at a time.
+//! fleet reconnecting at once after an operator restart costs one review per pod. Any pod can
+//! mount a token for the `backstop` audience, so the API server is shielded from the callers:
+//! at most [`CONCURRENT_REVIEWS`] TokenReviews run at a time for sidecars and peers together
+//! (a caller waits at most [`REVIEW_WAIT`], then gets 503); a refused token is remembered for
+//! [`REFUSED_FOR`]; and a token is read before any review (a JWT for the `backstop` audience,
+//! not expired, bound to a pod; for a peer, of this operator's own ServiceAccount), so a
+//! stranger costs the API server nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -33,6 +38,12 @@ const CACHE_FOR: Duration = Duration::from_secs(60);
 pub const CONCURRENT_REVIEWS: usize = 16;
 /// Cached reviews at most; the cache is cleared of expired entries when full.
 const CACHE_ENTRIES: usize = 100_000;
+/// How long a caller waits for a review slot before it is told to come back.
+pub const REVIEW_WAIT: Duration = Duration::from_secs(5);
+/// How long a refused token is refused again without a review.
+pub const REFUSED_FOR: Duration = Duration::from_secs(10);
+/// Refused tokens remembered at most.
+const REFUSED_ENTRIES: usize = 10_000;
 
 /// An authenticated sidecar's pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +78,9 @@ pub enum AuthError {
     /// The API server could not be asked.
     #[error("cannot check the token now: {0}")]
     Unavailable(kube::Error),
+    /// Every review slot stayed busy for [`REVIEW_WAIT`].
+    #[error("too many tokens to check at once; try again shortly")]
+    Busy,
 }
 
 impl AuthError {
@@ -75,8 +89,13 @@ impl AuthError {
         match self {
             AuthError::Missing | AuthError::Rejected(_) => http::StatusCode::UNAUTHORIZED,
             AuthError::NotBoundToPod | AuthError::PodGone(_) => http::StatusCode::FORBIDDEN,
-            AuthError::Unavailable(_) => http::StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::Unavailable(_) | AuthError::Busy => http::StatusCode::SERVICE_UNAVAILABLE,
         }
+    }
+
+    /// Whether the token itself was refused (and may be refused again without a review).
+    fn is_refusal(&self) -> bool {
+        matches!(self, AuthError::Missing | AuthError::Rejected(_) | AuthError::NotBoundToPod | AuthError::PodGone(_))
     }
 }
 
@@ -84,6 +103,8 @@ impl AuthError {
 pub struct Authenticator {
     client: Client,
     cache: Mutex<HashMap<[u8; 32], (Identity, Instant)>>,
+    /// Tokens refused lately, by SHA-256, with why and until when.
+    refused: Mutex<HashMap<[u8; 32], (String, Instant)>>,
     reviews: Semaphore,
     /// This replica's own user name, once reviewed.
     own_user: Mutex<Option<String>>,
@@ -95,23 +116,61 @@ impl Authenticator {
         Authenticator {
             client,
             cache: Mutex::default(),
+            refused: Mutex::default(),
             reviews: Semaphore::new(CONCURRENT_REVIEWS),
             own_user: Mutex::default(),
         }
     }
 
+    /// One review slot, shared by sidecars and peers, waited for at most [`REVIEW_WAIT`].
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, AuthError> {
+        match tokio::time::timeout(REVIEW_WAIT, self.reviews.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(AuthError::Busy),
+        }
+    }
+
+    /// A refusal remembered for `key`, if one is.
+    fn refused_before(&self, key: &[u8; 32], now: Instant) -> Option<AuthError> {
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.get(key).filter(|(_, until)| *until > now).map(|(why, _)| AuthError::Rejected(why.clone()))
+    }
+
+    /// Remembers a refusal of `key` for [`REFUSED_FOR`].
+    fn remember(&self, key: [u8; 32], error: &AuthError, now: Instant) {
+        if !error.is_refusal() {
+            return;
+        }
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if refused.len() >= REFUSED_ENTRIES {
+            refused.retain(|_, (_, until)| *until > now);
+        }
+        if refused.len() < REFUSED_ENTRIES {
+            refused.insert(key, (error.to_string(), now + REFUSED_FOR));
+        }
+    }
+
     /// The pod `token` belongs to.
     pub async fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
-        if token.is_empty() {
-            return Err(AuthError::Missing);
-        }
-        let key: [u8; 32] =
-            ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().try_into().unwrap_or([0; 32]);
+        let key = fingerprint(token);
         let now = Instant::now();
         if let Some((identity, _)) = self.cached(&key, now) {
             return Ok(identity);
         }
-        let _permit = self.reviews.acquire().await.map_err(|_| AuthError::Missing)?;
+        if let Some(refused) = self.refused_before(&key, now) {
+            return Err(refused);
+        }
+        let result = self.authenticate_fresh(token, key, now).await;
+        if let Err(error) = &result {
+            self.remember(key, error, now);
+        }
+        result
+    }
+
+    async fn authenticate_fresh(&self, token: &str, key: [u8; 32], now: Instant) -> Result<Identity, AuthError> {
+        let claims = Claims::read(token)?;
+        claims.for_a_pod()?;
+        let _permit = self.slot().await?;
         if let Some((identity, _)) = self.cached(&key, now) {
             return Ok(identity);
         }
@@ -181,24 +240,51 @@ impl Authenticator {
     }
 
     /// Checks that `token` is another replica's: a token of the very ServiceAccount this
-    /// replica's own token (`own_token_file`) belongs to.
+    /// replica's own token (`own_token_file`) belongs to. A token that does not even claim to
+    /// be of that ServiceAccount is refused without a review.
     pub async fn authenticate_peer(&self, token: &str, own_token_file: &std::path::Path) -> Result<String, AuthError> {
-        if token.is_empty() {
-            return Err(AuthError::Missing);
+        let key = fingerprint(token);
+        let now = Instant::now();
+        if let Some(refused) = self.refused_before(&key, now) {
+            return Err(refused);
+        }
+        let result = self.authenticate_peer_fresh(token, own_token_file).await;
+        if let Err(error) = &result {
+            self.remember(key, error, now);
+        }
+        result
+    }
+
+    async fn authenticate_peer_fresh(
+        &self,
+        token: &str,
+        own_token_file: &std::path::Path,
+    ) -> Result<String, AuthError> {
+        let mine = std::fs::read_to_string(own_token_file).map_err(|e| {
+            AuthError::Rejected(format!("this replica cannot vouch for peers without its own token: {e}"))
+        })?;
+        let claims = Claims::read(token)?;
+        let own_claims = Claims::read(mine.trim())?;
+        if claims.subject != own_claims.subject {
+            return Err(AuthError::Rejected(format!(
+                "`{}` is not this operator's ServiceAccount",
+                bounded(&claims.subject)
+            )));
         }
         let own = self.own_user.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let own = match own {
             Some(own) => own,
             None => {
-                let mine = std::fs::read_to_string(own_token_file).map_err(|e| {
-                    AuthError::Rejected(format!("this replica cannot vouch for peers without its own token: {e}"))
-                })?;
+                let _permit = self.slot().await?;
                 let (own, _) = self.review_user(mine.trim()).await?;
                 *self.own_user.lock().unwrap_or_else(|p| p.into_inner()) = Some(own.clone());
                 own
             }
         };
-        let (user, _) = self.review_user(token).await?;
+        let (user, _) = {
+            let _permit = self.slot().await?;
+            self.review_user(token).await?
+        };
         if user != own {
             return Err(AuthError::Rejected(format!("`{user}` is not this operator's ServiceAccount")));
         }
@@ -206,12 +292,79 @@ impl Authenticator {
     }
 }
 
+/// The SHA-256 of a token: how caches know it without keeping it.
+fn fingerprint(token: &str) -> [u8; 32] {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref().try_into().unwrap_or([0; 32])
+}
+
+/// At most 128 bytes of what a caller claimed, for a refusal.
+fn bounded(text: &str) -> String {
+    let mut end = text.len().min(128);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// What a token claims, read before any review: nothing here is trusted, it only spares the
+/// API server a review of a token that would fail it anyway.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Claims {
+    subject: String,
+    audiences: Vec<String>,
+    expires: Option<i64>,
+    pod: bool,
+}
+
+impl Claims {
+    /// The claims of a JWT; a token that is not one is refused.
+    fn read(token: &str) -> Result<Claims, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let not_a_token = || AuthError::Rejected("not a ServiceAccount token (JWT)".into());
+        let mut parts = token.split('.');
+        let (Some(_), Some(payload), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(not_a_token());
+        };
+        if payload.len() > 16 << 10 {
+            return Err(not_a_token());
+        }
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .map_err(|_| not_a_token())?;
+        let claims: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| not_a_token())?;
+        let audiences = match &claims["aud"] {
+            serde_json::Value::String(one) => vec![one.clone()],
+            serde_json::Value::Array(many) => many.iter().filter_map(|a| a.as_str().map(String::from)).collect(),
+            _ => Vec::new(),
+        };
+        Ok(Claims {
+            subject: claims["sub"].as_str().unwrap_or_default().to_string(),
+            audiences,
+            expires: claims["exp"].as_i64(),
+            pod: claims.pointer("/kubernetes.io/pod/uid").is_some(),
+        })
+    }
+
+    /// Whether the claims could be a sidecar's: audience `backstop`, not expired, bound to a pod.
+    fn for_a_pod(&self) -> Result<(), AuthError> {
+        if !self.audiences.iter().any(|a| a == AUDIENCE) {
+            return Err(AuthError::Rejected(format!("the token's audiences do not include `{AUDIENCE}`")));
+        }
+        if self.expires.is_some_and(|exp| exp <= Timestamp::now().as_second()) {
+            return Err(AuthError::Rejected("the token has expired".into()));
+        }
+        if !self.pod {
+            return Err(AuthError::NotBoundToPod);
+        }
+        Ok(())
+    }
+}
+
 /// The `exp` claim of a JWT the API server has already verified.
 fn expiry(token: &str) -> Option<Timestamp> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    Timestamp::from_second(claims.get("exp")?.as_i64()?).ok()
+    Timestamp::from_second(Claims::read(token).ok()?.expires?).ok()
 }
 
 /// The bearer token of a request, if it has one.
@@ -227,6 +380,56 @@ pub fn bearer(headers: &http::HeaderMap) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn token(claims: serde_json::Value) -> String {
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
+        format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln")
+    }
+
+    #[test]
+    fn a_token_that_would_fail_the_review_is_refused_before_it() {
+        let far = Timestamp::now().as_second() + 3600;
+        let pod = serde_json::json!({"uid": "u", "name": "web-1"});
+        let good = Claims::read(&token(
+            serde_json::json!({"aud": ["backstop"], "exp": far, "sub": "system:serviceaccount:shop:app",
+            "kubernetes.io": {"pod": pod}}),
+        ))
+        .expect("reads");
+        assert!(good.for_a_pod().is_ok());
+        let other_audience =
+            Claims::read(&token(serde_json::json!({"aud": "https://kubernetes.default.svc", "exp": far,
+            "kubernetes.io": {"pod": pod}})))
+            .expect("reads");
+        assert!(matches!(other_audience.for_a_pod(), Err(AuthError::Rejected(_))));
+        let expired =
+            Claims::read(&token(serde_json::json!({"aud": ["backstop"], "exp": 1, "kubernetes.io": {"pod": pod}})))
+                .expect("reads");
+        assert!(expired.for_a_pod().is_err());
+        let unbound = Claims::read(&token(serde_json::json!({"aud": ["backstop"], "exp": far}))).expect("reads");
+        assert!(matches!(unbound.for_a_pod(), Err(AuthError::NotBoundToPod)));
+        for garbage in ["", "abc", "a.b.c.d", "a.!!!.c", &format!("a.{}.c", "x".repeat(20_000))] {
+            assert!(Claims::read(garbage).is_err(), "{garbage:.20}");
+        }
+        assert_eq!(AuthError::Busy.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn refused_tokens_are_remembered_briefly_and_reviews_are_bounded() {
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().expect("url"))).expect("client");
+        let auth = Authenticator::new(client);
+        let stranger = token(serde_json::json!({"aud": ["elsewhere"]}));
+        let first = auth.authenticate(&stranger).await.expect_err("refused");
+        assert!(first.to_string().contains("do not include `backstop`"), "{first}");
+        let key = fingerprint(&stranger);
+        assert!(auth.refused_before(&key, Instant::now()).is_some(), "remembered");
+        assert!(auth.refused_before(&key, Instant::now() + REFUSED_FOR).is_none(), "for a while only");
+        // Every slot busy: a caller is told to come back rather than queue without end.
+        let held: Vec<_> = futures_util::future::join_all((0..CONCURRENT_REVIEWS).map(|_| auth.slot())).await;
+        assert!(held.iter().all(Result::is_ok));
+        tokio::time::pause();
+        assert!(matches!(auth.slot().await, Err(AuthError::Busy)));
+    }
 
     #[test]
     fn the_expiry_comes_from_the_verified_token_and_bearer_tokens_from_the_header() {

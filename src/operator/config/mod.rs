@@ -103,9 +103,9 @@ impl ConfigService {
     pub async fn run(self: Arc<Self>, listener: TcpListener, cert: Arc<ReloadingCert>, max_connections: usize) {
         let options = Options {
             tls: Some(tokio_rustls::TlsAcceptor::from(Arc::new(cert.server_config()))),
-            max_connections: Some(max_connections),
             max_streams: Some(STREAMS_PER_CONNECTION),
             keep_alive: Some(KEEP_ALIVE),
+            ..Options::network_facing(max_connections)
         };
         let shutdown = self.shutdown.clone();
         let reload = tokio::spawn(cert.watch(shutdown.clone()));

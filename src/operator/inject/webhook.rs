@@ -26,6 +26,8 @@ use crate::operator::config::tls::ReloadingCert;
 use crate::proxy::body::{Body, json_response, text_response};
 use crate::server::{Options, serve_with};
 
+/// Connections the webhook holds at once: the API servers keep a few each.
+const MAX_CONNECTIONS: usize = 256;
 /// The largest AdmissionReview read (the API server's own request limit is 3 MiB).
 const MAX_REVIEW_BYTES: usize = 4 << 20;
 
@@ -82,8 +84,7 @@ impl Webhook {
     ) {
         let options = Options {
             tls: Some(tokio_rustls::TlsAcceptor::from(Arc::new(cert.server_config_for(&[b"h2", b"http/1.1"])))),
-            max_connections: Some(1024),
-            ..Options::default()
+            ..Options::network_facing(MAX_CONNECTIONS)
         };
         serve_with(listener, shutdown, Duration::from_secs(5), options, move |request| {
             let webhook = self.clone();
