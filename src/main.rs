@@ -71,6 +71,10 @@ struct OperatorArgs {
     /// How often the leader renews the Lease.
     #[arg(long, env = "BACKSTOP_LEASE_RENEW", default_value = "5s", value_parser = duration)]
     lease_renew: Duration,
+    /// How long the leader goes on leading without a successful renewal before it steps down;
+    /// shorter than the lease duration, so that two replicas never both lead.
+    #[arg(long, env = "BACKSTOP_LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = duration)]
+    lease_renew_deadline: Duration,
     /// How often a standby tries to take the Lease.
     #[arg(long, env = "BACKSTOP_LEASE_RETRY", default_value = "2s", value_parser = duration)]
     lease_retry: Duration,
@@ -325,6 +329,13 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
 }
 
 async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.lease_renew_deadline < args.lease_duration && args.lease_renew < args.lease_renew_deadline,
+        "--lease-renew ({}) must be shorter than --lease-renew-deadline ({}), and that shorter than --lease-duration ({}): a leader must step down before a standby may take the Lease",
+        humantime::format_duration(args.lease_renew),
+        humantime::format_duration(args.lease_renew_deadline),
+        humantime::format_duration(args.lease_duration)
+    );
     let client = kube::Client::try_default()
         .await
         .context("cannot reach the Kubernetes API (KUBECONFIG, then the in-cluster service account)")?;
@@ -334,6 +345,7 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         .or_else(|| std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok())
         .map(|ns| ns.trim().to_string())
         .unwrap_or_else(|| "backstop-system".to_string());
+    let holders_are_pods = args.identity.is_none() && std::env::var("POD_NAME").is_ok();
     let identity = args
         .identity
         .or_else(|| std::env::var("POD_NAME").ok())
@@ -362,7 +374,9 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
             identity,
             duration: args.lease_duration,
             renew: args.lease_renew,
+            renew_deadline: args.lease_renew_deadline,
             retry: args.lease_retry,
+            holders_are_pods,
         },
     };
     let metrics = Metrics::new("backstop-operator")?;

@@ -282,7 +282,8 @@ pub async fn run(
             .or_else(|| pod_ip.map(|ip| SocketAddr::new(ip, bound.port()).to_string()))
             .or_else(|| (!bound.ip().is_unspecified()).then(|| bound.to_string()))
     });
-    let election = tokio::spawn(leader::run(lease_api, lease, leader_tx, holder_tx, shutdown.clone()));
+    let lease_pods = Api::namespaced(client.clone(), &config.lease_namespace);
+    let election = tokio::spawn(leader::run(lease_api, lease_pods, lease, leader_tx, holder_tx, shutdown.clone()));
     let follower = match (&config_service, &config.config_service) {
         (Some((_, _, cert, _)), Some(settings)) => Some(Follower {
             fleet: fleet.clone(),

@@ -163,12 +163,13 @@ def test_every_value_is_documented():
 
 
 def test_the_chart_s_crd_is_the_repository_s():
-    assert (CHART / "crds" / "fallbackpolicy.yaml").read_bytes() == (ROOT / "crds" / "fallbackpolicy.yaml").read_bytes()
+    assert (CHART / "files" / "fallbackpolicy.yaml").read_bytes() == (ROOT / "crds" / "fallbackpolicy.yaml").read_bytes()
 
 
 def test_deploy_manifests_are_the_chart_rendered():
     rendered = subprocess.run(
-        [HELM, "template", "backstop", str(CHART), "--namespace", "backstop-system", "--set", "tls.certManager.enabled=true"],
+        [HELM, "template", "backstop", str(CHART), "--namespace", "backstop-system", "--set", "tls.certManager.enabled=true",
+         "--set", "crds.install=false"],
         capture_output=True, text=True, check=True,
     ).stdout
     expected = "# Rendered from charts/backstop by deploy/render; do not edit.\n" + rendered
@@ -183,6 +184,15 @@ def test_the_tested_rbac_is_the_chart_s():
             {**rule, "resourceNames": ["backstop-operator"]} if "resourceNames" in rule else rule
             for rule in by_kind(chart, kind)[0]["rules"]
         ], f"the chart's {kind} differs from deploy/operator/rbac.yaml"
+
+
+def test_the_crd_is_a_template_an_upgrade_applies_and_an_uninstall_keeps():
+    (crd,) = by_kind(render(), "CustomResourceDefinition")
+    shipped = yaml.safe_load((ROOT / "crds" / "fallbackpolicy.yaml").read_text())
+    assert crd["spec"] == shipped["spec"], "the schema `backstop crd` generates"
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert not (CHART / "crds").exists(), "not in crds/, which helm never upgrades"
+    assert not by_kind(render("--set", "crds.install=false"), "CustomResourceDefinition")
 
 
 def test_with_namespaces_set_secrets_are_readable_in_those_namespaces_only():
@@ -210,6 +220,41 @@ def test_the_network_policy_admits_the_webhook_from_the_api_server_only_and_the_
     assert rules["config"]["from"] == [{"namespaceSelector": {}}], "pods of any namespace, no host addresses"
     operator = by_kind(render("--set", "operator.requireCredentialsLabel=true"), "Deployment")[0]
     assert "--require-credentials-label" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBnew\n-----END CERTIFICATE-----\n"
+OLD_CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBold\n-----END CERTIFICATE-----\n"
+
+
+def webhook_ca(docs):
+    (webhook,) = by_kind(docs, "MutatingWebhookConfiguration")
+    bundles = {base64.b64decode(hook["clientConfig"]["caBundle"]).decode() for hook in webhook["webhooks"]}
+    assert len(bundles) == 1
+    return bundles.pop()
+
+
+def test_the_generated_ca_is_kept_on_uninstall_and_joined_by_additional_trusted_cas():
+    docs = render("--set-string", f"tls.additionalTrustedCAs={OLD_CA_PEM}")
+    (secret,) = by_kind(docs, "Secret")
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep", "a reinstall finds the same CA"
+    signing = base64.b64decode(secret["data"]["signing-ca.crt"]).decode()
+    bundle = base64.b64decode(secret["data"]["ca.crt"]).decode()
+    assert bundle == signing + OLD_CA_PEM, "sidecars trust the serving CA and the additional one"
+    assert webhook_ca(docs) == bundle, "and so does the API server"
+
+
+def test_an_existing_secret_replaces_the_generated_one_for_gitops():
+    refused = helm("template", "backstop", str(CHART), "--set", "tls.existingSecret=mine", check=False)
+    assert refused.returncode != 0 and "tls.caBundle" in refused.stderr, refused.stderr
+    docs = render("--set", "tls.existingSecret=mine", "--set-string", f"tls.caBundle={CA_PEM}",
+                  "--set-string", f"tls.additionalTrustedCAs={OLD_CA_PEM}")
+    assert not by_kind(docs, "Secret"), "no generated Secret: renders are the same every time"
+    assert webhook_ca(docs) == CA_PEM + OLD_CA_PEM
+    (deployment,) = by_kind(docs, "Deployment")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "mine"
+    assert render("--set", "tls.existingSecret=mine", "--set-string", f"tls.caBundle={CA_PEM}") == render(
+        "--set", "tls.existingSecret=mine", "--set-string", f"tls.caBundle={CA_PEM}"), "GitOps renders are stable"
 
 
 def test_the_dockerfile_passes_hadolint():

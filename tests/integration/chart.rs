@@ -101,7 +101,17 @@ async fn helm_installs_everything_the_operator_runs_under_it_and_the_api_server_
     run_helm(
         &helm,
         &cluster,
-        &["install", &release, &chart.to_string_lossy(), "--namespace", &release_ns, "--wait=false"],
+        // The CRD is the test cluster's, shared by every test: the release leaves it alone.
+        &[
+            "install",
+            &release,
+            &chart.to_string_lossy(),
+            "--namespace",
+            &release_ns,
+            "--wait=false",
+            "--set",
+            "crds.install=false",
+        ],
     );
 
     // Every object the chart makes is there.
@@ -137,7 +147,17 @@ async fn helm_installs_everything_the_operator_runs_under_it_and_the_api_server_
     run_helm(
         &helm,
         &cluster,
-        &["upgrade", &release, &chart.to_string_lossy(), "--namespace", &release_ns, "--set", "operator.replicas=3"],
+        &[
+            "upgrade",
+            &release,
+            &chart.to_string_lossy(),
+            "--namespace",
+            &release_ns,
+            "--set",
+            "operator.replicas=3",
+            "--set",
+            "crds.install=false",
+        ],
     );
     let after = Api::<Secret>::namespaced(client.clone(), &release_ns)
         .get(&format!("{fullname}-tls"))
@@ -283,13 +303,16 @@ async fn helm_installs_everything_the_operator_runs_under_it_and_the_api_server_
         })
         .await;
 
-    // helm uninstall removes what it made (the CRD stays, as Helm keeps CRDs).
+    // helm uninstall removes what it made, but the CRD (and so every policy) and the serving
+    // CA, which the sidecars it injected trust: a reinstall serves them again.
     run_helm(&helm, &cluster, &["uninstall", &release, "--namespace", &release_ns, "--wait"]);
     assert!(
         Api::<Deployment>::namespaced(client.clone(), &release_ns).get_opt(&fullname).await.expect("get").is_none()
     );
     assert!(webhooks.get_opt(&fullname).await.expect("get").is_none());
     assert!(Api::<ClusterRole>::all(client.clone()).get_opt(&fullname).await.expect("get").is_none());
+    let kept = Api::<Secret>::namespaced(client.clone(), &release_ns).get_opt(&format!("{fullname}-tls")).await;
+    assert_eq!(kept.expect("get").and_then(|s| s.data), after, "the CA outlives the release");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -85,7 +85,16 @@ impl Operator {
         let pki = pki();
         let mut child = Command::new(BIN)
             .args(["operator", "--admin", "127.0.0.1:0", "--log-format", "json", "--lease-duration", "3s"])
-            .args(["--lease-renew", "1s", "--lease-retry", "500ms", "--identity", identity])
+            .args([
+                "--lease-renew",
+                "1s",
+                "--lease-renew-deadline",
+                "2s",
+                "--lease-retry",
+                "500ms",
+                "--identity",
+                identity,
+            ])
             .args(["--lease-namespace", lease_namespace, "--namespaces", &namespaces.join(",")])
             .args(["--config-listen", config_listen])
             .args(if extra.iter().any(|a| a == "--tls-cert-file") {

@@ -7,9 +7,12 @@ disruption is zero failed calls."""
 
 import base64
 import json
+import shutil
 import time
 
 import pytest
+
+import yaml
 
 from support import (CHART, RELEASE_NAMESPACE, apply, get, helm, http, http_json, kubectl, pods, running_pods,
                      until)
@@ -140,6 +143,48 @@ def sidecars_connected(expected):
     return policy_status().get("sidecars", {}).get("current", 0) == expected
 
 
+def previous_chart(tmp_path):
+    """The chart as a previous release would ship it: a CRD without `spec.allowRequestOverrides`."""
+    chart = tmp_path / "backstop"
+    shutil.copytree(CHART, chart)
+    crd_file = chart / "files" / "fallbackpolicy.yaml"
+    crd = yaml.safe_load(crd_file.read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    del spec["properties"]["allowRequestOverrides"]
+    crd_file.write_text(yaml.safe_dump(crd))
+    return chart
+
+
+POLICY_WITH_NEW_FIELD = f"""
+apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {{name: newer, namespace: default}}
+spec:
+  providers: [{{name: a, type: mock}}]
+  routes: [{{model: chat, chain: [{{provider: a, model: m}}]}}]
+  allowRequestOverrides: [drill]
+"""
+
+
+def test_0_a_helm_upgrade_applies_a_crd_that_adds_a_field(facts, tmp_path):
+    helm("install", "backstop", str(previous_chart(tmp_path)), "--namespace", RELEASE_NAMESPACE, "--create-namespace",
+         *RELEASE_VALUES, "--set", "webhook.enabled=false", "--wait", "--timeout", "180s", timeout=240)
+    refused = kubectl("apply", "-f", "-", stdin=POLICY_WITH_NEW_FIELD, check=False)
+    assert refused.returncode != 0 and "allowRequestOverrides" in refused.stderr, refused.stderr
+    helm("upgrade", "backstop", str(CHART), "--namespace", RELEASE_NAMESPACE, *RELEASE_VALUES,
+         "--set", "webhook.enabled=false", "--wait", "--timeout", "180s", timeout=240)
+    apply(POLICY_WITH_NEW_FIELD)
+    kubectl("delete", "fallbackpolicy", "newer", "-n", "default")
+    helm("uninstall", "backstop", "--namespace", RELEASE_NAMESPACE, "--wait", "--timeout", "120s", timeout=180)
+    assert get("crd", "fallbackpolicies.backstop.dev", check=False) is not None, "the CRD outlives the release"
+
+
+def sidecars_reconnected():
+    """Whether every app pod's sidecar has its stream to the operator up."""
+    return all(http_json("GET", f"http://{p['status']['podIP']}:7401/health")["controlPlane"]["connected"]
+               for p in running_pods(SHOP, APP))
+
+
 def test_1_helm_install_brings_up_both_operator_replicas_the_lease_and_the_crd(facts):
     helm("install", "backstop", str(CHART), "--namespace", RELEASE_NAMESPACE, "--create-namespace", *RELEASE_VALUES,
          "--wait", "--timeout", "180s", timeout=240)
@@ -253,10 +298,9 @@ def test_5_deleting_the_leading_operator_pod_under_load_fails_no_app_call(facts)
                              timeout=60)
     facts["new_leader_after_s"] = round(took, 1)
     kubectl("rollout", "status", "deployment/backstop", "-n", RELEASE_NAMESPACE, "--timeout=120s", timeout=130)
+    _, reconnected = until("every sidecar to be connected again", sidecars_reconnected, timeout=60)
+    facts["sidecars_reconnected_after_s"] = round(reconnected, 1)
     until("both sidecars to be counted again", lambda: sidecars_connected(2), timeout=60)
-    for pod in running_pods(SHOP, APP):
-        health = http_json("GET", f"http://{pod['status']['podIP']}:7401/health")
-        assert health["controlPlane"]["connected"] is True, health["controlPlane"]
     sent, failed, failures = load.after()
     facts.update(sent=sent, failed=failed, handover_s=round(time.monotonic() - deleted_at, 1))
     assert sent > 100 and failed == 0, failures
@@ -268,6 +312,7 @@ def test_6_a_helm_upgrade_that_restarts_both_replicas_fails_no_app_call(facts):
     helm("upgrade", "backstop", str(CHART), "--namespace", RELEASE_NAMESPACE, "--reuse-values",
          "--set", "operator.logFormat=text", "--wait", "--timeout", "180s", timeout=240)
     kubectl("rollout", "status", "deployment/backstop", "-n", RELEASE_NAMESPACE, "--timeout=120s", timeout=130)
+    until("every sidecar to be connected again", sidecars_reconnected, timeout=90)
     until("both sidecars to be counted again", lambda: sidecars_connected(2), timeout=90)
     sent, failed, failures = load.after()
     facts.update(sent=sent, failed=failed, rollout_s=round(time.monotonic() - started, 1))
@@ -316,3 +361,21 @@ def test_8_helm_uninstall_leaves_running_apps_answering_and_new_pods_without_the
         p for p in running_pods(SHOP, APP) if not any(
             c["name"] == "backstop" for c in p["spec"].get("initContainers", []))], timeout=90)
     assert "OPENAI_BASE_URL" not in {e["name"] for e in fresh["spec"]["containers"][0].get("env", [])}
+
+
+def test_9_a_reinstall_keeps_the_ca_so_running_sidecars_reconnect(facts):
+    helm("install", "backstop", str(CHART), "--namespace", RELEASE_NAMESPACE, *RELEASE_VALUES,
+         "--wait", "--timeout", "180s", timeout=240)
+    injected = [p for p in running_pods(SHOP, APP)
+                if any(c["name"] == "backstop" for c in p["spec"].get("initContainers", []))]
+    assert len(injected) == 2, "the pods injected under the first install"
+
+    def reconnected():
+        for pod in injected:
+            link = http_json("GET", f"http://{pod['status']['podIP']}:7401/health")["controlPlane"]
+            if not link["connected"] or link["untrusted"]:
+                return False
+        return True
+
+    _, took = until("the first install's sidecars to verify the reinstalled operator", reconnected, timeout=90)
+    facts["reconnected_after_s"] = round(took, 1)

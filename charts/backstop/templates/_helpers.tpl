@@ -25,9 +25,9 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 
-{{/* The Secret holding the operator's certificate, key and CA. */}}
+{{/* The Secret holding the operator's certificate, key and CA: the user's own, or the chart's. */}}
 {{- define "backstop.tlsSecret" -}}
-{{- printf "%s-tls" (include "backstop.fullname" .) -}}
+{{- .Values.tls.existingSecret | default (printf "%s-tls" (include "backstop.fullname" .)) -}}
 {{- end -}}
 
 {{- define "backstop.configService" -}}
