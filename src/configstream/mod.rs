@@ -344,3 +344,105 @@ mod tests {
         assert_eq!(Protocol::NEWEST.previous(), Some(Protocol::V1));
     }
 }
+
+/// Golden encodings of the contract: the messages each protocol version puts on the wire,
+/// recorded in `tests/fixtures/configstream/`. A change that alters them fails here; changing
+/// them on purpose means recording them again (`BACKSTOP_RECORD=1 cargo test golden`) and, for a
+/// change an older peer cannot read, a new protocol version.
+#[cfg(test)]
+mod golden {
+    use std::path::PathBuf;
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::testing::{CLUSTER_POLICY, DEMO_POLICY, compiled, served};
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/configstream").join(name)
+    }
+
+    fn pinned(name: &str, message: &Value) {
+        let path = fixture(name);
+        if std::env::var_os("BACKSTOP_RECORD").is_some() {
+            let text = serde_json::to_string_pretty(message).expect("json") + "\n";
+            std::fs::write(&path, text).expect("record the fixture");
+        }
+        let recorded: Value = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}; record it with BACKSTOP_RECORD=1", path.display())),
+        )
+        .expect("fixture JSON");
+        assert_eq!(
+            message, &recorded,
+            "the encoding of {name} changed: a protocol change for every peer of another release"
+        );
+    }
+
+    fn v1_config() -> v1::Config {
+        v1::Config::new("shop", "web-1", vec![compiled(DEMO_POLICY)])
+    }
+
+    fn v2_config() -> v2::Config {
+        let chat = served("chat", CLUSTER_POLICY);
+        v2::Config {
+            version: v2::Config::version_of([("chat", chat.version.as_str())], &["held".to_string()]),
+            namespace: "shop".into(),
+            pod: "web-1".into(),
+            policies: vec![chat.wire],
+            held: vec!["held".into()],
+            note: None,
+        }
+    }
+
+    #[test]
+    fn protocol_1_is_encoded_as_the_previous_release_reads_it() {
+        let message = serde_json::to_value(ServerMessage::Config(v1_config())).expect("json");
+        pinned("v1-config.json", &message);
+    }
+
+    #[test]
+    fn protocol_2_is_encoded_as_recorded() {
+        let message = serde_json::to_value(ServerMessage::Config(v2_config())).expect("json");
+        pinned("v2-config.json", &message);
+        let fleet = ServerMessage::<v2::Config>::Fleet(Fleet {
+            targets: BTreeMap::from([
+                ("a".to_string(), FleetTarget::Open { retry_in_ms: 5000, reason: "429".into() }),
+                ("b".to_string(), FleetTarget::HalfOpen { probe: true, reason: "5xx".into() }),
+            ]),
+        });
+        pinned("fleet.json", &serde_json::to_value(fleet).expect("json"));
+        let report = Report {
+            applied: Some("v".into()),
+            rejected: Some(Rejected { version: "w".into(), reason: "why".into(), policies: vec!["p".into()] }),
+            targets: BTreeMap::from([(
+                "a".to_string(),
+                TargetReport { successes: 1, failures: 2, retry_after_ms: Some(3), last_failure: Some("x".into()) },
+            )]),
+        };
+        pinned("report.json", &serde_json::to_value(report).expect("json"));
+    }
+
+    #[test]
+    fn recorded_messages_of_both_versions_read_back_into_what_a_sidecar_serves() {
+        let read = |name: &str| std::fs::read(fixture(name)).expect("fixture");
+        let Ok(ServerMessage::Config(old)) =
+            serde_json::from_slice::<ServerMessage<v1::Config>>(&read("v1-config.json"))
+        else {
+            panic!("a protocol-1 configuration")
+        };
+        assert_eq!(old.policies, vec![compiled(DEMO_POLICY)], "the previous release's policies, as compiled here");
+        let Ok(ServerMessage::Config(new)) =
+            serde_json::from_slice::<ServerMessage<v2::Config>>(&read("v2-config.json"))
+        else {
+            panic!("a protocol-2 configuration")
+        };
+        let compiled_here = new.policies[0].compile(&new.namespace).expect("compiles");
+        assert_eq!(
+            compiled_here,
+            served("chat", CLUSTER_POLICY).compiled,
+            "the sidecar compiles what the operator did"
+        );
+        assert_eq!(new.held, ["held"]);
+    }
+}
