@@ -144,6 +144,7 @@ pub struct Instruments {
 
 impl Instruments {
     fn new(metrics: &Metrics, leader: Leadership) -> Instruments {
+        metrics.runtime_tasks();
         let meter = metrics.meter("backstop-operator");
         meter
             .u64_observable_gauge("backstop.operator.leader")

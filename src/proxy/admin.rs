@@ -15,6 +15,7 @@ use crate::telemetry::Metrics;
 /// Registers the gauges that show the sidecar's link to the operator and whether it passes
 /// calls through.
 pub fn instruments(metrics: &Metrics, store: &std::sync::Arc<PolicyStore>) {
+    metrics.runtime_tasks();
     let meter = metrics.meter("backstop");
     let link = store.clone();
     meter

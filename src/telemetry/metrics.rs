@@ -58,6 +58,17 @@ impl Metrics {
         Ok(metrics)
     }
 
+    /// Registers `backstop.runtime.tasks`, the tasks alive on the current tokio runtime: what a
+    /// soak watches stay flat.
+    pub fn runtime_tasks(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        self.meter("backstop")
+            .u64_observable_gauge("backstop.runtime.tasks")
+            .with_description("Tasks alive on the process's async runtime")
+            .with_callback(move |gauge| gauge.observe(runtime.metrics().num_alive_tasks() as u64, &[]))
+            .build();
+    }
+
     /// The process's resource (service, pod, namespace).
     pub fn resource(&self) -> &Resource {
         &self.resource

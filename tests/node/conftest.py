@@ -33,3 +33,18 @@ def facts(request):
     """Numbers a step reports beside its time (requests sent and failed, seconds to converge)."""
     request.node.facts = {}
     return request.node.facts
+
+
+@pytest.fixture(scope="session")
+def chaos_workload():
+    """The namespace the chaos suite and the soak load: two app pods at 20 calls a second each."""
+    from support import kubectl
+    from test_3_chaos import CHAOS, settled
+
+    kubectl("create", "namespace", CHAOS.namespace)
+    kubectl("label", "namespace", CHAOS.namespace, "backstop.dev/inject=enabled")
+    CHAOS.deploy(replicas=2, interval="50ms")
+    for name in ("primary", "backup", CHAOS.app_name):
+        kubectl("rollout", "status", f"deployment/{name}", "-n", CHAOS.namespace, "--timeout=120s", timeout=130)
+    settled()
+    return CHAOS

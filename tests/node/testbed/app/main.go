@@ -5,7 +5,9 @@
 //
 // Settings (environment): LOAD_INTERVAL (default 100ms between calls; 0 sends none until
 // resumed), STREAM_EVERY (every Nth call streams; default 3), MODEL (default "chat"),
-// STATS_LISTEN (default ":8080"). PUT /load?interval=DURATION changes the pace at run time.
+// STATS_LISTEN (default ":8080"). PUT /load?interval=DURATION changes the pace at run time, and
+// &retries=N the SDK's retries (0 by default, so that every failure shows; the SDK's own
+// default is 2). Every HTTP attempt is counted too, beneath the SDK's retries.
 package main
 
 import (
@@ -38,6 +40,10 @@ type stats struct {
 	Answered int64 `json:"answered"`
 	Failed   int64 `json:"failed"`
 	InFlight int64 `json:"inFlight"`
+	// HTTP attempts the SDK made (retries included), and those that failed (no answer, or 5xx/429).
+	Attempts       int64 `json:"attempts"`
+	AttemptsFailed int64 `json:"attemptsFailed"`
+	Retries        int   `json:"retries"`
 	// Answered calls by the provider and model Backstop named, and those passed through.
 	Providers   map[string]int64 `json:"providers"`
 	Passthrough int64            `json:"passthrough"`
@@ -77,6 +83,23 @@ type app struct {
 	stats  *stats
 }
 
+// counting counts every HTTP attempt beneath the SDK.
+type counting struct {
+	next  http.RoundTripper
+	stats *stats
+}
+
+func (c counting) RoundTrip(request *http.Request) (*http.Response, error) {
+	response, err := c.next.RoundTrip(request)
+	c.stats.mu.Lock()
+	c.stats.Attempts++
+	if err != nil || response.StatusCode >= 500 || response.StatusCode == http.StatusTooManyRequests {
+		c.stats.AttemptsFailed++
+	}
+	c.stats.mu.Unlock()
+	return response, err
+}
+
 // call makes one chat call, streamed or not, and counts its outcome.
 func (a *app) call(stream bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
@@ -87,8 +110,11 @@ func (a *app) call(stream bool) {
 	}
 	var response *http.Response
 	var text string
+	a.stats.mu.Lock()
+	retries := option.WithMaxRetries(a.stats.Retries)
+	a.stats.mu.Unlock()
 	if stream {
-		chunks := a.client.Chat.Completions.NewStreaming(ctx, params, option.WithResponseInto(&response))
+		chunks := a.client.Chat.Completions.NewStreaming(ctx, params, option.WithResponseInto(&response), retries)
 		for chunks.Next() {
 			for _, choice := range chunks.Current().Choices {
 				text += choice.Delta.Content
@@ -99,7 +125,7 @@ func (a *app) call(stream bool) {
 			return
 		}
 	} else {
-		completion, err := a.client.Chat.Completions.New(ctx, params, option.WithResponseInto(&response))
+		completion, err := a.client.Chat.Completions.New(ctx, params, option.WithResponseInto(&response), retries)
 		if err != nil {
 			a.stats.failed(err)
 			return
@@ -140,11 +166,13 @@ func main() {
 	if err != nil {
 		log.Fatalf("STREAM_EVERY: %v", err)
 	}
-	// The SDK's own retries are off, so that every failure the app would see is counted.
+	// The SDK's own retries are off unless asked for, so that every failure is counted.
+	counts := &stats{Providers: map[string]int64{}, Failures: []failure{}, Started: time.Now()}
 	a := &app{
-		client: openai.NewClient(option.WithMaxRetries(0)),
-		model:  env("MODEL", "chat"),
-		stats:  &stats{Providers: map[string]int64{}, Failures: []failure{}, Started: time.Now()},
+		client: openai.NewClient(option.WithMaxRetries(0),
+			option.WithHTTPClient(&http.Client{Transport: counting{next: http.DefaultTransport, stats: counts}})),
+		model: env("MODEL", "chat"),
+		stats: counts,
 	}
 	first, err := a.client.Models.List(context.Background())
 	if err != nil {
@@ -187,8 +215,18 @@ func main() {
 	http.HandleFunc("/load", func(w http.ResponseWriter, r *http.Request) {
 		next, err := time.ParseDuration(r.URL.Query().Get("interval"))
 		if r.Method != http.MethodPut || err != nil {
-			http.Error(w, "PUT /load?interval=DURATION", http.StatusBadRequest)
+			http.Error(w, "PUT /load?interval=DURATION[&retries=N]", http.StatusBadRequest)
 			return
+		}
+		if text := r.URL.Query().Get("retries"); text != "" {
+			retries, err := strconv.Atoi(text)
+			if err != nil || retries < 0 {
+				http.Error(w, "retries: a number", http.StatusBadRequest)
+				return
+			}
+			a.stats.mu.Lock()
+			a.stats.Retries = retries
+			a.stats.mu.Unlock()
 		}
 		pace <- next
 	})

@@ -5,142 +5,40 @@ failing primary, the leading operator pod deleted, a rolling upgrade of the oper
 rotated, and the chart uninstalled. The app counts every call it makes; the goal in every
 disruption is zero failed calls."""
 
-import base64
-import json
 import shutil
 import time
-
-import pytest
 
 import yaml
 
 from support import (CHART, RELEASE_NAMESPACE, apply, get, helm, http, http_json, kubectl, pods, running_pods,
                      until)
+from workload import Workload, lease_holder
 
 SHOP = "shop"
 APP = {"app": "support-bot"}
-APP_IMAGE = "backstop.test/testbed-app:1"
-UPSTREAM_IMAGE = "backstop.test/testbed-upstream:1"
-LEASE = "backstop"
-# Fast leader handover for the test; the chart's defaults are 15 s, 5 s and 2 s.
+# The chart's values a release gets here: JSON logs, and the image the node imported.
 RELEASE_VALUES = ["--set", "operator.logFormat=json", "--set", "image.pullPolicy=IfNotPresent"]
-
-
-def upstream(name, mode):
-    """A fault upstream Deployment and its Service, answering as `name`."""
-    labels = {"app": name}
-    return [
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": SHOP},
-         "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                  "template": {"metadata": {"labels": labels,
-                                            # The upstreams are not LLM callers: no sidecar.
-                                            "annotations": {"backstop.dev/inject": "disabled"}},
-                               "spec": {"containers": [{
-                                   "name": "upstream", "image": UPSTREAM_IMAGE, "imagePullPolicy": "Never",
-                                   "env": [{"name": "NAME", "value": name}, {"name": "MODE", "value": mode}],
-                                   "ports": [{"containerPort": 8000}],
-                                   "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8000}, "periodSeconds": 1},
-                               }]}}}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": SHOP},
-         "spec": {"selector": labels, "ports": [{"port": 8000, "targetPort": 8000}]}},
-    ]
-
-
-def keys_secret(primary_key, backup_key):
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "llm-keys", "namespace": SHOP},
-            "type": "Opaque",
-            "data": {"primary": base64.b64encode(primary_key.encode()).decode(),
-                     "backup": base64.b64encode(backup_key.encode()).decode()}}
-
-
-POLICY = f"""
-apiVersion: backstop.dev/v1alpha1
-kind: FallbackPolicy
-metadata: {{name: support-bot, namespace: {SHOP}}}
-spec:
-  selector: {{matchLabels: {{app: support-bot}}}}
-  providers:
-    - name: primary
-      type: openai-compatible
-      baseUrl: http://primary.{SHOP}.svc.cluster.local:8000/v1
-      apiKey: {{secretKeyRef: {{name: llm-keys, key: primary}}}}
-    - name: backup
-      type: openai-compatible
-      baseUrl: http://backup.{SHOP}.svc.cluster.local:8000/v1
-      apiKey: {{secretKeyRef: {{name: llm-keys, key: backup}}}}
-  routes:
-    - model: chat
-      chain:
-        - {{provider: primary, model: primary-model}}
-        - {{provider: backup, model: backup-model}}
-  retry: {{attempts: 1}}
-  circuitBreaker: {{consecutiveFailures: 3, openFor: 5s, maxOpenFor: 10s, scope: fleet}}
-"""
-
-
-def app(replicas, interval="100ms"):
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "support-bot", "namespace": SHOP},
-            "spec": {"replicas": replicas, "selector": {"matchLabels": APP},
-                     "template": {"metadata": {"labels": APP},
-                                  "spec": {"terminationGracePeriodSeconds": 5, "containers": [{
-                                      "name": "app", "image": APP_IMAGE, "imagePullPolicy": "Never",
-                                      # Only what the official SDK reads: no Backstop setting.
-                                      "env": [{"name": "OPENAI_API_KEY", "value": "sk-app-own-key"},
-                                              {"name": "LOAD_INTERVAL", "value": interval}],
-                                      "ports": [{"containerPort": 8080}],
-                                      "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080},
-                                                         "periodSeconds": 1},
-                                  }]}}}}
+WORKLOAD = Workload(SHOP)
 
 
 def app_stats():
-    """Every running app pod's counts, by pod name."""
-    return {p["metadata"]["name"]: http_json("GET", f"http://{p['status']['podIP']}:8080/stats")
-            for p in running_pods(SHOP, APP)}
-
-
-def totals(stats):
-    return {k: sum(s[k] for s in stats.values()) for k in ("sent", "answered", "failed")}
-
-
-class Load:
-    """The apps' counts across a disruption: what was sent and failed in between."""
-
-    def __init__(self):
-        self.before = app_stats()
-
-    def after(self, settle=3.0):
-        time.sleep(settle)  # calls in flight finish
-        now = app_stats()
-        sent = sum(now[p]["sent"] - self.before.get(p, {}).get("sent", 0) for p in now)
-        failed = sum(now[p]["failed"] - self.before.get(p, {}).get("failed", 0) for p in now)
-        failures = [f for p in now for f in (now[p]["failures"] or [])[-5:]
-                    if p not in self.before or f not in (self.before[p]["failures"] or [])]
-        return sent, failed, failures
-
-
-def upstream_pod(name):
-    (pod,) = running_pods(SHOP, {"app": name})
-    return f"http://{pod['status']['podIP']}:8000"
-
-
-def set_upstream(name, mode, status=503, period_ms=2000):
-    status_code, text, _ = http("PUT", f"{upstream_pod(name)}/control",
-                                {"mode": mode, "status": status, "periodMs": period_ms})
-    assert status_code == 200, text
+    return WORKLOAD.stats()
 
 
 def policy_status():
-    return get("fallbackpolicy", "support-bot", namespace=SHOP).get("status", {})
-
-
-def lease_holder():
-    lease = get("lease", LEASE, namespace=RELEASE_NAMESPACE)
-    return lease["spec"].get("holderIdentity")
+    return WORKLOAD.policy_status()
 
 
 def sidecars_connected(expected):
-    return policy_status().get("sidecars", {}).get("current", 0) == expected
+    return WORKLOAD.sidecars_current(expected)
+
+
+def set_upstream(name, mode, status=503, period_ms=2000):
+    WORKLOAD.set_upstream(name, mode, status, period_ms)
+
+
+def upstream_pod(name):
+    return WORKLOAD.upstream_url(name)
 
 
 def previous_chart(tmp_path):
@@ -155,13 +53,13 @@ def previous_chart(tmp_path):
     return chart
 
 
-POLICY_WITH_NEW_FIELD = f"""
+POLICY_WITH_NEW_FIELD = """
 apiVersion: backstop.dev/v1alpha1
 kind: FallbackPolicy
-metadata: {{name: newer, namespace: default}}
+metadata: {name: newer, namespace: default}
 spec:
-  providers: [{{name: a, type: mock}}]
-  routes: [{{model: chat, chain: [{{provider: a, model: m}}]}}]
+  providers: [{name: a, type: mock}]
+  routes: [{model: chat, chain: [{provider: a, model: m}]}]
   allowRequestOverrides: [drill]
 """
 
@@ -180,9 +78,7 @@ def test_0_a_helm_upgrade_applies_a_crd_that_adds_a_field(facts, tmp_path):
 
 
 def sidecars_reconnected():
-    """Whether every app pod's sidecar has its stream to the operator up."""
-    return all(http_json("GET", f"http://{p['status']['podIP']}:7401/health")["controlPlane"]["connected"]
-               for p in running_pods(SHOP, APP))
+    return WORKLOAD.sidecars_connected()
 
 
 def test_1_helm_install_brings_up_both_operator_replicas_the_lease_and_the_crd(facts):
@@ -207,8 +103,9 @@ def test_1_helm_install_brings_up_both_operator_replicas_the_lease_and_the_crd(f
 def test_2_a_labelled_namespace_and_a_policy_become_ready(facts):
     kubectl("create", "namespace", SHOP)
     kubectl("label", "namespace", SHOP, "backstop.dev/inject=enabled")
-    apply(upstream("primary", "fail") + upstream("backup", "ok") + [keys_secret("sk-primary-1", "sk-backup-1")])
-    apply(POLICY)
+    apply(WORKLOAD.upstream("primary", "fail") + WORKLOAD.upstream("backup", "ok")
+          + [WORKLOAD.keys_secret("sk-primary-1", "sk-backup-1")])
+    apply(WORKLOAD.policy())
     ready, took = until("the policy to be Ready", lambda: any(
         c["type"] == "Ready" and c["status"] == "True" for c in policy_status().get("conditions", [])), timeout=60)
     for name in ("primary", "backup"):
@@ -219,7 +116,7 @@ def test_2_a_labelled_namespace_and_a_policy_become_ready(facts):
 
 
 def test_3_an_app_using_only_the_sdk_variable_gets_the_sidecar_and_is_answered_by_the_backup(facts):
-    apply(app(1))
+    apply(WORKLOAD.app(1))
     kubectl("rollout", "status", "deployment/support-bot", "-n", SHOP, "--timeout=120s", timeout=130)
     (pod,) = running_pods(SHOP, APP)
     (sidecar,) = [c for c in pod["spec"]["initContainers"] if c["name"] == "backstop"]
@@ -246,7 +143,7 @@ def test_3_an_app_using_only_the_sdk_variable_gets_the_sidecar_and_is_answered_b
 
 def test_4_one_pod_seeing_the_primary_fail_takes_it_out_for_the_other_within_a_second(facts):
     # Two replicas, quiet; the primary is healthy again and closed everywhere.
-    apply(app(2, interval="0s"))
+    apply(WORKLOAD.app(2, interval="0s"))
     kubectl("rollout", "status", "deployment/support-bot", "-n", SHOP, "--timeout=120s", timeout=130)
     set_upstream("primary", "ok")
     until("status to count both sidecars", lambda: sidecars_connected(2), timeout=60)
@@ -290,7 +187,7 @@ def test_4_one_pod_seeing_the_primary_fail_takes_it_out_for_the_other_within_a_s
 def test_5_deleting_the_leading_operator_pod_under_load_fails_no_app_call(facts):
     for pod in running_pods(SHOP, APP):
         http("PUT", f"http://{pod['status']['podIP']}:8080/load?interval=50ms")
-    load = Load()
+    load = WORKLOAD.load()
     leader = lease_holder()
     deleted_at = time.monotonic()
     kubectl("delete", "pod", leader, "-n", RELEASE_NAMESPACE, "--wait=false")
@@ -301,22 +198,22 @@ def test_5_deleting_the_leading_operator_pod_under_load_fails_no_app_call(facts)
     _, reconnected = until("every sidecar to be connected again", sidecars_reconnected, timeout=60)
     facts["sidecars_reconnected_after_s"] = round(reconnected, 1)
     until("both sidecars to be counted again", lambda: sidecars_connected(2), timeout=60)
-    sent, failed, failures = load.after()
-    facts.update(sent=sent, failed=failed, handover_s=round(time.monotonic() - deleted_at, 1))
-    assert sent > 100 and failed == 0, failures
+    counted = load.after()
+    facts.update(sent=counted["sent"], failed=counted["failed"], handover_s=round(time.monotonic() - deleted_at, 1))
+    assert counted["sent"] > 100 and counted["failed"] == 0, counted["failures"]
 
 
 def test_6_a_helm_upgrade_that_restarts_both_replicas_fails_no_app_call(facts):
-    load = Load()
+    load = WORKLOAD.load()
     started = time.monotonic()
     helm("upgrade", "backstop", str(CHART), "--namespace", RELEASE_NAMESPACE, "--reuse-values",
          "--set", "operator.logFormat=text", "--wait", "--timeout", "180s", timeout=240)
     kubectl("rollout", "status", "deployment/backstop", "-n", RELEASE_NAMESPACE, "--timeout=120s", timeout=130)
     until("every sidecar to be connected again", sidecars_reconnected, timeout=90)
     until("both sidecars to be counted again", lambda: sidecars_connected(2), timeout=90)
-    sent, failed, failures = load.after()
-    facts.update(sent=sent, failed=failed, rollout_s=round(time.monotonic() - started, 1))
-    assert sent > 100 and failed == 0, failures
+    counted = load.after()
+    facts.update(sent=counted["sent"], failed=counted["failed"], rollout_s=round(time.monotonic() - started, 1))
+    assert counted["sent"] > 100 and counted["failed"] == 0, counted["failures"]
 
 
 def test_7_a_rotated_key_is_used_within_seconds_without_a_restart(facts):
@@ -326,32 +223,31 @@ def test_7_a_rotated_key_is_used_within_seconds_without_a_restart(facts):
         v["providers"].get("primary/primary-model", 0) > 0 for v in app_stats().values()), timeout=120)
     restarts = {p["metadata"]["name"]: [s["restartCount"] for s in p["status"]["initContainerStatuses"]]
                 for p in running_pods(SHOP, APP)}
-    load = Load()
-    apply([keys_secret("sk-primary-2", "sk-backup-1")])
-    rotated = time.monotonic()
+    load = WORKLOAD.load()
+    apply([WORKLOAD.keys_secret("sk-primary-2", "sk-backup-1")])
 
     def keys_now():
         calls = http_json("GET", f"{upstream_pod('primary')}/stats")["calls"]
         return {c["key"] for c in calls[-10:]}
 
     _, took = until("the primary to see only the new key", lambda: keys_now() == {"sk-primary-2"}, timeout=60)
-    sent, failed, failures = load.after()
+    counted = load.after()
     after = {p["metadata"]["name"]: [s["restartCount"] for s in p["status"]["initContainerStatuses"]]
              for p in running_pods(SHOP, APP)}
     assert after == restarts, "no container restarted"
-    facts.update(sent=sent, failed=failed, new_key_after_s=round(took, 1))
-    assert failed == 0, failures
+    facts.update(sent=counted["sent"], failed=counted["failed"], new_key_after_s=round(took, 1))
+    assert counted["failed"] == 0, counted["failures"]
 
 
 def test_8_helm_uninstall_leaves_running_apps_answering_and_new_pods_without_the_sidecar(facts):
-    load = Load()
+    load = WORKLOAD.load()
     helm("uninstall", "backstop", "--namespace", RELEASE_NAMESPACE, "--wait", "--timeout", "120s", timeout=180)
     until("the operator pods to be gone", lambda: not pods(RELEASE_NAMESPACE, {"app.kubernetes.io/component": "operator"}),
           timeout=90)
     assert get("mutatingwebhookconfiguration", "backstop", check=False) is None
-    sent, failed, failures = load.after(settle=5.0)
-    facts.update(sent=sent, failed=failed)
-    assert sent > 50 and failed == 0, failures
+    counted = load.after(settle=5.0)
+    facts.update(sent=counted["sent"], failed=counted["failed"])
+    assert counted["sent"] > 50 and counted["failed"] == 0, counted["failures"]
     for pod in running_pods(SHOP, APP):
         health = http_json("GET", f"http://{pod['status']['podIP']}:7401/health")
         assert health["controlPlane"]["connected"] is False and health["passthrough"]["active"] is False, health
