@@ -202,7 +202,7 @@ fn main() {
         eprintln!("  done in {:.1}s", started.elapsed().as_secs_f64());
 
         let mut roots = rustls::RootCertStore::empty();
-        for cert in backstop::provider::load_ca_file(&pki().ca()).expect("CA") {
+        for cert in backstop::net::client::load_ca_file(&pki().ca()).expect("CA") {
             roots.add(cert).expect("root");
         }
         let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))

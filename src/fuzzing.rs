@@ -5,8 +5,8 @@
 use serde_json::{Value, json};
 
 use crate::chain::{LocalKeys, compile};
+use crate::llm::RequestFeature;
 use crate::llm::{Api, ChatRequest, Operation};
-use crate::policy::RequestFeature;
 use crate::policy::document::parse_policy;
 use crate::provider::neutral::{self, ToOpenAiStream};
 use crate::provider::sse::{Decoder, Parsed, WireStream};

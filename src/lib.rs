@@ -12,7 +12,7 @@
 //! - [`configstream`] — the config stream's versioned contract, shared by both halves.
 //! - [`control`] — where a sidecar's policies come from.
 //! - [`operator`] — the controller behind `kubectl apply`: compiles policies, writes status, serves them.
-//! - [`server`] — the accept-and-drain loop every listener shares.
+//! - [`net`] — the network plumbing both halves share: listeners, bodies, the HTTPS client.
 //! - [`telemetry`] — logs and metrics.
 
 pub mod chain;
@@ -20,11 +20,11 @@ pub mod configstream;
 pub mod control;
 pub mod health;
 pub mod llm;
+pub mod net;
 pub mod operator;
 pub mod policy;
 pub mod provider;
 pub mod proxy;
-pub mod server;
 pub mod snapshot;
 pub mod telemetry;
 

@@ -250,10 +250,10 @@ fn unusable(path: &std::path::Path, error: &file::LoadError) -> anyhow::Error {
 async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let store = Arc::new(PolicyStore::new());
     let extra_roots = match &args.ca_file {
-        Some(path) => backstop::provider::load_ca_file(path)?,
+        Some(path) => backstop::net::client::load_ca_file(path)?,
         None => Vec::new(),
     };
-    let http = backstop::provider::http_client(&extra_roots).context("cannot set up upstream TLS")?;
+    let http = backstop::net::client::http_client(&extra_roots).context("cannot set up upstream TLS")?;
     let destinations = Destinations::new(&args.passthrough_openai, &args.passthrough_anthropic, args.listen)?;
     let config = SidecarConfig {
         listen: args.listen,

@@ -17,7 +17,9 @@ use super::settings::{
     compile_breaker, compile_budget, compile_hedge, compile_overrides, compile_retry, compile_timeouts,
 };
 use super::{CompiledPolicy, RouteConfig, ShadowConfig, StepConfig, TargetConfig, distinct_targets};
-use crate::policy::{AdaptSpec, ChainStepSpec, ClassSet, FallbackPolicy, PriceSpec, RequestFeature, ShadowSpec};
+use crate::policy::{AdaptSpec, ChainStepSpec, FallbackPolicy, PriceSpec, ShadowSpec};
+
+use crate::llm::{ClassSet, RequestFeature};
 
 /// Compiles a policy, collecting every problem with its field path. `keys` resolves `apiKey`s:
 /// [`super::LocalKeys`] in a sidecar reading a file, the Secrets of the policy's namespace in
@@ -72,10 +74,8 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
             shadow,
         });
     }
-    if let Some(selector) = &spec.selector
-        && let Err(error) = kube::core::Selector::try_from(selector.clone())
-    {
-        compiler.errors.push("spec.selector", error);
+    if let Some(problem) = spec.selector_problem() {
+        compiler.errors.push("spec.selector", problem);
     }
     let target_overrides =
         compile_target_overrides(spec.overrides.as_deref(), &distinct_targets(&routes), &mut compiler.errors);
@@ -273,7 +273,9 @@ mod tests {
     use crate::chain::defaults;
     use crate::chain::redact::REDACTED;
     use crate::chain::settings::{AllowedOverrides, Hedge, RetryPolicy};
-    use crate::policy::{FailureClass, Parameter};
+    use crate::policy::Parameter;
+
+    use crate::llm::FailureClass;
 
     use crate::testing::{DEMO_POLICY as GOOD, assert_errors};
 

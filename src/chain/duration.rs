@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::policy::duration;
+use crate::llm::go_duration;
 
 /// The longest duration a policy may name.
 pub const MAX: Duration = Duration::from_secs(86_400);
@@ -32,7 +32,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     if trimmed.starts_with('-') {
         return Err(DurationError::Negative(text.to_string()));
     }
-    let seconds = duration::seconds(trimmed).ok_or_else(|| DurationError::Unreadable(text.to_string()))?;
+    let seconds = go_duration::seconds(trimmed).ok_or_else(|| DurationError::Unreadable(text.to_string()))?;
     if seconds == 0.0 {
         return Err(DurationError::Zero);
     }

@@ -32,7 +32,7 @@ pub use settings::{
     AllowedOverrides, BreakerSettings, BudgetSettings, FailureRate, Hedge, Price, RetryPolicy, Timeouts,
 };
 
-use crate::policy::{ClassSet, RequestFeature};
+use crate::llm::{ClassSet, RequestFeature};
 
 /// A compiled, valid policy: plain data, equal when the policies mean the same.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -32,7 +32,8 @@ impl TargetOverride {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn unix_ms_now() -> i64 {
-    k8s_openapi::jiff::Timestamp::now().as_millisecond()
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Whether `label` (`provider/model`, `provider/model#n`) is one `target` names.
@@ -74,17 +75,10 @@ pub(crate) fn compile_target_overrides(
         if reason.is_empty() {
             errors.push(format!("{path}.reason"), "must say why");
         }
-        let until_ms = match spec.until.as_deref().map(str::parse::<k8s_openapi::jiff::Timestamp>) {
-            None => None,
-            Some(Ok(until)) => Some(until.as_millisecond()),
-            Some(Err(_)) => {
-                errors.push(
-                    format!("{path}.until"),
-                    format!(
-                        "`{}` is not an RFC 3339 time such as 2026-12-01T03:00:00Z",
-                        spec.until.as_deref().unwrap_or_default()
-                    ),
-                );
+        let until_ms = match spec.until_unix_ms() {
+            Ok(until) => until,
+            Err(not_a_time) => {
+                errors.push(format!("{path}.until"), not_a_time);
                 None
             }
         };

@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 use super::defaults;
 use super::duration::parse_duration;
 use super::error::Errors;
-use crate::policy::{
-    BreakerScope, CircuitBreakerSpec, ClassSet, FailureClass, RequestOverride, RetrySpec, RouteSpec, TimeoutsSpec,
-};
+use crate::policy::{BreakerScope, CircuitBreakerSpec, RequestOverride, RetrySpec, RouteSpec, TimeoutsSpec};
+
+use crate::llm::{ClassSet, FailureClass};
 
 /// Retries of one target, and the caps on a whole request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -37,8 +37,8 @@ use crate::configstream::{
     STREAM_IDLE, STREAM_PATH, ServerMessage, TargetReport, VERSION_HEADER, bounded_reason, line, v1, v2,
 };
 use crate::health::gate::FleetState;
-use crate::provider::load_ca_file;
-use crate::server::{Body, BoxError};
+use crate::net::body::{Body, BoxError};
+use crate::net::client::load_ca_file;
 use crate::snapshot::{LinkStatus, PolicyStore};
 
 /// The default path of the pod's projected token.
@@ -91,7 +91,7 @@ pub enum StreamError {
     },
     /// The CA file cannot be used.
     #[error(transparent)]
-    Ca(#[from] crate::provider::http::CaFileError),
+    Ca(#[from] crate::net::client::CaFileError),
     /// The inline CA is not PEM certificates.
     #[error("the control plane's CA (BACKSTOP_CONTROL_PLANE_CA_DATA) holds no PEM certificate")]
     CaData,

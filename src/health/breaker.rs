@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::chain::BreakerSettings;
-use crate::policy::FailureClass;
+use crate::llm::FailureClass;
 
 /// Where a breaker stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -283,7 +283,7 @@ impl Window {
 mod tests {
     use super::*;
     use crate::chain::FailureRate;
-    use crate::policy::ClassSet;
+    use crate::llm::ClassSet;
 
     fn settings() -> BreakerSettings {
         BreakerSettings {

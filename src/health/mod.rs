@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::chain::{BreakerSettings, BudgetSettings};
-use crate::policy::FailureClass;
+use crate::llm::FailureClass;
 use balance::{Candidate, PeakEwma};
 use breaker::{Admission, Breaker, OpenCause, Phase};
 use budget::RetryBudget;
@@ -547,7 +547,7 @@ mod tests {
             open_for: Duration::from_secs(5),
             max_open_for: Duration::from_secs(5),
             half_open_probes: 1,
-            counts: crate::policy::ClassSet::breaker_default(),
+            counts: crate::llm::ClassSet::breaker_default(),
             scope: crate::policy::BreakerScope::Fleet,
         };
         let target = registry.target("id", "a/m", &settings);
@@ -571,7 +571,7 @@ mod tests {
             open_for: Duration::from_secs(1),
             max_open_for: Duration::from_secs(1),
             half_open_probes: 1,
-            counts: crate::policy::ClassSet::breaker_default(),
+            counts: crate::llm::ClassSet::breaker_default(),
             scope: crate::policy::BreakerScope::Fleet,
         };
         let health = Arc::new(TargetHealth::new("p/m".into(), settings));

@@ -1,10 +1,15 @@
-//! The provider-neutral side of every request: what an app asked for ([`request`]), what a
-//! provider answered ([`answer`]), how an attempt failed ([`outcome`]), what its rate-limit
-//! headers said ([`ratelimit`]), and the one table that maps failures to HTTP statuses and each
-//! API's error types ([`status`]). Every ingress parses into these types and every provider
-//! translates from them, so nothing here knows a wire format but the neutral one.
+//! The provider-neutral side of every request, and the runtime vocabulary every layer above
+//! shares: what an app asked for ([`request`]) and what kinds of request it is ([`feature`]),
+//! what a provider answered ([`answer`]), how an attempt failed ([`failure`], [`outcome`]), what
+//! its rate-limit headers said ([`ratelimit`], in the Go duration syntax of [`go_duration`]),
+//! and the one table that maps failures to HTTP statuses and each API's error types
+//! ([`status`]). Every ingress parses into these types and every provider translates from them,
+//! so nothing here knows a wire format but the neutral one. It imports nothing of Backstop.
 
 pub mod answer;
+pub mod failure;
+pub mod feature;
+pub mod go_duration;
 pub mod outcome;
 pub mod ratelimit;
 pub mod request;
@@ -13,6 +18,8 @@ pub mod status;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use answer::{ChunkStream, Reply, StreamEvent, Whole};
+pub use failure::{ClassSet, FailureClass};
+pub use feature::RequestFeature;
 pub use outcome::AttemptError;
 pub use request::{ChatRequest, InvalidRequest, Message, Operation, Origin};
 

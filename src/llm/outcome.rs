@@ -10,7 +10,7 @@ use http::HeaderMap;
 use serde_json::Value;
 
 use super::ratelimit::{Headroom, retry_after};
-use crate::policy::FailureClass;
+use crate::llm::FailureClass;
 
 /// A failed attempt at one target, already classified.
 #[derive(Clone, Debug)]

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 
-use crate::policy::duration;
+use crate::llm::go_duration as duration;
 
 /// What a provider's `x-ratelimit-*` headers say about the key's remaining quota.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

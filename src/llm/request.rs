@@ -301,8 +301,8 @@ impl ChatRequest {
     }
 
     /// Whether the request uses `feature`.
-    pub fn uses(&self, feature: crate::policy::RequestFeature) -> bool {
-        use crate::policy::RequestFeature;
+    pub fn uses(&self, feature: crate::llm::RequestFeature) -> bool {
+        use crate::llm::RequestFeature;
         match feature {
             RequestFeature::Tools => self.rest.get("tools").and_then(Value::as_array).is_some_and(|t| !t.is_empty()),
             RequestFeature::Images => self.messages.iter().any(|m| {

@@ -6,7 +6,7 @@
 //! an error body of either API names the error type its SDK maps that status to
 //! ([`openai_error_type`], [`anthropic_error_type`]).
 
-use crate::policy::FailureClass;
+use crate::llm::FailureClass;
 
 /// The class of a failure from its HTTP status alone.
 pub fn class_of_status(status: u16) -> FailureClass {

@@ -44,9 +44,9 @@ use opentelemetry::metrics::{Counter, Histogram};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::net::body::{Body, text_response};
+use crate::net::server::{Options, serve_with};
 use crate::policy::FallbackPolicy;
-use crate::proxy::body::{Body, text_response};
-use crate::server::{Options, serve_with};
 use crate::telemetry::Metrics;
 use config::ConfigService;
 use config::sidecars::Sidecars;

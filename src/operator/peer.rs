@@ -45,14 +45,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::configstream::{HEARTBEAT, Lines, STREAM_IDLE, line};
+use crate::net::body::text_response;
+use crate::net::body::{Body, BoxError};
 use crate::operator::config::ConfigService;
 use crate::operator::config::auth::bearer;
 use crate::operator::config::sidecars::{Sidecar, Sidecars};
 use crate::operator::config::tls::ReloadingCert;
 use crate::operator::fleet::{Decision, DecisionPhase, FleetView, Forwarded};
 use crate::operator::leader::Holder;
-use crate::proxy::body::text_response;
-use crate::server::{Body, BoxError};
 
 /// The peer stream's path.
 pub const PEER_PATH: &str = "/v1/peer";

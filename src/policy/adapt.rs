@@ -4,7 +4,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::duration;
+use super::duration_schema;
 
 /// How requests to one target are adapted, after they are translated into its API: parameters
 /// set, capped or removed, and text put around the system prompt. Each parameter is named once,
@@ -218,7 +218,7 @@ pub struct ShadowSpec {
 
     /// How long a shadow request may take. Default `60s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub timeout: Option<String>,
 
     /// What the shadow target charges (see a chain step's `price`), for the cost comparison.

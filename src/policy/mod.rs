@@ -8,14 +8,14 @@
 pub mod adapt;
 pub mod crd;
 pub mod document;
-pub mod duration;
-mod failure;
+pub mod duration_schema;
 
 pub use adapt::{AdaptSpec, CapSpec, Parameter, ParametersSpec, ReasoningEffort, ShadowSpec, SystemPromptSpec};
-pub use failure::{ClassSet, FailureClass};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
+
+use crate::llm::{FailureClass, RequestFeature};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -123,6 +123,34 @@ pub struct TargetOverrideSpec {
     pub reason: String,
 }
 
+/// An override's `until` that is not an RFC 3339 time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not an RFC 3339 time such as 2026-12-01T03:00:00Z")]
+pub struct NotATime(pub String);
+
+impl TargetOverrideSpec {
+    /// `until` in milliseconds since the Unix epoch; `None` when it lasts until removed.
+    pub fn until_unix_ms(&self) -> Result<Option<i64>, NotATime> {
+        self.until
+            .as_deref()
+            .map(|until| {
+                until
+                    .parse::<k8s_openapi::jiff::Timestamp>()
+                    .map(|t| t.as_millisecond())
+                    .map_err(|_| NotATime(until.to_string()))
+            })
+            .transpose()
+    }
+}
+
+impl FallbackPolicySpec {
+    /// Why `selector` is not a label selector Kubernetes can evaluate, if it is not.
+    pub fn selector_problem(&self) -> Option<String> {
+        let selector = self.selector.as_ref()?;
+        kube::core::Selector::try_from(selector.clone()).err().map(|error| error.to_string())
+    }
+}
+
 /// What an override does to its targets.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum OverrideState {
@@ -196,12 +224,12 @@ pub struct CircuitBreakerSpec {
     /// between doubles it, up to `maxOpenFor`. A 429 or 503 with `Retry-After` keeps a target
     /// out at least that long. Default `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub open_for: Option<String>,
 
     /// The longest open period. Default `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub max_open_for: Option<String>,
 
     /// Probe requests let through at once when the open period ends; a probe's success closes
@@ -235,7 +263,7 @@ pub struct FailureRateSpec {
     pub percent: Option<u32>,
     /// How far back requests are counted. Default `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub window: Option<String>,
     /// Requests the window must hold before the rule applies. Default 20.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -382,12 +410,12 @@ pub struct MockSpec {
 
     /// Delay before the answer's headers, as a duration such as `150ms` or `2s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub latency: Option<String>,
 
     /// For streams, a further delay between the headers and the first content chunk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub first_token_latency: Option<String>,
 
     /// How many content chunks a streamed answer is cut into. Default 4.
@@ -461,7 +489,7 @@ pub struct RouteSpec {
 pub struct HedgeSpec {
     /// How long to wait for a first token (for non-streamed requests, the answer) before
     /// starting the next target, such as `2s`.
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub after_first_token_delay: String,
     /// Extra targets one request may start this way, 1 to 3. Default 1. Hedges count against
     /// the retry budget.
@@ -485,7 +513,7 @@ pub struct ChainStepSpec {
 
     /// Per-attempt time limit for this target, overriding `timeouts.attempt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub timeout: Option<String>,
 
     /// Requests this target should not be sent, such as `[tools]` for a model that handles
@@ -526,7 +554,7 @@ pub struct GroupMemberSpec {
 
     /// Per-attempt time limit for this member, overriding `timeouts.attempt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub timeout: Option<String>,
 
     /// Relative share of the step's requests, 1 to 1000. Default 1.
@@ -561,29 +589,6 @@ pub struct PriceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 100000.0))]
     pub cached_input: Option<f64>,
-}
-
-/// A kind of request a target can be kept out of with `skipFor`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum RequestFeature {
-    /// Requests that offer the model tools (function calling).
-    Tools,
-    /// Requests with image input.
-    Images,
-    /// Requests for JSON output (`response_format` of `json_object` or `json_schema`).
-    StructuredOutput,
-}
-
-impl RequestFeature {
-    /// The name users write.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestFeature::Tools => "tools",
-            RequestFeature::Images => "images",
-            RequestFeature::StructuredOutput => "structuredOutput",
-        }
-    }
 }
 
 /// Retries of one target before the chain moves on.
@@ -627,11 +632,11 @@ pub struct RetrySpec {
 pub struct BackoffSpec {
     /// The first retry's delay. Default `200ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub base: Option<String>,
     /// The longest delay between attempts. Default `2s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub max: Option<String>,
 }
 
@@ -648,7 +653,7 @@ pub struct TimeoutsSpec {
     /// own limit, so that a long generation is never cut and paid for twice. A chain step's
     /// `timeout` overrides it for that target (and caps its `firstToken` too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub attempt: Option<String>,
 
     /// A stream: from the start of an attempt until its first sign of progress, a content chunk
@@ -657,27 +662,27 @@ pub struct TimeoutsSpec {
     /// first content chunk, so a target slower than this falls through invisibly. Default
     /// `2m`: reasoning models often think silently for 10 to 60 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub first_token: Option<String>,
 
     /// A stream, once it has shown progress: the longest gap between two events, before the
     /// answer is committed (thinking) and after (content). A stream that stalls falls through
     /// while held, and is ended with an error event once committed. Default `60s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub idle: Option<String>,
 
     /// Finding a target that answers: the whole walk down the chain, every attempt and
     /// backoff included, until an answer is committed. A committed stream is not cut by it.
     /// Default `15m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub total: Option<String>,
 
     /// A cap on a committed stream's whole length, for routes that want one. Default: none; a
     /// healthy stream runs as long as its events keep coming within `idle`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration::schema")]
+    #[schemars(schema_with = "duration_schema::schema")]
     pub max_stream: Option<String>,
 }
 

@@ -179,7 +179,7 @@ fn split_reply(reply: &str, parts: u32) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::FailureClass;
+    use crate::llm::FailureClass;
     use futures_util::StreamExt;
     use std::time::Duration;
 

@@ -22,7 +22,7 @@ pub mod openai;
 pub mod sse;
 pub mod turns;
 
-pub use self::http::{HttpClient, http_client, load_ca_file};
+pub use crate::net::client::HttpClient;
 
 use crate::chain::ProviderConfig;
 use crate::llm::ratelimit::Headroom;

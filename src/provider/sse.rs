@@ -8,8 +8,8 @@ use futures_util::stream;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::llm::FailureClass;
 use crate::llm::{AttemptError, ChunkStream, StreamEvent};
-use crate::policy::FailureClass;
 
 /// The largest single stream event read from an upstream.
 pub const MAX_EVENT_BYTES: usize = 4 << 20;

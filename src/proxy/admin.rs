@@ -7,8 +7,8 @@ use hyper::body::Incoming;
 use opentelemetry::KeyValue;
 use serde_json::json;
 
-use super::body::{Body, json_response, text_response};
 use super::passthrough::Passthrough;
+use crate::net::body::{Body, json_response, text_response};
 use crate::snapshot::PolicyStore;
 use crate::telemetry::Metrics;
 

@@ -4,7 +4,6 @@
 //! the admin listener for probes, health and the redacted config ([`admin`]).
 
 pub mod admin;
-pub mod body;
 pub mod fallback;
 pub mod ingress;
 pub mod observe;
@@ -21,7 +20,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use body::Body;
+use crate::net::body::{self as body, Body};
 use fallback::Upstreams;
 use ingress::Dialect as _;
 use ingress::anthropic::AnthropicDialect;
@@ -29,8 +28,8 @@ use ingress::embeddings::EmbeddingsDialect;
 use ingress::openai::OpenAiDialect;
 use ingress::responses::ResponsesDialect;
 
-use crate::provider::HttpClient;
-use crate::server::serve;
+use crate::net::client::HttpClient;
+use crate::net::server::serve;
 use crate::snapshot::PolicyStore;
 use crate::telemetry::Telemetry;
 use observe::Recorder;

@@ -19,8 +19,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::body::{Body, json_response};
 use crate::llm::Api;
+use crate::net::body::{Body, json_response};
 
 /// OpenAI's public endpoint, where an OpenAI SDK goes without a base URL.
 pub const OPENAI_DEFAULT: &str = "https://api.openai.com/v1";
@@ -149,7 +149,7 @@ impl Passthrough {
             .with_no_client_auth();
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(crate::provider::http::https_connector(tls, Duration::from_secs(10)));
+            .build(crate::net::client::https_connector(tls, Duration::from_secs(10)));
         Ok(Passthrough { destinations, client })
     }
 

@@ -10,10 +10,10 @@ use futures_util::{StreamExt, stream};
 use hyper::body::Frame;
 use tokio::time::Instant;
 
-use super::body::{Body, BoxError};
 use crate::health::Permit;
+use crate::llm::FailureClass;
 use crate::llm::{ChunkStream, StreamEvent};
-use crate::policy::FailureClass;
+use crate::net::body::{Body, BoxError};
 
 /// One server-sent event: `event: NAME` when named, then the JSON `data` line.
 pub fn encode(name: Option<&str>, data: &serde_json::Value) -> Bytes {

@@ -27,9 +27,9 @@ use tokio::time::Instant;
 
 use super::fallback::{Answered, Committed, Transport as _, Unanswered, Upstreams};
 use super::observe::Recorder;
+use crate::llm::RequestFeature;
 use crate::llm::request::STATEFUL;
 use crate::llm::{Api, ChatRequest, Operation, Origin, Reply, StreamEvent, Whole};
-use crate::policy::RequestFeature;
 use crate::provider::neutral::{self, ToOpenAiStream};
 use crate::snapshot::{Route, Shadow, Target};
 use crate::telemetry::genai::AnswerInfo;

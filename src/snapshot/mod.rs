@@ -20,7 +20,9 @@ use crate::chain::{
 use crate::health::gate::Forced;
 use crate::health::{HealthRegistry, SharedBudget, TargetHealth};
 use crate::llm::ChatRequest;
-use crate::policy::{ClassSet, OverrideState, RequestFeature};
+use crate::policy::OverrideState;
+
+use crate::llm::{ClassSet, RequestFeature};
 use crate::provider::{InvalidBackend, Provider};
 
 pub use store::{LinkStatus, PolicyStore};

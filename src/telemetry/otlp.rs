@@ -90,7 +90,7 @@ fn http_client() -> opentelemetry_http::hyper::HyperClient<
         .unwrap_or_else(|_| {
             rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth()
         });
-    let https = crate::provider::http::https_connector(tls, Duration::from_secs(5));
+    let https = crate::net::client::https_connector(tls, Duration::from_secs(5));
     opentelemetry_http::hyper::HyperClient::new(https, timeout, None)
 }
 

@@ -277,6 +277,7 @@ async fn a_cut_after_the_first_chunk_on_a_reused_connection_delivers_the_chunk_t
             let sidecar = TestSidecar::start(&policy).await;
             let warm = post_stream(&sidecar.url("/v1/chat/completions"), &chat(true)).await;
             assert!(warm.done(), "{warm:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
             let answer = post_stream(&sidecar.url("/v1/chat/completions"), &chat(true)).await;
             assert_eq!(answer.header("x-backstop-provider"), Some("primary"), "{wire:?}: committed: {answer:?}");
             assert_eq!(answer.text(), "from", "{wire:?}: the chunk that arrived reached the app");
@@ -286,18 +287,24 @@ async fn a_cut_after_the_first_chunk_on_a_reused_connection_delivers_the_chunk_t
     }
 }
 
-/// A raw HTTP/1.1 upstream: answers its first request on a connection with a whole stream and
-/// keeps the connection; on the second it sends the headers and the first content chunk, then
-/// closes the connection (`reset`: with a TCP reset) without the terminating chunk.
+/// A raw HTTP/1.1 upstream: answers its first request with a whole stream and keeps the
+/// connection; on the second it sends the headers and the first content chunk, then closes the
+/// connection (`reset`: with a TCP reset) without the terminating chunk. Counts requests, and
+/// the cuts made on a connection that had served a request before.
 async fn raw_cutting_upstream(
     reset: bool,
     anthropic: bool,
-) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = requests.clone();
+    let reused_cuts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (counted, reused) = (requests.clone(), reused_cuts.clone());
     let event = move |text: &str| -> String {
         if anthropic {
             let data = serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}});
@@ -323,7 +330,7 @@ async fn raw_cutting_upstream(
     };
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
-            let (counted, start, end) = (counted.clone(), start.clone(), end.clone());
+            let (counted, reused, start, end) = (counted.clone(), reused.clone(), start.clone(), end.clone());
             let whole = format!("{start}{}{}{end}", event("from"), event(" upstream"));
             let first = format!("{start}{}", event("from"));
             tokio::spawn(async move {
@@ -347,15 +354,19 @@ async fn raw_cutting_upstream(
                         continue;
                     }
                     buffer.drain(..head_end + 4 + length);
-                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let nth = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                     served += 1;
-                    let body = if served == 1 { &whole } else { &first };
+                    let cut = nth > 1;
+                    if cut && served > 1 {
+                        reused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    let body = if cut { &first } else { &whole };
                     let response = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n",
                         body.len()
                     );
                     let _ = socket.write_all(response.as_bytes()).await;
-                    if served == 1 {
+                    if !cut {
                         let _ = socket.write_all(b"0\r\n\r\n").await;
                         continue;
                     }
@@ -369,22 +380,29 @@ async fn raw_cutting_upstream(
             });
         }
     });
-    (address, requests)
+    (address, requests, reused_cuts)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raw_upstream_cut_after_its_first_chunk_on_a_reused_connection_keeps_the_commit_point() {
     for anthropic in [false, true] {
         for reset in [false, true] {
-            let (address, requests) = raw_cutting_upstream(reset, anthropic).await;
+            let (address, requests, reused_cuts) = raw_cutting_upstream(reset, anthropic).await;
             let kind = if anthropic { "anthropic" } else { "openai-compatible" };
             let base = if anthropic { format!("http://{address}") } else { format!("http://{address}/v1") };
             let policy = two_target_policy(&base, "").replace("type: openai-compatible", &format!("type: {kind}"));
             let sidecar = TestSidecar::start(&policy).await;
             let warm = post_stream(&sidecar.url("/v1/chat/completions"), &chat(true)).await;
             assert!(warm.done(), "anthropic={anthropic} reset={reset}: {warm:?}");
+            // Its connection goes back to the sidecar's pool once the stream ended.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             let answer = post_stream(&sidecar.url("/v1/chat/completions"), &chat(true)).await;
             let case = format!("anthropic={anthropic} reset={reset}");
+            assert_eq!(
+                reused_cuts.load(std::sync::atomic::Ordering::SeqCst),
+                1,
+                "{case}: cut on the reused connection"
+            );
             assert_eq!(answer.header("x-backstop-provider"), Some("primary"), "{case}: committed: {answer:?}");
             assert_eq!(answer.text(), "from", "{case}: the chunk that arrived reached the app");
             assert!(answer.broken.is_some() && !answer.done(), "{case}: then the error");

@@ -515,11 +515,11 @@ pub struct TestSidecar {
 impl TestSidecar {
     /// Writes `policy` to a file and starts a sidecar on it, waiting until it is loaded.
     pub async fn start(policy: &str) -> TestSidecar {
-        TestSidecar::start_with(policy, backstop::provider::http_client(&[]).expect("client")).await
+        TestSidecar::start_with(policy, backstop::net::client::http_client(&[]).expect("client")).await
     }
 
     /// [`TestSidecar::start`] with a given upstream client.
-    pub async fn start_with(policy: &str, http: backstop::provider::HttpClient) -> TestSidecar {
+    pub async fn start_with(policy: &str, http: backstop::net::client::HttpClient) -> TestSidecar {
         let dir = tempfile::tempdir().expect("tempdir");
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, policy).expect("write policy");

@@ -81,12 +81,12 @@ fn policy(addr: SocketAddr) -> String {
     two_target_policy(&format!("https://127.0.0.1:{}/v1", addr.port()), "").replace("attempts: 2", "attempts: 1")
 }
 
-fn client_trusting(ca_pem: &str) -> backstop::provider::HttpClient {
+fn client_trusting(ca_pem: &str) -> backstop::net::client::HttpClient {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ca.pem");
     std::fs::write(&path, ca_pem).expect("write CA");
-    let roots = backstop::provider::load_ca_file(&path).expect("CA file");
-    backstop::provider::http_client(&roots).expect("client")
+    let roots = backstop::net::client::load_ca_file(&path).expect("CA file");
+    backstop::net::client::http_client(&roots).expect("client")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,6 +111,6 @@ async fn an_untrusted_certificate_is_refused_and_falls_through() {
     assert_eq!(answer.header("x-backstop-provider"), Some("fallback"));
     assert_eq!(answer.header("x-backstop-fallback-reason"), Some("primary/up-model=connectError"));
     assert!(upstream.versions.lock().expect("lock").is_empty(), "no request crossed an untrusted connection");
-    let missing = backstop::provider::load_ca_file(std::path::Path::new("/nonexistent/ca.pem"));
+    let missing = backstop::net::client::load_ca_file(std::path::Path::new("/nonexistent/ca.pem"));
     assert!(missing.is_err_and(|e| e.to_string().contains("cannot read")));
 }

@@ -24,12 +24,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::configstream::{PROTOCOL_HEADER, Protocol, STREAM_PATH, VERSION_HEADER};
+use crate::net::body::text_response;
+use crate::net::body::{Body, BoxError};
+use crate::net::server::{Options, serve_with};
 use crate::operator::fleet::FleetView;
 use crate::operator::leader::Leadership;
 use crate::operator::peer::{self, PEER_PATH};
 use crate::operator::served::ServedPolicies;
-use crate::proxy::body::text_response;
-use crate::server::{Body, BoxError, Options, serve_with};
 use auth::{Authenticator, bearer};
 use session::Session;
 use sidecars::Sidecars;

@@ -21,10 +21,10 @@ use super::auth::Identity;
 use crate::configstream::{
     Fleet, FleetTarget, HEARTBEAT, Lines, MAX_REPORT_BYTES, Protocol, Report, STREAM_IDLE, ServerMessage, line, v1, v2,
 };
+use crate::net::body::BoxError;
 use crate::operator::fleet::{DecisionPhase, Decisions};
 use crate::operator::served::{NamespacePolicies, ServedPolicy};
 use crate::policy::BreakerScope;
-use crate::server::BoxError;
 
 /// How long a message may wait for a sidecar that does not read before the stream is ended.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);

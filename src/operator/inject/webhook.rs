@@ -22,9 +22,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::{Decision, Settings, inject};
+use crate::net::body::{Body, json_response, text_response};
+use crate::net::server::{Options, serve_with};
 use crate::operator::config::tls::ReloadingCert;
-use crate::proxy::body::{Body, json_response, text_response};
-use crate::server::{Options, serve_with};
 
 /// Connections the webhook holds at once: the API servers keep a few each.
 const MAX_CONNECTIONS: usize = 256;

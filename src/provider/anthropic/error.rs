@@ -3,9 +3,9 @@
 
 use serde_json::Value;
 
+use crate::llm::FailureClass;
 use crate::llm::outcome::error_object;
 use crate::llm::status::class_of_status;
-use crate::policy::FailureClass;
 
 /// Classifies an Anthropic error answer.
 pub fn classify(status: Option<u16>, body: &[u8]) -> FailureClass {

@@ -16,10 +16,10 @@ use super::credentials::Credentials;
 use super::http::{encode, post_json, read_json};
 use super::{Call, InvalidBackend, Sent, endpoint, sse};
 use crate::chain::ProviderConfig;
+use crate::llm::FailureClass;
 use crate::llm::outcome::message_of;
 use crate::llm::ratelimit::Headroom;
 use crate::llm::{Api, AttemptError, Reply};
-use crate::policy::FailureClass;
 
 /// The `anthropic-version` sent when the policy names none.
 pub const DEFAULT_VERSION: &str = "2023-06-01";

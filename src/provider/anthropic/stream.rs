@@ -192,7 +192,7 @@ impl ToOpenAiStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::FailureClass;
+    use crate::llm::FailureClass;
 
     #[test]
     fn stream_events_are_flagged_for_commit() {

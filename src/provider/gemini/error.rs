@@ -5,9 +5,9 @@ use serde_json::Value;
 
 use super::from_wire::{FILTERED, parts_of};
 use crate::llm::AttemptError;
+use crate::llm::FailureClass;
 use crate::llm::outcome::{error_object, message_of};
 use crate::llm::status::class_of_status;
-use crate::policy::FailureClass;
 
 /// Classifies a Gemini error answer (`{"error": {"code", "message", "status"}}`).
 pub fn classify(status: Option<u16>, body: &[u8]) -> FailureClass {

@@ -14,9 +14,9 @@ use super::credentials::Credentials;
 use super::http::{encode, post_json, read_json};
 use super::{Call, InvalidBackend, Sent, endpoint, sse};
 use crate::chain::ProviderConfig;
+use crate::llm::FailureClass;
 use crate::llm::ratelimit::Headroom;
 use crate::llm::{Api, AttemptError, Operation, Reply};
-use crate::policy::FailureClass;
 
 /// A Gemini upstream.
 #[derive(Debug)]

@@ -5,8 +5,8 @@ use serde_json::{Value, json};
 
 use super::error::blocked;
 use super::from_wire::{FILTERED, call_id, finish_reason, parts_of, usage};
+use crate::llm::FailureClass;
 use crate::llm::{AttemptError, StreamEvent, unix_seconds};
-use crate::policy::FailureClass;
 use crate::provider::sse::{self, Parsed, WireStream};
 
 /// Reads `streamGenerateContent?alt=sse` events: each is a partial answer; the body ends after

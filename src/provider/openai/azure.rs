@@ -7,7 +7,7 @@ use http::Uri;
 
 use crate::chain::ProviderConfig;
 use crate::llm::AttemptError;
-use crate::policy::FailureClass;
+use crate::llm::FailureClass;
 use crate::provider::{InvalidBackend, endpoint};
 
 /// The `api-version` used when the policy names none: the latest GA version.

@@ -6,9 +6,9 @@ use http::HeaderMap;
 use serde_json::Value;
 
 use crate::llm::AttemptError;
+use crate::llm::FailureClass;
 use crate::llm::outcome::message_of;
 use crate::llm::status::class_of_status;
-use crate::policy::FailureClass;
 
 /// Classifies an error answer in OpenAI's format.
 pub fn classify(status: Option<u16>, body: &[u8]) -> FailureClass {

@@ -17,7 +17,9 @@ use super::{Call, InvalidBackend, Sent, endpoint, sse};
 use crate::chain::ProviderConfig;
 use crate::llm::ratelimit::Headroom;
 use crate::llm::{Api, AttemptError, ChatRequest, Operation, Reply};
-use crate::policy::{FailureClass, ProviderKind};
+use crate::policy::ProviderKind;
+
+use crate::llm::FailureClass;
 use azure::Deployments;
 
 /// Where requests go. One per provider, built at reload: its size does not matter.

@@ -4,8 +4,8 @@ use serde_json::Value;
 
 use super::content::carries_content;
 use super::error::stream_error;
+use crate::llm::FailureClass;
 use crate::llm::{AttemptError, StreamEvent};
-use crate::policy::FailureClass;
 use crate::provider::sse::{self, Parsed, WireStream};
 
 /// Reads Chat Completions chunks: `[DONE]` ends the stream; an end without it is clean only

@@ -10,10 +10,11 @@ use opentelemetry::trace::SpanId;
 use tokio::time::Instant;
 
 use super::outcome::Committed;
+use crate::llm::FailureClass;
 use crate::llm::ratelimit::Headroom;
 use crate::llm::{AttemptError, ChatRequest, ChunkStream, Reply};
-use crate::policy::FailureClass;
-use crate::provider::{Call, HttpClient, Sent};
+use crate::net::client::HttpClient;
+use crate::provider::{Call, Sent};
 use crate::snapshot::{Route, Target};
 use crate::telemetry::spans::TraceContext;
 

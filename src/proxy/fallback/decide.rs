@@ -11,7 +11,7 @@ use super::controls::Controls;
 use super::walk::Walk;
 use crate::health::Permit;
 use crate::llm::AttemptError;
-use crate::policy::FailureClass;
+use crate::llm::FailureClass;
 use crate::snapshot::{Route, Target};
 
 /// What to do after the attempt at the current target failed, with nothing else in flight.

@@ -40,9 +40,9 @@ use decide::{Next, decide};
 use walk::Walk;
 
 use crate::health::Permit;
+use crate::llm::FailureClass;
 use crate::llm::ratelimit::Headroom;
 use crate::llm::{AttemptError, ChatRequest, Operation};
-use crate::policy::FailureClass;
 use crate::snapshot::{Route, Target};
 
 /// Where the walk's random draws (balancing picks, backoff jitter) come from.

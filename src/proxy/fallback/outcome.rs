@@ -9,8 +9,8 @@ use tokio::time::Instant;
 use opentelemetry::trace::SpanId;
 
 use crate::health::Permit;
+use crate::llm::FailureClass;
 use crate::llm::{Api, AttemptError, ChunkStream, StreamEvent, Whole};
-use crate::policy::FailureClass;
 use crate::provider::neutral;
 use crate::snapshot::Target;
 

@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::Dialect;
 use super::openai::{OpenAiDialect, OpenAiStream};
 use crate::llm::{Api, ChatRequest, InvalidRequest};
-use crate::proxy::body::Body;
+use crate::net::body::Body;
 
 /// OpenAI embeddings (`POST /v1/embeddings`): same errors, never streamed.
 pub struct EmbeddingsDialect;

@@ -16,11 +16,11 @@ use std::sync::Arc;
 use http::{HeaderMap, Response, StatusCode};
 use serde_json::Value;
 
-use super::body::Body;
 use super::fallback::{self, Chance, Controls, Upstreams};
 use super::observe::{Recorder, RequestFacts, StreamObserver, Summary};
 use super::shadow;
 use crate::llm::{Api, ChatRequest, InvalidRequest};
+use crate::net::body::Body;
 use crate::proxy::relay::StreamRenderer;
 use crate::snapshot::PolicySnapshot;
 

@@ -6,11 +6,11 @@ use http::{HeaderMap, Response, StatusCode};
 use serde_json::{Value, json};
 
 use super::Dialect;
+use crate::llm::FailureClass;
 use crate::llm::status::{openai_error_type, openai_error_type_of_class};
 use crate::llm::{Api, ChatRequest, InvalidRequest, StreamEvent};
-use crate::policy::FailureClass;
+use crate::net::body::{Body, json_response};
 use crate::provider::neutral;
-use crate::proxy::body::{Body, json_response};
 use crate::proxy::relay::{self, StreamRenderer};
 use crate::snapshot::PolicySnapshot;
 

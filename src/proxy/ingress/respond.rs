@@ -9,9 +9,9 @@ use serde_json::{Value, json};
 
 use super::Dialect;
 use crate::llm::ChatRequest;
+use crate::llm::FailureClass;
 use crate::llm::status::status_of_class;
-use crate::policy::FailureClass;
-use crate::proxy::body::{Body, json_bytes_response, json_response};
+use crate::net::body::{Body, json_bytes_response, json_response};
 use crate::proxy::fallback::{Answered, Attempt, Committed, Unanswered};
 use crate::proxy::{observe, relay};
 use crate::snapshot::Route;

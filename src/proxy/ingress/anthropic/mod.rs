@@ -13,10 +13,10 @@ use serde_json::{Value, json};
 
 use super::Dialect;
 use super::convert::{ToAnthropicStream, to_anthropic_message};
+use crate::llm::FailureClass;
 use crate::llm::status::{anthropic_error_type, status_of_class};
 use crate::llm::{Api, ChatRequest, InvalidRequest, StreamEvent};
-use crate::policy::FailureClass;
-use crate::proxy::body::{Body, json_response};
+use crate::net::body::{Body, json_response};
 use crate::proxy::relay::{self, StreamRenderer};
 
 /// Anthropic Messages, as apps speak it.

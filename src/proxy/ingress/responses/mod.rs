@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 use super::Dialect;
 use super::convert::ToResponsesStream;
 use super::openai::OpenAiDialect;
+use crate::llm::FailureClass;
 use crate::llm::status::openai_error_type_of_class;
 use crate::llm::{Api, ChatRequest, InvalidRequest, StreamEvent};
-use crate::policy::FailureClass;
+use crate::net::body::Body;
 use crate::provider::neutral::to_openai_completion;
-use crate::proxy::body::Body;
 use crate::proxy::relay::{self, StreamRenderer};
 
 /// OpenAI Responses (`POST /v1/responses`): OpenAI's error format; answers and streams as

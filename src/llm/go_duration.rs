@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use schemars::{Schema, SchemaGenerator, json_schema};
-
 /// The seconds a Go-style duration names: a sequence of decimal numbers, each with an optional
 /// fraction and a unit (`ns`, `us`, `µs`, `ms`, `s`, `m`, `h`), such as `1m30.5s`. No sign:
 /// negative durations mean nothing here. `None` for anything else; never panics, whatever the
@@ -43,20 +41,6 @@ pub fn seconds(text: &str) -> Option<f64> {
 /// The duration `text` names, if it is one (see [`seconds`]); at most `cap`.
 pub fn parse_capped(text: &str, cap: Duration) -> Option<Duration> {
     seconds(text).map(|s| Duration::from_secs_f64(s.min(cap.as_secs_f64())))
-}
-
-/// The schema of a duration field: a string in Go's syntax that the API server checks is
-/// positive and at most a day, the same limits the compiler applies.
-pub fn schema(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({
-        "type": "string",
-        "maxLength": 64,
-        "pattern": r"^(([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|ms|s|m|h))+$",
-        "x-kubernetes-validations": [
-            {"rule": "duration(self) > duration('0s')", "message": "must be greater than zero"},
-            {"rule": "duration(self) <= duration('24h')", "message": "must be at most 24h"},
-        ],
-    })
 }
 
 #[cfg(test)]

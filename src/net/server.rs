@@ -14,10 +14,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-/// A response body: whole or streamed.
-pub type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
-/// The error a response body can end with.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use super::body::Body;
 
 /// How a listener takes connections beyond plain HTTP.
 #[derive(Clone, Default)]
@@ -261,7 +258,7 @@ mod tests {
             ..Options::network_facing(8)
         };
         let server = tokio::spawn(serve_with(listener, stopped, Duration::from_secs(1), options, |_| async {
-            crate::proxy::body::text_response(http::StatusCode::OK, "ok\n")
+            crate::net::body::text_response(http::StatusCode::OK, "ok\n")
         }));
         let closed_within = |mut socket: tokio::net::TcpStream, limit: Duration| async move {
             let mut buffer = [0u8; 64];
@@ -288,7 +285,7 @@ mod tests {
         let (stop, stopped) = watch::channel(false);
         let options = Options { max_connections: Some(1), ..Options::default() };
         let server = tokio::spawn(serve_with(listener, stopped, Duration::from_secs(1), options, |_| async {
-            crate::proxy::body::text_response(http::StatusCode::OK, "ok\n")
+            crate::net::body::text_response(http::StatusCode::OK, "ok\n")
         }));
         let mut held = tokio::net::TcpStream::connect(address).await.expect("first");
         held.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.expect("half a request");

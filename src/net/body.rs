@@ -1,4 +1,4 @@
-//! Request and response bodies on the sidecar's listeners.
+//! Request and response bodies on every listener.
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -6,7 +6,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::Value;
 
-pub use crate::server::{Body, BoxError};
+/// A response body: whole or streamed.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
+/// The error a response body can end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request body refused before it was parsed.
 #[derive(Debug)]
