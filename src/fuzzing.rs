@@ -11,7 +11,8 @@ use crate::policy::document::parse_policy;
 use crate::provider::neutral::{self, ToOpenAiStream};
 use crate::provider::sse::{Decoder, Parsed, WireStream};
 use crate::provider::{anthropic, gemini, openai};
-use crate::proxy::ingress::convert::{ToAnthropicStream, ToResponsesStream, to_anthropic_message};
+use crate::proxy::ingress::anthropic::{ToAnthropicStream, to_anthropic_message};
+use crate::proxy::ingress::responses::ToResponsesStream;
 use crate::proxy::ingress::responses::answer::from_chat_completion;
 
 /// Translates a parsed request to every upstream format and asks every eligibility question.
@@ -21,7 +22,7 @@ pub fn translate_everywhere(request: &ChatRequest) {
     let _ = gemini::to_wire::unsupported(request);
     let _ = gemini::to_wire::to_gemini_request(request);
     let _ = openai::unsupported(request);
-    let _ = request.to_openai_json("model");
+    let _ = crate::provider::openai::to_wire::encode(request, "model");
     let _ = request.input_texts();
     for feature in [RequestFeature::Tools, RequestFeature::Images, RequestFeature::StructuredOutput] {
         let _ = request.uses(feature);
@@ -120,7 +121,7 @@ mod tests {
     #[test]
     fn every_entry_point_survives_the_seeds() {
         for input in fixtures() {
-            if let Ok(request) = ChatRequest::from_openai_json(&input) {
+            if let Ok(request) = crate::proxy::ingress::openai::parse_chat(&input) {
                 translate_everywhere(&request);
             }
             if let Ok(request) = from_messages_request(&input) {
@@ -129,7 +130,7 @@ mod tests {
             if let Ok(request) = from_responses_request(&input) {
                 translate_everywhere(&request);
             }
-            if let Ok(request) = ChatRequest::from_openai_embeddings_json(&input) {
+            if let Ok(request) = crate::proxy::ingress::embeddings::parse(&input) {
                 translate_everywhere(&request);
             }
             for api in [Api::OpenAi, Api::Anthropic, Api::Gemini, Api::Responses] {

@@ -3,6 +3,7 @@
 //! The modules, in the order their imports flow:
 //!
 //! - [`policy`] — the `FallbackPolicy` custom resource as users write it; no I/O.
+//! - [`backoff`] — doubling waits and their jitter, for every place that waits after a failure.
 //! - [`llm`] — the provider-neutral request, answer, stream events and failure outcome.
 //! - [`chain`] — a policy compiled into plain data (routes, chains, settings, resolved keys).
 //! - [`health`] — circuit breakers, balancing inputs and retry budgets.
@@ -15,6 +16,7 @@
 //! - [`net`] — the network plumbing both halves share: listeners, bodies, the HTTPS client.
 //! - [`telemetry`] — logs and metrics.
 
+pub mod backoff;
 pub mod chain;
 pub mod configstream;
 pub mod control;

@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use backstop::chain::{CheckKeys, LocalKeys};
-use backstop::control::file::{self, PolicyFile};
-use backstop::control::stream::{CaSource, ControlStream, StreamSettings};
-use backstop::operator::leader::LeaseSettings;
+use backstop::chain::CheckKeys;
+use backstop::control::Source;
+use backstop::control::file::{self, Unusable};
+use backstop::control::stream::{CaSource, StreamSettings};
+use backstop::operator::leader::{self, LeaseSettings};
 use backstop::operator::served::ServedPolicies;
-use backstop::operator::{ConfigServiceSettings, OperatorConfig, WebhookSettings};
+use backstop::operator::{ConfigServiceSettings, OperatorSettings, WebhookSettings};
 use backstop::proxy::passthrough::{Destinations, Passthrough};
-use backstop::proxy::{DEFAULT_MAX_REQUEST_BYTES, Sidecar, SidecarConfig};
+use backstop::proxy::{DEFAULT_MAX_REQUEST_BYTES, Sidecar, SidecarSettings};
 use backstop::snapshot::PolicyStore;
 use backstop::telemetry::{LogFormat, Metrics, Telemetry, init_logging};
 use clap::{Parser, Subcommand};
@@ -212,7 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { policy_file } => {
-            let (compiled, _) = file::load(&policy_file, &CheckKeys).map_err(|e| unusable(&policy_file, &e))?;
+            let (compiled, _) = file::load(&policy_file, &CheckKeys).map_err(|e| Unusable::new(&policy_file, &e))?;
             println!(
                 "{}: ok, policy {} routes {}",
                 policy_file.display(),
@@ -237,16 +238,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// A policy file that cannot be used, with each of its problems on a line of its own.
-fn unusable(path: &std::path::Path, error: &file::LoadError) -> anyhow::Error {
-    let problems = error.problems();
-    if problems.len() == 1 && !matches!(error, file::LoadError::Invalid(_) | file::LoadError::Document(_)) {
-        return anyhow::anyhow!("{} is not a usable policy: {}", path.display(), problems[0]);
-    }
-    let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
-    anyhow::anyhow!("{} is not a valid FallbackPolicy:\n{}", path.display(), lines.join("\n"))
-}
-
 async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let store = Arc::new(PolicyStore::new());
     let extra_roots = match &args.ca_file {
@@ -255,21 +246,16 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     };
     let http = backstop::net::client::http_client(&extra_roots).context("cannot set up upstream TLS")?;
     let destinations = Destinations::new(&args.passthrough_openai, &args.passthrough_anthropic, args.listen)?;
-    let config = SidecarConfig {
+    let settings = SidecarSettings {
         listen: args.listen,
         admin: args.admin,
         max_request_bytes: args.max_request_bytes,
         drain: args.drain_timeout,
         passthrough: Some(Passthrough::new(destinations, &extra_roots)?),
     };
-    // Load before listening: a policy that cannot be served stops the sidecar at once, with
-    // every problem; a later change that is invalid only keeps the last good policy.
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let mut tasks = Vec::new();
-    let mut watched = None;
-    match &args.control_plane {
-        Some(url) => {
-            let settings = StreamSettings {
+    let source = match &args.control_plane {
+        Some(url) => Source::Operator {
+            stream: StreamSettings {
                 url: url.clone(),
                 ca: match (&args.control_plane_ca, &args.control_plane_ca_data) {
                     (Some(path), _) => Some(CaSource::File(path.clone())),
@@ -279,33 +265,17 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
                 token_file: args.token_file.clone(),
                 state_dir: args.state_dir.clone(),
                 startup_timeout: args.startup_timeout,
-            };
-            let mut stream = ControlStream::new(settings, store.clone())?;
-            if stream.restore().is_none() {
-                match &args.policy_file {
-                    Some(path) => {
-                        let mut policy_file = PolicyFile::new(path.clone(), store.clone(), Arc::new(LocalKeys));
-                        policy_file.reload().map_err(|e| unusable(path, &e))?;
-                        tracing::info!(file = %path.display(), "serving the policy file until the operator is reached");
-                    }
-                    None => store.set_unavailable(format!("waiting for the operator at {url}")),
-                }
-            }
-            tasks.push(tokio::spawn(stream.run(shutdown_rx.clone())));
-        }
-        None => {
-            let path = args.policy_file.clone().context("--policy-file or --control-plane is required")?;
-            let mut policy_file = PolicyFile::new(path.clone(), store.clone(), Arc::new(LocalKeys));
-            policy_file.reload().map_err(|e| unusable(&path, &e))?;
-            watched = Some(policy_file);
-        }
-    }
+            },
+            until_reached: args.policy_file.clone(),
+        },
+        None => Source::File(args.policy_file.clone().context("--policy-file or --control-plane is required")?),
+    };
+    let policies = source.start(&store)?;
     let telemetry = Arc::new(Telemetry::from_env(Metrics::new("backstop-sidecar")?));
-    let sidecar = Sidecar::bind(&config, store, http, telemetry).await?;
+    let sidecar = Sidecar::bind(&settings, store, http, telemetry).await?;
     tracing::info!(llm = %sidecar.llm_addr()?, admin = %sidecar.admin_addr()?, "backstop sidecar listening");
-    if let Some(policy_file) = watched {
-        tasks.push(tokio::spawn(policy_file.watch(shutdown_rx.clone())));
-    }
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let policies = tokio::spawn(policies.run(shutdown_rx.clone()));
     let server = tokio::spawn(sidecar.run(shutdown_rx));
 
     shutdown_signal().await;
@@ -314,9 +284,7 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
         "shutting down: no new connections; finishing requests in flight"
     );
     let _ = shutdown_tx.send(true);
-    for task in tasks {
-        let _ = task.await;
-    }
+    let _ = policies.await;
     tokio::select! {
         finished = server => finished.context("server task failed")?,
         () = shutdown_signal() => {
@@ -329,29 +297,8 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
 }
 
 async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.lease_renew_deadline < args.lease_duration && args.lease_renew < args.lease_renew_deadline,
-        "--lease-renew ({}) must be shorter than --lease-renew-deadline ({}), and that shorter than --lease-duration ({}): a leader must step down before a standby may take the Lease",
-        humantime::format_duration(args.lease_renew),
-        humantime::format_duration(args.lease_renew_deadline),
-        humantime::format_duration(args.lease_duration)
-    );
-    let client = kube::Client::try_default()
-        .await
-        .context("cannot reach the Kubernetes API (KUBECONFIG, then the in-cluster service account)")?;
-    let lease_namespace = args
-        .lease_namespace
-        .or_else(|| std::env::var("POD_NAMESPACE").ok())
-        .or_else(|| std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok())
-        .map(|ns| ns.trim().to_string())
-        .unwrap_or_else(|| "backstop-system".to_string());
-    let holders_are_pods = args.identity.is_none() && std::env::var("POD_NAME").is_ok();
-    let identity = args
-        .identity
-        .or_else(|| std::env::var("POD_NAME").ok())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
-        .unwrap_or_else(|| format!("backstop-operator-{}", std::process::id()));
-    let config = OperatorConfig {
+    let (identity, holders_are_pods) = leader::identity(args.identity);
+    let settings = OperatorSettings {
         webhook: args
             .webhook_listen
             .0
@@ -367,7 +314,7 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         namespaces: args.namespaces.into_iter().filter(|ns| !ns.is_empty()).collect(),
         admin: args.admin,
         require_credentials_label: args.require_credentials_label,
-        lease_namespace,
+        lease_namespace: leader::namespace(args.lease_namespace),
         lease: LeaseSettings {
             endpoint: None,
             name: args.lease_name,
@@ -379,10 +326,15 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
             holders_are_pods,
         },
     };
+    // Unsafe Lease timings stop the operator before it reaches the API server.
+    settings.lease.check()?;
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (KUBECONFIG, then the in-cluster service account)")?;
     let metrics = Metrics::new("backstop-operator")?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let served = Arc::new(ServedPolicies::for_namespaces(&config.namespaces));
-    let operator = tokio::spawn(backstop::operator::run(config, client, metrics, served, shutdown_rx));
+    let served = Arc::new(ServedPolicies::for_namespaces(&settings.namespaces));
+    let operator = tokio::spawn(backstop::operator::run(settings, client, metrics, served, shutdown_rx));
     shutdown_signal().await;
     tracing::info!("shutting down: releasing the leader lease");
     let _ = shutdown_tx.send(true);

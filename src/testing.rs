@@ -105,3 +105,23 @@ pub(crate) fn assert_errors<T, E: Display>(cases: &[(String, &str)], check: impl
         assert!(!error.contains("leaky"), "a key leaked into the error: {error}");
     }
 }
+
+/// A span, for tests of the export path.
+pub(crate) fn span_data() -> opentelemetry_sdk::trace::SpanData {
+    use crate::telemetry::spans::{Sampler, SpanRecord, TraceContext, new_span_id};
+    let context = TraceContext::start(&http::HeaderMap::new(), Sampler::AlwaysOn, true);
+    let now = std::time::SystemTime::now();
+    SpanRecord {
+        id: new_span_id(),
+        parent: None,
+        remote_parent: false,
+        kind: opentelemetry::trace::SpanKind::Server,
+        name: "chat test".into(),
+        start: now,
+        end: now,
+        attributes: Vec::new(),
+        events: Vec::new(),
+        error: None,
+    }
+    .into_data(&context, &opentelemetry::InstrumentationScope::builder("backstop").build())
+}

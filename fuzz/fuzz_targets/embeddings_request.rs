@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(request) = backstop::llm::ChatRequest::from_openai_embeddings_json(data) {
+    if let Ok(request) = backstop::proxy::ingress::embeddings::parse(data) {
         backstop::fuzzing::translate_everywhere(&request);
     }
 });

@@ -10,13 +10,13 @@ use super::defaults;
 use super::error::{Errors, InvalidPolicy};
 use super::keys::KeyResolver;
 use super::overrides::compile_target_overrides;
-use super::providers::{ProviderConfig, compile_providers};
+use super::providers::{CompiledProvider, compile_providers};
 use super::redact::redact;
 use super::settings::Price;
 use super::settings::{
     compile_breaker, compile_budget, compile_hedge, compile_overrides, compile_retry, compile_timeouts,
 };
-use super::{CompiledPolicy, RouteConfig, ShadowConfig, StepConfig, TargetConfig, distinct_targets};
+use super::{CompiledPolicy, CompiledRoute, CompiledShadow, CompiledStep, CompiledTarget, distinct_targets};
 use crate::policy::{AdaptSpec, ChainStepSpec, FallbackPolicy, PriceSpec, ShadowSpec};
 
 use crate::llm::{ClassSet, RequestFeature};
@@ -61,7 +61,7 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
             .chain(route.on_content_filtered.as_deref().unwrap_or_default(), &format!("{path}.onContentFiltered"));
         let hedge = compile_hedge(route, &path, &mut compiler.errors);
         let shadow = route.shadow.as_ref().map(|spec| compiler.shadow(spec, &format!("{path}.shadow")));
-        routes.push(RouteConfig {
+        routes.push(CompiledRoute {
             alias: route.model.clone(),
             steps,
             on_context_window_exceeded,
@@ -80,7 +80,7 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
     let target_overrides =
         compile_target_overrides(spec.overrides.as_deref(), &distinct_targets(&routes), &mut compiler.errors);
     compiler.errors.finish()?;
-    let mut providers: Vec<(usize, ProviderConfig)> = providers.into_values().collect();
+    let mut providers: Vec<(usize, CompiledProvider)> = providers.into_values().collect();
     providers.sort_by_key(|(index, _)| *index);
     Ok(CompiledPolicy {
         source: format!(
@@ -111,18 +111,18 @@ struct Member<'a> {
 /// What compiling chains needs at hand.
 struct Compiler<'a> {
     /// The valid providers by name, with their index in the compiled policy.
-    providers: &'a BTreeMap<String, (usize, ProviderConfig)>,
+    providers: &'a BTreeMap<String, (usize, CompiledProvider)>,
     default_timeout: Duration,
     errors: Errors,
 }
 
 impl Compiler<'_> {
-    fn chain(&mut self, steps: &[ChainStepSpec], path: &str) -> Vec<StepConfig> {
+    fn chain(&mut self, steps: &[ChainStepSpec], path: &str) -> Vec<CompiledStep> {
         steps.iter().enumerate().filter_map(|(s, step)| self.step(step, &format!("{path}[{s}]"))).collect()
     }
 
-    fn step(&mut self, spec: &ChainStepSpec, path: &str) -> Option<StepConfig> {
-        let members: Vec<TargetConfig> = match (&spec.group, &spec.provider, &spec.model) {
+    fn step(&mut self, spec: &ChainStepSpec, path: &str) -> Option<CompiledStep> {
+        let members: Vec<CompiledTarget> = match (&spec.group, &spec.provider, &spec.model) {
             (Some(group), None, None) => {
                 if group.is_empty() {
                     self.errors.push(format!("{path}.group"), "must have at least one member");
@@ -184,11 +184,11 @@ impl Compiler<'_> {
                 return None;
             }
         };
-        (!members.is_empty()).then_some(StepConfig { members })
+        (!members.is_empty()).then_some(CompiledStep { members })
     }
 
     /// The targets for one provider + model: one per API key of the provider.
-    fn targets(&mut self, member: Member<'_>, path: &str) -> Vec<TargetConfig> {
+    fn targets(&mut self, member: Member<'_>, path: &str) -> Vec<CompiledTarget> {
         let Member { provider, model, timeout, weight, skip_for, price, adapt } = member;
         let attempt_timeout = self.errors.duration(timeout, format!("{path}.timeout"), self.default_timeout);
         let price = price.map(|price| {
@@ -217,7 +217,7 @@ impl Compiler<'_> {
                 if keys > 1 {
                     let _ = write!(label, "#{}", key + 1);
                 }
-                TargetConfig {
+                CompiledTarget {
                     provider: *index,
                     model: model.to_string(),
                     key,
@@ -236,7 +236,7 @@ impl Compiler<'_> {
 
 impl Compiler<'_> {
     /// A route's `shadow` at `path`.
-    fn shadow(&mut self, spec: &ShadowSpec, path: &str) -> ShadowConfig {
+    fn shadow(&mut self, spec: &ShadowSpec, path: &str) -> CompiledShadow {
         if !(spec.percent.is_finite() && spec.percent > 0.0 && spec.percent <= 100.0) {
             self.errors.push(format!("{path}.percent"), format!("{} is not more than 0 and at most 100", spec.percent));
         }
@@ -256,7 +256,7 @@ impl Compiler<'_> {
             price: spec.price.as_ref(),
             adapt: spec.adapt.as_ref(),
         };
-        ShadowConfig {
+        CompiledShadow {
             targets: self.targets(member, path),
             share: (spec.percent / 100.0).clamp(0.0, 1.0),
             max_concurrent,
@@ -284,7 +284,7 @@ mod tests {
         super::compile(&policy, &LocalKeys)
     }
 
-    fn route<'p>(policy: &'p CompiledPolicy, alias: &str) -> &'p RouteConfig {
+    fn route<'p>(policy: &'p CompiledPolicy, alias: &str) -> &'p CompiledRoute {
         policy.routes.iter().find(|r| r.alias == alias).expect("route")
     }
 

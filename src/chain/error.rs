@@ -5,8 +5,8 @@ use std::fmt::Display;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use super::duration::parse_duration;
 use super::keys::KeyError;
+use super::policy_duration::parse_duration;
 
 /// One problem in a policy, at a field path such as `spec.routes[0].chain[2].timeout`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,10 +7,10 @@
 
 pub mod adapt;
 pub mod defaults;
-pub mod duration;
 pub mod error;
 pub mod keys;
 pub mod overrides;
+pub mod policy_duration;
 pub mod providers;
 pub mod redact;
 pub mod settings;
@@ -22,11 +22,11 @@ use serde_json::Value;
 
 pub use adapt::Adaptation;
 pub use compile::compile;
-pub use duration::parse_duration;
 pub use error::{FieldError, InvalidPolicy};
 pub use keys::{ApiKey, CheckKeys, KeyError, KeyResolver, LocalKeys};
 pub use overrides::{TargetOverride, unix_ms_now};
-pub use providers::{MockBehaviour, ProviderConfig};
+pub use policy_duration::parse_duration;
+pub use providers::{CompiledProvider, MockBehaviour};
 pub use redact::REDACTED;
 pub use settings::{
     AllowedOverrides, BreakerSettings, BudgetSettings, FailureRate, Hedge, Price, RetryPolicy, Timeouts,
@@ -41,9 +41,9 @@ pub struct CompiledPolicy {
     /// `namespace/name` of the policy it came from.
     pub source: String,
     /// `spec.providers`, in policy order; targets refer to them by index.
-    pub providers: Vec<ProviderConfig>,
+    pub providers: Vec<CompiledProvider>,
     /// `spec.routes`, in policy order; the catch-all's alias is `*`.
-    pub routes: Vec<RouteConfig>,
+    pub routes: Vec<CompiledRoute>,
     /// Every target's circuit-breaker settings.
     pub breaker: BreakerSettings,
     /// Every route's retry-budget settings.
@@ -71,14 +71,14 @@ impl CompiledPolicy {
     }
 
     /// Every target of every chain once, by identity, in chain order.
-    pub fn targets(&self) -> Vec<&TargetConfig> {
+    pub fn targets(&self) -> Vec<&CompiledTarget> {
         distinct_targets(&self.routes)
     }
 }
 
 /// Every target of `routes`' chains once, by identity, in chain order.
-fn distinct_targets(routes: &[RouteConfig]) -> Vec<&TargetConfig> {
-    let mut targets: Vec<&TargetConfig> = Vec::new();
+fn distinct_targets(routes: &[CompiledRoute]) -> Vec<&CompiledTarget> {
+    let mut targets: Vec<&CompiledTarget> = Vec::new();
     for route in routes {
         for step in route.steps.iter().chain(&route.on_context_window_exceeded).chain(&route.on_content_filtered) {
             for member in &step.members {
@@ -94,15 +94,15 @@ fn distinct_targets(routes: &[RouteConfig]) -> Vec<&TargetConfig> {
 /// A compiled route: the chain for one model alias, with the settings that govern it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct RouteConfig {
+pub struct CompiledRoute {
     /// The alias (`*` for the catch-all).
     pub alias: String,
     /// The steps, in order.
-    pub steps: Vec<StepConfig>,
+    pub steps: Vec<CompiledStep>,
     /// The chain to switch to on `contextWindowExceeded` (may be empty).
-    pub on_context_window_exceeded: Vec<StepConfig>,
+    pub on_context_window_exceeded: Vec<CompiledStep>,
     /// The chain to switch to on `contentFiltered` (may be empty).
-    pub on_content_filtered: Vec<StepConfig>,
+    pub on_content_filtered: Vec<CompiledStep>,
     /// Classes that fall through to the next step.
     pub fallback_on: ClassSet,
     /// Retries per target and the per-request cap.
@@ -115,16 +115,16 @@ pub struct RouteConfig {
     pub overrides: AllowedOverrides,
     /// Shadow comparison, if enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shadow: Option<ShadowConfig>,
+    pub shadow: Option<CompiledShadow>,
 }
 
 /// A route's shadow comparison: which target a sampled share of its answered requests is also
 /// sent to, in the background.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ShadowConfig {
+pub struct CompiledShadow {
     /// The shadow target, one per key of its provider (a shadow request picks one).
-    pub targets: Vec<TargetConfig>,
+    pub targets: Vec<CompiledTarget>,
     /// Share of eligible requests shadowed, 0 to 1.
     pub share: f64,
     /// Shadow requests in flight at once.
@@ -138,15 +138,15 @@ pub struct ShadowConfig {
 /// One step of a chain: one target, or several equivalent ones balanced by weight, latency
 /// and load (a group, or one target whose provider has several keys).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StepConfig {
+pub struct CompiledStep {
     /// The step's targets.
-    pub members: Vec<TargetConfig>,
+    pub members: Vec<CompiledTarget>,
 }
 
 /// One provider + model + key a chain can send to.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TargetConfig {
+pub struct CompiledTarget {
     /// Index into [`CompiledPolicy::providers`].
     pub provider: usize,
     /// The model name sent to it.

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::TargetConfig;
+use super::CompiledTarget;
 use super::error::Errors;
 use crate::policy::{OverrideState, TargetOverrideSpec};
 
@@ -46,7 +46,7 @@ fn names(target: &str, label: &str) -> bool {
 /// Resolves `spec.overrides` against the compiled routes; every problem goes to `errors`.
 pub(crate) fn compile_target_overrides(
     specs: Option<&[TargetOverrideSpec]>,
-    targets: &[&TargetConfig],
+    targets: &[&CompiledTarget],
     errors: &mut Errors,
 ) -> Vec<TargetOverride> {
     let labels: Vec<(&str, &str)> = targets.iter().map(|t| (t.label.as_str(), t.identity.as_str())).collect();

@@ -14,7 +14,7 @@ use crate::policy::{ApiKeySource, FallbackPolicySpec, MockSpec, ProviderKind, Pr
 /// One compiled entry of `spec.providers`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ProviderConfig {
+pub struct CompiledProvider {
     /// The policy's name for it.
     pub name: String,
     /// Its wire API.
@@ -34,7 +34,7 @@ pub struct ProviderConfig {
     pub mock: Option<MockBehaviour>,
 }
 
-impl ProviderConfig {
+impl CompiledProvider {
     /// Keys balanced across (keyless counts as one).
     pub fn key_count(&self) -> usize {
         self.api_keys.len().max(1)
@@ -98,7 +98,7 @@ pub(crate) fn compile_providers(
     spec: &FallbackPolicySpec,
     keys: &dyn KeyResolver,
     errors: &mut Errors,
-) -> BTreeMap<String, (usize, ProviderConfig)> {
+) -> BTreeMap<String, (usize, CompiledProvider)> {
     let mut providers = BTreeMap::new();
     if spec.providers.is_empty() {
         errors.push("spec.providers", "must name at least one provider");
@@ -126,7 +126,7 @@ fn compile_provider(
     path: &str,
     keys: &dyn KeyResolver,
     errors: &mut Errors,
-) -> Option<ProviderConfig> {
+) -> Option<CompiledProvider> {
     let api_keys: Vec<ApiKey> = match (&spec.api_key, &spec.api_keys) {
         (Some(_), Some(_)) => {
             errors.push(format!("{path}.apiKeys"), "set either `apiKey` or `apiKeys`, not both");
@@ -193,7 +193,7 @@ fn compile_provider(
     };
     let mock =
         (spec.kind == ProviderKind::Mock).then(|| compile_mock(spec.mock.as_ref(), &format!("{path}.mock"), errors));
-    Some(ProviderConfig {
+    Some(CompiledProvider {
         name: spec.name.clone(),
         kind: spec.kind,
         base_url,

@@ -7,8 +7,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::defaults;
-use super::duration::parse_duration;
 use super::error::Errors;
+use super::policy_duration::parse_duration;
+use crate::backoff::{self, Backoff};
 use crate::policy::{BreakerScope, CircuitBreakerSpec, RequestOverride, RetrySpec, RouteSpec, TimeoutsSpec};
 
 use crate::llm::{ClassSet, FailureClass};
@@ -31,10 +32,7 @@ impl RetryPolicy {
     /// uniformly from `[0, 1)`: half the exponential delay fixed, half random ("equal jitter"),
     /// so retries spread out but never come back at once.
     pub fn backoff(&self, retry: u32, jitter: f64) -> Duration {
-        let exponent = retry.saturating_sub(1).min(16);
-        let delay = self.base.saturating_mul(1 << exponent).min(self.max);
-        let half = delay / 2;
-        half + half.mul_f64(jitter.clamp(0.0, 1.0))
+        backoff::equal_jitter(Backoff::new(self.base, self.max).nth(retry), jitter)
     }
 }
 

@@ -52,6 +52,40 @@ impl LoadError {
     }
 }
 
+/// A policy file that cannot be used, named, with each of its problems: a single problem on
+/// the same line, several one to a line.
+#[derive(Debug, thiserror::Error)]
+pub enum Unusable {
+    /// One problem that is not the policy's content (the file cannot be read, say).
+    #[error("{path} is not a usable policy: {problem}")]
+    One {
+        /// The file.
+        path: String,
+        /// The problem.
+        problem: String,
+    },
+    /// The policy's own problems.
+    #[error("{path} is not a valid FallbackPolicy:\n{}", .problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        /// The file.
+        path: String,
+        /// Its problems, each with its field path.
+        problems: Vec<String>,
+    },
+}
+
+impl Unusable {
+    /// Why the policy file at `path` cannot be used.
+    pub fn new(path: &Path, error: &LoadError) -> Unusable {
+        let path = path.display().to_string();
+        let mut problems = error.problems();
+        if problems.len() == 1 && !matches!(error, LoadError::Invalid(_) | LoadError::Document(_)) {
+            return Unusable::One { path, problem: problems.remove(0) };
+        }
+        Unusable::Invalid { path, problems }
+    }
+}
+
 /// Reads, parses and compiles a policy file.
 pub fn load(path: &Path, keys: &dyn KeyResolver) -> Result<(CompiledPolicy, String), LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;

@@ -24,13 +24,13 @@ use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rand::Rng as _;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::state;
+use crate::backoff::{self, Backoff};
 use crate::chain::CompiledPolicy;
 use crate::configstream::{
     Fleet, FleetTarget, HEARTBEAT, Lines, MAX_CONFIG_BYTES, PROTOCOL_HEADER, Protocol, REPORT_EVERY, Rejected, Report,
@@ -46,8 +46,7 @@ pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/backstop/token";
 /// How long connecting (TCP, TLS, HTTP/2 and the stream's headers) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first and the longest wait between reconnection attempts.
-const BACKOFF_FIRST: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
 /// Where and how to reach the operator.
 #[derive(Clone, Debug)]
@@ -246,9 +245,8 @@ impl ControlStream {
                     self.note_error(&error);
                 }
             }
-            let ceiling = BACKOFF_FIRST.saturating_mul(1 << failures.min(10)).min(BACKOFF_MAX);
+            let wait = backoff::spread(RECONNECT.after(failures), rand::random());
             failures = failures.saturating_add(1);
-            let wait = ceiling.mul_f64(rand::rng().random_range(0.1..=1.0));
             tokio::select! {
                 _ = shutdown.changed() => return,
                 () = tokio::time::sleep(wait) => {}
@@ -622,6 +620,8 @@ fn apply_fleet(store: &PolicyStore, fleet: &Fleet) {
 mod tests {
     use super::*;
     use crate::configstream::v1::Config;
+    use crate::health::OutBecause;
+    use crate::policy::TargetState;
     use crate::testing::{CLUSTER_POLICY, DEMO_POLICY, compiled, served};
 
     fn stream(dir: &std::path::Path) -> ControlStream {
@@ -701,24 +701,18 @@ mod tests {
         };
         link.take(&message(&ServerMessage::<Config>::Fleet(fleet)));
         let state = |link: &ControlStream| {
-            let health = link.store.health().report(Instant::now());
-            health["targets"]
-                .as_array()
-                .expect("targets")
-                .iter()
-                .find(|t| t["target"] == "primary/gpt-4o")
-                .cloned()
-                .expect("target")
+            let (targets, _) = link.store.health().view(Instant::now());
+            targets.into_iter().find(|t| t.target == "primary/gpt-4o").expect("target")
         };
-        assert_eq!(state(&link)["state"], "open");
-        assert_eq!(state(&link)["openedBecause"], "fleet: 3 pods");
+        assert_eq!(state(&link).state, TargetState::Open);
+        assert_eq!(state(&link).out_because, Some(OutBecause::Fleet { reason: "3 pods".into(), probe: None }));
         // The same policies again under a new version: the decision still applies.
         let mut renamed = config.clone();
         renamed.version = "v2".into();
         link.take(&message(&ServerMessage::Config(renamed)));
-        assert_eq!(state(&link)["state"], "open");
+        assert_eq!(state(&link).state, TargetState::Open);
         link.take(&message(&ServerMessage::<Config>::Fleet(Fleet::default())));
-        assert_eq!(state(&link)["state"], "closed");
+        assert_eq!(state(&link).state, TargetState::Closed);
     }
 
     fn v2_config(policies: Vec<v2::Policy>, held: &[&str]) -> v2::Config {

@@ -1,4 +1,5 @@
-//! The circuit breaker of one target, as a pure state machine over explicit instants.
+//! The circuit breaker of one target, as a pure state machine over explicit instants, on the
+//! core it shares with the fleet view ([`super::circuit`]).
 //!
 //! Closed: requests flow; failures of the counted classes are tallied. It opens on N
 //! consecutive failures, on a failure rate over a sliding window (once the window holds enough
@@ -7,34 +8,16 @@
 //! a maximum. Half-open: a bounded number of probes go through; a probe's success closes it, a
 //! probe's failure opens it again for longer.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::circuit::{self, Circuit, Counts, Window};
 use crate::chain::BreakerSettings;
 use crate::llm::FailureClass;
 
-/// Where a breaker stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// Requests flow.
-    Closed,
-    /// Requests are refused until `until`.
-    Open {
-        /// When it opened.
-        since: Instant,
-        /// When it becomes half-open.
-        until: Instant,
-    },
-    /// Probes are let through.
-    HalfOpen {
-        /// When it first opened, for "earliest opened" ordering.
-        since: Instant,
-        /// Probes in flight now.
-        probes: u32,
-    },
-}
+/// Where a breaker stands; half-open, it counts the probes in flight.
+pub type Phase = circuit::Phase<u32>;
 
 /// The breaker's answer to "may a request go to this target now?".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,9 +52,8 @@ pub enum RefusedBy {
 #[derive(Clone, Debug)]
 pub struct Breaker {
     settings: BreakerSettings,
-    phase: Phase,
-    consecutive: u32,
-    openings: u32,
+    circuit: Circuit<u32>,
+    consecutive: u64,
     window: Window,
     /// Why it last opened.
     cause: OpenCause,
@@ -88,18 +70,21 @@ pub enum OpenCause {
     FailedProbe,
 }
 
+const SUCCESS: Counts = Counts { successes: 1, failures: 0 };
+const FAILURE: Counts = Counts { successes: 0, failures: 1 };
+
 impl Breaker {
     /// A closed breaker.
     pub fn new(settings: BreakerSettings) -> Self {
-        let window = Window::new(settings.failure_rate.map_or(Duration::from_secs(30), |r| r.window));
-        Breaker { settings, phase: Phase::Closed, consecutive: 0, openings: 0, window, cause: OpenCause::Failures }
+        let window = Window::new(circuit::window_of(&settings));
+        Breaker { settings, circuit: Circuit::default(), consecutive: 0, window, cause: OpenCause::Failures }
     }
 
     /// Replaces the settings (a policy reload), keeping the state.
     pub fn reconfigure(&mut self, settings: BreakerSettings) {
         if self.settings != settings {
-            if settings.failure_rate.map(|r| r.window) != self.settings.failure_rate.map(|r| r.window) {
-                self.window = Window::new(settings.failure_rate.map_or(Duration::from_secs(30), |r| r.window));
+            if circuit::window_of(&settings) != self.window.span() {
+                self.window = Window::new(circuit::window_of(&settings));
             }
             self.settings = settings;
         }
@@ -107,10 +92,7 @@ impl Breaker {
 
     /// The current phase, advanced to half-open if the open period is over.
     pub fn phase(&self, now: Instant) -> Phase {
-        match self.phase {
-            Phase::Open { since, until } if now >= until => Phase::HalfOpen { since, probes: 0 },
-            phase => phase,
-        }
+        self.circuit.at(now)
     }
 
     /// The settings in force.
@@ -119,7 +101,7 @@ impl Breaker {
     }
 
     /// Counted consecutive failures so far.
-    pub fn consecutive_failures(&self) -> u32 {
+    pub fn consecutive_failures(&self) -> u64 {
         self.consecutive
     }
 
@@ -127,7 +109,7 @@ impl Breaker {
     pub fn peek(&self, now: Instant) -> Admission {
         match self.phase(now) {
             Phase::Closed => Admission::Allowed,
-            Phase::HalfOpen { probes, .. } if probes < self.settings.half_open_probes => Admission::Probe,
+            Phase::HalfOpen { probing, .. } if probing < self.settings.half_open_probes => Admission::Probe,
             Phase::HalfOpen { since, .. } => Admission::Refused { since, until: now, by: RefusedBy::Breaker },
             Phase::Open { since, until } => Admission::Refused { since, until, by: RefusedBy::Breaker },
         }
@@ -135,9 +117,9 @@ impl Breaker {
 
     /// Asks to send a request; a `Probe` holds a probe slot until its outcome is reported.
     pub fn admit(&mut self, now: Instant) -> Admission {
-        self.phase = self.phase(now);
+        self.circuit.advance(now);
         let admission = self.peek(now);
-        if let (Admission::Probe, Phase::HalfOpen { probes, .. }) = (admission, &mut self.phase) {
+        if let (Admission::Probe, Some(probes)) = (admission, self.circuit.probing_mut()) {
             *probes += 1;
         }
         admission
@@ -147,11 +129,10 @@ impl Breaker {
     /// open breaker: a success from a request admitted before it opened (a long stream ending
     /// late) says nothing about the target now.
     pub fn on_success(&mut self, now: Instant, admitted_while_open: bool) {
-        self.consecutive = 0;
-        self.window.record(now, false);
-        match self.phase {
-            Phase::HalfOpen { .. } | Phase::Open { .. } if admitted_while_open => self.close(),
-            Phase::HalfOpen { .. } | Phase::Open { .. } | Phase::Closed => {}
+        self.consecutive = circuit::streak_after(self.consecutive, SUCCESS);
+        self.window.record(now, SUCCESS);
+        if admitted_while_open && !self.circuit.is_closed() {
+            self.close();
         }
     }
 
@@ -168,27 +149,26 @@ impl Breaker {
             self.release_probe(probe);
             return false;
         }
-        self.consecutive += 1;
-        self.window.record(now, true);
+        self.consecutive = circuit::streak_after(self.consecutive, FAILURE);
+        self.window.record(now, FAILURE);
         let asked = retry_after.filter(|_| matches!(class, FailureClass::RateLimited | FailureClass::Overloaded));
         match self.phase(now) {
             Phase::HalfOpen { .. } => self.trip(now, asked, OpenCause::FailedProbe),
-            Phase::Open { since, until } => {
+            Phase::Open { .. } => {
                 // A late failure from before it opened; a later Retry-After still extends it.
                 if let Some(wait) = asked
-                    && now + wait > until
+                    && self.circuit.extend(now, wait)
                 {
-                    self.phase = Phase::Open { since, until: now + wait };
                     self.cause = OpenCause::RetryAfter(wait);
                 }
             }
             Phase::Closed => {
-                if self.threshold_reached() {
+                if circuit::verdict(&self.settings, self.window.totals(), self.consecutive).is_some() {
                     self.trip(now, asked, OpenCause::Failures);
                 } else if let Some(wait) = asked {
                     // The provider said when to come back: believe it, without counting it as
                     // an opening that lengthens the next one.
-                    self.phase = Phase::Open { since: now, until: now + wait };
+                    self.circuit.hold(now, wait);
                     self.cause = OpenCause::RetryAfter(wait);
                     self.consecutive = 0;
                 }
@@ -203,30 +183,17 @@ impl Breaker {
     }
 
     fn release_probe(&mut self, probe: bool) {
-        if let (true, Phase::HalfOpen { probes, .. }) = (probe, &mut self.phase) {
+        if let (true, Some(probes)) = (probe, self.circuit.probing_mut()) {
             *probes = probes.saturating_sub(1);
         }
     }
 
-    fn threshold_reached(&self) -> bool {
-        let consecutive =
-            self.settings.consecutive_failures > 0 && self.consecutive >= self.settings.consecutive_failures;
-        let rate = self.settings.failure_rate.is_some_and(|rule| {
-            let (total, failed) = self.window.totals();
-            total >= u64::from(rule.min_requests.max(1)) && failed * 100 >= total * u64::from(rule.percent)
-        });
-        consecutive || rate
-    }
-
     fn trip(&mut self, now: Instant, retry_after: Option<Duration>, cause: OpenCause) {
-        self.openings = self.openings.saturating_add(1);
-        let doubled = self.settings.open_for.saturating_mul(1 << (self.openings - 1).min(16));
-        let period = doubled.min(self.settings.max_open_for);
+        let period = self.circuit.trip(now, &self.settings, retry_after);
         self.cause = match retry_after {
             Some(wait) if wait > period => OpenCause::RetryAfter(wait),
             _ => cause,
         };
-        self.phase = Phase::Open { since: now, until: now + period.max(retry_after.unwrap_or_default()) };
         self.consecutive = 0;
     }
 
@@ -236,46 +203,9 @@ impl Breaker {
     }
 
     fn close(&mut self) {
-        self.phase = Phase::Closed;
-        self.openings = 0;
+        self.circuit.close();
         self.consecutive = 0;
         self.window.clear();
-    }
-}
-
-/// Request and failure counts over a sliding window, in ten buckets.
-#[derive(Clone, Debug)]
-struct Window {
-    span: Duration,
-    bucket: Duration,
-    buckets: VecDeque<(Instant, u64, u64)>,
-}
-
-impl Window {
-    fn new(span: Duration) -> Self {
-        let bucket = (span / 10).max(Duration::from_millis(10));
-        Window { span, bucket, buckets: VecDeque::new() }
-    }
-
-    fn record(&mut self, now: Instant, failed: bool) {
-        while self.buckets.front().is_some_and(|(start, _, _)| now.saturating_duration_since(*start) >= self.span) {
-            self.buckets.pop_front();
-        }
-        match self.buckets.back_mut() {
-            Some((start, total, failures)) if now.saturating_duration_since(*start) < self.bucket => {
-                *total += 1;
-                *failures += u64::from(failed);
-            }
-            _ => self.buckets.push_back((now, 1, u64::from(failed))),
-        }
-    }
-
-    fn totals(&self) -> (u64, u64) {
-        self.buckets.iter().fold((0, 0), |(t, f), (_, total, failed)| (t + total, f + failed))
-    }
-
-    fn clear(&mut self) {
-        self.buckets.clear();
     }
 }
 

@@ -4,33 +4,31 @@
 //! State lives in a [`HealthRegistry`] that outlives policy snapshots, so a reload keeps what
 //! the sidecar has learnt about targets it still uses. Every lock here guards a few arithmetic
 //! steps and is never held across an `.await`; the breaker and budget themselves are pure
-//! state machines ([`breaker`], [`budget`]) tested with paused time.
+//! state machines ([`breaker`], on the core it shares with the operator's fleet view,
+//! [`circuit`]; [`budget`]) tested with paused time. What the admin endpoint shows is typed
+//! here ([`TargetView`], [`BudgetView`]) and written as JSON there.
 
 pub mod balance;
 pub mod breaker;
 pub mod budget;
+pub mod circuit;
 pub mod gate;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::chain::{BreakerSettings, BudgetSettings};
 use crate::llm::FailureClass;
+use crate::policy::TargetState;
 use balance::{Candidate, PeakEwma};
 use breaker::{Admission, Breaker, OpenCause, Phase};
 use budget::RetryBudget;
 use gate::{FleetState, Forced, Gates, Verdict};
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks cannot leave the state half-updated in a way
-    // that matters more than losing the health data, so keep going.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 #[derive(Debug, Default)]
 struct Stats {
@@ -98,8 +96,8 @@ impl TargetHealth {
 
     /// Whether a request would be admitted now (no probe slot is taken).
     pub fn peek(&self, now: Instant) -> Admission {
-        let gates = lock(&self.gates);
-        let breaker = lock(&self.breaker);
+        let gates = self.gates.lock();
+        let breaker = self.breaker.lock();
         match gates.verdict(now, breaker.settings().half_open_probes) {
             Verdict::Allow => Admission::Allowed,
             Verdict::Refuse { since, until, by } => Admission::Refused { since, until, by },
@@ -109,8 +107,8 @@ impl TargetHealth {
 
     /// Asks to send one request; `None` while the breaker, the fleet or an override refuses.
     pub fn admit(self: &Arc<Self>, now: Instant) -> Option<Permit> {
-        let mut gates = lock(&self.gates);
-        let mut breaker = lock(&self.breaker);
+        let mut gates = self.gates.lock();
+        let mut breaker = self.breaker.lock();
         let fleet_probe = match gates.verdict(now, breaker.settings().half_open_probes) {
             Verdict::Allow => return Some(self.permit(false, false)),
             Verdict::Refuse { .. } => return None,
@@ -132,7 +130,7 @@ impl TargetHealth {
     /// this one went out earliest, which beats failing without trying. (Targets an override
     /// drains are never chosen for this.)
     pub fn admit_forced(self: &Arc<Self>, now: Instant) -> Permit {
-        let (probe, forced) = match lock(&self.breaker).admit(now) {
+        let (probe, forced) = match self.breaker.lock().admit(now) {
             Admission::Probe => (true, false),
             Admission::Allowed => (false, false),
             Admission::Refused { .. } => (false, true),
@@ -149,18 +147,18 @@ impl TargetHealth {
 
     /// Applies the policy's override for this target (`None`: there is none).
     pub fn set_forced(&self, forced: Option<Forced>) {
-        lock(&self.gates).set_forced(forced);
+        self.gates.lock().set_forced(forced);
     }
 
     /// Applies the fleet's decision for this target (`None`: the fleet leaves it to the pod).
     pub fn set_fleet(&self, state: Option<FleetState>) {
-        lock(&self.gates).set_fleet(state);
+        self.gates.lock().set_fleet(state);
     }
 
     /// Changes the breaker with `change` and tells the observer when it opened or closed.
     fn breaker_change<T>(&self, now: Instant, change: impl FnOnce(&mut Breaker) -> T) -> T {
         let (result, before, after, cause) = {
-            let mut breaker = lock(&self.breaker);
+            let mut breaker = self.breaker.lock();
             let before = std::mem::discriminant(&breaker.phase(now));
             let result = change(&mut breaker);
             let after = breaker.phase(now);
@@ -189,20 +187,20 @@ impl TargetHealth {
 
     /// Whether the fleet's evidence counts for this target (`circuitBreaker.scope: fleet`).
     fn fleet_scoped(&self) -> bool {
-        lock(&self.breaker).settings().scope == crate::policy::BreakerScope::Fleet
+        self.breaker.lock().settings().scope == crate::policy::BreakerScope::Fleet
     }
 
     /// What this target did since the last call, and forgets it.
     fn take_tally(&self) -> Tally {
-        std::mem::take(&mut *lock(&self.tally))
+        std::mem::take(&mut *self.tally.lock())
     }
 
     fn count_success(&self) {
-        lock(&self.tally).successes += 1;
+        self.tally.lock().successes += 1;
     }
 
     fn count_failure(&self, retry_after: Option<Duration>, failure: String) {
-        let mut tally = lock(&self.tally);
+        let mut tally = self.tally.lock();
         tally.failures += 1;
         tally.retry_after = tally.retry_after.max(retry_after);
         tally.last_failure = Some(failure);
@@ -210,7 +208,7 @@ impl TargetHealth {
 
     /// The balancer's view of this target.
     pub fn candidate(&self, weight: u32, now: Instant) -> Candidate {
-        let stats = lock(&self.stats);
+        let stats = self.stats.lock();
         let in_flight = f64::from(self.in_flight.load(Ordering::Relaxed));
         Candidate {
             weight,
@@ -222,64 +220,99 @@ impl TargetHealth {
     /// Notes the provider's rate-limit headroom: out of requests or tokens for `for_how_long`.
     pub fn note_saturation(&self, now: Instant, for_how_long: Option<Duration>) {
         if let Some(wait) = for_how_long {
-            lock(&self.stats).saturated_until = Some(now + wait);
+            self.stats.lock().saturated_until = Some(now + wait);
         }
     }
 
     fn reconfigure(&self, settings: BreakerSettings) {
-        lock(&self.breaker).reconfigure(settings);
+        self.breaker.lock().reconfigure(settings);
     }
 
-    /// This target's state as shown by the admin `/health` endpoint.
-    pub fn report(&self, now: Instant) -> Value {
-        let gates = lock(&self.gates).clone();
-        let breaker = lock(&self.breaker);
-        let stats = lock(&self.stats);
-        let (state, retry_in) = match breaker.phase(now) {
-            Phase::Closed => ("closed", None),
-            Phase::Open { until, .. } => ("open", Some(until.saturating_duration_since(now))),
-            Phase::HalfOpen { .. } => ("halfOpen", Some(Duration::ZERO)),
+    /// This target's health now, as the admin `/health` endpoint shows it.
+    pub fn view(&self, now: Instant) -> TargetView {
+        let gates = self.gates.lock().clone();
+        let breaker = self.breaker.lock();
+        let stats = self.stats.lock();
+        let phase = breaker.phase(now);
+        let (state, retry_in) = match phase {
+            Phase::Closed => (TargetState::Closed, None),
+            Phase::Open { until, .. } => (TargetState::Open, Some(until.saturating_duration_since(now))),
+            Phase::HalfOpen { .. } => (TargetState::HalfOpen, Some(Duration::ZERO)),
         };
-        let failures: serde_json::Map<String, Value> =
-            stats.failures.iter().map(|(c, n)| (c.as_str().to_string(), json!(n))).collect();
-        let opened_because = (state != "closed").then(|| match breaker.cause() {
-            OpenCause::Failures => "failures crossed the breaker's threshold".to_string(),
-            OpenCause::FailedProbe => "a probe failed after it was open".to_string(),
-            OpenCause::RetryAfter(wait) => {
-                format!("the provider asked to wait {}s (Retry-After)", wait.as_secs_f64().ceil())
-            }
-        });
-        let (state, retry_in, opened_because) = match (gates.forced_at(now), gates.fleet_at(now)) {
+        let out_because = (phase != Phase::Closed).then(|| OutBecause::Breaker(breaker.cause()));
+        let (state, retry_in, out_because) = match (gates.forced_at(now), gates.fleet_at(now)) {
             (Some(forced), _) => (
-                if forced.open { "forcedOpen" } else { "forcedClosed" },
+                if forced.open { TargetState::ForcedOpen } else { TargetState::ForcedClosed },
                 forced.until.filter(|_| forced.open).map(|until| until.saturating_duration_since(now)),
-                Some(format!("override: {}", forced.reason)),
+                Some(OutBecause::Override(forced.reason.clone())),
             ),
-            (None, Some(FleetState::Open { until, reason, .. })) => {
-                ("open", Some(until.saturating_duration_since(now)), Some(format!("fleet: {reason}")))
+            (None, Some(FleetState::Open { until, reason, .. })) => (
+                TargetState::Open,
+                Some(until.saturating_duration_since(now)),
+                Some(OutBecause::Fleet { reason: reason.clone(), probe: None }),
+            ),
+            (None, Some(FleetState::HalfOpen { reason, probe, .. })) => {
+                (TargetState::HalfOpen, None, Some(OutBecause::Fleet { reason: reason.clone(), probe: Some(*probe) }))
             }
-            (None, Some(FleetState::HalfOpen { reason, probe, .. })) => (
-                "halfOpen",
-                None,
-                Some(format!("fleet: {reason}; {}", if *probe { "this pod probes it" } else { "other pods probe it" })),
-            ),
-            (None, None) => (state, retry_in, opened_because),
+            (None, None) => (state, retry_in, out_because),
         };
-        json!({
-            "target": self.label,
-            "state": state,
-            "retryInMs": retry_in.map(|d| d.as_millis() as u64),
-            "openedBecause": opened_because,
-            "consecutiveFailures": breaker.consecutive_failures(),
-            "inFlight": self.in_flight.load(Ordering::Relaxed),
-            "latencyMs": (stats.latency.seconds() * 1000.0 * 10.0).round() / 10.0,
-            "successes": stats.successes,
-            "failures": failures,
-            "lastFailure": stats.last_failure,
-            // Out of quota per its rate-limit headers (steered away from, not open).
-            "rateLimitedForMs": stats.saturated_until.map(|u| u.saturating_duration_since(now).as_millis() as u64).filter(|ms| *ms > 0),
-        })
+        TargetView {
+            target: self.label.clone(),
+            state,
+            retry_in,
+            out_because,
+            consecutive_failures: breaker.consecutive_failures(),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            latency: stats.latency.seconds(),
+            successes: stats.successes,
+            failures: stats.failures.clone(),
+            last_failure: stats.last_failure.clone(),
+            rate_limited_for: stats.saturated_until.map(|until| until.saturating_duration_since(now)),
+        }
     }
+}
+
+/// One target's health, as the admin endpoint shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TargetView {
+    /// Its label.
+    pub target: String,
+    /// Where it stands: its own breaker, unless the fleet or an override decides.
+    pub state: TargetState,
+    /// When it will be tried again, if it is out.
+    pub retry_in: Option<Duration>,
+    /// Why it is out (or forced).
+    pub out_because: Option<OutBecause>,
+    /// Counted failures in a row.
+    pub consecutive_failures: u64,
+    /// Requests in flight.
+    pub in_flight: u32,
+    /// Its latency (peak EWMA), in seconds.
+    pub latency: f64,
+    /// Requests that succeeded.
+    pub successes: u64,
+    /// Failures, by class.
+    pub failures: BTreeMap<FailureClass, u64>,
+    /// The last failure, as `class: message`.
+    pub last_failure: Option<String>,
+    /// How long its rate-limit headers say it is out of quota (steered away from, not open).
+    pub rate_limited_for: Option<Duration>,
+}
+
+/// Why a target is out of rotation, or forced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutBecause {
+    /// The pod's own breaker opened.
+    Breaker(OpenCause),
+    /// An override.
+    Override(String),
+    /// The fleet's decision; half-open, whether this pod is one of its probers.
+    Fleet {
+        /// The fleet's reason.
+        reason: String,
+        /// Half-open: whether this pod probes it.
+        probe: Option<bool>,
+    },
 }
 
 /// Permission to send one request to a target; report its outcome through it. Dropped without
@@ -301,14 +334,14 @@ impl Permit {
         self.done = true;
         self.health.breaker_change(now, |b| b.on_success(now, self.probe || self.forced));
         self.health.count_success();
-        let mut stats = lock(&self.health.stats);
+        let mut stats = self.health.stats.lock();
         stats.successes += 1;
         stats.latency.observe(now, latency);
     }
 
     /// A stream's first token came after `latency`; its outcome is reported when it ends.
     pub fn first_token(&mut self, now: Instant, latency: Duration) {
-        lock(&self.health.stats).latency.observe(now, latency);
+        self.health.stats.lock().latency.observe(now, latency);
     }
 
     /// A stream ended cleanly.
@@ -316,7 +349,7 @@ impl Permit {
         self.done = true;
         self.health.breaker_change(now, |b| b.on_success(now, self.probe || self.forced));
         self.health.count_success();
-        lock(&self.health.stats).successes += 1;
+        self.health.stats.lock().successes += 1;
     }
 
     /// A stream broke after its first token: it counts against the target like any failure,
@@ -327,7 +360,7 @@ impl Permit {
         if self.health.breaker_change(now, |b| b.on_failure(now, class, None, self.probe)) {
             self.health.count_failure(None, failure.clone());
         }
-        let mut stats = lock(&self.health.stats);
+        let mut stats = self.health.stats.lock();
         *stats.failures.entry(class).or_default() += 1;
         stats.last_failure = Some(failure);
     }
@@ -347,7 +380,7 @@ impl Permit {
             let asked = retry_after.filter(|_| matches!(class, FailureClass::RateLimited | FailureClass::Overloaded));
             self.health.count_failure(asked, failure.clone());
         }
-        let mut stats = lock(&self.health.stats);
+        let mut stats = self.health.stats.lock();
         *stats.failures.entry(class).or_default() += 1;
         stats.last_failure = Some(failure);
         // A timeout says the target is at least this slow.
@@ -360,11 +393,11 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.fleet_probe {
-            let mut gates = lock(&self.health.gates);
+            let mut gates = self.health.gates.lock();
             gates.probes = gates.probes.saturating_sub(1);
         }
         if !self.done {
-            lock(&self.health.breaker).on_cancel(self.probe);
+            self.health.breaker.lock().on_cancel(self.probe);
         }
         self.health.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -380,26 +413,39 @@ pub struct SharedBudget {
 impl SharedBudget {
     /// A request arrived.
     pub fn deposit(&self, now: Instant) {
-        lock(&self.budget).deposit(now);
+        self.budget.lock().deposit(now);
     }
 
     /// Asks for one extra attempt (retry, fall-through or hedge).
     pub fn withdraw(&self, now: Instant) -> bool {
-        lock(&self.budget).withdraw(now)
+        self.budget.lock().withdraw(now)
     }
 
     /// Whether the route has retried, fallen through or hedged within the budget's window:
     /// a route under failure, where nothing optional (a shadow) should add load.
     pub fn strained(&self, now: Instant) -> bool {
-        lock(&self.budget).spent(now)
+        self.budget.lock().spent(now)
     }
 
-    fn report(&self, now: Instant) -> Value {
-        let mut budget = lock(&self.budget);
+    fn view(&self, now: Instant) -> BudgetView {
+        let mut budget = self.budget.lock();
         let available = budget.available(now).max(0.0).floor();
-        let (requests, extra) = budget.totals();
-        json!({"route": self.route, "requests": requests, "extraAttempts": extra, "available": available})
+        let (requests, extra_attempts) = budget.totals();
+        BudgetView { route: self.route.clone(), requests, extra_attempts, available }
     }
+}
+
+/// One route's retry budget, as the admin endpoint shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BudgetView {
+    /// The route.
+    pub route: String,
+    /// Requests in the budget's window.
+    pub requests: u64,
+    /// Extra attempts (retries, fall-throughs, hedges) in the window.
+    pub extra_attempts: u64,
+    /// Extra attempts still allowed now.
+    pub available: f64,
 }
 
 /// All health state, keyed so that it survives policy reloads.
@@ -420,7 +466,8 @@ impl HealthRegistry {
     /// created with `settings` if new. Settings of an existing target change only through
     /// [`HealthRegistry::apply`], once the whole policy is known to be valid.
     pub fn target(&self, key: &str, label: &str, settings: &BreakerSettings) -> Arc<TargetHealth> {
-        lock(&self.targets)
+        self.targets
+            .lock()
             .entry(key.to_string())
             .or_insert_with(|| {
                 let mut target = TargetHealth::new(label.to_string(), settings.clone());
@@ -435,15 +482,16 @@ impl HealthRegistry {
         let _ = self.observer.set(observer);
     }
 
-    /// Each target's breaker state now (`closed`, `open`, `halfOpen`), by label.
-    pub fn states(&self, now: Instant) -> Vec<(String, &'static str)> {
-        lock(&self.targets)
+    /// Each target's own breaker state now, by label.
+    pub fn states(&self, now: Instant) -> Vec<(String, TargetState)> {
+        self.targets
+            .lock()
             .values()
             .map(|t| {
-                let state = match lock(&t.breaker).phase(now) {
-                    Phase::Closed => "closed",
-                    Phase::Open { .. } => "open",
-                    Phase::HalfOpen { .. } => "halfOpen",
+                let state = match t.breaker.lock().phase(now) {
+                    Phase::Closed => TargetState::Closed,
+                    Phase::Open { .. } => TargetState::Open,
+                    Phase::HalfOpen { .. } => TargetState::HalfOpen,
                 };
                 (t.label.clone(), state)
             })
@@ -452,12 +500,13 @@ impl HealthRegistry {
 
     /// Each route's retry budget now: extra attempts still allowed, by route.
     pub fn budgets(&self, now: Instant) -> Vec<(String, f64)> {
-        lock(&self.budgets).values().map(|b| (b.route.clone(), lock(&b.budget).available(now).max(0.0))).collect()
+        self.budgets.lock().values().map(|b| (b.route.clone(), b.budget.lock().available(now).max(0.0))).collect()
     }
 
     /// The retry budget of a route, created if new.
     pub fn budget(&self, route: &str, settings: BudgetSettings) -> Arc<SharedBudget> {
-        lock(&self.budgets)
+        self.budgets
+            .lock()
             .entry(route.to_string())
             .or_insert_with(|| {
                 Arc::new(SharedBudget { route: route.to_string(), budget: Mutex::new(RetryBudget::new(settings)) })
@@ -479,7 +528,7 @@ impl HealthRegistry {
             target.set_forced(forced.clone());
         }
         for shared in budgets {
-            lock(&shared.budget).reconfigure(budget);
+            shared.budget.lock().reconfigure(budget);
         }
         self.prune();
     }
@@ -487,7 +536,8 @@ impl HealthRegistry {
     /// What every fleet-scoped target did since the last call, by identity; targets that did
     /// nothing are left out.
     pub fn take_tallies(&self) -> BTreeMap<String, Tally> {
-        lock(&self.targets)
+        self.targets
+            .lock()
             .iter()
             .filter(|(_, target)| target.fleet_scoped())
             .map(|(identity, target)| (identity.clone(), target.take_tally()))
@@ -498,24 +548,25 @@ impl HealthRegistry {
     /// Applies the fleet's decisions: `decide` gives each target's, by identity (`None`: the
     /// fleet leaves it to the pod).
     pub fn apply_fleet(&self, decide: impl Fn(&str) -> Option<FleetState>) {
-        for (identity, target) in lock(&self.targets).iter() {
+        for (identity, target) in self.targets.lock().iter() {
             target.set_fleet(decide(identity).filter(|_| target.fleet_scoped()));
         }
     }
 
     /// Drops state that only the registry still holds.
     fn prune(&self) {
-        lock(&self.targets).retain(|_, target| Arc::strong_count(target) > 1);
-        lock(&self.budgets).retain(|_, budget| Arc::strong_count(budget) > 1);
+        self.targets.lock().retain(|_, target| Arc::strong_count(target) > 1);
+        self.budgets.lock().retain(|_, budget| Arc::strong_count(budget) > 1);
     }
 
-    /// Every target's and route's state, for the admin `/health` endpoint.
-    pub fn report(&self, now: Instant) -> Value {
-        let mut targets: Vec<Value> = lock(&self.targets).values().map(|t| t.report(now)).collect();
-        targets.sort_by(|a, b| a["target"].as_str().cmp(&b["target"].as_str()));
-        let mut budgets: Vec<Value> = lock(&self.budgets).values().map(|b| b.report(now)).collect();
-        budgets.sort_by(|a, b| a["route"].as_str().cmp(&b["route"].as_str()));
-        json!({"targets": targets, "retryBudgets": budgets})
+    /// Every target's and route's state now, in label and route order, for the admin
+    /// `/health` endpoint.
+    pub fn view(&self, now: Instant) -> (Vec<TargetView>, Vec<BudgetView>) {
+        let mut targets: Vec<TargetView> = self.targets.lock().values().map(|t| t.view(now)).collect();
+        targets.sort_by(|a, b| a.target.cmp(&b.target));
+        let mut budgets: Vec<BudgetView> = self.budgets.lock().values().map(|b| b.view(now)).collect();
+        budgets.sort_by(|a, b| a.route.cmp(&b.route));
+        (targets, budgets)
     }
 }
 
@@ -528,11 +579,11 @@ mod tests {
 
     impl HealthObserver for Seen {
         fn opened(&self, target: &str, period: Duration, why: &str) {
-            lock(&self.0).push(format!("{target} opened for {}s: {why}", period.as_secs()));
+            self.0.lock().push(format!("{target} opened for {}s: {why}", period.as_secs()));
         }
 
         fn closed(&self, target: &str) {
-            lock(&self.0).push(format!("{target} closed"));
+            self.0.lock().push(format!("{target} closed"));
         }
     }
 
@@ -559,8 +610,8 @@ mod tests {
         }
         let later = now + Duration::from_secs(5);
         target.admit(later).expect("a probe").succeeded(later, Duration::from_millis(1));
-        assert_eq!(*lock(&seen.0), ["a/m opened for 5s: failures crossed the breaker's threshold", "a/m closed"]);
-        assert_eq!(registry.states(later), [("a/m".to_string(), "closed")]);
+        assert_eq!(*seen.0.lock(), ["a/m opened for 5s: failures crossed the breaker's threshold", "a/m closed"]);
+        assert_eq!(registry.states(later), [("a/m".to_string(), TargetState::Closed)]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -589,6 +640,6 @@ mod tests {
         drop(probe);
         let probe = health.admit(later).expect("the cancelled probe's slot is free again");
         probe.succeeded(later, Duration::from_millis(3));
-        assert_eq!(health.report(later)["state"], "closed");
+        assert_eq!(health.view(later).state, TargetState::Closed);
     }
 }

@@ -75,23 +75,6 @@ pub struct ChatRequest {
     pub operation: Operation,
 }
 
-/// A request to an OpenAI-format target, as it is encoded.
-#[derive(Serialize)]
-#[serde(untagged)]
-enum Outgoing<'a> {
-    /// Embeddings: the app's fields, `model` replaced.
-    Embeddings(Map<String, Value>),
-    /// A chat completion.
-    Chat {
-        model: &'a str,
-        messages: &'a [Message],
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        stream: bool,
-        #[serde(flatten)]
-        rest: &'a Map<String, Value>,
-    },
-}
-
 /// One message of the conversation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Message {
@@ -149,7 +132,8 @@ pub struct InvalidRequest {
 }
 
 impl InvalidRequest {
-    fn new(message: impl Into<String>, param: Option<&'static str>) -> Self {
+    /// What is wrong with the request, naming `param` if one field is at fault.
+    pub fn new(message: impl Into<String>, param: Option<&'static str>) -> Self {
         InvalidRequest { message: message.into(), param }
     }
 }
@@ -165,89 +149,6 @@ pub fn json_object(body: &[u8]) -> Result<Map<String, Value>, InvalidRequest> {
 }
 
 impl ChatRequest {
-    /// Parses an OpenAI Chat Completions request body, rejecting what no provider would take.
-    pub fn from_openai_json(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
-        let mut object = json_object(body)?;
-        let model = match object.remove("model") {
-            Some(Value::String(model)) if !model.is_empty() => model,
-            Some(Value::String(_)) => {
-                return Err(InvalidRequest::new("`model` must not be empty", Some("model")));
-            }
-            Some(_) => {
-                return Err(InvalidRequest::new("`model` must be a string", Some("model")));
-            }
-            None => {
-                return Err(InvalidRequest::new(
-                    "you must provide a model parameter (`model` is missing)",
-                    Some("model"),
-                ));
-            }
-        };
-        let messages = match object.remove("messages") {
-            Some(Value::Array(items)) if !items.is_empty() => items
-                .into_iter()
-                .enumerate()
-                .map(|(i, item)| {
-                    serde_json::from_value::<Message>(item)
-                        .map_err(|e| InvalidRequest::new(format!("`messages[{i}]` is invalid: {e}"), Some("messages")))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-            Some(Value::Array(_)) => {
-                return Err(InvalidRequest::new("`messages` must not be empty", Some("messages")));
-            }
-            Some(_) => {
-                return Err(InvalidRequest::new("`messages` must be an array", Some("messages")));
-            }
-            None => {
-                return Err(InvalidRequest::new("`messages` is missing", Some("messages")));
-            }
-        };
-        let stream = match object.remove("stream") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(stream)) => stream,
-            Some(_) => {
-                return Err(InvalidRequest::new("`stream` must be a boolean", Some("stream")));
-            }
-        };
-        Ok(ChatRequest { model, messages, stream, rest: object, origin: None, operation: Operation::Chat })
-    }
-
-    /// Parses an OpenAI embeddings request body (`model`, `input`, and optional
-    /// `encoding_format`, `dimensions`, `user`).
-    pub fn from_openai_embeddings_json(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
-        let mut object = json_object(body)?;
-        let model = match object.remove("model") {
-            Some(Value::String(model)) if !model.is_empty() => model,
-            _ => return Err(InvalidRequest::new("`model` must be a non-empty string", Some("model"))),
-        };
-        let valid_input = match object.get("input") {
-            Some(Value::String(text)) => !text.is_empty(),
-            Some(Value::Array(items)) => {
-                !items.is_empty()
-                    && (items.iter().all(|i| i.as_str().is_some_and(|s| !s.is_empty()))
-                        || items.iter().all(|i| i.is_u64())
-                        || items
-                            .iter()
-                            .all(|i| i.as_array().is_some_and(|t| !t.is_empty() && t.iter().all(Value::is_u64))))
-            }
-            _ => false,
-        };
-        if !valid_input {
-            return Err(InvalidRequest::new(
-                "`input` must be a non-empty string, array of strings, array of tokens or array of token arrays",
-                Some("input"),
-            ));
-        }
-        Ok(ChatRequest {
-            model,
-            messages: Vec::new(),
-            stream: false,
-            rest: object,
-            origin: None,
-            operation: Operation::Embeddings,
-        })
-    }
-
     /// The texts to embed, when `input` is text rather than tokens.
     pub fn input_texts(&self) -> Option<Vec<&str>> {
         match self.rest.get("input")? {
@@ -255,49 +156,6 @@ impl ChatRequest {
             Value::Array(items) => items.iter().map(Value::as_str).collect(),
             _ => None,
         }
-    }
-
-    /// The request body for one target: this request with `model` replaced.
-    pub fn to_openai_json(&self, model: &str) -> Result<Vec<u8>, serde_json::Error> {
-        self.to_openai_json_with(model, false)
-    }
-
-    /// [`ChatRequest::to_openai_json`]; with `usage`, a stream also asks for its token usage
-    /// (`stream_options.include_usage`), for telemetry and cost, whether or not the app did.
-    pub fn to_openai_json_with(&self, model: &str, usage: bool) -> Result<Vec<u8>, serde_json::Error> {
-        self.to_openai_with(model, usage, |body| serde_json::to_vec(body))
-    }
-
-    /// [`ChatRequest::to_openai_json_with`] as a JSON object, for a target whose request is
-    /// adapted before it is encoded.
-    pub fn to_openai_object_with(&self, model: &str, usage: bool) -> Result<Map<String, Value>, serde_json::Error> {
-        self.to_openai_with(model, usage, |body| match serde_json::to_value(body)? {
-            Value::Object(object) => Ok(object),
-            _ => Err(serde::ser::Error::custom("a request must encode as a JSON object")),
-        })
-    }
-
-    /// The OpenAI request for `model`, written by `write`.
-    fn to_openai_with<T>(
-        &self,
-        model: &str,
-        usage: bool,
-        write: impl FnOnce(&Outgoing<'_>) -> Result<T, serde_json::Error>,
-    ) -> Result<T, serde_json::Error> {
-        if self.operation == Operation::Embeddings {
-            let mut body = self.rest.clone();
-            body.insert("model".into(), Value::String(model.to_string()));
-            return write(&Outgoing::Embeddings(body));
-        }
-        if usage && self.stream && !self.include_usage() {
-            let mut rest = self.rest.clone();
-            let options = rest.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
-            if let Some(options) = options.as_object_mut() {
-                options.insert("include_usage".into(), Value::Bool(true));
-            }
-            return write(&Outgoing::Chat { model, messages: &self.messages, stream: true, rest: &rest });
-        }
-        write(&Outgoing::Chat { model, messages: &self.messages, stream: self.stream, rest: &self.rest })
     }
 
     /// Whether the request uses `feature`.
@@ -364,49 +222,5 @@ impl ChatRequest {
             })
             .sum();
         (chars as u64).div_ceil(4).max(1)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn unknown_fields_pass_through() {
-        let body = json!({
-            "model": "chat",
-            "messages": [{"role": "user", "content": "hi", "name": "ann"}],
-            "temperature": 0.2,
-            "logit_bias": {"50256": -100},
-            "stream": true
-        });
-        let request = ChatRequest::from_openai_json(body.to_string().as_bytes()).expect("parses");
-        assert!(request.stream);
-        let out: Value = serde_json::from_slice(&request.to_openai_json("gpt-4o").expect("serializes")).expect("json");
-        assert_eq!(out["model"], "gpt-4o");
-        assert_eq!(out["temperature"], 0.2);
-        assert_eq!(out["logit_bias"], json!({"50256": -100}));
-        assert_eq!(out["messages"][0], json!({"role": "user", "content": "hi", "name": "ann"}));
-        assert_eq!(out["stream"], true);
-    }
-
-    #[test]
-    fn rejects_what_no_provider_would_take() {
-        let cases = [
-            ("{", "not valid JSON"),
-            ("[]", "must be a JSON object"),
-            (r#"{"messages":[{"role":"user","content":"x"}]}"#, "`model` is missing"),
-            (r#"{"model":"","messages":[{"role":"user"}]}"#, "`model` must not be empty"),
-            (r#"{"model":3,"messages":[{"role":"user"}]}"#, "`model` must be a string"),
-            (r#"{"model":"m"}"#, "`messages` is missing"),
-            (r#"{"model":"m","messages":[]}"#, "`messages` must not be empty"),
-            (r#"{"model":"m","messages":[{"content":"x"}]}"#, "`messages[0]` is invalid"),
-            (r#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#, "`stream` must be a boolean"),
-        ];
-        for (body, expected) in cases {
-            let err = ChatRequest::from_openai_json(body.as_bytes()).expect_err(body);
-            assert!(err.message.contains(expected), "{body}: {}", err.message);
-        }
     }
 }

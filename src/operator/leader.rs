@@ -19,7 +19,7 @@
 //!
 //! The leader also writes where its config service can be reached into the Lease
 //! ([`ENDPOINT_ANNOTATION`]): the other replicas forward their sidecars' evidence there, so
-//! that one fleet view decides for every pod ([`crate::operator::peer`]).
+//! that one fleet view decides for every pod ([`crate::operator::service::peer`]).
 
 use std::time::Duration;
 
@@ -66,6 +66,63 @@ pub struct LeaseSettings {
     /// longer exists is then taken at once, without waiting out its duration (after a `helm
     /// uninstall` deleted the RBAC before the old leader could release it, say).
     pub holders_are_pods: bool,
+}
+
+/// Lease timings that would let two replicas lead at once.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--lease-renew ({renew}) must be shorter than --lease-renew-deadline ({deadline}), and that shorter than --lease-duration ({duration}): a leader must step down before a standby may take the Lease"
+)]
+pub struct UnsafeTimings {
+    renew: String,
+    deadline: String,
+    duration: String,
+}
+
+impl LeaseSettings {
+    /// Checks that a leader that cannot renew steps down before a standby may take the Lease.
+    pub fn check(&self) -> Result<(), UnsafeTimings> {
+        if self.renew < self.renew_deadline && self.renew_deadline < self.duration {
+            return Ok(());
+        }
+        let text = |d: Duration| humantime::format_duration(d).to_string();
+        Err(UnsafeTimings {
+            renew: text(self.renew),
+            deadline: text(self.renew_deadline),
+            duration: text(self.duration),
+        })
+    }
+}
+
+/// This replica's identity in the Lease, and whether identities are pod names: `explicit` if
+/// given, else the pod's name (`POD_NAME`, from the downward API), else the host name.
+pub fn identity(explicit: Option<String>) -> (String, bool) {
+    let pod = std::env::var("POD_NAME").ok();
+    let holders_are_pods = explicit.is_none() && pod.is_some();
+    let identity = explicit
+        .or(pod)
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .unwrap_or_else(|| format!("backstop-operator-{}", std::process::id()));
+    (identity, holders_are_pods)
+}
+
+/// The Lease's namespace: `explicit` if given, else the operator's own (`POD_NAMESPACE`, then
+/// the service account's), else `backstop-system`.
+pub fn namespace(explicit: Option<String>) -> String {
+    explicit
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .or_else(|| std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok())
+        .map(|ns| ns.trim().to_string())
+        .unwrap_or_else(|| "backstop-system".to_string())
+}
+
+/// Where the other replicas reach this one while it leads: `given`, else the pod's IP
+/// (`POD_IP`) and the bound port, else the bound address itself unless it is unspecified.
+pub fn advertised(given: Option<String>, bound: std::net::SocketAddr) -> Option<String> {
+    let pod_ip = std::env::var("POD_IP").ok().and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
+    given
+        .or_else(|| pod_ip.map(|ip| std::net::SocketAddr::new(ip, bound.port()).to_string()))
+        .or_else(|| (!bound.ip().is_unspecified()).then(|| bound.to_string()))
 }
 
 /// The Lease as last read: what a standby watches for change.

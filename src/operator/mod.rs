@@ -7,25 +7,21 @@
 //! applies, and the leader writes them into status. Every replica reconciles, keeps its served
 //! policies warm and serves sidecars; only the replica that holds the Lease ([`leader`]) writes
 //! status and Events and decides for the fleet, with the others forwarding their sidecars'
-//! evidence to it ([`peer`]). The process also serves `/healthz`, `/readyz` (ready once every
+//! evidence to it ([`service::peer`]). The process also serves `/healthz`, `/readyz` (ready once every
 //! policy the first listing found has been reconciled) and `/metrics` on its admin port.
 
-pub mod config;
 pub mod fleet;
 pub mod inject;
 pub mod leader;
-pub mod peer;
 pub mod reconcile;
 pub mod secrets;
 pub mod served;
+pub mod service;
 pub mod status;
-
-#[cfg(test)]
-mod verifier;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -41,6 +37,7 @@ use kube::runtime::watcher::{self, Event as WatchEvent};
 use kube::runtime::{WatchStreamExt, predicates, watcher::watcher};
 use kube::{Api, Client, ResourceExt};
 use opentelemetry::metrics::{Counter, Histogram};
+use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -48,15 +45,15 @@ use crate::net::body::{Body, text_response};
 use crate::net::server::{Options, serve_with};
 use crate::policy::FallbackPolicy;
 use crate::telemetry::Metrics;
-use config::ConfigService;
-use config::sidecars::Sidecars;
-use config::tls::ReloadingCert;
 use fleet::FleetView;
 use fleet::status::FleetStatus;
 use inject::webhook::Webhook;
 use leader::{Leadership, LeaseSettings};
-use peer::Follower;
 use served::ServedPolicies;
+use service::ConfigService;
+use service::peer::Follower;
+use service::sidecars::Sidecars;
+use service::tls::ReloadingCert;
 
 /// The config service's settings.
 #[derive(Clone, Debug)]
@@ -94,7 +91,7 @@ const FLEET_STATUS_EVERY: Duration = Duration::from_secs(1);
 
 /// The operator's settings.
 #[derive(Clone, Debug)]
-pub struct OperatorConfig {
+pub struct OperatorSettings {
     /// The config service sidecars stream from; `None`: off.
     pub config_service: Option<ConfigServiceSettings>,
     /// The sidecar-injection webhook (it shares the config service's certificate); `None`: off.
@@ -129,9 +126,12 @@ pub enum OperatorError {
         "the injection webhook needs the config service: its certificate, and the sidecars it injects stream from it"
     )]
     WebhookWithoutConfigService,
+    /// The Lease's timings would let two replicas lead at once.
+    #[error(transparent)]
+    Lease(#[from] leader::UnsafeTimings),
     /// The config service's certificate does not load.
     #[error("the config service's certificate: {0}; give --tls-cert-file and --tls-key-file, or --config-listen none")]
-    Certificate(#[from] config::tls::CertError),
+    Certificate(#[from] service::tls::CertError),
 }
 
 /// The instruments a reconcile records into.
@@ -186,7 +186,7 @@ pub struct Context {
 impl Context {
     /// Counts one more failure in a row for `policy`; returns how many there have been.
     fn note_failure(&self, policy: &str) -> u32 {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failures = self.failures.lock();
         let count = failures.entry(policy.to_string()).or_default();
         *count = count.saturating_add(1);
         *count
@@ -194,21 +194,63 @@ impl Context {
 
     /// Forgets `policy`'s failures after a reconcile that finished.
     fn clear_failures(&self, policy: &str) {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(policy);
+        self.failures.lock().remove(policy);
     }
 }
 
-/// Runs the operator until `shutdown` turns true.
+/// Binds `address` for `listener`.
+async fn bind(listener: &'static str, address: SocketAddr) -> Result<TcpListener, OperatorError> {
+    TcpListener::bind(address).await.map_err(|source| OperatorError::Bind { listener, address, source })
+}
+
+/// The config service, bound, with the certificate it serves (the webhook's too).
+struct BoundService {
+    service: Arc<ConfigService>,
+    listener: TcpListener,
+    cert: Arc<ReloadingCert>,
+    settings: ConfigServiceSettings,
+}
+
+/// The webhook, bound.
+struct BoundWebhook {
+    webhook: Arc<Webhook>,
+    listener: TcpListener,
+    cert: Arc<ReloadingCert>,
+}
+
+impl BoundWebhook {
+    /// Binds the webhook of `settings`, serving the config service's certificate.
+    async fn bind(settings: &WebhookSettings, service: &BoundService) -> Result<BoundWebhook, OperatorError> {
+        let listener = bind("webhook", settings.listen).await?;
+        let webhook = Webhook {
+            settings_file: settings.injection_config.clone(),
+            release: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        if let Err(error) = webhook.settings() {
+            tracing::warn!(%error, "the injection settings do not load now; pods are created without the sidecar until they do");
+        }
+        Ok(BoundWebhook { webhook: Arc::new(webhook), listener, cert: service.cert.clone() })
+    }
+}
+
+/// An address for logs: the bound one, or `off`.
+fn shown(address: Option<SocketAddr>) -> String {
+    address.map_or_else(|| "off".to_string(), |a| a.to_string())
+}
+
+/// Runs the operator until `shutdown` turns true: binds every listener first (a listener that
+/// cannot be bound stops it at once), then runs the leader election, the controllers, the fleet
+/// view and its status, the config service, the webhook and the admin endpoint together.
 pub async fn run(
-    config: OperatorConfig,
+    config: OperatorSettings,
     client: Client,
     metrics: Metrics,
     served: Arc<ServedPolicies>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), OperatorError> {
+    config.lease.check()?;
     let (leader_tx, leader) = watch::channel(false);
     let (holder_tx, holder) = watch::channel(None);
-    let lease_api = Api::<Lease>::namespaced(client.clone(), &config.lease_namespace);
     let reporter = Reporter { controller: "backstop-operator".into(), instance: Some(config.lease.identity.clone()) };
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -219,83 +261,50 @@ pub async fn run(
         require_credentials_label: config.require_credentials_label,
         failures: Mutex::default(),
     });
-    let scopes: Vec<Option<String>> =
-        if config.namespaces.is_empty() { vec![None] } else { config.namespaces.iter().cloned().map(Some).collect() };
-    let listener = TcpListener::bind(config.admin).await.map_err(|source| OperatorError::Bind {
-        listener: "admin",
-        address: config.admin,
-        source,
-    })?;
+    let admin_listener = bind("admin", config.admin).await?;
     let fleet = Arc::new(FleetView::new(ctx.served.clone()));
     let sidecars = Arc::new(Sidecars::default());
-    let config_service = match &config.config_service {
+    let service = match config.config_service.clone() {
         None => None,
         Some(settings) => {
             let cert = Arc::new(ReloadingCert::load(settings.cert_file.clone(), settings.key_file.clone())?);
-            let listener = TcpListener::bind(settings.listen).await.map_err(|source| OperatorError::Bind {
-                listener: "config service",
-                address: settings.listen,
-                source,
-            })?;
-            let service = Arc::new(ConfigService::new(
+            let listener = bind("config service", settings.listen).await?;
+            let shared = service::Shared {
+                served: ctx.served.clone(),
+                fleet: fleet.clone(),
+                sidecars: sidecars.clone(),
+                leader: leader.clone(),
+            };
+            let service = ConfigService::new(
                 client.clone(),
-                config::Shared {
-                    served: ctx.served.clone(),
-                    fleet: fleet.clone(),
-                    sidecars: sidecars.clone(),
-                    leader: leader.clone(),
-                },
+                shared,
                 settings.peer_token_file.clone(),
                 &metrics,
                 shutdown.clone(),
-            ));
-            Some((service, listener, cert, settings.max_connections))
+            );
+            Some(BoundService { service: Arc::new(service), listener, cert, settings })
         }
     };
-    let webhook = match (&config.webhook, &config_service) {
+    let webhook = match (&config.webhook, &service) {
         (None, _) => None,
         (Some(_), None) => return Err(OperatorError::WebhookWithoutConfigService),
-        (Some(settings), Some((_, _, cert, _))) => {
-            let listener = TcpListener::bind(settings.listen).await.map_err(|source| OperatorError::Bind {
-                listener: "webhook",
-                address: settings.listen,
-                source,
-            })?;
-            let webhook = Webhook {
-                settings_file: settings.injection_config.clone(),
-                release: env!("CARGO_PKG_VERSION").to_string(),
-            };
-            if let Err(error) = webhook.settings() {
-                tracing::warn!(%error, "the injection settings do not load now; pods are created without the sidecar until they do");
-            }
-            Some((Arc::new(webhook), listener, cert.clone()))
-        }
+        (Some(settings), Some(service)) => Some(BoundWebhook::bind(settings, service).await?),
     };
-    let webhook_address = webhook.as_ref().and_then(|(_, l, _)| l.local_addr().ok());
-    let config_address = config_service.as_ref().and_then(|(_, l, _, _)| l.local_addr().ok());
-    // Where the other replicas reach this one while it leads: as given, else the pod's IP and
-    // the bound port, else the bound address itself.
+    let service_address = service.as_ref().and_then(|s| s.listener.local_addr().ok());
     let mut lease = config.lease.clone();
-    lease.endpoint = config_address.and_then(|bound| {
-        let given = config.config_service.as_ref().and_then(|s| s.advertise.clone());
-        let pod_ip = std::env::var("POD_IP").ok().and_then(|ip| ip.parse::<std::net::IpAddr>().ok());
-        given
-            .or_else(|| pod_ip.map(|ip| SocketAddr::new(ip, bound.port()).to_string()))
-            .or_else(|| (!bound.ip().is_unspecified()).then(|| bound.to_string()))
-    });
+    lease.endpoint = service_address
+        .and_then(|bound| leader::advertised(service.as_ref().and_then(|s| s.settings.advertise.clone()), bound));
+    let lease_api = Api::<Lease>::namespaced(client.clone(), &config.lease_namespace);
     let lease_pods = Api::namespaced(client.clone(), &config.lease_namespace);
     let election = tokio::spawn(leader::run(lease_api, lease_pods, lease, leader_tx, holder_tx, shutdown.clone()));
-    let follower = match (&config_service, &config.config_service) {
-        (Some((_, _, cert, _)), Some(settings)) => Some(Follower {
-            fleet: fleet.clone(),
-            sidecars: sidecars.clone(),
-            holder,
-            identity: config.lease.identity.clone(),
-            token_file: settings.peer_token_file.clone(),
-            cert: cert.clone(),
-        }),
-        _ => None,
-    };
+    let follower = service.as_ref().map(|service| Follower {
+        fleet: fleet.clone(),
+        sidecars: sidecars.clone(),
+        holder,
+        identity: config.lease.identity.clone(),
+        token_file: service.settings.peer_token_file.clone(),
+        cert: service.cert.clone(),
+    });
     let follower = tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -304,9 +313,9 @@ pub async fn run(
             }
         }
     });
-    tracing::info!(admin = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        config = %config_address.map_or_else(|| "off".to_string(), |a| a.to_string()),
-        webhook = %webhook_address.map_or_else(|| "off".to_string(), |a| a.to_string()),
+    tracing::info!(admin = %shown(admin_listener.local_addr().ok()),
+        config = %shown(service_address),
+        webhook = %shown(webhook.as_ref().and_then(|w| w.listener.local_addr().ok())),
         namespaces = %if config.namespaces.is_empty() { "all".to_string() } else { config.namespaces.join(",") },
         identity = %config.lease.identity, "backstop operator starting");
     {
@@ -319,43 +328,43 @@ pub async fn run(
             .build();
     }
     let fleet_ticks = tokio::spawn(fleet.clone().run(FLEET_TICK, shutdown.clone()));
-    let fleet_status = tokio::spawn(
-        FleetStatus::new(
-            client.clone(),
-            ctx.served.clone(),
-            fleet.clone(),
-            sidecars.clone(),
-            ctx.recorder.clone(),
-            leader.clone(),
-        )
-        .run(FLEET_STATUS_EVERY, shutdown.clone()),
+    let fleet_status = FleetStatus::new(
+        client.clone(),
+        ctx.served.clone(),
+        fleet.clone(),
+        sidecars.clone(),
+        ctx.recorder.clone(),
+        leader.clone(),
     );
-    let config_service = async move {
-        if let Some((service, listener, cert, max_connections)) = config_service {
-            service.run(listener, cert, max_connections).await;
+    let fleet_status = tokio::spawn(fleet_status.run(FLEET_STATUS_EVERY, shutdown.clone()));
+    let service = async move {
+        if let Some(BoundService { service, listener, cert, settings }) = service {
+            service.run(listener, cert, settings.max_connections).await;
         }
     };
     let admin = {
         let (served, metrics) = (ctx.served.clone(), metrics.clone());
         // Probes and Prometheus: a handful of connections at a time.
         let options = Options::network_facing(ADMIN_MAX_CONNECTIONS);
-        serve_with(listener, shutdown.clone(), Duration::from_secs(5), options, move |request| {
+        serve_with(admin_listener, shutdown.clone(), Duration::from_secs(5), options, move |request| {
             let response = admin(&request, served.is_complete(), &metrics);
             async move { response }
         })
     };
+    let scopes: Vec<Option<String>> =
+        if config.namespaces.is_empty() { vec![None] } else { config.namespaces.iter().cloned().map(Some).collect() };
     let controllers = futures_util::future::join_all(
         scopes.into_iter().map(|scope| controller(scope, ctx.clone(), shutdown.clone())),
     );
     let webhook = {
         let shutdown = shutdown.clone();
         async move {
-            if let Some((webhook, listener, cert)) = webhook {
+            if let Some(BoundWebhook { webhook, listener, cert }) = webhook {
                 webhook.run(listener, cert, shutdown).await;
             }
         }
     };
-    tokio::join!(admin, controllers, config_service, webhook);
+    tokio::join!(admin, controllers, service, webhook);
     let _ = tokio::join!(fleet_ticks, fleet_status, follower);
     // The election releases the Lease when `shutdown` fires; wait for it to finish.
     let _ = election.await;

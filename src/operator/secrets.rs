@@ -81,13 +81,6 @@ impl SecretKeys {
             })
             .collect()
     }
-
-    /// Secrets as given, for tests.
-    #[cfg(test)]
-    pub fn from_map(secrets: BTreeMap<String, Option<BTreeMap<String, Vec<u8>>>>) -> Self {
-        let secrets = secrets.into_iter().map(|(name, data)| (name, data.map_or(Read::Missing, Read::Data))).collect();
-        SecretKeys { secrets }
-    }
 }
 
 fn labelled(secret: &Secret) -> bool {
@@ -122,6 +115,12 @@ mod tests {
     use super::*;
     use crate::policy::SecretKeyRef;
 
+    /// The keys of these Secrets (`None`: the Secret does not exist).
+    fn secret_keys(secrets: BTreeMap<String, Option<BTreeMap<String, Vec<u8>>>>) -> SecretKeys {
+        let secrets = secrets.into_iter().map(|(name, data)| (name, data.map_or(Read::Missing, Read::Data))).collect();
+        SecretKeys { secrets }
+    }
+
     fn reference(name: &str, key: &str) -> ApiKeySource {
         ApiKeySource {
             value: None,
@@ -132,7 +131,7 @@ mod tests {
 
     #[test]
     fn resolves_secret_keys_and_names_what_is_missing() {
-        let secrets = SecretKeys::from_map(BTreeMap::from([
+        let secrets = secret_keys(BTreeMap::from([
             ("llm-keys".to_string(), Some(BTreeMap::from([("openai".to_string(), b"sk-live\n".to_vec())]))),
             ("gone".to_string(), None),
         ]));

@@ -13,9 +13,10 @@
 //! its pods pass their calls through.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::watch;
 
 use crate::chain::CompiledPolicy;
@@ -149,7 +150,7 @@ impl ServedPolicies {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // The lock guards map updates; a panic while holding it leaves nothing half-done.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock()
     }
 
     /// Follows `namespace`'s policies: the current set at once, then every change.

@@ -4,7 +4,7 @@
 use http::HeaderValue;
 
 use super::InvalidBackend;
-use crate::chain::ProviderConfig;
+use crate::chain::CompiledProvider;
 
 /// One header value per key of a provider; none for a keyless endpoint.
 #[derive(Debug, Default)]
@@ -14,7 +14,7 @@ pub struct Credentials {
 
 impl Credentials {
     /// Header values `prefix` + key for each of the provider's keys.
-    pub fn new(config: &ProviderConfig, prefix: &str) -> Result<Self, InvalidBackend> {
+    pub fn new(config: &CompiledProvider, prefix: &str) -> Result<Self, InvalidBackend> {
         let values = config
             .api_keys
             .iter()

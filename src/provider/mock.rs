@@ -1,11 +1,10 @@
 //! The built-in `mock` provider: answers in-process like a real OpenAI-style upstream, with
 //! latency and failures set in the policy, so demos, drills and tests need no network or key.
 
-use std::sync::Mutex;
-
 use bytes::Bytes;
 use futures_util::stream;
 use http::{HeaderMap, HeaderValue};
+use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -47,7 +46,7 @@ impl Mock {
             return true;
         }
         // The lock guards a few arithmetic steps and is never held across an await.
-        let mut rng = self.rng.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut rng = self.rng.lock();
         rng.random_bool(self.behaviour.failure_rate)
     }
 
@@ -184,12 +183,8 @@ mod tests {
     use std::time::Duration;
 
     fn request(stream: bool) -> ChatRequest {
-        ChatRequest::from_openai_json(
-            json!({"model": "m", "messages": [{"role": "user", "content": "hello there"}], "stream": stream,
-                   "stream_options": {"include_usage": true}})
-            .to_string()
-            .as_bytes(),
-        )
+        serde_json::from_value(json!({"model": "m", "messages": [{"role": "user", "content": "hello there"}],
+                                      "stream": stream, "stream_options": {"include_usage": true}}))
         .expect("valid")
     }
 

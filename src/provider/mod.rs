@@ -7,7 +7,7 @@
 //! neutral (OpenAI Chat Completions) shape where another API needs them. Timeouts, retries and
 //! fall-through are the fallback loop's business, not the provider's.
 //!
-//! Providers are built from a compiled [`ProviderConfig`] (plain data) when the sidecar
+//! Providers are built from a compiled [`CompiledProvider`] (plain data) when the sidecar
 //! assembles a snapshot; building one is where a config that cannot work is refused
 //! ([`InvalidBackend`]), so a bad config from any source never reaches the request path.
 
@@ -24,7 +24,7 @@ pub mod turns;
 
 pub use crate::net::client::HttpClient;
 
-use crate::chain::ProviderConfig;
+use crate::chain::CompiledProvider;
 use crate::llm::ratelimit::Headroom;
 use crate::llm::{Api, AttemptError, ChatRequest, Reply};
 use crate::policy::ProviderKind;
@@ -108,7 +108,7 @@ pub struct Sent {
 
 impl Provider {
     /// The live provider for a compiled one.
-    pub fn build(config: &ProviderConfig) -> Result<Provider, InvalidBackend> {
+    pub fn build(config: &CompiledProvider) -> Result<Provider, InvalidBackend> {
         let backend = match config.kind {
             ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::AzureOpenAi => {
                 Backend::OpenAi(openai::OpenAi::new(config)?)
@@ -177,7 +177,7 @@ impl Provider {
 }
 
 /// Parses the URL `base` + `path` for provider `config`, refusing what cannot reach an API.
-pub(crate) fn endpoint(config: &ProviderConfig, url: String) -> Result<::http::Uri, InvalidBackend> {
+pub(crate) fn endpoint(config: &CompiledProvider, url: String) -> Result<::http::Uri, InvalidBackend> {
     let invalid = |reason: String| InvalidBackend::BaseUrl {
         provider: config.name.clone(),
         url: config.base_url.clone(),

@@ -5,10 +5,13 @@
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use opentelemetry::KeyValue;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::passthrough::Passthrough;
+use crate::health::breaker::OpenCause;
+use crate::health::{BudgetView, OutBecause, TargetView};
 use crate::net::body::{Body, json_response, text_response};
+use crate::policy::TargetState;
 use crate::snapshot::PolicyStore;
 use crate::telemetry::Metrics;
 
@@ -74,7 +77,11 @@ pub fn handle(
             None => json_response(StatusCode::SERVICE_UNAVAILABLE, &json!({"error": store.unavailable()})),
         },
         "/health" => {
-            let mut health = store.health().report(tokio::time::Instant::now());
+            let (targets, budgets) = store.health().view(tokio::time::Instant::now());
+            let mut health = json!({
+                "targets": targets.iter().map(target_json).collect::<Vec<_>>(),
+                "retryBudgets": budgets.iter().map(budget_json).collect::<Vec<_>>(),
+            });
             let destinations = passthrough.destinations();
             health["passthrough"] = json!({
                 "active": store.passthrough_reason().is_some(),
@@ -90,4 +97,57 @@ pub fn handle(
         "/metrics" => text_response(StatusCode::OK, &metrics.prometheus_text()),
         _ => text_response(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz, /health, /config or /metrics\n"),
     }
+}
+
+/// A target's state as `/health` names it.
+fn state_name(state: TargetState) -> &'static str {
+    match state {
+        TargetState::Closed => "closed",
+        TargetState::Open => "open",
+        TargetState::HalfOpen => "halfOpen",
+        TargetState::ForcedOpen => "forcedOpen",
+        TargetState::ForcedClosed => "forcedClosed",
+    }
+}
+
+/// Why a target is out, in `/health`'s words.
+fn out_because(why: &OutBecause) -> String {
+    match why {
+        OutBecause::Breaker(OpenCause::Failures) => "failures crossed the breaker's threshold".to_string(),
+        OutBecause::Breaker(OpenCause::FailedProbe) => "a probe failed after it was open".to_string(),
+        OutBecause::Breaker(OpenCause::RetryAfter(wait)) => {
+            format!("the provider asked to wait {}s (Retry-After)", wait.as_secs_f64().ceil())
+        }
+        OutBecause::Override(reason) => format!("override: {reason}"),
+        OutBecause::Fleet { reason, probe: None } => format!("fleet: {reason}"),
+        OutBecause::Fleet { reason, probe: Some(probe) } => {
+            format!("fleet: {reason}; {}", if *probe { "this pod probes it" } else { "other pods probe it" })
+        }
+    }
+}
+
+/// One target's health as `/health` shows it.
+pub fn target_json(view: &TargetView) -> Value {
+    let failures: serde_json::Map<String, Value> =
+        view.failures.iter().map(|(class, n)| (class.as_str().to_string(), json!(n))).collect();
+    json!({
+        "target": view.target,
+        "state": state_name(view.state),
+        "retryInMs": view.retry_in.map(|d| d.as_millis() as u64),
+        "openedBecause": view.out_because.as_ref().map(out_because),
+        "consecutiveFailures": view.consecutive_failures,
+        "inFlight": view.in_flight,
+        "latencyMs": (view.latency * 1000.0 * 10.0).round() / 10.0,
+        "successes": view.successes,
+        "failures": failures,
+        "lastFailure": view.last_failure,
+        // Out of quota per its rate-limit headers (steered away from, not open).
+        "rateLimitedForMs": view.rate_limited_for.map(|d| d.as_millis() as u64).filter(|ms| *ms > 0),
+    })
+}
+
+/// One route's retry budget as `/health` shows it.
+fn budget_json(view: &BudgetView) -> Value {
+    json!({"route": view.route, "requests": view.requests, "extraAttempts": view.extra_attempts,
+           "available": view.available})
 }

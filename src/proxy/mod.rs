@@ -41,7 +41,7 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 
 /// Listener settings.
 #[derive(Clone, Debug)]
-pub struct SidecarConfig {
+pub struct SidecarSettings {
     /// The LLM listener (default `127.0.0.1:7400`).
     pub listen: SocketAddr,
     /// The admin listener.
@@ -75,8 +75,7 @@ pub enum BindError {
 struct State {
     drain: Duration,
     store: Arc<PolicyStore>,
-    upstreams: Upstreams,
-    recorder: Arc<Recorder>,
+    through: ingress::Through,
     max_request_bytes: usize,
     passthrough: passthrough::Passthrough,
 }
@@ -92,7 +91,7 @@ impl Sidecar {
     /// Binds both listeners, recording into `telemetry`. Port 0 picks a free port; see
     /// [`Sidecar::llm_addr`].
     pub async fn bind(
-        config: &SidecarConfig,
+        config: &SidecarSettings,
         store: Arc<PolicyStore>,
         http: HttpClient,
         telemetry: Arc<Telemetry>,
@@ -114,14 +113,15 @@ impl Sidecar {
                 passthrough::Passthrough::new(destinations, &[])?
             }
         };
+        let upstreams = Upstreams::new(http);
+        let shadows = Arc::new(shadow::Shadows::new(telemetry.clone(), upstreams.clone()));
         let recorder = Arc::new(Recorder::new(telemetry));
         recorder.watch(&store);
         admin::instruments(&recorder.telemetry.metrics, &store);
         let state = Arc::new(State {
             drain: config.drain,
             store,
-            upstreams: Upstreams::new(http),
-            recorder,
+            through: ingress::Through { upstreams, recorder, shadows },
             max_request_bytes: config.max_request_bytes,
             passthrough,
         });
@@ -150,7 +150,9 @@ impl Sidecar {
         let admin_state = self.state.clone();
         let admin = serve(self.admin, shutdown, drain, move |request| {
             let state = admin_state.clone();
-            async move { admin::handle(&state.store, &state.passthrough, &state.recorder.telemetry.metrics, &request) }
+            async move {
+                admin::handle(&state.store, &state.passthrough, &state.through.recorder.telemetry.metrics, &request)
+            }
         });
         tokio::join!(llm, admin);
     }
@@ -180,18 +182,12 @@ async fn handle_llm(state: &State, request: Request<Incoming>) -> Response<Body>
                 Ok(body) => body,
                 Err(refused) => return fail(refused.status, &refused.message, refused.code),
             };
-            let upstreams = &state.upstreams;
+            let through = &state.through;
             match path {
-                "/messages" => {
-                    ingress::serve::<AnthropicDialect>(snapshot, &headers, &body, upstreams, &state.recorder).await
-                }
-                "/responses" => {
-                    ingress::serve::<ResponsesDialect>(snapshot, &headers, &body, upstreams, &state.recorder).await
-                }
-                "/embeddings" => {
-                    ingress::serve::<EmbeddingsDialect>(snapshot, &headers, &body, upstreams, &state.recorder).await
-                }
-                _ => ingress::serve::<OpenAiDialect>(snapshot, &headers, &body, upstreams, &state.recorder).await,
+                "/messages" => ingress::serve::<AnthropicDialect>(snapshot, &headers, &body, through).await,
+                "/responses" => ingress::serve::<ResponsesDialect>(snapshot, &headers, &body, through).await,
+                "/embeddings" => ingress::serve::<EmbeddingsDialect>(snapshot, &headers, &body, through).await,
+                _ => ingress::serve::<OpenAiDialect>(snapshot, &headers, &body, through).await,
             }
         }
         (&Method::GET, "/models") => ingress::openai::models(&snapshot),

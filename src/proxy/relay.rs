@@ -61,6 +61,34 @@ pub trait StreamWatch: Send {
     fn end(&mut self, end: StreamEnd);
 }
 
+/// Two watchers of one stream, each seeing every event and the end, the first first.
+impl<A: StreamWatch, B: StreamWatch> StreamWatch for (A, B) {
+    fn event(&mut self, event: &StreamEvent) {
+        self.0.event(event);
+        self.1.event(event);
+    }
+
+    fn end(&mut self, end: StreamEnd) {
+        self.0.end(end);
+        self.1.end(end);
+    }
+}
+
+/// A watcher that may not be there.
+impl<W: StreamWatch> StreamWatch for Option<W> {
+    fn event(&mut self, event: &StreamEvent) {
+        if let Some(watch) = self {
+            watch.event(event);
+        }
+    }
+
+    fn end(&mut self, end: StreamEnd) {
+        if let Some(watch) = self {
+            watch.end(end);
+        }
+    }
+}
+
 /// What rides along with a committed stream: the target's permit (its health learns how the
 /// stream ends) and the request's watcher (its telemetry is recorded then).
 #[derive(Default)]
@@ -200,7 +228,7 @@ pub fn sse_body<R: StreamRenderer>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::{Api, AttemptError, ChatRequest};
+    use crate::llm::{Api, AttemptError};
     use crate::provider::openai::stream::chunk_event;
     use crate::proxy::ingress::Dialect as _;
     use crate::proxy::ingress::openai::OpenAiDialect;
@@ -240,9 +268,10 @@ mod tests {
     }
 
     fn renderer() -> <OpenAiDialect as crate::proxy::ingress::Dialect>::Renderer {
-        let request =
-            ChatRequest::from_openai_json(br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#)
-                .expect("request");
+        let request = crate::proxy::ingress::openai::parse_chat(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#,
+        )
+        .expect("request");
         OpenAiDialect::renderer(Api::OpenAi, &request)
     }
 

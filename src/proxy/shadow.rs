@@ -26,14 +26,31 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::fallback::{Answered, Committed, Transport as _, Unanswered, Upstreams};
-use super::observe::Recorder;
+use super::relay::{StreamEnd, StreamWatch};
 use crate::llm::RequestFeature;
 use crate::llm::request::STATEFUL;
 use crate::llm::{Api, ChatRequest, Operation, Origin, Reply, StreamEvent, Whole};
 use crate::provider::neutral::{self, ToOpenAiStream};
 use crate::snapshot::{Route, Shadow, Target};
+use crate::telemetry::Telemetry;
 use crate::telemetry::genai::AnswerInfo;
 use crate::telemetry::spans::{SpanRecord, TraceContext, new_span_id};
+
+/// What every shadow comparison needs: telemetry to record into, the comparison's
+/// instruments, and the upstream connections to send the shadow request on.
+pub struct Shadows {
+    telemetry: Arc<Telemetry>,
+    instruments: Instruments,
+    upstreams: Upstreams,
+}
+
+impl Shadows {
+    /// Shadow comparisons recorded into `telemetry`, sent through `upstreams`.
+    pub fn new(telemetry: Arc<Telemetry>, upstreams: Upstreams) -> Shadows {
+        let instruments = Instruments::new(&telemetry.metrics.meter("backstop"));
+        Shadows { telemetry, instruments, upstreams }
+    }
+}
 
 /// The shadow comparison's instruments.
 #[derive(Debug)]
@@ -226,8 +243,7 @@ pub struct Pending {
     request: oneshot::Receiver<ChatRequest>,
     structured: bool,
     trace: TraceContext,
-    upstreams: Upstreams,
-    recorder: Arc<Recorder>,
+    shadows: Arc<Shadows>,
 }
 
 /// The app's answer, as the comparison receives it.
@@ -248,8 +264,8 @@ pub enum Primary {
 }
 
 /// Notes why a sampled request was not shadowed.
-fn skipped(recorder: &Recorder, alias: &str, target: &str, why: &'static str) {
-    recorder.shadow.requests.add(1, &labels(alias, target, why));
+fn skipped(shadows: &Shadows, alias: &str, target: &str, why: &'static str) {
+    shadows.instruments.requests.add(1, &labels(alias, target, why));
     tracing::debug!(route = alias, target_label = target, reason = why, "shadow skipped");
 }
 
@@ -266,12 +282,11 @@ fn labels(alias: &str, target: &str, outcome: &'static str) -> [KeyValue; 3] {
 /// the shadow target can take the request. The sender takes the app's request once its
 /// response is built.
 pub fn sample(
+    shadows: &Arc<Shadows>,
     route: &Route,
     request: &ChatRequest,
     outcome: &Result<Answered, Unanswered>,
     trace: &TraceContext,
-    upstreams: &Upstreams,
-    recorder: &Arc<Recorder>,
 ) -> Option<(Pending, oneshot::Sender<ChatRequest>)> {
     let shadow = route.shadow.as_ref().filter(|s| !s.targets.is_empty())?;
     let Ok(answered) = outcome else { return None };
@@ -280,13 +295,14 @@ pub fn sample(
     }
     let target = shadow.targets[rand::random_range(0..shadow.targets.len())].clone();
     let alias = route.alias.as_str();
-    if answered.attempts.len() != 1 || !answered.fell_through.is_empty() || route.budget.strained(Instant::now()) {
-        skipped(recorder, alias, &target.label, "underFailure");
+    let record = &answered.record;
+    if record.attempts.len() != 1 || !record.left.is_empty() || route.budget.strained(Instant::now()) {
+        skipped(shadows, alias, &target.label, "underFailure");
         return None;
     }
     let stateful = request.origin.as_ref().is_some_and(|o| o.unportable.iter().any(|f| f == STATEFUL));
     if stateful || target.provider.unsupported(request).or_else(|| target.skip_for(request)).is_some() {
-        skipped(recorder, alias, &target.label, "ineligible");
+        skipped(shadows, alias, &target.label, "ineligible");
         return None;
     }
     let (send, receive) = oneshot::channel();
@@ -297,8 +313,7 @@ pub fn sample(
         target,
         request: receive,
         trace: trace.clone(),
-        upstreams: upstreams.clone(),
-        recorder: recorder.clone(),
+        shadows: shadows.clone(),
     };
     Some((pending, send))
 }
@@ -333,7 +348,7 @@ impl Primary {
             Some(raw) => Whole { json: Value::Null, raw: Some(raw.clone()) },
             None => body.clone(),
         };
-        let latency = answered.attempts.last()?.elapsed;
+        let latency = answered.record.attempts.last()?.elapsed;
         Some(Primary::Whole { target: answered.target.clone(), api: *api, body, latency })
     }
 
@@ -360,22 +375,11 @@ impl Primary {
 }
 
 impl Pending {
-    /// The app's streamed answer as one side of the comparison, once the stream has ended.
-    pub fn primary_of_stream(&self, target: &Target, info: AnswerInfo, latency: Duration, gist: StreamGist) -> Primary {
-        Primary::Read(Side {
-            target: target.label.clone(),
-            cost: info.cost(target.price.as_ref()),
-            info,
-            latency,
-            gist: gist.finish(self.shadow.capture_content, self.structured),
-        })
-    }
-
     /// Sends the shadow request on its own task, if a slot of the pool is free, and records
     /// the comparison with `primary`.
     pub fn launch(self, primary: Primary) {
         let Ok(slot) = self.shadow.slots.clone().try_acquire_owned() else {
-            skipped(&self.recorder, &self.alias, &self.target.label, "busy");
+            skipped(&self.shadows, &self.alias, &self.target.label, "busy");
             return;
         };
         tokio::spawn(async move {
@@ -393,7 +397,7 @@ impl Pending {
         let primary = primary.read(self.shadow.capture_content, self.structured);
         let span = new_span_id();
         let (wall, started) = (SystemTime::now(), Instant::now());
-        let transport = self.upstreams.traced(&self.trace);
+        let transport = self.shadows.upstreams.traced(&self.trace);
         let sent = tokio::time::timeout(self.shadow.timeout, transport.send(&self.target, &request, span)).await;
         let latency = started.elapsed();
         let shadow = match sent {
@@ -426,7 +430,7 @@ impl Pending {
         start: SystemTime,
         end: SystemTime,
     ) {
-        let instruments = &self.recorder.shadow;
+        let instruments = &self.shadows.instruments;
         let alias = self.alias.as_str();
         let mut attributes = vec![KeyValue::new("backstop.route", self.alias.clone())];
         primary.attributes("backstop.shadow.primary", &mut attributes);
@@ -466,7 +470,7 @@ impl Pending {
             }
         };
         tracing::debug!(route = alias, target_label = %self.target.label, failed = error.is_some(), "shadow compared");
-        self.recorder.telemetry.log(Some((&self.trace, span)), Severity::Info, "shadow comparison", attributes.clone());
+        self.shadows.telemetry.log(Some((&self.trace, span)), Severity::Info, "shadow comparison", attributes.clone());
         if self.trace.sampled {
             let record = SpanRecord {
                 id: span,
@@ -480,8 +484,59 @@ impl Pending {
                 events: Vec::new(),
                 error,
             };
-            self.recorder.telemetry.export(&self.trace, vec![record]);
+            self.shadows.telemetry.export(&self.trace, vec![record]);
         }
+    }
+}
+
+/// A shadow comparison waiting for the app's stream to end: the stream's gist and facts are
+/// gathered as it is relayed, and the shadow request starts once it has ended well.
+pub struct StreamShadow {
+    pending: Option<Pending>,
+    target: Arc<Target>,
+    api: Api,
+    started: Instant,
+    info: AnswerInfo,
+    gist: StreamGist,
+}
+
+impl StreamShadow {
+    /// Waits for the end of the stream `answered` committed to; `None` when it is not a stream.
+    pub fn new(pending: Pending, answered: &Answered) -> Option<StreamShadow> {
+        let Committed::Stream { api, .. } = &answered.reply else { return None };
+        let started = answered.record.attempts.last()?.started;
+        Some(StreamShadow {
+            pending: Some(pending),
+            target: answered.target.clone(),
+            api: *api,
+            started,
+            info: AnswerInfo::default(),
+            gist: StreamGist::new(*api),
+        })
+    }
+}
+
+impl StreamWatch for StreamShadow {
+    fn event(&mut self, event: &StreamEvent) {
+        self.info.observe(self.api, &event.data);
+        self.gist.push(event);
+    }
+
+    fn end(&mut self, end: StreamEnd) {
+        let Some(pending) = self.pending.take() else { return };
+        if end != StreamEnd::Finished {
+            return;
+        }
+        let info = std::mem::take(&mut self.info);
+        let gist = std::mem::replace(&mut self.gist, StreamGist::new(self.api));
+        let primary = Primary::Read(Side {
+            target: self.target.label.clone(),
+            cost: info.cost(self.target.price.as_ref()),
+            info,
+            latency: self.started.elapsed(),
+            gist: gist.finish(pending.shadow.capture_content, pending.structured),
+        });
+        pending.launch(primary);
     }
 }
 

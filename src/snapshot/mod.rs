@@ -15,7 +15,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::chain::{
-    AllowedOverrides, CompiledPolicy, Hedge, RetryPolicy, RouteConfig, ShadowConfig, StepConfig, TargetConfig, Timeouts,
+    AllowedOverrides, CompiledPolicy, CompiledRoute, CompiledShadow, CompiledStep, CompiledTarget, Hedge, RetryPolicy,
+    Timeouts,
 };
 use crate::health::gate::Forced;
 use crate::health::{HealthRegistry, SharedBudget, TargetHealth};
@@ -232,7 +233,7 @@ struct Binder<'a> {
 }
 
 impl Binder<'_> {
-    fn route(&mut self, config: &RouteConfig, budget: Arc<SharedBudget>) -> Result<Route, InvalidBackend> {
+    fn route(&mut self, config: &CompiledRoute, budget: Arc<SharedBudget>) -> Result<Route, InvalidBackend> {
         Ok(Route {
             alias: config.alias.clone(),
             steps: self.chain(&config.steps)?,
@@ -249,7 +250,7 @@ impl Binder<'_> {
     }
 
     /// A shadow's targets, bound to their providers but not to the registry's health.
-    fn shadow(&mut self, config: &ShadowConfig) -> Result<Arc<Shadow>, InvalidBackend> {
+    fn shadow(&mut self, config: &CompiledShadow) -> Result<Arc<Shadow>, InvalidBackend> {
         let targets = config
             .targets
             .iter()
@@ -267,7 +268,7 @@ impl Binder<'_> {
         }))
     }
 
-    fn chain(&mut self, steps: &[StepConfig]) -> Result<Vec<Step>, InvalidBackend> {
+    fn chain(&mut self, steps: &[CompiledStep]) -> Result<Vec<Step>, InvalidBackend> {
         steps
             .iter()
             .map(|step| {
@@ -277,13 +278,13 @@ impl Binder<'_> {
             .collect()
     }
 
-    fn target(&mut self, config: &TargetConfig) -> Result<Target, InvalidBackend> {
+    fn target(&mut self, config: &CompiledTarget) -> Result<Target, InvalidBackend> {
         let health = self.health.target(&config.identity, &config.label, &self.compiled.breaker);
         self.targets.push((health.clone(), self.forced(&config.identity)));
         self.live(config, health)
     }
 
-    fn live(&self, config: &TargetConfig, health: Arc<TargetHealth>) -> Result<Target, InvalidBackend> {
+    fn live(&self, config: &CompiledTarget, health: Arc<TargetHealth>) -> Result<Target, InvalidBackend> {
         let provider = self
             .providers
             .get(config.provider)

@@ -9,10 +9,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -51,11 +51,6 @@ pub struct LinkStatus {
     pub since_unix_ms: i64,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Each lock guards one small value; a panic while holding it leaves nothing half-done.
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl PolicyStore {
     /// An empty store: nothing is served until a policy is published.
     pub fn new() -> Self {
@@ -65,12 +60,12 @@ impl PolicyStore {
     /// Makes the sidecar ready without a policy once `bound` has passed from now, passing
     /// calls through until one arrives.
     pub fn settle_after(&self, bound: Duration) {
-        *lock(&self.settles_at) = Some(Instant::now() + bound);
+        *self.settles_at.lock() = Some(Instant::now() + bound);
     }
 
     /// Whether the start-up bound has passed.
     pub fn settled(&self) -> bool {
-        lock(&self.settles_at).is_some_and(|at| Instant::now() >= at)
+        self.settles_at.lock().is_some_and(|at| Instant::now() >= at)
     }
 
     /// `Ok` with what is served when ready, `Err` with why not.
@@ -94,12 +89,12 @@ impl PolicyStore {
 
     /// Records how the link to the operator stands.
     pub fn set_link(&self, link: LinkStatus) {
-        *lock(&self.link) = Some(link);
+        *self.link.lock() = Some(link);
     }
 
     /// How the link to the operator stands, when there is one.
     pub fn link(&self) -> Option<LinkStatus> {
-        lock(&self.link).clone()
+        self.link.lock().clone()
     }
 
     /// The active snapshot, if a valid policy has been published.
@@ -137,13 +132,13 @@ impl PolicyStore {
 
     /// Why there is nothing to serve, while [`PolicyStore::load`] is `None`.
     pub fn unavailable(&self) -> String {
-        lock(&self.waiting).clone().unwrap_or_else(|| "no valid policy loaded yet".into())
+        self.waiting.lock().clone().unwrap_or_else(|| "no valid policy loaded yet".into())
     }
 
     /// Notes why there is nothing to serve yet (such as the operator being unreachable), for
     /// the 503 answers and `/readyz`.
     pub fn set_unavailable(&self, why: String) {
-        *lock(&self.waiting) = Some(why);
+        *self.waiting.lock() = Some(why);
     }
 }
 

@@ -287,7 +287,7 @@ mod tests {
         let dropped = Arc::new(Dropped::default());
         let (tx, _rx) = mpsc::channel(2);
         let sink = SpanSink::to(tx, dropped.clone());
-        let span = crate::telemetry::spans::tests::span_data();
+        let span = crate::testing::span_data();
         sink.send(vec![span.clone(), span.clone(), span.clone(), span]);
         assert_eq!(dropped.spans.load(Ordering::Relaxed), 2);
     }

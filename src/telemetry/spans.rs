@@ -204,27 +204,8 @@ impl SpanRecord {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// A span, for tests of the export path.
-    pub(crate) fn span_data() -> SpanData {
-        let context = TraceContext::start(&HeaderMap::new(), Sampler::AlwaysOn, true);
-        let now = SystemTime::now();
-        SpanRecord {
-            id: new_span_id(),
-            parent: None,
-            remote_parent: false,
-            kind: SpanKind::Server,
-            name: "chat test".into(),
-            start: now,
-            end: now,
-            attributes: Vec::new(),
-            events: Vec::new(),
-            error: None,
-        }
-        .into_data(&context, &InstrumentationScope::builder("backstop").build())
-    }
 
     fn headers(traceparent: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();

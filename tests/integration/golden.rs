@@ -6,8 +6,10 @@ use backstop::provider::neutral::ToOpenAiStream;
 use backstop::provider::sse::{Decoder, Parsed, WireStream};
 use backstop::provider::{anthropic, gemini, openai};
 use backstop::proxy::ingress::anthropic as anthropic_ingress;
-use backstop::proxy::ingress::convert::{self, ToAnthropicStream, ToResponsesStream};
+use backstop::proxy::ingress::anthropic::ToAnthropicStream;
+use backstop::proxy::ingress::named::{FromChat, ToNamedEvents};
 use backstop::proxy::ingress::responses as responses_ingress;
+use backstop::proxy::ingress::responses::ToResponsesStream;
 use serde_json::{Value, json};
 
 fn fixture(name: &str) -> String {
@@ -36,14 +38,15 @@ fn events(name: &str, mut parser: impl WireStream) -> Vec<StreamEvent> {
 }
 
 /// Renders stream events into a named-event API, the end included, as `{event, data}` values.
-fn named_events<T: convert::FromChat>(translate: &mut convert::ToNamedEvents<T>, events: &[StreamEvent]) -> Vec<Value> {
+fn named_events<T: FromChat>(translate: &mut ToNamedEvents<T>, events: &[StreamEvent]) -> Vec<Value> {
     let mut out: Vec<(String, Value)> = events.iter().flat_map(|e| translate.push(e)).collect();
     out.extend(translate.finish());
     out.into_iter().map(|(name, data)| json!({"event": name, "data": data})).collect()
 }
 
 fn openai_request() -> ChatRequest {
-    ChatRequest::from_openai_json(fixture("openai_request_tools.json").as_bytes()).expect("valid request")
+    backstop::proxy::ingress::openai::parse_chat(fixture("openai_request_tools.json").as_bytes())
+        .expect("valid request")
 }
 
 #[test]
@@ -189,7 +192,7 @@ fn anthropic_stream_to_responses_events() {
 
 #[test]
 fn gemini_response_to_anthropic() {
-    insta::assert_json_snapshot!(convert::to_anthropic_message(
+    insta::assert_json_snapshot!(anthropic_ingress::to_anthropic_message(
         Api::Gemini,
         json_fixture("gemini_response_tools.json")
     ));
@@ -253,7 +256,9 @@ fn adaptation_of_an_openai_request_at_each_target() {
     let adapt = adaptations();
     let mut request = openai_request();
     request.rest.remove("parallel_tool_calls");
-    let openai_body: Value = serde_json::from_slice(&request.to_openai_json("gpt-5").expect("encodes")).expect("json");
+    let openai_body: Value =
+        serde_json::from_slice(&backstop::provider::openai::to_wire::encode(&request, "gpt-5").expect("encodes"))
+            .expect("json");
     insta::assert_json_snapshot!(json!({
         "openai": adapted(&adapt["oai"], Wire::Chat { completion_tokens: true }, openai_body),
         "anthropic": adapted(&adapt["claude"], Wire::Messages, anthropic::to_wire::to_messages_request(&request, "claude-sonnet-4-5", 4096)),
@@ -267,7 +272,9 @@ fn adaptation_of_an_anthropic_request_at_each_target() {
     let adapt = adaptations();
     let request = anthropic_ingress::parse::from_messages_request(fixture("anthropic_request_tools.json").as_bytes())
         .expect("valid Messages request");
-    let openai_body: Value = serde_json::from_slice(&request.to_openai_json("gpt-5").expect("encodes")).expect("json");
+    let openai_body: Value =
+        serde_json::from_slice(&backstop::provider::openai::to_wire::encode(&request, "gpt-5").expect("encodes"))
+            .expect("json");
     insta::assert_json_snapshot!(json!({
         "anthropic": adapted(&adapt["claude"], Wire::Messages, anthropic::to_wire::to_messages_request(&request, "claude-sonnet-4-5", 4096)),
         "openai": adapted(&adapt["oai"], Wire::Chat { completion_tokens: true }, openai_body),

@@ -389,6 +389,89 @@ spec:
     assert!(!receiver.spans().iter().any(|s| hex(&s.trace_id) == unsampled), "an unsampled trace was exported");
 }
 
+/// A chain that runs out with targets passed over for different reasons: each is exported
+/// under its own reason, as an event of the request's span and as a fallback metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_chain_names_each_passed_over_target_s_own_reason() {
+    let receiver = Receiver::start().await;
+    let failing = Upstream::start(Fault::status(500)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {{name: passed-over, namespace: tests}}
+spec:
+  providers:
+    - {{name: drained, type: mock}}
+    - {{name: drilled, type: mock}}
+    - {{name: failing, type: openai-compatible, baseUrl: "{}"}}
+  routes:
+    - model: chat
+      chain: [{{provider: drained, model: m}}, {{provider: drilled, model: m}}, {{provider: failing, model: up}}]
+  retry: {{attempts: 1}}
+  overrides:
+    - {{target: drained/m, state: ForcedOpen, reason: maintenance}}
+  allowRequestOverrides: [drill]
+"#,
+            failing.base_url(),
+        ),
+    )
+    .expect("policy");
+    let (_child, llm, admin) = start_sidecar(&policy, receiver.addr).await;
+    let app_trace = "6df92f3577b34da6a3ce929d0e0e4738";
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]});
+    let answer = post_raw(
+        &format!("http://{llm}/v1/chat/completions"),
+        body.to_string(),
+        &[("traceparent", &format!("00-{app_trace}-00f067aa0ba902b7-01")), ("x-backstop-drill", "drilled")],
+    )
+    .await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let server = loop {
+        let found = receiver.spans().into_iter().find(|s| hex(&s.trace_id) == app_trace && s.kind == 2);
+        if let Some(server) = found {
+            break server;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the request's span never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let events: Vec<(String, BTreeMap<String, String>)> =
+        server.events.iter().map(|e| (e.name.clone(), attributes(&e.attributes))).collect();
+    let named = |name: &str, target_key: &str, reason_key: &str| -> Vec<(String, String)> {
+        events.iter().filter(|(n, _)| n == name).map(|(_, a)| (a[target_key].clone(), a[reason_key].clone())).collect()
+    };
+    assert_eq!(
+        named("backstop.skipped", "backstop.target", "backstop.skip.reason"),
+        [("drained/m".to_string(), "forcedOpen".to_string()), ("drilled/m".to_string(), "drill".to_string())],
+        "{events:?}"
+    );
+    assert_eq!(
+        named("backstop.fallback", "backstop.fallback.from", "backstop.fallback.reason"),
+        [],
+        "the last target's failure is the request's error, not a fall-through: {events:?}"
+    );
+    let attrs = attributes(&server.attributes);
+    assert_eq!(
+        (attrs["backstop.outcome"].as_str(), attrs["error.type"].as_str(), attrs["backstop.attempts"].as_str()),
+        ("failed", "all_targets_failed", "1")
+    );
+    assert_eq!(attrs["backstop.fallback_reason"], "drained/m=forcedOpen, drilled/m=drill");
+
+    let text = String::from_utf8_lossy(&get(&format!("http://{admin}/metrics")).await.body).into_owned();
+    for (from, reason) in [("drained/m", "forcedOpen"), ("drilled/m", "drill")] {
+        let series = format!(
+            "backstop_fallbacks_total{{backstop_fallback_from=\"{from}\",backstop_fallback_reason=\"{reason}\","
+        );
+        assert_eq!(prometheus_sample(&text, &series), 1.0, "{series} in:\n{text}");
+    }
+    assert!(!text.contains("backstop_fallback_reason=\"circuitOpen\""), "no breaker opened:\n{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_charts_is_one_the_sidecar_exports() {
     let dashboard: serde_json::Value =

@@ -10,7 +10,7 @@ use std::time::Duration;
 use backstop::chain::LocalKeys;
 use backstop::control::file::PolicyFile;
 use backstop::proxy::passthrough::{Destinations, Passthrough};
-use backstop::proxy::{Sidecar, SidecarConfig};
+use backstop::proxy::{Sidecar, SidecarSettings};
 use backstop::snapshot::PolicyStore;
 use bytes::Bytes;
 use futures_util::stream;
@@ -529,7 +529,7 @@ impl TestSidecar {
         let destinations =
             Destinations::new("http://127.0.0.1:9/v1", "http://127.0.0.1:9", "127.0.0.1:7400".parse().expect("addr"))
                 .expect("destinations");
-        let config = SidecarConfig {
+        let config = SidecarSettings {
             listen: "127.0.0.1:0".parse().expect("addr"),
             admin: "127.0.0.1:0".parse().expect("addr"),
             max_request_bytes: 64 * 1024,

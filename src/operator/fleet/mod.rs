@@ -36,17 +36,19 @@
 
 pub mod status;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::served::{NamespacePolicies, ServedPolicies};
 use crate::chain::BreakerSettings;
 use crate::configstream::TargetReport;
+use crate::health::circuit::{self, Circuit, Counts, Phase, Verdict, Window};
 use crate::policy::BreakerScope;
 
 /// The shortest time probers get to send a probe before others are chosen.
@@ -99,49 +101,23 @@ struct Rule {
     label: String,
 }
 
-/// One pod's counts in the window, in buckets of a tenth of it.
-#[derive(Debug, Default)]
-struct PodWindow {
-    buckets: VecDeque<(Instant, u64, u64)>,
-}
-
-impl PodWindow {
-    fn record(&mut self, now: Instant, bucket: Duration, successes: u64, failures: u64) {
-        match self.buckets.back_mut() {
-            Some((start, s, f)) if now.saturating_duration_since(*start) < bucket => {
-                *s += successes;
-                *f += failures;
-            }
-            _ => self.buckets.push_back((now, successes, failures)),
-        }
-    }
-
-    fn expire(&mut self, now: Instant, window: Duration) {
-        while self.buckets.front().is_some_and(|(start, _, _)| now.saturating_duration_since(*start) >= window) {
-            self.buckets.pop_front();
-        }
-    }
-
-    fn totals(&self) -> (u64, u64) {
-        self.buckets.iter().fold((0, 0), |(s, f), (_, bs, bf)| (s + bs, f + bf))
-    }
-}
-
-#[derive(Debug)]
-enum Phase {
-    Closed,
-    Open { until: Instant },
-    HalfOpen { probers: Vec<String>, deadline: Instant, offset: usize },
+/// Who probes a half-open target, and until when before others are chosen.
+#[derive(Clone, Debug, Default)]
+struct Probing {
+    probers: Vec<String>,
+    deadline: Option<Instant>,
+    offset: usize,
 }
 
 /// The fleet's state of one target.
 #[derive(Debug)]
 struct TargetFleet {
     rule: Rule,
-    pods: HashMap<String, PodWindow>,
+    /// Each pod's counts over the window.
+    pods: HashMap<String, Window>,
+    /// Failures in a row across the fleet.
     streak: u64,
-    phase: Phase,
-    openings: u32,
+    circuit: Circuit<Probing>,
     reason: String,
     since: Timestamp,
     until: Timestamp,
@@ -154,8 +130,7 @@ impl TargetFleet {
             rule,
             pods: HashMap::new(),
             streak: 0,
-            phase: Phase::Closed,
-            openings: 0,
+            circuit: Circuit::default(),
             reason: String::new(),
             since: Timestamp::UNIX_EPOCH,
             until: Timestamp::UNIX_EPOCH,
@@ -163,27 +138,17 @@ impl TargetFleet {
         }
     }
 
-    fn window(&self) -> Duration {
-        self.rule.settings.failure_rate.map_or(Duration::from_secs(30), |rate| rate.window)
-    }
-
-    fn percent(&self) -> u64 {
-        u64::from(self.rule.settings.failure_rate.map_or(50, |rate| rate.percent))
-    }
-
     fn expire(&mut self, now: Instant) {
-        let window = self.window();
         self.pods.retain(|_, pod| {
-            pod.expire(now, window);
-            !pod.buckets.is_empty()
+            pod.expire(now);
+            !pod.is_empty()
         });
     }
 
     /// Pods that used the target in the window, and those that see it failing.
     fn pods_failing(&self) -> (usize, usize) {
-        let percent = self.percent();
-        let failing =
-            self.pods.values().map(PodWindow::totals).filter(|(s, f)| *f > 0 && f * 100 >= (s + f) * percent).count();
+        let percent = self.rule.settings.failure_rate.map_or(50, |rate| rate.percent);
+        let failing = self.pods.values().filter(|pod| pod.totals().failing(percent)).count();
         (self.pods.len(), failing)
     }
 
@@ -193,45 +158,35 @@ impl TargetFleet {
         if failing == 0 || failing * 2 < pods {
             return None;
         }
-        let settings = &self.rule.settings;
-        let (successes, failures) =
-            self.pods.values().map(PodWindow::totals).fold((0, 0), |(s, f), (ps, pf)| (s + ps, f + pf));
-        let total = successes + failures;
+        let pooled = self.pods.values().fold(Counts::default(), |sum, pod| sum + pod.totals());
         let of_pods = format!("{failing} of {pods} pod(s) using it see it fail");
-        if let Some(rate) = settings.failure_rate
-            && total >= u64::from(rate.min_requests.max(1))
-            && failures * 100 >= total * u64::from(rate.percent)
-        {
-            return Some(format!(
-                "{failures} of {total} requests failed in the last {}s; {of_pods}",
-                rate.window.as_secs()
-            ));
+        match circuit::verdict(&self.rule.settings, pooled, self.streak)? {
+            Verdict::Rate { failures, total, window } => {
+                Some(format!("{failures} of {total} requests failed in the last {}s; {of_pods}", window.as_secs()))
+            }
+            Verdict::Streak(streak) => Some(format!("{streak} failures in a row across the fleet; {of_pods}")),
         }
-        (settings.consecutive_failures > 0 && self.streak >= u64::from(settings.consecutive_failures))
-            .then(|| format!("{} failures in a row across the fleet; {of_pods}", self.streak))
     }
 
-    fn open(&mut self, now: Instant, wall: Timestamp, period: Duration, reason: String) {
-        if matches!(self.phase, Phase::Closed) {
+    /// Notes that the target went out (or out again) at `wall` for `period`, for `reason`.
+    fn went_out(&mut self, was_closed: bool, wall: Timestamp, period: Duration, reason: String) {
+        if was_closed {
             self.since = wall;
         }
         let last = self.last_failure.as_deref().map(|f| format!(" (last: {f})")).unwrap_or_default();
         self.reason = format!("{reason}{last}");
-        self.phase = Phase::Open { until: now + period };
         self.until = wall_after(wall, period);
         self.streak = 0;
     }
 
     fn trip(&mut self, now: Instant, wall: Timestamp, reason: String) {
-        self.openings = self.openings.saturating_add(1);
-        let settings = &self.rule.settings;
-        let period = settings.open_for.saturating_mul(1 << (self.openings - 1).min(16)).min(settings.max_open_for);
-        self.open(now, wall, period, reason);
+        let was_closed = self.circuit.is_closed();
+        let period = self.circuit.trip(now, &self.rule.settings, None);
+        self.went_out(was_closed, wall, period, reason);
     }
 
     fn close(&mut self) {
-        self.phase = Phase::Closed;
-        self.openings = 0;
+        self.circuit.close();
         self.streak = 0;
         self.pods.clear();
     }
@@ -243,16 +198,18 @@ impl TargetFleet {
         }
         let retry_after = report.retry_after_ms.filter(|ms| *ms > 0).map(Duration::from_millis);
         let max_open = self.rule.settings.max_open_for;
-        match &mut self.phase {
+        let counts = Counts { successes: report.successes, failures: report.failures };
+        match self.circuit.phase() {
             Phase::Closed => {
-                let bucket = (self.window() / 10).max(Duration::from_millis(100));
-                self.pods.entry(pod.to_string()).or_default().record(now, bucket, report.successes, report.failures);
-                self.streak = if report.successes > 0 { 0 } else { self.streak + report.failures };
+                let window = circuit::window_of(&self.rule.settings);
+                self.pods.entry(pod.to_string()).or_insert_with(|| Window::new(window)).record(now, counts);
+                self.streak = circuit::streak_after(self.streak, counts);
                 self.expire(now);
                 if let Some(wait) = retry_after {
                     let wait = wait.min(max_open);
                     let reason = format!("the provider asked to wait {}s (Retry-After)", wait.as_secs_f64().ceil());
-                    self.open(now, wall, wait, reason);
+                    self.circuit.hold(now, wait);
+                    self.went_out(true, wall, wait, reason);
                     return true;
                 }
                 match self.condemned() {
@@ -263,12 +220,11 @@ impl TargetFleet {
                     None => false,
                 }
             }
-            Phase::Open { until } => {
+            Phase::Open { .. } => {
                 // A longer Retry-After extends it; nothing else reaches an open target but
                 // requests admitted before it opened, which say nothing about it now.
                 match retry_after.map(|wait| wait.min(max_open)) {
-                    Some(wait) if now + wait > *until => {
-                        *until = now + wait;
+                    Some(wait) if self.circuit.extend(now, wait) => {
                         self.until = wall_after(wall, wait);
                         true
                     }
@@ -289,10 +245,10 @@ impl TargetFleet {
 
     /// The decision sidecars are sent, if the target is out.
     fn decision(&self) -> Option<Decision> {
-        let (phase, until) = match &self.phase {
+        let (phase, until) = match self.circuit.phase() {
             Phase::Closed => return None,
-            Phase::Open { until } => (DecisionPhase::Open { until: *until }, Some(self.until)),
-            Phase::HalfOpen { probers, .. } => (DecisionPhase::HalfOpen { probers: probers.clone() }, None),
+            Phase::Open { until, .. } => (DecisionPhase::Open { until: *until }, Some(self.until)),
+            Phase::HalfOpen { probing, .. } => (DecisionPhase::HalfOpen { probers: probing.probers.clone() }, None),
         };
         Some(Decision { phase, reason: self.reason.clone(), since: self.since, until, label: self.rule.label.clone() })
     }
@@ -392,16 +348,10 @@ impl Namespace {
         let mut changed = false;
         for target in self.targets.values_mut() {
             target.expire(now);
-            match &target.phase {
-                Phase::Open { until } if *until <= now => {
-                    target.phase = Phase::HalfOpen { probers: Vec::new(), deadline: now, offset: 0 };
-                    changed = true;
-                }
-                _ => {}
-            }
+            changed |= target.circuit.advance(now);
         }
         changed |= self.settle(now);
-        self.targets.retain(|_, target| !matches!(target.phase, Phase::Closed) || !target.pods.is_empty());
+        self.targets.retain(|_, target| !target.circuit.is_closed() || !target.pods.is_empty());
         changed
     }
 
@@ -410,9 +360,10 @@ impl Namespace {
     fn settle(&mut self, now: Instant) -> bool {
         let mut changed = false;
         for (identity, target) in &mut self.targets {
-            let Phase::HalfOpen { probers, deadline, offset } = &mut target.phase else { continue };
-            let gone = probers.iter().any(|pod| !self.members.contains_key(pod));
-            if !probers.is_empty() && !gone && now < *deadline {
+            let (probes, open_for) = (target.rule.settings.half_open_probes, target.rule.settings.open_for);
+            let Some(probing) = target.circuit.probing_mut() else { continue };
+            let gone = probing.probers.iter().any(|pod| !self.members.contains_key(pod));
+            if !probing.probers.is_empty() && !gone && probing.deadline.is_some_and(|deadline| now < deadline) {
                 continue;
             }
             let candidates = rendezvous(
@@ -424,15 +375,15 @@ impl Namespace {
                 changed = true;
                 continue;
             }
-            if !probers.is_empty() {
-                *offset += probers.len();
+            if !probing.probers.is_empty() {
+                probing.offset += probing.probers.len();
             }
-            let count = (target.rule.settings.half_open_probes.max(1) as usize).min(candidates.len());
+            let count = (probes.max(1) as usize).min(candidates.len());
             let chosen: Vec<String> =
-                (0..count).map(|i| candidates[(*offset + i) % candidates.len()].clone()).collect();
-            *deadline = now + target.rule.settings.open_for.max(MIN_PROBE_PERIOD);
-            if *probers != chosen {
-                *probers = chosen;
+                (0..count).map(|i| candidates[(probing.offset + i) % candidates.len()].clone()).collect();
+            probing.deadline = Some(now + open_for.max(MIN_PROBE_PERIOD));
+            if probing.probers != chosen {
+                probing.probers = chosen;
                 changed = true;
             }
         }
@@ -511,15 +462,15 @@ impl FleetView {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Namespace>> {
-        self.namespaces.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.namespaces.lock()
     }
 
     fn following(&self) -> bool {
-        self.forward.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.forward.lock().is_some()
     }
 
     fn forward(&self, evidence: Forwarded) {
-        if let Some(sink) = self.forward.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(sink) = self.forward.lock().as_ref() {
             // A full sink (the leader is slow) loses evidence rather than stalling sidecars.
             let _ = sink.try_send(evidence);
         }
@@ -640,12 +591,12 @@ impl FleetView {
                 });
             }
         }
-        *self.forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+        *self.forward.lock() = Some(sink);
     }
 
     /// Stops following (the leader is gone or this replica leads): its own decisions stand.
     pub fn unfollow(&self) {
-        *self.forward.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.forward.lock() = None;
         for ns in self.lock().values_mut() {
             self.publish(ns, false);
         }

@@ -24,9 +24,9 @@ use tokio::sync::watch;
 
 use super::{DecisionPhase, Decisions, FleetView};
 use crate::chain::{CompiledPolicy, unix_ms_now};
-use crate::operator::config::sidecars::{Sidecar, Sidecars, tally};
 use crate::operator::leader::Leadership;
 use crate::operator::served::{ServedPolicies, ServedPolicy};
+use crate::operator::service::sidecars::{Sidecar, Sidecars, tally};
 use crate::policy::{API_VERSION, FallbackPolicy, OverrideState, SidecarsStatus, TargetState, TargetStatus};
 
 /// The field manager of the fleet's status fields.

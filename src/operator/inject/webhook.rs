@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use super::{Decision, Settings, inject};
 use crate::net::body::{Body, json_response, text_response};
 use crate::net::server::{Options, serve_with};
-use crate::operator::config::tls::ReloadingCert;
+use crate::operator::service::tls::ReloadingCert;
 
 /// Connections the webhook holds at once: the API servers keep a few each.
 const MAX_CONNECTIONS: usize = 256;

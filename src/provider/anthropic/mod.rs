@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::credentials::Credentials;
 use super::http::{encode, post_json, read_json};
 use super::{Call, InvalidBackend, Sent, endpoint, sse};
-use crate::chain::ProviderConfig;
+use crate::chain::CompiledProvider;
 use crate::llm::FailureClass;
 use crate::llm::outcome::message_of;
 use crate::llm::ratelimit::Headroom;
@@ -38,7 +38,7 @@ pub struct Anthropic {
 impl Anthropic {
     /// The upstream a compiled `anthropic` provider names (`baseUrl` such as
     /// `https://api.anthropic.com`, with or without `/v1`).
-    pub fn new(config: &ProviderConfig) -> Result<Self, InvalidBackend> {
+    pub fn new(config: &CompiledProvider) -> Result<Self, InvalidBackend> {
         let base = config.base_url.trim_end_matches('/').trim_end_matches("/v1");
         let messages = endpoint(config, format!("{base}/v1/messages"))?;
         let keys = Credentials::new(config, "")?;

@@ -181,7 +181,7 @@ mod tests {
     use super::*;
 
     fn chat(body: Value) -> ChatRequest {
-        ChatRequest::from_openai_json(body.to_string().as_bytes()).expect("valid")
+        serde_json::from_value(body).expect("valid")
     }
 
     #[test]

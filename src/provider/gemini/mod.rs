@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::credentials::Credentials;
 use super::http::{encode, post_json, read_json};
 use super::{Call, InvalidBackend, Sent, endpoint, sse};
-use crate::chain::ProviderConfig;
+use crate::chain::CompiledProvider;
 use crate::llm::FailureClass;
 use crate::llm::ratelimit::Headroom;
 use crate::llm::{Api, AttemptError, Operation, Reply};
@@ -28,7 +28,7 @@ pub struct Gemini {
 impl Gemini {
     /// The upstream a compiled `gemini` provider names (`baseUrl` such as
     /// `https://generativelanguage.googleapis.com/v1beta`).
-    pub fn new(config: &ProviderConfig) -> Result<Self, InvalidBackend> {
+    pub fn new(config: &CompiledProvider) -> Result<Self, InvalidBackend> {
         let base = config.base_url.trim_end_matches('/').to_string();
         endpoint(config, format!("{base}/models/probe:generateContent"))?;
         Ok(Gemini { base, keys: Credentials::new(config, "")? })

@@ -5,7 +5,7 @@
 
 use http::Uri;
 
-use crate::chain::ProviderConfig;
+use crate::chain::CompiledProvider;
 use crate::llm::AttemptError;
 use crate::llm::FailureClass;
 use crate::provider::{InvalidBackend, endpoint};
@@ -24,7 +24,7 @@ impl Deployments {
     /// The resource a compiled `azure-openai` provider names (`baseUrl` such as
     /// `https://my-resource.openai.azure.com`). An `apiVersion` of `v1` selects Azure's v1 API,
     /// where the model is named in the body.
-    pub fn new(config: &ProviderConfig) -> Result<Self, InvalidBackend> {
+    pub fn new(config: &CompiledProvider) -> Result<Self, InvalidBackend> {
         let base = config.base_url.trim_end_matches('/').trim_end_matches("/openai").to_string();
         let api_version = config.api_version.clone().unwrap_or_else(|| DEFAULT_API_VERSION.to_string());
         let deployments = Deployments { base, api_version };
@@ -63,12 +63,12 @@ mod tests {
     use crate::policy::ProviderKind;
 
     fn azure(base_url: &str, api_version: Option<&str>) -> Result<Deployments, InvalidBackend> {
-        Deployments::new(&ProviderConfig {
+        Deployments::new(&CompiledProvider {
             name: "azure".into(),
             kind: ProviderKind::AzureOpenAi,
             base_url: base_url.into(),
             api_version: api_version.map(str::to_string),
-            ..ProviderConfig::default()
+            ..CompiledProvider::default()
         })
     }
 

@@ -7,6 +7,7 @@ pub mod content;
 pub mod error;
 pub mod responses;
 pub mod stream;
+pub mod to_wire;
 
 use http::{HeaderValue, Uri};
 use serde_json::Value;
@@ -14,7 +15,7 @@ use serde_json::Value;
 use super::credentials::Credentials;
 use super::http::{encode, post_json, read_json};
 use super::{Call, InvalidBackend, Sent, endpoint, sse};
-use crate::chain::ProviderConfig;
+use crate::chain::CompiledProvider;
 use crate::llm::ratelimit::Headroom;
 use crate::llm::{Api, AttemptError, ChatRequest, Operation, Reply};
 use crate::policy::ProviderKind;
@@ -43,7 +44,7 @@ pub struct OpenAi {
 
 impl OpenAi {
     /// The upstream a compiled `openai`, `openai-compatible` or `azure-openai` provider names.
-    pub fn new(config: &ProviderConfig) -> Result<Self, InvalidBackend> {
+    pub fn new(config: &CompiledProvider) -> Result<Self, InvalidBackend> {
         let base = config.base_url.trim_end_matches('/');
         if config.kind == ProviderKind::AzureOpenAi {
             let deployments = Deployments::new(config)?;
@@ -73,9 +74,9 @@ impl OpenAi {
         let cannot_encode =
             |e: serde_json::Error| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}"));
         let body = match adapt.filter(|_| !embeddings) {
-            None => request.to_openai_json_with(model, usage).map_err(cannot_encode)?,
+            None => to_wire::encode_with(request, model, usage).map_err(cannot_encode)?,
             Some(adaptation) => {
-                let mut wire = request.to_openai_object_with(model, usage).map_err(cannot_encode)?;
+                let mut wire = to_wire::encode_object(request, model, usage).map_err(cannot_encode)?;
                 let completion_tokens = matches!(self.kind, ProviderKind::OpenAi | ProviderKind::AzureOpenAi);
                 super::adapt::apply(adaptation, super::adapt::Wire::Chat { completion_tokens }, &mut wire);
                 encode(&wire)?
@@ -169,13 +170,13 @@ mod tests {
     use super::*;
     use crate::chain::ApiKey;
 
-    fn config(kind: ProviderKind, base_url: &str, keys: &[&str]) -> ProviderConfig {
-        ProviderConfig {
+    fn config(kind: ProviderKind, base_url: &str, keys: &[&str]) -> CompiledProvider {
+        CompiledProvider {
             name: "p".into(),
             kind,
             base_url: base_url.into(),
             api_keys: keys.iter().map(|k| ApiKey::new(*k)).collect(),
-            ..ProviderConfig::default()
+            ..CompiledProvider::default()
         }
     }
 

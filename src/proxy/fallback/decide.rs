@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::Chance;
 use super::controls::Controls;
+use super::record::{Left, Why};
 use super::walk::Walk;
 use crate::health::Permit;
 use crate::llm::AttemptError;
@@ -19,7 +20,7 @@ pub(super) enum Next {
     /// Wait, then try the same target again.
     Retry(Duration),
     /// Try this target (another member of the step, the next step, or a special chain).
-    Launch(Arc<Target>, Permit, Option<&'static str>),
+    Launch(Arc<Target>, Permit, Option<Why>),
     /// Return this failure to the app.
     Final,
     /// Nothing left to try.
@@ -36,12 +37,12 @@ pub(super) fn decide<'r>(
     controls: &Controls,
     now: Instant,
     deadline: Instant,
-    skipped: &mut Vec<(String, &'static str)>,
+    skipped: &mut Vec<Left>,
     chance: Chance,
 ) -> Next {
     let class = error.class;
     let falls_through = route.fallback_on.contains(class) && !controls.no_fallback;
-    let reason = Some(class.as_str());
+    let reason = Some(Why::Failed(class));
     if !falls_through && !class.is_transient() {
         let special = match class {
             FailureClass::ContextWindowExceeded => &route.on_context_window_exceeded,

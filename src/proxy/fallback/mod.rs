@@ -4,7 +4,7 @@
 //! is open, and hedging a slow first token with the next target.
 //!
 //! Every attempt's outcome is classified by the provider and recorded here, in one place, in
-//! order: into the request's [`Ledger`] and into the target's health. Streams are committed
+//! order: into the request's [`RequestRecord`] and into the target's health. Streams are committed
 //! only once their first content chunk has arrived, so anything that fails before it falls
 //! through with nothing sent to the app.
 //!
@@ -15,6 +15,7 @@ mod attempt;
 mod controls;
 mod decide;
 mod outcome;
+mod record;
 mod walk;
 
 #[cfg(test)]
@@ -33,7 +34,8 @@ use crate::telemetry::spans::new_span_id;
 
 pub use attempt::{Transport, Upstreams};
 pub use controls::{Controls, UnknownDrillTarget};
-pub use outcome::{Answered, Attempt, Committed, Unanswered};
+pub use outcome::{Answered, Committed, Unanswered};
+pub use record::{Attempt, Left, Outcome, RequestRecord, Skip, Stop, Why};
 
 use attempt::{attempt, millis};
 use decide::{Next, decide};
@@ -77,13 +79,8 @@ pub async fn run(
     // An app's own retry of a request is an extra attempt, not a new request: it earns no
     // budget, and spends some, so that SDK retries cannot multiply an outage either.
     if controls.client_retry && !route.budget.withdraw(started) {
-        return Err(Unanswered::Exhausted {
-            attempts: Vec::new(),
-            skipped: Vec::new(),
-            deadline_exceeded: false,
-            stopped: Some("the route's retry budget is spent, and this is the app's own retry"),
-            retry_after: None,
-        });
+        let record = RequestRecord { stop: Some(Stop::ClientRetryBudget), ..RequestRecord::default() };
+        return Err(Unanswered::Exhausted { record });
     }
     if !controls.client_retry {
         route.budget.deposit(started);
@@ -103,83 +100,26 @@ pub async fn run(
         deadline,
         max_attempts,
         walk,
-        ledger: Ledger::default(),
+        record: RequestRecord::default(),
         race: Race::default(),
     };
     let mut skipped = Vec::new();
     let Some((first, permit)) = run.walk.first(started, run.controls.no_fallback, &mut skipped) else {
-        if skipped.iter().any(|(_, why)| *why == "forcedOpen") {
+        if skipped.iter().any(|left| left.why == Why::Skipped(Skip::ForcedOpen)) {
             // Every target that could serve it is drained by an override.
-            run.ledger.fell_through.append(&mut skipped);
-            return Err(run.ledger.exhausted());
+            run.note(skipped);
+            return Err(Unanswered::Exhausted { record: run.record });
         }
         return Err(Unanswered::Ineligible { reasons: std::mem::take(&mut run.walk.ineligible) });
     };
-    run.ledger.fell_through.append(&mut skipped);
+    run.note(skipped);
     run.launch(first, permit, started);
     run.until_answered().await
 }
 
-/// What the app is told of the walk: every attempt, every target left behind and why.
-#[derive(Default)]
-struct Ledger {
-    attempts: Vec<Attempt>,
-    /// Each target left behind, in order: a failure class, `circuitOpen`, `fleetOpen`,
-    /// `forcedOpen`, `ineligible` or `hedged`.
-    fell_through: Vec<(String, &'static str)>,
-    /// The shortest wait any upstream asked for.
-    retry_after: Option<Duration>,
-    deadline_exceeded: bool,
-    /// Why the walk stopped early: the retry budget or the attempt cap.
-    stopped: Option<&'static str>,
-}
-
-impl Ledger {
-    fn failed(
-        &mut self,
-        target: &Arc<Target>,
-        error: &AttemptError,
-        started: Instant,
-        span: SpanId,
-        elapsed: Duration,
-    ) {
-        self.attempts.push(Attempt {
-            target: target.label.clone(),
-            at: target.clone(),
-            span,
-            started,
-            class: Some(error.class),
-            status: error.status,
-            message: error.message.clone(),
-            elapsed,
-        });
-        if let Some(wait) = error.retry_after {
-            self.retry_after = Some(self.retry_after.map_or(wait, |w| w.min(wait)));
-        }
-    }
-
-    fn left(&mut self, target: &Target, error: &AttemptError) {
-        self.fell_through.push((target.label.clone(), error.class.as_str()));
-    }
-
-    fn exhausted(self) -> Unanswered {
-        let skipped = distinct(self.fell_through)
-            .into_iter()
-            .filter(|(_, why)| matches!(*why, "circuitOpen" | "fleetOpen" | "forcedOpen"))
-            .map(|(t, _)| t)
-            .collect();
-        Unanswered::Exhausted {
-            attempts: self.attempts,
-            skipped,
-            deadline_exceeded: self.deadline_exceeded,
-            stopped: self.stopped,
-            retry_after: self.retry_after,
-        }
-    }
-}
-
-type Outcome = (Arc<Target>, Permit, u64, Instant, SpanId, Result<(Committed, Headroom), AttemptError>);
-type InFlight<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+/// An attempt that finished: its target and permit, launch id, start, span and result.
+type Finished = (Arc<Target>, Permit, u64, Instant, SpanId, Result<(Committed, Headroom), AttemptError>);
+type InFlight<'a> = Pin<Box<dyn Future<Output = Finished> + Send + 'a>>;
 
 /// The attempts in flight: one, or several while a hedge races the one it hedges.
 #[derive(Default)]
@@ -206,11 +146,45 @@ struct Run<'r, T> {
     deadline: Instant,
     max_attempts: u32,
     walk: Walk<'r>,
-    ledger: Ledger,
+    record: RequestRecord,
     race: Race<'r>,
 }
 
 impl<'r, T: Transport> Run<'r, T> {
+    /// Notes targets the walk passed over.
+    fn note(&mut self, skipped: Vec<Left>) {
+        for left in skipped {
+            self.record.leave(&left.target, left.why);
+        }
+    }
+
+    /// Notes a failed attempt.
+    fn failed(
+        &mut self,
+        target: &Arc<Target>,
+        error: &AttemptError,
+        started: Instant,
+        span: SpanId,
+        elapsed: Duration,
+    ) {
+        self.record.attempts.push(Attempt {
+            target: target.label.clone(),
+            at: target.clone(),
+            span,
+            started,
+            elapsed,
+            outcome: Outcome::Failed { class: error.class, status: error.status, message: error.message.clone() },
+        });
+        if let Some(wait) = error.retry_after {
+            self.record.retry_after = Some(self.record.retry_after.map_or(wait, |w| w.min(wait)));
+        }
+    }
+
+    /// Notes `target` left behind after its attempt failed with `error`.
+    fn left(&mut self, target: &Target, error: &AttemptError) {
+        self.record.leave(&target.label, Why::Failed(error.class));
+    }
+
     /// Starts an attempt at `target`; the walk now stands there.
     fn launch(&mut self, target: Arc<Target>, permit: Permit, now: Instant) {
         let (route, request, transport, deadline) = (self.route, self.request, self.transport, self.deadline);
@@ -249,7 +223,7 @@ impl<'r, T: Transport> Run<'r, T> {
             Some((target, permit)) if self.route.budget.withdraw(now) => {
                 tracing::debug!(route = %self.route.alias, target_label = %target.label, "hedging a slow first token");
                 self.walk = trial;
-                self.ledger.fell_through.append(&mut skipped);
+                self.note(skipped);
                 self.race.hedges += 1;
                 self.launch(target, permit, now);
             }
@@ -287,7 +261,7 @@ impl<'r, T: Transport> Run<'r, T> {
             target.health.note_saturation(now, error.saturated_for);
             tracing::debug!(target_label = %target.label, class = %error.class, status = error.status.unwrap_or_default(),
                 elapsed_ms = millis(elapsed), error = %error.message, "attempt failed");
-            self.ledger.failed(&target, &error, launched, span, elapsed);
+            self.failed(&target, &error, launched, span, elapsed);
             if !self.race.in_flight.is_empty() {
                 // A hedge race is still on; whoever is left may yet answer.
                 self.race.raced.push((id, target, error));
@@ -295,14 +269,14 @@ impl<'r, T: Transport> Run<'r, T> {
             }
             let (target, error) = self.settle_race(id, target, error);
             if error.class == FailureClass::Timeout && now >= self.deadline {
-                self.ledger.deadline_exceeded = true;
+                self.record.stop = Some(Stop::Deadline);
                 break;
             }
             match self.next_after(target, error, now).await {
                 Ok(Some((target, permit))) => {
                     let now = Instant::now();
                     if now >= self.deadline {
-                        self.ledger.deadline_exceeded = true;
+                        self.record.stop = Some(Stop::Deadline);
                         break;
                     }
                     self.launch(target, permit, now);
@@ -311,7 +285,7 @@ impl<'r, T: Transport> Run<'r, T> {
                 Err(unanswered) => return Err(unanswered),
             }
         }
-        Err(self.ledger.exhausted())
+        Err(Unanswered::Exhausted { record: self.record })
     }
 
     /// An attempt's outcome, with the target's rate-limit headroom noted and an empty answer
@@ -352,36 +326,27 @@ impl<'r, T: Transport> Run<'r, T> {
                 *slot = Some(permit);
             }
         }
-        let ledger = &mut self.ledger;
-        ledger.attempts.push(Attempt {
+        let record = &mut self.record;
+        record.attempts.push(Attempt {
             target: target.label.clone(),
             at: target.clone(),
             span,
             started: launched,
-            class: None,
-            status: Some(200),
-            message: "answered".into(),
             elapsed,
+            outcome: Outcome::Answered,
         });
         for (_, other, since, span) in self.race.pending.drain(..) {
-            ledger.attempts.push(Attempt {
+            record.attempts.push(Attempt {
                 target: other.label.clone(),
                 at: other.clone(),
                 span,
                 started: since,
-                class: None,
-                status: None,
-                message: "cancelled: another target answered first".into(),
                 elapsed: now.saturating_duration_since(since),
+                outcome: Outcome::Cancelled,
             });
-            ledger.fell_through.push((other.label.clone(), "hedged"));
+            record.leave(&other.label, Why::Hedged);
         }
-        Answered {
-            target,
-            reply,
-            attempts: std::mem::take(&mut ledger.attempts),
-            fell_through: distinct(std::mem::take(&mut ledger.fell_through)),
-        }
+        Answered { target, reply, record: std::mem::take(&mut self.record) }
     }
 
     /// Once a race is over, the walk stands where the latest launch put it: decide from that
@@ -391,13 +356,13 @@ impl<'r, T: Transport> Run<'r, T> {
         let settled = match self.race.raced.iter().position(|(raced_id, _, _)| *raced_id == latest) {
             Some(at) if id != latest => {
                 let (_, latest_target, latest_error) = self.race.raced.remove(at);
-                self.ledger.left(&target, &error);
+                self.left(&target, &error);
                 (latest_target, latest_error)
             }
             _ => (target, error),
         };
-        for (_, other, other_error) in self.race.raced.drain(..) {
-            self.ledger.left(&other, &other_error);
+        for (_, other, other_error) in std::mem::take(&mut self.race.raced) {
+            self.left(&other, &other_error);
         }
         settled
     }
@@ -413,7 +378,7 @@ impl<'r, T: Transport> Run<'r, T> {
         let mut skipped = Vec::new();
         let next =
             decide(&mut self.walk, self.route, &error, &self.controls, now, self.deadline, &mut skipped, self.chance);
-        self.ledger.fell_through.append(&mut skipped);
+        self.note(std::mem::take(&mut skipped));
         let chosen = match next {
             Next::Final => return Err(self.finally(target, error)),
             Next::Exhausted => return Ok(None),
@@ -430,9 +395,9 @@ impl<'r, T: Transport> Run<'r, T> {
                     }
                     // Its breaker opened meanwhile: move on as a fall-through would.
                     None if self.route.fallback_on.contains(error.class) && !self.controls.no_fallback => {
-                        self.ledger.left(&target, &error);
+                        self.left(&target, &error);
                         let moved = self.walk.advance(now, &mut skipped);
-                        self.ledger.fell_through.append(&mut skipped);
+                        self.note(skipped);
                         match moved {
                             Some(admitted) => admitted,
                             None => return Ok(None),
@@ -445,8 +410,8 @@ impl<'r, T: Transport> Run<'r, T> {
                 if !self.may_add_attempt(now) {
                     return Ok(None);
                 }
-                if let Some(reason) = reason {
-                    self.ledger.fell_through.push((target.label.clone(), reason));
+                if let Some(why) = reason {
+                    self.record.leave(&target.label, why);
                 }
                 (next, permit)
             }
@@ -458,11 +423,11 @@ impl<'r, T: Transport> Run<'r, T> {
     /// which one stopped the walk when not.
     fn may_add_attempt(&mut self, now: Instant) -> bool {
         if self.race.launches >= self.max_attempts {
-            self.ledger.stopped = Some("the per-request attempt cap was reached");
+            self.record.stop = Some(Stop::AttemptCap);
             return false;
         }
         if !self.route.budget.withdraw(now) {
-            self.ledger.stopped = Some("the route's retry budget is spent");
+            self.record.stop = Some(Stop::RetryBudget);
             return false;
         }
         true
@@ -470,19 +435,8 @@ impl<'r, T: Transport> Run<'r, T> {
 
     /// `error` at `target` is what the app gets.
     fn finally(&mut self, target: Arc<Target>, error: AttemptError) -> Unanswered {
-        Unanswered::Final { target, error, attempts: std::mem::take(&mut self.ledger.attempts) }
+        Unanswered::Final { target, error, record: std::mem::take(&mut self.record) }
     }
-}
-
-/// The entries in order, each once (a target can be noted as skipped on two passes).
-fn distinct(entries: Vec<(String, &'static str)>) -> Vec<(String, &'static str)> {
-    let mut seen = Vec::with_capacity(entries.len());
-    for entry in entries {
-        if !seen.contains(&entry) {
-            seen.push(entry);
-        }
-    }
-    seen
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -6,34 +6,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use opentelemetry::trace::SpanId;
-
+use super::record::RequestRecord;
 use crate::health::Permit;
-use crate::llm::FailureClass;
 use crate::llm::{Api, AttemptError, ChunkStream, StreamEvent, Whole};
 use crate::provider::neutral;
 use crate::snapshot::Target;
-
-/// One attempt at one target, as recorded for headers, errors, logs and traces.
-#[derive(Clone, Debug)]
-pub struct Attempt {
-    /// `provider/model`.
-    pub target: String,
-    /// The target itself.
-    pub at: Arc<Target>,
-    /// The attempt's span: its id went upstream in `traceparent`.
-    pub span: SpanId,
-    /// When it started.
-    pub started: Instant,
-    /// `None` for the attempt that answered, and for one cancelled because another answered.
-    pub class: Option<FailureClass>,
-    /// The upstream's status, when it sent one.
-    pub status: Option<u16>,
-    /// What happened, safe to show the app.
-    pub message: String,
-    /// How long the attempt took.
-    pub elapsed: Duration,
-}
 
 /// A committed answer: what the app will receive, still in the answering provider's format.
 pub enum Committed {
@@ -80,12 +57,8 @@ pub struct Answered {
     pub target: Arc<Target>,
     /// Its answer.
     pub reply: Committed,
-    /// Every attempt, the answering one last.
-    pub attempts: Vec<Attempt>,
-    /// Each target left behind and why: a failure class, `circuitOpen`, `fleetOpen` or
-    /// `forcedOpen` (skipped without an attempt), `ineligible`, or `hedged` (slower than the
-    /// target that answered).
-    pub fell_through: Vec<(String, &'static str)>,
+    /// What the walk did: every attempt (the answering one last) and every target left behind.
+    pub record: RequestRecord,
 }
 
 /// A request the chain could not answer.
@@ -96,25 +69,33 @@ pub enum Unanswered {
         target: Arc<Target>,
         /// The failure.
         error: AttemptError,
-        /// Every attempt, the final one last.
-        attempts: Vec<Attempt>,
+        /// What the walk did, the final attempt last.
+        record: RequestRecord,
     },
     /// No target in the chain can serve this request faithfully.
     Ineligible {
         /// Each target and why it cannot.
         reasons: Vec<(String, String)>,
     },
-    /// Every target failed, was open, or the deadline, budget or attempt cap ran out.
+    /// Every target failed, was out, or the deadline, budget or attempt cap ran out.
     Exhausted {
-        /// Every attempt, in order.
-        attempts: Vec<Attempt>,
-        /// Targets skipped because their breaker was open.
-        skipped: Vec<String>,
-        /// Whether the total deadline ended the walk.
-        deadline_exceeded: bool,
-        /// Why the walk stopped early, if the retry budget or the attempt cap stopped it.
-        stopped: Option<&'static str>,
-        /// The shortest wait any upstream asked for.
-        retry_after: Option<Duration>,
+        /// What the walk did: every attempt, every target left behind, why it stopped.
+        record: RequestRecord,
     },
+}
+
+impl Unanswered {
+    /// What the walk did (for a request no target could take, only the targets passed over).
+    pub fn record(&self) -> RequestRecord {
+        match self {
+            Unanswered::Final { record, .. } | Unanswered::Exhausted { record } => record.clone(),
+            Unanswered::Ineligible { reasons } => {
+                let mut record = RequestRecord::default();
+                for (target, _) in reasons {
+                    record.leave(target, super::record::Why::Skipped(super::record::Skip::Ineligible));
+                }
+                record
+            }
+        }
+    }
 }

@@ -195,7 +195,7 @@ const ABC: &str = "[{provider: a, model: m}, {provider: b, model: m}, {provider:
 
 fn request(stream: bool) -> ChatRequest {
     let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": stream});
-    ChatRequest::from_openai_json(body.to_string().as_bytes()).expect("valid")
+    crate::proxy::ingress::openai::parse_chat(body.to_string().as_bytes()).expect("valid")
 }
 
 async fn walk(route: &Route, fake: &Fake) -> Result<Answered, Unanswered> {
@@ -207,12 +207,20 @@ fn answered_by(outcome: &Result<Answered, Unanswered>) -> &str {
         Ok(answered) => &answered.target.label,
         Err(Unanswered::Final { error, .. }) => panic!("final error: {error}"),
         Err(Unanswered::Ineligible { reasons }) => panic!("ineligible: {reasons:?}"),
-        Err(Unanswered::Exhausted { attempts, .. }) => panic!("exhausted: {attempts:?}"),
+        Err(Unanswered::Exhausted { record }) => panic!("exhausted: {:?}", record.attempts),
     }
 }
 
 fn fell_through(outcome: &Result<Answered, Unanswered>) -> Vec<(String, &'static str)> {
-    outcome.as_ref().map(|a| a.fell_through.clone()).unwrap_or_default()
+    outcome
+        .as_ref()
+        .map(|a| a.record.left.iter().map(|l| (l.target.clone(), l.why.as_str())).collect())
+        .unwrap_or_default()
+}
+
+/// A target's health as the admin endpoint shows it.
+fn shown(health: &crate::health::TargetHealth) -> serde_json::Value {
+    crate::proxy::admin::target_json(&health.view(Instant::now()))
 }
 
 fn ms(n: u64) -> Duration {
@@ -262,12 +270,10 @@ async fn every_target_rate_limited_reports_the_shortest_retry_after() {
         ("b/m", &[Play::Fail(ms(0), FailureClass::RateLimited, Some(429), Some(Duration::from_secs(7)))]),
     ]);
     let outcome = walk(&route(AB, "  retry: {attempts: 1}\n"), &fake).await;
-    let Err(Unanswered::Exhausted { attempts, retry_after, deadline_exceeded, .. }) = outcome else {
-        panic!("exhausted")
-    };
-    assert_eq!(attempts.len(), 2);
-    assert_eq!(retry_after, Some(Duration::from_secs(7)));
-    assert!(!deadline_exceeded);
+    let Err(Unanswered::Exhausted { record }) = outcome else { panic!("exhausted") };
+    assert_eq!(record.attempts.len(), 2);
+    assert_eq!(record.retry_after, Some(Duration::from_secs(7)));
+    assert!(!record.deadline_exceeded());
 }
 
 #[tokio::test(start_paused = true)]
@@ -278,7 +284,7 @@ async fn the_attempt_timeout_falls_through_and_counts_against_the_target() {
     assert_eq!(answered_by(&outcome), "b/m");
     assert_eq!(fake.calls(), [("a/m".into(), ms(0)), ("b/m".into(), ms(2000))]);
     assert_eq!(fell_through(&outcome), [("a/m".to_string(), "timeout")]);
-    assert_eq!(route.steps[0].members[0].health.report(Instant::now())["failures"]["timeout"], 1);
+    assert_eq!(shown(&route.steps[0].members[0].health)["failures"]["timeout"], 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -299,10 +305,10 @@ async fn the_total_deadline_ends_the_walk_and_counts_nothing_against_the_last_ta
     let started = Instant::now();
     let outcome = walk(&route, &fake).await;
     assert_eq!(Instant::now() - started, Duration::from_secs(3));
-    let Err(Unanswered::Exhausted { deadline_exceeded, attempts, .. }) = outcome else { panic!("exhausted") };
-    assert!(deadline_exceeded);
-    assert_eq!(attempts.len(), 2);
-    let b = &route.steps[1].members[0].health.report(Instant::now());
+    let Err(Unanswered::Exhausted { record }) = outcome else { panic!("exhausted") };
+    assert!(record.deadline_exceeded());
+    assert_eq!(record.attempts.len(), 2);
+    let b = &shown(&route.steps[1].members[0].health);
     assert_eq!(b["failures"], json!({}), "the request's deadline, not b, cut b's attempt: {b}");
 }
 
@@ -322,7 +328,7 @@ async fn an_open_breaker_is_skipped_until_its_period_ends_then_one_probe_goes_th
     assert_eq!(fake.labels(), ["a/m", "b/m", "b/m"], "an open target gets no attempt");
     tokio::time::advance(Duration::from_secs(30)).await;
     assert_eq!(answered_by(&walk(&route, &fake).await), "a/m", "the probe answered");
-    assert_eq!(route.steps[0].members[0].health.report(Instant::now())["state"], "closed");
+    assert_eq!(shown(&route.steps[0].members[0].health)["state"], "closed");
 }
 
 #[tokio::test(start_paused = true)]
@@ -342,9 +348,9 @@ async fn when_every_target_is_open_the_earliest_opened_is_tried() {
 async fn a_spent_retry_budget_stops_the_walk_with_its_reason() {
     let fake = Fake::new(&[("a/m", &[fail(FailureClass::ServerError, 500)]), ("b/m", &[Play::Answer(ms(0))])]);
     let route = route(AB, "  retry: {attempts: 1, budgetPercent: 0, minRetriesPerSecond: 0}\n");
-    let Err(Unanswered::Exhausted { stopped, attempts, .. }) = walk(&route, &fake).await else { panic!("exhausted") };
-    assert_eq!(stopped, Some("the route's retry budget is spent"));
-    assert_eq!(attempts.len(), 1);
+    let Err(Unanswered::Exhausted { record }) = walk(&route, &fake).await else { panic!("exhausted") };
+    assert_eq!(record.stopped(), Some("the route's retry budget is spent"));
+    assert_eq!(record.attempts.len(), 1);
     assert_eq!(fake.labels(), ["a/m"]);
 }
 
@@ -353,8 +359,8 @@ async fn the_attempt_cap_holds_across_targets() {
     let failing: &[Play] = &[fail(FailureClass::ServerError, 500)];
     let fake = Fake::new(&[("a/m", failing), ("b/m", failing), ("c/m", failing)]);
     let route = route(ABC, "  retry: {attempts: 2, maxRequestAttempts: 3}\n");
-    let Err(Unanswered::Exhausted { stopped, .. }) = walk(&route, &fake).await else { panic!("exhausted") };
-    assert_eq!(stopped, Some("the per-request attempt cap was reached"));
+    let Err(Unanswered::Exhausted { record }) = walk(&route, &fake).await else { panic!("exhausted") };
+    assert_eq!(record.stopped(), Some("the per-request attempt cap was reached"));
     assert_eq!(fake.labels(), ["a/m", "a/m", "b/m"]);
 }
 
@@ -382,7 +388,7 @@ async fn a_hedge_that_fails_leaves_the_slow_target_to_answer() {
     assert_eq!(answered_by(&outcome), "a/m");
     assert_eq!(fake.calls(), [("a/m".into(), ms(0)), ("b/m".into(), ms(2000))]);
     let Ok(answered) = outcome else { panic!("answered") };
-    assert_eq!(answered.attempts.len(), 2, "{:?}", answered.attempts);
+    assert_eq!(answered.record.attempts.len(), 2, "{:?}", answered.record.attempts);
 }
 
 #[tokio::test(start_paused = true)]
@@ -407,8 +413,8 @@ async fn targets_that_cannot_serve_the_request_are_skipped_as_ineligible() {
 #[tokio::test(start_paused = true)]
 async fn a_failure_that_would_fail_everywhere_is_final() {
     let fake = Fake::new(&[("a/m", &[fail(FailureClass::BadRequest, 400)]), ("b/m", &[Play::Answer(ms(0))])]);
-    let Err(Unanswered::Final { target, error, attempts }) = walk(&route(AB, ""), &fake).await else { panic!("final") };
-    assert_eq!((target.label.as_str(), error.status, attempts.len()), ("a/m", Some(400), 1));
+    let Err(Unanswered::Final { target, error, record }) = walk(&route(AB, ""), &fake).await else { panic!("final") };
+    assert_eq!((target.label.as_str(), error.status, record.attempts.len()), ("a/m", Some(400), 1));
     assert_eq!(fake.labels(), ["a/m"]);
 }
 
@@ -437,12 +443,11 @@ async fn request_controls_tighten_the_walk() {
     let stalled = Fake::new(&[("a/m", &[Play::Stall]), ("b/m", &[Play::Stall]), ("c/m", &[Play::Stall])]);
     let short = Controls { deadline: Some(ms(1500)), ..Controls::default() };
     let started = Instant::now();
-    let Err(Unanswered::Exhausted { deadline_exceeded, .. }) =
-        run(&route, &request(false), &stalled, short, Chance::Fixed(0.0)).await
+    let Err(Unanswered::Exhausted { record }) = run(&route, &request(false), &stalled, short, Chance::Fixed(0.0)).await
     else {
         panic!("exhausted")
     };
-    assert!(deadline_exceeded);
+    assert!(record.deadline_exceeded());
     assert_eq!(Instant::now() - started, ms(1500));
 }
 
@@ -474,7 +479,7 @@ async fn half_open_lets_exactly_its_probes_through_and_each_reopening_doubles_th
     for _ in 0..3 {
         assert_eq!(fell_through(&walk(&route, &fake).await), [("a/m".to_string(), "serverError")]);
     }
-    assert_eq!(route.steps[0].members[0].health.report(Instant::now())["state"], "open");
+    assert_eq!(shown(&route.steps[0].members[0].health)["state"], "open");
     tokio::time::advance(Duration::from_secs(1)).await;
     // Four at once while half-open: one probes (and fails slowly), three skip it.
     let concurrent = futures_util::future::join_all((0..4).map(|_| walk(&route, &fake))).await;
@@ -487,7 +492,7 @@ async fn half_open_lets_exactly_its_probes_through_and_each_reopening_doubles_th
     assert_eq!(fell_through(&walk(&route, &fake).await), [("a/m".to_string(), "circuitOpen")]);
     tokio::time::advance(ms(100)).await;
     assert_eq!(answered_by(&walk(&route, &fake).await), "a/m");
-    assert_eq!(route.steps[0].members[0].health.report(Instant::now())["state"], "closed");
+    assert_eq!(shown(&route.steps[0].members[0].health)["state"], "closed");
 }
 
 #[tokio::test(start_paused = true)]
@@ -497,7 +502,7 @@ async fn a_429_with_retry_after_keeps_the_target_out_exactly_that_long() {
     let fake = Fake::new(&[("a/m", &[limited, Play::Answer(ms(0))]), ("b/m", &[Play::Answer(ms(0))])]);
     let first = walk(&route, &fake).await;
     assert_eq!(fell_through(&first), [("a/m".to_string(), "rateLimited")], "5 s is beyond the 2 s backoff cap");
-    let shown = route.steps[0].members[0].health.report(Instant::now());
+    let shown = shown(&route.steps[0].members[0].health);
     assert_eq!(shown["state"], "open");
     assert_eq!(shown["retryInMs"], 5000, "{shown}");
     assert_eq!(shown["openedBecause"], "the provider asked to wait 5s (Retry-After)", "{shown}");
@@ -514,13 +519,14 @@ async fn an_apps_own_retry_earns_no_budget_and_walks_only_if_the_budget_allows()
     let fake = Fake::new(&[("a/m", failing), ("b/m", failing)]);
     let route = route(AB, "  retry: {attempts: 1, budgetPercent: 0, minRetriesPerSecond: 0}\n");
     let retry = Controls { client_retry: true, ..Controls::default() };
-    let Err(Unanswered::Exhausted { attempts, stopped, .. }) =
+    let Err(Unanswered::Exhausted { record }) =
         run(&route, &request(false), &fake, retry.clone(), Chance::Fixed(0.0)).await
     else {
         panic!("exhausted")
     };
-    assert!(attempts.is_empty(), "not one upstream call for a retry the budget cannot pay for");
-    assert!(stopped.is_some_and(|s| s.contains("the app's own retry")), "{stopped:?}");
+    assert!(record.attempts.is_empty(), "not one upstream call for a retry the budget cannot pay for");
+    assert_eq!(record.stop, Some(Stop::ClientRetryBudget));
+    assert!(record.stopped().is_some_and(|s| s.contains("the app's own retry")), "{:?}", record.stop);
     assert!(fake.labels().is_empty());
     // With budget to spare, a client retry walks the chain like any request.
     let generous = self::route(AB, "  retry: {attempts: 1, minRetriesPerSecond: 10}\n");
@@ -582,7 +588,8 @@ async fn under_the_defaults_a_stream_that_stops_thinking_falls_through_at_the_id
     assert_eq!(answered_by(&outcome), "b/m");
     assert_eq!(fake.calls()[1], ("b/m".into(), secs(65)), "60 s after the last sign of life");
     let Ok(answered) = outcome else { panic!("answered") };
-    assert!(answered.attempts[0].message.contains("stalled before its first content chunk"), "{:?}", answered.attempts);
+    let first = &answered.record.attempts[0];
+    assert!(first.message().contains("stalled before its first content chunk"), "{first:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -606,7 +613,7 @@ async fn an_override_drains_a_target_until_it_ends_and_a_drained_target_is_never
     let drained = walk(&route, &fake).await;
     assert_eq!(answered_by(&drained), "b/m");
     assert_eq!(fell_through(&drained), [("a/m".to_string(), "forcedOpen")]);
-    let shown = route.steps[0].members[0].health.report(Instant::now());
+    let shown = shown(&route.steps[0].members[0].health);
     assert_eq!(
         (shown["state"].as_str(), shown["openedBecause"].as_str()),
         (Some("forcedOpen"), Some("override: drill"))
@@ -621,11 +628,9 @@ async fn an_override_drains_a_target_until_it_ends_and_a_drained_target_is_never
         AB,
         "  overrides:\n    - {target: a/m, state: ForcedOpen, reason: x}\n    - {target: b, state: ForcedOpen, reason: y}\n",
     );
-    let Err(Unanswered::Exhausted { attempts, skipped, .. }) = walk(&both, &fake).await else {
-        panic!("nothing to try")
-    };
-    assert!(attempts.is_empty());
-    assert_eq!(skipped, ["a/m", "b/m"]);
+    let Err(Unanswered::Exhausted { record }) = walk(&both, &fake).await else { panic!("nothing to try") };
+    assert!(record.attempts.is_empty());
+    assert_eq!(record.out_of_rotation(), ["a/m", "b/m"]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -678,12 +683,13 @@ async fn every_attempt_is_recorded_with_the_span_it_sent_upstream() {
         ("b/m", &[Play::Answer(ms(10))]),
     ]);
     let answered = walk(&route, &fake).await.ok().expect("answered");
-    let recorded: Vec<_> = answered.attempts.iter().map(|a| (a.target.clone(), a.span)).collect();
+    let attempts = &answered.record.attempts;
+    let recorded: Vec<_> = attempts.iter().map(|a| (a.target.clone(), a.span)).collect();
     let sent: Vec<_> = fake.labels().into_iter().zip(fake.spans.lock().expect("lock").iter().copied()).collect();
     assert_eq!(recorded, sent);
     assert_eq!(recorded.len(), 3);
     assert!(recorded.windows(2).all(|w| w[0].1 != w[1].1), "each attempt has a span of its own");
-    let starts: Vec<Duration> = answered.attempts.iter().map(|a| a.started - answered.attempts[0].started).collect();
+    let starts: Vec<Duration> = attempts.iter().map(|a| a.started - attempts[0].started).collect();
     assert_eq!(starts[1], ms(50), "the retry started after its backoff (half of 100 ms with no jitter)");
 }
 

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::Chance;
 use super::controls::drill_names;
+use super::record::{Left, Skip, Why};
 use crate::health::Permit;
 use crate::health::balance::pick;
 use crate::health::breaker::{Admission, RefusedBy};
@@ -67,17 +68,17 @@ impl<'r> Walk<'r> {
     }
 
     /// Why `target` was passed over without an attempt.
-    fn skip_reason(&self, target: &Target, now: Instant) -> &'static str {
+    fn skip_reason(&self, target: &Target, now: Instant) -> Skip {
         if self.drilled(target) {
-            return "drill";
+            return Skip::Drill;
         }
         if self.ineligible.iter().any(|(l, _)| *l == target.label) {
-            return "ineligible";
+            return Skip::Ineligible;
         }
         match target.health.peek(now) {
-            Admission::Refused { by: RefusedBy::Fleet, .. } => "fleetOpen",
-            Admission::Refused { by: RefusedBy::Override, .. } => "forcedOpen",
-            _ => "circuitOpen",
+            Admission::Refused { by: RefusedBy::Fleet, .. } => Skip::FleetOpen,
+            Admission::Refused { by: RefusedBy::Override, .. } => Skip::ForcedOpen,
+            _ => Skip::CircuitOpen,
         }
     }
 
@@ -112,16 +113,14 @@ impl<'r> Walk<'r> {
         }
     }
 
-    fn note_skipped(&self, step: &Step, now: Instant, skipped: &mut Vec<(String, &'static str)>) {
-        skipped.extend(step.members.iter().map(|m| (m.label.clone(), self.skip_reason(m, now))));
+    fn note_skipped(&self, step: &Step, now: Instant, skipped: &mut Vec<Left>) {
+        skipped.extend(
+            step.members.iter().map(|m| Left { target: m.label.clone(), why: Why::Skipped(self.skip_reason(m, now)) }),
+        );
     }
 
     /// Moves to the next step that has an admitted member, noting the steps skipped.
-    pub(super) fn advance(
-        &mut self,
-        now: Instant,
-        skipped: &mut Vec<(String, &'static str)>,
-    ) -> Option<(Arc<Target>, Permit)> {
+    pub(super) fn advance(&mut self, now: Instant, skipped: &mut Vec<Left>) -> Option<(Arc<Target>, Permit)> {
         loop {
             self.step += 1;
             self.tried.clear();
@@ -140,7 +139,7 @@ impl<'r> Walk<'r> {
         &mut self,
         now: Instant,
         no_fallback: bool,
-        skipped: &mut Vec<(String, &'static str)>,
+        skipped: &mut Vec<Left>,
     ) -> Option<(Arc<Target>, Permit)> {
         self.step = 0;
         if let Some(admitted) = self.admit_member(now) {
@@ -169,7 +168,7 @@ impl<'r> Walk<'r> {
         self.step = step;
         self.tried = vec![member];
         let target = self.chain[step].members[member].clone();
-        skipped.retain(|(label, _)| *label != target.label);
+        skipped.retain(|left| left.target != target.label);
         self.attempts_here = 1;
         let permit = target.health.admit_forced(now);
         Some((target, permit))
@@ -180,7 +179,7 @@ impl<'r> Walk<'r> {
         &mut self,
         chain: &'r [Step],
         now: Instant,
-        skipped: &mut Vec<(String, &'static str)>,
+        skipped: &mut Vec<Left>,
     ) -> Option<(Arc<Target>, Permit)> {
         self.chain = chain;
         self.switched = true;

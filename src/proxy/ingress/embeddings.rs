@@ -5,8 +5,43 @@ use serde_json::Value;
 
 use super::Dialect;
 use super::openai::{OpenAiDialect, OpenAiStream};
+use crate::llm::request::{Operation, json_object};
 use crate::llm::{Api, ChatRequest, InvalidRequest};
 use crate::net::body::Body;
+
+/// Parses an OpenAI embeddings request body (`model`, `input`, and optional
+/// `encoding_format`, `dimensions`, `user`).
+pub fn parse(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+    let mut object = json_object(body)?;
+    let model = match object.remove("model") {
+        Some(Value::String(model)) if !model.is_empty() => model,
+        _ => return Err(InvalidRequest::new("`model` must be a non-empty string", Some("model"))),
+    };
+    let valid_input = match object.get("input") {
+        Some(Value::String(text)) => !text.is_empty(),
+        Some(Value::Array(items)) => {
+            !items.is_empty()
+                && (items.iter().all(|i| i.as_str().is_some_and(|s| !s.is_empty()))
+                    || items.iter().all(|i| i.is_u64())
+                    || items.iter().all(|i| i.as_array().is_some_and(|t| !t.is_empty() && t.iter().all(Value::is_u64))))
+        }
+        _ => false,
+    };
+    if !valid_input {
+        return Err(InvalidRequest::new(
+            "`input` must be a non-empty string, array of strings, array of tokens or array of token arrays",
+            Some("input"),
+        ));
+    }
+    Ok(ChatRequest {
+        model,
+        messages: Vec::new(),
+        stream: false,
+        rest: object,
+        origin: None,
+        operation: Operation::Embeddings,
+    })
+}
 
 /// OpenAI embeddings (`POST /v1/embeddings`): same errors, never streamed.
 pub struct EmbeddingsDialect;
@@ -16,7 +51,7 @@ impl Dialect for EmbeddingsDialect {
     type Renderer = OpenAiStream;
 
     fn parse(body: &[u8], _headers: &HeaderMap) -> Result<ChatRequest, InvalidRequest> {
-        ChatRequest::from_openai_embeddings_json(body)
+        parse(body)
     }
 
     fn error(status: StatusCode, message: &str, code: &str, param: Option<&str>, extra: Value) -> Response<Body> {

@@ -5,8 +5,8 @@
 //! the response.
 
 pub mod anthropic;
-pub mod convert;
 pub mod embeddings;
+pub mod named;
 pub mod openai;
 pub mod respond;
 pub mod responses;
@@ -17,8 +17,8 @@ use http::{HeaderMap, Response, StatusCode};
 use serde_json::Value;
 
 use super::fallback::{self, Chance, Controls, Upstreams};
-use super::observe::{Recorder, RequestFacts, StreamObserver, Summary};
-use super::shadow;
+use super::observe::{Observation, Recorder, RequestFacts, StreamObserver, Summary};
+use super::shadow::{self, Shadows, StreamShadow};
 use crate::llm::{Api, ChatRequest, InvalidRequest};
 use crate::net::body::Body;
 use crate::proxy::relay::StreamRenderer;
@@ -44,15 +44,26 @@ pub trait Dialect {
     fn renderer(api: Api, request: &ChatRequest) -> Self::Renderer;
 }
 
+/// What a request goes through once parsed: the upstream connections, the telemetry recorder,
+/// and the shadow comparisons.
+pub struct Through {
+    /// The upstream connections.
+    pub upstreams: Upstreams,
+    /// Telemetry.
+    pub recorder: Arc<Recorder>,
+    /// Shadow comparisons.
+    pub shadows: Arc<Shadows>,
+}
+
 /// Answers one chat request whose body has been read: parsed in the dialect's API, routed by
 /// `model`, walked down the route's chain through `transport`, and answered in the same API.
 pub async fn serve<D: Dialect>(
     snapshot: Arc<PolicySnapshot>,
     headers: &HeaderMap,
     body: &[u8],
-    upstreams: &Upstreams,
-    recorder: &Arc<Recorder>,
+    through: &Through,
 ) -> Response<Body> {
+    let Through { upstreams, recorder, shadows } = through;
     let request = match D::parse(body, headers) {
         Ok(request) => request,
         Err(invalid) => {
@@ -76,19 +87,21 @@ pub async fn serve<D: Dialect>(
         }
     };
     let drill = !controls.drill.is_empty();
-    let observation = recorder.start(headers);
+    let observation = Observation::start(recorder, headers);
     let outcome = {
         let transport = upstreams.traced(&observation.trace);
         fallback::run(route, &request, &transport, controls, Chance::Random).await
     };
     let summary = Summary::of(&outcome);
     let facts = RequestFacts::of(&request, drill);
-    let shadow =
-        if drill { None } else { shadow::sample(route, &request, &outcome, &observation.trace, upstreams, recorder) };
+    let shadow = if drill { None } else { shadow::sample(shadows, route, &request, &outcome, &observation.trace) };
     let (shadow, request_for_shadow) = shadow.unzip();
     if summary.streamed() {
-        let watch = StreamObserver::new(observation, route.clone(), facts, summary, shadow);
-        let response = drilled(respond::respond::<D>(route, &request, outcome, Some(Box::new(watch))), drill);
+        let observer = StreamObserver::new(observation, route.clone(), facts, summary);
+        let waiting =
+            shadow.zip(outcome.as_ref().ok()).and_then(|(pending, answered)| StreamShadow::new(pending, answered));
+        let watch = Box::new((observer, waiting));
+        let response = drilled(respond::respond::<D>(route, &request, outcome, Some(watch)), drill);
         if let Some(sender) = request_for_shadow {
             // Taken when the stream has ended, by the shadow's task.
             let _ = sender.send(request);

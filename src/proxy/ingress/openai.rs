@@ -7,12 +7,57 @@ use serde_json::{Value, json};
 
 use super::Dialect;
 use crate::llm::FailureClass;
+use crate::llm::request::{Message, Operation, json_object};
 use crate::llm::status::{openai_error_type, openai_error_type_of_class};
 use crate::llm::{Api, ChatRequest, InvalidRequest, StreamEvent};
 use crate::net::body::{Body, json_response};
 use crate::provider::neutral;
 use crate::proxy::relay::{self, StreamRenderer};
 use crate::snapshot::PolicySnapshot;
+
+/// Parses an OpenAI Chat Completions request body, rejecting what no provider would take.
+pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+    let mut object = json_object(body)?;
+    let model = match object.remove("model") {
+        Some(Value::String(model)) if !model.is_empty() => model,
+        Some(Value::String(_)) => {
+            return Err(InvalidRequest::new("`model` must not be empty", Some("model")));
+        }
+        Some(_) => {
+            return Err(InvalidRequest::new("`model` must be a string", Some("model")));
+        }
+        None => {
+            return Err(InvalidRequest::new("you must provide a model parameter (`model` is missing)", Some("model")));
+        }
+    };
+    let messages = match object.remove("messages") {
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                serde_json::from_value::<Message>(item)
+                    .map_err(|e| InvalidRequest::new(format!("`messages[{i}]` is invalid: {e}"), Some("messages")))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(Value::Array(_)) => {
+            return Err(InvalidRequest::new("`messages` must not be empty", Some("messages")));
+        }
+        Some(_) => {
+            return Err(InvalidRequest::new("`messages` must be an array", Some("messages")));
+        }
+        None => {
+            return Err(InvalidRequest::new("`messages` is missing", Some("messages")));
+        }
+    };
+    let stream = match object.remove("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(stream)) => stream,
+        Some(_) => {
+            return Err(InvalidRequest::new("`stream` must be a boolean", Some("stream")));
+        }
+    };
+    Ok(ChatRequest { model, messages, stream, rest: object, origin: None, operation: Operation::Chat })
+}
 
 /// OpenAI Chat Completions, as apps speak it.
 pub struct OpenAiDialect;
@@ -22,7 +67,7 @@ impl Dialect for OpenAiDialect {
     type Renderer = OpenAiStream;
 
     fn parse(body: &[u8], _headers: &HeaderMap) -> Result<ChatRequest, InvalidRequest> {
-        ChatRequest::from_openai_json(body)
+        parse_chat(body)
     }
 
     fn error(status: StatusCode, message: &str, code: &str, param: Option<&str>, extra: Value) -> Response<Body> {
@@ -80,4 +125,28 @@ pub fn models(snapshot: &PolicySnapshot) -> Response<Body> {
         .map(|alias| json!({"id": alias, "object": "model", "created": 0, "owned_by": "backstop"}))
         .collect();
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_what_no_provider_would_take() {
+        let cases = [
+            ("{", "not valid JSON"),
+            ("[]", "must be a JSON object"),
+            (r#"{"messages":[{"role":"user","content":"x"}]}"#, "`model` is missing"),
+            (r#"{"model":"","messages":[{"role":"user"}]}"#, "`model` must not be empty"),
+            (r#"{"model":3,"messages":[{"role":"user"}]}"#, "`model` must be a string"),
+            (r#"{"model":"m"}"#, "`messages` is missing"),
+            (r#"{"model":"m","messages":[]}"#, "`messages` must not be empty"),
+            (r#"{"model":"m","messages":[{"content":"x"}]}"#, "`messages[0]` is invalid"),
+            (r#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#, "`stream` must be a boolean"),
+        ];
+        for (body, expected) in cases {
+            let err = parse_chat(body.as_bytes()).expect_err(body);
+            assert!(err.message.contains(expected), "{body}: {}", err.message);
+        }
+    }
 }

@@ -12,8 +12,8 @@ use crate::llm::ChatRequest;
 use crate::llm::FailureClass;
 use crate::llm::status::status_of_class;
 use crate::net::body::{Body, json_bytes_response, json_response};
-use crate::proxy::fallback::{Answered, Attempt, Committed, Unanswered};
-use crate::proxy::{observe, relay};
+use crate::proxy::fallback::{Answered, Attempt, Committed, RequestRecord, Unanswered};
+use crate::proxy::relay;
 use crate::snapshot::Route;
 
 /// The response for the fallback loop's `outcome` on `route`; `watch` rides along with a
@@ -29,7 +29,8 @@ pub fn respond<D: Dialect>(
             log_answered(&route.alias, &answered);
             answer::<D>(answered, request, watch)
         }
-        Err(Unanswered::Final { target, error, attempts }) => {
+        Err(Unanswered::Final { target, error, record }) => {
+            let attempts = &record.attempts;
             tracing::info!(route = %route.alias, target_label = %target.label, class = %error.class,
                 status = error.status.unwrap_or_default(), attempts = attempts.len(),
                 "returning the provider's error: `fallbackOn` does not cover it");
@@ -66,9 +67,7 @@ pub fn respond<D: Dialect>(
                 Value::Null,
             )
         }
-        Err(Unanswered::Exhausted { attempts, skipped, deadline_exceeded, stopped, retry_after }) => {
-            exhausted::<D>(&route.alias, &attempts, &skipped, deadline_exceeded, stopped, retry_after)
-        }
+        Err(Unanswered::Exhausted { record }) => exhausted::<D>(&route.alias, &record),
     };
     set_header(&mut response, "x-backstop-route", &route.alias);
     response
@@ -80,16 +79,13 @@ fn app_status(class: FailureClass) -> StatusCode {
 }
 
 fn log_answered(route: &str, answered: &Answered) {
-    if answered.fell_through.iter().all(|(_, why)| observe::passed_over(why)) {
-        tracing::debug!(route, target_label = %answered.target.label, attempts = answered.attempts.len(), "answered");
+    let record = &answered.record;
+    if record.fell_through() {
+        tracing::info!(route, target_label = %answered.target.label, attempts = record.attempts.len(),
+            fell_through = %record.fallback_reason(), "answered after falling through");
     } else {
-        tracing::info!(route, target_label = %answered.target.label, attempts = answered.attempts.len(),
-            fell_through = %fallback_reason(&answered.fell_through), "answered after falling through");
+        tracing::debug!(route, target_label = %answered.target.label, attempts = record.attempts.len(), "answered");
     }
-}
-
-fn fallback_reason(fell_through: &[(String, &'static str)]) -> String {
-    fell_through.iter().map(|(target, why)| format!("{target}={why}")).collect::<Vec<_>>().join(", ")
 }
 
 fn answer<D: Dialect>(
@@ -97,7 +93,7 @@ fn answer<D: Dialect>(
     request: &ChatRequest,
     watch: Option<Box<dyn relay::StreamWatch>>,
 ) -> Response<Body> {
-    let Answered { target, reply, attempts, fell_through } = answered;
+    let Answered { target, reply, record } = answered;
     let mut response = match reply {
         Committed::Complete { body, api } => match body.raw {
             // Same API, nothing to change: the provider's bytes, not decoded and encoded again.
@@ -117,9 +113,9 @@ fn answer<D: Dialect>(
     };
     set_header(&mut response, "x-backstop-provider", &target.provider.name);
     set_header(&mut response, "x-backstop-model", &target.model);
-    set_header(&mut response, "x-backstop-attempts", &attempts.len().to_string());
-    if !fell_through.is_empty() {
-        set_header(&mut response, "x-backstop-fallback-reason", &fallback_reason(&fell_through));
+    set_header(&mut response, "x-backstop-attempts", &record.attempts.len().to_string());
+    if !record.left.is_empty() {
+        set_header(&mut response, "x-backstop-fallback-reason", &record.fallback_reason());
     }
     response
 }
@@ -127,16 +123,11 @@ fn answer<D: Dialect>(
 /// The answer when every target failed: 429 if every attempt was rate limited, 504 if the
 /// deadline ran out, 503 if every attempt found the targets overloaded, else 502. The message
 /// lists each attempt; authentication errors show only their status.
-fn exhausted<D: Dialect>(
-    route: &str,
-    attempts: &[Attempt],
-    skipped: &[String],
-    deadline_exceeded: bool,
-    stopped: Option<&'static str>,
-    retry_after: Option<Duration>,
-) -> Response<Body> {
-    let failed: Vec<&Attempt> = attempts.iter().filter(|a| a.class.is_some()).collect();
-    let every = |class: FailureClass| !failed.is_empty() && failed.iter().all(|a| a.class == Some(class));
+fn exhausted<D: Dialect>(route: &str, record: &RequestRecord) -> Response<Body> {
+    let (attempts, skipped, retry_after) = (&record.attempts, record.out_of_rotation(), record.retry_after);
+    let (deadline_exceeded, stopped) = (record.deadline_exceeded(), record.stopped());
+    let failed: Vec<&Attempt> = attempts.iter().filter(|a| a.class().is_some()).collect();
+    let every = |class: FailureClass| !failed.is_empty() && failed.iter().all(|a| a.class() == Some(class));
     let (status, code) = if attempts.is_empty() {
         (StatusCode::SERVICE_UNAVAILABLE, "no_target_available")
     } else if every(FailureClass::RateLimited) {
@@ -151,10 +142,10 @@ fn exhausted<D: Dialect>(
     let listed: Vec<String> = attempts
         .iter()
         .map(|a| {
-            let class = a.class.map_or("cancelled", FailureClass::as_str);
-            match a.status {
-                Some(s) => format!("{} {class} ({s}): {}", a.target, a.message),
-                None => format!("{} {class}: {}", a.target, a.message),
+            let class = a.class().map_or("cancelled", FailureClass::as_str);
+            match a.status() {
+                Some(s) => format!("{} {class} ({s}): {}", a.target, a.message()),
+                None => format!("{} {class}: {}", a.target, a.message()),
             }
         })
         .collect();
@@ -174,7 +165,7 @@ fn exhausted<D: Dialect>(
     tracing::warn!(route, attempts = attempts.len(), status = status.as_u16(), %message, "no target answered");
     let detail: Vec<Value> = attempts
         .iter()
-        .map(|a| json!({"target": a.target, "class": a.class.map(FailureClass::as_str), "status": a.status, "message": a.message}))
+        .map(|a| json!({"target": a.target, "class": a.class().map(FailureClass::as_str), "status": a.status(), "message": a.message()}))
         .collect();
     let extra = json!({"attempts": detail, "skipped": skipped, "stopped": stopped});
     let mut response = D::error(status, &message, code, None, extra);

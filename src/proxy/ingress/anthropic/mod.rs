@@ -12,12 +12,41 @@ use http::{HeaderMap, Response, StatusCode};
 use serde_json::{Value, json};
 
 use super::Dialect;
-use super::convert::{ToAnthropicStream, to_anthropic_message};
+use super::named::{FromChat, ToNamedEvents};
 use crate::llm::FailureClass;
 use crate::llm::status::{anthropic_error_type, status_of_class};
 use crate::llm::{Api, ChatRequest, InvalidRequest, StreamEvent};
 use crate::net::body::{Body, json_response};
+use crate::provider::neutral::to_openai_completion;
 use crate::proxy::relay::{self, StreamRenderer};
+
+/// A complete answer as an Anthropic Messages answer.
+pub fn to_anthropic_message(api: Api, answer: Value) -> Value {
+    match api {
+        Api::Anthropic => answer,
+        other => answer::from_openai_completion(&to_openai_completion(other, &answer)),
+    }
+}
+
+/// Provider events as Messages events.
+pub type ToAnthropicStream = ToNamedEvents<stream::FromOpenAiStream>;
+
+impl ToAnthropicStream {
+    /// A translator for events in `api`'s format.
+    pub fn new(api: Api) -> Self {
+        ToNamedEvents::between(api, Api::Anthropic, stream::FromOpenAiStream::new)
+    }
+}
+
+impl FromChat for stream::FromOpenAiStream {
+    fn push_chunk(&mut self, chunk: &Value) -> Vec<(String, Value)> {
+        self.push(chunk).into_iter().map(|(name, data)| (name.to_string(), data)).collect()
+    }
+
+    fn finish_events(&mut self) -> Vec<(String, Value)> {
+        self.finish().into_iter().map(|(name, data)| (name.to_string(), data)).collect()
+    }
+}
 
 /// Anthropic Messages, as apps speak it.
 pub struct AnthropicDialect;

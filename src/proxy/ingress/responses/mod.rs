@@ -10,7 +10,7 @@ use http::{HeaderMap, Response, StatusCode};
 use serde_json::{Value, json};
 
 use super::Dialect;
-use super::convert::ToResponsesStream;
+use super::named::{FromChat, ToNamedEvents};
 use super::openai::OpenAiDialect;
 use crate::llm::FailureClass;
 use crate::llm::status::openai_error_type_of_class;
@@ -18,6 +18,26 @@ use crate::llm::{Api, ChatRequest, InvalidRequest, StreamEvent};
 use crate::net::body::Body;
 use crate::provider::neutral::to_openai_completion;
 use crate::proxy::relay::{self, StreamRenderer};
+
+/// Provider events as Responses events.
+pub type ToResponsesStream = ToNamedEvents<stream::FromChatStream>;
+
+impl ToResponsesStream {
+    /// A translator for events in `api`'s format, answering the app's `request`.
+    pub fn new(api: Api, request: &ChatRequest) -> Self {
+        ToNamedEvents::between(api, Api::Responses, || stream::FromChatStream::new(request))
+    }
+}
+
+impl FromChat for stream::FromChatStream {
+    fn push_chunk(&mut self, chunk: &Value) -> Vec<(String, Value)> {
+        self.push(chunk)
+    }
+
+    fn finish_events(&mut self) -> Vec<(String, Value)> {
+        self.finish()
+    }
+}
 
 /// OpenAI Responses (`POST /v1/responses`): OpenAI's error format; answers and streams as
 /// Response objects and Responses events.

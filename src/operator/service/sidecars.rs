@@ -4,9 +4,9 @@
 //! older, which is told to end.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -51,7 +51,7 @@ pub struct Sidecars {
 
 impl Sidecars {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
-        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+        self.pods.lock()
     }
 
     /// A stream of pod `uid` opened: returns its session number and a signal that turns true
@@ -94,7 +94,7 @@ impl Sidecars {
         let mut all = self.local();
         let mut seen: HashSet<String> = all.iter().map(|s| s.uid.clone()).collect();
         let now = Instant::now();
-        for (sidecars, at) in self.remote.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        for (sidecars, at) in self.remote.lock().values() {
             if now.saturating_duration_since(*at) < REMOTE_FRESH {
                 all.extend(sidecars.iter().filter(|s| seen.insert(s.uid.clone())).cloned());
             }
@@ -104,12 +104,12 @@ impl Sidecars {
 
     /// Another replica's sidecars, as it reported them.
     pub fn set_remote(&self, replica: &str, sidecars: Vec<Sidecar>) {
-        self.remote.lock().unwrap_or_else(|p| p.into_inner()).insert(replica.to_string(), (sidecars, Instant::now()));
+        self.remote.lock().insert(replica.to_string(), (sidecars, Instant::now()));
     }
 
     /// Forgets another replica's sidecars (its link ended).
     pub fn clear_remote(&self, replica: &str) {
-        self.remote.lock().unwrap_or_else(|p| p.into_inner()).remove(replica);
+        self.remote.lock().remove(replica);
     }
 
     /// How many are connected to this replica.

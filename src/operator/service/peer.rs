@@ -35,7 +35,6 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use rand::Rng as _;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -44,13 +43,11 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::sidecars::{Sidecar, Sidecars};
+use super::tls::ReloadingCert;
+use crate::backoff::{self, Backoff};
 use crate::configstream::{HEARTBEAT, Lines, STREAM_IDLE, line};
-use crate::net::body::text_response;
 use crate::net::body::{Body, BoxError};
-use crate::operator::config::ConfigService;
-use crate::operator::config::auth::bearer;
-use crate::operator::config::sidecars::{Sidecar, Sidecars};
-use crate::operator::config::tls::ReloadingCert;
 use crate::operator::fleet::{Decision, DecisionPhase, FleetView, Forwarded};
 use crate::operator::leader::Holder;
 
@@ -93,6 +90,8 @@ fn one() -> u32 {
 const SIDECARS_PER_PAGE: usize = 200;
 /// The largest message either replica reads from the other.
 const MAX_PEER_BYTES: usize = 1 << 20;
+/// Waits between failed attempts to reach the leader.
+const FORWARD_RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
 /// The pages of one round of a replica's sidecars.
 fn sidecar_pages(sidecars: Vec<Sidecar>) -> Vec<ToLeader> {
@@ -196,30 +195,32 @@ pub enum FromLeader {
     Heartbeat,
 }
 
-/// The leader's side: one replica's stream.
-pub async fn serve(service: Arc<ConfigService>, request: Request<Incoming>) -> Response<Body> {
-    let replica = request.headers().get(REPLICA_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-    if let Err(error) = service.auth.authenticate_peer(bearer(request.headers()), &service.peer_token_file).await {
-        tracing::warn!(%replica, %error, "a peer was refused");
-        return text_response(error.status(), &format!("{error}\n"));
-    }
-    if !*service.leader.borrow() {
-        return text_response(StatusCode::MISDIRECTED_REQUEST, "this replica does not lead\n");
-    }
+/// What the leader's side of a peer stream reads and feeds: this replica's fleet view and
+/// sidecars, and when to stop (shutdown, or the lead lost).
+#[derive(Clone)]
+pub struct Leading {
+    /// The fleet view the replicas' evidence feeds and decisions come from.
+    pub fleet: Arc<FleetView>,
+    /// The sidecars, the replicas' own listed beside this replica's.
+    pub sidecars: Arc<Sidecars>,
+    /// Turns true at shutdown.
+    pub shutdown: watch::Receiver<bool>,
+    /// Whether this replica leads.
+    pub leader: watch::Receiver<bool>,
+}
+
+/// The leader's side: one authenticated replica's stream, answered with the fleet's decisions
+/// as they change while the replica's evidence is read.
+pub fn serve(leading: Leading, replica: String, body: Incoming) -> Response<Body> {
     tracing::info!(%replica, "a replica forwards its sidecars' evidence here");
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(8);
-    tokio::spawn(lead(service, replica, request.into_body(), tx));
+    tokio::spawn(lead(leading, replica, body, tx));
     let frames = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|frame| (frame, rx)) });
     Response::new(Body::new(StreamBody::new(frames)))
 }
 
-async fn lead(
-    service: Arc<ConfigService>,
-    replica: String,
-    mut body: Incoming,
-    tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
-) {
-    let fleet = service.fleet.clone();
+async fn lead(leading: Leading, replica: String, mut body: Incoming, tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>) {
+    let Leading { fleet, sidecars, mut shutdown, mut leader } = leading;
     let mut changes = fleet.changes();
     let mut sent: HashMap<String, u64> = HashMap::new();
     let mut joined: HashSet<(String, String)> = HashSet::new();
@@ -227,8 +228,6 @@ async fn lead(
     let mut round = Round::default();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut heard = Instant::now();
-    let mut shutdown = service.shutdown.clone();
-    let mut leader = service.leader.clone();
     let send = |message: &FromLeader| {
         let tx = tx.clone();
         let bytes = line(message);
@@ -275,9 +274,9 @@ async fn lead(
                                 }
                                 fleet.take_forwarded(evidence, Instant::now());
                             }
-                            Ok(ToLeader::Sidecars { sidecars, page, pages }) => {
-                                if let Some(all) = round.take(sidecars, page, pages) {
-                                    service.sidecars.set_remote(&replica, all);
+                            Ok(ToLeader::Sidecars { sidecars: listed, page, pages }) => {
+                                if let Some(all) = round.take(listed, page, pages) {
+                                    sidecars.set_remote(&replica, all);
                                 }
                             }
                             Err(error) => tracing::debug!(%replica, %error, "unreadable peer message"),
@@ -291,7 +290,7 @@ async fn lead(
     for (namespace, pod) in joined {
         fleet.take_forwarded(Forwarded::Leave { namespace, pod }, Instant::now());
     }
-    service.sidecars.clear_remote(&replica);
+    sidecars.clear_remote(&replica);
     tracing::info!(%replica, "a replica's peer stream ended");
 }
 
@@ -364,9 +363,7 @@ impl Follower {
                         last_error = Some(text);
                     }
                     failures = failures.saturating_add(1);
-                    let ceiling =
-                        Duration::from_millis(250).saturating_mul(1 << failures.min(7)).min(Duration::from_secs(30));
-                    let wait = ceiling.mul_f64(rand::rng().random_range(0.1..=1.0));
+                    let wait = backoff::spread(FORWARD_RETRY.after(failures), rand::random());
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         Ok(()) = self.holder.changed() => {}

@@ -387,9 +387,9 @@ mod tests {
 
     use super::*;
     use crate::configstream::TargetReport;
-    use crate::operator::config::sidecars::Sidecars;
     use crate::operator::fleet::FleetView;
     use crate::operator::served::ServedPolicies;
+    use crate::operator::service::sidecars::Sidecars;
     use crate::testing::{CLUSTER_POLICY, served};
 
     type Up = mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>;
@@ -418,7 +418,7 @@ mod tests {
         let (_, leader) = watch::channel(true);
         let service = Arc::new(ConfigService::new(
             client,
-            crate::operator::config::Shared { served, fleet, sidecars: Arc::new(Sidecars::default()), leader },
+            crate::operator::service::Shared { served, fleet, sidecars: Arc::new(Sidecars::default()), leader },
             "/nonexistent".into(),
             &crate::telemetry::Metrics::new("backstop-test").expect("metrics"),
             stopped,

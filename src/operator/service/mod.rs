@@ -3,11 +3,12 @@
 //!
 //! Every replica serves it from its own warm copy of the served policies, so sidecars connect
 //! to whichever replica the Service picks; the same listener carries the other replicas'
-//! streams to the leader ([`crate::operator::peer`]). Connections are bounded (`--config-max-connections`),
+//! streams to the leader ([`peer`]). Connections are bounded (`--config-max-connections`),
 //! each carries at most a few HTTP/2 streams, a pod has one stream at a time, and reports are
 //! rate limited per stream; token reviews are bounded and cached ([`auth`]).
 
 pub mod auth;
+pub mod peer;
 pub mod session;
 pub mod sidecars;
 pub mod tls;
@@ -29,9 +30,9 @@ use crate::net::body::{Body, BoxError};
 use crate::net::server::{Options, serve_with};
 use crate::operator::fleet::FleetView;
 use crate::operator::leader::Leadership;
-use crate::operator::peer::{self, PEER_PATH};
 use crate::operator::served::ServedPolicies;
 use auth::{Authenticator, bearer};
+use peer::{Leading, PEER_PATH, REPLICA_HEADER};
 use session::Session;
 use sidecars::Sidecars;
 use tls::ReloadingCert;
@@ -121,10 +122,30 @@ impl ConfigService {
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         match (request.method(), request.uri().path()) {
             (&Method::POST, STREAM_PATH) => self.stream(request).await,
-            (&Method::POST, PEER_PATH) => peer::serve(self, request).await,
+            (&Method::POST, PEER_PATH) => self.peer(request).await,
             (_, STREAM_PATH) => text_response(StatusCode::METHOD_NOT_ALLOWED, "POST the stream\n"),
             _ => text_response(StatusCode::NOT_FOUND, "not found; sidecars POST /v1/stream\n"),
         }
+    }
+
+    /// Another replica's peer stream: taken only by the leader, only from a replica.
+    async fn peer(&self, request: Request<Incoming>) -> Response<Body> {
+        let replica =
+            request.headers().get(REPLICA_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        if let Err(error) = self.auth.authenticate_peer(bearer(request.headers()), &self.peer_token_file).await {
+            tracing::warn!(%replica, %error, "a peer was refused");
+            return text_response(error.status(), &format!("{error}\n"));
+        }
+        if !*self.leader.borrow() {
+            return text_response(StatusCode::MISDIRECTED_REQUEST, "this replica does not lead\n");
+        }
+        let leading = Leading {
+            fleet: self.fleet.clone(),
+            sidecars: self.sidecars.clone(),
+            shutdown: self.shutdown.clone(),
+            leader: self.leader.clone(),
+        };
+        peer::serve(leading, replica, request.into_body())
     }
 
     async fn stream(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {

@@ -4,10 +4,11 @@
 //! works, and is logged once.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -87,7 +88,7 @@ impl ReloadingCert {
 
     /// Loads the files again if they changed; returns whether a new certificate is in force.
     pub fn reload(&self) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = self.seen.lock();
         let loaded =
             read(&self.cert_file).and_then(|cert| Ok((cert, read(&self.key_file)?))).and_then(|(cert, key)| {
                 if (&cert, &key) == (&seen.0, &seen.1) {

@@ -17,7 +17,6 @@
 //! stranger costs the API server nothing.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -27,6 +26,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::core::PartialObjectMeta;
 use kube::{Api, Client};
+use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -132,7 +132,7 @@ impl Authenticator {
 
     /// A refusal remembered for `key`, if one is.
     fn refused_before(&self, key: &[u8; 32], now: Instant) -> Option<AuthError> {
-        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let refused = self.refused.lock();
         refused.get(key).filter(|(_, until)| *until > now).map(|(why, _)| AuthError::Rejected(why.clone()))
     }
 
@@ -141,7 +141,7 @@ impl Authenticator {
         if !error.is_refusal() {
             return;
         }
-        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let mut refused = self.refused.lock();
         if refused.len() >= REFUSED_ENTRIES {
             refused.retain(|_, (_, until)| *until > now);
         }
@@ -175,7 +175,7 @@ impl Authenticator {
             return Ok(identity);
         }
         let identity = self.review(token).await?;
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.cache.lock();
         if cache.len() >= CACHE_ENTRIES {
             cache.retain(|_, (_, until)| *until > now);
         }
@@ -186,7 +186,7 @@ impl Authenticator {
     }
 
     fn cached(&self, key: &[u8; 32], now: Instant) -> Option<(Identity, Instant)> {
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let cache = self.cache.lock();
         cache
             .get(key)
             .filter(|(identity, until)| {
@@ -271,13 +271,13 @@ impl Authenticator {
                 bounded(&claims.subject)
             )));
         }
-        let own = self.own_user.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let own = self.own_user.lock().clone();
         let own = match own {
             Some(own) => own,
             None => {
                 let _permit = self.slot().await?;
                 let (own, _) = self.review_user(mine.trim()).await?;
-                *self.own_user.lock().unwrap_or_else(|p| p.into_inner()) = Some(own.clone());
+                *self.own_user.lock() = Some(own.clone());
                 own
             }
         };

@@ -3,18 +3,19 @@
 //! server tests (`tests/integration/operator.rs`) show the behaviour; these pin the traffic:
 //! what a reconcile reads, and that a steady or standby reconcile writes nothing.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
+use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::reconcile::reconcile;
-use super::served::ServedPolicies;
-use super::{Context, Instruments};
+use super::reconcile;
+use crate::operator::served::ServedPolicies;
+use crate::operator::{Context, Instruments};
 use crate::policy::{FallbackPolicy, FallbackPolicyStatus};
 use crate::telemetry::Metrics;
 

@@ -19,6 +19,7 @@ use super::Context;
 use super::secrets::{SecretKeys, referenced};
 use super::served::ServedPolicy;
 use super::status::{self, FIELD_MANAGER, Reason, Verdict};
+use crate::backoff::Backoff;
 use crate::chain::compile;
 use crate::policy::FallbackPolicy;
 
@@ -176,12 +177,18 @@ fn truncate_note(message: &str) -> String {
     message[..end].to_string()
 }
 
+/// Requeues after failed reconciles of one policy.
+const REQUEUE: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
+
 /// What the controller does after a failed reconcile: retry with backoff per policy, from 1 s
 /// doubling up to 5 minutes, and count it.
 pub fn error_policy(policy: Arc<FallbackPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = format!("{}/{}", policy.namespace().unwrap_or_default(), policy.name_any());
     let failures = ctx.note_failure(&key);
-    let wait = Duration::from_secs(1u64 << failures.min(8)).min(Duration::from_secs(300));
+    let wait = REQUEUE.nth(failures);
     tracing::warn!(policy = %key, %error, retry_in_s = wait.as_secs(), "reconcile failed");
     Action::requeue(wait)
 }
+
+#[cfg(test)]
+mod tests;
