@@ -6,6 +6,8 @@
 //! run, so the ratios hold however fast the machine is:
 //!
 //! - passthrough at concurrency 1, 16 and 64: requests/s, p50 and p99, each way;
+//! - fixed rates of 1,000 and 5,000 requests/s (an open loop: latency from when each request was
+//!   due): p50, p99 and p99.9, each way;
 //! - streaming: time to first byte, and how late each later chunk arrives compared with the
 //!   direct call (chunks are forwarded as they arrive, or this grows by the chunk spacing);
 //! - a fall-through: the first target answers 503 at once, the second answers; the cost beyond
@@ -24,7 +26,8 @@
 //! - `BENCH_JSON`: where the results go as JSON (default `target/bench/proxy.json`);
 //! - `BENCH_CHECK`: a JSON file of floors and ceilings (`benches/proxy-limits.json`); the run
 //!   fails if a measured ratio crosses one (CI's regression step);
-//! - `BENCH_QUICK=1`: only the passthrough, streaming, fall-through and shadow scenarios;
+//! - `BENCH_QUICK=1`: only the passthrough, fixed-rate, streaming, fall-through and shadow
+//!   scenarios;
 //! - `BACKSTOP_BENCH_BIN`: another sidecar binary to measure with this harness;
 //! - head to head: `BENCH_COMPARE_URL=http://127.0.0.1:4000/v1` measures another proxy's
 //!   passthrough beside the sidecar's. Pin the upstream with `BENCH_UPSTREAM=127.0.0.1:18080`
@@ -370,6 +373,98 @@ async fn load(to: &Endpoint, concurrency: usize, seconds: f64) -> Load {
     Load { rps: all.len() as f64 / elapsed, p50: quantile(&all, 0.50), p99: quantile(&all, 0.99), errors }
 }
 
+/// Latencies at a fixed request rate.
+struct OpenLoop {
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+    sent: usize,
+    errors: usize,
+}
+
+/// `rate` requests a second for `seconds`, each sent on its schedule on a task of its own
+/// whether or not earlier ones have been answered (an open loop), its latency taken from when
+/// it was due: time spent queued behind a slow answer counts. A thread of its own keeps the
+/// schedule (the runtime's timer has a millisecond grain; a thread's sleep is about 60 µs late
+/// at most), alike for every endpoint measured.
+async fn open_loop(to: &Endpoint, rate: f64, seconds: f64) -> OpenLoop {
+    let client = client();
+    for _ in 0..8 {
+        let _ = client.request(to.request(false)).await.map(|r| r.into_body());
+    }
+    let total = (rate * seconds) as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let runtime = tokio::runtime::Handle::current();
+    let to = to.clone();
+    let pacer = std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut tasks = Vec::with_capacity(total);
+        for next in 0..total {
+            let due = started + interval * next as u32;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let (client, request) = (client.clone(), to.request(false));
+            tasks.push(runtime.spawn(async move {
+                match client.request(request).await {
+                    Ok(response) if response.status().is_success() => {
+                        response.into_body().collect().await.ok().map(|_| due.elapsed())
+                    }
+                    _ => None,
+                }
+            }));
+        }
+        tasks
+    });
+    let tasks = tokio::task::spawn_blocking(move || pacer.join().expect("pacer")).await.expect("pacer");
+    let mut latencies = Vec::with_capacity(total);
+    for task in tasks {
+        if let Ok(Some(latency)) = task.await {
+            latencies.push(latency);
+        }
+    }
+    latencies.sort();
+    OpenLoop {
+        p50: quantile(&latencies, 0.50),
+        p99: quantile(&latencies, 0.99),
+        p999: quantile(&latencies, 0.999),
+        errors: total - latencies.len(),
+        sent: total,
+    }
+}
+
+/// The fixed-rate row: the latency the sidecar adds at `rate` requests a second.
+fn fixed_rate_row(rate: f64, direct: &OpenLoop, proxied: &OpenLoop) -> Value {
+    println!(
+        "| {rate:.0} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {} |",
+        us(direct.p50),
+        us(direct.p99),
+        us(direct.p999),
+        us(proxied.p50),
+        us(proxied.p99),
+        us(proxied.p999),
+        us(proxied.p50) - us(direct.p50),
+        us(proxied.p99) - us(direct.p99),
+        us(proxied.p999) - us(direct.p999),
+        direct.errors + proxied.errors,
+    );
+    json!({
+        "rate": rate,
+        "sent": direct.sent + proxied.sent,
+        "direct_p50_us": us(direct.p50),
+        "direct_p99_us": us(direct.p99),
+        "direct_p999_us": us(direct.p999),
+        "proxied_p50_us": us(proxied.p50),
+        "proxied_p99_us": us(proxied.p99),
+        "proxied_p999_us": us(proxied.p999),
+        "p50_added_us": us(proxied.p50) - us(direct.p50),
+        "p99_added_us": us(proxied.p99) - us(direct.p99),
+        "p999_added_us": us(proxied.p999) - us(direct.p999),
+        "errors": direct.errors + proxied.errors,
+    })
+}
+
 fn quantile(sorted: &[Duration], q: f64) -> Duration {
     sorted.get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or_default()
 }
@@ -428,6 +523,8 @@ async fn stream_timing(to: &Endpoint, n: usize) -> (Duration, Vec<Duration>) {
 #[derive(Clone, Copy)]
 struct Memory {
     rss_mib: f64,
+    /// Resident anonymous memory: the heap and stacks, without the mapped binary.
+    anon_mib: f64,
     peak_mib: f64,
 }
 
@@ -442,7 +539,7 @@ fn rss(pid: u32) -> Memory {
             .unwrap_or(0.0)
             / 1024.0
     };
-    Memory { rss_mib: field("VmRSS:"), peak_mib: field("VmHWM:") }
+    Memory { rss_mib: field("VmRSS:"), anon_mib: field("RssAnon:"), peak_mib: field("VmHWM:") }
 }
 
 fn us(d: Duration) -> f64 {
@@ -652,6 +749,20 @@ async fn run(seconds: f64, quick: bool) -> Value {
         results.insert("compared", Value::Array(compared));
     }
 
+    // Fixed rates: the latency added when requests arrive on a schedule, as users size a
+    // deployment, rather than as fast as a closed loop can send them.
+    println!(
+        "\n| requests/s | direct p50 / p99 / p99.9 µs | proxied p50 / p99 / p99.9 µs | added p50 / p99 / p99.9 µs | errors |"
+    );
+    println!("|---|---|---|---|---|");
+    let mut fixed = Vec::new();
+    for rate in [1000.0, 5000.0] {
+        let direct = open_loop(&direct_to, rate, seconds).await;
+        let proxied = open_loop(&sidecar_to, rate, seconds).await;
+        fixed.push(fixed_rate_row(rate, &direct, &proxied));
+    }
+    results.insert("fixed_rate", Value::Array(fixed));
+
     // Streaming: first byte, then each chunk against the direct call's.
     let (direct_first, _) = stream_timing(&Endpoint::direct(upstream, "bench-model"), 300).await;
     let (proxied_first, _) = stream_timing(&Endpoint::direct(sidecar.llm, "chat"), 300).await;
@@ -716,9 +827,11 @@ async fn run(seconds: f64, quick: bool) -> Value {
         dead_primary(&sidecar, &direct_to, &mut results).await;
         let after = sidecar.rss();
         let streams = open_streams(&sidecar, 1000, &release).await;
+        let per_stream_kib = (streams.rss_mib - after.rss_mib) * 1024.0 / 1000.0;
         println!(
-            "memory: {:.1} MiB resident idle, {:.1} MiB after the load, {:.1} MiB holding 1,000 open streams, {:.1} MiB peak",
-            idle.rss_mib, after.rss_mib, streams.rss_mib, streams.peak_mib
+            "memory: {:.1} MiB resident idle ({:.1} MiB anonymous), {:.1} MiB after the load, {:.1} MiB holding 1,000 open streams \
+             ({per_stream_kib:.1} KiB a stream beyond the loaded sidecar), {:.1} MiB peak",
+            idle.rss_mib, idle.anon_mib, after.rss_mib, streams.rss_mib, streams.peak_mib
         );
         results.insert(
             "memory",
@@ -727,6 +840,8 @@ async fn run(seconds: f64, quick: bool) -> Value {
                 "after_load_mib": after.rss_mib,
                 "open_streams": 1000,
                 "open_streams_mib": streams.rss_mib,
+                "per_stream_kib": per_stream_kib,
+                "idle_anon_mib": idle.anon_mib,
                 "peak_mib": streams.peak_mib,
             }),
         );
