@@ -389,6 +389,50 @@ spec:
     assert!(!receiver.spans().iter().any(|s| hex(&s.trace_id) == unsampled), "an unsampled trace was exported");
 }
 
+/// A collector that refuses connections must not slow the app's calls: the exporter's retries
+/// wait on the runtime's timer, never by blocking the thread that serves requests (the sidecar
+/// runs one by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_refuses_connections_never_stalls_a_request() {
+    let refused = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
+    };
+    let upstream = Upstream::start(Fault::Ok).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: refused, namespace: tests}}\nspec:\n  providers:\n    - {{name: up, type: openai-compatible, baseUrl: \"{}\"}}\n  routes:\n    - {{model: chat, chain: [{{provider: up, model: m}}]}}\n",
+            upstream.base_url()
+        ),
+    )
+    .expect("policy");
+    // The listener is gone: every export attempt is refused at once, and retried.
+    let (_child, llm, _) = start_sidecar(&policy, refused).await;
+    let url = format!("http://{llm}/v1/chat/completions");
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let started = tokio::time::Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut sent = 0;
+    // Spans leave in batches after at most half a second; three seconds see several exports
+    // fail and be retried.
+    while started.elapsed() < Duration::from_secs(3) {
+        let sent_at = tokio::time::Instant::now();
+        let answer =
+            post_raw(&url, body.clone(), &[("traceparent", "00-7ef92f3577b34da6a3ce929d0e0e4739-00f067aa0ba902b7-01")])
+                .await;
+        assert_eq!(answer.status, 200);
+        slowest = slowest.max(sent_at.elapsed());
+        sent += 1;
+    }
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a request took {slowest:?} while the collector refused exports ({sent} sent): the export's retry blocked the runtime"
+    );
+}
+
 /// A chain that runs out with targets passed over for different reasons: each is exported
 /// under its own reason, as an event of the request's span and as a fallback metric.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
