@@ -125,3 +125,32 @@ pub(crate) fn span_data() -> opentelemetry_sdk::trace::SpanData {
     }
     .into_data(&context, &opentelemetry::InstrumentationScope::builder("backstop").build())
 }
+
+/// A log line sink for one test's subscriber.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `f` with its `tracing` events (debug and above) written as text: what `f` returned,
+/// and the lines.
+pub(crate) fn logged<R>(f: impl FnOnce() -> R) -> (R, String) {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    let value = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8_lossy(&logs.0.lock()).into_owned();
+    (value, text)
+}

@@ -14,6 +14,7 @@ use crate::net::body::{Body, json_response, text_response};
 use crate::policy::TargetState;
 use crate::snapshot::PolicyStore;
 use crate::telemetry::Metrics;
+use crate::telemetry::otlp::Exports;
 
 /// Registers the gauges that show the sidecar's link to the operator and whether it passes
 /// calls through.
@@ -92,11 +93,22 @@ pub fn handle(
             if let Some(link) = store.link() {
                 health["controlPlane"] = json!(link);
             }
+            health["telemetry"] = telemetry_json(&metrics.exports());
             json_response(StatusCode::OK, &health)
         }
         "/metrics" => text_response(StatusCode::OK, &metrics.prometheus_text()),
         _ => text_response(StatusCode::NOT_FOUND, "not found; try /healthz, /readyz, /health, /config or /metrics\n"),
     }
+}
+
+/// Each exported signal's state as `/health` shows it: whether its last export failed and how
+/// much it dropped (a signal not exported is left out).
+fn telemetry_json(exports: &Exports) -> Value {
+    let signals =
+        exports.each().into_iter().filter(|s| s.on()).map(|signal| {
+            (signal.name().to_string(), json!({"failing": signal.failing(), "dropped": signal.dropped()}))
+        });
+    json!({"otlp": signals.collect::<serde_json::Map<_, _>>()})
 }
 
 /// A target's state as `/health` names it.

@@ -2,16 +2,14 @@
 //! port serves as text at `/metrics`, and pushed over OTLP when the `OTEL_*` settings ask for
 //! it ([`super::otlp`]). One instrumentation, whichever way users collect it.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Meter, MeterProvider as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use prometheus::{Encoder as _, TextEncoder};
+use std::sync::Arc;
 
-use super::otlp::{self, Dropped};
+use super::otlp::{self, Exports};
 
 /// The process's meter provider and the Prometheus registry that reads it.
 #[derive(Clone, Debug)]
@@ -19,7 +17,7 @@ pub struct Metrics {
     provider: SdkMeterProvider,
     registry: prometheus::Registry,
     resource: Resource,
-    dropped: Arc<Dropped>,
+    exports: Arc<Exports>,
 }
 
 /// Why metrics could not be set up.
@@ -38,20 +36,32 @@ impl Metrics {
             .build()
             .map_err(|e| MetricsError(e.to_string()))?;
         let resource = otlp::resource(service);
-        let dropped = Arc::new(Dropped::default());
+        let exports = Arc::new(Exports::default());
         let mut builder = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(exporter);
-        if let Some(otlp) = otlp::metrics(dropped.clone()) {
+        if let Some(otlp) = otlp::metrics(exports.clone()) {
             builder = builder.with_reader(PeriodicReader::builder(otlp).build());
         }
-        let metrics = Metrics { provider: builder.build(), registry, resource, dropped };
-        let counter = metrics.dropped.clone();
-        metrics
-            .meter("backstop")
+        let metrics = Metrics { provider: builder.build(), registry, resource, exports };
+        let meter = metrics.meter("backstop");
+        let state = metrics.exports.clone();
+        meter
             .u64_observable_counter("backstop.telemetry.dropped")
             .with_description("Telemetry not exported: spans and log records that did not fit the queue or failed to export, and failed metric exports")
             .with_callback(move |observer| {
-                for (signal, count) in [("spans", &counter.spans), ("logs", &counter.logs), ("metrics", &counter.metrics)] {
-                    observer.observe(count.load(Ordering::Relaxed), &[KeyValue::new("signal", signal)]);
+                for signal in state.each() {
+                    observer.observe(signal.dropped(), &[KeyValue::new("signal", signal.name())]);
+                }
+            })
+            .build();
+        let state = metrics.exports.clone();
+        meter
+            .u64_observable_gauge("backstop.telemetry.export_failing")
+            .with_description(
+                "1 while a signal's exports to the OTLP collector fail (absent for a signal not exported)",
+            )
+            .with_callback(move |gauge| {
+                for signal in state.each().into_iter().filter(|s| s.on()) {
+                    gauge.observe(u64::from(signal.failing()), &[KeyValue::new("signal", signal.name())]);
                 }
             })
             .build();
@@ -74,9 +84,9 @@ impl Metrics {
         &self.resource
     }
 
-    /// The counts of telemetry not exported.
-    pub fn dropped(&self) -> Arc<Dropped> {
-        self.dropped.clone()
+    /// Each signal's export state: on, failing, dropped.
+    pub fn exports(&self) -> Arc<Exports> {
+        self.exports.clone()
     }
 
     /// A meter for instruments.

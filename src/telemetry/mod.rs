@@ -47,8 +47,8 @@ pub struct Telemetry {
 impl Telemetry {
     /// Telemetry for `metrics`' service, exporting as the environment says.
     pub fn from_env(metrics: Metrics) -> Telemetry {
-        let spans = otlp::spans(metrics.resource(), metrics.dropped());
-        let logs = otlp::logs(metrics.resource(), metrics.dropped());
+        let spans = otlp::spans(metrics.resource(), metrics.exports());
+        let logs = otlp::logs(metrics.resource(), metrics.exports());
         if spans.is_some() || logs.is_some() {
             tracing::info!(traces = spans.is_some(), logs = logs.is_some(), "exporting telemetry over OTLP");
         }

@@ -9,9 +9,13 @@
 //! and what does not fit (or fails to export) is dropped and counted in
 //! `backstop.telemetry.dropped{signal}`. Metrics are read every `OTEL_METRIC_EXPORT_INTERVAL`
 //! (60 s by default) from the same instruments the Prometheus `/metrics` serves.
+//!
+//! A failing collector is told once, not once per batch: [`Exports`] keeps each signal's state,
+//! logs one warning when its exports start failing and one line when they recover, and is what
+//! `/health` and `backstop.telemetry.export_failing{signal}` show.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use opentelemetry::InstrumentationScope;
@@ -29,15 +33,109 @@ const BATCH: usize = 512;
 /// How long a batch waits to fill before it is sent anyway.
 const LINGER: Duration = Duration::from_millis(500);
 
-/// Telemetry that could not be exported, by signal.
-#[derive(Debug, Default)]
-pub struct Dropped {
+/// One signal's export: whether it is on, whether its last export failed, and what it dropped.
+#[derive(Debug)]
+pub struct SignalExport {
+    name: &'static str,
+    on: AtomicBool,
+    failing: AtomicBool,
+    dropped: AtomicU64,
+    /// What was dropped when the exports started failing, to say how much the outage cost.
+    dropped_before: AtomicU64,
+}
+
+impl SignalExport {
+    const fn new(name: &'static str) -> SignalExport {
+        SignalExport {
+            name,
+            on: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            dropped_before: AtomicU64::new(0),
+        }
+    }
+
+    /// The signal's name: `spans`, `logs` or `metrics`.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Whether an exporter runs for this signal.
+    pub fn on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last export failed.
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Spans or log records (metric exports, for metrics) not exported since the start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    fn started(&self) {
+        self.on.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts `count` items that did not fit the queue.
+    fn overflowed(&self, count: u64) {
+        self.dropped.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// An export of `count` items failed: they are dropped. The first failure after a success
+    /// says so at warning level; the ones after it only at debug.
+    fn failed(&self, error: &dyn std::fmt::Display, count: u64) {
+        let before = self.dropped.fetch_add(count, Ordering::Relaxed);
+        if self.failing.swap(true, Ordering::Relaxed) {
+            tracing::debug!(signal = self.name, %error, count, "telemetry not exported");
+        } else {
+            self.dropped_before.store(before, Ordering::Relaxed);
+            tracing::warn!(
+                signal = self.name,
+                %error,
+                "cannot export telemetry over OTLP: dropping it until the collector answers \
+                 (counted in backstop_telemetry_dropped and /health; said once)"
+            );
+        }
+    }
+
+    /// An export went through: the first after failures says the collector is back.
+    fn succeeded(&self) {
+        if self.failing.swap(false, Ordering::Relaxed) {
+            let lost = self.dropped().saturating_sub(self.dropped_before.load(Ordering::Relaxed));
+            tracing::info!(signal = self.name, dropped = lost, "exporting telemetry over OTLP again");
+        }
+    }
+}
+
+/// The export state of every signal.
+#[derive(Debug)]
+pub struct Exports {
     /// Spans.
-    pub spans: AtomicU64,
+    pub spans: SignalExport,
     /// Log records.
-    pub logs: AtomicU64,
+    pub logs: SignalExport,
     /// Metric exports.
-    pub metrics: AtomicU64,
+    pub metrics: SignalExport,
+}
+
+impl Default for Exports {
+    fn default() -> Exports {
+        Exports {
+            spans: SignalExport::new("spans"),
+            logs: SignalExport::new("logs"),
+            metrics: SignalExport::new("metrics"),
+        }
+    }
+}
+
+impl Exports {
+    /// Each signal in turn.
+    pub fn each(&self) -> [&SignalExport; 3] {
+        [&self.spans, &self.logs, &self.metrics]
+    }
 }
 
 /// Whether an environment variable is set to something.
@@ -98,7 +196,7 @@ fn http_client() -> opentelemetry_http::hyper::HyperClient<
 #[derive(Clone, Debug)]
 pub struct SpanSink {
     queue: mpsc::Sender<SpanData>,
-    dropped: Arc<Dropped>,
+    exports: Arc<Exports>,
 }
 
 impl SpanSink {
@@ -106,19 +204,19 @@ impl SpanSink {
     pub fn send(&self, spans: Vec<SpanData>) {
         for span in spans {
             if self.queue.try_send(span).is_err() {
-                self.dropped.spans.fetch_add(1, Ordering::Relaxed);
+                self.exports.spans.overflowed(1);
             }
         }
     }
 
     /// A sink whose spans land in `queue`, for tests.
-    pub fn to(queue: mpsc::Sender<SpanData>, dropped: Arc<Dropped>) -> SpanSink {
-        SpanSink { queue, dropped }
+    pub fn to(queue: mpsc::Sender<SpanData>, exports: Arc<Exports>) -> SpanSink {
+        SpanSink { queue, exports }
     }
 }
 
 /// Starts exporting spans over OTLP; `None` when the environment asks for none.
-pub fn spans(resource: &Resource, dropped: Arc<Dropped>) -> Option<SpanSink> {
+pub fn spans(resource: &Resource, exports: Arc<Exports>) -> Option<SpanSink> {
     if !wanted("TRACES") {
         return None;
     }
@@ -132,7 +230,8 @@ pub fn spans(resource: &Resource, dropped: Arc<Dropped>) -> Option<SpanSink> {
         };
     exporter.set_resource(resource);
     let (queue, mut rx) = mpsc::channel::<SpanData>(QUEUE);
-    let counter = dropped.clone();
+    exports.spans.started();
+    let state = exports.clone();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(BATCH);
         while let Some(first) = rx.recv().await {
@@ -149,26 +248,26 @@ pub fn spans(resource: &Resource, dropped: Arc<Dropped>) -> Option<SpanSink> {
                 }
             }
             let count = batch.len() as u64;
-            if let Err(error) = exporter.export(std::mem::take(&mut batch)).await {
-                counter.spans.fetch_add(count, Ordering::Relaxed);
-                tracing::debug!(%error, count, "spans not exported");
+            match exporter.export(std::mem::take(&mut batch)).await {
+                Ok(()) => state.spans.succeeded(),
+                Err(error) => state.spans.failed(&error, count),
             }
         }
     });
-    Some(SpanSink { queue, dropped })
+    Some(SpanSink { queue, exports })
 }
 
 /// A log processor with a bounded queue, exporting from one task.
 #[derive(Debug)]
 pub struct QueuedLogs {
     queue: mpsc::Sender<(SdkLogRecord, InstrumentationScope)>,
-    dropped: Arc<Dropped>,
+    exports: Arc<Exports>,
 }
 
 impl LogProcessor for QueuedLogs {
     fn emit(&self, record: &mut SdkLogRecord, scope: &InstrumentationScope) {
         if self.queue.try_send((record.clone(), scope.clone())).is_err() {
-            self.dropped.logs.fetch_add(1, Ordering::Relaxed);
+            self.exports.logs.overflowed(1);
         }
     }
 
@@ -178,7 +277,7 @@ impl LogProcessor for QueuedLogs {
 }
 
 /// Starts exporting log records over OTLP; `None` when the environment asks for none.
-pub fn logs(resource: &Resource, dropped: Arc<Dropped>) -> Option<QueuedLogs> {
+pub fn logs(resource: &Resource, exports: Arc<Exports>) -> Option<QueuedLogs> {
     if !wanted("LOGS") {
         return None;
     }
@@ -192,7 +291,8 @@ pub fn logs(resource: &Resource, dropped: Arc<Dropped>) -> Option<QueuedLogs> {
         };
     exporter.set_resource(resource);
     let (queue, mut rx) = mpsc::channel::<(SdkLogRecord, InstrumentationScope)>(QUEUE);
-    let counter = dropped.clone();
+    exports.logs.started();
+    let state = exports.clone();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(BATCH);
         while let Some(first) = rx.recv().await {
@@ -204,18 +304,18 @@ pub fn logs(resource: &Resource, dropped: Arc<Dropped>) -> Option<QueuedLogs> {
                 }
             }
             let refs: Vec<(&SdkLogRecord, &InstrumentationScope)> = batch.iter().map(|(r, s)| (r, s)).collect();
-            if let Err(error) = exporter.export(LogBatch::new(&refs)).await {
-                counter.logs.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                tracing::debug!(%error, count = batch.len(), "log records not exported");
+            match exporter.export(LogBatch::new(&refs)).await {
+                Ok(()) => state.logs.succeeded(),
+                Err(error) => state.logs.failed(&error, batch.len() as u64),
             }
             batch.clear();
         }
     });
-    Some(QueuedLogs { queue, dropped })
+    Some(QueuedLogs { queue, exports })
 }
 
 /// An OTLP metric exporter that counts failed exports, or `None`.
-pub fn metrics(dropped: Arc<Dropped>) -> Option<CountingMetrics> {
+pub fn metrics(exports: Arc<Exports>) -> Option<CountingMetrics> {
     if !wanted("METRICS") {
         return None;
     }
@@ -224,7 +324,10 @@ pub fn metrics(dropped: Arc<Dropped>) -> Option<CountingMetrics> {
         return None;
     };
     match opentelemetry_otlp::MetricExporter::builder().with_http().with_http_client(http_client()).build() {
-        Ok(inner) => Some(CountingMetrics { inner, dropped, runtime }),
+        Ok(inner) => {
+            exports.metrics.started();
+            Some(CountingMetrics { inner, exports, runtime })
+        }
         Err(error) => {
             tracing::warn!(%error, "cannot export metrics; check the OTEL_EXPORTER_OTLP_* settings");
             None
@@ -251,7 +354,7 @@ impl<T> std::future::Future for InRuntime<'_, T> {
 #[derive(Debug)]
 pub struct CountingMetrics {
     inner: opentelemetry_otlp::MetricExporter,
-    dropped: Arc<Dropped>,
+    exports: Arc<Exports>,
     /// The SDK's reader exports from a thread of its own; the HTTP client needs the runtime.
     runtime: tokio::runtime::Handle,
 }
@@ -259,8 +362,9 @@ pub struct CountingMetrics {
 impl opentelemetry_sdk::metrics::exporter::PushMetricExporter for CountingMetrics {
     async fn export(&self, metrics: &opentelemetry_sdk::metrics::data::ResourceMetrics) -> OTelSdkResult {
         let result = InRuntime { runtime: &self.runtime, future: Box::pin(self.inner.export(metrics)) }.await;
-        if result.is_err() {
-            self.dropped.metrics.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(()) => self.exports.metrics.succeeded(),
+            Err(error) => self.exports.metrics.failed(error, 1),
         }
         result
     }
@@ -284,11 +388,39 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_drops_and_counts_instead_of_waiting() {
-        let dropped = Arc::new(Dropped::default());
+        let exports = Arc::new(Exports::default());
         let (tx, _rx) = mpsc::channel(2);
-        let sink = SpanSink::to(tx, dropped.clone());
+        let sink = SpanSink::to(tx, exports.clone());
         let span = crate::testing::span_data();
         sink.send(vec![span.clone(), span.clone(), span.clone(), span]);
-        assert_eq!(dropped.spans.load(Ordering::Relaxed), 2);
+        assert_eq!(exports.spans.dropped(), 2);
+        assert!(!exports.spans.failing(), "a full queue is not a failing collector");
+    }
+
+    #[test]
+    fn a_failing_export_is_said_once_and_its_recovery_once() {
+        let exports = Exports::default();
+        exports.spans.overflowed(3);
+        let ((), text) = crate::testing::logged(|| {
+            for _ in 0..5 {
+                exports.spans.failed(&"connection refused", 10);
+            }
+            assert!(exports.spans.failing());
+            exports.spans.succeeded();
+            exports.spans.succeeded();
+        });
+        assert!(!exports.spans.failing());
+        assert_eq!(exports.spans.dropped(), 53);
+        let warnings: Vec<_> = text.lines().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(warnings.len(), 1, "{text}");
+        assert!(warnings[0].contains("cannot export telemetry over OTLP") && warnings[0].contains("signal=\"spans\""));
+        assert!(warnings[0].contains("connection refused"), "the warning names the error: {text}");
+        assert_eq!(text.matches("exporting telemetry over OTLP again").count(), 1, "{text}");
+        assert!(text.contains("dropped=50"), "the recovery says what the outage cost: {text}");
+        let ((), again) = crate::testing::logged(|| exports.spans.failed(&"connection refused", 1));
+        assert!(
+            again.contains("WARN") && again.contains("cannot export telemetry"),
+            "a new outage is said again: {again}"
+        );
     }
 }

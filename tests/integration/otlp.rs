@@ -38,7 +38,12 @@ struct Receiver {
 
 impl Receiver {
     async fn start() -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Receiver::start_on("127.0.0.1:0".parse().expect("address")).await
+    }
+
+    /// A receiver on `addr` (one a collector came back on).
+    async fn start_on(addr: SocketAddr) -> Receiver {
+        let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let received = Arc::new(Mutex::new(Vec::new()));
         let sink = received.clone();
@@ -128,6 +133,18 @@ async fn start_sidecar(
     policy: &std::path::Path,
     receiver: SocketAddr,
 ) -> (tokio::process::Child, SocketAddr, SocketAddr) {
+    let (child, llm, admin, _) = start_sidecar_logged(policy, receiver).await;
+    (child, llm, admin)
+}
+
+/// The sidecar's stderr lines, kept as they come.
+type Lines = Arc<Mutex<Vec<String>>>;
+
+/// [`start_sidecar`], keeping its log lines.
+async fn start_sidecar_logged(
+    policy: &std::path::Path,
+    receiver: SocketAddr,
+) -> (tokio::process::Child, SocketAddr, SocketAddr, Lines) {
     let mut child = Command::new(BIN)
         .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "json", "--policy-file"])
         .arg(policy)
@@ -156,8 +173,14 @@ async fn start_sidecar(
             break (addr("llm"), addr("admin"));
         }
     };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, llm, admin)
+    let kept = Lines::default();
+    let sink = kept.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.lock().expect("lock").push(line);
+        }
+    });
+    (child, llm, admin, kept)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,6 +454,91 @@ async fn a_collector_that_refuses_connections_never_stalls_a_request() {
         slowest < Duration::from_millis(100),
         "a request took {slowest:?} while the collector refused exports ({sent} sent): the export's retry blocked the runtime"
     );
+}
+
+/// A collector that is down is told once, not once per batch: one warning line, `/health`
+/// and `backstop_telemetry_export_failing` say the exports fail and the dropped count grows;
+/// when the collector comes back on its address, one line says so and spans arrive again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_is_said_once_shown_in_health_and_recovered_from() {
+    let down = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {name: down, namespace: tests}\nspec:\n  providers:\n    - {name: fake, type: mock}\n  routes:\n    - {model: chat, chain: [{provider: fake, model: m}]}\n",
+    )
+    .expect("policy");
+    let (_child, llm, admin, lines) = start_sidecar_logged(&policy, down).await;
+    let url = format!("http://{llm}/v1/chat/completions");
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    let traced = [("traceparent", "00-5ef92f3577b34da6a3ce929d0e0e4739-00f067aa0ba902b7-01")];
+    let health =
+        || async { serde_json::from_slice::<Value>(&get(&format!("http://{admin}/health")).await.body).expect("json") };
+    let dropped = |health: &Value| health["telemetry"]["otlp"]["spans"]["dropped"].as_u64().expect("spans dropped");
+
+    // Requests keep coming while export after export fails: the dropped count grows at least
+    // three times (three failed batches).
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "exports never failed three times: {seen:?}");
+        assert_eq!(post_raw(&url, body.clone(), &traced).await.status, 200);
+        let now = dropped(&health().await);
+        if now > seen.last().copied().unwrap_or(0) {
+            seen.push(now);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shown = health().await;
+    assert_eq!(shown["telemetry"]["otlp"]["spans"]["failing"], true, "{shown}");
+    assert_eq!(shown["telemetry"]["otlp"]["logs"]["failing"], false, "no log record was sent yet: {shown}");
+    let text = String::from_utf8_lossy(&get(&format!("http://{admin}/metrics")).await.body).into_owned();
+    assert_eq!(prometheus_sample(&text, "backstop_telemetry_export_failing{signal=\"spans\""), 1.0, "{text}");
+    assert!(prometheus_sample(&text, "backstop_telemetry_dropped_total{signal=\"spans\"") >= seen[2] as f64, "{text}");
+    // Metrics export every 300 ms here, and fail as often: one line each all the same.
+    let said = |lines: &Lines, what: &str, signal: &str| {
+        let signal = format!("\"signal\":\"{signal}\"");
+        lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|l| l.contains(what) && l.contains(&signal))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let outage = "cannot export telemetry over OTLP";
+    assert!(prometheus_sample(&text, "backstop_telemetry_dropped_total{signal=\"metrics\"") >= 2.0, "{text}");
+    assert_eq!(said(&lines, outage, "metrics").len(), 1, "{:?}", lines.lock().expect("lock"));
+    let said = said(&lines, outage, "spans");
+    assert_eq!(said.len(), 1, "one line for the outage, not one per batch: {said:?}");
+    let line: Value = serde_json::from_str(&said[0]).expect("a JSON log line");
+    assert_eq!((line["level"].as_str(), line["signal"].as_str()), (Some("WARN"), Some("spans")), "{line}");
+    assert!(line["error"].as_str().is_some_and(|e| !e.is_empty()), "the line names the error: {line}");
+
+    // The collector comes back on the same address: the next batch goes through, one line says
+    // so, and `/health` stops saying the exports fail.
+    let receiver = Receiver::start_on(down).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while receiver.spans().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no span reached the collector after it came back");
+        assert_eq!(post_raw(&url, body.clone(), &traced).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while health().await["telemetry"]["otlp"]["spans"]["failing"] != false {
+        assert!(tokio::time::Instant::now() < deadline, "/health still says the exports fail");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let said = |what: &str| {
+        let lines = lines.lock().expect("lock");
+        lines.iter().filter(|l| l.contains(what) && l.contains("\"signal\":\"spans\"")).count()
+    };
+    assert_eq!(said("exporting telemetry over OTLP again"), 1, "{:?}", lines.lock().expect("lock"));
+    assert_eq!(said(outage), 1, "the recovery is no new outage");
 }
 
 /// A chain that runs out with targets passed over for different reasons: each is exported

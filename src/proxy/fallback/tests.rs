@@ -717,20 +717,6 @@ async fn a_drill_walks_past_the_targets_it_names_without_trying_them() {
     assert!(fake.labels().is_empty());
 }
 
-/// A log line sink for one test's subscriber.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[test]
 fn a_drill_header_needs_the_policy_s_permission_and_must_name_a_target() {
     let headers = |value: &str| {
@@ -738,13 +724,9 @@ fn a_drill_header_needs_the_policy_s_permission_and_must_name_a_target() {
         headers.insert("x-backstop-drill", value.parse().expect("header"));
         headers
     };
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
     let forbidden = route(ABC, "");
-    let ignored = tracing::subscriber::with_default(subscriber, || Controls::from_headers(&forbidden, &headers("a")));
+    let (ignored, logged) = crate::testing::logged(|| Controls::from_headers(&forbidden, &headers("a")));
     assert_eq!(ignored, Ok(Controls::default()), "not allowed: no drill");
-    let logged = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf-8");
     assert!(logged.contains("ignoring a request control header") && logged.contains("x-backstop-drill"), "{logged}");
 
     let allowed = route(ABC, "  allowRequestOverrides: [drill]\n");
