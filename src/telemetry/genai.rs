@@ -19,8 +19,11 @@ pub struct AnswerInfo {
     pub input_tokens: Option<u64>,
     /// `gen_ai.usage.output_tokens`.
     pub output_tokens: Option<u64>,
-    /// Input tokens read from the provider's prompt cache.
+    /// `gen_ai.usage.cache_read.input_tokens`: input tokens read from the provider's prompt
+    /// cache.
     pub cached_tokens: Option<u64>,
+    /// `gen_ai.usage.cache_creation.input_tokens`: input tokens written to it (Anthropic).
+    pub cache_written_tokens: Option<u64>,
 }
 
 fn text(value: &Value) -> Option<String> {
@@ -93,11 +96,12 @@ impl AnswerInfo {
                 let usage = &message["usage"];
                 let input = number(&usage["input_tokens"]);
                 let cached = number(&usage["cache_read_input_tokens"]);
-                let created = number(&usage["cache_creation_input_tokens"]).unwrap_or(0);
+                let created = number(&usage["cache_creation_input_tokens"]);
                 if let Some(input) = input {
-                    self.input_tokens = Some(input + cached.unwrap_or(0) + created);
+                    self.input_tokens = Some(input + cached.unwrap_or(0) + created.unwrap_or(0));
                 }
                 self.cached_tokens = cached.or(self.cached_tokens);
+                self.cache_written_tokens = created.or(self.cache_written_tokens);
                 self.output_tokens = number(&usage["output_tokens"]).or(self.output_tokens);
             }
             Api::Gemini => {
@@ -153,12 +157,16 @@ mod tests {
                 input_tokens: Some(120),
                 output_tokens: Some(30),
                 cached_tokens: Some(100),
+                cache_written_tokens: None,
             }
         );
         let anthropic = json!({"id": "msg_1", "model": "claude-sonnet-4-5", "stop_reason": "end_turn",
-            "usage": {"input_tokens": 20, "cache_read_input_tokens": 100, "output_tokens": 7}});
+            "usage": {"input_tokens": 20, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 30, "output_tokens": 7}});
         let info = AnswerInfo::of_complete(Api::Anthropic, &anthropic);
-        assert_eq!((info.input_tokens, info.cached_tokens, info.output_tokens), (Some(120), Some(100), Some(7)));
+        assert_eq!(
+            (info.input_tokens, info.cached_tokens, info.cache_written_tokens, info.output_tokens),
+            (Some(150), Some(100), Some(30), Some(7))
+        );
         assert_eq!(info.finish_reasons, ["end_turn"]);
         let gemini = json!({"responseId": "r1", "modelVersion": "gemini-2.5-flash", "candidates": [{"finishReason": "STOP"}],
             "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 4}});

@@ -219,7 +219,7 @@ spec:
     let url = format!("http://{llm}/v1/chat/completions");
     let app_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let traceparent = format!("00-{app_trace}-00f067aa0ba902b7-01");
-    let body = json!({"model": "chat", "messages": [{"role": "user", "content": PROMPT}]});
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 64, "temperature": 0.2});
     let answer = post_raw(&url, body.to_string(), &[("traceparent", &traceparent)]).await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("x-backstop-fallback-reason"), Some("flaky/up-a=serverError, busy/up-b=overloaded"));
@@ -254,6 +254,13 @@ spec:
     assert_eq!(attrs["backstop.outcome"], "fell_through");
     assert_eq!(attrs["backstop.fallback_reason"], "flaky/up-a=serverError, busy/up-b=overloaded");
     assert_eq!(attrs["gen_ai.provider.name"], "backstop.mock");
+    // The app's own parameters, as the GenAI conventions name them.
+    assert_eq!(
+        (attrs["gen_ai.request.max_tokens"].as_str(), attrs["gen_ai.request.temperature"].as_str()),
+        ("64", "0.2")
+    );
+    assert_eq!(attrs["gen_ai.request.stream"], "false");
+    assert!(!attrs.contains_key("gen_ai.request.top_p"), "a parameter the app did not set is not made up");
     let events: Vec<(String, BTreeMap<String, String>)> =
         server.events.iter().map(|e| (e.name.clone(), attributes(&e.attributes))).collect();
     assert_eq!(events.len(), 2);
@@ -327,7 +334,8 @@ spec:
         })
         .expect("the answering attempt");
     let sa = attributes(&stream_answer.attributes);
-    assert!(sa.contains_key("backstop.time_to_first_chunk"), "{sa:?}");
+    assert!(sa.contains_key("gen_ai.response.time_to_first_chunk"), "{sa:?}");
+    assert_eq!(sa["gen_ai.request.stream"], "true");
     assert!(sa["gen_ai.usage.output_tokens"].parse::<u64>().expect("tokens") > 0, "usage gathered from the stream");
     assert!(stream_answer.end_time_unix_nano >= stream_answer.start_time_unix_nano);
 

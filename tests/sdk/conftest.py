@@ -17,7 +17,7 @@ BINARY = os.environ.get("BACKSTOP_BIN", str(ROOT / "target" / "debug" / "backsto
 
 
 class Sidecar:
-    def __init__(self, policy: str):
+    def __init__(self, policy: str, env=None):
         self._dir = tempfile.TemporaryDirectory()
         path = pathlib.Path(self._dir.name) / "policy.yaml"
         path.write_text(policy)
@@ -25,6 +25,7 @@ class Sidecar:
             [BINARY, "sidecar", "--policy-file", str(path), "--listen", "127.0.0.1:0",
              "--admin", "127.0.0.1:0", "--log-format", "json"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})},
         )
         self.log = []
         ready = threading.Event()
@@ -59,8 +60,8 @@ class Sidecar:
 def sidecar():
     started = []
 
-    def start(policy: str) -> Sidecar:
-        s = Sidecar(policy)
+    def start(policy: str, env=None) -> Sidecar:
+        s = Sidecar(policy, env)
         started.append(s)
         return s
 

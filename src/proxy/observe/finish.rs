@@ -30,6 +30,10 @@ pub struct RequestFacts {
     pub model: String,
     /// Whether it was a fallback drill (`x-backstop-drill`).
     pub drill: bool,
+    /// `gen_ai.request.stream`.
+    pub stream: bool,
+    /// The sampling parameters the app set, as `gen_ai.request.*` names them.
+    pub parameters: Vec<KeyValue>,
 }
 
 impl RequestFacts {
@@ -39,7 +43,26 @@ impl RequestFacts {
             Operation::Chat => "chat",
             Operation::Embeddings => "embeddings",
         };
-        RequestFacts { operation, model: request.model.clone(), drill }
+        let rest = &request.rest;
+        let mut parameters = Vec::new();
+        if let Some(max) = rest.get("max_completion_tokens").or_else(|| rest.get("max_tokens")).and_then(|v| v.as_i64())
+        {
+            parameters.push(KeyValue::new("gen_ai.request.max_tokens", max));
+        }
+        for (field, key) in [
+            ("temperature", "gen_ai.request.temperature"),
+            ("top_p", "gen_ai.request.top_p"),
+            ("frequency_penalty", "gen_ai.request.frequency_penalty"),
+            ("presence_penalty", "gen_ai.request.presence_penalty"),
+        ] {
+            if let Some(value) = rest.get(field).and_then(|v| v.as_f64()) {
+                parameters.push(KeyValue::new(key, value));
+            }
+        }
+        if let Some(seed) = rest.get("seed").and_then(|v| v.as_i64()) {
+            parameters.push(KeyValue::new("gen_ai.request.seed", seed));
+        }
+        RequestFacts { operation, model: request.model.clone(), drill, stream: request.stream, parameters }
     }
 }
 
@@ -257,6 +280,7 @@ impl Finishing<'_> {
                     KeyValue::new("backstop.target", target.label.clone()),
                     KeyValue::new("backstop.attempt", (index + 1) as i64),
                     KeyValue::new("backstop.outcome", outcome),
+                    KeyValue::new("gen_ai.request.stream", self.request.stream),
                 ]
             });
             if let Some((host, port)) = &target.provider.server {
@@ -345,8 +369,16 @@ impl Finishing<'_> {
                 instruments.tokens.record(tokens, &labels);
             }
         }
+        for (tokens, key) in [
+            (info.cached_tokens, "gen_ai.usage.cache_read.input_tokens"),
+            (info.cache_written_tokens, "gen_ai.usage.cache_creation.input_tokens"),
+        ] {
+            if let Some(tokens) = tokens {
+                attributes.add(|| KeyValue::new(key, tokens as i64));
+            }
+        }
         if self.summary.streamed {
-            attributes.add(|| KeyValue::new("backstop.time_to_first_chunk", seconds(attempt.elapsed)));
+            attributes.add(|| KeyValue::new("gen_ai.response.time_to_first_chunk", seconds(attempt.elapsed)));
             instruments.first_chunk.record(seconds(attempt.elapsed), metric);
         }
         let cost = info.cost(target.price.as_ref())?;
@@ -448,7 +480,9 @@ impl Finishing<'_> {
             KeyValue::new("backstop.attempts", attempts as i64),
             KeyValue::new("backstop.outcome", outcome),
             KeyValue::new("http.response.status_code", i64::from(status)),
+            KeyValue::new("gen_ai.request.stream", request.stream),
         ];
+        attributes.extend(request.parameters.iter().cloned());
         if request.drill {
             attributes.push(KeyValue::new("backstop.drill", true));
         }

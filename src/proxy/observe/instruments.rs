@@ -59,9 +59,11 @@ impl Recorder {
                 ])
                 .build(),
             first_chunk: meter
-                .f64_histogram("backstop.attempt.time_to_first_chunk")
+                .f64_histogram("gen_ai.client.operation.time_to_first_chunk")
                 .with_unit("s")
-                .with_description("Time to a stream's first content chunk, per answering attempt")
+                .with_description(
+                    "Time to a stream's first content chunk, per answering attempt, credited to its target",
+                )
                 .with_boundaries(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])
                 .build(),
             requests: meter

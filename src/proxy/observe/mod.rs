@@ -1,15 +1,17 @@
 //! What one request leaves in telemetry, following the OpenTelemetry GenAI conventions:
 //!
 //! - a SERVER span (`chat {alias}`) for the app's request, continuing the app's trace, with the
-//!   route, the answering target, the attempt count and the fallback reason, a
+//!   route, the answering target, the attempt count, the fallback reason and the app's own
+//!   parameters (`gen_ai.request.*`), a
 //!   `backstop.fallback` event for each fall-through (from, to, reason) and a
 //!   `backstop.skipped` event for each target passed over without an attempt;
 //! - a CLIENT span (`chat {model}`) for every attempt, credited to the target that made it,
-//!   with its provider, models, response id, finish reasons, tokens, time to first chunk,
-//!   failure class and cost; its id is the one that went upstream in `traceparent`;
-//! - metrics: `gen_ai.client.operation.duration` and `gen_ai.client.token.usage` per attempt,
-//!   and Backstop's own (requests, attempts per request, fallbacks, hedges, time to first
-//!   chunk, cost), labelled by route and target only, so the policy bounds their cardinality;
+//!   with its provider, models, response id, finish reasons, tokens (cached ones too), time to
+//!   first chunk, failure class and cost; its id is the one that went upstream in `traceparent`;
+//! - metrics: `gen_ai.client.operation.duration`, `gen_ai.client.token.usage` and
+//!   `gen_ai.client.operation.time_to_first_chunk` per attempt, and Backstop's own (requests,
+//!   attempts per request, fallbacks, hedges, cost), labelled by route and target only, so the
+//!   policy bounds their cardinality;
 //! - a structured log record per fall-through, in the request's trace.
 //!
 //! Everything is built once the request ends (for a stream, once the stream ends), from the
