@@ -5,7 +5,10 @@
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Meter, MeterProvider as _};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::reader::MetricReader;
+use opentelemetry_sdk::metrics::{InstrumentKind, Pipeline, SdkMeterProvider, Temporality};
 use prometheus::{Encoder as _, TextEncoder};
 use std::sync::Arc;
 
@@ -18,6 +21,32 @@ pub struct Metrics {
     registry: prometheus::Registry,
     resource: Resource,
     exports: Arc<Exports>,
+}
+
+/// The Prometheus exporter's reader, shared by the meter provider and the OTLP push.
+#[derive(Clone, Debug)]
+struct Shared(Arc<opentelemetry_prometheus::PrometheusExporter>);
+
+impl MetricReader for Shared {
+    fn register_pipeline(&self, pipeline: std::sync::Weak<Pipeline>) {
+        self.0.register_pipeline(pipeline);
+    }
+
+    fn collect(&self, metrics: &mut ResourceMetrics) -> OTelSdkResult {
+        self.0.collect(metrics)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self, kind: InstrumentKind) -> Temporality {
+        self.0.temporality(kind)
+    }
 }
 
 /// Why metrics could not be set up.
@@ -37,11 +66,12 @@ impl Metrics {
             .map_err(|e| MetricsError(e.to_string()))?;
         let resource = otlp::resource(service);
         let exports = Arc::new(Exports::default());
-        let mut builder = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(exporter);
-        if let Some(otlp) = otlp::metrics(exports.clone()) {
-            builder = builder.with_reader(PeriodicReader::builder(otlp).build());
-        }
-        let metrics = Metrics { provider: builder.build(), registry, resource, exports };
+        // One reader, so one aggregation: the Prometheus endpoint and the OTLP push read the
+        // same cells (a second reader would record every measurement twice).
+        let reader = Shared(Arc::new(exporter));
+        otlp::push_metrics(reader.clone(), exports.clone());
+        let provider = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(reader).build();
+        let metrics = Metrics { provider, registry, resource, exports };
         let meter = metrics.meter("backstop");
         let state = metrics.exports.clone();
         meter

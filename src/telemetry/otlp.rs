@@ -7,8 +7,8 @@
 //! Spans and log records go through a bounded queue ([`QUEUE`] of each) to one exporting task:
 //! the request path only ever `try_send`s, so a slow or absent collector never slows a request,
 //! and what does not fit (or fails to export) is dropped and counted in
-//! `backstop.telemetry.dropped{signal}`. Metrics are read every `OTEL_METRIC_EXPORT_INTERVAL`
-//! (60 s by default) from the same instruments the Prometheus `/metrics` serves.
+//! `backstop.telemetry.dropped{signal}`. Metrics are pushed every `OTEL_METRIC_EXPORT_INTERVAL`
+//! (60 s by default) from the one aggregation the Prometheus `/metrics` serves.
 //!
 //! A failing collector is told once, not once per batch: [`Exports`] keeps each signal's state,
 //! logs one warning when its exports start failing and one line when they recover, and is what
@@ -23,6 +23,9 @@ use opentelemetry_otlp::WithHttpConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::logs::{LogBatch, LogExporter as _, LogProcessor, SdkLogRecord};
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter as _;
+use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 use tokio::sync::mpsc;
 
@@ -314,72 +317,53 @@ pub fn logs(resource: &Resource, exports: Arc<Exports>) -> Option<QueuedLogs> {
     Some(QueuedLogs { queue, exports })
 }
 
-/// An OTLP metric exporter that counts failed exports, or `None`.
-pub fn metrics(exports: Arc<Exports>) -> Option<CountingMetrics> {
+/// A duration in milliseconds from the environment variable `name`, or `default`.
+fn millis(name: &str, default: Duration) -> Duration {
+    std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok()).map_or(default, Duration::from_millis)
+}
+
+/// Pushes what `reader` collects over OTLP every `OTEL_METRIC_EXPORT_INTERVAL` (60 s by
+/// default), each export bounded by `OTEL_METRIC_EXPORT_TIMEOUT` (30 s), when the environment
+/// asks for metrics. `reader` is the aggregation the Prometheus endpoint reads: a measurement is
+/// recorded once, however many ways metrics leave.
+pub fn push_metrics<R: MetricReader>(reader: R, exports: Arc<Exports>) {
     if !wanted("METRICS") {
-        return None;
+        return;
     }
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+    if tokio::runtime::Handle::try_current().is_err() {
         tracing::warn!("cannot export metrics outside the async runtime");
-        return None;
-    };
-    match opentelemetry_otlp::MetricExporter::builder().with_http().with_http_client(http_client()).build() {
-        Ok(inner) => {
-            exports.metrics.started();
-            Some(CountingMetrics { inner, exports, runtime })
+        return;
+    }
+    let exporter =
+        match opentelemetry_otlp::MetricExporter::builder().with_http().with_http_client(http_client()).build() {
+            Ok(exporter) => exporter,
+            Err(error) => {
+                tracing::warn!(%error, "cannot export metrics; check the OTEL_EXPORTER_OTLP_* settings");
+                return;
+            }
+        };
+    let every = millis("OTEL_METRIC_EXPORT_INTERVAL", Duration::from_secs(60)).max(Duration::from_millis(1));
+    let timeout = millis("OTEL_METRIC_EXPORT_TIMEOUT", Duration::from_secs(30));
+    exports.metrics.started();
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let mut metrics = ResourceMetrics::default();
+            let exported = match reader.collect(&mut metrics) {
+                Ok(()) => match tokio::time::timeout(timeout, exporter.export(&metrics)).await {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {timeout:?} (OTEL_METRIC_EXPORT_TIMEOUT)")),
+                },
+                Err(error) => Err(error.to_string()),
+            };
+            match exported {
+                Ok(()) => exports.metrics.succeeded(),
+                Err(error) => exports.metrics.failed(&error, 1),
+            }
         }
-        Err(error) => {
-            tracing::warn!(%error, "cannot export metrics; check the OTEL_EXPORTER_OTLP_* settings");
-            None
-        }
-    }
-}
-
-/// A future polled inside `runtime`'s context (from a thread of the SDK's own).
-struct InRuntime<'a, T> {
-    runtime: &'a tokio::runtime::Handle,
-    future: std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>,
-}
-
-impl<T> std::future::Future for InRuntime<'_, T> {
-    type Output = T;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
-        let _entered = self.runtime.enter();
-        self.future.as_mut().poll(cx)
-    }
-}
-
-/// The OTLP metric exporter, counting the exports that fail.
-#[derive(Debug)]
-pub struct CountingMetrics {
-    inner: opentelemetry_otlp::MetricExporter,
-    exports: Arc<Exports>,
-    /// The SDK's reader exports from a thread of its own; the HTTP client needs the runtime.
-    runtime: tokio::runtime::Handle,
-}
-
-impl opentelemetry_sdk::metrics::exporter::PushMetricExporter for CountingMetrics {
-    async fn export(&self, metrics: &opentelemetry_sdk::metrics::data::ResourceMetrics) -> OTelSdkResult {
-        let result = InRuntime { runtime: &self.runtime, future: Box::pin(self.inner.export(metrics)) }.await;
-        match &result {
-            Ok(()) => self.exports.metrics.succeeded(),
-            Err(error) => self.exports.metrics.failed(error, 1),
-        }
-        result
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn temporality(&self) -> opentelemetry_sdk::metrics::Temporality {
-        self.inner.temporality()
-    }
+    });
 }
 
 #[cfg(test)]
