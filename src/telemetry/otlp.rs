@@ -345,6 +345,8 @@ pub fn push_metrics<R: MetricReader>(reader: R, exports: Arc<Exports>) {
     let every = millis("OTEL_METRIC_EXPORT_INTERVAL", Duration::from_secs(60)).max(Duration::from_millis(1));
     let timeout = millis("OTEL_METRIC_EXPORT_TIMEOUT", Duration::from_secs(30));
     exports.metrics.started();
+    // Unowned on purpose: it pushes for as long as the process runs; the exit loses at most the
+    // last interval's increments, as the SDK's periodic reader without a shutdown would.
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
