@@ -81,6 +81,14 @@ pub enum AuthError {
     /// Every review slot stayed busy for [`REVIEW_WAIT`].
     #[error("too many tokens to check at once; try again shortly")]
     Busy,
+    /// The same token was refused moments ago: the same answer, without asking again.
+    #[error("{why}")]
+    RefusedBefore {
+        /// The status of the first refusal.
+        status: http::StatusCode,
+        /// What the first refusal said.
+        why: String,
+    },
 }
 
 impl AuthError {
@@ -90,12 +98,20 @@ impl AuthError {
             AuthError::Missing | AuthError::Rejected(_) => http::StatusCode::UNAUTHORIZED,
             AuthError::NotBoundToPod | AuthError::PodGone(_) => http::StatusCode::FORBIDDEN,
             AuthError::Unavailable(_) | AuthError::Busy => http::StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::RefusedBefore { status, .. } => *status,
         }
     }
 
     /// Whether the token itself was refused (and may be refused again without a review).
     fn is_refusal(&self) -> bool {
-        matches!(self, AuthError::Missing | AuthError::Rejected(_) | AuthError::NotBoundToPod | AuthError::PodGone(_))
+        matches!(
+            self,
+            AuthError::Missing
+                | AuthError::Rejected(_)
+                | AuthError::NotBoundToPod
+                | AuthError::PodGone(_)
+                | AuthError::RefusedBefore { .. }
+        )
     }
 }
 
@@ -103,8 +119,8 @@ impl AuthError {
 pub struct Authenticator {
     client: Client,
     cache: Mutex<HashMap<[u8; 32], (Identity, Instant)>>,
-    /// Tokens refused lately, by SHA-256, with why and until when.
-    refused: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    /// Tokens refused lately, by SHA-256: the refusal's status and words, and until when.
+    refused: Mutex<HashMap<[u8; 32], (http::StatusCode, String, Instant)>>,
     reviews: Semaphore,
     /// This replica's own user name, once reviewed.
     own_user: Mutex<Option<String>>,
@@ -133,7 +149,10 @@ impl Authenticator {
     /// A refusal remembered for `key`, if one is.
     fn refused_before(&self, key: &[u8; 32], now: Instant) -> Option<AuthError> {
         let refused = self.refused.lock();
-        refused.get(key).filter(|(_, until)| *until > now).map(|(why, _)| AuthError::Rejected(why.clone()))
+        refused
+            .get(key)
+            .filter(|(_, _, until)| *until > now)
+            .map(|(status, why, _)| AuthError::RefusedBefore { status: *status, why: why.clone() })
     }
 
     /// Remembers a refusal of `key` for [`REFUSED_FOR`].
@@ -143,10 +162,10 @@ impl Authenticator {
         }
         let mut refused = self.refused.lock();
         if refused.len() >= REFUSED_ENTRIES {
-            refused.retain(|_, (_, until)| *until > now);
+            refused.retain(|_, (_, _, until)| *until > now);
         }
         if refused.len() < REFUSED_ENTRIES {
-            refused.insert(key, (error.to_string(), now + REFUSED_FOR));
+            refused.insert(key, (error.status(), error.to_string(), now + REFUSED_FOR));
         }
     }
 
@@ -424,6 +443,14 @@ mod tests {
         let key = fingerprint(&stranger);
         assert!(auth.refused_before(&key, Instant::now()).is_some(), "remembered");
         assert!(auth.refused_before(&key, Instant::now() + REFUSED_FOR).is_none(), "for a while only");
+        // A remembered refusal answers as the first one did: its status and its words.
+        let unbound = token(serde_json::json!({"aud": ["backstop"]}));
+        for _ in 0..2 {
+            let refused = auth.authenticate(&unbound).await.expect_err("refused");
+            assert_eq!(refused.status(), http::StatusCode::FORBIDDEN, "{refused}");
+            assert_eq!(refused.to_string(), AuthError::NotBoundToPod.to_string());
+        }
+        assert!(auth.refused_before(&fingerprint(&unbound), Instant::now()).is_some());
         // Every slot busy: a caller is told to come back rather than queue without end.
         let held: Vec<_> = futures_util::future::join_all((0..CONCURRENT_REVIEWS).map(|_| auth.slot())).await;
         assert!(held.iter().all(Result::is_ok));
