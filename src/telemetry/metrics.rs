@@ -69,8 +69,13 @@ impl Metrics {
         // One reader, so one aggregation: the Prometheus endpoint and the OTLP push read the
         // same cells (a second reader would record every measurement twice).
         let reader = Shared(Arc::new(exporter));
-        otlp::push_metrics(reader.clone(), exports.clone());
-        let provider = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(reader).build();
+        let mut builder = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(reader.clone());
+        match otlp::metrics(exports.clone()) {
+            Some(otlp::MetricsExport::Pushed(exporter)) => otlp::push_metrics(reader, *exporter, exports.clone()),
+            Some(otlp::MetricsExport::OwnReader(periodic)) => builder = builder.with_reader(periodic),
+            None => {}
+        }
+        let provider = builder.build();
         let metrics = Metrics { provider, registry, resource, exports };
         let meter = metrics.meter("backstop");
         let state = metrics.exports.clone();

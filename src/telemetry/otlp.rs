@@ -24,8 +24,9 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::logs::{LogBatch, LogExporter as _, LogProcessor, SdkLogRecord};
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
-use opentelemetry_sdk::metrics::exporter::PushMetricExporter as _;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use opentelemetry_sdk::metrics::reader::MetricReader;
+use opentelemetry_sdk::metrics::{PeriodicReader, Temporality};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
 use tokio::sync::mpsc;
 
@@ -40,6 +41,8 @@ const LINGER: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 pub struct SignalExport {
     name: &'static str,
+    /// Where its exports go (scheme, host and port only: a URL may carry credentials).
+    collector: parking_lot::Mutex<String>,
     on: AtomicBool,
     failing: AtomicBool,
     dropped: AtomicU64,
@@ -51,6 +54,7 @@ impl SignalExport {
     const fn new(name: &'static str) -> SignalExport {
         SignalExport {
             name,
+            collector: parking_lot::Mutex::new(String::new()),
             on: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
@@ -78,7 +82,8 @@ impl SignalExport {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    fn started(&self) {
+    fn started(&self, signal: &str) {
+        *self.collector.lock() = collector(signal);
         self.on.store(true, Ordering::Relaxed);
     }
 
@@ -97,6 +102,7 @@ impl SignalExport {
             self.dropped_before.store(before, Ordering::Relaxed);
             tracing::warn!(
                 signal = self.name,
+                collector = %self.collector.lock(),
                 %error,
                 "cannot export telemetry over OTLP: dropping it until the collector answers \
                  (counted in backstop_telemetry_dropped and /health; said once)"
@@ -138,6 +144,27 @@ impl Exports {
     /// Each signal in turn.
     pub fn each(&self) -> [&SignalExport; 3] {
         [&self.spans, &self.logs, &self.metrics]
+    }
+}
+
+/// Where a signal (`TRACES`, `METRICS`, `LOGS`) is exported, as [`scheme_host_port`] says it.
+fn collector(signal: &str) -> String {
+    let endpoint = std::env::var(format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+        .unwrap_or_default();
+    scheme_host_port(&endpoint)
+}
+
+/// An endpoint's scheme, host and port: what a log line may say of it (its user information,
+/// path and query may carry credentials).
+fn scheme_host_port(endpoint: &str) -> String {
+    let Ok(uri) = endpoint.trim().parse::<http::Uri>() else { return "an endpoint that is no URL".to_string() };
+    match (uri.scheme_str(), uri.host(), uri.port_u16()) {
+        (Some(scheme), Some(host), Some(port)) => format!("{scheme}://{host}:{port}"),
+        (Some(scheme), Some(host), None) => format!("{scheme}://{host}"),
+        _ => "an endpoint that is no URL".to_string(),
     }
 }
 
@@ -233,7 +260,7 @@ pub fn spans(resource: &Resource, exports: Arc<Exports>) -> Option<SpanSink> {
         };
     exporter.set_resource(resource);
     let (queue, mut rx) = mpsc::channel::<SpanData>(QUEUE);
-    exports.spans.started();
+    exports.spans.started("TRACES");
     let state = exports.clone();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(BATCH);
@@ -294,7 +321,7 @@ pub fn logs(resource: &Resource, exports: Arc<Exports>) -> Option<QueuedLogs> {
         };
     exporter.set_resource(resource);
     let (queue, mut rx) = mpsc::channel::<(SdkLogRecord, InstrumentationScope)>(QUEUE);
-    exports.logs.started();
+    exports.logs.started("LOGS");
     let state = exports.clone();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(BATCH);
@@ -317,48 +344,77 @@ pub fn logs(resource: &Resource, exports: Arc<Exports>) -> Option<QueuedLogs> {
     Some(QueuedLogs { queue, exports })
 }
 
-/// A duration in milliseconds from the environment variable `name`, or `default`.
-fn millis(name: &str, default: Duration) -> Duration {
-    std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok()).map_or(default, Duration::from_millis)
+/// A duration in milliseconds from the environment variable `name`; `None` when unset, not a
+/// number, or 0.
+fn millis(name: &str) -> Option<Duration> {
+    let value = std::env::var(name).ok()?.trim().parse::<u64>().ok()?;
+    (value > 0).then(|| Duration::from_millis(value))
 }
 
-/// Pushes what `reader` collects over OTLP every `OTEL_METRIC_EXPORT_INTERVAL` (60 s by
-/// default), each export bounded by `OTEL_METRIC_EXPORT_TIMEOUT` (30 s), when the environment
-/// asks for metrics. `reader` is the aggregation the Prometheus endpoint reads: a measurement is
-/// recorded once, however many ways metrics leave.
-pub fn push_metrics<R: MetricReader>(reader: R, exports: Arc<Exports>) {
+/// How metrics leave over OTLP.
+#[derive(Debug)]
+pub enum MetricsExport {
+    /// Cumulative (the default): [`push_metrics`] sends what the Prometheus reader aggregated,
+    /// so a measurement is recorded once, however many ways metrics leave.
+    Pushed(Box<opentelemetry_otlp::MetricExporter>),
+    /// Delta or low-memory, as `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE` asked: a
+    /// reader of its own, since Prometheus reads cumulative sums (every measurement is then
+    /// aggregated twice).
+    OwnReader(PeriodicReader<CountingMetrics>),
+}
+
+/// The OTLP metric export the environment asks for, if any.
+pub fn metrics(exports: Arc<Exports>) -> Option<MetricsExport> {
     if !wanted("METRICS") {
-        return;
+        return None;
     }
-    if tokio::runtime::Handle::try_current().is_err() {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         tracing::warn!("cannot export metrics outside the async runtime");
-        return;
-    }
+        return None;
+    };
     let exporter =
         match opentelemetry_otlp::MetricExporter::builder().with_http().with_http_client(http_client()).build() {
             Ok(exporter) => exporter,
             Err(error) => {
                 tracing::warn!(%error, "cannot export metrics; check the OTEL_EXPORTER_OTLP_* settings");
-                return;
+                return None;
             }
         };
-    let every = millis("OTEL_METRIC_EXPORT_INTERVAL", Duration::from_secs(60)).max(Duration::from_millis(1));
-    let timeout = millis("OTEL_METRIC_EXPORT_TIMEOUT", Duration::from_secs(30));
-    exports.metrics.started();
-    // Unowned on purpose: it pushes for as long as the process runs; the exit loses at most the
-    // last interval's increments, as the SDK's periodic reader without a shutdown would.
+    exports.metrics.started("METRICS");
+    if exporter.temporality() == Temporality::Cumulative {
+        return Some(MetricsExport::Pushed(Box::new(exporter)));
+    }
+    let counting = CountingMetrics { inner: exporter, exports, runtime };
+    Some(MetricsExport::OwnReader(PeriodicReader::builder(counting).build()))
+}
+
+/// Pushes what `reader` collects to `exporter` every `OTEL_METRIC_EXPORT_INTERVAL` (60 s by
+/// default), each export bounded by `OTEL_METRIC_EXPORT_TIMEOUT` (30 s; 0 for none).
+pub fn push_metrics<R: MetricReader>(reader: R, exporter: opentelemetry_otlp::MetricExporter, exports: Arc<Exports>) {
+    let every = millis("OTEL_METRIC_EXPORT_INTERVAL").unwrap_or(Duration::from_secs(60));
+    let timeout = match std::env::var("OTEL_METRIC_EXPORT_TIMEOUT") {
+        Ok(value) if value.trim() == "0" => None,
+        _ => Some(millis("OTEL_METRIC_EXPORT_TIMEOUT").unwrap_or(Duration::from_secs(30))),
+    };
+    // Unowned on purpose: it pushes for as long as the meter provider lives (the process), and
+    // stops when the reader says it was shut down; the exit loses at most the last interval's
+    // increments.
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
             let mut metrics = ResourceMetrics::default();
-            let exported = match reader.collect(&mut metrics) {
-                Ok(()) => match tokio::time::timeout(timeout, exporter.export(&metrics)).await {
+            if let Err(error) = reader.collect(&mut metrics) {
+                tracing::debug!(%error, "the meter provider is shut down: no more metric pushes");
+                return;
+            }
+            let exported = match timeout {
+                Some(limit) => match tokio::time::timeout(limit, exporter.export(&metrics)).await {
                     Ok(result) => result.map_err(|e| e.to_string()),
-                    Err(_) => Err(format!("no answer within {timeout:?} (OTEL_METRIC_EXPORT_TIMEOUT)")),
+                    Err(_) => Err(format!("no answer within {limit:?} (OTEL_METRIC_EXPORT_TIMEOUT)")),
                 },
-                Err(error) => Err(error.to_string()),
+                None => exporter.export(&metrics).await.map_err(|e| e.to_string()),
             };
             match exported {
                 Ok(()) => exports.metrics.succeeded(),
@@ -366,6 +422,53 @@ pub fn push_metrics<R: MetricReader>(reader: R, exports: Arc<Exports>) {
             }
         }
     });
+}
+
+/// A future polled inside `runtime`'s context (from a thread of the SDK's own).
+struct InRuntime<'a, T> {
+    runtime: &'a tokio::runtime::Handle,
+    future: std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>,
+}
+
+impl<T> std::future::Future for InRuntime<'_, T> {
+    type Output = T;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        let _entered = self.runtime.enter();
+        self.future.as_mut().poll(cx)
+    }
+}
+
+/// The OTLP metric exporter of a reader of its own, reporting into the signal's export state.
+#[derive(Debug)]
+pub struct CountingMetrics {
+    inner: opentelemetry_otlp::MetricExporter,
+    exports: Arc<Exports>,
+    /// The SDK's reader exports from a thread of its own; the HTTP client needs the runtime.
+    runtime: tokio::runtime::Handle,
+}
+
+impl PushMetricExporter for CountingMetrics {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let result = InRuntime { runtime: &self.runtime, future: Box::pin(self.inner.export(metrics)) }.await;
+        match &result {
+            Ok(()) => self.exports.metrics.succeeded(),
+            Err(error) => self.exports.metrics.failed(error, 1),
+        }
+        result
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.inner.temporality()
+    }
 }
 
 #[cfg(test)]
@@ -381,6 +484,16 @@ mod tests {
         sink.send(vec![span.clone(), span.clone(), span.clone(), span]);
         assert_eq!(exports.spans.dropped(), 2);
         assert!(!exports.spans.failing(), "a full queue is not a failing collector");
+    }
+
+    #[test]
+    fn a_log_line_names_the_collector_without_its_credentials() {
+        assert_eq!(
+            scheme_host_port("https://user:s3cret@otel.example.com:4318/v1/traces?api_key=k"),
+            "https://otel.example.com:4318"
+        );
+        assert_eq!(scheme_host_port(" http://collector.observability.svc "), "http://collector.observability.svc");
+        assert_eq!(scheme_host_port("collector:4318"), "an endpoint that is no URL");
     }
 
     #[test]

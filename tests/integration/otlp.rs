@@ -145,6 +145,15 @@ async fn start_sidecar_logged(
     policy: &std::path::Path,
     receiver: SocketAddr,
 ) -> (tokio::process::Child, SocketAddr, SocketAddr, Lines) {
+    start_sidecar_with(policy, receiver, &[]).await
+}
+
+/// [`start_sidecar_logged`] with more environment variables.
+async fn start_sidecar_with(
+    policy: &std::path::Path,
+    receiver: SocketAddr,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, SocketAddr, SocketAddr, Lines) {
     let mut child = Command::new(BIN)
         .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "json", "--policy-file"])
         .arg(policy)
@@ -153,6 +162,7 @@ async fn start_sidecar_logged(
         .env("OTEL_SERVICE_NAME", "support-bot-sidecar")
         .env("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
         .env("BACKSTOP_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -160,12 +170,15 @@ async fn start_sidecar_logged(
         .spawn()
         .expect("start the sidecar");
     let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    // Every line is kept, those before the listening one too (a warning may come that early).
+    let kept = Lines::default();
     let (llm, admin) = loop {
         let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
             .await
             .expect("starts")
             .expect("read")
             .expect("line");
+        kept.lock().expect("lock").push(line.clone());
         if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
             && event["message"] == "backstop sidecar listening"
         {
@@ -173,7 +186,6 @@ async fn start_sidecar_logged(
             break (addr("llm"), addr("admin"));
         }
     };
-    let kept = Lines::default();
     let sink = kept.clone();
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
@@ -547,6 +559,78 @@ async fn a_collector_that_is_down_is_said_once_shown_in_health_and_recovered_fro
     };
     assert_eq!(said("exporting telemetry over OTLP again"), 1, "{:?}", lines.lock().expect("lock"));
     assert_eq!(said(outage), 1, "the recovery is no new outage");
+}
+
+/// The `backstop.requests` sums every metric export carried, with their temporality.
+fn request_sums(receiver: &Receiver) -> Vec<(i32, f64)> {
+    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+    receiver
+        .bodies("/v1/metrics")
+        .iter()
+        .map(|b| ExportMetricsServiceRequest::decode(b.as_ref()).expect("metrics"))
+        .flat_map(|m| m.resource_metrics)
+        .flat_map(|r| r.scope_metrics)
+        .flat_map(|s| s.metrics)
+        .filter(|m| m.name == "backstop.requests")
+        .filter_map(|m| match m.data {
+            Some(metric::Data::Sum(sum)) => Some((
+                sum.aggregation_temporality,
+                sum.data_points
+                    .iter()
+                    .map(|p| match p.value {
+                        Some(number_data_point::Value::AsInt(i)) => i as f64,
+                        Some(number_data_point::Value::AsDouble(d)) => d,
+                        None => 0.0,
+                    })
+                    .sum(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Metrics leave over OTLP as the cumulative sums `/metrics` serves (one aggregation), and as
+/// deltas when the standard variable asks for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_pushed_as_the_prometheus_sums_or_as_deltas_when_asked() {
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {name: sums, namespace: tests}\nspec:\n  providers:\n    - {name: fake, type: mock}\n  routes:\n    - {model: chat, chain: [{provider: fake, model: m}]}\n",
+    )
+    .expect("policy");
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    // Cumulative (2) by default; delta (1) when asked.
+    for (preference, temporality) in [(None, 2), (Some("delta"), 1)] {
+        let receiver = Receiver::start().await;
+        let env: Vec<(&str, &str)> =
+            preference.map(|p| ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", p)).into_iter().collect();
+        let (_child, llm, admin, _) = start_sidecar_with(&policy, receiver.addr, &env).await;
+        for _ in 0..3 {
+            assert_eq!(post_raw(&format!("http://{llm}/v1/chat/completions"), body.clone(), &[]).await.status, 200);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let sums = loop {
+            let sums = request_sums(&receiver);
+            let total =
+                if temporality == 2 { sums.last().map_or(0.0, |s| s.1) } else { sums.iter().map(|s| s.1).sum() };
+            if total >= 3.0 {
+                break sums;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "3 requests never summed up: {sums:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(sums.iter().all(|(t, _)| *t == temporality), "{preference:?}: {sums:?}");
+        let text = String::from_utf8_lossy(&get(&format!("http://{admin}/metrics")).await.body).into_owned();
+        let served = prometheus_sample(&text, "backstop_requests_total{backstop_outcome=\"answered\"");
+        assert_eq!(served, 3.0, "{text}");
+        if temporality == 2 {
+            assert_eq!(sums.last().map(|s| s.1), Some(served), "the push carries the sums /metrics serves");
+        } else {
+            assert_eq!(sums.iter().map(|s| s.1).sum::<f64>(), served, "the deltas add up to the sum: {sums:?}");
+        }
+    }
 }
 
 /// A chain that runs out with targets passed over for different reasons: each is exported
