@@ -137,6 +137,14 @@ async fn start_sidecar(
     (child, llm, admin)
 }
 
+/// A policy file holding `yaml`, in a folder removed when the first value is dropped.
+fn policy_file(yaml: impl AsRef<[u8]>) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, yaml).expect("policy");
+    (dir, policy)
+}
+
 /// The sidecar's stderr lines, kept as they come.
 type Lines = Arc<Mutex<Vec<String>>>;
 
@@ -200,12 +208,8 @@ async fn a_request_that_falls_back_twice_is_traced_measured_and_logged_in_otlp()
     let receiver = Receiver::start().await;
     let flaky = Upstream::start(Fault::status(500)).await;
     let overloaded = Upstream::start(Fault::status(503)).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            r#"apiVersion: backstop.dev/v1alpha1
+    let (_dir, policy) = policy_file(format!(
+        r#"apiVersion: backstop.dev/v1alpha1
 kind: FallbackPolicy
 metadata: {{name: traced, namespace: tests}}
 spec:
@@ -222,11 +226,9 @@ spec:
   retry: {{attempts: 1}}
   circuitBreaker: {{consecutiveFailures: 100}}
 "#,
-            flaky.base_url(),
-            overloaded.base_url()
-        ),
-    )
-    .expect("policy");
+        flaky.base_url(),
+        overloaded.base_url()
+    ));
     let (_child, llm, admin) = start_sidecar(&policy, receiver.addr).await;
     let url = format!("http://{llm}/v1/chat/completions");
     let app_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -442,16 +444,10 @@ async fn a_collector_that_refuses_connections_never_stalls_a_request() {
         listener.local_addr().expect("addr")
     };
     let upstream = Upstream::start(Fault::Ok).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: refused, namespace: tests}}\nspec:\n  providers:\n    - {{name: up, type: openai-compatible, baseUrl: \"{}\"}}\n  routes:\n    - {{model: chat, chain: [{{provider: up, model: m}}]}}\n",
-            upstream.base_url()
-        ),
-    )
-    .expect("policy");
+    let (_dir, policy) = policy_file(format!(
+        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: refused, namespace: tests}}\nspec:\n  providers:\n    - {{name: up, type: openai-compatible, baseUrl: \"{}\"}}\n  routes:\n    - {{model: chat, chain: [{{provider: up, model: m}}]}}\n",
+        upstream.base_url()
+    ));
     // The listener is gone: every export attempt is refused at once, and retried.
     let (_child, llm, _) = start_sidecar(&policy, refused).await;
     let url = format!("http://{llm}/v1/chat/completions");
@@ -485,13 +481,9 @@ async fn a_collector_that_is_down_is_said_once_shown_in_health_and_recovered_fro
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.local_addr().expect("addr")
     };
-    let dir = tempfile::tempdir().expect("dir");
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
+    let (_dir, policy) = policy_file(
         "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {name: down, namespace: tests}\nspec:\n  providers:\n    - {name: fake, type: mock}\n  routes:\n    - {model: chat, chain: [{provider: fake, model: m}]}\n",
-    )
-    .expect("policy");
+    );
     let (_child, llm, admin, lines) = start_sidecar_logged(&policy, down).await;
     let url = format!("http://{llm}/v1/chat/completions");
     let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}).to_string();
@@ -593,13 +585,9 @@ fn request_sums(receiver: &Receiver) -> Vec<(i32, f64)> {
 /// deltas when the standard variable asks for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_pushed_as_the_prometheus_sums_or_as_deltas_when_asked() {
-    let dir = tempfile::tempdir().expect("dir");
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
+    let (_dir, policy) = policy_file(
         "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {name: sums, namespace: tests}\nspec:\n  providers:\n    - {name: fake, type: mock}\n  routes:\n    - {model: chat, chain: [{provider: fake, model: m}]}\n",
-    )
-    .expect("policy");
+    );
     let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}).to_string();
     // Cumulative (2) by default; delta (1) when asked.
     for (preference, temporality) in [(None, 2), (Some("delta"), 1)] {
@@ -639,12 +627,8 @@ async fn metrics_are_pushed_as_the_prometheus_sums_or_as_deltas_when_asked() {
 async fn an_exhausted_chain_names_each_passed_over_target_s_own_reason() {
     let receiver = Receiver::start().await;
     let failing = Upstream::start(Fault::status(500)).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            r#"apiVersion: backstop.dev/v1alpha1
+    let (_dir, policy) = policy_file(format!(
+        r#"apiVersion: backstop.dev/v1alpha1
 kind: FallbackPolicy
 metadata: {{name: passed-over, namespace: tests}}
 spec:
@@ -660,10 +644,8 @@ spec:
     - {{target: drained/m, state: ForcedOpen, reason: maintenance}}
   allowRequestOverrides: [drill]
 "#,
-            failing.base_url(),
-        ),
-    )
-    .expect("policy");
+        failing.base_url(),
+    ));
     let (_child, llm, admin) = start_sidecar(&policy, receiver.addr).await;
     let app_trace = "6df92f3577b34da6a3ce929d0e0e4738";
     let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]});
@@ -749,8 +731,6 @@ async fn every_metric_the_dashboard_charts_is_one_the_sidecar_exports() {
     // A sidecar whose primary is rate limited (its breaker opens) and whose fallback is priced,
     // asked streamed and not.
     let receiver = Receiver::start().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let policy = dir.path().join("policy.yaml");
     let quickstart = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/quickstart.yaml"))
         .expect("quickstart");
     let priced = quickstart.replace(
@@ -758,7 +738,7 @@ async fn every_metric_the_dashboard_charts_is_one_the_sidecar_exports() {
         "{provider: fallback, model: claude-sonnet-4-5, price: {input: 3, output: 15}}",
     );
     assert_ne!(priced, quickstart, "the quickstart's fallback step is priced");
-    std::fs::write(&policy, priced).expect("policy");
+    let (_dir, policy) = policy_file(priced);
     let (_child, llm, admin) = start_sidecar(&policy, receiver.addr).await;
     let url = format!("http://{llm}/v1/chat/completions");
     assert_eq!(post(&url, &chat(false)).await.status, 200);
@@ -774,17 +754,13 @@ async fn a_shadow_comparison_reaches_the_collector_with_both_answers_facts() {
     let receiver = Receiver::start().await;
     let primary = Upstream::start(Fault::Ok).await;
     let shadow = Upstream::speaking(Wire::Anthropic, vec![], Fault::Ok).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let policy = dir.path().join("policy.yaml");
     let shadow_of = |capture: bool| {
         format!(
             "{{provider: claude, model: claude-shadow, percent: 100, price: {{input: 3, output: 15}}, captureContent: {capture}}}"
         )
     };
-    std::fs::write(
-        &policy,
-        format!(
-            r#"apiVersion: backstop.dev/v1alpha1
+    let (_dir, policy) = policy_file(format!(
+        r#"apiVersion: backstop.dev/v1alpha1
 kind: FallbackPolicy
 metadata: {{name: shadowed, namespace: tests}}
 spec:
@@ -800,13 +776,11 @@ spec:
       shadow: {}
   allowRequestOverrides: [drill]
 "#,
-            primary.base_url(),
-            shadow.addr,
-            shadow_of(false),
-            shadow_of(true),
-        ),
-    )
-    .expect("policy");
+        primary.base_url(),
+        shadow.addr,
+        shadow_of(false),
+        shadow_of(true),
+    ));
     let (_child, llm, admin) = start_sidecar(&policy, receiver.addr).await;
     let url = format!("http://{llm}/v1/chat/completions");
     let app_trace = "5cf92f3577b34da6a3ce929d0e0e4737";

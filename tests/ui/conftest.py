@@ -42,22 +42,54 @@ def wait_until(what, check, seconds=60):
         time.sleep(0.2)
 
 
-def stop(process):
-    process.terminate()
+class Server:
+    """A server process of a test: its output in `log_path`, waited for until `ready()` holds,
+    stopped by its pid."""
+
+    def __init__(self, name, command, log_path, ready, seconds, env=None):
+        self.name, self.log_path = name, pathlib.Path(log_path)
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+
+        def answering():
+            if self.process.poll() is not None:
+                raise AssertionError(f"{name} exited: {self.output()[-3000:]}")
+            return ready()
+
+        try:
+            wait_until(f"{name} answers", answering, seconds)
+        except AssertionError:
+            self.stop()
+            raise
+
+    def output(self):
+        return self.log_path.read_text()
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def listening(port):
     try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
-class Phoenix:
+class Phoenix(Server):
     """A Phoenix server: OTLP/HTTP in at `/v1/traces`, its UI and GraphQL API on the same port."""
 
     def __init__(self, directory):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(pathlib.Path(directory) / "phoenix.log", "w")
         env = {
             **os.environ,
             "PHOENIX_HOST": "127.0.0.1",
@@ -68,17 +100,10 @@ class Phoenix:
             "PHOENIX_ALLOW_EXTERNAL_RESOURCES": "false",
         }
         phoenix = pathlib.Path(sys.executable).with_name("phoenix")
-        self.process = subprocess.Popen([str(phoenix), "serve"], env=env, stdin=subprocess.DEVNULL,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_until("Phoenix answers /healthz", self._healthy, 120)
-        except AssertionError:
-            stop(self.process)
-            raise
+        super().__init__("Phoenix", [str(phoenix), "serve"], pathlib.Path(directory) / "phoenix.log",
+                         self._healthy, 120, env)
 
     def _healthy(self):
-        if self.process.poll() is not None:
-            raise AssertionError(f"Phoenix exited: {pathlib.Path(self.log.name).read_text()[-3000:]}")
         try:
             return urllib.request.urlopen(f"{self.url}/healthz", timeout=2).status == 200
         except OSError:
@@ -115,10 +140,6 @@ class Phoenix:
 
         return wait_until(f"{spans} spans of trace {trace_id} in Phoenix", arrived, 60)
 
-    def stop(self):
-        stop(self.process)
-        self.log.close()
-
 
 @pytest.fixture(scope="module")
 def phoenix():
@@ -151,7 +172,7 @@ service:
 """
 
 
-class Collector:
+class Collector(Server):
     """The Collector built by tests/tools/build: OTLP/HTTP in, traces to Phoenix, metrics and logs
     to its debug output (kept in `output()`)."""
 
@@ -160,31 +181,8 @@ class Collector:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         config = pathlib.Path(directory) / "collector.yaml"
         config.write_text(COLLECTOR_CONFIG.format(receiver=self.port, phoenix=phoenix_url))
-        self.log_path = pathlib.Path(directory) / "collector.log"
-        self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen([binary, "--config", str(config)], stdin=subprocess.DEVNULL,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_until("the Collector listens", self._listening, 30)
-        except AssertionError:
-            stop(self.process)
-            raise
-
-    def _listening(self):
-        if self.process.poll() is not None:
-            raise AssertionError(f"the Collector exited: {self.output()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def output(self):
-        return self.log_path.read_text()
-
-    def stop(self):
-        stop(self.process)
-        self.log.close()
+        super().__init__("the Collector", [binary, "--config", str(config)], pathlib.Path(directory) / "collector.log",
+                         lambda: listening(self.port), 30)
 
 
 @pytest.fixture
