@@ -42,7 +42,7 @@ const LINGER: Duration = Duration::from_millis(500);
 pub struct SignalExport {
     name: &'static str,
     /// Where its exports go (scheme, host and port only: a URL may carry credentials).
-    collector: parking_lot::Mutex<String>,
+    collector: std::sync::OnceLock<String>,
     on: AtomicBool,
     failing: AtomicBool,
     dropped: AtomicU64,
@@ -54,7 +54,7 @@ impl SignalExport {
     const fn new(name: &'static str) -> SignalExport {
         SignalExport {
             name,
-            collector: parking_lot::Mutex::new(String::new()),
+            collector: std::sync::OnceLock::new(),
             on: AtomicBool::new(false),
             failing: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
@@ -83,7 +83,7 @@ impl SignalExport {
     }
 
     fn started(&self, signal: &str) {
-        *self.collector.lock() = collector(signal);
+        let _ = self.collector.set(collector(signal));
         self.on.store(true, Ordering::Relaxed);
     }
 
@@ -102,7 +102,7 @@ impl SignalExport {
             self.dropped_before.store(before, Ordering::Relaxed);
             tracing::warn!(
                 signal = self.name,
-                collector = %self.collector.lock(),
+                collector = self.collector.get().map_or("", String::as_str),
                 %error,
                 "cannot export telemetry over OTLP: dropping it until the collector answers \
                  (counted in backstop_telemetry_dropped and /health; said once)"

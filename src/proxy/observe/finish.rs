@@ -32,8 +32,47 @@ pub struct RequestFacts {
     pub drill: bool,
     /// `gen_ai.request.stream`.
     pub stream: bool,
-    /// The sampling parameters the app set, as `gen_ai.request.*` names them.
-    pub parameters: Vec<KeyValue>,
+    /// The sampling parameters the app set.
+    pub parameters: Parameters,
+}
+
+/// The app's own sampling parameters, as read from its request; span attributes
+/// (`gen_ai.request.*`) are made of them only for a traced request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Parameters {
+    max_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    frequency_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
+    seed: Option<i64>,
+}
+
+impl Parameters {
+    fn of(rest: &serde_json::Map<String, serde_json::Value>) -> Parameters {
+        let float = |field: &str| rest.get(field).and_then(serde_json::Value::as_f64);
+        Parameters {
+            max_tokens: rest.get("max_completion_tokens").or_else(|| rest.get("max_tokens")).and_then(|v| v.as_i64()),
+            temperature: float("temperature"),
+            top_p: float("top_p"),
+            frequency_penalty: float("frequency_penalty"),
+            presence_penalty: float("presence_penalty"),
+            seed: rest.get("seed").and_then(serde_json::Value::as_i64),
+        }
+    }
+
+    /// The `gen_ai.request.*` attributes of the parameters set.
+    fn attributes(&self) -> impl Iterator<Item = KeyValue> {
+        let integers = [("gen_ai.request.max_tokens", self.max_tokens), ("gen_ai.request.seed", self.seed)];
+        let floats = [
+            ("gen_ai.request.temperature", self.temperature),
+            ("gen_ai.request.top_p", self.top_p),
+            ("gen_ai.request.frequency_penalty", self.frequency_penalty),
+            ("gen_ai.request.presence_penalty", self.presence_penalty),
+        ];
+        let integers = integers.into_iter().filter_map(|(key, value)| Some(KeyValue::new(key, value?)));
+        integers.chain(floats.into_iter().filter_map(|(key, value)| Some(KeyValue::new(key, value?))))
+    }
 }
 
 impl RequestFacts {
@@ -43,25 +82,7 @@ impl RequestFacts {
             Operation::Chat => "chat",
             Operation::Embeddings => "embeddings",
         };
-        let rest = &request.rest;
-        let mut parameters = Vec::new();
-        if let Some(max) = rest.get("max_completion_tokens").or_else(|| rest.get("max_tokens")).and_then(|v| v.as_i64())
-        {
-            parameters.push(KeyValue::new("gen_ai.request.max_tokens", max));
-        }
-        for (field, key) in [
-            ("temperature", "gen_ai.request.temperature"),
-            ("top_p", "gen_ai.request.top_p"),
-            ("frequency_penalty", "gen_ai.request.frequency_penalty"),
-            ("presence_penalty", "gen_ai.request.presence_penalty"),
-        ] {
-            if let Some(value) = rest.get(field).and_then(|v| v.as_f64()) {
-                parameters.push(KeyValue::new(key, value));
-            }
-        }
-        if let Some(seed) = rest.get("seed").and_then(|v| v.as_i64()) {
-            parameters.push(KeyValue::new("gen_ai.request.seed", seed));
-        }
+        let parameters = Parameters::of(&request.rest);
         RequestFacts { operation, model: request.model.clone(), drill, stream: request.stream, parameters }
     }
 }
@@ -482,7 +503,7 @@ impl Finishing<'_> {
             KeyValue::new("http.response.status_code", i64::from(status)),
             KeyValue::new("gen_ai.request.stream", request.stream),
         ];
-        attributes.extend(request.parameters.iter().cloned());
+        attributes.extend(request.parameters.attributes());
         if request.drill {
             attributes.push(KeyValue::new("backstop.drill", true));
         }
