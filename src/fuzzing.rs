@@ -39,6 +39,7 @@ pub fn stream_everywhere(api: Api, bytes: &[u8]) {
         rest: serde_json::Map::new(),
         origin: None,
         operation: Operation::Chat,
+        continues: false,
     };
     let mut parser: Box<dyn WireStream> = match api {
         Api::OpenAi => Box::new(openai::stream::ChunkParser::default()),

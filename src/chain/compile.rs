@@ -72,6 +72,7 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
             hedge,
             overrides,
             shadow,
+            mid_stream: route.mid_stream.unwrap_or_default(),
         });
     }
     if let Some(problem) = spec.selector_problem() {
@@ -396,6 +397,21 @@ mod tests {
             (
                 GOOD.replace("spec:\n", "spec:\n  selector: {matchExpressions: [{key: app, operator: In}]}\n"),
                 "`spec.selector`:",
+            ),
+            (
+                GOOD.replace(
+                    "{name: primary, type: openai,",
+                    "{name: primary, type: openai, continuation: assistantPrefill,",
+                ),
+                "`spec.providers[0].continuation`: `assistantPrefill` is not possible with `type: openai`: OpenAI's API answers",
+            ),
+            (
+                GOOD.replace("latency: 10ms}", "latency: 10ms}, continuation: continueFinalMessage"),
+                "`spec.providers[2].continuation`: `continueFinalMessage` is not possible with `type: mock`",
+            ),
+            (
+                GOOD.replace("latency: 10ms}", "latency: 10ms, streamCutAfter: 0}"),
+                "`spec.providers[2].mock.streamCutAfter`:",
             ),
         ];
         assert_errors(&cases, compile);

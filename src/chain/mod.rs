@@ -33,6 +33,7 @@ pub use settings::{
 };
 
 use crate::llm::{ClassSet, RequestFeature};
+use crate::policy::MidStream;
 
 /// A compiled, valid policy: plain data, equal when the policies mean the same.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -116,6 +117,9 @@ pub struct CompiledRoute {
     /// Shadow comparison, if enabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<CompiledShadow>,
+    /// What a stream that fails after its first chunk does.
+    #[serde(default, skip_serializing_if = "MidStream::is_fail")]
+    pub mid_stream: MidStream,
 }
 
 /// A route's shadow comparison: which target a sampled share of its answered requests is also

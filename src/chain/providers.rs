@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::Errors;
 use super::keys::{ApiKey, KeyError, KeyResolver};
-use crate::policy::{ApiKeySource, FallbackPolicySpec, MockSpec, ProviderKind, ProviderSpec};
+use crate::policy::{ApiKeySource, Continuation, FallbackPolicySpec, MockSpec, ProviderKind, ProviderSpec};
 
 /// One compiled entry of `spec.providers`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -32,6 +32,10 @@ pub struct CompiledProvider {
     /// A `mock` provider's behaviour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mock: Option<MockBehaviour>,
+    /// How it continues an answer another target began, when the policy says; otherwise its
+    /// type's way ([`Continuation::of_type`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuation: Option<Continuation>,
 }
 
 impl CompiledProvider {
@@ -56,8 +60,10 @@ impl CompiledProvider {
 /// The text a mock answers with when the policy sets none.
 pub const DEFAULT_MOCK_REPLY: &str = "Hello from the mock provider.";
 
-/// A mock provider's behaviour, compiled from `spec.providers[].mock`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A mock provider's behaviour, compiled from `spec.providers[].mock`. Its `Debug` form is
+/// part of the provider's identity, and stays what it was before `stream_cut_after` while
+/// that is unset: health state keyed by it survives an upgrade.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MockBehaviour {
     /// The answer's text.
@@ -76,6 +82,27 @@ pub struct MockBehaviour {
     pub retry_after: Option<u32>,
     /// Seed for the failure draw.
     pub seed: Option<u64>,
+    /// Content chunks after which a stream's connection is cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_cut_after: Option<u32>,
+}
+
+impl std::fmt::Debug for MockBehaviour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = f.debug_struct("MockBehaviour");
+        out.field("reply", &self.reply)
+            .field("latency", &self.latency)
+            .field("first_token_latency", &self.first_token_latency)
+            .field("chunks", &self.chunks)
+            .field("failure_rate", &self.failure_rate)
+            .field("failure_status", &self.failure_status)
+            .field("retry_after", &self.retry_after)
+            .field("seed", &self.seed);
+        if let Some(cut) = &self.stream_cut_after {
+            out.field("stream_cut_after", cut);
+        }
+        out.finish()
+    }
 }
 
 impl Default for MockBehaviour {
@@ -89,6 +116,7 @@ impl Default for MockBehaviour {
             failure_status: 503,
             retry_after: None,
             seed: None,
+            stream_cut_after: None,
         }
     }
 }
@@ -193,6 +221,7 @@ fn compile_provider(
     };
     let mock =
         (spec.kind == ProviderKind::Mock).then(|| compile_mock(spec.mock.as_ref(), &format!("{path}.mock"), errors));
+    let continuation = compile_continuation(spec, &format!("{path}.continuation"), errors);
     Some(CompiledProvider {
         name: spec.name.clone(),
         kind: spec.kind,
@@ -201,7 +230,30 @@ fn compile_provider(
         api_version: spec.api_version.clone(),
         default_max_tokens: spec.default_max_tokens,
         mock,
+        continuation,
     })
+}
+
+/// How a provider continues an answer, when the policy says: what its type can do.
+fn compile_continuation(spec: &ProviderSpec, path: &str, errors: &mut Errors) -> Option<Continuation> {
+    let asked = spec.continuation?;
+    let possible = match (asked, spec.kind) {
+        (Continuation::None, _) | (_, ProviderKind::OpenAiCompatible) => true,
+        (Continuation::AssistantPrefill, kind) => Continuation::of_type(kind) == Continuation::AssistantPrefill,
+        _ => false,
+    };
+    if !possible {
+        let why = match spec.kind {
+            ProviderKind::OpenAi | ProviderKind::AzureOpenAi => {
+                "OpenAI's API answers a final assistant message with a new turn instead of continuing it"
+            }
+            ProviderKind::Gemini => "Gemini answers a final model turn with a new turn instead of continuing it",
+            _ => "only `openai-compatible` servers (vLLM, SGLang) take `continue_final_message`",
+        };
+        errors.push(path, format!("`{}` is not possible with `type: {}`: {why}", asked.as_str(), spec.kind.as_str()));
+        return None;
+    }
+    Some(asked)
 }
 
 fn header_safe(value: Option<&str>) -> bool {
@@ -290,5 +342,9 @@ fn compile_mock(spec: Option<&MockSpec>, path: &str, errors: &mut Errors) -> Moc
     }
     behaviour.retry_after = spec.retry_after;
     behaviour.seed = spec.seed;
+    match spec.stream_cut_after {
+        Some(0) => errors.push(format!("{path}.streamCutAfter"), "must be at least 1"),
+        cut => behaviour.stream_cut_after = cut,
+    }
     behaviour
 }

@@ -73,6 +73,10 @@ pub struct ChatRequest {
     /// Chat or embeddings.
     #[serde(skip)]
     pub operation: Operation,
+    /// The last message is an assistant answer another target began, which the model is to
+    /// continue rather than answer (`midStream: continue`).
+    #[serde(skip)]
+    pub continues: bool,
 }
 
 /// One message of the conversation.

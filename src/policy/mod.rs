@@ -320,6 +320,77 @@ pub struct ProviderSpec {
     /// Behaviour of a `mock` provider; only valid with `type: mock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mock: Option<MockSpec>,
+
+    /// How this provider continues an answer another target began (see [`Continuation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuation: Option<Continuation>,
+}
+
+/// How a provider continues an answer another target began, for routes with
+/// `midStream: continue`: `assistantPrefill` sends the text so far as a final assistant
+/// message the model carries on from (Anthropic's Messages API; the default for `anthropic` and
+/// `mock`; llama.cpp and Ollama servers do the same), `continueFinalMessage` does so with
+/// vLLM's and SGLang's `continue_final_message: true` and `add_generation_prompt: false`, and
+/// `none` (the default for every other type) never continues one: OpenAI's own API and Gemini
+/// answer a final assistant message with a new turn.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Continuation {
+    /// It cannot: the stream fails as it would without `midStream: continue`.
+    #[default]
+    None,
+    /// The text so far as a final assistant message, which the model continues.
+    AssistantPrefill,
+    /// The same, with `continue_final_message: true` and `add_generation_prompt: false`.
+    ContinueFinalMessage,
+}
+
+impl Continuation {
+    /// How a provider of type `kind` continues an answer when the policy does not say.
+    pub fn of_type(kind: ProviderKind) -> Continuation {
+        match kind {
+            ProviderKind::Anthropic | ProviderKind::Mock => Continuation::AssistantPrefill,
+            _ => Continuation::None,
+        }
+    }
+
+    /// Whether the provider cannot continue an answer.
+    pub fn is_none(&self) -> bool {
+        *self == Continuation::None
+    }
+
+    /// The name users write.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Continuation::None => "none",
+            Continuation::AssistantPrefill => "assistantPrefill",
+            Continuation::ContinueFinalMessage => "continueFinalMessage",
+        }
+    }
+}
+
+/// What happens when a stream fails after its first chunk reached the app (a cut connection,
+/// an error event, an idle timeout). `fail` (the default) ends the app's stream with an error
+/// event. `continue` sends the conversation and the text already streamed to the next target
+/// whose provider can continue an answer (its `continuation`), and streams the rest to the app
+/// in the same response, with nothing repeated or lost at the seam. Only text answers are
+/// continued: a stream with a tool call, a request for JSON output, with `n` above 1, with
+/// Anthropic `thinking`, or from the Responses API fails as with `fail`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MidStream {
+    /// The app's stream ends with an error event, never as a silently truncated answer.
+    #[default]
+    Fail,
+    /// A text answer continues on the next target that can continue it, in the same stream.
+    Continue,
+}
+
+impl MidStream {
+    /// Whether it is the default, `fail`.
+    pub fn is_fail(&self) -> bool {
+        *self == MidStream::Fail
+    }
 }
 
 /// The wire API a provider speaks.
@@ -441,6 +512,13 @@ pub struct MockSpec {
     /// fresh random sequence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+
+    /// Cuts every streamed answer's connection after this many content chunks, as a provider
+    /// that drops mid-answer would, to drill `midStream`. A continuation (another target's
+    /// answer this mock carries on) is never cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub stream_cut_after: Option<u32>,
 }
 
 /// One model alias and the chain of targets that serve it.
@@ -481,6 +559,10 @@ pub struct RouteSpec {
     /// no shadow runs while the route is retrying or falling through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowSpec>,
+
+    /// What happens when a stream fails after its first chunk reached the app (see [`MidStream`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mid_stream: Option<MidStream>,
 }
 
 /// Hedging on slow first tokens.

@@ -13,7 +13,7 @@ use super::openai::error::from_response;
 use super::openai::stream::chunk_event;
 use crate::chain::MockBehaviour;
 use crate::llm::answer::embedding_value;
-use crate::llm::{AttemptError, ChatRequest, ChunkStream, Operation, Reply, unix_seconds};
+use crate::llm::{AttemptError, ChatRequest, ChunkStream, FailureClass, Operation, Reply, unix_seconds};
 
 /// A running mock provider. Its random draw is shared by every request to it, so a seeded
 /// mock fails the same sequence of requests on every run.
@@ -65,7 +65,8 @@ impl Mock {
         let id = format!("chatcmpl-mock-{:x}", rand::random::<u64>());
         let created = unix_seconds();
         let prompt_tokens = request.estimated_prompt_tokens();
-        let completion_tokens = self.behaviour.reply.split_whitespace().count().max(1) as u64;
+        let reply = self.reply_to(request);
+        let completion_tokens = reply.split_whitespace().count().max(1) as u64;
         let usage = json!({
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -80,7 +81,7 @@ impl Mock {
                     "model": model,
                     "choices": [{
                         "index": 0,
-                        "message": {"role": "assistant", "content": self.behaviour.reply, "refusal": null},
+                        "message": {"role": "assistant", "content": reply, "refusal": null},
                         "logprobs": null,
                         "finish_reason": "stop",
                     }],
@@ -93,7 +94,10 @@ impl Mock {
         let chunk = |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
         let mut chunks =
             vec![chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]))];
-        for piece in split_reply(&self.behaviour.reply, self.behaviour.chunks) {
+        let pieces = split_reply(reply, self.behaviour.chunks);
+        let cut =
+            self.behaviour.stream_cut_after.map(|n| n as usize).filter(|n| *n < pieces.len() && !request.continues);
+        for piece in pieces {
             chunks.push(chunk(json!([{"index": 0, "delta": {"content": piece}, "finish_reason": null}])));
         }
         chunks.push(chunk(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}])));
@@ -109,9 +113,27 @@ impl Mock {
                 if index == 1 && !first_token_latency.is_zero() {
                     tokio::time::sleep(first_token_latency).await;
                 }
-                rest.next().map(|chunk| (Ok(chunk_event(chunk)), (rest, index + 1)))
+                if cut.is_some_and(|after| index == after + 1) {
+                    let cut = AttemptError::new(
+                        FailureClass::ServerError,
+                        "stream broke off: connection reset (mock provider)",
+                    );
+                    return Some((Err(cut), (Vec::new().into_iter(), usize::MAX)));
+                }
+                rest.next().map(|chunk| (Ok(chunk_event(chunk)), (rest, index.saturating_add(1))))
             }));
         Ok(Reply::Stream(stream))
+    }
+
+    /// The answer's text: the reply, or, continuing an answer another target began, what of
+    /// the reply follows the text so far (the whole reply when it does not begin that way).
+    fn reply_to<'a>(&'a self, request: &ChatRequest) -> &'a str {
+        let reply = self.behaviour.reply.as_str();
+        let begun = request.messages.last().filter(|_| request.continues).and_then(|m| m.content.as_ref());
+        match begun.and_then(Value::as_str) {
+            Some(begun) => reply.strip_prefix(begun).unwrap_or(reply),
+            None => reply,
+        }
     }
 
     fn failure(&self) -> AttemptError {
@@ -178,7 +200,6 @@ fn split_reply(reply: &str, parts: u32) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::FailureClass;
     use futures_util::StreamExt;
     use std::time::Duration;
 
@@ -229,5 +250,36 @@ mod tests {
             chunks.iter().filter_map(|c| c.pointer("/choices/0/delta/content").and_then(Value::as_str)).collect();
         assert_eq!(text, "one two three");
         assert_eq!(chunks.last().and_then(|c| c.pointer("/usage/completion_tokens")), Some(&json!(3)));
+    }
+
+    /// The text of a stream's chunks, and its error if it was cut.
+    async fn streamed(mock: &Mock, request: &ChatRequest) -> (String, Option<AttemptError>) {
+        let Ok(Reply::Stream(mut stream)) = mock.send("m", request).await else { panic!("expected a stream") };
+        let mut text = String::new();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => text.extend(event.data.pointer("/choices/0/delta/content").and_then(Value::as_str)),
+                Err(error) => return (text, Some(error)),
+            }
+        }
+        (text, None)
+    }
+
+    #[tokio::test]
+    async fn a_cut_stream_breaks_after_its_chunks_and_a_continuation_carries_on_from_its_text() {
+        let behaviour =
+            MockBehaviour { reply: "ab cd ef gh".into(), chunks: 4, stream_cut_after: Some(2), ..Default::default() };
+        let mock = Mock::new(behaviour);
+        let (text, cut) = streamed(&mock, &request(true)).await;
+        assert_eq!(text, "ab cd ");
+        assert_eq!(cut.map(|e| e.class), Some(FailureClass::ServerError));
+
+        let mut continuing = request(true);
+        continuing
+            .messages
+            .push(serde_json::from_value(json!({"role": "assistant", "content": "ab cd"})).expect("message"));
+        continuing.continues = true;
+        let (rest, cut) = streamed(&mock, &continuing).await;
+        assert_eq!((rest.as_str(), cut.is_none()), (" ef gh", true), "the rest, never cut");
     }
 }

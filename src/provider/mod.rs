@@ -27,7 +27,7 @@ pub use crate::net::client::HttpClient;
 use crate::chain::CompiledProvider;
 use crate::llm::ratelimit::Headroom;
 use crate::llm::{Api, AttemptError, ChatRequest, Reply};
-use crate::policy::ProviderKind;
+use crate::policy::{Continuation, ProviderKind};
 
 /// A compiled provider that cannot be turned into a live one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,6 +67,8 @@ pub struct Provider {
     pub system: &'static str,
     /// The host and port it is reached at (`server.address`, `server.port`), when remote.
     pub server: Option<(String, u16)>,
+    /// How it continues an answer another target began.
+    pub continuation: Continuation,
     backend: Backend,
 }
 
@@ -131,7 +133,8 @@ impl Provider {
                 let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("http") { 80 } else { 443 });
                 Some((uri.host()?.to_string(), port))
             });
-        Ok(Provider { name: config.name.clone(), system, server, backend })
+        let continuation = config.continuation.unwrap_or_else(|| Continuation::of_type(config.kind));
+        Ok(Provider { name: config.name.clone(), system, server, continuation, backend })
     }
 
     /// The wire format of its answers.
@@ -147,6 +150,9 @@ impl Provider {
     /// content its API has no way to express. The chain skips it rather than send a request
     /// that means something else.
     pub fn unsupported(&self, request: &ChatRequest) -> Option<String> {
+        if request.continues && self.continuation.is_none() {
+            return Some("its provider cannot continue an answer another target began (`continuation: none`)".into());
+        }
         match &self.backend {
             Backend::OpenAi(o)
                 if o.speaks_responses() && request.origin.as_ref().is_some_and(|r| r.api == Api::Responses) =>

@@ -21,7 +21,7 @@ use crate::chain::{
 use crate::health::gate::Forced;
 use crate::health::{HealthRegistry, SharedBudget, TargetHealth};
 use crate::llm::ChatRequest;
-use crate::policy::OverrideState;
+use crate::policy::{MidStream, OverrideState};
 
 use crate::llm::{ClassSet, RequestFeature};
 use crate::provider::{InvalidBackend, Provider};
@@ -95,6 +95,8 @@ pub struct Route {
     pub overrides: AllowedOverrides,
     /// Shadow comparison, if enabled.
     pub shadow: Option<Arc<Shadow>>,
+    /// What a stream that fails after its first chunk does.
+    pub mid_stream: MidStream,
 }
 
 /// A route's shadow comparison, live.
@@ -246,6 +248,7 @@ impl Binder<'_> {
             budget,
             overrides: config.overrides,
             shadow: config.shadow.as_ref().map(|shadow| self.shadow(shadow)).transpose()?,
+            mid_stream: config.mid_stream,
         })
     }
 

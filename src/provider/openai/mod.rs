@@ -18,7 +18,7 @@ use super::{Call, InvalidBackend, Sent, endpoint, sse};
 use crate::chain::CompiledProvider;
 use crate::llm::ratelimit::Headroom;
 use crate::llm::{Api, AttemptError, ChatRequest, Operation, Reply};
-use crate::policy::ProviderKind;
+use crate::policy::{Continuation, ProviderKind};
 
 use crate::llm::FailureClass;
 use azure::Deployments;
@@ -40,6 +40,8 @@ pub struct OpenAi {
     endpoint: Endpoint,
     /// One credential per key; none for keyless endpoints.
     keys: Credentials,
+    /// It continues a final assistant message when told `continue_final_message`.
+    continue_final_message: bool,
 }
 
 impl OpenAi {
@@ -49,13 +51,23 @@ impl OpenAi {
         if config.kind == ProviderKind::AzureOpenAi {
             let deployments = Deployments::new(config)?;
             let keys = Credentials::new(config, "")?;
-            return Ok(OpenAi { kind: config.kind, endpoint: Endpoint::Azure(deployments), keys });
+            return Ok(OpenAi {
+                kind: config.kind,
+                endpoint: Endpoint::Azure(deployments),
+                keys,
+                continue_final_message: false,
+            });
         }
         let completions = endpoint(config, format!("{base}/chat/completions"))?;
         let embeddings = endpoint(config, format!("{base}/embeddings"))?;
         let responses = endpoint(config, format!("{base}/responses"))?;
         let keys = Credentials::new(config, "Bearer ")?;
-        Ok(OpenAi { kind: config.kind, endpoint: Endpoint::Fixed { completions, embeddings, responses }, keys })
+        Ok(OpenAi {
+            kind: config.kind,
+            endpoint: Endpoint::Fixed { completions, embeddings, responses },
+            keys,
+            continue_final_message: config.continuation == Some(Continuation::ContinueFinalMessage),
+        })
     }
 
     /// Sends one Chat Completions (or embeddings, or Responses) request.
@@ -73,12 +85,21 @@ impl OpenAi {
         let embeddings = request.operation == Operation::Embeddings;
         let cannot_encode =
             |e: serde_json::Error| AttemptError::new(FailureClass::BadRequest, format!("cannot encode request: {e}"));
+        let continue_final = request.continues && self.continue_final_message;
         let body = match adapt.filter(|_| !embeddings) {
-            None => to_wire::encode_with(request, model, usage).map_err(cannot_encode)?,
-            Some(adaptation) => {
+            None if !continue_final => to_wire::encode_with(request, model, usage).map_err(cannot_encode)?,
+            adaptation => {
                 let mut wire = to_wire::encode_object(request, model, usage).map_err(cannot_encode)?;
-                let completion_tokens = matches!(self.kind, ProviderKind::OpenAi | ProviderKind::AzureOpenAi);
-                super::adapt::apply(adaptation, super::adapt::Wire::Chat { completion_tokens }, &mut wire);
+                if let Some(adaptation) = adaptation {
+                    let completion_tokens = matches!(self.kind, ProviderKind::OpenAi | ProviderKind::AzureOpenAi);
+                    super::adapt::apply(adaptation, super::adapt::Wire::Chat { completion_tokens }, &mut wire);
+                }
+                if continue_final {
+                    // vLLM's and SGLang's chat template options: continue the final assistant
+                    // message instead of opening a new turn after it.
+                    wire.insert("continue_final_message".into(), Value::Bool(true));
+                    wire.insert("add_generation_prompt".into(), Value::Bool(false));
+                }
                 encode(&wire)?
             }
         };

@@ -40,6 +40,7 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
         rest: object,
         origin: None,
         operation: Operation::Embeddings,
+        continues: false,
     })
 }
 

@@ -56,7 +56,15 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
             return Err(InvalidRequest::new("`stream` must be a boolean", Some("stream")));
         }
     };
-    Ok(ChatRequest { model, messages, stream, rest: object, origin: None, operation: Operation::Chat })
+    Ok(ChatRequest {
+        model,
+        messages,
+        stream,
+        rest: object,
+        origin: None,
+        operation: Operation::Chat,
+        continues: false,
+    })
 }
 
 /// OpenAI Chat Completions, as apps speak it.

@@ -72,6 +72,7 @@ pub fn from_messages_request_with(body: &[u8], headers: &http::HeaderMap) -> Res
             headers: beta.into_iter().collect(),
         })),
         operation: Operation::Chat,
+        continues: false,
     })
 }
 

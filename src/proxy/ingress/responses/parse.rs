@@ -140,6 +140,7 @@ pub fn from_responses_request(body: &[u8]) -> Result<ChatRequest, InvalidRequest
         rest,
         origin: Some(std::sync::Arc::new(Origin { api: Api::Responses, body: raw, unportable, headers: Vec::new() })),
         operation: Operation::Chat,
+        continues: false,
     })
 }
 
