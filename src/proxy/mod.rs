@@ -1,7 +1,8 @@
 //! The sidecar's request path: the LLM listener apps point their SDKs at, one ingress per API
 //! ([`ingress`]), the fallback walk ([`fallback`]), the stream relay ([`relay`]), pass-through
 //! while no policy applies and for endpoints Backstop does not handle ([`passthrough`]), and
-//! the admin listener for probes, health and the redacted config ([`admin`]).
+//! the admin listener for probes, health and the redacted config ([`admin`]); a stream that
+//! breaks mid-answer continues on another target where the route asks ([`resume`]).
 
 pub mod admin;
 pub mod fallback;
@@ -9,6 +10,7 @@ pub mod ingress;
 pub mod observe;
 pub mod passthrough;
 pub mod relay;
+pub mod resume;
 pub mod shadow;
 
 use std::net::SocketAddr;

@@ -1,19 +1,39 @@
 //! Relaying a committed upstream stream to the app as server-sent events, in the app's own
 //! format, with an idle timeout between events. A failure after commit is sent as an error
 //! event in the app's format and then the body is aborted, so no client mistakes a cut stream
-//! for a finished one.
+//! for a finished one. A stream that continues on another target after a failure
+//! (`midStream: continue`, see [`resume`](crate::proxy::resume)) marks the seam with an SSE
+//! comment, tells its watcher, and shows the app the usage of every attempt added up.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{StreamExt, stream};
+use futures_util::{Stream, StreamExt, stream};
 use hyper::body::Frame;
 use tokio::time::Instant;
 
 use crate::health::Permit;
 use crate::llm::FailureClass;
-use crate::llm::{ChunkStream, StreamEvent};
+use crate::llm::{AttemptError, ChunkStream, StreamEvent};
 use crate::net::body::{Body, BoxError};
+use crate::proxy::resume::Seam;
+
+/// What a committed stream brings: an event, or the seam where it continued on another target.
+pub enum Relayed {
+    /// An event, in the stream's format.
+    Event(StreamEvent),
+    /// The answer broke and continues (or, with no `to`, failed to continue) on another target.
+    Resumed(Box<Seam>),
+}
+
+/// A committed stream as the relay reads it.
+pub type RelayStream = Pin<Box<dyn Stream<Item = Result<Relayed, AttemptError>> + Send>>;
+
+/// An upstream stream with no seams.
+pub fn plain(rest: ChunkStream) -> RelayStream {
+    Box::pin(rest.map(|item| item.map(Relayed::Event)))
+}
 
 /// One server-sent event: `event: NAME` when named, then the JSON `data` line.
 pub fn encode(name: Option<&str>, data: &serde_json::Value) -> Bytes {
@@ -59,6 +79,8 @@ pub trait StreamWatch: Send {
     fn event(&mut self, event: &StreamEvent);
     /// The end (called at most once; a watcher dropped without it was cancelled).
     fn end(&mut self, end: StreamEnd);
+    /// The answer broke and continues on another target (or failed to).
+    fn resumed(&mut self, _seam: &Seam) {}
 }
 
 /// Two watchers of one stream, each seeing every event and the end, the first first.
@@ -71,6 +93,11 @@ impl<A: StreamWatch, B: StreamWatch> StreamWatch for (A, B) {
     fn end(&mut self, end: StreamEnd) {
         self.0.end(end);
         self.1.end(end);
+    }
+
+    fn resumed(&mut self, seam: &Seam) {
+        self.0.resumed(seam);
+        self.1.resumed(seam);
     }
 }
 
@@ -85,6 +112,12 @@ impl<W: StreamWatch> StreamWatch for Option<W> {
     fn end(&mut self, end: StreamEnd) {
         if let Some(watch) = self {
             watch.end(end);
+        }
+    }
+
+    fn resumed(&mut self, seam: &Seam) {
+        if let Some(watch) = self {
+            watch.resumed(seam);
         }
     }
 }
@@ -106,6 +139,12 @@ impl Tail {
         }
     }
 
+    fn resumed(&mut self, seam: &Seam) {
+        if let Some(watch) = &mut self.watch {
+            watch.resumed(seam);
+        }
+    }
+
     fn end(&mut self, end: StreamEnd, message: &str) {
         let now = Instant::now();
         match (self.permit.take(), end) {
@@ -124,9 +163,11 @@ enum State<R> {
     Live {
         pending: std::vec::IntoIter<Bytes>,
         held: std::vec::IntoIter<StreamEvent>,
-        rest: ChunkStream,
+        rest: RelayStream,
         renderer: R,
         tail: Tail,
+        /// The usage of the attempts before each seam, added to the usage the app is shown.
+        carried: Usage,
     },
     Closing(std::vec::IntoIter<Bytes>),
     Failing(BoxError),
@@ -137,8 +178,9 @@ enum State<R> {
 /// the policy caps a stream's length (`timeouts.maxStream`).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// The longest gap between two events.
-    pub idle: Duration,
+    /// The longest gap between two events; none when the stream bounds its own gaps (a stream
+    /// that continues on another target after one).
+    pub idle: Option<Duration>,
     /// When the stream must end, if ever.
     pub deadline: Option<Instant>,
 }
@@ -148,34 +190,51 @@ pub struct Limits {
 /// the watcher told the stream was cancelled).
 pub fn sse_body<R: StreamRenderer>(
     held: Vec<StreamEvent>,
-    rest: ChunkStream,
+    rest: RelayStream,
     limits: Limits,
     renderer: R,
     tail: Tail,
 ) -> Body {
     let Limits { idle, deadline } = limits;
-    let start = State::Live { pending: Vec::new().into_iter(), held: held.into_iter(), rest, renderer, tail };
+    let start = State::Live {
+        pending: Vec::new().into_iter(),
+        held: held.into_iter(),
+        rest,
+        renderer,
+        tail,
+        carried: Usage::default(),
+    };
     let frames = stream::unfold(start, move |state| async move {
         let mut state = state;
         loop {
             match state {
-                State::Live { mut pending, mut held, mut rest, mut renderer, mut tail } => {
+                State::Live { mut pending, mut held, mut rest, mut renderer, mut tail, mut carried } => {
                     if let Some(frame) = pending.next() {
-                        return Some((Ok(Frame::data(frame)), State::Live { pending, held, rest, renderer, tail }));
+                        let live = State::Live { pending, held, rest, renderer, tail, carried };
+                        return Some((Ok(Frame::data(frame)), live));
                     }
                     let next = match held.next() {
-                        Some(event) => Ok(Some(Ok(event))),
+                        Some(event) => Ok(Some(Ok(Relayed::Event(event)))),
                         None => {
-                            let idle_until = Instant::now() + idle;
-                            let until = deadline.map_or(idle_until, |d| idle_until.min(d));
-                            tokio::time::timeout_at(until, rest.next()).await
+                            let idle_until = idle.map(|idle| Instant::now() + idle);
+                            match idle_until.into_iter().chain(deadline).min() {
+                                Some(until) => tokio::time::timeout_at(until, rest.next()).await,
+                                None => Ok(rest.next().await),
+                            }
                         }
                     };
                     state = match next {
-                        Ok(Some(Ok(event))) => {
+                        Ok(Some(Ok(Relayed::Event(mut event)))) => {
                             tail.event(&event);
+                            carried.add_to(&mut event.data);
                             let pending = renderer.event(&event).into_iter();
-                            State::Live { pending, held, rest, renderer, tail }
+                            State::Live { pending, held, rest, renderer, tail, carried }
+                        }
+                        Ok(Some(Ok(Relayed::Resumed(seam)))) => {
+                            tail.resumed(&seam);
+                            carried.add(&seam.info);
+                            let pending = seam.comment().into_iter().collect::<Vec<_>>().into_iter();
+                            State::Live { pending, held, rest, renderer, tail, carried }
                         }
                         Ok(None) => {
                             tail.end(StreamEnd::Finished, "");
@@ -200,7 +259,7 @@ pub fn sse_body<R: StreamRenderer>(
                         Err(_) => {
                             let message = format!(
                                 "stream interrupted after it began: upstream sent nothing for {}ms",
-                                idle.as_millis()
+                                idle.unwrap_or_default().as_millis()
                             );
                             tracing::warn!(error = %message, "stream stalled after its first token");
                             tail.end(StreamEnd::Broke(FailureClass::Timeout), &message);
@@ -223,6 +282,37 @@ pub fn sse_body<R: StreamRenderer>(
         }
     });
     Body::new(http_body_util::StreamBody::new(frames))
+}
+
+/// Tokens the attempts before a seam used, which the app's usage (in the neutral shape a
+/// continuing stream is relayed in) adds: the app pays for every attempt of its answer.
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    input: u64,
+    output: u64,
+}
+
+impl Usage {
+    fn add(&mut self, info: &crate::telemetry::genai::AnswerInfo) {
+        self.input += info.input_tokens.unwrap_or(0);
+        self.output += info.output_tokens.unwrap_or(0);
+    }
+
+    /// Adds the carried tokens to a chunk's `usage`, if it has one.
+    fn add_to(&self, chunk: &mut serde_json::Value) {
+        if self.input == 0 && self.output == 0 {
+            return;
+        }
+        let Some(usage) = chunk.get_mut("usage").and_then(serde_json::Value::as_object_mut) else { return };
+        let mut bump = |field: &str, by: u64| {
+            if let Some(n) = usage.get(field).and_then(serde_json::Value::as_u64) {
+                usage.insert(field.to_string(), serde_json::Value::from(n + by));
+            }
+        };
+        bump("prompt_tokens", self.input);
+        bump("completion_tokens", self.output);
+        bump("total_tokens", self.input + self.output);
+    }
 }
 
 #[cfg(test)]
@@ -277,10 +367,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_three_minute_stream_is_relayed_whole_under_the_defaults() {
-        let limits = Limits { idle: crate::chain::defaults::IDLE_TIMEOUT, deadline: None };
+        let limits = Limits { idle: Some(crate::chain::defaults::IDLE_TIMEOUT), deadline: None };
         let started = Instant::now();
-        let body =
-            sse_body(Vec::new(), upstream(Duration::from_secs(1), 180, false), limits, renderer(), Tail::default());
+        let body = sse_body(
+            Vec::new(),
+            plain(upstream(Duration::from_secs(1), 180, false)),
+            limits,
+            renderer(),
+            Tail::default(),
+        );
         let (frames, broken) = read(body).await;
         assert!(!broken, "a healthy stream is never cut: {:?}", frames.last());
         assert_eq!(frames.len(), 181, "180 chunks and [DONE]");
@@ -289,9 +384,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_committed_stream_that_stalls_is_ended_with_an_error_after_idle() {
-        let limits = Limits { idle: Duration::from_secs(60), deadline: None };
+        let limits = Limits { idle: Some(Duration::from_secs(60)), deadline: None };
         let started = Instant::now();
-        let body = sse_body(Vec::new(), upstream(Duration::from_secs(1), 3, true), limits, renderer(), Tail::default());
+        let body =
+            sse_body(Vec::new(), plain(upstream(Duration::from_secs(1), 3, true)), limits, renderer(), Tail::default());
         let (frames, broken) = read(body).await;
         assert!(broken, "the app's SDK sees an error, not a clean end");
         assert!(frames.last().is_some_and(|f| f.contains("upstream sent nothing for 60000ms")), "{frames:?}");
@@ -302,9 +398,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn max_stream_caps_a_stream_that_asks_for_one() {
         let started = Instant::now();
-        let limits = Limits { idle: Duration::from_secs(60), deadline: Some(started + Duration::from_secs(30)) };
-        let body =
-            sse_body(Vec::new(), upstream(Duration::from_secs(1), 180, false), limits, renderer(), Tail::default());
+        let limits = Limits { idle: Some(Duration::from_secs(60)), deadline: Some(started + Duration::from_secs(30)) };
+        let body = sse_body(
+            Vec::new(),
+            plain(upstream(Duration::from_secs(1), 180, false)),
+            limits,
+            renderer(),
+            Tail::default(),
+        );
         let (frames, broken) = read(body).await;
         assert!(broken);
         assert!(frames.last().is_some_and(|f| f.contains("maxStream")), "{frames:?}");

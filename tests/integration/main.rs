@@ -17,6 +17,7 @@ mod operator;
 mod operator_process;
 mod otlp;
 mod reload;
+mod resume;
 mod shadow;
 mod sidecar_process;
 mod support;

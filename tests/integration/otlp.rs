@@ -916,3 +916,76 @@ spec:
     let models: Vec<Value> = shadow.received()[before..].iter().map(|r| r.body["model"].clone()).collect();
     assert_eq!(models, [json!("claude-backup")], "the drill's own attempt, and no shadow of it");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_continued_after_a_cut_shows_its_seam_and_both_attempts() {
+    let receiver = Receiver::start().await;
+    let reply = "The quick brown fox jumps";
+    let (_dir, policy) = policy_file(format!(
+        r#"apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {{name: resumed, namespace: tests}}
+spec:
+  providers:
+    - {{name: cut, type: mock, mock: {{reply: "{reply}", chunks: 5, streamCutAfter: 2}}}}
+    - {{name: whole, type: mock, mock: {{reply: "{reply}", chunks: 3}}}}
+  routes:
+    - model: chat
+      midStream: continue
+      chain:
+        - {{provider: cut, model: m, price: {{input: 1, output: 1}}}}
+        - {{provider: whole, model: m, price: {{input: 1, output: 1}}}}
+"#
+    ));
+    let (_child, llm, admin) = start_sidecar(&policy, receiver.addr).await;
+    let app_trace = "7cf92f3577b34da6a3ce929d0e0e4739";
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let stream = crate::support::post_stream_with(
+        &format!("http://{llm}/v1/chat/completions"),
+        &body,
+        &[("traceparent", &format!("00-{app_trace}-00f067aa0ba902b7-01"))],
+    )
+    .await;
+    assert!(stream.broken.is_none() && stream.done(), "{}", stream.raw);
+    assert_eq!(stream.text(), reply);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let spans = loop {
+        let spans: Vec<Span> = receiver.spans().into_iter().filter(|s| hex(&s.trace_id) == app_trace).collect();
+        if spans.len() >= 3 {
+            break spans;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {} spans arrived", spans.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let server = spans.iter().find(|s| s.kind == 2).expect("a SERVER span");
+    let seam = server.events.iter().find(|e| e.name == "backstop.stream_resumed").expect("the seam's event");
+    let seam = attributes(&seam.attributes);
+    assert_eq!(
+        (
+            seam["backstop.resume.from"].as_str(),
+            seam["backstop.resume.to"].as_str(),
+            seam["backstop.resume.reason"].as_str(),
+            seam["backstop.resume.chars"].as_str(),
+        ),
+        ("cut/m", "whole/m", "serverError", "10"),
+        "{seam:?}"
+    );
+    let server_attrs = attributes(&server.attributes);
+    assert_eq!(server_attrs["backstop.outcome"], "fell_through");
+    assert_eq!(server_attrs["backstop.target"], "whole/m");
+    let clients: BTreeMap<String, BTreeMap<String, String>> = spans
+        .iter()
+        .filter(|s| s.kind == 3)
+        .map(|s| attributes(&s.attributes))
+        .map(|a| (a["backstop.target"].clone(), a))
+        .collect();
+    assert_eq!(clients["cut/m"]["backstop.outcome"], "broke");
+    assert_eq!(clients["cut/m"]["error.type"], "serverError");
+    assert_eq!(clients["whole/m"]["backstop.outcome"], "answered");
+    assert!(clients["whole/m"].contains_key("backstop.cost"), "{:?}", clients["whole/m"]);
+
+    let text = String::from_utf8_lossy(&get(&format!("http://{admin}/metrics")).await.body).into_owned();
+    let series = "backstop_stream_resumes_total{backstop_resume_from=\"cut/m\",backstop_resume_to=\"whole/m\",";
+    assert_eq!(prometheus_sample(&text, series), 1.0, "{series} in:\n{text}");
+}

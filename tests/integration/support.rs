@@ -61,6 +61,14 @@ pub enum Fault {
     /// Streams the role chunk at once and the content only after this long; counts a
     /// cancellation if the client goes away before the end.
     SlowFirstToken(Duration),
+    /// Streams this text (in two chunks) and then resets the connection, mid-sentence.
+    CutMidStream(&'static str),
+    /// Streams the start of a tool call and resets the connection in the middle of its
+    /// arguments.
+    CutMidToolCall,
+    /// Continues this sentence from the request's final assistant message: streams what of it
+    /// follows that message's text (or `NOT A CONTINUATION` when it does not begin it).
+    Continue(&'static str),
 }
 
 impl Fault {
@@ -233,6 +241,11 @@ async fn answer(request: Request<Incoming>, seen: &Mutex<Vec<Received>>, script:
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let stream =
         body.get("stream").and_then(Value::as_bool).unwrap_or(false) || path.contains(":streamGenerateContent");
+    let begun = body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .filter(|m| m["role"] == "assistant")
+        .map(|m| text_of(&m["content"]));
     seen.lock().expect("lock").push(Received { at: Instant::now(), path, headers: headers.clone(), body });
     let fault = script.queue.lock().expect("lock").pop_front().unwrap_or_else(|| script.default.clone());
     let inputs = received_inputs(seen);
@@ -247,6 +260,18 @@ async fn answer(request: Request<Incoming>, seen: &Mutex<Vec<Received>>, script:
         (Wire::Gemini, Fault::Ok) if inputs.0.contains(":batchEmbedContents") => {
             let embeddings: Vec<Value> = (0..inputs.1).map(|i| json!({"values": [0.25, i as f64]})).collect();
             whole(200, json!({"embeddings": embeddings}).to_string(), &[])
+        }
+        (wire, Fault::CutMidStream(text)) if stream => text_stream(wire, halves(text), true),
+        (wire, Fault::Continue(sentence)) if stream => {
+            let begun = begun.as_deref().unwrap_or_default();
+            let rest = sentence.strip_prefix(begun).filter(|_| !begun.is_empty()).unwrap_or("NOT A CONTINUATION");
+            text_stream(wire, halves(rest), false)
+        }
+        (Wire::OpenAi, Fault::CutMidToolCall) if stream => {
+            let call = json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                               "function": {"name": "weather", "arguments": "{\"city\": \"Par"}}]});
+            let role = sse(&chunk(json!({"role": "assistant", "content": null}), None));
+            streamed(vec![Ok(role), Ok(sse(&chunk(call, None))), Err("reset".into())], false)
         }
         (Wire::Anthropic, Fault::Ok) => anthropic_answer(stream),
         (Wire::Anthropic, Fault::CutAfterFirstChunk) if stream => anthropic_cut(),
@@ -330,6 +355,73 @@ fn anthropic_answer(stream: bool) -> Response<UpBody> {
         events.iter().map(|(name, data)| Ok(Bytes::from(format!("event: {name}\ndata: {data}\n\n")))).collect(),
         false,
     )
+}
+
+/// The text of a message's `content`: a string, or the text of its text blocks.
+pub fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(text) => text.clone(),
+        Value::Array(blocks) => blocks.iter().filter_map(|b| b["text"].as_str()).collect(),
+        _ => String::new(),
+    }
+}
+
+/// `text` cut in two at a character boundary near its middle.
+fn halves(text: &str) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let (a, b) = chars.split_at(chars.len() / 2);
+    [a, b].iter().map(|half| half.iter().collect::<String>()).filter(|h| !h.is_empty()).collect()
+}
+
+/// A text stream in `wire`'s format: `pieces`, then either a reset (`cut`) or a clean end with
+/// usage (20 input tokens, 4 output). A cut Anthropic stream has reported its input tokens
+/// (11) and one output token.
+fn text_stream(wire: Wire, pieces: Vec<String>, cut: bool) -> Response<UpBody> {
+    let mut frames: Vec<Result<Bytes, BoxError>> = Vec::new();
+    match wire {
+        Wire::Anthropic => {
+            let event = |name: &str, data: Value| Ok(Bytes::from(format!("event: {name}\ndata: {data}\n\n")));
+            let input = if cut { 11 } else { 20 };
+            frames.push(event(
+                "message_start",
+                json!({"type": "message_start", "message": {"id": "msg_cont", "type": "message",
+                "role": "assistant", "model": "claude-up", "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": input, "output_tokens": 1}}}),
+            ));
+            frames.push(event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ));
+            for piece in pieces {
+                frames.push(event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}),
+                ));
+            }
+            if !cut {
+                frames.push(event("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
+                frames.push(event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 4}})));
+                frames.push(event("message_stop", json!({"type": "message_stop"})));
+            }
+        }
+        _ => {
+            frames.push(Ok(sse(&chunk(json!({"role": "assistant", "content": ""}), None))));
+            for piece in pieces {
+                frames.push(Ok(sse(&chunk(json!({"content": piece}), None))));
+            }
+            if !cut {
+                frames.push(Ok(sse(&chunk(json!({}), Some("stop")))));
+                let usage = json!({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": "up-model",
+                                   "choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 4, "total_tokens": 24}});
+                frames.push(Ok(sse(&usage)));
+                frames.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+            }
+        }
+    }
+    if cut {
+        frames.push(Err("reset".into()));
+    }
+    streamed(frames, false)
 }
 
 /// An Anthropic stream cut right after its first text delta.
@@ -499,6 +591,9 @@ async fn respond_now(
             false,
         ),
         Fault::ErrorEvent { kind } => whole(200, json!({"error": {"message": "upstream failed", "type": kind}}).to_string(), &[]),
+        Fault::CutMidStream(_) | Fault::CutMidToolCall | Fault::Continue(_) => {
+            whole(400, json!({"error": {"message": "this fault streams only", "type": "invalid_request_error"}}).to_string(), &[])
+        }
     }
 }
 
@@ -641,6 +736,8 @@ pub struct Streamed {
     pub events: Vec<String>,
     /// Set when the body ended with an error (a cut) rather than cleanly.
     pub broken: Option<String>,
+    /// The body as sent, SSE comments included.
+    pub raw: String,
 }
 
 impl Streamed {
@@ -720,10 +817,12 @@ pub async fn post_stream_with(url: &str, body: &Value, headers: &[(&str, &str)])
         let mut decoder = backstop::provider::sse::Decoder::new(1 << 20);
         let mut events = Vec::new();
         let mut broken = None;
+        let mut raw = String::new();
         loop {
             match body.frame().await {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
+                        raw.push_str(&String::from_utf8_lossy(&data));
                         decoder.push(&data);
                         while let Some(event) = decoder.next_event().expect("event size") {
                             events.push(event.data);
@@ -738,7 +837,7 @@ pub async fn post_stream_with(url: &str, body: &Value, headers: &[(&str, &str)])
             }
         }
         events.extend(decoder.finish().map(|e| e.data));
-        Streamed { status: parts.status.as_u16(), headers: parts.headers, events, broken }
+        Streamed { status: parts.status.as_u16(), headers: parts.headers, events, broken, raw }
     };
     tokio::time::timeout(Duration::from_secs(20), work).await.expect("stream within 20 s")
 }

@@ -23,6 +23,11 @@ pub struct Controls {
     /// A fallback drill: the targets it names (`provider/model`, `provider/model#2` or
     /// `provider`) are skipped as if drained.
     pub drill: Vec<String>,
+    /// Continuing a stream that broke at the targets of these labels, the latest last
+    /// (`midStream: continue`): the walk starts at the latest one's step and passes them all
+    /// over, and it spends retry budget as an app's own retry does, so continuations cannot
+    /// multiply an outage either.
+    pub resume_after: Vec<String>,
 }
 
 /// A drill header naming no target of the route: a typo would otherwise make a drill that

@@ -78,19 +78,26 @@ pub async fn run(
     let started = Instant::now();
     // An app's own retry of a request is an extra attempt, not a new request: it earns no
     // budget, and spends some, so that SDK retries cannot multiply an outage either.
-    if controls.client_retry && !route.budget.withdraw(started) {
-        let record = RequestRecord { stop: Some(Stop::ClientRetryBudget), ..RequestRecord::default() };
-        return Err(Unanswered::Exhausted { record });
-    }
-    if !controls.client_retry {
-        route.budget.deposit(started);
+    let spends = if !controls.resume_after.is_empty() {
+        Some(Stop::ResumeBudget)
+    } else {
+        controls.client_retry.then_some(Stop::ClientRetryBudget)
+    };
+    match spends {
+        Some(stop) if !route.budget.withdraw(started) => {
+            let record = RequestRecord { stop: Some(stop), ..RequestRecord::default() };
+            return Err(Unanswered::Exhausted { record });
+        }
+        Some(_) => {}
+        None => route.budget.deposit(started),
     }
     let deadline = started + controls.deadline.map_or(route.timeouts.total, |d| d.min(route.timeouts.total));
     let max_attempts = controls
         .max_attempts
         .map_or(route.retry.max_request_attempts, |n| n.min(route.retry.max_request_attempts))
         .max(1);
-    let walk = Walk::new(route, request, chance, controls.drill.clone());
+    let mut walk = Walk::new(route, request, chance, controls.drill.clone());
+    walk.resume_after(&controls.resume_after);
     let mut run = Run {
         route,
         request,

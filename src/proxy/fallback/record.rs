@@ -92,6 +92,8 @@ pub enum Stop {
     ClientRetryBudget,
     /// The per-request attempt cap was reached.
     AttemptCap,
+    /// The route's retry budget is spent, and the request continues a broken stream.
+    ResumeBudget,
 }
 
 impl Stop {
@@ -102,12 +104,13 @@ impl Stop {
             Stop::RetryBudget => "the route's retry budget is spent",
             Stop::ClientRetryBudget => "the route's retry budget is spent, and this is the app's own retry",
             Stop::AttemptCap => "the per-request attempt cap was reached",
+            Stop::ResumeBudget => "the route's retry budget is spent, and this continues a broken stream",
         }
     }
 
     /// Whether the retry budget stopped it.
     pub fn is_budget(self) -> bool {
-        matches!(self, Stop::RetryBudget | Stop::ClientRetryBudget)
+        matches!(self, Stop::RetryBudget | Stop::ClientRetryBudget | Stop::ResumeBudget)
     }
 }
 

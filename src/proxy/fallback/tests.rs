@@ -738,3 +738,34 @@ fn a_drill_header_needs_the_policy_s_permission_and_must_name_a_target() {
         "`x-backstop-drill` names `primary`, which is no target of route `chat`; its targets: a/m, b/m, c/m"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_continuation_starts_at_the_broken_target_and_only_targets_that_can_continue_take_it() {
+    let provider = |name: &str, continuation: &str| {
+        format!("    - {{name: {name}, type: openai-compatible, baseUrl: 'http://127.0.0.1:9/v1'{continuation}}}\n")
+    };
+    let yaml = format!(
+        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: t, namespace: tests}}\nspec:\n  providers:\n{}{}{}{}  routes:\n    - model: chat\n      midStream: continue\n      chain: [{{provider: a, model: m}}, {{provider: b, model: m}}, {{provider: c, model: m}}, {{provider: d, model: m}}]\n",
+        provider("a", ", continuation: assistantPrefill"),
+        provider("b", ", continuation: assistantPrefill"),
+        provider("c", ""),
+        provider("d", ", continuation: continueFinalMessage"),
+    );
+    let compiled = compile(&parse_policy(&yaml).expect("parses"), &LocalKeys).expect("compiles");
+    let snapshot = PolicySnapshot::assemble(&compiled, &HealthRegistry::new()).expect("binds");
+    let route = snapshot.route("chat").expect("route").clone();
+    let fake = Fake::new(&[("a/m", &[Play::Answer(ms(0))]), ("d/m", &[Play::Answer(ms(0))])]);
+    let mut continuing = request(false);
+    continuing.continues = true;
+    let controls = Controls { resume_after: vec!["b/m".into()], ..Controls::default() };
+    let outcome = run(&route, &continuing, &fake, controls, Chance::Fixed(0.0)).await;
+    assert_eq!(answered_by(&outcome), "d/m");
+    assert_eq!(fake.labels(), ["d/m"], "not `a` before the break, not `b` that broke, not `c` that cannot continue");
+    assert!(fell_through(&outcome).contains(&("c/m".into(), "ineligible")), "{:?}", fell_through(&outcome));
+
+    // Without a target that can continue after the break, nothing is sent.
+    let controls = Controls { resume_after: vec!["d/m".into()], ..Controls::default() };
+    let outcome = run(&route, &continuing, &fake, controls, Chance::Fixed(0.0)).await;
+    assert!(matches!(outcome, Err(Unanswered::Ineligible { .. })), "{:?}", fake.labels());
+    assert_eq!(fake.labels(), ["d/m"]);
+}

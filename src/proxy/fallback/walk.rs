@@ -31,6 +31,8 @@ pub(super) struct Walk<'r> {
     pub(super) ineligible: Vec<(String, String)>,
     /// A drill's selectors: the targets they name are skipped.
     drill: Vec<String>,
+    /// The step the walk starts at.
+    start: usize,
 }
 
 impl<'r> Walk<'r> {
@@ -45,7 +47,18 @@ impl<'r> Walk<'r> {
             attempts_here: 0,
             ineligible: Vec::new(),
             drill,
+            start: 0,
         }
+    }
+
+    /// Continues a stream that broke at the targets labelled `broken` (the latest last): the
+    /// walk starts at the latest one's step (the other members of a group may take over) and
+    /// passes them all over.
+    pub(super) fn resume_after(&mut self, broken: &[String]) {
+        let Some(latest) = broken.last() else { return };
+        self.start = self.chain.iter().position(|step| step.members.iter().any(|m| m.label == *latest)).unwrap_or(0);
+        let why = "its stream broke mid-answer; the answer continues on another target";
+        self.ineligible.extend(broken.iter().map(|label| (label.clone(), why.to_string())));
     }
 
     fn drilled(&self, target: &Target) -> bool {
@@ -141,11 +154,11 @@ impl<'r> Walk<'r> {
         no_fallback: bool,
         skipped: &mut Vec<Left>,
     ) -> Option<(Arc<Target>, Permit)> {
-        self.step = 0;
+        self.step = self.start;
         if let Some(admitted) = self.admit_member(now) {
             return Some(admitted);
         }
-        self.note_skipped(&self.chain[0], now, skipped);
+        self.note_skipped(&self.chain[self.start], now, skipped);
         if !no_fallback && let Some(admitted) = self.advance(now, skipped) {
             return Some(admitted);
         }
@@ -153,6 +166,7 @@ impl<'r> Walk<'r> {
             .chain
             .iter()
             .enumerate()
+            .skip(self.start)
             .take(if no_fallback { 1 } else { usize::MAX })
             .flat_map(|(s, step)| (0..step.members.len()).map(move |m| (s, m)))
             .filter(|&(s, m)| !self.ineligible.iter().any(|(l, _)| *l == self.chain[s].members[m].label))

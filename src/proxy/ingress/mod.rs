@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use super::fallback::{self, Chance, Controls, Upstreams};
 use super::observe::{Observation, Recorder, RequestFacts, StreamObserver, Summary};
+use super::resume;
 use super::shadow::{self, Shadows, StreamShadow};
 use crate::llm::{Api, ChatRequest, InvalidRequest};
 use crate::net::body::Body;
@@ -88,10 +89,11 @@ pub async fn serve<D: Dialect>(
     };
     let drill = !controls.drill.is_empty();
     let observation = Observation::start(recorder, headers);
-    let outcome = {
+    let mut outcome = {
         let transport = upstreams.traced(&observation.trace);
         fallback::run(route, &request, &transport, controls, Chance::Random).await
     };
+    let resume = resume::arm(&mut outcome, route, &request, D::API, upstreams, &observation.trace);
     let summary = Summary::of(&outcome);
     let facts = RequestFacts::of(&request, drill);
     let shadow = if drill { None } else { shadow::sample(shadows, route, &request, &outcome, &observation.trace) };
@@ -101,7 +103,7 @@ pub async fn serve<D: Dialect>(
         let waiting =
             shadow.zip(outcome.as_ref().ok()).and_then(|(pending, answered)| StreamShadow::new(pending, answered));
         let watch = Box::new((observer, waiting));
-        let response = drilled(respond::respond::<D>(route, &request, outcome, Some(watch)), drill);
+        let response = drilled(respond::respond::<D>(route, &request, outcome, Some(watch), resume), drill);
         if let Some(sender) = request_for_shadow {
             // Taken when the stream has ended, by the shadow's task.
             let _ = sender.send(request);
@@ -109,7 +111,7 @@ pub async fn serve<D: Dialect>(
         return response;
     }
     let primary = shadow.as_ref().and(outcome.as_ref().ok()).and_then(shadow::Primary::of);
-    let response = drilled(respond::respond::<D>(route, &request, outcome, None), drill);
+    let response = drilled(respond::respond::<D>(route, &request, outcome, None, None), drill);
     observation.finish(route, &facts, &summary, response.status().as_u16(), tokio::time::Instant::now(), None);
     if let (Some(pending), Some(primary), Some(sender)) = (shadow, primary, request_for_shadow) {
         let _ = sender.send(request);

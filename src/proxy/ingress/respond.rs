@@ -14,20 +14,22 @@ use crate::llm::status::status_of_class;
 use crate::net::body::{Body, json_bytes_response, json_response};
 use crate::proxy::fallback::{Answered, Attempt, Committed, RequestRecord, Unanswered};
 use crate::proxy::relay;
+use crate::proxy::resume::Resume;
 use crate::snapshot::Route;
 
 /// The response for the fallback loop's `outcome` on `route`; `watch` rides along with a
-/// streamed answer until it ends.
+/// streamed answer until it ends, and `resume` continues it on another target if it breaks.
 pub fn respond<D: Dialect>(
     route: &Route,
     request: &ChatRequest,
     outcome: Result<Answered, Unanswered>,
     watch: Option<Box<dyn relay::StreamWatch>>,
+    resume: Option<Box<Resume>>,
 ) -> Response<Body> {
     let mut response = match outcome {
         Ok(answered) => {
             log_answered(&route.alias, &answered);
-            answer::<D>(answered, request, watch)
+            answer::<D>(answered, request, watch, resume)
         }
         Err(Unanswered::Final { target, error, record }) => {
             let attempts = &record.attempts;
@@ -92,6 +94,7 @@ fn answer<D: Dialect>(
     answered: Answered,
     request: &ChatRequest,
     watch: Option<Box<dyn relay::StreamWatch>>,
+    resume: Option<Box<Resume>>,
 ) -> Response<Body> {
     let Answered { target, reply, record } = answered;
     let mut response = match reply {
@@ -102,7 +105,13 @@ fn answer<D: Dialect>(
         },
         Committed::Stream { held, rest, idle_timeout, api, permit, stream_deadline } => {
             let renderer = D::renderer(api, request);
-            let limits = relay::Limits { idle: idle_timeout, deadline: stream_deadline };
+            // A stream that may continue on another target bounds its own gaps (a
+            // continuation's walk is one of them) and reports to the targets' health itself.
+            let (rest, idle, permit) = match resume {
+                Some(resume) => (resume.relay(rest, permit, idle_timeout), None, None),
+                None => (relay::plain(rest), Some(idle_timeout), permit),
+            };
+            let limits = relay::Limits { idle, deadline: stream_deadline };
             let mut response =
                 Response::new(relay::sse_body(held, rest, limits, renderer, relay::Tail { permit, watch }));
             let headers = response.headers_mut();

@@ -9,9 +9,10 @@ use opentelemetry::{KeyValue, Value};
 use tokio::time::Instant;
 
 use super::instruments::Recorder;
-use crate::llm::{Api, ChatRequest, Operation};
+use crate::llm::{Api, ChatRequest, FailureClass, Operation};
 use crate::proxy::fallback::{Answered, Attempt, Committed, Left, Outcome, RequestRecord, Unanswered, Why};
 use crate::proxy::relay::StreamEnd;
+use crate::proxy::resume::Seam;
 use crate::snapshot::{Route, Target};
 use crate::telemetry::genai::AnswerInfo;
 use crate::telemetry::spans::{SpanRecord, TraceContext};
@@ -123,6 +124,22 @@ pub struct Summary {
     pub(super) info: AnswerInfo,
     pub(super) api: Option<Api>,
     streamed: bool,
+    /// Where the stream broke and went on to another target (`midStream: continue`).
+    seams: Vec<SeamFacts>,
+}
+
+/// What telemetry keeps of a seam.
+#[derive(Clone, Debug)]
+struct SeamFacts {
+    /// The index of the broken attempt.
+    attempt: usize,
+    /// What that attempt's answer said of itself before it broke.
+    info: AnswerInfo,
+    class: FailureClass,
+    chars: usize,
+    at: Instant,
+    from: String,
+    to: Option<String>,
 }
 
 impl Summary {
@@ -144,6 +161,7 @@ impl Summary {
                     info: AnswerInfo::default(),
                     api: None,
                     streamed: false,
+                    seams: Vec::new(),
                 };
             }
         };
@@ -164,6 +182,36 @@ impl Summary {
             info,
             api,
             streamed,
+            seams: Vec::new(),
+        }
+    }
+
+    /// Notes that the stream broke at its answering attempt and went on (or failed to) as
+    /// `seam` says: the continuation's attempts join the record, and the answer's facts are
+    /// gathered afresh for the target that continues it.
+    pub(super) fn resumed(&mut self, seam: &Seam) {
+        let record = &mut self.record;
+        let Some(attempt) = record.attempts.iter().rposition(|a| a.outcome == Outcome::Answered) else { return };
+        self.seams.push(SeamFacts {
+            attempt,
+            info: seam.info.clone(),
+            class: seam.class,
+            chars: seam.chars,
+            at: seam.at,
+            from: seam.from.label.clone(),
+            to: seam.to.as_ref().map(|t| t.label.clone()),
+        });
+        record.leave(&seam.from.label, Why::Failed(seam.class));
+        record.attempts.extend(seam.record.attempts.iter().cloned());
+        for left in &seam.record.left {
+            record.leave(&left.target, left.why);
+        }
+        if seam.record.stop.is_some() {
+            record.stop = seam.record.stop;
+        }
+        if let Some(to) = &seam.to {
+            self.answered_by = Some(to.clone());
+            self.info = AnswerInfo::default();
         }
     }
 
@@ -281,9 +329,15 @@ impl Finishing<'_> {
         let last = attempts.iter().rposition(|a| a.outcome == Outcome::Answered);
         for (index, attempt) in attempts.iter().enumerate() {
             let target = &attempt.at;
-            let answering = Some(index) == last && summary.answered_by.is_some();
-            let end = if answering && summary.streamed { ended } else { attempt.started + attempt.elapsed };
+            let seam = summary.seams.iter().find(|seam| seam.attempt == index);
+            let answering = seam.is_none() && Some(index) == last && summary.answered_by.is_some();
+            let end = match seam {
+                Some(seam) => seam.at,
+                None if answering && summary.streamed => ended,
+                None => attempt.started + attempt.elapsed,
+            };
             let outcome = match (&attempt.outcome, answering) {
+                _ if seam.is_some() => "broke",
                 (_, true) => match stream_end {
                     Some(StreamEnd::Finished) | None => "answered",
                     Some(StreamEnd::Broke(_)) => "broke",
@@ -312,6 +366,7 @@ impl Finishing<'_> {
                 attributes.add(|| KeyValue::new("http.response.status_code", i64::from(status)));
             }
             let error = match (attempt.class(), stream_end, answering) {
+                _ if seam.is_some() => seam.map(|seam| seam.class.as_str().to_string()),
                 (Some(class), _, _) => Some(class.as_str().to_string()),
                 (None, Some(StreamEnd::Broke(class)), true) => Some(class.as_str().to_string()),
                 (None, _, false) => Some("cancelled".to_string()),
@@ -331,8 +386,12 @@ impl Finishing<'_> {
                 metric.push(KeyValue::new("error.type", error.clone()));
             }
             instruments.duration.record(seconds(end.saturating_duration_since(attempt.started)), &metric);
-            if answering {
-                let cost = self.answer(target, attempt, &metric, &mut attributes);
+            let info = match seam {
+                Some(seam) => Some(&seam.info),
+                None => answering.then_some(&summary.info),
+            };
+            if let Some(info) = info {
+                let cost = self.answer(target, attempt, info, &metric, &mut attributes);
                 if let Some(cost) = cost {
                     total_cost = Some(total_cost.unwrap_or(0.0) + cost);
                 }
@@ -361,11 +420,11 @@ impl Finishing<'_> {
         &self,
         target: &Target,
         attempt: &Attempt,
+        info: &AnswerInfo,
         metric: &[KeyValue],
         attributes: &mut Attributes,
     ) -> Option<f64> {
         let instruments = &self.observation.recorder.instruments;
-        let info = &self.summary.info;
         if let Some(id) = &info.id {
             attributes.add(|| KeyValue::new("gen_ai.response.id", id.clone()));
         }
@@ -453,6 +512,21 @@ impl Finishing<'_> {
             tracing::info!(route = alias, from = %from, to = %to.as_deref().unwrap_or("-"), reason, "fallback");
             recorder.telemetry.log(Some((trace, trace.server)), Severity::Info, "fallback", labels.to_vec());
         }
+        for seam in &summary.seams {
+            let mut labels = vec![
+                self.route_kv.clone(),
+                KeyValue::new("backstop.resume.from", seam.from.clone()),
+                KeyValue::new("backstop.resume.to", seam.to.clone().unwrap_or_default()),
+            ];
+            instruments.resumes.add(1, &labels);
+            if traced {
+                labels.remove(0);
+                labels.push(KeyValue::new("backstop.resume.reason", seam.class.as_str()));
+                labels.push(KeyValue::new("backstop.resume.chars", seam.chars as i64));
+                labels.push(KeyValue::new("backstop.resume.continued", seam.to.is_some()));
+                events.push(Event::new("backstop.stream_resumed", self.wall_at(seam.at), labels, 0));
+            }
+        }
         if let Some(stop) = summary.record.stop.filter(|_| summary.record.stopped().is_some()) {
             if stop.is_budget() {
                 instruments.budget_exhausted.add(1, std::slice::from_ref(&self.route_kv));
@@ -513,9 +587,13 @@ impl Finishing<'_> {
             if let Some(model) = &summary.info.model {
                 attributes.push(KeyValue::new("gen_ai.response.model", model.clone()));
             }
+            // Every attempt of the answer counts, those before a seam included.
+            let sum = |tokens: fn(&AnswerInfo) -> Option<u64>| {
+                summary.seams.iter().map(|s| &s.info).chain([&summary.info]).filter_map(tokens).reduce(|a, b| a + b)
+            };
             for (tokens, key) in [
-                (summary.info.input_tokens, "gen_ai.usage.input_tokens"),
-                (summary.info.output_tokens, "gen_ai.usage.output_tokens"),
+                (sum(|info| info.input_tokens), "gen_ai.usage.input_tokens"),
+                (sum(|info| info.output_tokens), "gen_ai.usage.output_tokens"),
             ] {
                 if let Some(tokens) = tokens {
                     attributes.push(KeyValue::new(key, tokens as i64));

@@ -24,6 +24,8 @@ pub(super) struct Instruments {
     pub(super) attempts: Histogram<u64>,
     pub(super) fallbacks: Counter<u64>,
     pub(super) hedges: Counter<u64>,
+    /// Streams that broke mid-answer and continued (or failed to) on another target.
+    pub(super) resumes: Counter<u64>,
     pub(super) cost: Counter<f64>,
     pub(super) transitions: Counter<u64>,
     pub(super) budget_exhausted: Counter<u64>,
@@ -81,6 +83,12 @@ impl Recorder {
                 .with_description("Targets left behind, by route, from, to and reason")
                 .build(),
             hedges: meter.u64_counter("backstop.hedges").with_description("Hedged attempts, by route").build(),
+            resumes: meter
+                .u64_counter("backstop.stream_resumes")
+                .with_description(
+                    "Streams that broke mid-answer and continued on another target (`to` empty: could not)",
+                )
+                .build(),
             cost: meter
                 .f64_counter("backstop.cost")
                 .with_unit("USD")

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use super::finish::{Observation, RequestFacts, Summary};
 use crate::llm::StreamEvent;
 use crate::proxy::relay::{StreamEnd, StreamWatch};
+use crate::proxy::resume::Seam;
 use crate::snapshot::Route;
 
 /// A committed stream under observation: its events' usage and finish are gathered, and the
@@ -41,6 +42,10 @@ impl StreamWatch for StreamObserver {
 
     fn end(&mut self, end: StreamEnd) {
         self.end_with(end);
+    }
+
+    fn resumed(&mut self, seam: &Seam) {
+        self.summary.resumed(seam);
     }
 }
 
