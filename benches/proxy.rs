@@ -16,6 +16,9 @@
 //! - shadow comparison at 100%: app latency on a route whose shadow target never answers (its
 //!   pool full, the rest shed) and on one whose shadow answers, against the same route without
 //!   a shadow;
+//! - a stream cut after two content chunks and finished by the next target (`midStream:
+//!   continue`): the seam's cost beyond the upstream calls; and a stream armed to continue that
+//!   never breaks, against one that is not armed;
 //! - memory idle, after the load, and holding 1,000 open streams; start to ready;
 //! - telemetry: metrics only, against OTLP to a collector that takes everything and to one that
 //!   never answers.
@@ -26,8 +29,8 @@
 //! - `BENCH_JSON`: where the results go as JSON (default `target/bench/proxy.json`);
 //! - `BENCH_CHECK`: a JSON file of floors and ceilings (`benches/proxy-limits.json`); the run
 //!   fails if a measured ratio crosses one (CI's regression step);
-//! - `BENCH_QUICK=1`: only the passthrough, fixed-rate, streaming, fall-through and shadow
-//!   scenarios;
+//! - `BENCH_QUICK=1`: only the passthrough, fixed-rate, streaming, fall-through, shadow and
+//!   resumed-stream scenarios;
 //! - `BACKSTOP_BENCH_BIN`: another sidecar binary to measure with this harness;
 //! - head to head: `BENCH_COMPARE_URL=http://127.0.0.1:4000/v1` measures another proxy's
 //!   passthrough beside the sidecar's. Pin the upstream with `BENCH_UPSTREAM=127.0.0.1:18080`
@@ -94,7 +97,16 @@ async fn upstream(state: Upstream, request: Request<hyper::body::Incoming>) -> R
     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
     let mut response = if has(b"\"stream\":true") {
-        let body = if has(b"paced-model") {
+        let body = if has(b"cut-model") {
+            // Two content chunks, then the connection breaks: a stream cut mid-answer. The
+            // break waits a millisecond, or hyper would abort before flushing what came first.
+            let head = futures_util::stream::iter([ROLE_CHUNK, CONTENT_CHUNK, CONTENT_CHUNK].map(frame));
+            let cut = futures_util::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Err::<Frame<Bytes>, BoxError>("connection reset".into())
+            });
+            UpBody::new(StreamBody::new(futures_util::StreamExt::chain(head, cut)))
+        } else if has(b"paced-model") {
             // Chunks `PACE` apart: the relay must forward each as it arrives.
             let stream = futures_util::stream::unfold(0usize, |i| async move {
                 if i >= PACED_CHUNKS {
@@ -822,6 +834,7 @@ async fn run(seconds: f64, quick: bool) -> Value {
     );
 
     results.insert("shadow", shadow(&sidecar, &direct_to).await);
+    results.insert("resumed", resumed(upstream).await);
 
     if !quick {
         dead_primary(&sidecar, &direct_to, &mut results).await;
@@ -857,6 +870,87 @@ async fn run(seconds: f64, quick: bool) -> Value {
         results.insert("telemetry", telemetry(&policy, collector, seconds).await);
     }
     serde_json::to_value(results).expect("results")
+}
+
+/// A stream cut after two content chunks and finished by the next target, against the same
+/// stream answered whole and the two upstream calls it makes; and a stream armed to continue
+/// that never breaks, against one that is not armed. Its own sidecar, whose breakers count only
+/// rate limits: every stream of the cut route breaks, and must keep reaching its target.
+async fn resumed(upstream: SocketAddr) -> Value {
+    let policy = format!(
+        "apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {{name: bench-resumed}}
+spec:
+  retry: {{attempts: 1, budgetPercent: 1000}}
+  circuitBreaker: {{countOn: [rateLimited]}}
+  providers:
+    - {{name: up, type: openai-compatible, baseUrl: \"http://{upstream}/v1\", apiKey: {{value: sk-bench}},
+       continuation: assistantPrefill}}
+  routes:
+    - model: whole
+      chain: [{{provider: up, model: bench-model}}]
+    - model: armed
+      midStream: continue
+      chain: [{{provider: up, model: bench-model}}, {{provider: up, model: spare-model}}]
+    - model: resumed
+      midStream: continue
+      chain: [{{provider: up, model: cut-model}}, {{provider: up, model: bench-model}}]
+"
+    );
+    let sidecar = start_sidecar(&policy, &[]).await;
+    let total = |frames: &[Duration]| frames.last().copied().unwrap_or_default();
+    let (mut whole, mut resumed, mut direct, mut cut) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut plain_first, mut armed_first) = (Vec::new(), Vec::new());
+    // Interleaved, so every measure sees the same machine.
+    for _ in 0..6 {
+        let (first, frames) = stream_timing(&Endpoint::direct(sidecar.llm, "whole"), 40).await;
+        whole.push(total(&frames));
+        plain_first.push(first);
+        resumed.push(total(&stream_timing(&Endpoint::direct(sidecar.llm, "resumed"), 40).await.1));
+        direct.push(total(&stream_timing(&Endpoint::direct(upstream, "bench-model"), 40).await.1));
+        cut.push(stream_cut_timing(&Endpoint::direct(upstream, "cut-model"), 40).await);
+        armed_first.push(stream_timing(&Endpoint::direct(sidecar.llm, "armed"), 40).await.0);
+    }
+    let (whole, resumed, direct, cut) = (median(whole), median(resumed), median(direct), median(cut));
+    let (plain_first, armed_first) = (median(plain_first), median(armed_first));
+    let seam_added = us(resumed) - us(whole) - us(cut);
+    println!(
+        "stream cut mid-answer and continued: {:.0} µs to its end through the sidecar, against {:.0} µs for the same \
+         stream whole; the cut call takes {:.0} µs directly (a whole one {:.0} µs), so the seam adds {:.0} µs beyond \
+         its upstream call; armed to continue, an unbroken stream's first byte: {:.0} µs against {:.0} µs unarmed",
+        us(resumed),
+        us(whole),
+        us(cut),
+        us(direct),
+        seam_added,
+        us(armed_first),
+        us(plain_first)
+    );
+    json!({
+        "resumed_total_us": us(resumed),
+        "whole_total_us": us(whole),
+        "direct_cut_us": us(cut),
+        "direct_whole_us": us(direct),
+        "seam_added_us": seam_added,
+        "armed_ttfb_us": us(armed_first),
+        "unarmed_ttfb_us": us(plain_first),
+        "armed_ttfb_added_us": us(armed_first) - us(plain_first),
+    })
+}
+
+/// The median time from sending a streamed request until its body breaks off.
+async fn stream_cut_timing(to: &Endpoint, n: usize) -> Duration {
+    let client = client();
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sent = Instant::now();
+        let response = client.request(to.request(true)).await.expect("stream answers");
+        let mut body = response.into_body();
+        while let Some(Ok(_)) = body.frame().await {}
+        samples.push(sent.elapsed());
+    }
+    median(samples)
 }
 
 /// App latency with a shadow on every request, against the same route without one, taken in
