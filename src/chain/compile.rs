@@ -193,15 +193,23 @@ impl Compiler<'_> {
         let Member { provider, model, timeout, weight, skip_for, price, adapt } = member;
         let attempt_timeout = self.errors.duration(timeout, format!("{path}.timeout"), self.default_timeout);
         let price = price.map(|price| {
-            for (field, value) in
-                [("input", Some(price.input)), ("output", Some(price.output)), ("cachedInput", price.cached_input)]
-            {
+            for (field, value) in [
+                ("input", Some(price.input)),
+                ("output", Some(price.output)),
+                ("cachedInput", price.cached_input),
+                ("cacheWrite", price.cache_write),
+            ] {
                 if value.is_some_and(|v| !v.is_finite() || v < 0.0) {
                     self.errors
                         .push(format!("{path}.price.{field}"), "must be a price of zero or more, per million tokens");
                 }
             }
-            Price { input: price.input, output: price.output, cached_input: price.cached_input }
+            Price {
+                input: price.input,
+                output: price.output,
+                cached_input: price.cached_input,
+                cache_write: price.cache_write,
+            }
         });
         if model.is_empty() {
             self.errors.push(format!("{path}.model"), "must not be empty");

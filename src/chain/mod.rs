@@ -29,7 +29,8 @@ pub use policy_duration::parse_duration;
 pub use providers::{CompiledProvider, MockBehaviour};
 pub use redact::REDACTED;
 pub use settings::{
-    AllowedOverrides, BreakerSettings, BudgetSettings, FailureRate, Hedge, Price, RetryPolicy, Timeouts,
+    AllowedOverrides, BreakerSettings, BudgetSettings, CACHE_WRITE_MARKUP, FailureRate, Hedge, Price, RetryPolicy,
+    Timeouts,
 };
 
 use crate::llm::{ClassSet, RequestFeature};

@@ -84,7 +84,15 @@ pub struct Price {
     pub output: f64,
     /// Cached input tokens; `input` when `None`.
     pub cached_input: Option<f64>,
+    /// Input tokens written to the prompt cache; [`CACHE_WRITE_MARKUP`] × `input` when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write: Option<f64>,
 }
+
+/// What writing a token to a prompt cache costs against reading it as input, when the policy
+/// names no `cacheWrite` price: Anthropic's markup for its 5-minute cache (the only provider
+/// that reports cache writes).
+pub const CACHE_WRITE_MARKUP: f64 = 1.25;
 
 /// Breaker settings, compiled from `spec.circuitBreaker`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -671,6 +671,12 @@ pub struct PriceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 100000.0))]
     pub cached_input: Option<f64>,
+    /// Per million input tokens written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`). Default: 1.25 × `input`, Anthropic's price for its
+    /// 5-minute cache; its 1-hour cache costs 2 × `input`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100000.0))]
+    pub cache_write: Option<f64>,
 }
 
 /// Retries of one target before the chain moves on.

@@ -112,7 +112,11 @@ impl AnswerInfo {
                 }
                 let usage = &event["usageMetadata"];
                 self.input_tokens = number(&usage["promptTokenCount"]).or(self.input_tokens);
-                self.output_tokens = number(&usage["candidatesTokenCount"]).or(self.output_tokens);
+                // Thinking is billed as output, and the app is shown it as completion tokens.
+                let (answer, thoughts) = (number(&usage["candidatesTokenCount"]), number(&usage["thoughtsTokenCount"]));
+                if answer.is_some() || thoughts.is_some() {
+                    self.output_tokens = Some(answer.unwrap_or(0) + thoughts.unwrap_or(0));
+                }
                 self.cached_tokens = number(&usage["cachedContentTokenCount"]).or(self.cached_tokens);
             }
             Api::Responses => {
@@ -129,9 +133,16 @@ impl AnswerInfo {
         let price = price?;
         let (input, output) = (self.input_tokens?, self.output_tokens.unwrap_or(0));
         let cached = self.cached_tokens.unwrap_or(0).min(input);
+        let written = self.cache_written_tokens.unwrap_or(0).min(input - cached);
         let cached_price = price.cached_input.unwrap_or(price.input);
+        let write_price = price.cache_write.unwrap_or(price.input * crate::chain::CACHE_WRITE_MARKUP);
+        let plain = input - cached - written;
         Some(
-            ((input - cached) as f64 * price.input + cached as f64 * cached_price + output as f64 * price.output) / 1e6,
+            (plain as f64 * price.input
+                + cached as f64 * cached_price
+                + written as f64 * write_price
+                + output as f64 * price.output)
+                / 1e6,
         )
     }
 }
@@ -171,6 +182,13 @@ mod tests {
         let gemini = json!({"responseId": "r1", "modelVersion": "gemini-2.5-flash", "candidates": [{"finishReason": "STOP"}],
             "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 4}});
         assert_eq!(AnswerInfo::of_complete(Api::Gemini, &gemini).output_tokens, Some(4));
+        let thinking = json!({"candidates": [{"finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 4, "thoughtsTokenCount": 120}});
+        assert_eq!(
+            AnswerInfo::of_complete(Api::Gemini, &thinking).output_tokens,
+            Some(124),
+            "thinking is billed as output, as the app is shown it"
+        );
         let responses = json!({"id": "resp_1", "model": "gpt-4o", "status": "completed",
             "usage": {"input_tokens": 5, "output_tokens": 6, "input_tokens_details": {"cached_tokens": 0}}});
         let info = AnswerInfo::of_complete(Api::Responses, &responses);
@@ -216,10 +234,26 @@ mod tests {
             output_tokens: Some(100_000),
             ..AnswerInfo::default()
         };
-        let price = Price { input: 2.5, output: 10.0, cached_input: Some(1.25) };
+        let price = Price { input: 2.5, output: 10.0, cached_input: Some(1.25), cache_write: None };
         let cost = info.cost(Some(&price)).expect("priced");
         assert!((cost - (0.6 * 2.5 + 0.4 * 1.25 + 0.1 * 10.0)).abs() < 1e-9, "{cost}");
         assert_eq!(info.cost(None), None);
         assert_eq!(AnswerInfo::default().cost(Some(&price)), None, "no usage, no cost");
+    }
+
+    #[test]
+    fn cost_bills_cache_writes_at_anthropic_s_markup_unless_priced() {
+        // Anthropic: 20 plain input tokens, 100 read from the cache, 30 written to it.
+        let message = json!({"type": "message_start", "message": {"id": "msg_1", "model": "claude",
+            "usage": {"input_tokens": 20, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 30, "output_tokens": 7}}});
+        let info = AnswerInfo::of_complete(Api::Anthropic, &message);
+        let price = Price { input: 3.0, output: 15.0, cached_input: Some(0.3), cache_write: None };
+        let cost = info.cost(Some(&price)).expect("priced");
+        let expected = (20.0 * 3.0 + 100.0 * 0.3 + 30.0 * 3.75 + 7.0 * 15.0) / 1e6;
+        assert!((cost - expected).abs() < 1e-12, "{cost} against {expected}");
+        let one_hour = Price { cache_write: Some(6.0), ..price };
+        let cost = info.cost(Some(&one_hour)).expect("priced");
+        let expected = (20.0 * 3.0 + 100.0 * 0.3 + 30.0 * 6.0 + 7.0 * 15.0) / 1e6;
+        assert!((cost - expected).abs() < 1e-12, "{cost} against {expected}");
     }
 }
