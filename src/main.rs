@@ -272,7 +272,7 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     };
     let policies = source.start(&store)?;
     let telemetry = Arc::new(Telemetry::from_env(Metrics::new("backstop-sidecar")?));
-    let sidecar = Sidecar::bind(&settings, store, http, telemetry).await?;
+    let sidecar = Sidecar::bind(&settings, store, http, telemetry.clone()).await?;
     tracing::info!(llm = %sidecar.llm_addr()?, admin = %sidecar.admin_addr()?, "backstop sidecar listening");
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let policies = tokio::spawn(policies.run(shutdown_rx.clone()));
@@ -292,8 +292,23 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
             std::process::exit(130);
         }
     }
+    flush_telemetry(&telemetry.metrics).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long a process on its way out waits for its last telemetry to be exported.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Exports the telemetry a process still holds (the spans and logs of the requests it drained,
+/// the metrics since the last push) before it exits.
+async fn flush_telemetry(metrics: &Metrics) {
+    if !metrics.flush(FLUSH_TIMEOUT).await {
+        tracing::warn!(
+            timeout_seconds = FLUSH_TIMEOUT.as_secs(),
+            "the last telemetry was not all exported before exit: the collector did not answer in time"
+        );
+    }
 }
 
 async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
@@ -334,11 +349,12 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     let metrics = Metrics::new("backstop-operator")?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let served = Arc::new(ServedPolicies::for_namespaces(&settings.namespaces));
-    let operator = tokio::spawn(backstop::operator::run(settings, client, metrics, served, shutdown_rx));
+    let operator = tokio::spawn(backstop::operator::run(settings, client, metrics.clone(), served, shutdown_rx));
     shutdown_signal().await;
     tracing::info!("shutting down: releasing the leader lease");
     let _ = shutdown_tx.send(true);
     operator.await.context("operator task failed")??;
+    flush_telemetry(&metrics).await;
     Ok(())
 }
 

@@ -124,6 +124,17 @@ impl Metrics {
         self.exports.clone()
     }
 
+    /// Exports what every signal holds now, waiting at most `timeout` ([`Exports::flush`]);
+    /// whether everything was tried in time. For a process on its way out.
+    pub async fn flush(&self, timeout: std::time::Duration) -> bool {
+        // A reader of its own (delta temporality) exports from its own thread when flushed.
+        let provider = self.provider.clone();
+        let own = tokio::task::spawn_blocking(move || provider.force_flush().is_ok());
+        let queued = self.exports.flush(timeout).await;
+        let own = tokio::time::timeout(timeout, own).await.is_ok_and(|done| done.unwrap_or(false));
+        queued && own
+    }
+
     /// A meter for instruments.
     pub fn meter(&self, name: &'static str) -> Meter {
         self.provider.meter(name)

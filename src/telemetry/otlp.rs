@@ -128,7 +128,12 @@ pub struct Exports {
     pub logs: SignalExport,
     /// Metric exports.
     pub metrics: SignalExport,
+    /// Each exporting task's channel for flush requests.
+    flushes: parking_lot::Mutex<Vec<mpsc::Sender<Flush>>>,
 }
+
+/// A request to export what a task holds now, answered once the export was tried.
+type Flush = tokio::sync::oneshot::Sender<()>;
 
 impl Default for Exports {
     fn default() -> Exports {
@@ -136,6 +141,7 @@ impl Default for Exports {
             spans: SignalExport::new("spans"),
             logs: SignalExport::new("logs"),
             metrics: SignalExport::new("metrics"),
+            flushes: parking_lot::Mutex::default(),
         }
     }
 }
@@ -144,6 +150,34 @@ impl Exports {
     /// Each signal in turn.
     pub fn each(&self) -> [&SignalExport; 3] {
         [&self.spans, &self.logs, &self.metrics]
+    }
+
+    /// The channel an exporting task hears flush requests on.
+    fn flush_requests(&self) -> mpsc::Receiver<Flush> {
+        let (tx, rx) = mpsc::channel(1);
+        self.flushes.lock().push(tx);
+        rx
+    }
+
+    /// Has every exporting task export what it holds now (queued spans and log records, the
+    /// metrics since the last push), waiting at most `timeout` for all of them; whether they all
+    /// finished in time. A process calls it on its way out, so that the end of its life (the
+    /// requests it drained, the last interval's metrics) is not lost.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let tasks = self.flushes.lock().clone();
+        let flushed = async {
+            let mut done = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                let (ask, answer) = tokio::sync::oneshot::channel();
+                if task.send(ask).await.is_ok() {
+                    done.push(answer);
+                }
+            }
+            for answer in done {
+                let _ = answer.await;
+            }
+        };
+        tokio::time::timeout(timeout, flushed).await.is_ok()
     }
 }
 
@@ -262,25 +296,52 @@ pub fn spans(resource: &Resource, exports: Arc<Exports>) -> Option<SpanSink> {
     let (queue, mut rx) = mpsc::channel::<SpanData>(QUEUE);
     exports.spans.started("TRACES");
     let state = exports.clone();
+    let mut flushes = exports.flush_requests();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(BATCH);
-        while let Some(first) = rx.recv().await {
-            batch.push(first);
+        loop {
+            let mut flush = None;
+            tokio::select! {
+                first = rx.recv() => match first {
+                    Some(span) => batch.push(span),
+                    None => return,
+                },
+                Some(ask) = flushes.recv() => flush = Some(ask),
+            }
             let linger = tokio::time::sleep(LINGER);
             tokio::pin!(linger);
-            while batch.len() < BATCH {
+            while flush.is_none() && batch.len() < BATCH {
                 tokio::select! {
                     next = rx.recv() => match next {
                         Some(span) => batch.push(span),
                         None => break,
                     },
+                    Some(ask) = flushes.recv() => flush = Some(ask),
                     () = &mut linger => break,
                 }
             }
-            let count = batch.len() as u64;
-            match exporter.export(std::mem::take(&mut batch)).await {
-                Ok(()) => state.spans.succeeded(),
-                Err(error) => state.spans.failed(&error, count),
+            // A flush takes everything queued, in batches.
+            loop {
+                if flush.is_some() {
+                    while batch.len() < BATCH {
+                        let Ok(span) = rx.try_recv() else { break };
+                        batch.push(span);
+                    }
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                let count = batch.len() as u64;
+                match exporter.export(std::mem::take(&mut batch)).await {
+                    Ok(()) => state.spans.succeeded(),
+                    Err(error) => state.spans.failed(&error, count),
+                }
+                if flush.is_none() {
+                    break;
+                }
+            }
+            if let Some(ask) = flush {
+                let _ = ask.send(());
             }
         }
     });
@@ -323,22 +384,44 @@ pub fn logs(resource: &Resource, exports: Arc<Exports>) -> Option<QueuedLogs> {
     let (queue, mut rx) = mpsc::channel::<(SdkLogRecord, InstrumentationScope)>(QUEUE);
     exports.logs.started("LOGS");
     let state = exports.clone();
+    let mut flushes = exports.flush_requests();
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(BATCH);
-        while let Some(first) = rx.recv().await {
-            batch.push(first);
-            while batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(record) => batch.push(record),
-                    Err(_) => break,
+        loop {
+            // Records are sent as soon as they come: a flush only has to take what is queued.
+            let flush = tokio::select! {
+                first = rx.recv() => match first {
+                    Some(record) => {
+                        batch.push(record);
+                        None
+                    }
+                    None => return,
+                },
+                Some(ask) = flushes.recv() => Some(ask),
+            };
+            loop {
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(record) => batch.push(record),
+                        Err(_) => break,
+                    }
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                let refs: Vec<(&SdkLogRecord, &InstrumentationScope)> = batch.iter().map(|(r, s)| (r, s)).collect();
+                match exporter.export(LogBatch::new(&refs)).await {
+                    Ok(()) => state.logs.succeeded(),
+                    Err(error) => state.logs.failed(&error, batch.len() as u64),
+                }
+                batch.clear();
+                if flush.is_none() {
+                    break;
                 }
             }
-            let refs: Vec<(&SdkLogRecord, &InstrumentationScope)> = batch.iter().map(|(r, s)| (r, s)).collect();
-            match exporter.export(LogBatch::new(&refs)).await {
-                Ok(()) => state.logs.succeeded(),
-                Err(error) => state.logs.failed(&error, batch.len() as u64),
+            if let Some(ask) = flush {
+                let _ = ask.send(());
             }
-            batch.clear();
         }
     });
     Some(QueuedLogs { queue, exports })
@@ -397,13 +480,17 @@ pub fn push_metrics<R: MetricReader>(reader: R, exporter: opentelemetry_otlp::Me
         _ => Some(millis("OTEL_METRIC_EXPORT_TIMEOUT").unwrap_or(Duration::from_secs(30))),
     };
     // Unowned on purpose: it pushes for as long as the meter provider lives (the process), and
-    // stops when the reader says it was shut down; the exit loses at most the last interval's
-    // increments.
+    // stops when the reader says it was shut down. A flush pushes at once, so the process's
+    // exit does not lose the last interval.
+    let mut flushes = exports.flush_requests();
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticks.tick().await;
+            let flush = tokio::select! {
+                _ = ticks.tick() => None,
+                Some(ask) = flushes.recv() => Some(ask),
+            };
             let mut metrics = ResourceMetrics::default();
             if let Err(error) = reader.collect(&mut metrics) {
                 tracing::debug!(%error, "the meter provider is shut down: no more metric pushes");
@@ -419,6 +506,9 @@ pub fn push_metrics<R: MetricReader>(reader: R, exporter: opentelemetry_otlp::Me
             match exported {
                 Ok(()) => exports.metrics.succeeded(),
                 Err(error) => exports.metrics.failed(&error, 1),
+            }
+            if let Some(ask) = flush {
+                let _ = ask.send(());
             }
         }
     });

@@ -989,3 +989,42 @@ spec:
     let series = "backstop_stream_resumes_total{backstop_resume_from=\"cut/m\",backstop_resume_to=\"whole/m\",";
     assert_eq!(prometheus_sample(&text, series), 1.0, "{series} in:\n{text}");
 }
+
+/// A sidecar told to stop exports what it still holds before it exits: the metrics since its
+/// last push (an hour away) and the spans still lingering for their batch, both temporalities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_sidecar_exports_its_last_metrics_and_spans_before_it_exits() {
+    let (_dir, policy) = policy_file(
+        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {name: last, namespace: tests}\nspec:\n  providers:\n    - {name: fake, type: mock}\n  routes:\n    - {model: chat, chain: [{provider: fake, model: m}]}\n",
+    );
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}).to_string();
+    for preference in ["cumulative", "delta"] {
+        let receiver = Receiver::start().await;
+        let env = [
+            ("OTEL_METRIC_EXPORT_INTERVAL", "3600000"),
+            ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", preference),
+        ];
+        let (mut child, llm, _, lines) = start_sidecar_with(&policy, receiver.addr, &env).await;
+        let app_trace = "8af92f3577b34da6a3ce929d0e0e4730";
+        let traceparent = format!("00-{app_trace}-00f067aa0ba902b7-01");
+        for _ in 0..2 {
+            let answer =
+                post_raw(&format!("http://{llm}/v1/chat/completions"), body.clone(), &[("traceparent", &traceparent)])
+                    .await;
+            assert_eq!(answer.status, 200);
+        }
+        assert!(request_sums(&receiver).is_empty(), "{preference}: nothing pushed yet, an hour before the first push");
+        let pid = child.id().expect("pid");
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exits").expect("wait");
+        assert!(status.success(), "{preference}: {status:?}\n{}", lines.lock().expect("lock").join("\n"));
+        let sums = request_sums(&receiver);
+        assert_eq!(
+            sums.iter().map(|s| s.1).sum::<f64>(),
+            2.0,
+            "{preference}: the last metrics were pushed on the way out: {sums:?}"
+        );
+        let servers = receiver.spans().into_iter().filter(|s| hex(&s.trace_id) == app_trace && s.kind == 2).count();
+        assert_eq!(servers, 2, "{preference}: both requests' spans were exported on the way out");
+    }
+}
