@@ -12,12 +12,12 @@ use super::keys::KeyResolver;
 use super::overrides::compile_target_overrides;
 use super::providers::{CompiledProvider, compile_providers};
 use super::redact::redact;
-use super::settings::Price;
+use super::settings::{Price, SpendLimit};
 use super::settings::{
     compile_breaker, compile_budget, compile_hedge, compile_overrides, compile_retry, compile_timeouts,
 };
 use super::{CompiledPolicy, CompiledRoute, CompiledShadow, CompiledStep, CompiledTarget, distinct_targets};
-use crate::policy::{AdaptSpec, ChainStepSpec, FallbackPolicy, PriceSpec, ShadowSpec};
+use crate::policy::{AdaptSpec, ChainStepSpec, FallbackPolicy, PriceSpec, ShadowSpec, SpendLimitSpec};
 
 use crate::llm::{ClassSet, RequestFeature};
 
@@ -35,7 +35,18 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
     let timeouts = compile_timeouts(spec.timeouts.as_ref(), &mut errors);
     let breaker = compile_breaker(spec.circuit_breaker.as_ref(), &mut errors);
     let overrides = compile_overrides(spec.allow_request_overrides.as_deref());
-    let mut compiler = Compiler { providers: &providers, default_timeout: timeouts.attempt, errors };
+    let source = format!(
+        "{}/{}",
+        policy.metadata.namespace.as_deref().unwrap_or("default"),
+        policy.metadata.name.as_deref().unwrap_or("unnamed")
+    );
+    let mut compiler = Compiler {
+        providers: &providers,
+        default_timeout: timeouts.attempt,
+        errors,
+        source,
+        spend_limits: BTreeMap::new(),
+    };
 
     let mut routes = Vec::with_capacity(spec.routes.len());
     let mut seen = HashSet::new();
@@ -107,6 +118,7 @@ struct Member<'a> {
     skip_for: Option<&'a [RequestFeature]>,
     price: Option<&'a PriceSpec>,
     adapt: Option<&'a AdaptSpec>,
+    spend_limit: Option<&'a SpendLimitSpec>,
 }
 
 /// What compiling chains needs at hand.
@@ -115,6 +127,10 @@ struct Compiler<'a> {
     providers: &'a BTreeMap<String, (usize, CompiledProvider)>,
     default_timeout: Duration,
     errors: Errors,
+    /// `namespace/name`, which spend limits are counted under.
+    source: String,
+    /// Each target's spend limit and where it was set: one target has one limit.
+    spend_limits: BTreeMap<String, (SpendLimit, String)>,
 }
 
 impl Compiler<'_> {
@@ -137,6 +153,9 @@ impl Compiler<'_> {
                 if spec.adapt.is_some() {
                     self.errors.push(format!("{path}.adapt"), "set `adapt` on each group member instead");
                 }
+                if spec.spend_limit.is_some() {
+                    self.errors.push(format!("{path}.spendLimit"), "set `spendLimit` on each group member instead");
+                }
                 let mut seen = HashSet::new();
                 let mut members = Vec::new();
                 for (m, member) in group.iter().enumerate() {
@@ -154,6 +173,7 @@ impl Compiler<'_> {
                             skip_for: member.skip_for.as_deref(),
                             price: member.price.as_ref(),
                             adapt: member.adapt.as_ref(),
+                            spend_limit: member.spend_limit.as_ref(),
                         },
                         &member_path,
                     ));
@@ -173,6 +193,7 @@ impl Compiler<'_> {
                     skip_for: spec.skip_for.as_deref(),
                     price: spec.price.as_ref(),
                     adapt: spec.adapt.as_ref(),
+                    spend_limit: spec.spend_limit.as_ref(),
                 };
                 self.targets(member, path)
             }
@@ -190,7 +211,8 @@ impl Compiler<'_> {
 
     /// The targets for one provider + model: one per API key of the provider.
     fn targets(&mut self, member: Member<'_>, path: &str) -> Vec<CompiledTarget> {
-        let Member { provider, model, timeout, weight, skip_for, price, adapt } = member;
+        let Member { provider, model, timeout, weight, skip_for, price, adapt, spend_limit } = member;
+        let spend_limit = spend_limit.and_then(|spec| self.spend_limit(spec, provider, model, price.is_some(), path));
         let attempt_timeout = self.errors.duration(timeout, format!("{path}.timeout"), self.default_timeout);
         let price = price.map(|price| {
             for (field, value) in [
@@ -237,6 +259,7 @@ impl Compiler<'_> {
                     identity: format!("{}\u{1f}{model}", found.endpoint_id(key)),
                     price,
                     adapt: adapt.clone(),
+                    spend_limit: spend_limit.clone(),
                 }
             })
             .collect()
@@ -244,6 +267,43 @@ impl Compiler<'_> {
 }
 
 impl Compiler<'_> {
+    /// The spend limit `spec` of `provider`/`model` at `path`: its window at least 10 s (and, as
+    /// every policy duration, at most 24 h), a positive amount, a price to count it by, and the
+    /// same limit wherever the target appears.
+    fn spend_limit(
+        &mut self,
+        spec: &SpendLimitSpec,
+        provider: &str,
+        model: &str,
+        priced: bool,
+        path: &str,
+    ) -> Option<SpendLimit> {
+        let field = format!("{path}.spendLimit");
+        let per = self.errors.duration(Some(&spec.per), format!("{field}.per"), Duration::ZERO);
+        if !per.is_zero() && per < Duration::from_secs(10) {
+            self.errors.push(format!("{field}.per"), format!("`{}` is shorter than 10s", spec.per));
+        }
+        if !(spec.usd.is_finite() && spec.usd > 0.0) {
+            self.errors.push(format!("{field}.usd"), "must be an amount above zero, in US dollars");
+        }
+        if !priced {
+            self.errors.push(field.clone(), "needs the target's `price`, which its spend is counted by");
+        }
+        let key = format!("{}\u{1f}{provider}/{model}", self.source);
+        let limit = SpendLimit { key: key.clone(), usd: spec.usd, per };
+        match self.spend_limits.get(&key) {
+            Some((earlier, at)) if (earlier.usd, earlier.per) != (limit.usd, limit.per) => {
+                let problem = format!("`{provider}/{model}` has another `spendLimit` at `{at}`: one target, one limit");
+                self.errors.push(field, problem);
+            }
+            Some(_) => {}
+            None => {
+                self.spend_limits.insert(key, (limit.clone(), field));
+            }
+        }
+        Some(limit)
+    }
+
     /// A route's `shadow` at `path`.
     fn shadow(&mut self, spec: &ShadowSpec, path: &str) -> CompiledShadow {
         if !(spec.percent.is_finite() && spec.percent > 0.0 && spec.percent <= 100.0) {
@@ -264,6 +324,7 @@ impl Compiler<'_> {
             skip_for: None,
             price: spec.price.as_ref(),
             adapt: spec.adapt.as_ref(),
+            spend_limit: None,
         };
         CompiledShadow {
             targets: self.targets(member, path),
@@ -420,6 +481,26 @@ mod tests {
             (
                 GOOD.replace("latency: 10ms}", "latency: 10ms, streamCutAfter: 0}"),
                 "`spec.providers[2].mock.streamCutAfter`:",
+            ),
+            (
+                GOOD.replace("timeout: 20s}", "timeout: 20s, spendLimit: {per: 1h, usd: 50}}"),
+                "`spec.routes[0].chain[0].spendLimit`: needs the target's `price`",
+            ),
+            (
+                GOOD.replace("timeout: 20s}", "timeout: 20s, price: {input: 1, output: 1}, spendLimit: {per: 5s, usd: 50}}"),
+                "`spec.routes[0].chain[0].spendLimit.per`: `5s` is shorter than 10s",
+            ),
+            (
+                GOOD.replace("timeout: 20s}", "timeout: 20s, price: {input: 1, output: 1}, spendLimit: {per: 1h, usd: 0}}"),
+                "`spec.routes[0].chain[0].spendLimit.usd`: must be an amount above zero",
+            ),
+            (
+                GOOD.replace("timeout: 20s}", "timeout: 20s, price: {input: 1, output: 1}, spendLimit: {per: 1h, usd: 5}}")
+                    .replace(
+                        "chain: [{provider: fake, model: any}]",
+                        "chain: [{provider: primary, model: gpt-4o, price: {input: 1, output: 1}, spendLimit: {per: 1h, usd: 9}}]",
+                    ),
+                "`spec.routes[1].chain[0].spendLimit`: `primary/gpt-4o` has another `spendLimit` at `spec.routes[0].chain[0].spendLimit`",
             ),
         ];
         assert_errors(&cases, compile);

@@ -30,7 +30,7 @@ pub use providers::{CompiledProvider, MockBehaviour};
 pub use redact::REDACTED;
 pub use settings::{
     AllowedOverrides, BreakerSettings, BudgetSettings, CACHE_WRITE_MARKUP, FailureRate, Hedge, Price, RetryPolicy,
-    Timeouts,
+    SpendLimit, Timeouts,
 };
 
 use crate::llm::{ClassSet, RequestFeature};
@@ -176,4 +176,7 @@ pub struct CompiledTarget {
     /// How its requests are adapted, if the policy says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapt: Option<Adaptation>,
+    /// What it may cost the fleet per window, if the policy says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_limit: Option<SpendLimit>,
 }

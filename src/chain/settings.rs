@@ -89,6 +89,18 @@ pub struct Price {
     pub cache_write: Option<f64>,
 }
 
+/// A cap on what one target may cost the fleet per window, compiled from `spendLimit`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpendLimit {
+    /// What the target's spend is counted under, fleet-wide: its policy, provider and model
+    /// (every key of the provider counts toward one limit).
+    pub key: String,
+    /// US dollars per window.
+    pub usd: f64,
+    /// The window, aligned to the Unix epoch.
+    pub per: Duration,
+}
+
 /// What writing a token to a prompt cache costs against reading it as input, when the policy
 /// names no `cacheWrite` price: Anthropic's markup for its 5-minute cache (the only provider
 /// that reports cache writes).

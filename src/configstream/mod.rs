@@ -18,7 +18,8 @@
 //! - **Request body**, sidecar to operator: newline-delimited [`Report`]s. One at once after
 //!   each configuration, acknowledging the version applied or rejecting it with a reason; then
 //!   one every [`REPORT_EVERY`] carrying what the pod's fleet-scoped targets did, the evidence
-//!   the fleet view is made of, and at least one every [`HEARTBEAT`].
+//!   the fleet view is made of, and what its spend-limited targets cost, and at least one every
+//!   [`HEARTBEAT`].
 //!
 //! The versions differ only in how a configuration carries its policies: protocol 1 (Backstop
 //! 0.1, [`v1`]) sends the compiled policies themselves; protocol 2 ([`v2`]) sends each policy's
@@ -143,6 +144,20 @@ pub enum ServerMessage<C> {
 pub struct Fleet {
     /// The decisions.
     pub targets: BTreeMap<String, FleetTarget>,
+    /// The spend-limited targets whose current window the fleet has spent, by spend key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub spent: BTreeMap<String, WindowSpend>,
+}
+
+/// What a target cost in one window of its `spendLimit`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WindowSpend {
+    /// The window: the Unix time in ms divided by the window's length (windows are aligned to
+    /// the epoch, so every pod and the operator agree on them).
+    pub window: i64,
+    /// US dollars.
+    pub usd: f64,
 }
 
 /// The fleet's decision on one target.
@@ -181,6 +196,9 @@ pub struct Report {
     /// What each fleet-scoped target did since the last report, by target identity.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub targets: BTreeMap<String, TargetReport>,
+    /// What each spend-limited target cost since the last report, by spend key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub spend: BTreeMap<String, WindowSpend>,
 }
 
 /// A configuration a sidecar refused.
@@ -217,8 +235,11 @@ pub struct TargetReport {
 impl Report {
     /// Whether the report stays within what a sidecar may send; `Err` says what it exceeds.
     pub fn check_bounds(&self) -> Result<(), &'static str> {
-        if self.targets.len() > MAX_REPORT_TARGETS {
+        if self.targets.len() > MAX_REPORT_TARGETS || self.spend.len() > MAX_REPORT_TARGETS {
             return Err("a report named more targets than the protocol allows");
+        }
+        if self.spend.values().any(|s| !(s.usd.is_finite() && s.usd >= 0.0)) {
+            return Err("a report's spend was not an amount");
         }
         Ok(())
     }
@@ -298,6 +319,7 @@ mod tests {
                 "t".into(),
                 FleetTarget::Open { retry_in_ms: 5000, reason: "429 with Retry-After".into() },
             )]),
+            spent: BTreeMap::from([("shop/chat\u{1f}claude/opus".into(), WindowSpend { window: 493_000, usd: 50.25 })]),
         });
         let text = line(&fleet);
         assert!(text.ends_with(b"\n"));
@@ -410,8 +432,24 @@ mod golden {
                 ("a".to_string(), FleetTarget::Open { retry_in_ms: 5000, reason: "429".into() }),
                 ("b".to_string(), FleetTarget::HalfOpen { probe: true, reason: "5xx".into() }),
             ]),
+            spent: BTreeMap::new(),
         });
         pinned("fleet.json", &serde_json::to_value(fleet).expect("json"));
+        // Spend limits came later: fields an older peer ignores, absent when unused.
+        let spent = ServerMessage::<v2::Config>::Fleet(Fleet {
+            targets: BTreeMap::new(),
+            spent: BTreeMap::from([("shop/chat\u{1f}claude/opus".into(), WindowSpend { window: 493_000, usd: 50.25 })]),
+        });
+        pinned("fleet-spent.json", &serde_json::to_value(spent).expect("json"));
+        let spending = Report {
+            applied: Some("v".into()),
+            spend: BTreeMap::from([(
+                "shop/chat\u{1f}claude/opus".into(),
+                WindowSpend { window: 493_000, usd: 0.0125 },
+            )]),
+            ..Report::default()
+        };
+        pinned("report-spend.json", &serde_json::to_value(spending).expect("json"));
         let report = Report {
             applied: Some("v".into()),
             rejected: Some(Rejected { version: "w".into(), reason: "why".into(), policies: vec!["p".into()] }),
@@ -419,6 +457,7 @@ mod golden {
                 "a".to_string(),
                 TargetReport { successes: 1, failures: 2, retry_after_ms: Some(3), last_failure: Some("x".into()) },
             )]),
+            spend: BTreeMap::new(),
         };
         pinned("report.json", &serde_json::to_value(report).expect("json"));
     }

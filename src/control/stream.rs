@@ -34,7 +34,7 @@ use crate::backoff::{self, Backoff};
 use crate::chain::CompiledPolicy;
 use crate::configstream::{
     Fleet, FleetTarget, HEARTBEAT, Lines, MAX_CONFIG_BYTES, PROTOCOL_HEADER, Protocol, REPORT_EVERY, Rejected, Report,
-    STREAM_IDLE, STREAM_PATH, ServerMessage, TargetReport, VERSION_HEADER, bounded_reason, line, v1, v2,
+    STREAM_IDLE, STREAM_PATH, ServerMessage, TargetReport, VERSION_HEADER, WindowSpend, bounded_reason, line, v1, v2,
 };
 use crate::health::gate::FleetState;
 use crate::net::body::{Body, BoxError};
@@ -432,10 +432,17 @@ impl ControlStream {
                             })
                         })
                         .collect();
-                    if targets.is_empty() && last_sent.elapsed() < HEARTBEAT {
+                    let spend: BTreeMap<String, WindowSpend> = self
+                        .store
+                        .health()
+                        .take_spend_reports(crate::health::spend::unix_ms())
+                        .into_iter()
+                        .map(|(key, (window, usd))| (key, WindowSpend { window, usd }))
+                        .collect();
+                    if targets.is_empty() && spend.is_empty() && last_sent.elapsed() < HEARTBEAT {
                         continue;
                     }
-                    let report = Report { applied: self.applied.clone(), rejected: None, targets };
+                    let report = Report { applied: self.applied.clone(), rejected: None, targets, spend };
                     if tx.send(line(&report)).await.is_err() {
                         return Err(StreamError::Ended);
                     }
@@ -454,6 +461,7 @@ impl ControlStream {
             applied: self.applied.clone(),
             rejected,
             targets: BTreeMap::new(),
+            spend: BTreeMap::new(),
         })
     }
 
@@ -601,6 +609,9 @@ fn names(config: &v1::Config) -> String {
 
 /// Applies the fleet's decisions to the store's targets, in this pod's clock.
 fn apply_fleet(store: &PolicyStore, fleet: &Fleet) {
+    store
+        .health()
+        .apply_fleet_spend(crate::health::spend::unix_ms(), |key| fleet.spent.get(key).map(|s| (s.window, s.usd)));
     let now = Instant::now();
     store.health().apply_fleet(|identity| {
         fleet.targets.get(identity).map(|target| match target {
@@ -698,6 +709,7 @@ mod tests {
         link.take(&message(&ServerMessage::Config(config.clone())));
         let fleet = Fleet {
             targets: BTreeMap::from([(identity, FleetTarget::Open { retry_in_ms: 60_000, reason: "3 pods".into() })]),
+            spent: BTreeMap::new(),
         };
         link.take(&message(&ServerMessage::<Config>::Fleet(fleet)));
         let state = |link: &ControlStream| {

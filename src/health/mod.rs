@@ -13,6 +13,7 @@ pub mod breaker;
 pub mod budget;
 pub mod circuit;
 pub mod gate;
+pub mod spend;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,13 +23,14 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::chain::{BreakerSettings, BudgetSettings};
+use crate::chain::{BreakerSettings, BudgetSettings, SpendLimit};
 use crate::llm::FailureClass;
 use crate::policy::TargetState;
 use balance::{Candidate, PeakEwma};
 use breaker::{Admission, Breaker, OpenCause, Phase};
 use budget::RetryBudget;
 use gate::{FleetState, Forced, Gates, Verdict};
+use spend::SpendGuard;
 
 #[derive(Debug, Default)]
 struct Stats {
@@ -453,6 +455,7 @@ pub struct BudgetView {
 pub struct HealthRegistry {
     targets: Mutex<HashMap<String, Arc<TargetHealth>>>,
     budgets: Mutex<HashMap<String, Arc<SharedBudget>>>,
+    spends: Mutex<HashMap<String, Arc<SpendGuard>>>,
     observer: Arc<OnceLock<Arc<dyn HealthObserver>>>,
 }
 
@@ -514,6 +517,28 @@ impl HealthRegistry {
             .clone()
     }
 
+    /// The spend guard of the target `limit` is counted under, created with `limit` if new
+    /// (an existing one takes a changed limit through [`SpendGuard::reconfigure`], once the
+    /// whole policy is known to be valid).
+    pub fn spend(&self, limit: &SpendLimit) -> Arc<SpendGuard> {
+        self.spends.lock().entry(limit.key.clone()).or_insert_with(|| Arc::new(SpendGuard::new(limit.clone()))).clone()
+    }
+
+    /// What this pod spent on each limited target since its last report, in the window `at`
+    /// (Unix ms) falls in, as `(window, usd)` by spend key; targets that spent nothing are
+    /// left out.
+    pub fn take_spend_reports(&self, at: i64) -> BTreeMap<String, (i64, f64)> {
+        self.spends.lock().iter().filter_map(|(key, guard)| Some((key.clone(), guard.take_report(at)?))).collect()
+    }
+
+    /// Applies the fleet's word on spent windows: `spent` gives each spend key's, as
+    /// `(window, usd)` (`None`: the fleet says nothing).
+    pub fn apply_fleet_spend(&self, at: i64, spent: impl Fn(&str) -> Option<(i64, f64)>) {
+        for (key, guard) in self.spends.lock().iter() {
+            guard.set_fleet(at, spent(key));
+        }
+    }
+
     /// Applies a valid policy's settings to the state it uses, and forgets state no snapshot
     /// uses any more.
     pub fn apply(
@@ -557,6 +582,7 @@ impl HealthRegistry {
     fn prune(&self) {
         self.targets.lock().retain(|_, target| Arc::strong_count(target) > 1);
         self.budgets.lock().retain(|_, budget| Arc::strong_count(budget) > 1);
+        self.spends.lock().retain(|_, spend| Arc::strong_count(spend) > 1);
     }
 
     /// Every target's and route's state now, in label and route order, for the admin

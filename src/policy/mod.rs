@@ -583,7 +583,7 @@ pub struct HedgeSpec {
 /// One step of a chain: a single target, or a weighted group of equivalent targets.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.group) ? !has(self.provider) && !has(self.model) && !has(self.timeout) && !has(self.price) && !has(self.adapt) : has(self.provider) && has(self.model)", "message": "set either `group`, or `provider` and `model`"}]))]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.group) ? !has(self.provider) && !has(self.model) && !has(self.timeout) && !has(self.price) && !has(self.adapt) && !has(self.spendLimit) : has(self.provider) && has(self.model)", "message": "set either `group`, or `provider` and `model`"}]))]
 pub struct ChainStepSpec {
     /// The provider's `name`. Set with `model`, or use `group` instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -616,6 +616,11 @@ pub struct ChainStepSpec {
     /// their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapt: Option<AdaptSpec>,
+
+    /// What this target may cost the whole fleet per window (see [`SpendLimitSpec`]). Set with
+    /// `provider`, `model` and `price`; a group's members set their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_limit: Option<SpendLimitSpec>,
 
     /// Equivalent targets (keys, regions, endpoints of one model) that share this step; each
     /// request picks one by weight. Set instead of `provider` and `model`.
@@ -655,6 +660,27 @@ pub struct GroupMemberSpec {
     /// How requests to this member are adapted (see the step's `adapt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapt: Option<AdaptSpec>,
+
+    /// What this member may cost the whole fleet per window (see the step's `spendLimit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_limit: Option<SpendLimitSpec>,
+}
+
+/// A cap on what one target (its provider and model, every key) may cost the whole fleet per
+/// window, such as `{per: 1h, usd: 50}`: every pod's attempts at it, priced by its `price`, add
+/// up, and once they reach `usd` within a window the target is passed over (reason
+/// `spendLimit`) by every pod until the window rolls. Windows are aligned to the clock: `1h`
+/// windows start on the hour (UTC). Each sidecar also counts its own attempts, so the cap holds
+/// while the operator is away, for that pod alone.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SpendLimitSpec {
+    /// The window, from `10s` to `24h`, such as `1h`.
+    #[schemars(schema_with = "duration_schema::schema")]
+    pub per: String,
+    /// US dollars the window may spend.
+    #[schemars(range(min = 0.0, max = 10000000.0))]
+    pub usd: f64,
 }
 
 /// A target's prices, in US dollars per million tokens.
@@ -846,6 +872,8 @@ pub enum TargetState {
     ForcedOpen,
     /// Kept in rotation by an override.
     ForcedClosed,
+    /// Its `spendLimit` window is spent across the fleet: out until the window rolls.
+    SpendLimit,
 }
 
 impl TargetState {

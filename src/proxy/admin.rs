@@ -119,6 +119,7 @@ fn state_name(state: TargetState) -> &'static str {
         TargetState::HalfOpen => "halfOpen",
         TargetState::ForcedOpen => "forcedOpen",
         TargetState::ForcedClosed => "forcedClosed",
+        TargetState::SpendLimit => "spendLimit",
     }
 }
 

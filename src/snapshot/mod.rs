@@ -16,9 +16,10 @@ use serde_json::Value;
 
 use crate::chain::{
     AllowedOverrides, CompiledPolicy, CompiledRoute, CompiledShadow, CompiledStep, CompiledTarget, Hedge, RetryPolicy,
-    Timeouts,
+    SpendLimit, Timeouts,
 };
 use crate::health::gate::Forced;
+use crate::health::spend::{SpendGuard, Spent};
 use crate::health::{HealthRegistry, SharedBudget, TargetHealth};
 use crate::llm::ChatRequest;
 use crate::policy::{MidStream, OverrideState};
@@ -51,9 +52,17 @@ pub struct Target {
     pub price: Option<crate::chain::Price>,
     /// How its requests are adapted, if the policy says.
     pub adapt: Option<crate::chain::Adaptation>,
+    /// Its spend against its `spendLimit`, if the policy sets one; shared by every key of its
+    /// provider and across reloads.
+    pub spend: Option<Arc<SpendGuard>>,
 }
 
 impl Target {
+    /// Whether its spend window is spent now, and by how much.
+    pub fn spent(&self) -> Option<Spent> {
+        self.spend.as_ref()?.spent(crate::health::spend::unix_ms())
+    }
+
     /// Why the policy keeps `request` away from this target, if it does.
     pub fn skip_for(&self, request: &ChatRequest) -> Option<String> {
         self.skip_for
@@ -167,7 +176,15 @@ impl PolicySnapshot {
                 .iter()
                 .map(|config| Provider::build(config).map(Arc::new))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut binder = Binder { compiled, providers: &providers, health, targets: Vec::new(), now, now_ms };
+            let mut binder = Binder {
+                compiled,
+                providers: &providers,
+                health,
+                targets: Vec::new(),
+                spends: Vec::new(),
+                now,
+                now_ms,
+            };
             let mut budgets = Vec::new();
             for config in &compiled.routes {
                 let shadowed =
@@ -185,9 +202,12 @@ impl PolicySnapshot {
                     routes.insert(config.alias.clone(), route);
                 }
             }
-            bound.push((binder.targets, budgets));
+            bound.push((binder.targets, budgets, binder.spends));
         }
-        for (compiled, (targets, budgets)) in policies.iter().zip(bound) {
+        for (compiled, (targets, budgets, spends)) in policies.iter().zip(bound) {
+            for (guard, limit) in spends {
+                guard.reconfigure(limit);
+            }
             health.apply(&targets, &compiled.breaker, &budgets, compiled.budget);
         }
         let sources: Vec<&str> = policies.iter().map(|p| p.source.as_str()).collect();
@@ -230,6 +250,8 @@ struct Binder<'a> {
     health: &'a HealthRegistry,
     /// Every target's health and override, for the settings to apply once all is built.
     targets: Vec<(Arc<TargetHealth>, Option<Forced>)>,
+    /// Every spend guard and its limit, likewise.
+    spends: Vec<(Arc<SpendGuard>, SpendLimit)>,
     now: tokio::time::Instant,
     now_ms: i64,
 }
@@ -284,7 +306,13 @@ impl Binder<'_> {
     fn target(&mut self, config: &CompiledTarget) -> Result<Target, InvalidBackend> {
         let health = self.health.target(&config.identity, &config.label, &self.compiled.breaker);
         self.targets.push((health.clone(), self.forced(&config.identity)));
-        self.live(config, health)
+        let mut target = self.live(config, health)?;
+        if let Some(limit) = &config.spend_limit {
+            let guard = self.health.spend(limit);
+            self.spends.push((guard.clone(), limit.clone()));
+            target.spend = Some(guard);
+        }
+        Ok(target)
     }
 
     fn live(&self, config: &CompiledTarget, health: Arc<TargetHealth>) -> Result<Target, InvalidBackend> {
@@ -304,6 +332,7 @@ impl Binder<'_> {
             skip_for: config.skip_for.clone(),
             price: config.price,
             adapt: config.adapt.clone(),
+            spend: None,
         })
     }
 }

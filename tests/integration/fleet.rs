@@ -463,3 +463,89 @@ async fn two_replicas_share_one_fleet_view_and_only_the_leader_writes_status() {
         follower.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_stops_at_a_target_s_spend_limit_within_a_report_and_takes_it_back_when_the_window_rolls() {
+    let Some(s) = setup("bs-spend").await else { return };
+    // Each answer of `primary` is 3 output tokens at $100,000 per million: $0.30. The limit,
+    // $3 per 20 s window, is 10 answers across the fleet, fewer than 4 at any one pod.
+    let window = Duration::from_secs(20);
+    let yaml = policy(&s.namespace, "chat", "one two three", "").replace(
+        "chain: [{provider: primary, model: m}, {provider: backup, model: m}]",
+        "chain: [{provider: primary, model: m, price: {input: 0, output: 100000}, spendLimit: {per: 20s, usd: 3}}, {provider: backup, model: m}]",
+    );
+    s.apply(&yaml).await;
+    let operator = s.operator("spend").await;
+    let pods = [
+        s.sidecar(operator.config, "web-a").await,
+        s.sidecar(operator.config, "web-b").await,
+        s.sidecar(operator.config, "web-c").await,
+    ];
+    s.policy_until("chat", Duration::from_secs(15), |p| sidecars(p) == (3, 3, 0)).await;
+
+    // Start at the beginning of a window, so that it does not roll mid-test.
+    let period = window.as_millis() as u64;
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+    tokio::time::sleep(Duration::from_millis(period - now_ms % period + 200)).await;
+    let started = Instant::now();
+
+    // Round-robin, 10 requests a second, until every pod has passed `primary` over.
+    let mut answered: Vec<Instant> = Vec::new();
+    let mut passed_over = [false; 3];
+    let mut sent = 0;
+    while !passed_over.iter().all(|p| *p) {
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "the fleet never stopped: {} answers from primary\n{}",
+            answered.len(),
+            operator.log()
+        );
+        let i = sent % 3;
+        let answer = pods[i].chat("chat").await;
+        assert_eq!(answer.status, 200);
+        match answer.header("x-backstop-provider") {
+            Some("primary") => answered.push(Instant::now()),
+            _ => {
+                assert_eq!(answer.header("x-backstop-fallback-reason"), Some("primary/m=spendLimit"));
+                passed_over[i] = true;
+            }
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stopped = started.elapsed();
+    assert!(answered.len() >= 10, "the limit was reached: {} answers", answered.len());
+    // Overshoot: answers after the one that reached $3, all within a report interval (1 s) and
+    // the operator's word reaching the pods.
+    let reached = answered[9];
+    let overshoot = answered.len() - 10;
+    let late = answered.last().expect("answers").duration_since(reached);
+    eprintln!(
+        "spend limit: {} answers from primary ($0.30 each against $3), {overshoot} after the limit, the last {late:?} after it; every pod stopped {stopped:?} into the window",
+        answered.len()
+    );
+    assert!(late <= Duration::from_millis(2_500), "the fleet overshot for {late:?} ({overshoot} answers)");
+
+    let out = s
+        .policy_until("chat", Duration::from_secs(10), |p| {
+            target_state(p, "primary/m") == Some(TargetState::SpendLimit)
+        })
+        .await;
+    let reason =
+        out.status.as_ref().and_then(|s| s.targets.as_ref()).and_then(|t| t[0].reason.clone()).unwrap_or_default();
+    assert!(reason.starts_with("spendLimit: $") && reason.ends_with("of $3.00 spent in this 20s window"), "{reason}");
+    let events = s.events().await;
+    assert!(events.iter().any(|e| e.reason.as_deref() == Some("TargetEjected")
+        && e.note.as_deref().unwrap_or_default().starts_with("primary/m is out of rotation: spendLimit")));
+
+    // The window rolls: every pod takes `primary` back by its own clock.
+    for pod in &pods {
+        pod.until(window + Duration::from_secs(5), "primary answers in the next window", || async {
+            pod.chat("chat").await.header("x-backstop-provider") == Some("primary")
+        })
+        .await;
+    }
+    eprintln!("the next window: primary answers again {:?} after the first pod stopped", started.elapsed() - stopped);
+    s.policy_until("chat", Duration::from_secs(10), |p| target_state(p, "primary/m") == Some(TargetState::Closed))
+        .await;
+}

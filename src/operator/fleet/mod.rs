@@ -30,6 +30,11 @@
 //! send nothing within the probe period (or disconnect) are replaced by the next pods in line;
 //! with no pod left to probe, the target closes, since nobody is kept from it.
 //!
+//! **Spend.** Sidecars also report what their attempts at spend-limited targets cost, by
+//! spend key and window (windows are aligned to the epoch, so everyone agrees on them). The
+//! view adds the reports of the current window up; once they reach the target's `spendLimit`,
+//! the window is *spent* for every pod until it rolls. Only the latest window is kept per key.
+//!
 //! Decisions are published per namespace through a `watch` channel; each sidecar's stream sends
 //! its pod the decisions about its targets. All state here is in memory, rebuilt from fresh
 //! evidence after a restart; status and Events are derived from it by [`status`].
@@ -46,9 +51,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::served::{NamespacePolicies, ServedPolicies};
-use crate::chain::BreakerSettings;
-use crate::configstream::TargetReport;
+use crate::chain::{BreakerSettings, SpendLimit};
+use crate::configstream::{TargetReport, WindowSpend};
 use crate::health::circuit::{self, Circuit, Counts, Phase, Verdict, Window};
+use crate::health::spend;
 use crate::policy::BreakerScope;
 
 /// The shortest time probers get to send a probe before others are chosen.
@@ -91,6 +97,31 @@ pub struct Decisions {
     pub revision: u64,
     /// The targets out of rotation, by identity; every other target is closed.
     pub targets: BTreeMap<String, Decision>,
+    /// The spend-limited targets whose current window is spent, by spend key.
+    pub spent: BTreeMap<String, SpentWindow>,
+}
+
+/// A spend-limited target's window that the fleet has spent.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpentWindow {
+    /// The window (Unix ms divided by its length).
+    pub window: i64,
+    /// What the fleet had spent in it when it reached the limit.
+    pub usd: f64,
+    /// The limit.
+    pub limit: f64,
+    /// When the window ends, in Unix ms.
+    pub until_ms: i64,
+}
+
+/// What the fleet spent on one spend-limited target in its latest window.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct SpendFleet {
+    window: i64,
+    usd: f64,
+    /// The sum when it reached the limit, kept so that the decision does not change with
+    /// every later report.
+    spent: Option<f64>,
 }
 
 /// What the view needs to know of a target to judge it: the breaker settings and label of the
@@ -268,6 +299,9 @@ struct Namespace {
     targets: HashMap<String, TargetFleet>,
     members: HashMap<String, Member>,
     rules: HashMap<String, Rule>,
+    /// The spend limits of the namespace's policies, by spend key.
+    limits: HashMap<String, SpendLimit>,
+    spends: HashMap<String, SpendFleet>,
     rules_revision: Option<u64>,
     decisions: Option<watch::Sender<Arc<Decisions>>>,
 }
@@ -305,14 +339,20 @@ impl Namespace {
             return;
         }
         let mut rules = HashMap::new();
+        let mut limits = HashMap::new();
         for served in policies.policies.values() {
             let settings = &served.compiled.breaker;
             for target in served.compiled.targets() {
                 rules
                     .entry(target.identity.clone())
                     .or_insert_with(|| Rule { settings: settings.clone(), label: target.label.clone() });
+                if let Some(limit) = &target.spend_limit {
+                    limits.entry(limit.key.clone()).or_insert_with(|| limit.clone());
+                }
             }
         }
+        self.spends.retain(|key, _| limits.contains_key(key));
+        self.limits = limits;
         rules.retain(|_, rule: &mut Rule| rule.settings.scope == BreakerScope::Fleet);
         for (identity, target) in &mut self.targets {
             if let Some(rule) = rules.get(identity) {
@@ -322,6 +362,43 @@ impl Namespace {
         self.targets.retain(|identity, _| rules.contains_key(identity));
         self.rules = rules;
         self.rules_revision = Some(policies.revision);
+    }
+
+    /// Adds one pod's spend reports up; returns whether a window became spent.
+    fn spend(&mut self, reports: &BTreeMap<String, WindowSpend>, now_ms: i64) -> bool {
+        let mut changed = false;
+        for (key, report) in reports {
+            let Some(limit) = self.limits.get(key) else { continue };
+            let current = spend::window_of(now_ms, limit.per);
+            // A report of a window that is over, or not yet begun by the operator's clock (a
+            // pod's clock far ahead), says nothing about the current one.
+            if report.window != current || !(report.usd.is_finite() && report.usd >= 0.0) {
+                continue;
+            }
+            let spend = self.spends.entry(key.clone()).or_insert(SpendFleet { window: current, usd: 0.0, spent: None });
+            if spend.window != current {
+                *spend = SpendFleet { window: current, usd: 0.0, spent: None };
+            }
+            spend.usd += report.usd;
+            if spend.spent.is_none() && spend.usd >= limit.usd {
+                spend.spent = Some(spend.usd);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The spent windows, as of `now_ms`.
+    fn spent(&self, now_ms: i64) -> BTreeMap<String, SpentWindow> {
+        self.spends
+            .iter()
+            .filter_map(|(key, spend)| {
+                let limit = self.limits.get(key)?;
+                let usd = spend.spent.filter(|_| spend::window_of(now_ms, limit.per) == spend.window)?;
+                let until_ms = spend::window_end(spend.window, limit.per);
+                Some((key.clone(), SpentWindow { window: spend.window, usd, limit: limit.usd, until_ms }))
+            })
+            .collect()
     }
 
     fn observe(&mut self, pod: &str, reports: &BTreeMap<String, TargetReport>, now: Instant, wall: Timestamp) -> bool {
@@ -344,7 +421,7 @@ impl Namespace {
 
     /// Moves targets whose open period ended to half-open, replaces probers that did not
     /// probe, and forgets evidence older than its window. Returns whether a decision changed.
-    fn tick(&mut self, now: Instant) -> bool {
+    fn tick(&mut self, now: Instant, now_ms: i64) -> bool {
         let mut changed = false;
         for target in self.targets.values_mut() {
             target.expire(now);
@@ -352,7 +429,12 @@ impl Namespace {
         }
         changed |= self.settle(now);
         self.targets.retain(|_, target| !target.circuit.is_closed() || !target.pods.is_empty());
-        changed
+        // A spent window that rolled is forgotten; the next is counted from its first report.
+        let limits = &self.limits;
+        let before = self.spends.len();
+        self.spends
+            .retain(|key, spend| limits.get(key).is_some_and(|l| spend::window_of(now_ms, l.per) == spend.window));
+        changed | (self.spends.len() != before)
     }
 
     /// Chooses probers where they are missing, gone or overdue; closes targets nobody can
@@ -390,21 +472,32 @@ impl Namespace {
         changed
     }
 
-    /// Publishes `targets` as the namespace's decisions if they differ; returns whether they did.
-    fn publish_decisions(&mut self, targets: BTreeMap<String, Decision>) -> bool {
+    /// Publishes `targets` and `spent` as the namespace's decisions if they differ; returns
+    /// whether they did.
+    fn publish_decisions(&mut self, targets: BTreeMap<String, Decision>, spent: BTreeMap<String, SpentWindow>) -> bool {
         self.sender().send_if_modified(|current| {
-            if current.targets == targets {
+            if current.targets == targets && current.spent == spent {
                 return false;
             }
-            *current = Arc::new(Decisions { revision: current.revision + 1, targets });
+            *current = Arc::new(Decisions { revision: current.revision + 1, targets, spent });
             true
         })
     }
 
     /// The decisions of this replica's own view.
-    fn local_decisions(&self) -> BTreeMap<String, Decision> {
-        self.targets.iter().filter_map(|(id, t)| t.decision().map(|d| (id.clone(), d))).collect()
+    fn local_decisions(&self, now_ms: i64) -> (BTreeMap<String, Decision>, BTreeMap<String, SpentWindow>) {
+        let targets = self.targets.iter().filter_map(|(id, t)| t.decision().map(|d| (id.clone(), d))).collect();
+        (targets, self.spent(now_ms))
     }
+}
+
+/// One pod's report, as the view takes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Evidence<'a> {
+    /// What its fleet-scoped targets did, by identity.
+    pub targets: &'a BTreeMap<String, TargetReport>,
+    /// What its spend-limited targets cost, by spend key.
+    pub spend: &'a BTreeMap<String, WindowSpend>,
 }
 
 /// The fleet view of every namespace.
@@ -422,6 +515,8 @@ pub struct FleetView {
     forward: Mutex<Option<mpsc::Sender<Forwarded>>>,
     /// Bumped whenever any namespace's decisions change.
     changes: watch::Sender<u64>,
+    /// The wall clock, in Unix ms, which spend windows are counted by.
+    clock: fn() -> i64,
 }
 
 /// Evidence a replica forwards to the leader.
@@ -452,13 +547,27 @@ pub enum Forwarded {
         pod: String,
         /// What its targets did.
         targets: BTreeMap<String, TargetReport>,
+        /// What its spend-limited targets cost.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        spend: BTreeMap<String, WindowSpend>,
     },
 }
 
 impl FleetView {
     /// An empty view, judging targets by the breaker settings of `served`'s policies.
     pub fn new(served: Arc<ServedPolicies>) -> Self {
-        FleetView { served, namespaces: Mutex::default(), forward: Mutex::default(), changes: watch::channel(0).0 }
+        FleetView::with_clock(served, spend::unix_ms)
+    }
+
+    /// An empty view whose spend windows follow `clock` (Unix ms).
+    pub fn with_clock(served: Arc<ServedPolicies>, clock: fn() -> i64) -> Self {
+        FleetView {
+            served,
+            namespaces: Mutex::default(),
+            forward: Mutex::default(),
+            changes: watch::channel(0).0,
+            clock,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Namespace>> {
@@ -478,7 +587,8 @@ impl FleetView {
 
     /// Publishes `ns`'s own decisions unless this replica follows the leader.
     fn publish(&self, ns: &mut Namespace, following: bool) {
-        if !following && ns.publish_decisions(ns.local_decisions()) {
+        let (targets, spent) = ns.local_decisions((self.clock)());
+        if !following && ns.publish_decisions(targets, spent) {
             self.changes.send_modify(|n| *n += 1);
         }
     }
@@ -546,8 +656,8 @@ impl FleetView {
         self.leave_as(namespace, pod, now);
     }
 
-    fn observe_as(&self, namespace: &str, pod: &str, reports: &BTreeMap<String, TargetReport>, now: Instant) {
-        if reports.is_empty() {
+    fn observe_as(&self, namespace: &str, pod: &str, report: &Evidence<'_>, now: Instant) {
+        if report.targets.is_empty() && report.spend.is_empty() {
             return;
         }
         let following = self.following();
@@ -555,17 +665,24 @@ impl FleetView {
         let mut namespaces = self.lock();
         let ns = namespaces.entry(namespace.to_string()).or_default();
         ns.refresh_rules(&policies);
-        if ns.observe(pod, reports, now, Timestamp::now()) {
+        let spent = ns.spend(report.spend, (self.clock)());
+        if ns.observe(pod, report.targets, now, Timestamp::now()) || spent {
             self.publish(ns, following);
         }
     }
 
-    /// Takes one report of a pod connected to this replica.
-    pub fn observe(&self, namespace: &str, pod: &str, reports: &BTreeMap<String, TargetReport>, now: Instant) {
-        if !reports.is_empty() {
-            self.forward(Forwarded::Observe { namespace: namespace.into(), pod: pod.into(), targets: reports.clone() });
+    /// Takes one report of a pod connected to this replica: what its fleet-scoped targets did,
+    /// and what its spend-limited targets cost.
+    pub fn observe(&self, namespace: &str, pod: &str, report: &Evidence<'_>, now: Instant) {
+        if !report.targets.is_empty() || !report.spend.is_empty() {
+            self.forward(Forwarded::Observe {
+                namespace: namespace.into(),
+                pod: pod.into(),
+                targets: report.targets.clone(),
+                spend: report.spend.clone(),
+            });
         }
-        self.observe_as(namespace, pod, reports, now);
+        self.observe_as(namespace, pod, report, now);
     }
 
     /// Takes evidence another replica forwarded (on the leader).
@@ -575,7 +692,9 @@ impl FleetView {
                 self.join_as(&namespace, &pod, identities.into_iter().collect(), false, now);
             }
             Forwarded::Leave { namespace, pod } => self.leave_as(&namespace, &pod, now),
-            Forwarded::Observe { namespace, pod, targets } => self.observe_as(&namespace, &pod, &targets, now),
+            Forwarded::Observe { namespace, pod, targets, spend } => {
+                self.observe_as(&namespace, &pod, &Evidence { targets: &targets, spend: &spend }, now);
+            }
         }
     }
 
@@ -603,12 +722,12 @@ impl FleetView {
     }
 
     /// Publishes the leader's decisions for `namespace` (while following).
-    pub fn adopt(&self, namespace: &str, targets: BTreeMap<String, Decision>) {
+    pub fn adopt(&self, namespace: &str, targets: BTreeMap<String, Decision>, spent: BTreeMap<String, SpentWindow>) {
         if !self.following() {
             return;
         }
         let mut namespaces = self.lock();
-        if namespaces.entry(namespace.to_string()).or_default().publish_decisions(targets) {
+        if namespaces.entry(namespace.to_string()).or_default().publish_decisions(targets, spent) {
             self.changes.send_modify(|n| *n += 1);
         }
     }
@@ -622,7 +741,7 @@ impl FleetView {
             let mut all = self.lock();
             let Some(ns) = all.get_mut(&namespace) else { continue };
             ns.refresh_rules(&policies);
-            if ns.tick(now) {
+            if ns.tick(now, (self.clock)()) {
                 self.publish(ns, following);
             }
         }

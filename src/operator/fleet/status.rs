@@ -64,8 +64,20 @@ pub fn fields(
             let forced =
                 compiled.overrides.iter().find(|o| o.active_at(now_ms) && o.identities.contains(&target.identity));
             let decision = decisions.targets.get(&target.identity);
-            let (state, reason, since, until) = match (forced, decision) {
-                (Some(forced), _) => (
+            let spent = target.spend_limit.as_ref().and_then(|limit| Some((limit, decisions.spent.get(&limit.key)?)));
+            let (state, reason, since, until) = match (forced, decision, spent) {
+                (None, _, Some((limit, spent))) => (
+                    TargetState::SpendLimit,
+                    Some(format!(
+                        "spendLimit: ${:.2} of ${:.2} spent in this {} window",
+                        spent.usd,
+                        spent.limit,
+                        window_name(limit.per)
+                    )),
+                    time(spent.until_ms.saturating_sub(i64::try_from(limit.per.as_millis()).unwrap_or(0))),
+                    time(spent.until_ms),
+                ),
+                (Some(forced), _, _) => (
                     match forced.state {
                         OverrideState::ForcedOpen => TargetState::ForcedOpen,
                         OverrideState::ForcedClosed => TargetState::ForcedClosed,
@@ -74,7 +86,7 @@ pub fn fields(
                     None,
                     forced.until_ms.and_then(time),
                 ),
-                (None, Some(decision)) => (
+                (None, Some(decision), None) => (
                     match decision.phase {
                         DecisionPhase::Open { .. } => TargetState::Open,
                         DecisionPhase::HalfOpen { .. } => TargetState::HalfOpen,
@@ -83,13 +95,23 @@ pub fn fields(
                     Some(Time(decision.since)),
                     decision.until.map(Time),
                 ),
-                (None, None) => (TargetState::Closed, None, None, None),
+                (None, None, None) => (TargetState::Closed, None, None, None),
             };
             TargetStatus { target: target.label.clone(), state, reason, since, until }
         })
         .collect();
     let degraded = u32::try_from(targets.iter().filter(|t| !t.state.in_rotation()).count()).unwrap_or(u32::MAX);
     FleetFields { sidecars: tally(sidecars, namespace, &policy.name, &policy.version), targets, degraded }
+}
+
+/// A window's length as policies write it: `1h`, `30m`, `24h`.
+fn window_name(per: std::time::Duration) -> String {
+    let seconds = per.as_secs();
+    match seconds {
+        s if s > 0 && s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 /// The Events a change of `before` into `after` calls for: (type, reason, note).
@@ -110,6 +132,7 @@ pub fn transitions(before: &[TargetStatus], after: &[TargetStatus]) -> Vec<(Even
             (false, true) => {
                 let how = match (was, target.state) {
                     (TargetState::ForcedOpen, _) => "its override ended".to_string(),
+                    (TargetState::SpendLimit, _) => "its spend window rolled".to_string(),
                     (_, TargetState::ForcedClosed) => format!("forced closed: {reason}"),
                     _ => "a probe succeeded".to_string(),
                 };
@@ -264,6 +287,7 @@ spec:
                     label: "a/m".into(),
                 },
             )]),
+            spent: BTreeMap::new(),
         };
         let now_ms = since.as_millisecond();
         let out = fields(&policy, "shop", &decisions, &[], now_ms);
@@ -289,5 +313,37 @@ spec:
         let back: Vec<String> = transitions(&out.targets, &later.targets).into_iter().map(|(_, _, n)| n).collect();
         assert_eq!(back, ["a/m is back in rotation: a probe succeeded", "c/m is back in rotation: its override ended"]);
         assert_eq!(later.degraded, 0);
+    }
+
+    #[test]
+    fn a_spent_window_shows_in_status_with_its_amounts_and_is_told_as_it_starts_and_ends() {
+        let yaml = "apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  providers:
+  - {name: a, type: mock}
+  - {name: b, type: mock}
+  routes:
+  - model: chat
+    chain: [{provider: a, model: m, price: {input: 3, output: 15}, spendLimit: {per: 1h, usd: 50}}, {provider: b, model: m}]
+";
+        let policy = crate::testing::served("p", yaml);
+        let key = policy.compiled.targets()[0].spend_limit.clone().expect("limit").key;
+        let hour = 3_600_000;
+        let spent =
+            crate::operator::fleet::SpentWindow { window: 493_000, usd: 50.4, limit: 50.0, until_ms: 493_001 * hour };
+        let decisions = Decisions { spent: BTreeMap::from([(key, spent)]), ..Decisions::default() };
+        let out = fields(&policy, "shop", &decisions, &[], 493_000 * hour + 1_000);
+        let a = &out.targets[0];
+        assert_eq!((a.target.as_str(), a.state), ("a/m", TargetState::SpendLimit));
+        assert_eq!(a.reason.as_deref(), Some("spendLimit: $50.40 of $50.00 spent in this 1h window"));
+        assert_eq!(a.until.as_ref().map(|t| t.0.as_millisecond()), Some(493_001 * hour), "back when the window rolls");
+        assert_eq!(out.degraded, 1);
+        let ejected: Vec<String> = transitions(&[], &out.targets).into_iter().map(|(_, _, n)| n).collect();
+        assert_eq!(ejected, ["a/m is out of rotation: spendLimit: $50.40 of $50.00 spent in this 1h window"]);
+        let rolled = fields(&policy, "shop", &Decisions::default(), &[], 493_001 * hour);
+        let back: Vec<String> = transitions(&out.targets, &rolled.targets).into_iter().map(|(_, _, n)| n).collect();
+        assert_eq!(back, ["a/m is back in rotation: its spend window rolled"]);
     }
 }

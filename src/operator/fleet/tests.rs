@@ -48,7 +48,8 @@ impl Fixture {
             retry_after_ms: None,
             last_failure: (failures > 0).then(|| "serverError: 500 boom".to_string()),
         };
-        self.view.observe("shop", pod, &BTreeMap::from([(identity.to_string(), report)]), self.start + at);
+        let targets = BTreeMap::from([(identity.to_string(), report)]);
+        self.view.observe("shop", pod, &Evidence { targets: &targets, spend: &BTreeMap::new() }, self.start + at);
     }
 
     fn decision(&self, identity: &str) -> Option<Decision> {
@@ -110,12 +111,14 @@ fn a_retry_after_is_believed_at_once_for_the_fleet_up_to_max_open_for() {
         retry_after_ms: Some(30_000),
         last_failure: Some("rateLimited: 429".into()),
     };
-    f.view.observe("shop", "pod-1", &BTreeMap::from([(f.a.clone(), limited.clone())]), f.start + secs(1));
+    let targets = BTreeMap::from([(f.a.clone(), limited.clone())]);
+    f.view.observe("shop", "pod-1", &Evidence { targets: &targets, spend: &BTreeMap::new() }, f.start + secs(1));
     let decision = f.decision(&f.a).expect("open on the provider's word");
     assert_eq!(decision.phase, DecisionPhase::Open { until: f.start + secs(31) });
     assert_eq!(decision.reason, "the provider asked to wait 30s (Retry-After) (last: rateLimited: 429)");
     let longer = TargetReport { retry_after_ms: Some(3_600_000), ..limited };
-    f.view.observe("shop", "pod-3", &BTreeMap::from([(f.a.clone(), longer)]), f.start + secs(2));
+    let targets = BTreeMap::from([(f.a.clone(), longer)]);
+    f.view.observe("shop", "pod-3", &Evidence { targets: &targets, spend: &BTreeMap::new() }, f.start + secs(2));
     assert_eq!(
         f.decision(&f.a).expect("open").phase,
         DecisionPhase::Open { until: f.start + secs(62) },
@@ -160,12 +163,8 @@ fn a_pod_is_heard_only_about_its_own_policies_fleet_scoped_targets() {
     f.view.join("shop", "pod-4", HashSet::from([f.b.clone()]), f.start);
     f.report("pod-4", &f.a, 0, 50, secs(1));
     f.report("stranger", &f.a, 0, 50, secs(1));
-    f.view.observe(
-        "other",
-        "pod-1",
-        &BTreeMap::from([(f.a.clone(), TargetReport { failures: 50, ..TargetReport::default() })]),
-        f.start + secs(1),
-    );
+    let targets = BTreeMap::from([(f.a.clone(), TargetReport { failures: 50, ..TargetReport::default() })]);
+    f.view.observe("other", "pod-1", &Evidence { targets: &targets, spend: &BTreeMap::new() }, f.start + secs(1));
     assert!(f.decision(&f.a).is_none(), "not its target, not a member, not its namespace");
     let g = fixture("");
     let local = POLICY.replace("maxOpenFor: 60s}", "maxOpenFor: 60s, scope: pod}");
@@ -184,4 +183,65 @@ fn nobody_left_to_probe_closes_the_target() {
     f.view.tick(f.start + secs(20));
     assert!(f.decision(&f.a).is_none());
     assert_eq!(f.view.decisions("shop").revision, 2, "opened, then closed");
+}
+
+/// The wall clock of the spend test, in Unix ms.
+static SPEND_CLOCK: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+fn spend_clock() -> i64 {
+    SPEND_CLOCK.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test(start_paused = true)]
+async fn pods_spending_a_target_add_up_to_its_limit_and_the_window_s_roll_brings_it_back() {
+    use crate::configstream::WindowSpend;
+    let hour = 3_600_000;
+    let yaml = POLICY.replace(
+        "chain: [{provider: a, model: m}, {provider: b, model: m}]",
+        "chain: [{provider: a, model: m, price: {input: 1, output: 1}, spendLimit: {per: 1h, usd: 10}}, {provider: b, model: m}]",
+    );
+    let served = Arc::new(ServedPolicies::new());
+    served.publish("shop", crate::testing::served("p", &yaml));
+    let key = compiled(&yaml).targets()[0].spend_limit.clone().expect("a spend limit").key;
+    let view = FleetView::with_clock(served, spend_clock);
+    let start = Instant::now();
+    for pod in ["pod-1", "pod-2", "pod-3"] {
+        view.join("shop", pod, HashSet::new(), start);
+    }
+    SPEND_CLOCK.store(400 * hour + 60_000, std::sync::atomic::Ordering::SeqCst);
+    let window = 400;
+    let spend = |pod: &str, window: i64, usd: f64| {
+        let spend = BTreeMap::from([(key.clone(), WindowSpend { window, usd })]);
+        view.observe("shop", pod, &Evidence { targets: &BTreeMap::new(), spend: &spend }, start);
+    };
+    // Three pods at $1.20 a second each: no one of them near the limit.
+    for _ in 0..2 {
+        for pod in ["pod-1", "pod-2", "pod-3"] {
+            spend(pod, window, 1.2);
+        }
+    }
+    assert!(view.decisions("shop").spent.is_empty(), "$7.20 of $10");
+    spend("pod-1", window, 1.2);
+    spend("pod-2", window, 1.2);
+    assert!(view.decisions("shop").spent.is_empty(), "$9.60 of $10");
+    spend("pod-3", window, 1.2);
+    let spent = view.decisions("shop").spent.get(&key).copied().expect("$10.80: spent");
+    assert_eq!((spent.window, spent.limit, spent.until_ms), (window, 10.0, 401 * hour));
+    assert!((spent.usd - 10.8).abs() < 1e-9, "{spent:?}");
+    // Later reports do not change the decision (no new message to every pod each second).
+    let revision = view.decisions("shop").revision;
+    spend("pod-1", window, 0.4);
+    assert_eq!(view.decisions("shop").revision, revision);
+    // Reports of another window, or of a key no policy limits, count nothing.
+    spend("pod-2", window - 1, 50.0);
+    let stranger = BTreeMap::from([("shop/p\u{1f}b/m".to_string(), WindowSpend { window, usd: 99.0 })]);
+    view.observe("shop", "pod-2", &Evidence { targets: &BTreeMap::new(), spend: &stranger }, start);
+    assert_eq!(view.decisions("shop").spent.keys().collect::<Vec<_>>(), [&key]);
+
+    // The window rolls: the target is back for every pod, and the new window counts afresh.
+    SPEND_CLOCK.store(401 * hour, std::sync::atomic::Ordering::SeqCst);
+    view.tick(start + Duration::from_secs(1));
+    assert!(view.decisions("shop").spent.is_empty(), "a new window");
+    spend("pod-1", window + 1, 9.0);
+    assert!(view.decisions("shop").spent.is_empty(), "$9 of the new window's $10");
 }

@@ -48,7 +48,7 @@ use super::tls::ReloadingCert;
 use crate::backoff::{self, Backoff};
 use crate::configstream::{HEARTBEAT, Lines, STREAM_IDLE, line};
 use crate::net::body::{Body, BoxError};
-use crate::operator::fleet::{Decision, DecisionPhase, FleetView, Forwarded};
+use crate::operator::fleet::{Decision, DecisionPhase, FleetView, Forwarded, SpentWindow};
 use crate::operator::leader::Holder;
 
 /// The peer stream's path.
@@ -180,6 +180,32 @@ impl WireDecision {
     }
 }
 
+/// A spent spend window as it travels between replicas.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireSpent {
+    /// The window.
+    pub window: i64,
+    /// What the fleet had spent when it reached the limit.
+    pub usd: f64,
+    /// The limit.
+    pub limit: f64,
+    /// When the window ends, in Unix ms.
+    pub until_ms: i64,
+}
+
+impl From<&SpentWindow> for WireSpent {
+    fn from(spent: &SpentWindow) -> WireSpent {
+        WireSpent { window: spent.window, usd: spent.usd, limit: spent.limit, until_ms: spent.until_ms }
+    }
+}
+
+impl From<WireSpent> for SpentWindow {
+    fn from(spent: WireSpent) -> SpentWindow {
+        SpentWindow { window: spent.window, usd: spent.usd, limit: spent.limit, until_ms: spent.until_ms }
+    }
+}
+
 /// A message down the peer stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -190,6 +216,9 @@ pub enum FromLeader {
         namespace: String,
         /// Its targets out of rotation.
         targets: BTreeMap<String, WireDecision>,
+        /// Its spent spend windows, by spend key.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        spent: BTreeMap<String, WireSpent>,
     },
     /// The stream is alive.
     Heartbeat,
@@ -245,7 +274,8 @@ async fn lead(leading: Leading, replica: String, mut body: Incoming, tx: mpsc::S
             sent.insert(namespace.clone(), decisions.revision);
             let targets =
                 decisions.targets.iter().map(|(id, d)| (id.clone(), WireDecision::from_decision(d, now))).collect();
-            if !send(&FromLeader::Decisions { namespace, targets }).await {
+            let spent = decisions.spent.iter().map(|(key, s)| (key.clone(), WireSpent::from(s))).collect();
+            if !send(&FromLeader::Decisions { namespace, targets, spent }).await {
                 break 'stream;
             }
         }
@@ -449,10 +479,11 @@ impl Follower {
                     };
                     heard = Instant::now();
                     for text in lines.push(&data).map_err(|_| LinkError::Ended)? {
-                        if let Ok(FromLeader::Decisions { namespace, targets }) = serde_json::from_slice::<FromLeader>(&text) {
+                        if let Ok(FromLeader::Decisions { namespace, targets, spent }) = serde_json::from_slice::<FromLeader>(&text) {
                             let now = Instant::now();
                             let targets = targets.into_iter().map(|(id, d)| (id, d.into_decision(now))).collect();
-                            self.fleet.adopt(&namespace, targets);
+                            let spent = spent.into_iter().map(|(key, s)| (key, SpentWindow::from(s))).collect();
+                            self.fleet.adopt(&namespace, targets, spent);
                         }
                     }
                 }
@@ -546,14 +577,25 @@ mod tests {
         };
         let wire = WireDecision::from_decision(&open, now);
         assert_eq!(wire.open_for_ms, Some(30_000));
+        let spent = SpentWindow { window: 7, usd: 50.5, limit: 50.0, until_ms: 8 * 3_600_000 };
         let text = serde_json::to_string(&FromLeader::Decisions {
             namespace: "shop".into(),
             targets: BTreeMap::from([("id".to_string(), wire)]),
+            spent: BTreeMap::from([("key".to_string(), WireSpent::from(&spent))]),
         })
         .expect("json");
-        let FromLeader::Decisions { targets, .. } = serde_json::from_str(&text).expect("parses") else { panic!() };
+        let FromLeader::Decisions { targets, spent: spent_back, .. } = serde_json::from_str(&text).expect("parses")
+        else {
+            panic!()
+        };
         let back = targets["id"].clone().into_decision(now);
         assert_eq!(back, open);
+        assert_eq!(SpentWindow::from(spent_back["key"]), spent);
+        let older = r#"{"type":"decisions","namespace":"shop","targets":{}}"#;
+        assert!(
+            matches!(serde_json::from_str(older), Ok(FromLeader::Decisions { spent, .. }) if spent.is_empty()),
+            "a leader of the previous release sends no spend"
+        );
         let half = Decision { phase: DecisionPhase::HalfOpen { probers: vec!["uid-1".into()] }, until: None, ..open };
         assert_eq!(WireDecision::from_decision(&half, now).into_decision(now), half);
     }

@@ -19,10 +19,11 @@ use tokio::time::Instant;
 use super::ConfigService;
 use super::auth::Identity;
 use crate::configstream::{
-    Fleet, FleetTarget, HEARTBEAT, Lines, MAX_REPORT_BYTES, Protocol, Report, STREAM_IDLE, ServerMessage, line, v1, v2,
+    Fleet, FleetTarget, HEARTBEAT, Lines, MAX_REPORT_BYTES, Protocol, Report, STREAM_IDLE, ServerMessage, WindowSpend,
+    line, v1, v2,
 };
 use crate::net::body::BoxError;
-use crate::operator::fleet::{DecisionPhase, Decisions};
+use crate::operator::fleet::{DecisionPhase, Decisions, Evidence};
 use crate::operator::served::{NamespacePolicies, ServedPolicy};
 use crate::policy::BreakerScope;
 
@@ -51,9 +52,12 @@ fn select_held(policies: &NamespacePolicies, labels: &BTreeMap<String, String>) 
     policies.held.iter().filter(|(_, held)| selects(held.selector.as_ref(), labels)).map(|(n, _)| n.clone()).collect()
 }
 
-/// The fleet's decisions as one pod is to see them: about its targets, with its probe role.
-fn pod_view(decisions: &Decisions, identities: &HashSet<String>, uid: &str) -> BTreeMap<String, (bool, bool, String)> {
-    decisions
+/// The fleet's decisions as one pod is to see them: about its targets, with its probe role, and
+/// its spent spend windows.
+type PodView = (BTreeMap<String, (bool, bool, String)>, BTreeMap<String, i64>);
+
+fn pod_view(decisions: &Decisions, identities: &HashSet<String>, spend_keys: &HashSet<String>, uid: &str) -> PodView {
+    let targets = decisions
         .targets
         .iter()
         .filter(|(identity, _)| identities.contains(*identity))
@@ -64,10 +68,23 @@ fn pod_view(decisions: &Decisions, identities: &HashSet<String>, uid: &str) -> B
             };
             (identity.clone(), (open, probe, decision.reason.clone()))
         })
-        .collect()
+        .collect();
+    let spent = decisions
+        .spent
+        .iter()
+        .filter(|(key, _)| spend_keys.contains(*key))
+        .map(|(key, spent)| (key.clone(), spent.window))
+        .collect();
+    (targets, spent)
 }
 
-fn fleet_message(decisions: &Decisions, identities: &HashSet<String>, uid: &str, now: Instant) -> Fleet {
+fn fleet_message(
+    decisions: &Decisions,
+    identities: &HashSet<String>,
+    spend_keys: &HashSet<String>,
+    uid: &str,
+    now: Instant,
+) -> Fleet {
     let targets = decisions
         .targets
         .iter()
@@ -85,7 +102,13 @@ fn fleet_message(decisions: &Decisions, identities: &HashSet<String>, uid: &str,
             (identity.clone(), target)
         })
         .collect();
-    Fleet { targets }
+    let spent = decisions
+        .spent
+        .iter()
+        .filter(|(key, _)| spend_keys.contains(*key))
+        .map(|(key, spent)| (key.clone(), WindowSpend { window: spent.window, usd: spent.usd }))
+        .collect();
+    Fleet { targets, spent }
 }
 
 /// A token bucket for a sidecar's reports.
@@ -118,8 +141,10 @@ pub struct Session {
     history: VecDeque<(String, BTreeMap<String, String>)>,
     /// The fleet-scoped targets of the pod's policies.
     identities: HashSet<String>,
+    /// The spend keys of the pod's policies' spend-limited targets.
+    spend_keys: HashSet<String>,
     /// The fleet view last sent.
-    fleet_sent: Option<BTreeMap<String, (bool, bool, String)>>,
+    fleet_sent: Option<PodView>,
     /// The last refusal logged.
     rejection_logged: Option<String>,
     reports: Bucket,
@@ -145,6 +170,7 @@ impl Session {
             tx,
             history: VecDeque::new(),
             identities: HashSet::new(),
+            spend_keys: HashSet::new(),
             fleet_sent: None,
             rejection_logged: None,
             reports: Bucket { tokens: REPORT_BURST, at: Instant::now() },
@@ -211,6 +237,12 @@ impl Session {
             .filter(|policy| policy.compiled.breaker.scope == BreakerScope::Fleet)
             .flat_map(|policy| policy.compiled.targets().into_iter().map(|t| t.identity.clone()))
             .collect();
+        self.spend_keys = selected
+            .iter()
+            .flat_map(|policy| {
+                policy.compiled.targets().into_iter().filter_map(|t| Some(t.spend_limit.as_ref()?.key.clone()))
+            })
+            .collect();
         self.service.fleet.join(&self.identity.namespace, &self.identity.uid, self.identities.clone(), Instant::now());
         if self.resume.take().as_deref() == Some(version.as_str()) {
             return self.say(ServerMessage::Unchanged { version }).await;
@@ -220,12 +252,12 @@ impl Session {
 
     /// Sends the fleet's decisions on the pod's targets if they changed for it.
     async fn send_fleet(&mut self, decisions: &Decisions) -> bool {
-        let view = pod_view(decisions, &self.identities, &self.identity.uid);
+        let view = pod_view(decisions, &self.identities, &self.spend_keys, &self.identity.uid);
         if self.fleet_sent.as_ref() == Some(&view) {
             return true;
         }
         self.fleet_sent = Some(view);
-        let message = fleet_message(decisions, &self.identities, &self.identity.uid, Instant::now());
+        let message = fleet_message(decisions, &self.identities, &self.spend_keys, &self.identity.uid, Instant::now());
         self.say(ServerMessage::Fleet(message)).await
     }
 
@@ -266,11 +298,16 @@ impl Session {
         }
         // Evidence only about the targets of the pod's own policies counts.
         report.targets.retain(|identity, _| self.identities.contains(identity));
-        if !report.targets.is_empty() {
+        report.spend.retain(|key, _| self.spend_keys.contains(key));
+        if !report.targets.is_empty() || !report.spend.is_empty() {
             let now = Instant::now();
-            if self.reports.take(now) {
-                self.service.fleet.observe(&self.identity.namespace, &uid, &report.targets, now);
+            // Spend is a running count that a dropped report would lose: a flood is cut off by
+            // the bucket for its health evidence, never for what it spent.
+            if !self.reports.take(now) {
+                report.targets.clear();
             }
+            let evidence = Evidence { targets: &report.targets, spend: &report.spend };
+            self.service.fleet.observe(&self.identity.namespace, &uid, &evidence, now);
         }
         Ok(())
     }

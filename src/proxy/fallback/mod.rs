@@ -112,8 +112,8 @@ pub async fn run(
     };
     let mut skipped = Vec::new();
     let Some((first, permit)) = run.walk.first(started, run.controls.no_fallback, &mut skipped) else {
-        if skipped.iter().any(|left| left.why == Why::Skipped(Skip::ForcedOpen)) {
-            // Every target that could serve it is drained by an override.
+        if skipped.iter().any(|left| matches!(left.why, Why::Skipped(Skip::ForcedOpen | Skip::SpendLimit))) {
+            // Every target that could serve it is drained by an override or has spent its window.
             run.note(skipped);
             return Err(Unanswered::Exhausted { record: run.record });
         }

@@ -24,6 +24,8 @@ pub enum Skip {
     Ineligible,
     /// A fallback drill (`x-backstop-drill`) skips it.
     Drill,
+    /// Its `spendLimit` window is spent, in this pod or across the fleet.
+    SpendLimit,
 }
 
 impl Skip {
@@ -35,13 +37,14 @@ impl Skip {
             Skip::ForcedOpen => "forcedOpen",
             Skip::Ineligible => "ineligible",
             Skip::Drill => "drill",
+            Skip::SpendLimit => "spendLimit",
         }
     }
 
     /// Whether the target is out of rotation (a breaker, the fleet, an override), as opposed to
     /// unable to take this one request.
     pub fn out_of_rotation(self) -> bool {
-        matches!(self, Skip::CircuitOpen | Skip::FleetOpen | Skip::ForcedOpen)
+        matches!(self, Skip::CircuitOpen | Skip::FleetOpen | Skip::ForcedOpen | Skip::SpendLimit)
     }
 }
 

@@ -769,3 +769,28 @@ async fn a_continuation_starts_at_the_broken_target_and_only_targets_that_can_co
     assert!(matches!(outcome, Err(Unanswered::Ineligible { .. })), "{:?}", fake.labels());
     assert_eq!(fake.labels(), ["d/m"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_target_whose_spend_window_is_spent_is_passed_over_and_never_forced() {
+    let chain = "[{provider: a, model: m, price: {input: 1, output: 1}, spendLimit: {per: 24h, usd: 5}}, {provider: b, model: m}]";
+    let route = route(chain, "");
+    let fake = Fake::new(&[("a/m", &[Play::Answer(ms(0))]), ("b/m", &[Play::Answer(ms(0))])]);
+    assert_eq!(answered_by(&walk(&route, &fake).await), "a/m", "$0 of $5");
+    let spend = route.steps[0].members[0].spend.clone().expect("a spend guard");
+    spend.charge(crate::health::spend::unix_ms(), 5.0);
+    let outcome = walk(&route, &fake).await;
+    assert_eq!(answered_by(&outcome), "b/m");
+    assert_eq!(fell_through(&outcome), [("a/m".to_string(), "spendLimit")]);
+    assert_eq!(outcome.as_ref().map(|a| a.record.fallback_reason()).ok().as_deref(), Some("a/m=spendLimit"));
+    assert_eq!(fake.labels(), ["a/m", "b/m"], "a spent target is sent nothing");
+
+    // Alone in its chain, it is not tried as a last resort either: the app hears why.
+    let alone =
+        self::route("[{provider: a, model: m, price: {input: 1, output: 1}, spendLimit: {per: 24h, usd: 5}}]", "");
+    alone.steps[0].members[0].spend.clone().expect("guard").charge(crate::health::spend::unix_ms(), 6.0);
+    let outcome = walk(&alone, &fake).await;
+    let Err(Unanswered::Exhausted { record }) = outcome else { panic!("exhausted") };
+    assert_eq!(record.out_of_rotation(), ["a/m"]);
+    assert_eq!(record.fallback_reason(), "a/m=spendLimit");
+    assert_eq!(fake.labels(), ["a/m", "b/m"]);
+}

@@ -88,6 +88,9 @@ impl<'r> Walk<'r> {
         if self.ineligible.iter().any(|(l, _)| *l == target.label) {
             return Skip::Ineligible;
         }
+        if target.spent().is_some() {
+            return Skip::SpendLimit;
+        }
         match target.health.peek(now) {
             Admission::Refused { by: RefusedBy::Fleet, .. } => Skip::FleetOpen,
             Admission::Refused { by: RefusedBy::Override, .. } => Skip::ForcedOpen,
@@ -101,7 +104,8 @@ impl<'r> Walk<'r> {
         let step = self.chain.get(self.step)?;
         let mut excluded = self.tried.clone();
         for (i, member) in step.members.iter().enumerate() {
-            if !self.eligible(member) {
+            // A target whose spend window is spent is out until it rolls, like an open one.
+            if !self.eligible(member) || member.spent().is_some() {
                 excluded.push(i);
             }
         }
@@ -173,6 +177,8 @@ impl<'r> Walk<'r> {
             .filter(|&(s, m)| {
                 !matches!(self.chain[s].members[m].health.peek(now), Admission::Refused { by: RefusedBy::Override, .. })
             })
+            // Nor is a target whose spend is capped sent one as a last resort.
+            .filter(|&(s, m)| self.chain[s].members[m].spent().is_none())
             .collect();
         let (step, member) =
             eligible.into_iter().min_by_key(|&(s, m)| match self.chain[s].members[m].health.peek(now) {

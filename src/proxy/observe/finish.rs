@@ -462,6 +462,9 @@ impl Finishing<'_> {
             instruments.first_chunk.record(seconds(attempt.elapsed), metric);
         }
         let cost = info.cost(target.price.as_ref())?;
+        if let Some(spend) = &target.spend {
+            spend.charge(crate::health::spend::unix_ms(), cost);
+        }
         attributes.add(|| KeyValue::new("backstop.cost", cost));
         instruments.cost.add(cost, &[self.route_kv.clone(), KeyValue::new("backstop.target", target.label.clone())]);
         Some(cost)
