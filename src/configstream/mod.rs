@@ -196,7 +196,8 @@ pub struct Report {
     /// What each fleet-scoped target did since the last report, by target identity.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub targets: BTreeMap<String, TargetReport>,
-    /// What each spend-limited target cost since the last report, by spend key.
+    /// What each spend-limited target has cost this pod in its current window, by spend key:
+    /// the whole, every time, so that a restarted operator has the sum again at once.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub spend: BTreeMap<String, WindowSpend>,
 }

@@ -435,7 +435,7 @@ impl ControlStream {
                     let spend: BTreeMap<String, WindowSpend> = self
                         .store
                         .health()
-                        .take_spend_reports(crate::health::spend::unix_ms())
+                        .spend_reports(crate::health::spend::unix_ms())
                         .into_iter()
                         .map(|(key, (window, usd))| (key, WindowSpend { window, usd }))
                         .collect();

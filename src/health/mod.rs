@@ -524,11 +524,10 @@ impl HealthRegistry {
         self.spends.lock().entry(limit.key.clone()).or_insert_with(|| Arc::new(SpendGuard::new(limit.clone()))).clone()
     }
 
-    /// What this pod spent on each limited target since its last report, in the window `at`
-    /// (Unix ms) falls in, as `(window, usd)` by spend key; targets that spent nothing are
-    /// left out.
-    pub fn take_spend_reports(&self, at: i64) -> BTreeMap<String, (i64, f64)> {
-        self.spends.lock().iter().filter_map(|(key, guard)| Some((key.clone(), guard.take_report(at)?))).collect()
+    /// What this pod has spent on each limited target in the window `at` (Unix ms) falls in, as
+    /// `(window, usd)` by spend key; targets that spent nothing are left out.
+    pub fn spend_reports(&self, at: i64) -> BTreeMap<String, (i64, f64)> {
+        self.spends.lock().iter().filter_map(|(key, guard)| Some((key.clone(), guard.report(at)?))).collect()
     }
 
     /// Applies the fleet's word on spent windows: `spent` gives each spend key's, as

@@ -1,6 +1,7 @@
 //! A target's spend against its `spendLimit`: what this pod's attempts at it cost in the
-//! current window, what it has not reported to the operator yet, and the fleet's word that the
-//! window is spent.
+//! current window (reported to the operator whole, every time, so that an operator that
+//! restarts or takes over the lead has the fleet's sum again within a report), and the
+//! fleet's word that the window is spent.
 //!
 //! Windows are aligned to the Unix epoch (a `1h` window starts on the hour), so every pod and
 //! the operator agree on them without talking. The pod's own count is a lower bound on the
@@ -37,9 +38,8 @@ struct Count {
     window: i64,
     /// What this pod spent in it.
     spent: f64,
-    /// What of that the operator has not been told.
-    unreported: f64,
-    /// The window the fleet said is spent, and what it had spent when it said so.
+    /// The window the fleet said is spent (this one, or, when this pod's clock is behind the
+    /// operator's, the next), and what it had spent when it said so.
     fleet: Option<(i64, f64)>,
 }
 
@@ -99,37 +99,30 @@ impl SpendGuard {
         }
         let (mut count, _) = self.current(at);
         count.spent += usd;
-        count.unreported += usd;
     }
 
     /// Whether the window `at` falls in is spent, and by how much.
     pub fn spent(&self, at: i64) -> Option<Spent> {
         let (count, limit) = self.current(at);
         let until = window_end(count.window, limit.per);
-        if let Some((_, usd)) = count.fleet {
+        if let Some((_, usd)) = count.fleet.filter(|(window, _)| *window == count.window) {
             return Some(Spent { usd: usd.max(count.spent), limit: limit.usd, until, fleet: true });
         }
         (count.spent >= limit.usd).then_some(Spent { usd: count.spent, limit: limit.usd, until, fleet: false })
     }
 
-    /// What this pod spent in the current window since it last reported, as `(window, usd)`,
-    /// and forgets it; `None` when nothing.
-    pub fn take_report(&self, at: i64) -> Option<(i64, f64)> {
-        let (mut count, _) = self.current(at);
-        let usd = std::mem::take(&mut count.unreported);
-        (usd > 0.0).then_some((count.window, usd))
+    /// What this pod has spent in the current window, as `(window, usd)`; `None` when nothing.
+    pub fn report(&self, at: i64) -> Option<(i64, f64)> {
+        let (count, _) = self.current(at);
+        (count.spent > 0.0).then_some((count.window, count.spent))
     }
 
     /// The fleet's word: window `window` is spent, `usd` of it (`None`: the fleet says nothing).
+    /// A word about the next window (the operator's clock is ahead of this pod's) holds once
+    /// this pod's clock gets there.
     pub fn set_fleet(&self, at: i64, spent: Option<(i64, f64)>) {
         let (mut count, _) = self.current(at);
         count.fleet = spent.filter(|(window, _)| *window >= count.window);
-        if let Some((window, _)) = count.fleet
-            && window > count.window
-        {
-            // The fleet is ahead of this pod's clock: its word waits for that window.
-            count.fleet = None;
-        }
     }
 }
 
@@ -153,16 +146,17 @@ mod tests {
         let spent = spend.spent(nine + 4_000).expect("10.5 of 10");
         assert_eq!((spent.usd, spent.limit, spent.until, spent.fleet), (10.5, 10.0, 10 * HOUR, false));
         assert_eq!(spend.spent(10 * HOUR), None, "a new window starts on the hour");
-        assert_eq!(spend.take_report(10 * HOUR), None, "the last window's spend is not reported into this one");
+        assert_eq!(spend.report(10 * HOUR), None, "the last window's spend is not reported into this one");
     }
 
     #[test]
-    fn reports_carry_what_was_spent_since_the_last_and_the_fleet_s_word_holds_for_its_window() {
+    fn reports_carry_the_window_s_whole_spend_and_the_fleet_s_word_holds_for_its_window() {
         let spend = guard(100.0);
         spend.charge(HOUR + 10, 1.25);
         spend.charge(HOUR + 20, 0.75);
-        assert_eq!(spend.take_report(HOUR + 30), Some((1, 2.0)));
-        assert_eq!(spend.take_report(HOUR + 40), None, "reported once");
+        assert_eq!(spend.report(HOUR + 30), Some((1, 2.0)));
+        spend.charge(HOUR + 35, 1.0);
+        assert_eq!(spend.report(HOUR + 40), Some((1, 3.0)), "the window's whole spend, every time");
         spend.set_fleet(HOUR + 50, Some((1, 100.5)));
         let spent = spend.spent(HOUR + 60).expect("the fleet spent it");
         assert_eq!((spent.usd, spent.fleet), (100.5, true));
@@ -173,5 +167,9 @@ mod tests {
         assert_eq!(spend.spent(2 * HOUR), None, "the fleet's word ends with its window, by the pod's clock");
         spend.set_fleet(2 * HOUR + 5, None);
         assert_eq!(spend.spent(2 * HOUR + 6), None);
+        // The operator's clock is ahead: its word about the next window waits for it.
+        spend.set_fleet(3 * HOUR - 10, Some((3, 120.0)));
+        assert_eq!(spend.spent(3 * HOUR - 5), None, "not this window");
+        assert!(spend.spent(3 * HOUR + 1).is_some_and(|s| s.fleet), "the next one, once this pod gets there");
     }
 }

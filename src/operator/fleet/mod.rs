@@ -30,10 +30,13 @@
 //! send nothing within the probe period (or disconnect) are replaced by the next pods in line;
 //! with no pod left to probe, the target closes, since nobody is kept from it.
 //!
-//! **Spend.** Sidecars also report what their attempts at spend-limited targets cost, by
-//! spend key and window (windows are aligned to the epoch, so everyone agrees on them). The
-//! view adds the reports of the current window up; once they reach the target's `spendLimit`,
-//! the window is *spent* for every pod until it rolls. Only the latest window is kept per key.
+//! **Spend.** Sidecars also report what their attempts at spend-limited targets have cost them
+//! in the current window, whole, every second (windows are aligned to the epoch, so everyone
+//! agrees on them). The view keeps each pod's latest total and adds them up; once the sum
+//! reaches the target's `spendLimit`, the window is *spent* for every pod until it rolls (or the
+//! limit is raised above the sum). Since every pod sends its whole total, an operator that
+//! restarts or takes over the lead has the fleet's sum again within a report. Only the latest
+//! window is kept per key.
 //!
 //! Decisions are published per namespace through a `watch` channel; each sidecar's stream sends
 //! its pod the decisions about its targets. All state here is in memory, rebuilt from fresh
@@ -115,13 +118,20 @@ pub struct SpentWindow {
 }
 
 /// What the fleet spent on one spend-limited target in its latest window.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 struct SpendFleet {
     window: i64,
-    usd: f64,
+    /// Each pod's total in the window (a pod that left still spent it).
+    pods: HashMap<String, f64>,
     /// The sum when it reached the limit, kept so that the decision does not change with
     /// every later report.
     spent: Option<f64>,
+}
+
+impl SpendFleet {
+    fn sum(&self) -> f64 {
+        self.pods.values().sum()
+    }
 }
 
 /// What the view needs to know of a target to judge it: the breaker settings and label of the
@@ -306,6 +316,18 @@ struct Namespace {
     decisions: Option<watch::Sender<Arc<Decisions>>>,
 }
 
+/// Marks `spend` spent when its sum reached `limit` (keeping the sum it reached it at), or not
+/// spent when a raised limit is above it again; whether that changed.
+fn settle_spend(spend: &mut SpendFleet, limit: &SpendLimit) -> bool {
+    let reached = spend.sum() >= limit.usd;
+    match (reached, spend.spent) {
+        (true, None) => spend.spent = Some(spend.sum()),
+        (false, Some(_)) => spend.spent = None,
+        _ => return false,
+    }
+    true
+}
+
 /// `wall` plus `period`, saturating.
 fn wall_after(wall: Timestamp, period: Duration) -> Timestamp {
     k8s_openapi::jiff::SignedDuration::try_from(period)
@@ -352,6 +374,11 @@ impl Namespace {
             }
         }
         self.spends.retain(|key, _| limits.contains_key(key));
+        for (key, spend) in &mut self.spends {
+            if let Some(limit) = limits.get(key) {
+                settle_spend(spend, limit);
+            }
+        }
         self.limits = limits;
         rules.retain(|_, rule: &mut Rule| rule.settings.scope == BreakerScope::Fleet);
         for (identity, target) in &mut self.targets {
@@ -364,8 +391,8 @@ impl Namespace {
         self.rules_revision = Some(policies.revision);
     }
 
-    /// Adds one pod's spend reports up; returns whether a window became spent.
-    fn spend(&mut self, reports: &BTreeMap<String, WindowSpend>, now_ms: i64) -> bool {
+    /// Takes one pod's spend totals; returns whether a window became spent or unspent.
+    fn spend(&mut self, pod: &str, reports: &BTreeMap<String, WindowSpend>, now_ms: i64) -> bool {
         let mut changed = false;
         for (key, report) in reports {
             let Some(limit) = self.limits.get(key) else { continue };
@@ -375,15 +402,15 @@ impl Namespace {
             if report.window != current || !(report.usd.is_finite() && report.usd >= 0.0) {
                 continue;
             }
-            let spend = self.spends.entry(key.clone()).or_insert(SpendFleet { window: current, usd: 0.0, spent: None });
+            let spend = self.spends.entry(key.clone()).or_default();
             if spend.window != current {
-                *spend = SpendFleet { window: current, usd: 0.0, spent: None };
+                *spend = SpendFleet { window: current, ..SpendFleet::default() };
             }
-            spend.usd += report.usd;
-            if spend.spent.is_none() && spend.usd >= limit.usd {
-                spend.spent = Some(spend.usd);
-                changed = true;
-            }
+            // A pod's total only grows within a window; a restarted sidecar's smaller one
+            // does not undo what it spent before.
+            let total = spend.pods.entry(pod.to_string()).or_insert(0.0);
+            *total = total.max(report.usd);
+            changed |= settle_spend(spend, limit);
         }
         changed
     }
@@ -394,7 +421,8 @@ impl Namespace {
             .iter()
             .filter_map(|(key, spend)| {
                 let limit = self.limits.get(key)?;
-                let usd = spend.spent.filter(|_| spend::window_of(now_ms, limit.per) == spend.window)?;
+                let current = spend::window_of(now_ms, limit.per) == spend.window;
+                let usd = spend.spent.filter(|_| current && spend.sum() >= limit.usd)?;
                 let until_ms = spend::window_end(spend.window, limit.per);
                 Some((key.clone(), SpentWindow { window: spend.window, usd, limit: limit.usd, until_ms }))
             })
@@ -665,7 +693,7 @@ impl FleetView {
         let mut namespaces = self.lock();
         let ns = namespaces.entry(namespace.to_string()).or_default();
         ns.refresh_rules(&policies);
-        let spent = ns.spend(report.spend, (self.clock)());
+        let spent = ns.spend(pod, report.spend, (self.clock)());
         if ns.observe(pod, report.targets, now, Timestamp::now()) || spent {
             self.publish(ns, following);
         }
@@ -741,9 +769,10 @@ impl FleetView {
             let mut all = self.lock();
             let Some(ns) = all.get_mut(&namespace) else { continue };
             ns.refresh_rules(&policies);
-            if ns.tick(now, (self.clock)()) {
-                self.publish(ns, following);
-            }
+            // Published whenever the decisions differ: a changed limit or a rolled window
+            // changes the spent ones without a report.
+            ns.tick(now, (self.clock)());
+            self.publish(ns, following);
         }
     }
 

@@ -196,52 +196,73 @@ fn spend_clock() -> i64 {
 async fn pods_spending_a_target_add_up_to_its_limit_and_the_window_s_roll_brings_it_back() {
     use crate::configstream::WindowSpend;
     let hour = 3_600_000;
-    let yaml = POLICY.replace(
-        "chain: [{provider: a, model: m}, {provider: b, model: m}]",
-        "chain: [{provider: a, model: m, price: {input: 1, output: 1}, spendLimit: {per: 1h, usd: 10}}, {provider: b, model: m}]",
-    );
+    let limited = |usd: u32| {
+        POLICY.replace(
+            "chain: [{provider: a, model: m}, {provider: b, model: m}]",
+            &format!("chain: [{{provider: a, model: m, price: {{input: 1, output: 1}}, spendLimit: {{per: 1h, usd: {usd}}}}}, {{provider: b, model: m}}]"),
+        )
+    };
     let served = Arc::new(ServedPolicies::new());
-    served.publish("shop", crate::testing::served("p", &yaml));
-    let key = compiled(&yaml).targets()[0].spend_limit.clone().expect("a spend limit").key;
-    let view = FleetView::with_clock(served, spend_clock);
+    served.publish("shop", crate::testing::served("p", &limited(10)));
+    let key = compiled(&limited(10)).targets()[0].spend_limit.clone().expect("a spend limit").key;
+    let view = FleetView::with_clock(served.clone(), spend_clock);
     let start = Instant::now();
     for pod in ["pod-1", "pod-2", "pod-3"] {
         view.join("shop", pod, HashSet::new(), start);
     }
     SPEND_CLOCK.store(400 * hour + 60_000, std::sync::atomic::Ordering::SeqCst);
     let window = 400;
-    let spend = |pod: &str, window: i64, usd: f64| {
+    // Each pod reports its whole spend in the window, every second.
+    let report = |pod: &str, window: i64, usd: f64| {
         let spend = BTreeMap::from([(key.clone(), WindowSpend { window, usd })]);
         view.observe("shop", pod, &Evidence { targets: &BTreeMap::new(), spend: &spend }, start);
     };
-    // Three pods at $1.20 a second each: no one of them near the limit.
-    for _ in 0..2 {
+    for total in [1.2, 2.4] {
         for pod in ["pod-1", "pod-2", "pod-3"] {
-            spend(pod, window, 1.2);
+            report(pod, window, total);
         }
     }
-    assert!(view.decisions("shop").spent.is_empty(), "$7.20 of $10");
-    spend("pod-1", window, 1.2);
-    spend("pod-2", window, 1.2);
+    assert!(view.decisions("shop").spent.is_empty(), "$7.20 of $10: no one pod near it");
+    report("pod-1", window, 3.6);
+    report("pod-2", window, 3.6);
     assert!(view.decisions("shop").spent.is_empty(), "$9.60 of $10");
-    spend("pod-3", window, 1.2);
+    report("pod-3", window, 3.6);
     let spent = view.decisions("shop").spent.get(&key).copied().expect("$10.80: spent");
     assert_eq!((spent.window, spent.limit, spent.until_ms), (window, 10.0, 401 * hour));
     assert!((spent.usd - 10.8).abs() < 1e-9, "{spent:?}");
-    // Later reports do not change the decision (no new message to every pod each second).
+    // Later reports do not change the decision (no new message to every pod each second), and
+    // a restarted sidecar's smaller total does not undo what its pod spent.
     let revision = view.decisions("shop").revision;
-    spend("pod-1", window, 0.4);
+    report("pod-1", window, 4.0);
+    report("pod-2", window, 0.5);
     assert_eq!(view.decisions("shop").revision, revision);
     // Reports of another window, or of a key no policy limits, count nothing.
-    spend("pod-2", window - 1, 50.0);
+    report("pod-2", window - 1, 50.0);
     let stranger = BTreeMap::from([("shop/p\u{1f}b/m".to_string(), WindowSpend { window, usd: 99.0 })]);
     view.observe("shop", "pod-2", &Evidence { targets: &BTreeMap::new(), spend: &stranger }, start);
     assert_eq!(view.decisions("shop").spent.keys().collect::<Vec<_>>(), [&key]);
 
+    // An operator that restarts has the sum again from the next reports.
+    let restarted = FleetView::with_clock(served.clone(), spend_clock);
+    for (pod, total) in [("pod-1", 4.0), ("pod-2", 3.6), ("pod-3", 3.6)] {
+        restarted.join("shop", pod, HashSet::new(), start);
+        let spend = BTreeMap::from([(key.clone(), WindowSpend { window, usd: total })]);
+        restarted.observe("shop", pod, &Evidence { targets: &BTreeMap::new(), spend: &spend }, start);
+    }
+    assert!(restarted.decisions("shop").spent.contains_key(&key), "$11.20 again, from one report of each pod");
+
+    // A limit raised above the sum takes the target back at once.
+    served.publish("shop", crate::testing::served("p", &limited(20)));
+    view.tick(start + Duration::from_secs(1));
+    assert!(view.decisions("shop").spent.is_empty(), "$11.20 of $20");
+    served.publish("shop", crate::testing::served("p", &limited(10)));
+    view.tick(start + Duration::from_secs(2));
+    assert!(view.decisions("shop").spent.contains_key(&key), "and lowered again, out again");
+
     // The window rolls: the target is back for every pod, and the new window counts afresh.
     SPEND_CLOCK.store(401 * hour, std::sync::atomic::Ordering::SeqCst);
-    view.tick(start + Duration::from_secs(1));
+    view.tick(start + Duration::from_secs(3));
     assert!(view.decisions("shop").spent.is_empty(), "a new window");
-    spend("pod-1", window + 1, 9.0);
+    report("pod-1", window + 1, 9.0);
     assert!(view.decisions("shop").spent.is_empty(), "$9 of the new window's $10");
 }
