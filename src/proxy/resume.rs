@@ -10,8 +10,10 @@
 //! left out of it, and the continuation's leading whitespace already sent is not sent twice.
 //!
 //! Only text is continued: a request for JSON output, with `n` above 1, with Anthropic
-//! `thinking` or from the Responses API is never armed, and a stream that has shown a tool
-//! call or a refusal fails as it would without the option. Each continuation is a walk of its
+//! `thinking` or from the Responses API is never armed, nor one an Anthropic app sent to an
+//! Anthropic target (its events carry more than the neutral shape: server tools, citations,
+//! every stop reason), nor one sent with `x-backstop-no-fallback`; a stream that has shown a
+//! tool call or a refusal, or had already finished, fails as it would without the option. Each continuation is a walk of its
 //! own, starting at the broken target's step and passing over every target that broke, within
 //! the idle timeout and spending the route's retry budget.
 
@@ -121,6 +123,10 @@ pub struct Resume {
     text: String,
     /// A tool call or refusal was streamed: the answer is not text alone, and never continued.
     not_text: bool,
+    /// A finish reason was streamed: the answer is whole, and never continued.
+    finished: bool,
+    /// A drill's selectors, which continuations skip too.
+    drill: Vec<String>,
     /// Whitespace the app already has that a continuation may begin with again.
     owed_whitespace: String,
     /// The first chunk's `id` and `created`, which the continuations' chunks carry too.
@@ -137,17 +143,25 @@ pub fn arm(
     route: &Arc<Route>,
     request: &ChatRequest,
     ingress: Api,
-    upstreams: &Upstreams,
-    trace: &TraceContext,
+    controls: &Controls,
+    through: (&Upstreams, &TraceContext),
 ) -> Option<Box<Resume>> {
     if route.mid_stream != MidStream::Continue {
         return None;
     }
     let Ok(Answered { target, reply: Committed::Stream { held, api, .. }, .. }) = outcome else { return None };
-    if let Some(why) = not_continuable(request, ingress) {
+    let why = match not_continuable(request, ingress) {
+        None if controls.no_fallback => Some("`x-backstop-no-fallback` keeps it on its first target"),
+        None if ingress == Api::Anthropic && *api == Api::Anthropic => {
+            Some("an Anthropic target's events reach an Anthropic app as they are")
+        }
+        why => why,
+    };
+    if let Some(why) = why {
         tracing::debug!(route = %route.alias, why, "this stream would not be continued if it broke");
         return None;
     }
+    let (upstreams, trace) = through;
     let mut resume = Box::new(Resume {
         route: route.clone(),
         request: request.clone(),
@@ -159,6 +173,8 @@ pub fn arm(
         info: AnswerInfo::default(),
         text: String::new(),
         not_text: false,
+        finished: false,
+        drill: controls.drill.clone(),
         owed_whitespace: String::new(),
         identity: None,
         broken: Vec::new(),
@@ -275,6 +291,9 @@ impl Resume {
                     chunk["created"] = created.clone();
                 }
             }
+            if chunk.pointer("/choices/0/finish_reason").is_some_and(|f| !f.is_null()) {
+                self.finished = true;
+            }
             if let Some(delta) = chunk.pointer_mut("/choices/0/delta").and_then(Value::as_object_mut) {
                 if continuation {
                     delta.remove("role");
@@ -362,14 +381,29 @@ impl Resume {
         let chars = self.text.chars().count();
         let info = std::mem::take(&mut self.info);
         let from = self.target.clone();
-        if self.not_text {
-            tracing::info!(route = %self.route.alias, target_label = %from.label, class = %error.class,
-                "a stream with a tool call or refusal broke mid-answer: not continued");
+        let in_main_chain = self.route.steps.iter().any(|step| step.members.iter().any(|m| m.label == from.label));
+        let why_not = if self.not_text {
+            Some("it holds a tool call or refusal")
+        } else if self.finished {
+            Some("it had already finished")
+        } else if !in_main_chain {
+            Some("it came from a special-purpose chain (`onContextWindowExceeded`, `onContentFiltered`)")
+        } else {
+            None
+        };
+        if let Some(why) = why_not {
+            tracing::info!(route = %self.route.alias, target_label = %from.label, class = %error.class, why,
+                "a stream broke mid-answer and is not continued");
             return Err((None, error));
         }
         self.broken.push(from.label.clone());
         let request = self.continuation();
-        let controls = Controls { deadline: Some(idle), resume_after: self.broken.clone(), ..Controls::default() };
+        let controls = Controls {
+            deadline: Some(idle),
+            resume_after: self.broken.clone(),
+            drill: self.drill.clone(),
+            ..Controls::default()
+        };
         let outcome = {
             let transport = self.upstreams.traced(&self.trace);
             fallback::run(&self.route, &request, &transport, controls, Chance::Random).await

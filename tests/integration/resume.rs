@@ -50,11 +50,11 @@ fn messages_text(events: &[String]) -> String {
 }
 
 #[tokio::test]
-async fn an_openai_stream_cut_mid_sentence_is_finished_by_the_next_target_exactly_once() {
-    let first = Upstream::start(Fault::CutMidStream(BEGUN)).await;
+async fn an_openai_app_s_stream_cut_mid_sentence_is_finished_by_the_next_target_exactly_once() {
+    let first = Upstream::speaking(Wire::Anthropic, vec![], Fault::CutMidStream(BEGUN)).await;
     let second = Upstream::speaking(Wire::Anthropic, vec![], Fault::Continue(SENTENCE)).await;
     let sidecar = crate::support::TestSidecar::start(&policy(
-        &openai_compatible("first", &first, ""),
+        &anthropic("first", &first),
         &anthropic("second", &second),
         "continue",
     ))
@@ -90,16 +90,20 @@ async fn an_openai_stream_cut_mid_sentence_is_finished_by_the_next_target_exactl
     let usage =
         streamed.events.iter().filter_map(|e| serde_json::from_str::<Value>(e).ok()).find(|c| c["usage"].is_object());
     let usage = usage.expect("a usage chunk")["usage"].clone();
-    assert_eq!((usage["prompt_tokens"].as_u64(), usage["completion_tokens"].as_u64()), (Some(20), Some(4)));
+    assert_eq!(
+        (usage["prompt_tokens"].as_u64(), usage["completion_tokens"].as_u64()),
+        (Some(11 + 20), Some(1 + 4)),
+        "both attempts' usage"
+    );
     assert_eq!(streamed.header("x-backstop-provider"), Some("first"), "the headers went out with the first target");
 }
 
 #[tokio::test]
-async fn an_anthropic_stream_cut_mid_sentence_continues_on_a_vllm_server_with_both_attempts_usage() {
-    let first = Upstream::speaking(Wire::Anthropic, vec![], Fault::CutMidStream(BEGUN)).await;
+async fn an_anthropic_app_s_stream_cut_mid_sentence_continues_on_a_vllm_server() {
+    let first = Upstream::start(Fault::CutMidStream(BEGUN)).await;
     let second = Upstream::start(Fault::Continue(SENTENCE)).await;
     let sidecar = crate::support::TestSidecar::start(&policy(
-        &anthropic("first", &first),
+        &openai_compatible("first", &first, ""),
         &openai_compatible("second", &second, ", continuation: continueFinalMessage"),
         "continue",
     ))
@@ -126,8 +130,7 @@ async fn an_anthropic_stream_cut_mid_sentence_continues_on_a_vllm_server_with_bo
         .filter_map(|e| serde_json::from_str::<Value>(e).ok())
         .find(|e| e["type"] == "message_delta")
         .expect("message_delta");
-    assert_eq!(delta["usage"]["output_tokens"], 1 + 4, "both attempts' output: {delta}");
-    assert_eq!(delta["usage"]["input_tokens"], 11 + 20, "both attempts' input: {delta}");
+    assert_eq!(delta["usage"]["output_tokens"], 4, "the continuing attempt's (the cut one reported none): {delta}");
 
     let sent = second.received();
     assert_eq!(sent.len(), 1);
@@ -189,5 +192,35 @@ async fn without_a_target_that_can_continue_or_without_the_option_the_stream_fai
     let streamed = post_stream(&sidecar.url("/v1/chat/completions"), &crate::support::chat(true)).await;
     assert!(streamed.broken.is_some());
     assert!(!streamed.raw.contains("backstop resumed"));
+    assert!(second.received().is_empty());
+
+    // An answer whose finish was already streamed is whole: a cut after it is not continued.
+    let first = Upstream::start(Fault::CutAfterFinish(SENTENCE)).await;
+    let second = Upstream::speaking(Wire::Anthropic, vec![], Fault::Continue(SENTENCE)).await;
+    let sidecar = crate::support::TestSidecar::start(&policy(
+        &openai_compatible("first", &first, ""),
+        &anthropic("second", &second),
+        "continue",
+    ))
+    .await;
+    let streamed = post_stream(&sidecar.url("/v1/chat/completions"), &crate::support::chat(true)).await;
+    assert_eq!(streamed.text(), SENTENCE, "once");
+    assert!(second.received().is_empty(), "a finished answer is never continued");
+
+    // An Anthropic app's stream from an Anthropic target is relayed as it is, so not armed.
+    let first = Upstream::speaking(Wire::Anthropic, vec![], Fault::CutMidStream(BEGUN)).await;
+    let second = Upstream::speaking(Wire::Anthropic, vec![], Fault::Continue(SENTENCE)).await;
+    let sidecar = crate::support::TestSidecar::start(&policy(
+        &anthropic("first", &first),
+        &anthropic("second", &second),
+        "continue",
+    ))
+    .await;
+    let request =
+        json!({"model": "chat", "max_tokens": 64, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let streamed =
+        post_stream_with(&sidecar.url("/v1/messages"), &request, &[("anthropic-version", "2023-06-01")]).await;
+    assert!(streamed.broken.is_some(), "{}", streamed.raw);
+    assert_eq!(messages_text(&streamed.events), BEGUN);
     assert!(second.received().is_empty());
 }

@@ -66,6 +66,8 @@ pub enum Fault {
     /// Streams the start of a tool call and resets the connection in the middle of its
     /// arguments.
     CutMidToolCall,
+    /// Streams this text and its finish chunk, then resets the connection before the end.
+    CutAfterFinish(&'static str),
     /// Continues this sentence from the request's final assistant message: streams what of it
     /// follows that message's text (or `NOT A CONTINUATION` when it does not begin it).
     Continue(&'static str),
@@ -266,6 +268,15 @@ async fn answer(request: Request<Incoming>, seen: &Mutex<Vec<Received>>, script:
             let begun = begun.as_deref().unwrap_or_default();
             let rest = sentence.strip_prefix(begun).filter(|_| !begun.is_empty()).unwrap_or("NOT A CONTINUATION");
             text_stream(wire, halves(rest), false)
+        }
+        (Wire::OpenAi, Fault::CutAfterFinish(text)) if stream => {
+            let frames = vec![
+                Ok(sse(&chunk(json!({"role": "assistant", "content": ""}), None))),
+                Ok(sse(&chunk(json!({"content": text}), None))),
+                Ok(sse(&chunk(json!({}), Some("stop")))),
+                Err("reset".into()),
+            ];
+            streamed(frames, false)
         }
         (Wire::OpenAi, Fault::CutMidToolCall) if stream => {
             let call = json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
@@ -591,7 +602,7 @@ async fn respond_now(
             false,
         ),
         Fault::ErrorEvent { kind } => whole(200, json!({"error": {"message": "upstream failed", "type": kind}}).to_string(), &[]),
-        Fault::CutMidStream(_) | Fault::CutMidToolCall | Fault::Continue(_) => {
+        Fault::CutMidStream(_) | Fault::CutMidToolCall | Fault::CutAfterFinish(_) | Fault::Continue(_) => {
             whole(400, json!({"error": {"message": "this fault streams only", "type": "invalid_request_error"}}).to_string(), &[])
         }
     }

@@ -91,9 +91,10 @@ pub async fn serve<D: Dialect>(
     let observation = Observation::start(recorder, headers);
     let mut outcome = {
         let transport = upstreams.traced(&observation.trace);
-        fallback::run(route, &request, &transport, controls, Chance::Random).await
+        fallback::run(route, &request, &transport, controls.clone(), Chance::Random).await
     };
-    let resume = resume::arm(&mut outcome, route, &request, D::API, upstreams, &observation.trace);
+    let through = (upstreams, &observation.trace);
+    let resume = resume::arm(&mut outcome, route, &request, D::API, &controls, through);
     let summary = Summary::of(&outcome);
     let facts = RequestFacts::of(&request, drill);
     let shadow = if drill { None } else { shadow::sample(shadows, route, &request, &outcome, &observation.trace) };
