@@ -92,14 +92,11 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
     let target_overrides =
         compile_target_overrides(spec.overrides.as_deref(), &distinct_targets(&routes), &mut compiler.errors);
     compiler.errors.finish()?;
+    let source = compiler.source;
     let mut providers: Vec<(usize, CompiledProvider)> = providers.into_values().collect();
     providers.sort_by_key(|(index, _)| *index);
     Ok(CompiledPolicy {
-        source: format!(
-            "{}/{}",
-            policy.metadata.namespace.as_deref().unwrap_or("default"),
-            policy.metadata.name.as_deref().unwrap_or("unnamed")
-        ),
+        source,
         providers: providers.into_iter().map(|(_, config)| config).collect(),
         routes,
         breaker,
