@@ -12,12 +12,12 @@ use super::keys::KeyResolver;
 use super::overrides::compile_target_overrides;
 use super::providers::{CompiledProvider, compile_providers};
 use super::redact::redact;
-use super::settings::{Price, SpendLimit};
+use super::settings::{Price, SpendLimit, Verify};
 use super::settings::{
     compile_breaker, compile_budget, compile_hedge, compile_overrides, compile_retry, compile_timeouts,
 };
 use super::{CompiledPolicy, CompiledRoute, CompiledShadow, CompiledStep, CompiledTarget, distinct_targets};
-use crate::policy::{AdaptSpec, ChainStepSpec, FallbackPolicy, PriceSpec, ShadowSpec, SpendLimitSpec};
+use crate::policy::{AdaptSpec, ChainStepSpec, FallbackPolicy, PriceSpec, ShadowSpec, SpendLimitSpec, VerifySpec};
 
 use crate::llm::{ClassSet, RequestFeature};
 
@@ -40,12 +40,15 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
         policy.metadata.namespace.as_deref().unwrap_or("default"),
         policy.metadata.name.as_deref().unwrap_or("unnamed")
     );
+    let verify = spec.verify.as_ref().map(|spec| compile_verify(spec, &Verify::default(), "spec.verify", &mut errors));
     let mut compiler = Compiler {
         providers: &providers,
         default_timeout: timeouts.attempt,
         errors,
         source,
         spend_limits: BTreeMap::new(),
+        verify_on: spec.verify.as_ref().is_some_and(|spec| spec.enabled != Some(false)),
+        verify,
     };
 
     let mut routes = Vec::with_capacity(spec.routes.len());
@@ -116,6 +119,7 @@ struct Member<'a> {
     price: Option<&'a PriceSpec>,
     adapt: Option<&'a AdaptSpec>,
     spend_limit: Option<&'a SpendLimitSpec>,
+    verify: Option<&'a VerifySpec>,
 }
 
 /// What compiling chains needs at hand.
@@ -128,6 +132,10 @@ struct Compiler<'a> {
     source: String,
     /// Each target's spend limit and where it was set: one target has one limit.
     spend_limits: BTreeMap<String, (SpendLimit, String)>,
+    /// `spec.verify`, compiled: what a target's own `verify` overrides.
+    verify: Option<Verify>,
+    /// Whether `spec.verify` verifies targets that say nothing.
+    verify_on: bool,
 }
 
 impl Compiler<'_> {
@@ -153,6 +161,9 @@ impl Compiler<'_> {
                 if spec.spend_limit.is_some() {
                     self.errors.push(format!("{path}.spendLimit"), "set `spendLimit` on each group member instead");
                 }
+                if spec.verify.is_some() {
+                    self.errors.push(format!("{path}.verify"), "set `verify` on each group member instead");
+                }
                 let mut seen = HashSet::new();
                 let mut members = Vec::new();
                 for (m, member) in group.iter().enumerate() {
@@ -171,6 +182,7 @@ impl Compiler<'_> {
                             price: member.price.as_ref(),
                             adapt: member.adapt.as_ref(),
                             spend_limit: member.spend_limit.as_ref(),
+                            verify: member.verify.as_ref(),
                         },
                         &member_path,
                     ));
@@ -191,6 +203,7 @@ impl Compiler<'_> {
                     price: spec.price.as_ref(),
                     adapt: spec.adapt.as_ref(),
                     spend_limit: spec.spend_limit.as_ref(),
+                    verify: spec.verify.as_ref(),
                 };
                 self.targets(member, path)
             }
@@ -208,8 +221,9 @@ impl Compiler<'_> {
 
     /// The targets for one provider + model: one per API key of the provider.
     fn targets(&mut self, member: Member<'_>, path: &str) -> Vec<CompiledTarget> {
-        let Member { provider, model, timeout, weight, skip_for, price, adapt, spend_limit } = member;
+        let Member { provider, model, timeout, weight, skip_for, price, adapt, spend_limit, verify } = member;
         let spend_limit = spend_limit.and_then(|spec| self.spend_limit(spec, provider, model, price.is_some(), path));
+        let verify = self.verify(verify, path);
         let attempt_timeout = self.errors.duration(timeout, format!("{path}.timeout"), self.default_timeout);
         let price = price.map(|price| {
             for (field, value) in [
@@ -257,6 +271,7 @@ impl Compiler<'_> {
                     price,
                     adapt: adapt.clone(),
                     spend_limit: spend_limit.clone(),
+                    verify: verify.clone(),
                 }
             })
             .collect()
@@ -301,6 +316,19 @@ impl Compiler<'_> {
         Some(limit)
     }
 
+    /// The verification of the target at `path` whose own `verify` is `own`: its own settings
+    /// over the policy's; none when neither verifies it.
+    fn verify(&mut self, own: Option<&VerifySpec>, path: &str) -> Option<Verify> {
+        let base = self.verify.clone().unwrap_or_default();
+        match own {
+            Some(spec) => {
+                let verify = compile_verify(spec, &base, &format!("{path}.verify"), &mut self.errors);
+                (spec.enabled != Some(false)).then_some(verify)
+            }
+            None => self.verify_on.then_some(base),
+        }
+    }
+
     /// A route's `shadow` at `path`.
     fn shadow(&mut self, spec: &ShadowSpec, path: &str) -> CompiledShadow {
         if !(spec.percent.is_finite() && spec.percent > 0.0 && spec.percent <= 100.0) {
@@ -322,15 +350,39 @@ impl Compiler<'_> {
             price: spec.price.as_ref(),
             adapt: spec.adapt.as_ref(),
             spend_limit: None,
+            verify: None,
         };
+        let mut targets = self.targets(member, path);
+        // A shadow target is not in any chain: nothing to verify.
+        for target in &mut targets {
+            target.verify = None;
+        }
         CompiledShadow {
-            targets: self.targets(member, path),
+            targets,
             share: (spec.percent / 100.0).clamp(0.0, 1.0),
             max_concurrent,
             timeout,
             capture_content: spec.capture_content.unwrap_or(false),
         }
     }
+}
+
+/// `spec`'s settings at `path` over `base`.
+fn compile_verify(spec: &VerifySpec, base: &Verify, path: &str, errors: &mut Errors) -> Verify {
+    let every = errors.duration(spec.every.as_ref(), format!("{path}.every"), base.every);
+    if every < defaults::VERIFY_MIN_EVERY {
+        errors.push(
+            format!("{path}.every"),
+            format!("`{}` is shorter than 10s", spec.every.as_deref().unwrap_or_default()),
+        );
+    }
+    let timeout = errors.duration(spec.timeout.as_ref(), format!("{path}.timeout"), base.timeout);
+    let prompt = spec.prompt.clone().unwrap_or_else(|| base.prompt.clone());
+    if prompt.trim().is_empty() || prompt.chars().count() > 1000 {
+        errors.push(format!("{path}.prompt"), "must be a message of 1 to 1000 characters");
+    }
+    let max_tokens = errors.number(spec.max_tokens, &format!("{path}.maxTokens"), 1..=4096, base.max_tokens);
+    Verify { every, prompt, max_tokens, timeout }
 }
 
 #[cfg(test)]
@@ -499,8 +551,57 @@ mod tests {
                     ),
                 "`spec.routes[1].chain[0].spendLimit`: `primary/gpt-4o` has another `spendLimit` at `spec.routes[0].chain[0].spendLimit`",
             ),
+            (GOOD.to_string() + "  verify: {every: 5s}\n", "`spec.verify.every`: `5s` is shorter than 10s"),
+            (GOOD.to_string() + "  verify: {prompt: ' '}\n", "`spec.verify.prompt`: must be a message of 1 to 1000 characters"),
+            (
+                GOOD.replace("timeout: 20s}", "timeout: 20s, verify: {maxTokens: 0}}"),
+                "`spec.routes[0].chain[0].verify.maxTokens`: 0 is not between 1 and 4096",
+            ),
+            (
+                GOOD.replace("        - group:", "        - verify: {}\n          group:"),
+                "`spec.routes[0].chain[1].verify`: set `verify` on each group member instead",
+            ),
         ];
         assert_errors(&cases, compile);
+    }
+
+    #[test]
+    fn targets_are_verified_by_the_policy_s_settings_under_their_own() {
+        let verify = |policy: &CompiledPolicy| -> Vec<(String, Option<Verify>)> {
+            policy.targets().into_iter().map(|t| (t.label.clone(), t.verify.clone())).collect()
+        };
+        assert!(verify(&compile(GOOD).expect("valid")).iter().all(|(_, v)| v.is_none()), "off unless asked");
+        let yaml = GOOD.replace("timeout: 20s}", "timeout: 20s, verify: {enabled: false}}").replace(
+            "{provider: fake, model: m}",
+            "{provider: fake, model: m, verify: {prompt: Say hi., timeout: 5s}}",
+        ) + "  verify: {every: 1h, maxTokens: 4}\n";
+        let policy = compile(&yaml).expect("valid");
+        let policy_wide = Verify { every: Duration::from_secs(3600), max_tokens: 4, ..Verify::default() };
+        let own = Verify { prompt: "Say hi.".into(), timeout: Duration::from_secs(5), ..policy_wide.clone() };
+        assert_eq!(
+            verify(&policy),
+            [
+                ("primary/gpt-4o".to_string(), None),
+                ("local/llama".to_string(), Some(policy_wide.clone())),
+                ("fake/m".to_string(), Some(own)),
+                ("fake/any".to_string(), Some(policy_wide)),
+            ]
+        );
+        assert_eq!(Verify::default().prompt, "Reply with OK.");
+        assert_eq!((Verify::default().every, Verify::default().max_tokens), (Duration::from_secs(900), 1));
+        // A target's own `verify` turns it on where the policy verifies nothing.
+        let one = compile(&GOOD.replace("timeout: 20s}", "timeout: 20s, verify: {}}")).expect("valid");
+        let on: Vec<String> = verify(&one).into_iter().filter(|(_, v)| v.is_some()).map(|(l, _)| l).collect();
+        assert_eq!(on, ["primary/gpt-4o"]);
+        // Shadow targets are in no chain: never verified.
+        let shadowed = compile(
+            &(GOOD.replace(
+                "    - model: \"*\"",
+                "      shadow: {provider: fake, model: s, percent: 5}\n    - model: \"*\"",
+            ) + "  verify: {}\n"),
+        )
+        .expect("valid");
+        assert!(route(&shadowed, "chat").shadow.as_ref().is_some_and(|s| s.targets[0].verify.is_none()));
     }
 
     #[test]

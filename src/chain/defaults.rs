@@ -45,3 +45,14 @@ pub const HEDGE_MAX_EXTRA: u32 = 1;
 pub const SHADOW_MAX_CONCURRENT: u32 = 4;
 /// How long a shadow request may take.
 pub const SHADOW_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often a target is verified when `verify` does not say.
+pub const VERIFY_EVERY: Duration = Duration::from_secs(15 * 60);
+/// The shortest verification period.
+pub const VERIFY_MIN_EVERY: Duration = Duration::from_secs(10);
+/// A verification probe's message when `verify.prompt` does not say.
+pub const VERIFY_PROMPT: &str = "Reply with OK.";
+/// A verification probe's answer, in tokens, when `verify.maxTokens` does not say.
+pub const VERIFY_MAX_TOKENS: u32 = 1;
+/// How long a verification probe may take when `verify.timeout` does not say.
+pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(30);

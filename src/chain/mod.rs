@@ -30,7 +30,7 @@ pub use providers::{CompiledProvider, MockBehaviour};
 pub use redact::REDACTED;
 pub use settings::{
     AllowedOverrides, BreakerSettings, BudgetSettings, CACHE_WRITE_MARKUP, FailureRate, Hedge, Price, RetryPolicy,
-    SpendLimit, Timeouts,
+    SpendLimit, Timeouts, Verify,
 };
 
 use crate::llm::{ClassSet, RequestFeature};
@@ -179,4 +179,7 @@ pub struct CompiledTarget {
     /// What it may cost the fleet per window, if the policy says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spend_limit: Option<SpendLimit>,
+    /// How it is verified, if the policy verifies it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verify>,
 }

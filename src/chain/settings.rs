@@ -101,6 +101,30 @@ pub struct SpendLimit {
     pub per: Duration,
 }
 
+/// How a target is verified, compiled from `verify`: one small real request every `every`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verify {
+    /// How often.
+    pub every: Duration,
+    /// The probe's one user message.
+    pub prompt: String,
+    /// The most tokens its answer may have.
+    pub max_tokens: u32,
+    /// How long it may take.
+    pub timeout: Duration,
+}
+
+impl Default for Verify {
+    fn default() -> Verify {
+        Verify {
+            every: super::defaults::VERIFY_EVERY,
+            prompt: super::defaults::VERIFY_PROMPT.to_string(),
+            max_tokens: super::defaults::VERIFY_MAX_TOKENS,
+            timeout: super::defaults::VERIFY_TIMEOUT,
+        }
+    }
+}
+
 /// What writing a token to a prompt cache costs against reading it as input, when the policy
 /// names no `cacheWrite` price: Anthropic's markup for its 5-minute cache (the only provider
 /// that reports cache writes).

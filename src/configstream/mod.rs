@@ -147,6 +147,43 @@ pub struct Fleet {
     /// The spend-limited targets whose current window the fleet has spent, by spend key.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub spent: BTreeMap<String, WindowSpend>,
+    /// Verification probes the operator chose this pod to send, by target identity. An order
+    /// stays until its result is reported; a sidecar sends each order (by `id`) once.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub verify: BTreeMap<String, VerifyOrder>,
+}
+
+/// One verification probe to send: a small real request to a target, through its own
+/// translation and key, which counts for nothing but its result.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyOrder {
+    /// Names this order; the result carries it back.
+    pub id: u64,
+    /// The probe's one user message.
+    pub prompt: String,
+    /// The most tokens its answer may have.
+    pub max_tokens: u32,
+    /// How long it may take, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+/// How a verification probe ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyResult {
+    /// The order's id.
+    pub id: u64,
+    /// Whether the target answered.
+    pub passed: bool,
+    /// Why not, as a failure class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// Why not, in a line (never an authentication error's body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// How long it took, in milliseconds.
+    pub latency_ms: u64,
 }
 
 /// What a target cost in one window of its `spendLimit`.
@@ -200,6 +237,9 @@ pub struct Report {
     /// the whole, every time, so that a restarted operator has the sum again at once.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub spend: BTreeMap<String, WindowSpend>,
+    /// The verification probes this pod sent since its last report, by target identity.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub verified: BTreeMap<String, VerifyResult>,
 }
 
 /// A configuration a sidecar refused.
@@ -236,7 +276,10 @@ pub struct TargetReport {
 impl Report {
     /// Whether the report stays within what a sidecar may send; `Err` says what it exceeds.
     pub fn check_bounds(&self) -> Result<(), &'static str> {
-        if self.targets.len() > MAX_REPORT_TARGETS || self.spend.len() > MAX_REPORT_TARGETS {
+        if self.targets.len() > MAX_REPORT_TARGETS
+            || self.spend.len() > MAX_REPORT_TARGETS
+            || self.verified.len() > MAX_REPORT_TARGETS
+        {
             return Err("a report named more targets than the protocol allows");
         }
         if self.spend.values().any(|s| !(s.usd.is_finite() && s.usd >= 0.0)) {
@@ -255,6 +298,11 @@ impl Report {
         for target in self.targets.values_mut() {
             if let Some(failure) = &mut target.last_failure {
                 *failure = bounded_reason(failure);
+            }
+        }
+        for result in self.verified.values_mut() {
+            for text in [&mut result.class, &mut result.message].into_iter().flatten() {
+                *text = bounded_reason(text);
             }
         }
     }
@@ -321,6 +369,7 @@ mod tests {
                 FleetTarget::Open { retry_in_ms: 5000, reason: "429 with Retry-After".into() },
             )]),
             spent: BTreeMap::from([("shop/chat\u{1f}claude/opus".into(), WindowSpend { window: 493_000, usd: 50.25 })]),
+            verify: BTreeMap::new(),
         });
         let text = line(&fleet);
         assert!(text.ends_with(b"\n"));
@@ -434,12 +483,14 @@ mod golden {
                 ("b".to_string(), FleetTarget::HalfOpen { probe: true, reason: "5xx".into() }),
             ]),
             spent: BTreeMap::new(),
+            verify: BTreeMap::new(),
         });
         pinned("fleet.json", &serde_json::to_value(fleet).expect("json"));
         // Spend limits came later: fields an older peer ignores, absent when unused.
         let spent = ServerMessage::<v2::Config>::Fleet(Fleet {
             targets: BTreeMap::new(),
             spent: BTreeMap::from([("shop/chat\u{1f}claude/opus".into(), WindowSpend { window: 493_000, usd: 50.25 })]),
+            verify: BTreeMap::new(),
         });
         pinned("fleet-spent.json", &serde_json::to_value(spent).expect("json"));
         let spending = Report {
@@ -451,6 +502,32 @@ mod golden {
             ..Report::default()
         };
         pinned("report-spend.json", &serde_json::to_value(spending).expect("json"));
+        // Verification came later still: absent when unused, as above.
+        let order = ServerMessage::<v2::Config>::Fleet(Fleet {
+            verify: BTreeMap::from([(
+                "b".into(),
+                VerifyOrder { id: 7, prompt: "Reply with OK.".into(), max_tokens: 1, timeout_ms: 30_000 },
+            )]),
+            ..Fleet::default()
+        });
+        pinned("fleet-verify.json", &serde_json::to_value(order).expect("json"));
+        let verified = Report {
+            verified: BTreeMap::from([
+                ("a".into(), VerifyResult { id: 6, passed: true, class: None, message: None, latency_ms: 412 }),
+                (
+                    "b".into(),
+                    VerifyResult {
+                        id: 7,
+                        passed: false,
+                        class: Some("authError".into()),
+                        message: Some("401 from the provider".into()),
+                        latency_ms: 35,
+                    },
+                ),
+            ]),
+            ..Report::default()
+        };
+        pinned("report-verified.json", &serde_json::to_value(verified).expect("json"));
         let report = Report {
             applied: Some("v".into()),
             rejected: Some(Rejected { version: "w".into(), reason: "why".into(), policies: vec!["p".into()] }),
@@ -459,6 +536,7 @@ mod golden {
                 TargetReport { successes: 1, failures: 2, retry_after_ms: Some(3), last_failure: Some("x".into()) },
             )]),
             spend: BTreeMap::new(),
+            verified: BTreeMap::new(),
         };
         pinned("report.json", &serde_json::to_value(report).expect("json"));
     }

@@ -239,6 +239,7 @@ impl ControlStream {
                 }
                 Err(error) => {
                     self.store.health().apply_fleet(|_| None);
+                    self.store.health().verify().set_orders(&BTreeMap::new());
                     if started.elapsed() > Duration::from_secs(10) {
                         failures = 0;
                     }
@@ -439,10 +440,11 @@ impl ControlStream {
                         .into_iter()
                         .map(|(key, (window, usd))| (key, WindowSpend { window, usd }))
                         .collect();
-                    if targets.is_empty() && spend.is_empty() && last_sent.elapsed() < HEARTBEAT {
+                    let verified = self.store.health().verify().take_results();
+                    if targets.is_empty() && spend.is_empty() && verified.is_empty() && last_sent.elapsed() < HEARTBEAT {
                         continue;
                     }
-                    let report = Report { applied: self.applied.clone(), rejected: None, targets, spend };
+                    let report = Report { applied: self.applied.clone(), rejected: None, targets, spend, verified };
                     if tx.send(line(&report)).await.is_err() {
                         return Err(StreamError::Ended);
                     }
@@ -462,6 +464,7 @@ impl ControlStream {
             rejected,
             targets: BTreeMap::new(),
             spend: BTreeMap::new(),
+            verified: BTreeMap::new(),
         })
     }
 
@@ -609,6 +612,7 @@ fn names(config: &v1::Config) -> String {
 
 /// Applies the fleet's decisions to the store's targets, in this pod's clock.
 fn apply_fleet(store: &PolicyStore, fleet: &Fleet) {
+    store.health().verify().set_orders(&fleet.verify);
     store
         .health()
         .apply_fleet_spend(crate::health::spend::unix_ms(), |key| fleet.spent.get(key).map(|s| (s.window, s.usd)));
@@ -708,6 +712,7 @@ mod tests {
         let config = Config::new("shop", "web-1", vec![policy]);
         link.take(&message(&ServerMessage::Config(config.clone())));
         let fleet = Fleet {
+            verify: BTreeMap::new(),
             targets: BTreeMap::from([(identity, FleetTarget::Open { retry_in_ms: 60_000, reason: "3 pods".into() })]),
             spent: BTreeMap::new(),
         };

@@ -14,6 +14,7 @@ pub mod budget;
 pub mod circuit;
 pub mod gate;
 pub mod spend;
+pub mod verify;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -457,6 +458,7 @@ pub struct HealthRegistry {
     budgets: Mutex<HashMap<String, Arc<SharedBudget>>>,
     spends: Mutex<HashMap<String, Arc<SpendGuard>>>,
     observer: Arc<OnceLock<Arc<dyn HealthObserver>>>,
+    verify: verify::VerifyBook,
 }
 
 impl HealthRegistry {
@@ -478,6 +480,11 @@ impl HealthRegistry {
                 Arc::new(target)
             })
             .clone()
+    }
+
+    /// The verification probes ordered from this pod, and their results.
+    pub fn verify(&self) -> &verify::VerifyBook {
+        &self.verify
     }
 
     /// Sets who is told of breakers opening and closing (once; later calls change nothing).

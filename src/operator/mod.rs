@@ -36,6 +36,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event as WatchEvent};
 use kube::runtime::{WatchStreamExt, predicates, watcher::watcher};
 use kube::{Api, Client, ResourceExt};
+use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
@@ -325,6 +326,24 @@ pub async fn run(
             .u64_observable_gauge("backstop.operator.sidecars")
             .with_description("Sidecars streaming their configuration from this replica")
             .with_callback(move |gauge| gauge.observe(sidecars.len() as u64, &[]))
+            .build();
+        let (fleet, leader) = (fleet.clone(), leader.clone());
+        metrics
+            .meter("backstop-operator")
+            .u64_observable_gauge("backstop.target.verified")
+            .with_description(
+                "1 when a verified target answered its last verification probe, 0 when it did not; by namespace \
+                 and target, from the leader",
+            )
+            .with_callback(move |gauge| {
+                if !*leader.borrow() {
+                    return;
+                }
+                for (namespace, target, passed) in fleet.verified() {
+                    let labels = [KeyValue::new("namespace", namespace), KeyValue::new("target", target)];
+                    gauge.observe(u64::from(passed), &labels);
+                }
+            })
             .build();
     }
     let fleet_ticks = tokio::spawn(fleet.clone().run(FLEET_TICK, shutdown.clone()));

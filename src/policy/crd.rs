@@ -162,7 +162,7 @@ mod tests {
         let version = &crd.spec.versions[0];
         assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
         let columns: Vec<_> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
-        assert_eq!(columns, ["Ready", "Reason", "Routes", "Sidecars", "Degraded", "Version", "Age"]);
+        assert_eq!(columns, ["Ready", "Reason", "Routes", "Sidecars", "Degraded", "Verified", "Version", "Age"]);
     }
 
     #[test]

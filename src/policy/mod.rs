@@ -42,6 +42,7 @@ pub const API_VERSION: &str = "backstop.dev/v1alpha1";
     printcolumn = r#"{"name":"Routes","type":"integer","jsonPath":".status.routes"}"#,
     printcolumn = r#"{"name":"Sidecars","type":"integer","jsonPath":".status.sidecars.connected"}"#,
     printcolumn = r#"{"name":"Degraded","type":"integer","jsonPath":".status.degraded"}"#,
+    printcolumn = r#"{"name":"Verified","type":"string","jsonPath":".status.conditions[?(@.type==\"BackupsVerified\")].status"}"#,
     printcolumn = r#"{"name":"Version","type":"string","priority":1,"jsonPath":".status.compiledVersion"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -96,6 +97,48 @@ pub struct FallbackPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["target"]))]
     pub overrides: Option<Vec<TargetOverrideSpec>>,
+
+    /// Verification of the chains' targets: a small real request to each target, on a
+    /// schedule, so that a backup that quietly stopped working (a revoked key, a retired model,
+    /// an exhausted quota) shows in `status.targets[].verified` and the `BackupsVerified`
+    /// condition before an outage needs it. One pod per target, chosen by the operator, sends
+    /// each probe, however many pods the policy selects. Probes never count as app traffic and
+    /// never open a breaker. A chain target's own `verify` overrides these settings or turns
+    /// verification off for it. Omitted: no target is verified unless its own `verify` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifySpec>,
+}
+
+/// Verification probes (see `spec.verify`). Every field is optional; `verify: {}` verifies
+/// every target every 15 minutes with a one-token answer.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VerifySpec {
+    /// `false` leaves the target out of verification (on a chain target: the primary, say,
+    /// which live traffic already proves). Default `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+
+    /// How often each target is probed, from `10s` to `24h`. Default `15m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration_schema::schema")]
+    pub every: Option<String>,
+
+    /// The probe's one user message. Default `Reply with OK.`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1000))]
+    pub prompt: Option<String>,
+
+    /// The most tokens the probe's answer may have, 1 to 4096. Default 1: a probe checks that
+    /// the target answers, not what it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_tokens: Option<u32>,
+
+    /// How long a probe may take before it counts as failed (`timeout`). Default `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration_schema::schema")]
+    pub timeout: Option<String>,
 }
 
 /// A manual override of one target's (or one provider's) state.
@@ -583,7 +626,7 @@ pub struct HedgeSpec {
 /// One step of a chain: a single target, or a weighted group of equivalent targets.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.group) ? !has(self.provider) && !has(self.model) && !has(self.timeout) && !has(self.price) && !has(self.adapt) && !has(self.spendLimit) : has(self.provider) && has(self.model)", "message": "set either `group`, or `provider` and `model`"}]))]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "has(self.group) ? !has(self.provider) && !has(self.model) && !has(self.timeout) && !has(self.price) && !has(self.adapt) && !has(self.spendLimit) && !has(self.verify) : has(self.provider) && has(self.model)", "message": "set either `group`, or `provider` and `model`"}]))]
 pub struct ChainStepSpec {
     /// The provider's `name`. Set with `model`, or use `group` instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -621,6 +664,11 @@ pub struct ChainStepSpec {
     /// `provider`, `model` and `price`; a group's members set their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spend_limit: Option<SpendLimitSpec>,
+
+    /// This target's verification, over `spec.verify` (`{enabled: false}` leaves it out). Set
+    /// with `provider` and `model`; a group's members set their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifySpec>,
 
     /// Equivalent targets (keys, regions, endpoints of one model) that share this step; each
     /// request picks one by weight. Set instead of `provider` and `model`.
@@ -664,6 +712,10 @@ pub struct GroupMemberSpec {
     /// What this member may cost the whole fleet per window (see the step's `spendLimit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spend_limit: Option<SpendLimitSpec>,
+
+    /// This member's verification (see the step's `verify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifySpec>,
 }
 
 /// A cap on what one target (its provider and model, every key) may cost the whole fleet per
@@ -857,6 +909,37 @@ pub struct TargetStatus {
     /// When an open period or an override ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Its last verification probe, when the policy verifies it (`spec.verify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<VerifiedStatus>,
+}
+
+/// A target's last verification probe.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifiedStatus {
+    /// When the operator heard its result.
+    pub at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// `Passed` (the target answered) or `Failed`.
+    pub outcome: VerifyOutcome,
+    /// Why it failed, as a failure class (`authError`, `notFound`, `quotaExceeded`, `timeout` ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// The failure, as the provider put it (never a key, never an authentication error's body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// How long the probe took, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+}
+
+/// How a verification probe ended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum VerifyOutcome {
+    /// The target answered.
+    Passed,
+    /// It did not.
+    Failed,
 }
 
 /// A target's state across the fleet.

@@ -12,6 +12,7 @@ pub mod passthrough;
 pub mod relay;
 pub mod resume;
 pub mod shadow;
+pub mod verify;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -76,6 +77,7 @@ pub enum BindError {
 
 struct State {
     drain: Duration,
+    verifier: Arc<verify::Verifier>,
     store: Arc<PolicyStore>,
     through: ingress::Through,
     max_request_bytes: usize,
@@ -116,12 +118,14 @@ impl Sidecar {
             }
         };
         let upstreams = Upstreams::new(http);
+        let verifier = Arc::new(verify::Verifier::new(store.clone(), upstreams.http().clone(), telemetry.clone()));
         let shadows = Arc::new(shadow::Shadows::new(telemetry.clone(), upstreams.clone()));
         let recorder = Arc::new(Recorder::new(telemetry));
         recorder.watch(&store);
         admin::instruments(&recorder.telemetry.metrics, &store);
         let state = Arc::new(State {
             drain: config.drain,
+            verifier,
             store,
             through: ingress::Through { upstreams, recorder, shadows },
             max_request_bytes: config.max_request_bytes,
@@ -143,6 +147,7 @@ impl Sidecar {
     /// Serves until `shutdown` turns true, then lets requests in flight finish (up to the
     /// configured drain).
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let verifier = tokio::spawn(self.state.verifier.clone().run(shutdown.clone()));
         let llm_state = self.state.clone();
         let drain = self.state.drain;
         let llm = serve(self.llm, shutdown.clone(), drain, move |request| {
@@ -157,6 +162,7 @@ impl Sidecar {
             }
         });
         tokio::join!(llm, admin);
+        verifier.abort();
     }
 }
 

@@ -44,6 +44,8 @@ pub struct Target {
     pub weight: u32,
     /// `provider/model` (with `#n` for the n-th key when there are several).
     pub label: String,
+    /// What identifies it across reloads and pods (see [`crate::chain::CompiledTarget`]).
+    pub identity: String,
     /// What the sidecar knows of its health; shared across reloads.
     pub health: Arc<TargetHealth>,
     /// Requests the policy keeps away from this target (`skipFor`).
@@ -222,6 +224,16 @@ impl PolicySnapshot {
         })
     }
 
+    /// The chain target `identity` names, from whichever route has it.
+    pub fn target(&self, identity: &str) -> Option<Arc<Target>> {
+        self.routes
+            .values()
+            .chain(&self.catch_all)
+            .flat_map(|route| route.targets())
+            .find(|target| target.identity == identity)
+            .cloned()
+    }
+
     /// The route for a requested model alias.
     pub fn route(&self, model: &str) -> Option<&Arc<Route>> {
         self.routes.get(model).or(self.catch_all.as_ref())
@@ -328,6 +340,7 @@ impl Binder<'_> {
             attempt_timeout: config.attempt_timeout,
             weight: config.weight,
             label: config.label.clone(),
+            identity: config.identity.clone(),
             health,
             skip_for: config.skip_for.clone(),
             price: config.price,

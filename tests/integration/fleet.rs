@@ -549,3 +549,135 @@ async fn a_fleet_stops_at_a_target_s_spend_limit_within_a_report_and_takes_it_ba
     s.policy_until("chat", Duration::from_secs(10), |p| target_state(p, "primary/m") == Some(TargetState::Closed))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_are_verified_once_per_period_fleet_wide_shown_in_status_and_never_open_a_breaker() {
+    let Some(s) = setup("bs-verify").await else { return };
+    let receiver = crate::otlp::Receiver::start().await;
+    // The backup's key is refused twice, then it answers: a key rotated back into service.
+    let backup = Upstream::scripted(vec![Fault::status(401), Fault::status(401)], Fault::Ok).await;
+    put_secret(&s.cluster, &s.namespace, "sk-backup-SECRET").await;
+    let yaml = format!(
+        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: chat, namespace: {}}}\nspec:\n  providers:\n    - {{name: primary, type: mock, mock: {{reply: primary}}}}\n    - {{name: backup, type: openai-compatible, baseUrl: '{}', apiKey: {{secretKeyRef: {{name: llm-keys, key: openai}}}}}}\n  routes:\n    - model: chat\n      chain: [{{provider: primary, model: m, verify: {{enabled: false}}}}, {{provider: backup, model: up-model}}]\n  circuitBreaker: {{consecutiveFailures: 1}}\n  verify: {{every: 10s, prompt: Reply with OK., maxTokens: 1}}\n",
+        s.namespace,
+        backup.base_url()
+    );
+    s.apply(&yaml).await;
+    let operator = s.operator("verify").await;
+    // Two pods, both exporting telemetry: whichever the operator chooses sends the probe.
+    let mut pods = Vec::new();
+    for name in ["web-a", "web-b"] {
+        let (_, token) = s.cluster.pod_with_token(&s.namespace, "app", name, &[("app", "web")], AUDIENCE).await;
+        let dir = s.dir.path().join(name);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("token"), &token).expect("token");
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_backstop"));
+        command
+            .args(["sidecar", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .arg("--control-plane")
+            .arg(format!("https://{}", operator.config))
+            .arg("--control-plane-ca")
+            .arg(pki().ca())
+            .arg("--token-file")
+            .arg(dir.join("token"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", receiver.addr))
+            .env("OTEL_METRIC_EXPORT_INTERVAL", "60000");
+        pods.push(SidecarProcess::from_command(command).await);
+    }
+    s.policy_until("chat", Duration::from_secs(15), |p| sidecars(p) == (2, 2, 0)).await;
+
+    let verification = |p: &FallbackPolicy| {
+        let targets = p.status.as_ref()?.targets.clone()?;
+        let condition = p.status.as_ref()?.conditions.iter().find(|c| c.type_ == "BackupsVerified").cloned()?;
+        Some((targets, condition))
+    };
+    let failed = s
+        .policy_until("chat", Duration::from_secs(30), |p| verification(p).is_some_and(|(_, c)| c.status == "False"))
+        .await;
+    let (targets, condition) = verification(&failed).expect("verification");
+    assert_eq!(condition.reason, "VerificationFailed");
+    assert!(condition.message.contains("backup/up-model (authError"), "{}", condition.message);
+    assert_eq!(targets[0].verified, None, "the primary is left out");
+    let verified = targets[1].verified.clone().expect("the backup is verified");
+    assert_eq!(verified.class.as_deref(), Some("authError"));
+    // The refused probes opened nothing, though one counted failure would open its breaker.
+    assert_eq!(targets[1].state, TargetState::Closed);
+    for pod in &pods {
+        let health = crate::support::get(&format!("http://{}/health", pod.admin)).await.json();
+        let backup_health =
+            health["targets"].as_array().expect("targets").iter().find(|t| t["target"] == "backup/up-model").cloned();
+        let backup_health = backup_health.expect("the backup in /health");
+        assert_eq!(
+            (backup_health["state"].as_str(), &backup_health["failures"]),
+            (Some("closed"), &serde_json::json!({})),
+            "{backup_health}"
+        );
+    }
+    let events = s.events().await;
+    assert!(events.iter().any(|e| {
+        e.reason.as_deref() == Some("VerificationFailed")
+            && e.note
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with("backup/up-model failed its verification probe: authError")
+    }));
+    let metrics = operator.get("/metrics").await.1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("backstop_target_verified{") && l.contains("backup/up-model") && l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    // The third probe, two periods after the first, passes.
+    let passed = s
+        .policy_until("chat", Duration::from_secs(40), |p| verification(p).is_some_and(|(_, c)| c.status == "True"))
+        .await;
+    let (targets, _) = verification(&passed).expect("verification");
+    assert_eq!(targets[1].verified.as_ref().map(|v| v.outcome), Some(backstop::policy::VerifyOutcome::Passed));
+    if let Ok(listed) = s.cluster.kubectl(&["get", "fbp", "chat", "-n", &s.namespace]) {
+        let rows: Vec<Vec<&str>> = listed.lines().map(|l| l.split_whitespace().collect()).collect();
+        let column = rows[0].iter().position(|c| *c == "VERIFIED").expect("a Verified column");
+        assert_eq!(rows[1].get(column), Some(&"True"), "{listed}");
+    }
+    let events = s.events().await;
+    assert!(events.iter().any(|e| e.reason.as_deref() == Some("TargetVerified")
+        && e.note.as_deref().unwrap_or_default().starts_with("backup/up-model answered its verification probe")));
+
+    // One probe per period for the whole fleet, each a real request with the pod's key.
+    let received = backup.received();
+    assert_eq!(
+        received.len(),
+        3,
+        "two pods, one probe per period: {:?}",
+        received.iter().map(|r| r.at).collect::<Vec<_>>()
+    );
+    let spacing = received[2].at.duration_since(received[0].at);
+    assert!(spacing >= Duration::from_secs(19), "a probe every 10 s, not one per pod: {spacing:?}");
+    eprintln!("verification: probes {:?} apart over two periods, from two pods", spacing);
+    for probe in &received {
+        assert_eq!(probe.body["messages"], serde_json::json!([{"role": "user", "content": "Reply with OK."}]));
+        assert_eq!((probe.body["max_tokens"].as_u64(), probe.body["model"].as_str()), (Some(1), Some("up-model")));
+        assert_eq!(probe.headers.get("authorization").and_then(|v| v.to_str().ok()), Some("Bearer sk-backup-SECRET"));
+    }
+    // Marked in telemetry, and no key anywhere a user looks.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let span = loop {
+        let found = receiver.spans().into_iter().find(|span| span.name == "verify up-model");
+        if let Some(span) = found {
+            break span;
+        }
+        assert!(Instant::now() < deadline, "no verification span reached the collector");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let attributes = crate::otlp::attributes(&span.attributes);
+    assert_eq!(attributes.get("backstop.verify").map(String::as_str), Some("true"), "{attributes:?}");
+    assert_eq!(attributes.get("backstop.target").map(String::as_str), Some("backup/up-model"));
+    let shown = format!("{}{}{}", serde_json::to_string(&passed.status).expect("json"), metrics, operator.log());
+    assert!(!shown.contains("sk-backup-SECRET"), "a key leaked");
+    for pod in &pods {
+        assert!(!pod.log().contains("sk-backup-SECRET"), "a key leaked into a sidecar's log");
+    }
+}

@@ -131,6 +131,15 @@ async fn the_crd_is_accepted_and_its_rules_refuse_broken_policies_with_their_mes
             base.replace("{provider: spare, model: m}", "{provider: spare, model: m, adapt: {set: {temperature: 3}}}"),
             "should be less than or equal to 2",
         ),
+        (
+            base.replace("{provider: spare, model: m}", "{group: [{provider: spare, model: m}], verify: {}}"),
+            "set either `group`, or `provider` and `model`",
+        ),
+        (base.clone() + "  verify: {every: 48h}\n", "must be at most 24h"),
+        (
+            base.replace("{provider: spare, model: m}", "{provider: spare, model: m, verify: {maxTokens: 0}}"),
+            "should be greater than or equal to 1",
+        ),
     ];
     for (yaml, expected) in cases {
         let error = create(yaml).await.expect_err(expected);
@@ -150,7 +159,7 @@ async fn the_crd_is_accepted_and_its_rules_refuse_broken_policies_with_their_mes
     assert!(shadow.contains("never delayed or changed") && shadow.contains("captureContent"), "{shadow}");
     let listed = cluster.kubectl(&["get", "fbp", "-n", &namespace]).expect("kubectl get");
     let header: Vec<&str> = listed.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "READY", "REASON", "ROUTES", "SIDECARS", "DEGRADED", "AGE"], "{listed}");
+    assert_eq!(header, ["NAME", "READY", "REASON", "ROUTES", "SIDECARS", "DEGRADED", "VERIFIED", "AGE"], "{listed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

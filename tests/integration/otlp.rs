@@ -31,13 +31,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_backstop");
 const PROMPT: &str = "PROMPT-CANARY-5d1e: what is our refund policy?";
 
 /// An OTLP/HTTP receiver keeping every request's path and body.
-struct Receiver {
-    addr: SocketAddr,
+pub(crate) struct Receiver {
+    pub(crate) addr: SocketAddr,
     received: Arc<Mutex<Vec<(String, Bytes)>>>,
 }
 
 impl Receiver {
-    async fn start() -> Receiver {
+    pub(crate) async fn start() -> Receiver {
         Receiver::start_on("127.0.0.1:0".parse().expect("address")).await
     }
 
@@ -78,7 +78,7 @@ impl Receiver {
         self.received.lock().expect("lock").iter().filter(|(p, _)| p == path).map(|(_, b)| b.clone()).collect()
     }
 
-    fn spans(&self) -> Vec<Span> {
+    pub(crate) fn spans(&self) -> Vec<Span> {
         self.bodies("/v1/traces")
             .iter()
             .flat_map(|b| ExportTraceServiceRequest::decode(b.as_ref()).expect("traces").resource_spans)
@@ -101,7 +101,7 @@ impl Receiver {
     }
 }
 
-fn attributes(list: &[KeyValue]) -> BTreeMap<String, String> {
+pub(crate) fn attributes(list: &[KeyValue]) -> BTreeMap<String, String> {
     list.iter()
         .map(|kv| {
             let value = match kv.value.as_ref().and_then(|v| v.value.clone()) {

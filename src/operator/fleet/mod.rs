@@ -38,11 +38,15 @@
 //! restarts or takes over the lead has the fleet's sum again within a report. Only the latest
 //! window is kept per key.
 //!
+//! **Verification.** Targets a policy verifies are probed on a schedule by one pod each
+//! ([`verify`]); the orders go out and the results come back with the decisions and reports.
+//!
 //! Decisions are published per namespace through a `watch` channel; each sidecar's stream sends
 //! its pod the decisions about its targets. All state here is in memory, rebuilt from fresh
 //! evidence after a restart; status and Events are derived from it by [`status`].
 
 pub mod status;
+pub mod verify;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -55,10 +59,11 @@ use tokio::time::Instant;
 
 use super::served::{NamespacePolicies, ServedPolicies};
 use crate::chain::{BreakerSettings, SpendLimit};
-use crate::configstream::{TargetReport, WindowSpend};
+use crate::configstream::{TargetReport, VerifyResult, WindowSpend};
 use crate::health::circuit::{self, Circuit, Counts, Phase, Verdict, Window};
 use crate::health::spend;
 use crate::policy::BreakerScope;
+use verify::{Schedule, Verification};
 
 /// The shortest time probers get to send a probe before others are chosen.
 const MIN_PROBE_PERIOD: Duration = Duration::from_secs(10);
@@ -102,6 +107,8 @@ pub struct Decisions {
     pub targets: BTreeMap<String, Decision>,
     /// The spend-limited targets whose current window is spent, by spend key.
     pub spent: BTreeMap<String, SpentWindow>,
+    /// The verified targets' probes ordered and last results, by identity.
+    pub verify: BTreeMap<String, Verification>,
 }
 
 /// A spend-limited target's window that the fleet has spent.
@@ -298,9 +305,28 @@ impl TargetFleet {
 /// A connected pod of the namespace: who may probe what.
 #[derive(Debug, Default)]
 struct Member {
+    /// The fleet-scoped targets of its policies: what it reports on and half-open probes.
     identities: HashSet<String>,
+    /// Every target of its policies: what it may verify.
+    targets: HashSet<String>,
     /// Connected to this replica (not reported by another).
     local: bool,
+}
+
+/// What a joining pod's policies use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Membership {
+    /// Their fleet-scoped targets, by identity.
+    pub identities: HashSet<String>,
+    /// All their targets, by identity.
+    pub targets: HashSet<String>,
+}
+
+impl Membership {
+    /// Policies whose targets, `identities`, are all fleet-scoped.
+    pub fn fleet(identities: HashSet<String>) -> Membership {
+        Membership { targets: identities.clone(), identities }
+    }
 }
 
 /// One namespace's fleet.
@@ -312,6 +338,8 @@ struct Namespace {
     /// The spend limits of the namespace's policies, by spend key.
     limits: HashMap<String, SpendLimit>,
     spends: HashMap<String, SpendFleet>,
+    /// The verified targets' schedules, by identity.
+    schedules: HashMap<String, Schedule>,
     rules_revision: Option<u64>,
     decisions: Option<watch::Sender<Arc<Decisions>>>,
 }
@@ -362,6 +390,7 @@ impl Namespace {
         }
         let mut rules = HashMap::new();
         let mut limits = HashMap::new();
+        let mut verified = HashMap::new();
         for served in policies.policies.values() {
             let settings = &served.compiled.breaker;
             for target in served.compiled.targets() {
@@ -370,6 +399,19 @@ impl Namespace {
                     .or_insert_with(|| Rule { settings: settings.clone(), label: target.label.clone() });
                 if let Some(limit) = &target.spend_limit {
                     limits.entry(limit.key.clone()).or_insert_with(|| limit.clone());
+                }
+                if let Some(verify) = &target.verify {
+                    verified.entry(target.identity.clone()).or_insert((verify, target.label.as_str()));
+                }
+            }
+        }
+        let now = Instant::now();
+        self.schedules.retain(|identity, _| verified.contains_key(identity));
+        for (identity, (verify, label)) in verified {
+            match self.schedules.get_mut(&identity) {
+                Some(schedule) => schedule.reconfigure(verify, label, now),
+                None => {
+                    self.schedules.insert(identity, Schedule::new(verify.clone(), label.to_string(), now));
                 }
             }
         }
@@ -429,6 +471,17 @@ impl Namespace {
             .collect()
     }
 
+    /// Takes one pod's verification results; returns whether any was one ordered from it.
+    fn verified(&mut self, pod: &str, results: &BTreeMap<String, VerifyResult>, now: Instant, wall: Timestamp) -> bool {
+        let mut changed = false;
+        for (identity, result) in results {
+            if let Some(schedule) = self.schedules.get_mut(identity) {
+                changed |= schedule.take(pod, result, now, wall);
+            }
+        }
+        changed
+    }
+
     fn observe(&mut self, pod: &str, reports: &BTreeMap<String, TargetReport>, now: Instant, wall: Timestamp) -> bool {
         let allowed = self.members.get(pod).map(|m| &m.identities);
         let mut changed = false;
@@ -456,6 +509,9 @@ impl Namespace {
             changed |= target.circuit.advance(now);
         }
         changed |= self.settle(now);
+        for (identity, schedule) in &mut self.schedules {
+            changed |= schedule.advance(identity, &self.members, now);
+        }
         self.targets.retain(|_, target| !target.circuit.is_closed() || !target.pods.is_empty());
         // A spent window that rolled is forgotten; the next is counted from its first report.
         let limits = &self.limits;
@@ -500,22 +556,26 @@ impl Namespace {
         changed
     }
 
-    /// Publishes `targets` and `spent` as the namespace's decisions if they differ; returns
-    /// whether they did.
-    fn publish_decisions(&mut self, targets: BTreeMap<String, Decision>, spent: BTreeMap<String, SpentWindow>) -> bool {
+    /// Publishes `decisions` as the namespace's if they differ (whatever their revision);
+    /// returns whether they did.
+    fn publish_decisions(&mut self, decisions: Decisions) -> bool {
         self.sender().send_if_modified(|current| {
-            if current.targets == targets && current.spent == spent {
+            if current.targets == decisions.targets
+                && current.spent == decisions.spent
+                && current.verify == decisions.verify
+            {
                 return false;
             }
-            *current = Arc::new(Decisions { revision: current.revision + 1, targets, spent });
+            *current = Arc::new(Decisions { revision: current.revision + 1, ..decisions });
             true
         })
     }
 
     /// The decisions of this replica's own view.
-    fn local_decisions(&self, now_ms: i64) -> (BTreeMap<String, Decision>, BTreeMap<String, SpentWindow>) {
+    fn local_decisions(&self, now_ms: i64) -> Decisions {
         let targets = self.targets.iter().filter_map(|(id, t)| t.decision().map(|d| (id.clone(), d))).collect();
-        (targets, self.spent(now_ms))
+        let verify = self.schedules.iter().map(|(id, schedule)| (id.clone(), schedule.published())).collect();
+        Decisions { revision: 0, targets, spent: self.spent(now_ms), verify }
     }
 }
 
@@ -526,6 +586,14 @@ pub struct Evidence<'a> {
     pub targets: &'a BTreeMap<String, TargetReport>,
     /// What its spend-limited targets cost, by spend key.
     pub spend: &'a BTreeMap<String, WindowSpend>,
+    /// How the verification probes it was ordered to send ended, by identity.
+    pub verified: &'a BTreeMap<String, VerifyResult>,
+}
+
+impl Evidence<'_> {
+    fn is_empty(&self) -> bool {
+        self.targets.is_empty() && self.spend.is_empty() && self.verified.is_empty()
+    }
 }
 
 /// The fleet view of every namespace.
@@ -559,6 +627,10 @@ pub enum Forwarded {
         pod: String,
         /// The fleet-scoped targets of its policies.
         identities: Vec<String>,
+        /// All the targets of its policies (absent from a replica of an earlier release: its
+        /// pods verify nothing).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        targets: Vec<String>,
     },
     /// A pod disconnected.
     Leave {
@@ -578,6 +650,9 @@ pub enum Forwarded {
         /// What its spend-limited targets cost.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         spend: BTreeMap<String, WindowSpend>,
+        /// How its verification probes ended.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        verified: BTreeMap<String, VerifyResult>,
     },
 }
 
@@ -615,8 +690,8 @@ impl FleetView {
 
     /// Publishes `ns`'s own decisions unless this replica follows the leader.
     fn publish(&self, ns: &mut Namespace, following: bool) {
-        let (targets, spent) = ns.local_decisions((self.clock)());
-        if !following && ns.publish_decisions(targets, spent) {
+        let decisions = ns.local_decisions((self.clock)());
+        if !following && ns.publish_decisions(decisions) {
             self.changes.send_modify(|n| *n += 1);
         }
     }
@@ -647,25 +722,41 @@ impl FleetView {
             .collect()
     }
 
-    fn join_as(&self, namespace: &str, pod: &str, identities: HashSet<String>, local: bool, now: Instant) {
+    /// Every verified target's last result: namespace, label, whether it passed.
+    pub fn verified(&self) -> Vec<(String, String, bool)> {
+        self.all_decisions()
+            .into_iter()
+            .flat_map(|(namespace, decisions)| {
+                decisions
+                    .verify
+                    .values()
+                    .filter_map(|v| Some((namespace.clone(), v.label.clone(), v.last.as_ref()?.passed)))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn join_as(&self, namespace: &str, pod: &str, membership: Membership, local: bool, now: Instant) {
         let following = self.following();
         let mut namespaces = self.lock();
         let ns = namespaces.entry(namespace.to_string()).or_default();
-        ns.members.insert(pod.to_string(), Member { identities, local });
+        let Membership { identities, targets } = membership;
+        ns.members.insert(pod.to_string(), Member { identities, targets, local });
         if ns.settle(now) {
             self.publish(ns, following);
         }
     }
 
     /// A pod connected to this replica, or its configuration changed: it may now probe (and
-    /// report on) the targets `identities`.
-    pub fn join(&self, namespace: &str, pod: &str, identities: HashSet<String>, now: Instant) {
+    /// report on) the fleet-scoped targets of `membership`, and verify all of them.
+    pub fn join(&self, namespace: &str, pod: &str, membership: Membership, now: Instant) {
         self.forward(Forwarded::Join {
             namespace: namespace.into(),
             pod: pod.into(),
-            identities: identities.iter().cloned().collect(),
+            identities: membership.identities.iter().cloned().collect(),
+            targets: membership.targets.iter().cloned().collect(),
         });
-        self.join_as(namespace, pod, identities, true, now);
+        self.join_as(namespace, pod, membership, true, now);
     }
 
     fn leave_as(&self, namespace: &str, pod: &str, now: Instant) {
@@ -685,7 +776,7 @@ impl FleetView {
     }
 
     fn observe_as(&self, namespace: &str, pod: &str, report: &Evidence<'_>, now: Instant) {
-        if report.targets.is_empty() && report.spend.is_empty() {
+        if report.is_empty() {
             return;
         }
         let following = self.following();
@@ -694,7 +785,8 @@ impl FleetView {
         let ns = namespaces.entry(namespace.to_string()).or_default();
         ns.refresh_rules(&policies);
         let spent = ns.spend(pod, report.spend, (self.clock)());
-        if ns.observe(pod, report.targets, now, Timestamp::now()) || spent {
+        let verified = ns.verified(pod, report.verified, now, Timestamp::now());
+        if ns.observe(pod, report.targets, now, Timestamp::now()) || spent || verified {
             self.publish(ns, following);
         }
     }
@@ -702,12 +794,13 @@ impl FleetView {
     /// Takes one report of a pod connected to this replica: what its fleet-scoped targets did,
     /// and what its spend-limited targets cost.
     pub fn observe(&self, namespace: &str, pod: &str, report: &Evidence<'_>, now: Instant) {
-        if !report.targets.is_empty() || !report.spend.is_empty() {
+        if !report.is_empty() {
             self.forward(Forwarded::Observe {
                 namespace: namespace.into(),
                 pod: pod.into(),
                 targets: report.targets.clone(),
                 spend: report.spend.clone(),
+                verified: report.verified.clone(),
             });
         }
         self.observe_as(namespace, pod, report, now);
@@ -716,12 +809,15 @@ impl FleetView {
     /// Takes evidence another replica forwarded (on the leader).
     pub fn take_forwarded(&self, evidence: Forwarded, now: Instant) {
         match evidence {
-            Forwarded::Join { namespace, pod, identities } => {
-                self.join_as(&namespace, &pod, identities.into_iter().collect(), false, now);
+            Forwarded::Join { namespace, pod, identities, targets } => {
+                let membership =
+                    Membership { identities: identities.into_iter().collect(), targets: targets.into_iter().collect() };
+                self.join_as(&namespace, &pod, membership, false, now);
             }
             Forwarded::Leave { namespace, pod } => self.leave_as(&namespace, &pod, now),
-            Forwarded::Observe { namespace, pod, targets, spend } => {
-                self.observe_as(&namespace, &pod, &Evidence { targets: &targets, spend: &spend }, now);
+            Forwarded::Observe { namespace, pod, targets, spend, verified } => {
+                let evidence = Evidence { targets: &targets, spend: &spend, verified: &verified };
+                self.observe_as(&namespace, &pod, &evidence, now);
             }
         }
     }
@@ -735,6 +831,7 @@ impl FleetView {
                     namespace: namespace.clone(),
                     pod: pod.clone(),
                     identities: member.identities.iter().cloned().collect(),
+                    targets: member.targets.iter().cloned().collect(),
                 });
             }
         }
@@ -750,12 +847,12 @@ impl FleetView {
     }
 
     /// Publishes the leader's decisions for `namespace` (while following).
-    pub fn adopt(&self, namespace: &str, targets: BTreeMap<String, Decision>, spent: BTreeMap<String, SpentWindow>) {
+    pub fn adopt(&self, namespace: &str, decisions: Decisions) {
         if !self.following() {
             return;
         }
         let mut namespaces = self.lock();
-        if namespaces.entry(namespace.to_string()).or_default().publish_decisions(targets, spent) {
+        if namespaces.entry(namespace.to_string()).or_default().publish_decisions(decisions) {
             self.changes.send_modify(|n| *n += 1);
         }
     }

@@ -1,8 +1,10 @@
 //! The fleet as users see it in `kubectl`: each policy's `status.sidecars` (connected, current,
-//! rejected), `status.targets` (each target's fleet state, reason, since, until) and
-//! `status.degraded`, written by the leader under its own field manager ([`FIELD_MANAGER`]),
-//! beside the reconciler's fields; and the Events `TargetEjected` and `TargetRestored` when a
-//! target leaves or rejoins the rotation.
+//! rejected), `status.targets` (each target's fleet state, reason, since, until, last
+//! verification), `status.degraded` and the `BackupsVerified` condition, written by the leader
+//! under its own field manager ([`FIELD_MANAGER`]), beside the reconciler's fields (its `Ready`
+//! condition included: conditions are a map by type, so each manager owns its own); and the
+//! Events `TargetEjected` and `TargetRestored` when a target leaves or rejoins the rotation,
+//! `VerificationFailed` and `TargetVerified` when a target's verification changes.
 //!
 //! Every second the leader computes each policy's fields and writes those that changed, at most
 //! once a second per policy however much the fleet churns. Events follow state transitions, not
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -27,10 +29,15 @@ use crate::chain::{CompiledPolicy, unix_ms_now};
 use crate::operator::leader::Leadership;
 use crate::operator::served::{ServedPolicies, ServedPolicy};
 use crate::operator::service::sidecars::{Sidecar, Sidecars, tally};
-use crate::policy::{API_VERSION, FallbackPolicy, OverrideState, SidecarsStatus, TargetState, TargetStatus};
+use crate::policy::{
+    API_VERSION, FallbackPolicy, OverrideState, SidecarsStatus, TargetState, TargetStatus, VerifiedStatus,
+    VerifyOutcome,
+};
 
 /// The field manager of the fleet's status fields.
 pub const FIELD_MANAGER: &str = "backstop-fleet";
+/// The condition that says whether every verified target answered its last probe.
+pub const BACKUPS_VERIFIED: &str = "BackupsVerified";
 
 /// One policy's fleet fields.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -41,6 +48,8 @@ pub struct FleetFields {
     pub targets: Vec<TargetStatus>,
     /// `status.degraded`.
     pub degraded: u32,
+    /// The `BackupsVerified` condition, when the policy verifies any target.
+    pub verified: Option<Condition>,
 }
 
 fn time(ms: i64) -> Option<Time> {
@@ -48,13 +57,15 @@ fn time(ms: i64) -> Option<Time> {
 }
 
 /// The fleet fields of `policy`, from the decisions of its namespace, its overrides (in force
-/// at `now_ms`) and the sidecars it is served to.
+/// at `now_ms`) and the sidecars it is served to; `held` is what the API server holds, whose
+/// verification results stand until the fleet has newer ones (a new leader's, say).
 pub fn fields(
     policy: &ServedPolicy,
     namespace: &str,
     decisions: &Decisions,
     sidecars: &[Sidecar],
     now_ms: i64,
+    held: &FleetFields,
 ) -> FleetFields {
     let compiled: &CompiledPolicy = &policy.compiled;
     let targets: Vec<TargetStatus> = compiled
@@ -97,11 +108,76 @@ pub fn fields(
                 ),
                 (None, None, None) => (TargetState::Closed, None, None, None),
             };
-            TargetStatus { target: target.label.clone(), state, reason, since, until }
+            let verified = target.verify.as_ref().and_then(|_| {
+                let last = decisions.verify.get(&target.identity).and_then(|v| v.last.as_ref());
+                match last {
+                    Some(last) => Some(VerifiedStatus {
+                        at: time(last.at_ms).unwrap_or(Time(Timestamp::UNIX_EPOCH)),
+                        outcome: if last.passed { VerifyOutcome::Passed } else { VerifyOutcome::Failed },
+                        class: last.class.clone(),
+                        message: last.message.clone(),
+                        latency_ms: Some(last.latency_ms),
+                    }),
+                    None => held.targets.iter().find(|t| t.target == target.label).and_then(|t| t.verified.clone()),
+                }
+            });
+            TargetStatus { target: target.label.clone(), state, reason, since, until, verified }
         })
         .collect();
     let degraded = u32::try_from(targets.iter().filter(|t| !t.state.in_rotation()).count()).unwrap_or(u32::MAX);
-    FleetFields { sidecars: tally(sidecars, namespace, &policy.name, &policy.version), targets, degraded }
+    let verified = verified_condition(compiled, &targets, policy.generation, now_ms, held.verified.as_ref());
+    FleetFields { sidecars: tally(sidecars, namespace, &policy.name, &policy.version), targets, degraded, verified }
+}
+
+/// The `BackupsVerified` condition of a policy whose target statuses are `targets`: `True` when
+/// every verified target answered its last probe, `False` naming those that did not, `Unknown`
+/// until each has been probed; none when the policy verifies nothing. Its transition time is
+/// `held`'s while its status stays.
+fn verified_condition(
+    compiled: &CompiledPolicy,
+    targets: &[TargetStatus],
+    generation: i64,
+    now_ms: i64,
+    held: Option<&Condition>,
+) -> Option<Condition> {
+    let verified: Vec<&TargetStatus> = compiled
+        .targets()
+        .into_iter()
+        .zip(targets)
+        .filter(|(compiled, _)| compiled.verify.is_some())
+        .map(|(_, status)| status)
+        .collect();
+    if verified.is_empty() {
+        return None;
+    }
+    let failed: Vec<String> = verified
+        .iter()
+        .filter_map(|t| {
+            let last = t.verified.as_ref().filter(|v| v.outcome == VerifyOutcome::Failed)?;
+            let why = [last.class.as_deref(), last.message.as_deref()].into_iter().flatten().collect::<Vec<_>>();
+            Some(format!("{} ({})", t.target, why.join(": ")))
+        })
+        .collect();
+    let pending: Vec<&str> = verified.iter().filter(|t| t.verified.is_none()).map(|t| t.target.as_str()).collect();
+    let (status, reason, message) = if !failed.is_empty() {
+        ("False", "VerificationFailed", format!("failed its last verification probe: {}", failed.join("; ")))
+    } else if !pending.is_empty() {
+        ("Unknown", "Pending", format!("not probed yet: {}", pending.join(", ")))
+    } else {
+        ("True", "Verified", format!("{} target(s) answered their last verification probe", verified.len()))
+    };
+    let last_transition_time = match held {
+        Some(held) if held.status == status => held.last_transition_time.clone(),
+        _ => time(now_ms).unwrap_or(Time(Timestamp::UNIX_EPOCH)),
+    };
+    Some(Condition {
+        type_: BACKUPS_VERIFIED.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: crate::configstream::bounded_reason(&message),
+        observed_generation: Some(generation),
+        last_transition_time,
+    })
 }
 
 /// A window's length as policies write it: `1h`, `30m`, `24h`.
@@ -140,6 +216,30 @@ pub fn transitions(before: &[TargetStatus], after: &[TargetStatus]) -> Vec<(Even
                     EventType::Normal,
                     "TargetRestored",
                     format!("{} is back in rotation: {how}", target.target),
+                ));
+            }
+            _ => {}
+        }
+        let outcome = |t: &TargetStatus| t.verified.as_ref().map(|v| v.outcome);
+        let before = previous.get(target.target.as_str()).and_then(|t| outcome(t));
+        match (before, target.verified.as_ref()) {
+            (Some(VerifyOutcome::Passed) | None, Some(v)) if v.outcome == VerifyOutcome::Failed => {
+                let why = [v.class.as_deref(), v.message.as_deref()].into_iter().flatten().collect::<Vec<_>>();
+                events.push((
+                    EventType::Warning,
+                    "VerificationFailed",
+                    format!("{} failed its verification probe: {}", target.target, why.join(": ")),
+                ));
+            }
+            (Some(VerifyOutcome::Failed) | None, Some(v)) if v.outcome == VerifyOutcome::Passed => {
+                events.push((
+                    EventType::Normal,
+                    "TargetVerified",
+                    format!(
+                        "{} answered its verification probe in {} ms",
+                        target.target,
+                        v.latency_ms.unwrap_or_default()
+                    ),
                 ));
             }
             _ => {}
@@ -203,8 +303,7 @@ impl FleetStatus {
             for policy in policies.policies.values() {
                 let key = (namespace.clone(), policy.name.clone());
                 seen.push(key.clone());
-                let desired = fields(policy, &namespace, &decisions, &sidecars, now_ms);
-                if let Err(error) = self.write(&key, policy, desired).await {
+                if let Err(error) = self.write(&key, policy, &decisions, &sidecars, now_ms).await {
                     tracing::warn!(policy = %format!("{namespace}/{}", policy.name), %error, "cannot write the fleet status");
                 }
             }
@@ -212,7 +311,14 @@ impl FleetStatus {
         self.written.retain(|key, _| seen.contains(key));
     }
 
-    async fn write(&mut self, key: &(String, String), policy: &ServedPolicy, desired: FleetFields) -> kube::Result<()> {
+    async fn write(
+        &mut self,
+        key: &(String, String),
+        policy: &ServedPolicy,
+        decisions: &Decisions,
+        sidecars: &[Sidecar],
+        now_ms: i64,
+    ) -> kube::Result<()> {
         let api = Api::<FallbackPolicy>::namespaced(self.client.clone(), &key.0);
         if !self.written.contains_key(key) {
             let Some(current) = api.get_opt(&key.1).await? else { return Ok(()) };
@@ -221,17 +327,26 @@ impl FleetStatus {
                 sidecars: status.sidecars.unwrap_or_default(),
                 targets: status.targets.unwrap_or_default(),
                 degraded: status.degraded.unwrap_or_default(),
+                verified: status.conditions.into_iter().find(|c| c.type_ == BACKUPS_VERIFIED),
             };
             self.written.insert(key.clone(), held);
         }
         let before = self.written.get(key).cloned().unwrap_or_default();
+        let desired = fields(policy, &key.0, decisions, sidecars, now_ms, &before);
         if before == desired {
             return Ok(());
         }
+        // Only the condition this manager owns: the reconciler's `Ready` is its own.
+        let conditions: Vec<&Condition> = desired.verified.iter().collect();
         let patch = json!({
             "apiVersion": API_VERSION,
             "kind": "FallbackPolicy",
-            "status": {"sidecars": desired.sidecars, "targets": desired.targets, "degraded": desired.degraded},
+            "status": {
+                "sidecars": desired.sidecars,
+                "targets": desired.targets,
+                "degraded": desired.degraded,
+                "conditions": conditions,
+            },
         });
         api.patch_status(&key.1, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
         let reference = ObjectReference {
@@ -288,9 +403,10 @@ spec:
                 },
             )]),
             spent: BTreeMap::new(),
+            verify: BTreeMap::new(),
         };
         let now_ms = since.as_millisecond();
-        let out = fields(&policy, "shop", &decisions, &[], now_ms);
+        let out = fields(&policy, "shop", &decisions, &[], now_ms, &FleetFields::default());
         let states: Vec<(&str, TargetState)> = out.targets.iter().map(|t| (t.target.as_str(), t.state)).collect();
         assert_eq!(
             states,
@@ -309,7 +425,7 @@ spec:
         );
         assert!(transitions(&out.targets, &out.targets).is_empty(), "nothing changed, nothing repeated");
         // The override ended and the fleet closed a/m.
-        let later = fields(&policy, "shop", &Decisions::default(), &[], 4_922_899_200_000);
+        let later = fields(&policy, "shop", &Decisions::default(), &[], 4_922_899_200_000, &out);
         let back: Vec<String> = transitions(&out.targets, &later.targets).into_iter().map(|(_, _, n)| n).collect();
         assert_eq!(back, ["a/m is back in rotation: a probe succeeded", "c/m is back in rotation: its override ended"]);
         assert_eq!(later.degraded, 0);
@@ -334,7 +450,7 @@ spec:
         let spent =
             crate::operator::fleet::SpentWindow { window: 493_000, usd: 50.4, limit: 50.0, until_ms: 493_001 * hour };
         let decisions = Decisions { spent: BTreeMap::from([(key, spent)]), ..Decisions::default() };
-        let out = fields(&policy, "shop", &decisions, &[], 493_000 * hour + 1_000);
+        let out = fields(&policy, "shop", &decisions, &[], 493_000 * hour + 1_000, &FleetFields::default());
         let a = &out.targets[0];
         assert_eq!((a.target.as_str(), a.state), ("a/m", TargetState::SpendLimit));
         assert_eq!(a.reason.as_deref(), Some("spendLimit: $50.40 of $50.00 spent in this 1h window"));
@@ -342,8 +458,90 @@ spec:
         assert_eq!(out.degraded, 1);
         let ejected: Vec<String> = transitions(&[], &out.targets).into_iter().map(|(_, _, n)| n).collect();
         assert_eq!(ejected, ["a/m is out of rotation: spendLimit: $50.40 of $50.00 spent in this 1h window"]);
-        let rolled = fields(&policy, "shop", &Decisions::default(), &[], 493_001 * hour);
+        let rolled = fields(&policy, "shop", &Decisions::default(), &[], 493_001 * hour, &out);
         let back: Vec<String> = transitions(&out.targets, &rolled.targets).into_iter().map(|(_, _, n)| n).collect();
         assert_eq!(back, ["a/m is back in rotation: its spend window rolled"]);
+    }
+
+    #[test]
+    fn verification_shows_per_target_in_one_condition_and_is_told_as_it_changes() {
+        use crate::operator::fleet::verify::{Verification, Verified};
+        let yaml = "apiVersion: backstop.dev/v1alpha1
+kind: FallbackPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  providers: [{name: a, type: mock}, {name: b, type: mock}, {name: c, type: mock}]
+  routes: [{model: chat, chain: [{provider: a, model: m, verify: {enabled: false}}, {provider: b, model: m}, {provider: c, model: m}]}]
+  verify: {every: 15m}
+";
+        let policy = crate::testing::served("p", yaml);
+        let identity = |i: usize| policy.compiled.targets()[i].identity.clone();
+        let result = |label: &str, passed: bool| Verification {
+            label: label.into(),
+            order: None,
+            last: Some(Verified {
+                at_ms: 1_796_000_000_000,
+                passed,
+                class: (!passed).then(|| "authError".into()),
+                message: (!passed).then(|| "the provider refused the key (401)".into()),
+                latency_ms: 87,
+            }),
+        };
+        let now_ms = 1_796_000_001_000;
+        // Nothing probed yet: Unknown, naming what is pending; the unverified primary has no entry.
+        let pending = fields(&policy, "shop", &Decisions::default(), &[], now_ms, &FleetFields::default());
+        let condition = pending.verified.clone().expect("a condition");
+        assert_eq!((condition.status.as_str(), condition.reason.as_str()), ("Unknown", "Pending"));
+        assert_eq!(condition.message, "not probed yet: b/m, c/m");
+        assert!(pending.targets.iter().all(|t| t.verified.is_none()));
+        // b's key is refused, c answers.
+        let decisions = Decisions {
+            verify: BTreeMap::from([(identity(1), result("b/m", false)), (identity(2), result("c/m", true))]),
+            ..Decisions::default()
+        };
+        let failing = fields(&policy, "shop", &decisions, &[], now_ms, &pending);
+        let condition = failing.verified.clone().expect("a condition");
+        assert_eq!((condition.status.as_str(), condition.reason.as_str()), ("False", "VerificationFailed"));
+        assert_eq!(
+            condition.message,
+            "failed its last verification probe: b/m (authError: the provider refused the key (401))"
+        );
+        let b = failing.targets[1].verified.clone().expect("verified");
+        assert_eq!((b.outcome, b.class.as_deref(), b.latency_ms), (VerifyOutcome::Failed, Some("authError"), Some(87)));
+        assert_eq!(failing.targets[0].verified, None, "a target left out has no verification");
+        assert_eq!(failing.degraded, 0, "a failed probe takes nothing out of rotation");
+        let told: Vec<(&str, String)> =
+            transitions(&pending.targets, &failing.targets).into_iter().map(|(_, r, n)| (r, n)).collect();
+        assert_eq!(
+            told,
+            [
+                (
+                    "VerificationFailed",
+                    "b/m failed its verification probe: authError: the provider refused the key (401)".into()
+                ),
+                ("TargetVerified", "c/m answered its verification probe in 87 ms".into()),
+            ]
+        );
+        // The key is fixed: True, one Event for b, and the condition's transition time moves.
+        let decisions = Decisions {
+            verify: BTreeMap::from([(identity(1), result("b/m", true)), (identity(2), result("c/m", true))]),
+            ..Decisions::default()
+        };
+        let passing = fields(&policy, "shop", &decisions, &[], now_ms + 60_000, &failing);
+        let condition = passing.verified.clone().expect("a condition");
+        assert_eq!(
+            (condition.status.as_str(), condition.message.as_str()),
+            ("True", "2 target(s) answered their last verification probe")
+        );
+        assert_eq!(condition.last_transition_time.0.as_millisecond(), now_ms + 60_000);
+        let told: Vec<String> =
+            transitions(&failing.targets, &passing.targets).into_iter().map(|(_, _, n)| n).collect();
+        assert_eq!(told, ["b/m answered its verification probe in 87 ms"]);
+        // A new leader, whose fleet has probed nothing yet, keeps what status holds.
+        let later = fields(&policy, "shop", &Decisions::default(), &[], now_ms + 120_000, &passing);
+        assert_eq!(later, passing, "nothing to write, nothing told");
+        // A policy that verifies nothing has no condition.
+        let plain = crate::testing::served("p", &yaml.replace("  verify: {every: 15m}\n", ""));
+        assert_eq!(fields(&plain, "shop", &decisions, &[], now_ms, &passing).verified, None);
     }
 }

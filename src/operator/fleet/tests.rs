@@ -35,7 +35,7 @@ fn fixture(extra: &str) -> Fixture {
     let view = FleetView::new(served);
     let start = Instant::now();
     for pod in ["pod-1", "pod-2", "pod-3"] {
-        view.join("shop", pod, HashSet::from([a.clone(), b.clone()]), start);
+        view.join("shop", pod, Membership::fleet(HashSet::from([a.clone(), b.clone()])), start);
     }
     Fixture { view, a, b, start }
 }
@@ -49,7 +49,12 @@ impl Fixture {
             last_failure: (failures > 0).then(|| "serverError: 500 boom".to_string()),
         };
         let targets = BTreeMap::from([(identity.to_string(), report)]);
-        self.view.observe("shop", pod, &Evidence { targets: &targets, spend: &BTreeMap::new() }, self.start + at);
+        self.view.observe(
+            "shop",
+            pod,
+            &Evidence { targets: &targets, spend: &BTreeMap::new(), verified: &BTreeMap::new() },
+            self.start + at,
+        );
     }
 
     fn decision(&self, identity: &str) -> Option<Decision> {
@@ -112,13 +117,23 @@ fn a_retry_after_is_believed_at_once_for_the_fleet_up_to_max_open_for() {
         last_failure: Some("rateLimited: 429".into()),
     };
     let targets = BTreeMap::from([(f.a.clone(), limited.clone())]);
-    f.view.observe("shop", "pod-1", &Evidence { targets: &targets, spend: &BTreeMap::new() }, f.start + secs(1));
+    f.view.observe(
+        "shop",
+        "pod-1",
+        &Evidence { targets: &targets, spend: &BTreeMap::new(), verified: &BTreeMap::new() },
+        f.start + secs(1),
+    );
     let decision = f.decision(&f.a).expect("open on the provider's word");
     assert_eq!(decision.phase, DecisionPhase::Open { until: f.start + secs(31) });
     assert_eq!(decision.reason, "the provider asked to wait 30s (Retry-After) (last: rateLimited: 429)");
     let longer = TargetReport { retry_after_ms: Some(3_600_000), ..limited };
     let targets = BTreeMap::from([(f.a.clone(), longer)]);
-    f.view.observe("shop", "pod-3", &Evidence { targets: &targets, spend: &BTreeMap::new() }, f.start + secs(2));
+    f.view.observe(
+        "shop",
+        "pod-3",
+        &Evidence { targets: &targets, spend: &BTreeMap::new(), verified: &BTreeMap::new() },
+        f.start + secs(2),
+    );
     assert_eq!(
         f.decision(&f.a).expect("open").phase,
         DecisionPhase::Open { until: f.start + secs(62) },
@@ -160,11 +175,16 @@ fn one_chosen_pod_probes_a_recovering_target_and_its_success_closes_it_everywher
 #[test]
 fn a_pod_is_heard_only_about_its_own_policies_fleet_scoped_targets() {
     let f = fixture("");
-    f.view.join("shop", "pod-4", HashSet::from([f.b.clone()]), f.start);
+    f.view.join("shop", "pod-4", Membership::fleet(HashSet::from([f.b.clone()])), f.start);
     f.report("pod-4", &f.a, 0, 50, secs(1));
     f.report("stranger", &f.a, 0, 50, secs(1));
     let targets = BTreeMap::from([(f.a.clone(), TargetReport { failures: 50, ..TargetReport::default() })]);
-    f.view.observe("other", "pod-1", &Evidence { targets: &targets, spend: &BTreeMap::new() }, f.start + secs(1));
+    f.view.observe(
+        "other",
+        "pod-1",
+        &Evidence { targets: &targets, spend: &BTreeMap::new(), verified: &BTreeMap::new() },
+        f.start + secs(1),
+    );
     assert!(f.decision(&f.a).is_none(), "not its target, not a member, not its namespace");
     let g = fixture("");
     let local = POLICY.replace("maxOpenFor: 60s}", "maxOpenFor: 60s, scope: pod}");
@@ -208,14 +228,19 @@ async fn pods_spending_a_target_add_up_to_its_limit_and_the_window_s_roll_brings
     let view = FleetView::with_clock(served.clone(), spend_clock);
     let start = Instant::now();
     for pod in ["pod-1", "pod-2", "pod-3"] {
-        view.join("shop", pod, HashSet::new(), start);
+        view.join("shop", pod, Membership::fleet(HashSet::new()), start);
     }
     SPEND_CLOCK.store(400 * hour + 60_000, std::sync::atomic::Ordering::SeqCst);
     let window = 400;
     // Each pod reports its whole spend in the window, every second.
     let report = |pod: &str, window: i64, usd: f64| {
         let spend = BTreeMap::from([(key.clone(), WindowSpend { window, usd })]);
-        view.observe("shop", pod, &Evidence { targets: &BTreeMap::new(), spend: &spend }, start);
+        view.observe(
+            "shop",
+            pod,
+            &Evidence { targets: &BTreeMap::new(), spend: &spend, verified: &BTreeMap::new() },
+            start,
+        );
     };
     for total in [1.2, 2.4] {
         for pod in ["pod-1", "pod-2", "pod-3"] {
@@ -239,15 +264,25 @@ async fn pods_spending_a_target_add_up_to_its_limit_and_the_window_s_roll_brings
     // Reports of another window, or of a key no policy limits, count nothing.
     report("pod-2", window - 1, 50.0);
     let stranger = BTreeMap::from([("shop/p\u{1f}b/m".to_string(), WindowSpend { window, usd: 99.0 })]);
-    view.observe("shop", "pod-2", &Evidence { targets: &BTreeMap::new(), spend: &stranger }, start);
+    view.observe(
+        "shop",
+        "pod-2",
+        &Evidence { targets: &BTreeMap::new(), spend: &stranger, verified: &BTreeMap::new() },
+        start,
+    );
     assert_eq!(view.decisions("shop").spent.keys().collect::<Vec<_>>(), [&key]);
 
     // An operator that restarts has the sum again from the next reports.
     let restarted = FleetView::with_clock(served.clone(), spend_clock);
     for (pod, total) in [("pod-1", 4.0), ("pod-2", 3.6), ("pod-3", 3.6)] {
-        restarted.join("shop", pod, HashSet::new(), start);
+        restarted.join("shop", pod, Membership::fleet(HashSet::new()), start);
         let spend = BTreeMap::from([(key.clone(), WindowSpend { window, usd: total })]);
-        restarted.observe("shop", pod, &Evidence { targets: &BTreeMap::new(), spend: &spend }, start);
+        restarted.observe(
+            "shop",
+            pod,
+            &Evidence { targets: &BTreeMap::new(), spend: &spend, verified: &BTreeMap::new() },
+            start,
+        );
     }
     assert!(restarted.decisions("shop").spent.contains_key(&key), "$11.20 again, from one report of each pod");
 
@@ -265,4 +300,47 @@ async fn pods_spending_a_target_add_up_to_its_limit_and_the_window_s_roll_brings
     assert!(view.decisions("shop").spent.is_empty(), "a new window");
     report("pod-1", window + 1, 9.0);
     assert!(view.decisions("shop").spent.is_empty(), "$9 of the new window's $10");
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_pod_is_ordered_to_verify_each_target_and_its_result_is_published_and_forwarded() {
+    use crate::configstream::VerifyResult;
+    let f = fixture("  verify: {every: 1m}\n");
+    let (sink, mut forwarded) = mpsc::channel(16);
+    f.view.tick(f.start);
+    let decisions = f.view.decisions("shop");
+    assert_eq!(decisions.verify.len(), 2, "both targets");
+    let order = decisions.verify[&f.b].order.clone().expect("b is ordered at once");
+    assert_eq!(decisions.verify[&f.b].label, "b/m");
+    assert_eq!((order.probe.prompt.as_str(), order.probe.max_tokens), ("Reply with OK.", 1));
+    let orders_for =
+        |pod: &str| decisions.verify.values().filter(|v| v.order.as_ref().is_some_and(|o| o.prober == pod)).count();
+    assert_eq!(orders_for("pod-1") + orders_for("pod-2") + orders_for("pod-3"), 2, "one pod per target");
+    // Followers' pods answer through the leader: the result is forwarded.
+    f.view.follow(sink);
+    let result = VerifyResult { id: order.probe.id, passed: true, class: None, message: None, latency_ms: 40 };
+    let verified = BTreeMap::from([(f.b.clone(), result.clone())]);
+    let evidence = Evidence { targets: &BTreeMap::new(), spend: &BTreeMap::new(), verified: &verified };
+    f.view.observe("shop", &order.prober, &evidence, f.start + secs(1));
+    let mut saw = None;
+    while let Ok(message) = forwarded.try_recv() {
+        if let Forwarded::Observe { verified, .. } = message {
+            saw = Some(verified);
+        }
+    }
+    assert_eq!(saw, Some(verified.clone()), "forwarded to the leader");
+    f.view.unfollow();
+    let decisions = f.view.decisions("shop");
+    let b = &decisions.verify[&f.b];
+    assert_eq!(b.order, None, "answered");
+    assert_eq!(b.last.as_ref().map(|l| (l.passed, l.latency_ms)), Some((true, 40)));
+    assert_eq!(f.view.verified(), [("shop".to_string(), "b/m".to_string(), true)]);
+    // A stranger's word, or the same result again, changes nothing.
+    f.view.observe("shop", "pod-9", &evidence, f.start + secs(2));
+    assert_eq!(f.view.decisions("shop").verify[&f.b], *b);
+    // The next probe is due a period after the result.
+    f.view.tick(f.start + secs(60));
+    assert_eq!(f.view.decisions("shop").verify[&f.b].order, None);
+    f.view.tick(f.start + secs(61));
+    assert!(f.view.decisions("shop").verify[&f.b].order.is_some());
 }

@@ -48,7 +48,8 @@ use super::tls::ReloadingCert;
 use crate::backoff::{self, Backoff};
 use crate::configstream::{HEARTBEAT, Lines, STREAM_IDLE, line};
 use crate::net::body::{Body, BoxError};
-use crate::operator::fleet::{Decision, DecisionPhase, FleetView, Forwarded, SpentWindow};
+use crate::operator::fleet::verify::Verification;
+use crate::operator::fleet::{Decision, DecisionPhase, Decisions, FleetView, Forwarded, SpentWindow};
 use crate::operator::leader::Holder;
 
 /// The peer stream's path.
@@ -219,6 +220,9 @@ pub enum FromLeader {
         /// Its spent spend windows, by spend key.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         spent: BTreeMap<String, WireSpent>,
+        /// Its verified targets' orders and last results, by identity.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        verify: BTreeMap<String, Verification>,
     },
     /// The stream is alive.
     Heartbeat,
@@ -275,7 +279,8 @@ async fn lead(leading: Leading, replica: String, mut body: Incoming, tx: mpsc::S
             let targets =
                 decisions.targets.iter().map(|(id, d)| (id.clone(), WireDecision::from_decision(d, now))).collect();
             let spent = decisions.spent.iter().map(|(key, s)| (key.clone(), WireSpent::from(s))).collect();
-            if !send(&FromLeader::Decisions { namespace, targets, spent }).await {
+            let verify = decisions.verify.clone();
+            if !send(&FromLeader::Decisions { namespace, targets, spent, verify }).await {
                 break 'stream;
             }
         }
@@ -479,11 +484,11 @@ impl Follower {
                     };
                     heard = Instant::now();
                     for text in lines.push(&data).map_err(|_| LinkError::Ended)? {
-                        if let Ok(FromLeader::Decisions { namespace, targets, spent }) = serde_json::from_slice::<FromLeader>(&text) {
+                        if let Ok(FromLeader::Decisions { namespace, targets, spent, verify }) = serde_json::from_slice::<FromLeader>(&text) {
                             let now = Instant::now();
                             let targets = targets.into_iter().map(|(id, d)| (id, d.into_decision(now))).collect();
                             let spent = spent.into_iter().map(|(key, s)| (key, SpentWindow::from(s))).collect();
-                            self.fleet.adopt(&namespace, targets, spent);
+                            self.fleet.adopt(&namespace, Decisions { revision: 0, targets, spent, verify });
                         }
                     }
                 }
@@ -582,6 +587,7 @@ mod tests {
             namespace: "shop".into(),
             targets: BTreeMap::from([("id".to_string(), wire)]),
             spent: BTreeMap::from([("key".to_string(), WireSpent::from(&spent))]),
+            verify: BTreeMap::new(),
         })
         .expect("json");
         let FromLeader::Decisions { targets, spent: spent_back, .. } = serde_json::from_str(&text).expect("parses")

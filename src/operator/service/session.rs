@@ -19,11 +19,11 @@ use tokio::time::Instant;
 use super::ConfigService;
 use super::auth::Identity;
 use crate::configstream::{
-    Fleet, FleetTarget, HEARTBEAT, Lines, MAX_REPORT_BYTES, Protocol, Report, STREAM_IDLE, ServerMessage, WindowSpend,
-    line, v1, v2,
+    Fleet, FleetTarget, HEARTBEAT, Lines, MAX_REPORT_BYTES, Protocol, Report, STREAM_IDLE, ServerMessage, VerifyOrder,
+    WindowSpend, line, v1, v2,
 };
 use crate::net::body::BoxError;
-use crate::operator::fleet::{DecisionPhase, Decisions, Evidence};
+use crate::operator::fleet::{DecisionPhase, Decisions, Evidence, Membership};
 use crate::operator::served::{NamespacePolicies, ServedPolicy};
 use crate::policy::BreakerScope;
 
@@ -52,9 +52,21 @@ fn select_held(policies: &NamespacePolicies, labels: &BTreeMap<String, String>) 
     policies.held.iter().filter(|(_, held)| selects(held.selector.as_ref(), labels)).map(|(n, _)| n.clone()).collect()
 }
 
-/// The fleet's decisions as one pod is to see them: about its targets, with its probe role, and
-/// its spent spend windows.
-type PodView = (BTreeMap<String, (bool, bool, String)>, BTreeMap<String, i64>);
+/// The fleet's decisions as one pod is to see them: about its targets, with its probe role, its
+/// spent spend windows, and the verification probes it is to send.
+type PodView = (BTreeMap<String, (bool, bool, String)>, BTreeMap<String, i64>, BTreeMap<String, VerifyOrder>);
+
+/// The verification probes `decisions` order from the pod `uid`.
+fn orders(decisions: &Decisions, uid: &str) -> BTreeMap<String, VerifyOrder> {
+    decisions
+        .verify
+        .iter()
+        .filter_map(|(identity, verification)| {
+            let order = verification.order.as_ref().filter(|order| order.prober == uid)?;
+            Some((identity.clone(), order.probe.clone()))
+        })
+        .collect()
+}
 
 fn pod_view(decisions: &Decisions, identities: &HashSet<String>, spend_keys: &HashSet<String>, uid: &str) -> PodView {
     let targets = decisions
@@ -75,7 +87,7 @@ fn pod_view(decisions: &Decisions, identities: &HashSet<String>, spend_keys: &Ha
         .filter(|(key, _)| spend_keys.contains(*key))
         .map(|(key, spent)| (key.clone(), spent.window))
         .collect();
-    (targets, spent)
+    (targets, spent, orders(decisions, uid))
 }
 
 fn fleet_message(
@@ -108,7 +120,7 @@ fn fleet_message(
         .filter(|(key, _)| spend_keys.contains(*key))
         .map(|(key, spent)| (key.clone(), WindowSpend { window: spent.window, usd: spent.usd }))
         .collect();
-    Fleet { targets, spent }
+    Fleet { targets, spent, verify: orders(decisions, uid) }
 }
 
 /// A token bucket for a sidecar's reports.
@@ -141,6 +153,8 @@ pub struct Session {
     history: VecDeque<(String, BTreeMap<String, String>)>,
     /// The fleet-scoped targets of the pod's policies.
     identities: HashSet<String>,
+    /// Every target of the pod's policies: what it may verify.
+    targets: HashSet<String>,
     /// The spend keys of the pod's policies' spend-limited targets.
     spend_keys: HashSet<String>,
     /// The fleet view last sent.
@@ -170,6 +184,7 @@ impl Session {
             tx,
             history: VecDeque::new(),
             identities: HashSet::new(),
+            targets: HashSet::new(),
             spend_keys: HashSet::new(),
             fleet_sent: None,
             rejection_logged: None,
@@ -237,13 +252,18 @@ impl Session {
             .filter(|policy| policy.compiled.breaker.scope == BreakerScope::Fleet)
             .flat_map(|policy| policy.compiled.targets().into_iter().map(|t| t.identity.clone()))
             .collect();
+        self.targets = selected
+            .iter()
+            .flat_map(|policy| policy.compiled.targets().into_iter().map(|t| t.identity.clone()))
+            .collect();
         self.spend_keys = selected
             .iter()
             .flat_map(|policy| {
                 policy.compiled.targets().into_iter().filter_map(|t| Some(t.spend_limit.as_ref()?.key.clone()))
             })
             .collect();
-        self.service.fleet.join(&self.identity.namespace, &self.identity.uid, self.identities.clone(), Instant::now());
+        let member = Membership { identities: self.identities.clone(), targets: self.targets.clone() };
+        self.service.fleet.join(&self.identity.namespace, &self.identity.uid, member, Instant::now());
         if self.resume.take().as_deref() == Some(version.as_str()) {
             return self.say(ServerMessage::Unchanged { version }).await;
         }
@@ -299,14 +319,16 @@ impl Session {
         // Evidence only about the targets of the pod's own policies counts.
         report.targets.retain(|identity, _| self.identities.contains(identity));
         report.spend.retain(|key, _| self.spend_keys.contains(key));
-        if !report.targets.is_empty() || !report.spend.is_empty() {
+        report.verified.retain(|identity, _| self.targets.contains(identity));
+        if !report.targets.is_empty() || !report.spend.is_empty() || !report.verified.is_empty() {
             let now = Instant::now();
-            // Spend is a running count that a dropped report would lose: a flood is cut off by
-            // the bucket for its health evidence, never for what it spent.
+            // Spend is a running count that a dropped report would lose, and a probe's result
+            // answers one order: a flood is cut off by the bucket for its health evidence,
+            // never for those.
             if !self.reports.take(now) {
                 report.targets.clear();
             }
-            let evidence = Evidence { targets: &report.targets, spend: &report.spend };
+            let evidence = Evidence { targets: &report.targets, spend: &report.spend, verified: &report.verified };
             self.service.fleet.observe(&self.identity.namespace, &uid, &evidence, now);
         }
         Ok(())

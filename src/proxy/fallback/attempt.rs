@@ -44,6 +44,11 @@ impl Upstreams {
         Upstreams { http }
     }
 
+    /// The shared HTTP client.
+    pub fn http(&self) -> &HttpClient {
+        &self.http
+    }
+
     /// The upstreams as one request in trace `trace` reaches them.
     pub fn traced<'a>(&'a self, trace: &'a TraceContext) -> Traced<'a> {
         Traced { http: &self.http, trace }

@@ -1,0 +1,217 @@
+//! The sidecar's verification probes: each order the operator sent this pod (see
+//! [`crate::health::verify`]) is sent once, as a small real request to its target through the
+//! target's own translation, adaptation and key, and its result is left for the next report.
+//!
+//! A probe is nobody's traffic: it takes no breaker permit, so it never opens a breaker or
+//! lands in the fleet's tallies; it is not counted in the request metrics, the retry budget or
+//! a spend limit. What it leaves is its own: a CLIENT span `verify {model}` marked
+//! `backstop.verify=true` (with the tokens and cost it spent), a log record, and the counter
+//! `backstop.verify.probes` by target and outcome. The probe asks for at most the order's
+//! `maxTokens` (whatever the target's `adapt` sets) and without a thinking budget, so that a
+//! one-token probe is a request every model takes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::KeyValue;
+use opentelemetry::logs::Severity;
+use opentelemetry::metrics::Counter;
+use opentelemetry::trace::SpanKind;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::configstream::{VerifyOrder, VerifyResult};
+use crate::llm::request::Message;
+use crate::llm::{ChatRequest, Operation, Reply};
+use crate::net::client::HttpClient;
+use crate::policy::Parameter;
+use crate::provider::Call;
+use crate::snapshot::{PolicyStore, Target};
+use crate::telemetry::Telemetry;
+use crate::telemetry::genai::AnswerInfo;
+use crate::telemetry::spans::{SpanRecord, new_span_id};
+
+/// Sends the probes ordered from this pod.
+pub struct Verifier {
+    store: Arc<PolicyStore>,
+    http: HttpClient,
+    telemetry: Arc<Telemetry>,
+    probes: Counter<u64>,
+}
+
+impl Verifier {
+    /// A verifier of `store`'s targets, sending over `http`, recording into `telemetry`.
+    pub fn new(store: Arc<PolicyStore>, http: HttpClient, telemetry: Arc<Telemetry>) -> Verifier {
+        let probes = telemetry
+            .metrics
+            .meter("backstop")
+            .u64_counter("backstop.verify.probes")
+            .with_description("Verification probes this sidecar sent, by target and outcome (passed, failed)")
+            .build();
+        Verifier { store, http, telemetry, probes }
+    }
+
+    /// Sends each new order once, until `shutdown`.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut orders = self.store.health().verify().orders();
+        let mut sent: HashSet<u64> = HashSet::new();
+        loop {
+            let current = orders.borrow_and_update().clone();
+            // An order the operator withdrew (answered, or given to another pod) is forgotten.
+            sent.retain(|id| current.values().any(|order| order.id == *id));
+            for (identity, order) in current {
+                if sent.insert(order.id) {
+                    let verifier = self.clone();
+                    tokio::spawn(async move { verifier.probe(&identity, &order).await });
+                }
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                changed = orders.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Sends one probe and leaves its result; nothing when this pod no longer has the target
+    /// (the operator gives the order to another pod).
+    async fn probe(&self, identity: &str, order: &VerifyOrder) {
+        let Some(target) = self.store.load().and_then(|snapshot| snapshot.target(identity)) else {
+            tracing::debug!(identity, "a verification probe for a target this pod no longer has");
+            return;
+        };
+        let request = probe_request(&target, order);
+        let adapt = probe_adaptation(&target, order.max_tokens);
+        let trace = self.telemetry.trace(&http::HeaderMap::new());
+        let span = new_span_id();
+        let headers = trace.upstream(span);
+        let call = Call {
+            http: &self.http,
+            model: &target.model,
+            request: &request,
+            key: target.key,
+            trace: &headers,
+            adapt: Some(&adapt),
+        };
+        let (wall, started) = (SystemTime::now(), Instant::now());
+        let sent = tokio::time::timeout(Duration::from_millis(order.timeout_ms), target.provider.send(call)).await;
+        let latency = started.elapsed();
+        let (info, failure) = match sent {
+            Ok(Ok(sent)) => match sent.reply {
+                Reply::Complete(whole) => {
+                    let json = match &whole.raw {
+                        Some(raw) => serde_json::from_slice(raw).unwrap_or(Value::Null),
+                        None => whole.json,
+                    };
+                    (AnswerInfo::of_complete(sent.api, &json), None)
+                }
+                Reply::Stream(_) => {
+                    (AnswerInfo::default(), Some(("serverError", "answered with a stream".to_string())))
+                }
+            },
+            Ok(Err(error)) => (AnswerInfo::default(), Some((error.class.as_str(), error.message))),
+            Err(_) => {
+                let message = format!("no answer within {} ms", order.timeout_ms);
+                (AnswerInfo::default(), Some(("timeout", message)))
+            }
+        };
+        let result = VerifyResult {
+            id: order.id,
+            passed: failure.is_none(),
+            class: failure.as_ref().map(|(class, _)| (*class).to_string()),
+            message: failure.as_ref().map(|(_, message)| crate::configstream::bounded_reason(message)),
+            latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+        };
+        self.record(&target, &result, &info, order, (wall, latency), (&trace, span));
+        self.store.health().verify().record(identity, result);
+    }
+
+    fn record(
+        &self,
+        target: &Target,
+        result: &VerifyResult,
+        info: &AnswerInfo,
+        order: &VerifyOrder,
+        (start, latency): (SystemTime, Duration),
+        (trace, span): (&crate::telemetry::spans::TraceContext, opentelemetry::trace::SpanId),
+    ) {
+        let outcome = if result.passed { "passed" } else { "failed" };
+        self.probes.add(
+            1,
+            &[KeyValue::new("backstop.target", target.label.clone()), KeyValue::new("backstop.outcome", outcome)],
+        );
+        let mut attributes = vec![
+            KeyValue::new("backstop.verify", true),
+            KeyValue::new("backstop.target", target.label.clone()),
+            KeyValue::new("backstop.outcome", outcome),
+            KeyValue::new("gen_ai.operation.name", "chat"),
+            KeyValue::new("gen_ai.provider.name", target.provider.system),
+            KeyValue::new("gen_ai.request.model", target.model.clone()),
+            KeyValue::new("gen_ai.request.max_tokens", i64::from(order.max_tokens)),
+        ];
+        for (name, value) in
+            [("gen_ai.usage.input_tokens", info.input_tokens), ("gen_ai.usage.output_tokens", info.output_tokens)]
+        {
+            if let Some(value) = value {
+                attributes.push(KeyValue::new(name, i64::try_from(value).unwrap_or(i64::MAX)));
+            }
+        }
+        if let Some(cost) = info.cost(target.price.as_ref()) {
+            attributes.push(KeyValue::new("backstop.cost", cost));
+        }
+        if let Some(class) = &result.class {
+            attributes.push(KeyValue::new("error.type", class.clone()));
+        }
+        let error = result.message.as_ref().map(|message| format!("{}: {message}", target.label));
+        match &error {
+            Some(error) => tracing::warn!(target_label = %target.label, %error, latency_ms = result.latency_ms,
+                "a verification probe failed"),
+            None => tracing::debug!(target_label = %target.label, latency_ms = result.latency_ms,
+                "a verification probe passed"),
+        }
+        let severity = if result.passed { Severity::Info } else { Severity::Warn };
+        self.telemetry.log(Some((trace, span)), severity, "verification probe", attributes.clone());
+        if trace.sampled {
+            let record = SpanRecord {
+                id: span,
+                parent: None,
+                remote_parent: false,
+                kind: SpanKind::Client,
+                name: format!("verify {}", target.model),
+                start,
+                end: start + latency,
+                attributes,
+                events: Vec::new(),
+                error,
+            };
+            self.telemetry.export(trace, vec![record]);
+        }
+    }
+}
+
+/// The probe: one user message, a whole answer.
+fn probe_request(target: &Target, order: &VerifyOrder) -> ChatRequest {
+    let message = Message { role: "user".into(), content: Some(Value::String(order.prompt.clone())), rest: Map::new() };
+    ChatRequest {
+        model: target.model.clone(),
+        messages: vec![message],
+        stream: false,
+        rest: Map::new(),
+        origin: None,
+        operation: Operation::Chat,
+        continues: false,
+    }
+}
+
+/// The target's adaptation with the probe's answer limit set, whatever it sets or caps, and no
+/// thinking budget (which needs a larger limit than a probe's).
+fn probe_adaptation(target: &Target, max_tokens: u32) -> crate::chain::Adaptation {
+    let mut adapt = target.adapt.clone().unwrap_or_default();
+    let probe_owned = |parameter: &Parameter| matches!(parameter, Parameter::MaxTokens | Parameter::ThinkingBudget);
+    adapt.set.retain(|(parameter, _)| !probe_owned(parameter));
+    adapt.cap.retain(|(parameter, _)| !probe_owned(parameter));
+    adapt.set.push((Parameter::MaxTokens, Value::from(max_tokens)));
+    adapt.remove.push(Parameter::ThinkingBudget);
+    adapt
+}
