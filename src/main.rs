@@ -252,6 +252,7 @@ async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
         max_request_bytes: args.max_request_bytes,
         drain: args.drain_timeout,
         passthrough: Some(Passthrough::new(destinations, &extra_roots)?),
+        verify_locally: args.control_plane.is_none(),
     };
     let source = match &args.control_plane {
         Some(url) => Source::Operator {

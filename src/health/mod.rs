@@ -73,6 +73,8 @@ pub struct TargetHealth {
     gates: Mutex<Gates>,
     tally: Mutex<Tally>,
     observer: Arc<OnceLock<Arc<dyn HealthObserver>>>,
+    /// The last verification probe this pod sent it.
+    verified: Mutex<Option<verify::Verified>>,
 }
 
 /// What is told of breakers opening and closing (telemetry).
@@ -94,6 +96,7 @@ impl TargetHealth {
             gates: Mutex::default(),
             tally: Mutex::default(),
             observer: Arc::default(),
+            verified: Mutex::default(),
         }
     }
 
@@ -227,6 +230,11 @@ impl TargetHealth {
         }
     }
 
+    /// Notes how a verification probe this pod sent ended, for `/health`; nothing else.
+    pub fn note_verified(&self, verified: verify::Verified) {
+        *self.verified.lock() = Some(verified);
+    }
+
     fn reconfigure(&self, settings: BreakerSettings) {
         self.breaker.lock().reconfigure(settings);
     }
@@ -271,6 +279,7 @@ impl TargetHealth {
             failures: stats.failures.clone(),
             last_failure: stats.last_failure.clone(),
             rate_limited_for: stats.saturated_until.map(|until| until.saturating_duration_since(now)),
+            verified: self.verified.lock().clone(),
         }
     }
 }
@@ -300,6 +309,8 @@ pub struct TargetView {
     pub last_failure: Option<String>,
     /// How long its rate-limit headers say it is out of quota (steered away from, not open).
     pub rate_limited_for: Option<Duration>,
+    /// The last verification probe this pod sent it.
+    pub verified: Option<verify::Verified>,
 }
 
 /// Why a target is out of rotation, or forced.

@@ -143,7 +143,7 @@ fn out_because(why: &OutBecause) -> String {
 pub fn target_json(view: &TargetView) -> Value {
     let failures: serde_json::Map<String, Value> =
         view.failures.iter().map(|(class, n)| (class.as_str().to_string(), json!(n))).collect();
-    json!({
+    let mut json = json!({
         "target": view.target,
         "state": state_name(view.state),
         "retryInMs": view.retry_in.map(|d| d.as_millis() as u64),
@@ -156,7 +156,12 @@ pub fn target_json(view: &TargetView) -> Value {
         "lastFailure": view.last_failure,
         // Out of quota per its rate-limit headers (steered away from, not open).
         "rateLimitedForMs": view.rate_limited_for.map(|d| d.as_millis() as u64).filter(|ms| *ms > 0),
-    })
+    });
+    // The last verification probe this pod sent it, when it sent one.
+    if let (Some(verified), Some(fields)) = (&view.verified, json.as_object_mut()) {
+        fields.insert("verified".into(), serde_json::to_value(verified).unwrap_or_default());
+    }
+    json
 }
 
 /// One route's retry budget as `/health` shows it.

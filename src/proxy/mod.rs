@@ -55,6 +55,9 @@ pub struct SidecarSettings {
     pub drain: Duration,
     /// Where calls go while no policy applies; `None`: the providers' public endpoints.
     pub passthrough: Option<passthrough::Passthrough>,
+    /// Whether the sidecar schedules its targets' verification probes itself (it reads a
+    /// policy file: the fleet of one), rather than sending those the operator orders.
+    pub verify_locally: bool,
 }
 
 /// Why the sidecar could not start serving.
@@ -78,6 +81,7 @@ pub enum BindError {
 struct State {
     drain: Duration,
     verifier: Arc<verify::Verifier>,
+    verify_locally: bool,
     store: Arc<PolicyStore>,
     through: ingress::Through,
     max_request_bytes: usize,
@@ -126,6 +130,7 @@ impl Sidecar {
         let state = Arc::new(State {
             drain: config.drain,
             verifier,
+            verify_locally: config.verify_locally,
             store,
             through: ingress::Through { upstreams, recorder, shadows },
             max_request_bytes: config.max_request_bytes,
@@ -148,6 +153,10 @@ impl Sidecar {
     /// configured drain).
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let verifier = tokio::spawn(self.state.verifier.clone().run(shutdown.clone()));
+        let scheduler = self
+            .state
+            .verify_locally
+            .then(|| tokio::spawn(self.state.verifier.clone().schedule_locally(shutdown.clone())));
         let llm_state = self.state.clone();
         let drain = self.state.drain;
         let llm = serve(self.llm, shutdown.clone(), drain, move |request| {
@@ -163,6 +172,9 @@ impl Sidecar {
         });
         tokio::join!(llm, admin);
         verifier.abort();
+        if let Some(scheduler) = scheduler {
+            scheduler.abort();
+        }
     }
 }
 

@@ -1,6 +1,8 @@
-//! The sidecar's verification probes: each order the operator sent this pod (see
-//! [`crate::health::verify`]) is sent once, as a small real request to its target through the
-//! target's own translation, adaptation and key, and its result is left for the next report.
+//! The sidecar's verification probes: each order (see [`crate::health::verify`]) is sent once,
+//! as a small real request to its target through the target's own translation, adaptation and
+//! key, and its result is left for whoever ordered it: the operator, through the next report,
+//! or, for a sidecar reading a policy file, its own schedule ([`Verifier::schedule_locally`]).
+//! `/health` shows each target's last probe from this pod.
 //!
 //! A probe is nobody's traffic: it takes no breaker permit, so it never opens a breaker or
 //! lands in the fleet's tallies; it is not counted in the request metrics, the retry budget or
@@ -10,7 +12,7 @@
 //! `maxTokens` (whatever the target's `adapt` sets) and without a thinking budget, so that a
 //! one-token probe is a request every model takes.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +25,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::configstream::{VerifyOrder, VerifyResult};
+use crate::health::verify::{Schedule, Verified};
 use crate::llm::request::Message;
 use crate::llm::{ChatRequest, Operation, Reply};
 use crate::net::client::HttpClient;
@@ -71,6 +74,50 @@ impl Verifier {
                 _ = shutdown.changed() => return,
                 changed = orders.changed() => if changed.is_err() { return },
             }
+        }
+    }
+
+    /// Orders this sidecar's own probes, for a sidecar that reads a policy file (the fleet of
+    /// one), on the schedule the operator keeps for a fleet, until `shutdown`.
+    pub async fn schedule_locally(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        const SELF: &str = "self";
+        let mut schedules: HashMap<String, Schedule> = HashMap::new();
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = ticks.tick() => {}
+            }
+            let now = Instant::now();
+            let snapshot = self.store.load();
+            let verified: HashMap<&str, (&crate::chain::Verify, &str)> = snapshot
+                .iter()
+                .flat_map(|snapshot| snapshot.targets())
+                .filter_map(|t| Some((t.identity.as_str(), (t.verify.as_ref()?, t.label.as_str()))))
+                .collect();
+            schedules.retain(|identity, _| verified.contains_key(identity.as_str()));
+            for (identity, (verify, label)) in verified {
+                match schedules.get_mut(identity) {
+                    Some(schedule) => schedule.reconfigure(verify, label, now),
+                    None => {
+                        schedules.insert(identity.to_string(), Schedule::new(verify.clone(), label.to_string(), now));
+                    }
+                }
+            }
+            for (identity, result) in self.store.health().verify().take_results() {
+                if let Some(schedule) = schedules.get_mut(&identity) {
+                    schedule.take(SELF, &result, now, k8s_openapi::jiff::Timestamp::now());
+                }
+            }
+            for schedule in schedules.values_mut() {
+                schedule.advance(now, |_| true, || vec![SELF.to_string()]);
+            }
+            let orders: BTreeMap<String, VerifyOrder> = schedules
+                .iter()
+                .filter_map(|(identity, schedule)| Some((identity.clone(), schedule.order()?.1.clone())))
+                .collect();
+            self.store.health().verify().set_orders(&orders);
         }
     }
 
@@ -124,6 +171,7 @@ impl Verifier {
             latency_ms: u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
         };
         self.record(&target, &result, &info, order, (wall, latency), (&trace, span));
+        target.health.note_verified(Verified::of(&result, k8s_openapi::jiff::Timestamp::now()));
         self.store.health().verify().record(identity, result);
     }
 

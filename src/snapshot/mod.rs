@@ -57,6 +57,8 @@ pub struct Target {
     /// Its spend against its `spendLimit`, if the policy sets one; shared by every key of its
     /// provider and across reloads.
     pub spend: Option<Arc<SpendGuard>>,
+    /// How it is verified, if the policy verifies it.
+    pub verify: Option<crate::chain::Verify>,
 }
 
 impl Target {
@@ -224,14 +226,14 @@ impl PolicySnapshot {
         })
     }
 
+    /// Every chain target of every route (a target may appear more than once).
+    pub fn targets(&self) -> impl Iterator<Item = &Arc<Target>> {
+        self.routes.values().chain(&self.catch_all).flat_map(|route| route.targets())
+    }
+
     /// The chain target `identity` names, from whichever route has it.
     pub fn target(&self, identity: &str) -> Option<Arc<Target>> {
-        self.routes
-            .values()
-            .chain(&self.catch_all)
-            .flat_map(|route| route.targets())
-            .find(|target| target.identity == identity)
-            .cloned()
+        self.targets().find(|target| target.identity == identity).cloned()
     }
 
     /// The route for a requested model alias.
@@ -346,6 +348,7 @@ impl Binder<'_> {
             price: config.price,
             adapt: config.adapt.clone(),
             spend: None,
+            verify: config.verify.clone(),
         })
     }
 }

@@ -23,3 +23,4 @@ mod sidecar_process;
 mod support;
 mod tls;
 mod translate;
+mod verify;

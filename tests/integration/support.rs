@@ -641,6 +641,7 @@ impl TestSidecar {
             max_request_bytes: 64 * 1024,
             drain: backstop::proxy::DEFAULT_DRAIN,
             passthrough: Some(Passthrough::new(destinations, &[]).expect("passthrough")),
+            verify_locally: true,
         };
         let telemetry = backstop::telemetry::Telemetry::local(
             backstop::telemetry::Metrics::new("backstop-sidecar").expect("metrics"),

@@ -509,8 +509,13 @@ impl Namespace {
             changed |= target.circuit.advance(now);
         }
         changed |= self.settle(now);
+        let members = &self.members;
         for (identity, schedule) in &mut self.schedules {
-            changed |= schedule.advance(identity, &self.members, now);
+            let is_candidate = |pod: &str| members.get(pod).is_some_and(|m| m.targets.contains(identity));
+            let candidates = || {
+                rendezvous(identity, members.iter().filter(|(_, m)| m.targets.contains(identity)).map(|(pod, _)| pod))
+            };
+            changed |= schedule.advance(now, is_candidate, candidates);
         }
         self.targets.retain(|_, target| !target.circuit.is_closed() || !target.pods.is_empty());
         // A spent window that rolled is forgotten; the next is counted from its first report.
@@ -574,7 +579,7 @@ impl Namespace {
     /// The decisions of this replica's own view.
     fn local_decisions(&self, now_ms: i64) -> Decisions {
         let targets = self.targets.iter().filter_map(|(id, t)| t.decision().map(|d| (id.clone(), d))).collect();
-        let verify = self.schedules.iter().map(|(id, schedule)| (id.clone(), schedule.published())).collect();
+        let verify = self.schedules.iter().map(|(id, schedule)| (id.clone(), Verification::of(schedule))).collect();
         Decisions { revision: 0, targets, spent: self.spent(now_ms), verify }
     }
 }

@@ -16,6 +16,11 @@ pub fn classify(status: Option<u16>, body: &[u8]) -> FailureClass {
 pub fn classify_error(status: Option<u16>, error: &Value) -> FailureClass {
     let kind = error.get("type").and_then(Value::as_str).unwrap_or_default();
     let message = error.get("message").and_then(Value::as_str).unwrap_or_default().to_ascii_lowercase();
+    // A refused key is one whatever the body says (a gateway in front of the API may word it
+    // in its own format).
+    if matches!(status, Some(401 | 403)) {
+        return FailureClass::AuthError;
+    }
     match kind {
         "rate_limit_error" => FailureClass::RateLimited,
         "overloaded_error" => FailureClass::Overloaded,
@@ -50,6 +55,7 @@ mod tests {
         assert_eq!(c(500, "api_error", "oops"), FailureClass::ServerError);
         assert_eq!(c(401, "authentication_error", "invalid x-api-key"), FailureClass::AuthError);
         assert_eq!(c(403, "permission_error", "no"), FailureClass::AuthError);
+        assert_eq!(c(401, "invalid_request_error", "invalid api key"), FailureClass::AuthError, "by its status");
         assert_eq!(c(402, "billing_error", "pay"), FailureClass::QuotaExceeded);
         assert_eq!(c(400, "invalid_request_error", "Your credit balance is too low"), FailureClass::QuotaExceeded);
         assert_eq!(
