@@ -49,6 +49,7 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
         spend_limits: BTreeMap::new(),
         verify_on: spec.verify.as_ref().is_some_and(|spec| spec.enabled != Some(false)),
         verify,
+        verifies: BTreeMap::new(),
     };
 
     let mut routes = Vec::with_capacity(spec.routes.len());
@@ -119,7 +120,8 @@ struct Member<'a> {
     price: Option<&'a PriceSpec>,
     adapt: Option<&'a AdaptSpec>,
     spend_limit: Option<&'a SpendLimitSpec>,
-    verify: Option<&'a VerifySpec>,
+    /// Its own `verify`, for a chain target; `None` for a shadow target, never verified.
+    verify: Option<Option<&'a VerifySpec>>,
 }
 
 /// What compiling chains needs at hand.
@@ -134,6 +136,8 @@ struct Compiler<'a> {
     spend_limits: BTreeMap<String, (SpendLimit, String)>,
     /// `spec.verify`, compiled: what a target's own `verify` overrides.
     verify: Option<Verify>,
+    /// Each target's verification and where it was decided: one target, one verification.
+    verifies: BTreeMap<String, (Option<Verify>, String)>,
     /// Whether `spec.verify` verifies targets that say nothing.
     verify_on: bool,
 }
@@ -182,7 +186,7 @@ impl Compiler<'_> {
                             price: member.price.as_ref(),
                             adapt: member.adapt.as_ref(),
                             spend_limit: member.spend_limit.as_ref(),
-                            verify: member.verify.as_ref(),
+                            verify: Some(member.verify.as_ref()),
                         },
                         &member_path,
                     ));
@@ -203,7 +207,7 @@ impl Compiler<'_> {
                     price: spec.price.as_ref(),
                     adapt: spec.adapt.as_ref(),
                     spend_limit: spec.spend_limit.as_ref(),
-                    verify: spec.verify.as_ref(),
+                    verify: Some(spec.verify.as_ref()),
                 };
                 self.targets(member, path)
             }
@@ -223,7 +227,7 @@ impl Compiler<'_> {
     fn targets(&mut self, member: Member<'_>, path: &str) -> Vec<CompiledTarget> {
         let Member { provider, model, timeout, weight, skip_for, price, adapt, spend_limit, verify } = member;
         let spend_limit = spend_limit.and_then(|spec| self.spend_limit(spec, provider, model, price.is_some(), path));
-        let verify = self.verify(verify, path);
+        let verify = verify.and_then(|own| self.verify(own, provider, model, path));
         let attempt_timeout = self.errors.duration(timeout, format!("{path}.timeout"), self.default_timeout);
         let price = price.map(|price| {
             for (field, value) in [
@@ -316,17 +320,30 @@ impl Compiler<'_> {
         Some(limit)
     }
 
-    /// The verification of the target at `path` whose own `verify` is `own`: its own settings
-    /// over the policy's; none when neither verifies it.
-    fn verify(&mut self, own: Option<&VerifySpec>, path: &str) -> Option<Verify> {
+    /// The verification of `provider`/`model` at `path`, whose own `verify` is `own`: its own
+    /// settings over the policy's; none when neither verifies it. Wherever the target appears,
+    /// it must come to the same.
+    fn verify(&mut self, own: Option<&VerifySpec>, provider: &str, model: &str, path: &str) -> Option<Verify> {
         let base = self.verify.clone().unwrap_or_default();
-        match own {
+        let verify = match own {
             Some(spec) => {
                 let verify = compile_verify(spec, &base, &format!("{path}.verify"), &mut self.errors);
                 (spec.enabled != Some(false)).then_some(verify)
             }
             None => self.verify_on.then_some(base),
+        };
+        let target = format!("{provider}/{model}");
+        match self.verifies.get(&target) {
+            Some((earlier, at)) if *earlier != verify => {
+                let problem = format!("`{target}` is verified otherwise at `{at}`: one target, one verification");
+                self.errors.push(format!("{path}.verify"), problem);
+            }
+            Some(_) => {}
+            None => {
+                self.verifies.insert(target, (verify.clone(), path.to_string()));
+            }
         }
+        verify
     }
 
     /// A route's `shadow` at `path`.
@@ -352,13 +369,8 @@ impl Compiler<'_> {
             spend_limit: None,
             verify: None,
         };
-        let mut targets = self.targets(member, path);
-        // A shadow target is not in any chain: nothing to verify.
-        for target in &mut targets {
-            target.verify = None;
-        }
         CompiledShadow {
-            targets,
+            targets: self.targets(member, path),
             share: (spec.percent / 100.0).clamp(0.0, 1.0),
             max_concurrent,
             timeout,
@@ -370,7 +382,7 @@ impl Compiler<'_> {
 /// `spec`'s settings at `path` over `base`.
 fn compile_verify(spec: &VerifySpec, base: &Verify, path: &str, errors: &mut Errors) -> Verify {
     let every = errors.duration(spec.every.as_ref(), format!("{path}.every"), base.every);
-    if every < defaults::VERIFY_MIN_EVERY {
+    if spec.every.is_some() && every < defaults::VERIFY_MIN_EVERY {
         errors.push(
             format!("{path}.every"),
             format!("`{}` is shorter than 10s", spec.every.as_deref().unwrap_or_default()),
@@ -560,6 +572,12 @@ mod tests {
             (
                 GOOD.replace("        - group:", "        - verify: {}\n          group:"),
                 "`spec.routes[0].chain[1].verify`: set `verify` on each group member instead",
+            ),
+            (
+                GOOD.replace("timeout: 20s}", "timeout: 20s, verify: {enabled: false}}")
+                    .replace("chain: [{provider: fake, model: any}]", "chain: [{provider: primary, model: gpt-4o}]")
+                    + "  verify: {}\n",
+                "`spec.routes[1].chain[0].verify`: `primary/gpt-4o` is verified otherwise at `spec.routes[0].chain[0]`: one target, one verification",
             ),
         ];
         assert_errors(&cases, compile);

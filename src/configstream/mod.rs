@@ -87,6 +87,12 @@ pub const STREAM_PATH: &str = "/v1/stream";
 pub const PROTOCOL_HEADER: &str = "x-backstop-protocol";
 /// The header with the version a reconnecting sidecar serves.
 pub const VERSION_HEADER: &str = "x-backstop-version";
+/// The header with what a sidecar does beyond its protocol version, comma-separated: `verify`,
+/// it sends the verification probes [`Fleet::verify`] orders. An operator orders probes only
+/// from sidecars that say so (a sidecar of an earlier release would ignore the order).
+pub const FEATURES_HEADER: &str = "x-backstop-features";
+/// The feature of a sidecar that sends verification probes.
+pub const FEATURE_VERIFY: &str = "verify";
 /// How often either end sends something on an otherwise quiet stream.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// How long either end waits for a message before it calls the stream dead.
@@ -99,6 +105,9 @@ pub const MAX_CONFIG_BYTES: usize = 4 << 20;
 pub const MAX_REPORT_BYTES: usize = 64 << 10;
 /// The most targets one report may carry; a report with more ends its stream.
 pub const MAX_REPORT_TARGETS: usize = 256;
+/// The most verification results a sidecar puts in one report, so that a report of them all
+/// stays well within [`MAX_REPORT_BYTES`].
+pub const MAX_REPORT_RESULTS: usize = 64;
 /// The longest reason (a refusal, a target's last failure) kept from a sidecar.
 pub const MAX_REASON_BYTES: usize = 256;
 
@@ -237,7 +246,8 @@ pub struct Report {
     /// the whole, every time, so that a restarted operator has the sum again at once.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub spend: BTreeMap<String, WindowSpend>,
-    /// The verification probes this pod sent since its last report, by target identity.
+    /// The verification probes this pod sent since its last report, by target identity (at most
+    /// [`MAX_REPORT_RESULTS`] in one report; more wait for the next).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub verified: BTreeMap<String, VerifyResult>,
 }

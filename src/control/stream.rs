@@ -33,8 +33,9 @@ use super::state;
 use crate::backoff::{self, Backoff};
 use crate::chain::CompiledPolicy;
 use crate::configstream::{
-    Fleet, FleetTarget, HEARTBEAT, Lines, MAX_CONFIG_BYTES, PROTOCOL_HEADER, Protocol, REPORT_EVERY, Rejected, Report,
-    STREAM_IDLE, STREAM_PATH, ServerMessage, TargetReport, VERSION_HEADER, WindowSpend, bounded_reason, line, v1, v2,
+    FEATURE_VERIFY, FEATURES_HEADER, Fleet, FleetTarget, HEARTBEAT, Lines, MAX_CONFIG_BYTES, MAX_REPORT_RESULTS,
+    PROTOCOL_HEADER, Protocol, REPORT_EVERY, Rejected, Report, STREAM_IDLE, STREAM_PATH, ServerMessage, TargetReport,
+    VERSION_HEADER, WindowSpend, bounded_reason, line, v1, v2,
 };
 use crate::health::gate::FleetState;
 use crate::net::body::{Body, BoxError};
@@ -238,6 +239,9 @@ impl ControlStream {
                     continue;
                 }
                 Err(error) => {
+                    // What the fleet said is void with the stream that said it: a configuration
+                    // applied before the next stream's fleet message must not bring it back.
+                    self.fleet = None;
                     self.store.health().apply_fleet(|_| None);
                     self.store.health().verify().set_orders(&BTreeMap::new());
                     if started.elapsed() > Duration::from_secs(10) {
@@ -358,6 +362,7 @@ impl ControlStream {
             .header(http::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
             .header(PROTOCOL_HEADER, self.protocol.as_str())
             .header(VERSION_HEADER, self.applied.clone().unwrap_or_default())
+            .header(FEATURES_HEADER, FEATURE_VERIFY)
             .header(http::header::CONTENT_TYPE, "application/x-ndjson")
             .body(Body::new(StreamBody::new(frames)))
             .map_err(|_| StreamError::Url(self.settings.url.to_string()))?;
@@ -440,7 +445,7 @@ impl ControlStream {
                         .into_iter()
                         .map(|(key, (window, usd))| (key, WindowSpend { window, usd }))
                         .collect();
-                    let verified = self.store.health().verify().take_results();
+                    let verified = self.store.health().verify().take_results(MAX_REPORT_RESULTS);
                     if targets.is_empty() && spend.is_empty() && verified.is_empty() && last_sent.elapsed() < HEARTBEAT {
                         continue;
                     }

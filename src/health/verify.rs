@@ -53,9 +53,15 @@ impl VerifyBook {
         self.results.lock().insert(identity.to_string(), result);
     }
 
-    /// The results not yet reported.
-    pub fn take_results(&self) -> BTreeMap<String, VerifyResult> {
-        std::mem::take(&mut *self.results.lock())
+    /// At most `limit` of the results not yet reported; the rest stay for the next call.
+    pub fn take_results(&self, limit: usize) -> BTreeMap<String, VerifyResult> {
+        let mut results = self.results.lock();
+        if results.len() <= limit {
+            return std::mem::take(&mut *results);
+        }
+        let first_kept = results.keys().nth(limit).cloned().unwrap_or_default();
+        let keep = results.split_off(&first_kept);
+        std::mem::replace(&mut *results, keep)
     }
 }
 
@@ -138,10 +144,15 @@ impl Schedule {
         candidates: impl FnOnce() -> Vec<String>,
     ) -> bool {
         if let Some((prober, _, overdue)) = &self.order {
-            if is_candidate(prober) && now < *overdue {
+            let still = is_candidate(prober);
+            if still && now < *overdue {
                 return false;
             }
-            self.offset += 1;
+            // A pod that let the order lapse is passed over; one that left is gone from the
+            // candidates already, so the same place in line is the next pod.
+            if still {
+                self.offset += 1;
+            }
         } else if now < self.due {
             return false;
         }
@@ -171,6 +182,27 @@ impl Schedule {
         self.due = now + self.settings.every;
         self.last = Some(Verified::of(result, wall));
         true
+    }
+
+    /// Withdraws the order out, if any (another replica orders meanwhile); whether there was one.
+    pub fn withdraw(&mut self) -> bool {
+        self.order.take().is_some()
+    }
+
+    /// Takes a result someone else heard (the leader's, on a follower), if it is newer than the
+    /// last: the next probe is then due a period after it, by the wall clock `now_ms`.
+    pub fn heard(&mut self, verified: &Verified, now: Instant, now_ms: i64) {
+        if self.last.as_ref().is_some_and(|last| last.at_ms >= verified.at_ms) {
+            return;
+        }
+        let age = Duration::from_millis(u64::try_from(now_ms.saturating_sub(verified.at_ms)).unwrap_or(0));
+        self.due = now + self.settings.every.saturating_sub(age);
+        self.last = Some(verified.clone());
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Verify {
+        &self.settings
     }
 
     /// The order out: who is to probe, and what.
@@ -255,10 +287,10 @@ mod tests {
     async fn a_departed_prober_is_replaced_and_nobody_left_means_no_order() {
         let start = Instant::now();
         let mut schedule = Schedule::new(settings(60), "b/m".into(), start);
-        assert!(among(&mut schedule, &pods(&["pod-1", "pod-2"]), start));
+        assert!(among(&mut schedule, &pods(&["pod-1", "pod-2", "pod-3"]), start));
         assert_eq!(prober(&schedule).0, "pod-1");
-        assert!(among(&mut schedule, &pods(&["pod-2"]), start + Duration::from_secs(1)), "pod-1 left");
-        assert_eq!(prober(&schedule).0, "pod-2");
+        assert!(among(&mut schedule, &pods(&["pod-2", "pod-3"]), start + Duration::from_secs(1)), "pod-1 left");
+        assert_eq!(prober(&schedule).0, "pod-2", "the next in line, none skipped");
         assert!(among(&mut schedule, &[], start + Duration::from_secs(2)), "the order is withdrawn");
         assert_eq!(schedule.order(), None);
         assert!(!among(&mut schedule, &[], start + Duration::from_secs(3)));
@@ -271,5 +303,30 @@ mod tests {
         assert!(!among(&mut done, &one, start + Duration::from_secs(100)));
         done.reconfigure(&settings(60), "b/m", start + Duration::from_secs(100));
         assert!(among(&mut done, &one, start + Duration::from_secs(160)));
+        assert!(done.withdraw() && !done.withdraw(), "withdrawn once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_result_heard_elsewhere_sets_the_next_due_time_and_results_go_out_in_bounded_batches() {
+        let start = Instant::now();
+        let mut schedule = Schedule::new(settings(60), "b/m".into(), start);
+        let heard = Verified { at_ms: 1_000_000, passed: true, class: None, message: None, latency_ms: 5 };
+        // Heard 20 s ago by the wall clock: due 40 s from now.
+        schedule.heard(&heard, start, 1_020_000);
+        assert_eq!(schedule.last(), Some(&heard));
+        assert!(!among(&mut schedule, &pods(&["pod-1"]), start + Duration::from_secs(39)));
+        assert!(among(&mut schedule, &pods(&["pod-1"]), start + Duration::from_secs(40)));
+        // An older result changes nothing.
+        schedule.heard(&Verified { at_ms: 999_000, ..heard.clone() }, start, 1_020_000);
+        assert_eq!(schedule.last(), Some(&heard));
+
+        let book = VerifyBook::default();
+        for i in 0..5 {
+            book.record(&format!("t{i}"), result(i, true));
+        }
+        assert_eq!(book.take_results(2).into_keys().collect::<Vec<_>>(), ["t0", "t1"]);
+        assert_eq!(book.take_results(2).into_keys().collect::<Vec<_>>(), ["t2", "t3"]);
+        assert_eq!(book.take_results(2).into_keys().collect::<Vec<_>>(), ["t4"]);
+        assert!(book.take_results(2).is_empty());
     }
 }

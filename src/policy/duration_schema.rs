@@ -16,3 +16,17 @@ pub fn schema(_: &mut SchemaGenerator) -> Schema {
         ],
     })
 }
+
+/// The schema of a period of at least ten seconds (a verification's `every`, a spend window),
+/// which the compiler requires too.
+pub fn at_least_10s(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "string",
+        "maxLength": 64,
+        "pattern": r"^(([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|ms|s|m|h))+$",
+        "x-kubernetes-validations": [
+            {"rule": "duration(self) >= duration('10s')", "message": "must be at least 10s"},
+            {"rule": "duration(self) <= duration('24h')", "message": "must be at most 24h"},
+        ],
+    })
+}

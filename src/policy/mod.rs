@@ -121,7 +121,7 @@ pub struct VerifySpec {
 
     /// How often each target is probed, from `10s` to `24h`. Default `15m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "duration_schema::schema")]
+    #[schemars(schema_with = "duration_schema::at_least_10s")]
     pub every: Option<String>,
 
     /// The probe's one user message. Default `Reply with OK.`
@@ -728,7 +728,7 @@ pub struct GroupMemberSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SpendLimitSpec {
     /// The window, from `10s` to `24h`, such as `1h`.
-    #[schemars(schema_with = "duration_schema::schema")]
+    #[schemars(schema_with = "duration_schema::at_least_10s")]
     pub per: String,
     /// US dollars the window may spend.
     #[schemars(range(min = 0.0, max = 10000000.0))]

@@ -12,7 +12,7 @@
 //! `maxTokens` (whatever the target's `adapt` sets) and without a thinking budget, so that a
 //! one-token probe is a request every model takes.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -35,6 +35,10 @@ use crate::snapshot::{PolicyStore, Target};
 use crate::telemetry::Telemetry;
 use crate::telemetry::genai::AnswerInfo;
 use crate::telemetry::spans::{SpanRecord, new_span_id};
+
+/// How long past its time limit an order's id is remembered: longer than any operator keeps an
+/// order out.
+const REMEMBER: Duration = Duration::from_secs(120);
 
 /// Sends the probes ordered from this pod.
 pub struct Verifier {
@@ -59,13 +63,16 @@ impl Verifier {
     /// Sends each new order once, until `shutdown`.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut orders = self.store.health().verify().orders();
-        let mut sent: HashSet<u64> = HashSet::new();
+        // Orders sent, by id, until they cannot come back: an order the operator sends again
+        // (after a reconnect, say) is not a new probe.
+        let mut sent: HashMap<u64, Instant> = HashMap::new();
         loop {
             let current = orders.borrow_and_update().clone();
-            // An order the operator withdrew (answered, or given to another pod) is forgotten.
-            sent.retain(|id| current.values().any(|order| order.id == *id));
+            let now = Instant::now();
+            sent.retain(|_, forget_at| now < *forget_at);
             for (identity, order) in current {
-                if sent.insert(order.id) {
+                if let std::collections::hash_map::Entry::Vacant(entry) = sent.entry(order.id) {
+                    entry.insert(now + Duration::from_millis(order.timeout_ms) + REMEMBER);
                     let verifier = self.clone();
                     tokio::spawn(async move { verifier.probe(&identity, &order).await });
                 }
@@ -105,7 +112,7 @@ impl Verifier {
                     }
                 }
             }
-            for (identity, result) in self.store.health().verify().take_results() {
+            for (identity, result) in self.store.health().verify().take_results(usize::MAX) {
                 if let Some(schedule) = schedules.get_mut(&identity) {
                     schedule.take(SELF, &result, now, k8s_openapi::jiff::Timestamp::now());
                 }

@@ -136,6 +136,7 @@ async fn the_crd_is_accepted_and_its_rules_refuse_broken_policies_with_their_mes
             "set either `group`, or `provider` and `model`",
         ),
         (base.clone() + "  verify: {every: 48h}\n", "must be at most 24h"),
+        (base.clone() + "  verify: {every: 5s}\n", "must be at least 10s"),
         (
             base.replace("{provider: spare, model: m}", "{provider: spare, model: m, verify: {maxTokens: 0}}"),
             "should be greater than or equal to 1",

@@ -502,7 +502,7 @@ impl Namespace {
 
     /// Moves targets whose open period ended to half-open, replaces probers that did not
     /// probe, and forgets evidence older than its window. Returns whether a decision changed.
-    fn tick(&mut self, now: Instant, now_ms: i64) -> bool {
+    fn tick(&mut self, now: Instant, now_ms: i64, following: bool) -> bool {
         let mut changed = false;
         for target in self.targets.values_mut() {
             target.expire(now);
@@ -511,6 +511,11 @@ impl Namespace {
         changed |= self.settle(now);
         let members = &self.members;
         for (identity, schedule) in &mut self.schedules {
+            // While the leader orders, an order of this replica's would be a second probe.
+            if following {
+                changed |= schedule.withdraw();
+                continue;
+            }
             let is_candidate = |pod: &str| members.get(pod).is_some_and(|m| m.targets.contains(identity));
             let candidates = || {
                 rendezvous(identity, members.iter().filter(|(_, m)| m.targets.contains(identity)).map(|(pod, _)| pod))
@@ -857,7 +862,15 @@ impl FleetView {
             return;
         }
         let mut namespaces = self.lock();
-        if namespaces.entry(namespace.to_string()).or_default().publish_decisions(decisions) {
+        let ns = namespaces.entry(namespace.to_string()).or_default();
+        // What the leader heard sets this replica's schedule, should it lead next.
+        let (now, now_ms) = (Instant::now(), (self.clock)());
+        for (identity, verification) in &decisions.verify {
+            if let (Some(schedule), Some(last)) = (ns.schedules.get_mut(identity), &verification.last) {
+                schedule.heard(last, now, now_ms);
+            }
+        }
+        if ns.publish_decisions(decisions) {
             self.changes.send_modify(|n| *n += 1);
         }
     }
@@ -873,7 +886,7 @@ impl FleetView {
             ns.refresh_rules(&policies);
             // Published whenever the decisions differ: a changed limit or a rolled window
             // changes the spent ones without a report.
-            ns.tick(now, (self.clock)());
+            ns.tick(now, (self.clock)(), following);
             self.publish(ns, following);
         }
     }

@@ -140,16 +140,28 @@ fn verified_condition(
     now_ms: i64,
     held: Option<&Condition>,
 ) -> Option<Condition> {
-    let verified: Vec<&TargetStatus> = compiled
+    let verified: Vec<(&TargetStatus, &crate::chain::Verify)> = compiled
         .targets()
         .into_iter()
         .zip(targets)
-        .filter(|(compiled, _)| compiled.verify.is_some())
-        .map(|(_, status)| status)
+        .filter_map(|(compiled, status)| Some((status, compiled.verify.as_ref()?)))
         .collect();
     if verified.is_empty() {
         return None;
     }
+    // A result older than two periods and a probe's time (and a minute's slack) says nothing
+    // of the target now: nobody has been able to probe it (no pod can, or none answers).
+    let stale: Vec<&str> = verified
+        .iter()
+        .filter(|(t, verify)| {
+            let Some(last) = &t.verified else { return false };
+            let age = now_ms.saturating_sub(last.at.0.as_millisecond());
+            let limit = 2 * verify.every + verify.timeout + std::time::Duration::from_secs(60);
+            i64::try_from(limit.as_millis()).is_ok_and(|limit| age > limit)
+        })
+        .map(|(t, _)| t.target.as_str())
+        .collect();
+    let verified: Vec<&TargetStatus> = verified.into_iter().map(|(t, _)| t).collect();
     let failed: Vec<String> = verified
         .iter()
         .filter_map(|t| {
@@ -161,6 +173,12 @@ fn verified_condition(
     let pending: Vec<&str> = verified.iter().filter(|t| t.verified.is_none()).map(|t| t.target.as_str()).collect();
     let (status, reason, message) = if !failed.is_empty() {
         ("False", "VerificationFailed", format!("failed its last verification probe: {}", failed.join("; ")))
+    } else if !stale.is_empty() {
+        let mut message = format!("no recent verification probe: {}", stale.join(", "));
+        if !pending.is_empty() {
+            message.push_str(&format!("; not probed yet: {}", pending.join(", ")));
+        }
+        ("Unknown", "Stale", message)
     } else if !pending.is_empty() {
         ("Unknown", "Pending", format!("not probed yet: {}", pending.join(", ")))
     } else {
@@ -174,10 +192,19 @@ fn verified_condition(
         type_: BACKUPS_VERIFIED.into(),
         status: status.into(),
         reason: reason.into(),
-        message: crate::configstream::bounded_reason(&message),
+        message: cut(&message, 32 * 1024),
         observed_generation: Some(generation),
         last_transition_time,
     })
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 /// A window's length as policies write it: `1h`, `30m`, `24h`.
@@ -540,6 +567,11 @@ spec:
         // A new leader, whose fleet has probed nothing yet, keeps what status holds.
         let later = fields(&policy, "shop", &Decisions::default(), &[], now_ms + 120_000, &passing);
         assert_eq!(later, passing, "nothing to write, nothing told");
+        // Nobody has probed for over two periods (15 m each) and a probe's time: Unknown.
+        let stale = fields(&policy, "shop", &Decisions::default(), &[], 1_796_000_000_000 + 32 * 60_000, &passing);
+        let condition = stale.verified.clone().expect("a condition");
+        assert_eq!((condition.status.as_str(), condition.reason.as_str()), ("Unknown", "Stale"));
+        assert_eq!(condition.message, "no recent verification probe: b/m, c/m");
         // A policy that verifies nothing has no condition.
         let plain = crate::testing::served("p", &yaml.replace("  verify: {every: 15m}\n", ""));
         assert_eq!(fields(&plain, "shop", &decisions, &[], now_ms, &passing).verified, None);

@@ -344,3 +344,37 @@ async fn one_pod_is_ordered_to_verify_each_target_and_its_result_is_published_an
     f.view.tick(f.start + secs(61));
     assert!(f.view.decisions("shop").verify[&f.b].order.is_some());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_orders_no_probe_of_its_own_and_keeps_the_leader_s_schedule_when_it_takes_over() {
+    use crate::configstream::VerifyOrder;
+    use verify::{Order, Verification, Verified};
+    let f = fixture("  verify: {every: 1m}\n");
+    let (sink, _forwarded) = mpsc::channel(64);
+    f.view.follow(sink);
+    f.view.tick(f.start);
+    // The leader probed b 10 s ago and has ordered a from pod-2.
+    let heard = Verified { at_ms: spend::unix_ms() - 10_000, passed: true, class: None, message: None, latency_ms: 9 };
+    let order = Order { prober: "pod-2".into(), probe: VerifyOrder { id: 42, ..VerifyOrder::default() } };
+    let leaders = Decisions {
+        verify: BTreeMap::from([
+            (f.a.clone(), Verification { label: "a/m".into(), order: Some(order.clone()), last: None }),
+            (f.b.clone(), Verification { label: "b/m".into(), order: None, last: Some(heard.clone()) }),
+        ]),
+        ..Decisions::default()
+    };
+    f.view.adopt("shop", leaders.clone());
+    assert_eq!(f.view.decisions("shop").verify, leaders.verify, "the leader's orders reach this replica's pods");
+    f.view.tick(f.start + secs(1));
+    assert_eq!(f.view.decisions("shop").verify, leaders.verify, "and no order of its own");
+    // The leader is gone: this replica orders a at once, and b a period after the leader heard it.
+    f.view.unfollow();
+    f.view.tick(f.start + secs(2));
+    let own = f.view.decisions("shop");
+    assert!(own.verify[&f.a].order.as_ref().is_some_and(|o| o.probe.id != 42), "a new order of its own");
+    assert_eq!((own.verify[&f.b].order.as_ref(), own.verify[&f.b].last.as_ref()), (None, Some(&heard)));
+    f.view.tick(f.start + secs(45));
+    assert_eq!(f.view.decisions("shop").verify[&f.b].order, None);
+    f.view.tick(f.start + secs(52));
+    assert!(f.view.decisions("shop").verify[&f.b].order.is_some(), "due 60 s after the leader heard it");
+}

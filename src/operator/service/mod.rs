@@ -24,7 +24,7 @@ use hyper::body::{Frame, Incoming};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
-use crate::configstream::{PROTOCOL_HEADER, Protocol, STREAM_PATH, VERSION_HEADER};
+use crate::configstream::{FEATURE_VERIFY, FEATURES_HEADER, PROTOCOL_HEADER, Protocol, STREAM_PATH, VERSION_HEADER};
 use crate::net::body::text_response;
 use crate::net::body::{Body, BoxError};
 use crate::net::server::{Options, serve_with};
@@ -172,11 +172,17 @@ impl ConfigService {
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
             .map(str::to_string);
-        tracing::debug!(namespace = %identity.namespace, pod = %identity.pod, resume = ?resume, "sidecar connected");
+        let verifies = request
+            .headers()
+            .get(FEATURES_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|features| features.split(',').any(|f| f.trim() == FEATURE_VERIFY));
+        tracing::debug!(namespace = %identity.namespace, pod = %identity.pod, resume = ?resume, verifies, "sidecar connected");
         let (session, replaced) = self.sidecars.connect(&identity.uid, &identity.namespace, &identity.pod);
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(2);
         let body = request.into_body();
-        tokio::spawn(Session::new(self.clone(), identity, session, protocol, tx).run(body, resume, replaced));
+        let session = Session::new(self.clone(), identity, session, protocol, tx).verifying(verifies);
+        tokio::spawn(session.run(body, resume, replaced));
         let frames = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|frame| (frame, rx)) });
         let mut response = Response::new(Body::new(StreamBody::new(frames)));
         response

@@ -153,8 +153,11 @@ pub struct Session {
     history: VecDeque<(String, BTreeMap<String, String>)>,
     /// The fleet-scoped targets of the pod's policies.
     identities: HashSet<String>,
-    /// Every target of the pod's policies: what it may verify.
+    /// Every target of the pod's policies, when it sends verification probes: what it may
+    /// verify.
     targets: HashSet<String>,
+    /// Whether the sidecar sends verification probes (it said so when it connected).
+    verifies: bool,
     /// The spend keys of the pod's policies' spend-limited targets.
     spend_keys: HashSet<String>,
     /// The fleet view last sent.
@@ -185,12 +188,19 @@ impl Session {
             history: VecDeque::new(),
             identities: HashSet::new(),
             targets: HashSet::new(),
+            verifies: false,
             spend_keys: HashSet::new(),
             fleet_sent: None,
             rejection_logged: None,
             reports: Bucket { tokens: REPORT_BURST, at: Instant::now() },
             resume: None,
         }
+    }
+
+    /// The session of a sidecar that sends verification probes (or not).
+    pub fn verifying(mut self, verifies: bool) -> Session {
+        self.verifies = verifies;
+        self
     }
 
     async fn send(&self, message: &ServerMessage<impl serde::Serialize>) -> bool {
@@ -254,6 +264,7 @@ impl Session {
             .collect();
         self.targets = selected
             .iter()
+            .filter(|_| self.verifies)
             .flat_map(|policy| policy.compiled.targets().into_iter().map(|t| t.identity.clone()))
             .collect();
         self.spend_keys = selected
