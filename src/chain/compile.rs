@@ -47,6 +47,7 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
         errors,
         source,
         spend_limits: BTreeMap::new(),
+        unlimited: Vec::new(),
         verify_on: spec.verify.as_ref().is_some_and(|spec| spec.enabled != Some(false)),
         verify,
         verifies: BTreeMap::new(),
@@ -93,6 +94,15 @@ pub fn compile(policy: &FallbackPolicy, keys: &dyn KeyResolver) -> Result<Compil
     if let Some(problem) = spec.selector_problem() {
         compiler.errors.push("spec.selector", problem);
     }
+    for (key, path) in std::mem::take(&mut compiler.unlimited) {
+        if let Some((_, at)) = compiler.spend_limits.get(&key) {
+            let target = key.rsplit('\u{1f}').next().unwrap_or_default();
+            let problem = format!(
+                "`{target}` has a `spendLimit` at `{at}`: set the same one here, or its spend here goes uncapped"
+            );
+            compiler.errors.push(format!("{path}.spendLimit"), problem);
+        }
+    }
     let target_overrides =
         compile_target_overrides(spec.overrides.as_deref(), &distinct_targets(&routes), &mut compiler.errors);
     compiler.errors.finish()?;
@@ -134,6 +144,9 @@ struct Compiler<'a> {
     source: String,
     /// Each target's spend limit and where it was set: one target has one limit.
     spend_limits: BTreeMap<String, (SpendLimit, String)>,
+    /// The chain targets without a spend limit, by spend key, with their paths: a target limited
+    /// in one place must be limited wherever it appears, or its spend there would go uncapped.
+    unlimited: Vec<(String, String)>,
     /// `spec.verify`, compiled: what a target's own `verify` overrides.
     verify: Option<Verify>,
     /// Each target's verification and where it was decided: one target, one verification.
@@ -227,6 +240,10 @@ impl Compiler<'_> {
     fn targets(&mut self, member: Member<'_>, path: &str) -> Vec<CompiledTarget> {
         let Member { provider, model, timeout, weight, skip_for, price, adapt, spend_limit, verify } = member;
         let spend_limit = spend_limit.and_then(|spec| self.spend_limit(spec, provider, model, price.is_some(), path));
+        // A chain target (a shadow's spend is its own, never capped).
+        if spend_limit.is_none() && verify.is_some() {
+            self.unlimited.push((format!("{}\u{1f}{provider}/{model}", self.source), path.to_string()));
+        }
         let verify = verify.and_then(|own| self.verify(own, provider, model, path));
         let attempt_timeout = self.errors.duration(timeout, format!("{path}.timeout"), self.default_timeout);
         let price = price.map(|price| {
@@ -562,6 +579,11 @@ mod tests {
                         "chain: [{provider: primary, model: gpt-4o, price: {input: 1, output: 1}, spendLimit: {per: 1h, usd: 9}}]",
                     ),
                 "`spec.routes[1].chain[0].spendLimit`: `primary/gpt-4o` has another `spendLimit` at `spec.routes[0].chain[0].spendLimit`",
+            ),
+            (
+                GOOD.replace("timeout: 20s}", "timeout: 20s, price: {input: 1, output: 1}, spendLimit: {per: 1h, usd: 5}}")
+                    .replace("chain: [{provider: fake, model: any}]", "chain: [{provider: primary, model: gpt-4o}]"),
+                "`spec.routes[1].chain[0].spendLimit`: `primary/gpt-4o` has a `spendLimit` at `spec.routes[0].chain[0].spendLimit`: set the same one here",
             ),
             (GOOD.to_string() + "  verify: {every: 5s}\n", "`spec.verify.every`: `5s` is shorter than 10s"),
             (GOOD.to_string() + "  verify: {prompt: ' '}\n", "`spec.verify.prompt`: must be a message of 1 to 1000 characters"),
