@@ -163,6 +163,8 @@ struct TargetFleet {
     rule: Rule,
     /// Each pod's counts over the window.
     pods: HashMap<String, Window>,
+    /// Each pod's own failures in a row.
+    pod_streaks: HashMap<String, u64>,
     /// Failures in a row across the fleet.
     streak: u64,
     circuit: Circuit<Probing>,
@@ -177,6 +179,7 @@ impl TargetFleet {
         TargetFleet {
             rule,
             pods: HashMap::new(),
+            pod_streaks: HashMap::new(),
             streak: 0,
             circuit: Circuit::default(),
             reason: String::new(),
@@ -191,12 +194,25 @@ impl TargetFleet {
             pod.expire(now);
             !pod.is_empty()
         });
+        let pods = &self.pods;
+        self.pod_streaks.retain(|pod, _| pods.contains_key(pod));
     }
 
-    /// Pods that used the target in the window, and those that see it failing.
+    /// Pods that used the target in the window, and those that see it failing: by their own
+    /// failure share in the window, or by their own failures in a row since their last success
+    /// (`consecutiveFailures`, which opens their own breaker), so that a pod whose window still
+    /// holds the successes of a minute ago counts once the target fails it now.
     fn pods_failing(&self) -> (usize, usize) {
         let percent = self.rule.settings.failure_rate.map_or(50, |rate| rate.percent);
-        let failing = self.pods.values().filter(|pod| pod.totals().failing(percent)).count();
+        let in_a_row = u64::from(self.rule.settings.consecutive_failures);
+        let failing = self
+            .pods
+            .iter()
+            .filter(|(name, pod)| {
+                pod.totals().failing(percent)
+                    || (in_a_row > 0 && self.pod_streaks.get(*name).is_some_and(|streak| *streak >= in_a_row))
+            })
+            .count();
         (self.pods.len(), failing)
     }
 
@@ -237,6 +253,7 @@ impl TargetFleet {
         self.circuit.close();
         self.streak = 0;
         self.pods.clear();
+        self.pod_streaks.clear();
     }
 
     /// Takes one pod's report; returns whether the decision changed.
@@ -251,6 +268,8 @@ impl TargetFleet {
             Phase::Closed => {
                 let window = circuit::window_of(&self.rule.settings);
                 self.pods.entry(pod.to_string()).or_insert_with(|| Window::new(window)).record(now, counts);
+                let own = self.pod_streaks.entry(pod.to_string()).or_default();
+                *own = circuit::streak_after(*own, counts);
                 self.streak = circuit::streak_after(self.streak, counts);
                 self.expire(now);
                 if let Some(wait) = retry_after {

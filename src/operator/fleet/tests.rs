@@ -107,6 +107,29 @@ fn a_noisy_pod_among_pods_the_target_works_for_cannot_open_it_but_a_majority_can
 }
 
 #[test]
+fn a_pod_failing_in_a_row_sees_the_target_fail_though_its_window_holds_earlier_successes() {
+    let f = fixture("");
+    // Both pods used the target well a moment ago.
+    f.report("pod-1", &f.a, 10, 0, secs(1));
+    f.report("pod-2", &f.a, 10, 0, secs(1));
+    // Now it fails pod-1 five times in a row (its own breaker opens): 5 of its 15 requests in
+    // the window, a third, yet it sees the target fail now; 1 of the 2 pods using it.
+    f.report("pod-1", &f.a, 0, 4, secs(2));
+    assert!(f.decision(&f.a).is_none(), "4 in a row: below consecutiveFailures");
+    f.report("pod-1", &f.a, 0, 1, secs(2));
+    let decision = f.decision(&f.a).expect("open for every pod");
+    assert!(decision.reason.starts_with("5 failures in a row across the fleet; 1 of 2 pod(s)"), "{}", decision.reason);
+    // A pod's success ends its own run: one failure more is not a run of five.
+    let g = fixture("");
+    g.report("pod-1", &g.a, 10, 0, secs(1));
+    g.report("pod-2", &g.a, 10, 0, secs(1));
+    g.report("pod-1", &g.a, 0, 4, secs(2));
+    g.report("pod-1", &g.a, 1, 0, secs(2));
+    g.report("pod-1", &g.a, 0, 1, secs(3));
+    assert!(g.decision(&g.a).is_none());
+}
+
+#[test]
 fn a_retry_after_is_believed_at_once_for_the_fleet_up_to_max_open_for() {
     let f = fixture("");
     f.report("pod-2", &f.a, 50, 0, secs(0));
