@@ -22,8 +22,15 @@ use clap::{Parser, Subcommand};
 /// mimalloc, chosen by measurement: the request path allocates and frees many small objects
 /// (headers, JSON values, telemetry attributes), which glibc's allocator spent over a quarter of
 /// the sidecar's instructions on (`cargo bench --bench proxy`, callgrind).
+#[cfg(not(feature = "heap-profile"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// With the `heap-profile` feature, dhat's allocator records every allocation's site instead;
+/// the profile is written when `main` returns (after a SIGTERM and the drain).
+#[cfg(feature = "heap-profile")]
+#[global_allocator]
+static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 
 #[derive(Parser)]
 #[command(name = "backstop", version, about = "LLM fallback layer for Kubernetes")]
@@ -197,6 +204,8 @@ struct SidecarArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    #[cfg(feature = "heap-profile")]
+    let _profiler = dhat::Profiler::new_heap();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
