@@ -7,14 +7,15 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-use super::body::Body;
+use super::body::{Body, BoxError};
 
 /// How a listener takes connections beyond plain HTTP.
 #[derive(Clone, Default)]
@@ -131,6 +132,32 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByte<T> {
     }
 }
 
+/// The first line of the HTTP/2 connection preface, with which a cleartext client that knows the
+/// server speaks HTTP/2 opens; any other opening is HTTP/1.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// Whether a cleartext connection opens with the HTTP/2 preface, seen without reading it: the
+/// protocol's reader then starts from the client's whole first packet. (hyper-util's `auto`
+/// reads the first 24 bytes itself and hands them back, and hyper's HTTP/1 read buffer, starting
+/// from those bytes, doubled to 16 KiB on every connection.) A connection closed at once, or one
+/// that opens with a part of the preface and then nothing for a second, is left to HTTP/1, which
+/// ends it.
+async fn speaks_http2(socket: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut opening = [0u8; HTTP2_PREFACE.len()];
+    for _ in 0..1000 {
+        let seen = socket.peek(&mut opening).await?;
+        if seen == 0 || opening[..seen] != HTTP2_PREFACE[..seen] {
+            return Ok(false);
+        }
+        if seen == HTTP2_PREFACE.len() {
+            return Ok(true);
+        }
+        // A part of the preface: peeking again would answer at once, so wait for the rest.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(false)
+}
+
 /// Accepts connections (HTTP/1.1 and cleartext HTTP/2) and answers each request with
 /// `handler` until `shutdown` turns true, then lets requests in flight finish for up to `drain`.
 pub async fn serve<F, Fut>(listener: TcpListener, shutdown: watch::Receiver<bool>, drain: Duration, handler: F)
@@ -153,15 +180,23 @@ pub async fn serve_with<F, Fut>(
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    // TLS connections say their protocol by ALPN and are few (the operator's); `auto` serves them.
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Cleartext ones (the sidecar's, every app request) are told apart by a look at their first
+    // bytes and served by the protocol's own builder.
+    let mut http1 = http1::Builder::new();
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
     if let Some(streams) = options.max_streams {
         builder.http2().max_concurrent_streams(streams);
+        http2.max_concurrent_streams(streams);
     }
     if let Some(interval) = options.keep_alive {
-        builder.http2().timer(hyper_util::rt::TokioTimer::new()).keep_alive_interval(interval);
+        builder.http2().timer(TokioTimer::new()).keep_alive_interval(interval);
+        http2.timer(TokioTimer::new()).keep_alive_interval(interval);
     }
     if let Some(timeout) = options.header_read {
-        builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(timeout);
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(timeout);
+        http1.timer(TokioTimer::new()).header_read_timeout(timeout);
     }
     let first_byte = options.first_byte;
     let slots = options.max_connections.map(|n| Arc::new(Semaphore::new(n)));
@@ -190,25 +225,44 @@ pub async fn serve_with<F, Fut>(
                 };
                 let _ = socket.set_nodelay(true);
                 let handler = handler.clone();
+                // The handler's future is boxed, so a connection keeps only a pointer to it
+                // between requests and while a response streams, not the whole request's state.
                 let service = service_fn(move |request| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(request).await) }
+                    let answer = Box::pin(handler(request));
+                    async move { Ok::<_, Infallible>(answer.await) }
                 });
+                let watcher = graceful.watcher();
                 match &options.tls {
                     None => {
-                        let socket = FirstByte::new(socket, first_byte);
-                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(socket), service).into_owned();
-                        let connection = graceful.watch(connection);
-                        // Owned by `graceful`, which waits for it on shutdown.
+                        let (http1, http2, mut stopping) = (http1.clone(), http2.clone(), shutdown.clone());
                         tokio::spawn(async move {
-                            if let Err(error) = connection.await {
+                            let opening = async {
+                                match first_byte {
+                                    Some(within) => tokio::time::timeout(within, speaks_http2(&socket))
+                                        .await
+                                        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+                                    None => speaks_http2(&socket).await,
+                                }
+                            };
+                            let http2_preface = tokio::select! {
+                                opened = opening => opened,
+                                // Closed before it said anything: nothing to drain.
+                                _ = stopping.wait_for(|stop| *stop) => return,
+                            };
+                            let ended = match http2_preface {
+                                Ok(false) => watcher.watch(http1.serve_connection(TokioIo::new(socket), service)).await.map_err(BoxError::from),
+                                // Rare on loopback; boxed, so HTTP/1 connections stay small.
+                                Ok(true) => Box::pin(watcher.watch(http2.serve_connection(TokioIo::new(socket), service))).await.map_err(BoxError::from),
+                                Err(error) => Err(BoxError::from(error)),
+                            };
+                            if let Err(error) = ended {
                                 tracing::debug!(%error, "connection ended with an error");
                             }
                             drop(slot);
                         });
                     }
                     Some(acceptor) => {
-                        let (acceptor, builder, watcher) = (acceptor.clone(), builder.clone(), graceful.watcher());
+                        let (acceptor, builder) = (acceptor.clone(), builder.clone());
                         tokio::spawn(async move {
                             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
                                 Ok(Ok(stream)) => stream,
@@ -246,6 +300,95 @@ pub async fn serve_with<F, Fut>(
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client connection whose first write sends only `first` bytes, and whose next waits
+    /// `pause`: an HTTP/2 preface that arrives in two pieces.
+    struct Hesitant {
+        socket: tokio::net::TcpStream,
+        first: Option<usize>,
+        pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl tokio::io::AsyncRead for Hesitant {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.socket).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Hesitant {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let this = &mut *self;
+            if let Some(first) = this.first.take() {
+                this.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(30))));
+                return std::pin::Pin::new(&mut this.socket).poll_write(cx, &buf[..first.min(buf.len())]);
+            }
+            if let Some(pause) = &mut this.pause {
+                std::task::ready!(pause.as_mut().poll(cx));
+                this.pause = None;
+            }
+            std::pin::Pin::new(&mut this.socket).poll_write(cx, buf)
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.socket).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.socket).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn cleartext_http1_and_http2_are_told_apart_by_their_first_bytes_even_in_pieces() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (stop, stopped) = watch::channel(false);
+        let server =
+            tokio::spawn(serve(listener, stopped, Duration::from_secs(1), |request: Request<Incoming>| async move {
+                crate::net::body::text_response(http::StatusCode::OK, &format!("{:?}", request.version()))
+            }));
+        let mut plain = tokio::net::TcpStream::connect(address).await.expect("connect");
+        plain.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.expect("request");
+        let mut answer = String::new();
+        plain.read_to_string(&mut answer).await.expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("HTTP/1.1"), "{answer}");
+        // HTTP/2 with prior knowledge, whole and with its preface's first 5 bytes sent alone.
+        for first in [None, Some(5)] {
+            let socket = tokio::net::TcpStream::connect(address).await.expect("connect");
+            let io = Hesitant { socket, first, pause: None };
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                    .await
+                    .expect("an HTTP/2 handshake");
+            tokio::spawn(connection);
+            let request = Request::get(format!("http://{address}/"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request");
+            let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+                .await
+                .expect("answered in time")
+                .expect("answered");
+            assert_eq!(response.version(), http::Version::HTTP_2);
+            let body = http_body_util::BodyExt::collect(response.into_body()).await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"HTTP/2.0", "{first:?}");
+        }
+        stop.send_replace(true);
+        server.await.expect("server");
+    }
 
     #[tokio::test]
     async fn a_silent_client_and_one_that_dribbles_its_headers_are_closed() {
