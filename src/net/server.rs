@@ -136,26 +136,31 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByte<T> {
 /// server speaks HTTP/2 opens; any other opening is HTTP/1.
 const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
+/// How long a connection that opened with a part of the HTTP/2 preface has to send the rest.
+const PREFACE_REST: Duration = Duration::from_secs(1);
+
 /// Whether a cleartext connection opens with the HTTP/2 preface, seen without reading it: the
 /// protocol's reader then starts from the client's whole first packet. (hyper-util's `auto`
 /// reads the first 24 bytes itself and hands them back, and hyper's HTTP/1 read buffer, starting
 /// from those bytes, doubled to 16 KiB on every connection.) A connection closed at once, or one
-/// that opens with a part of the preface and then nothing for a second, is left to HTTP/1, which
-/// ends it.
+/// that opens with a part of the preface and not the rest within [`PREFACE_REST`], is left to
+/// HTTP/1, which ends it.
 async fn speaks_http2(socket: &tokio::net::TcpStream) -> std::io::Result<bool> {
     let mut opening = [0u8; HTTP2_PREFACE.len()];
-    for _ in 0..1000 {
-        let seen = socket.peek(&mut opening).await?;
-        if seen == 0 || opening[..seen] != HTTP2_PREFACE[..seen] {
+    let mut seen = socket.peek(&mut opening).await?;
+    let give_up = tokio::time::Instant::now() + PREFACE_REST;
+    let mut pause = Duration::from_millis(1);
+    while seen > 0 && opening[..seen] == HTTP2_PREFACE[..seen] && seen < HTTP2_PREFACE.len() {
+        // A part of the preface: peeking again would answer at once, so wait for the rest, a
+        // little longer each time.
+        if tokio::time::Instant::now() + pause > give_up {
             return Ok(false);
         }
-        if seen == HTTP2_PREFACE.len() {
-            return Ok(true);
-        }
-        // A part of the preface: peeking again would answer at once, so wait for the rest.
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+        seen = socket.peek(&mut opening).await?;
     }
-    Ok(false)
+    Ok(seen == HTTP2_PREFACE.len() && opening == HTTP2_PREFACE)
 }
 
 /// Accepts connections (HTTP/1.1 and cleartext HTTP/2) and answers each request with
@@ -256,7 +261,7 @@ pub async fn serve_with<F, Fut>(
                                 Err(error) => Err(BoxError::from(error)),
                             };
                             if let Err(error) = ended {
-                                tracing::debug!(%error, "connection ended with an error");
+                                tracing::debug!(%peer, %error, "connection ended with an error");
                             }
                             drop(slot);
                         });
@@ -302,7 +307,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A client connection whose first write sends only `first` bytes, and whose next waits
-    /// `pause`: an HTTP/2 preface that arrives in two pieces.
+    /// a quarter of a second: an HTTP/2 preface that arrives in two pieces.
     struct Hesitant {
         socket: tokio::net::TcpStream,
         first: Option<usize>,
@@ -327,7 +332,7 @@ mod tests {
         ) -> std::task::Poll<std::io::Result<usize>> {
             let this = &mut *self;
             if let Some(first) = this.first.take() {
-                this.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(30))));
+                this.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(250))));
                 return std::pin::Pin::new(&mut this.socket).poll_write(cx, &buf[..first.min(buf.len())]);
             }
             if let Some(pause) = &mut this.pause {
@@ -419,6 +424,27 @@ mod tests {
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         stop.send_replace(true);
         server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_speaks_does_not_hold_up_the_drain() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (stop, stopped) = watch::channel(false);
+        // No first-byte limit (the sidecar's loopback listener) and a long drain.
+        let server = tokio::spawn(serve(listener, stopped, Duration::from_secs(30), |_| async {
+            crate::net::body::text_response(http::StatusCode::OK, "ok\n")
+        }));
+        let silent = tokio::net::TcpStream::connect(address).await.expect("connect");
+        let mut half = tokio::net::TcpStream::connect(address).await.expect("connect");
+        half.write_all(b"PRI *").await.expect("a part of the preface");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the drain does not wait for connections that never sent a request")
+            .expect("server");
+        drop((silent, half));
     }
 
     #[tokio::test]
