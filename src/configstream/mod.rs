@@ -281,6 +281,14 @@ pub struct TargetReport {
     /// The last counted failure, as `class: message`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure: Option<String>,
+    /// Of `failures`, those after the report's last success: the failures in a row it ends
+    /// with. Absent from sidecars before it, which the operator reads as none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub trailing_failures: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Report {
@@ -543,7 +551,13 @@ mod golden {
             rejected: Some(Rejected { version: "w".into(), reason: "why".into(), policies: vec!["p".into()] }),
             targets: BTreeMap::from([(
                 "a".to_string(),
-                TargetReport { successes: 1, failures: 2, retry_after_ms: Some(3), last_failure: Some("x".into()) },
+                TargetReport {
+                    successes: 1,
+                    failures: 2,
+                    retry_after_ms: Some(3),
+                    last_failure: Some("x".into()),
+                    trailing_failures: 0,
+                },
             )]),
             spend: BTreeMap::new(),
             verified: BTreeMap::new(),

@@ -435,6 +435,7 @@ impl ControlStream {
                                 failures: tally.failures,
                                 retry_after_ms: tally.retry_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                                 last_failure: tally.last_failure,
+                                trailing_failures: tally.trailing_failures,
                             })
                         })
                         .collect();

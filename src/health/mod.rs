@@ -54,6 +54,8 @@ pub struct Tally {
     pub retry_after: Option<Duration>,
     /// The last counted failure, as `class: message`.
     pub last_failure: Option<String>,
+    /// The failures since the last success in this tally.
+    pub trailing_failures: u64,
 }
 
 impl Tally {
@@ -202,12 +204,15 @@ impl TargetHealth {
     }
 
     fn count_success(&self) {
-        self.tally.lock().successes += 1;
+        let mut tally = self.tally.lock();
+        tally.successes += 1;
+        tally.trailing_failures = 0;
     }
 
     fn count_failure(&self, retry_after: Option<Duration>, failure: String) {
         let mut tally = self.tally.lock();
         tally.failures += 1;
+        tally.trailing_failures += 1;
         tally.retry_after = tally.retry_after.max(retry_after);
         tally.last_failure = Some(failure);
     }

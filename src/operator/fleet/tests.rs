@@ -42,11 +42,17 @@ fn fixture(extra: &str) -> Fixture {
 
 impl Fixture {
     fn report(&self, pod: &str, identity: &str, successes: u64, failures: u64, at: Duration) {
+        self.report_ending_in(pod, identity, successes, failures, 0, at);
+    }
+
+    /// A report whose last `trailing` failures came after its last success.
+    fn report_ending_in(&self, pod: &str, identity: &str, successes: u64, failures: u64, trailing: u64, at: Duration) {
         let report = TargetReport {
             successes,
             failures,
             retry_after_ms: None,
             last_failure: (failures > 0).then(|| "serverError: 500 boom".to_string()),
+            trailing_failures: trailing,
         };
         let targets = BTreeMap::from([(identity.to_string(), report)]);
         self.view.observe(
@@ -130,6 +136,24 @@ fn a_pod_failing_in_a_row_sees_the_target_fail_though_its_window_holds_earlier_s
 }
 
 #[test]
+fn a_report_whose_failures_came_after_its_successes_counts_them_in_a_row() {
+    let f = fixture("");
+    f.report("pod-1", &f.a, 10, 0, secs(1));
+    f.report("pod-2", &f.a, 10, 0, secs(1));
+    // One report holds pod-1's last successes and then five failures in a row: its own
+    // breaker opened, and the fleet's run is five, not zero.
+    f.report_ending_in("pod-1", &f.a, 2, 5, 5, secs(2));
+    let decision = f.decision(&f.a).expect("open for every pod");
+    assert!(decision.reason.starts_with("5 failures in a row across the fleet; 1 of 2 pod(s)"), "{}", decision.reason);
+    // The same counts with the successes last end the run.
+    let g = fixture("");
+    g.report("pod-1", &g.a, 10, 0, secs(1));
+    g.report("pod-2", &g.a, 10, 0, secs(1));
+    g.report_ending_in("pod-1", &g.a, 2, 5, 0, secs(2));
+    assert!(g.decision(&g.a).is_none());
+}
+
+#[test]
 fn a_retry_after_is_believed_at_once_for_the_fleet_up_to_max_open_for() {
     let f = fixture("");
     f.report("pod-2", &f.a, 50, 0, secs(0));
@@ -138,6 +162,7 @@ fn a_retry_after_is_believed_at_once_for_the_fleet_up_to_max_open_for() {
         failures: 1,
         retry_after_ms: Some(30_000),
         last_failure: Some("rateLimited: 429".into()),
+        trailing_failures: 0,
     };
     let targets = BTreeMap::from([(f.a.clone(), limited.clone())]);
     f.view.observe(
