@@ -61,17 +61,31 @@ impl ToOpenAiStream {
     /// The chunks for one event.
     pub fn push(&mut self, event: &StreamEvent) -> Vec<Value> {
         match self {
-            ToOpenAiStream::Same(false)
-                if event.data["choices"].as_array().is_some_and(Vec::is_empty)
-                    && event.data.get("usage").is_some_and(|u| !u.is_null()) =>
-            {
-                Vec::new()
-            }
+            ToOpenAiStream::Same(_) if self.leaves_out(event) => Vec::new(),
             ToOpenAiStream::Same(_) => vec![event.data.clone()],
             ToOpenAiStream::Anthropic(t) => t.push(&event.data),
             ToOpenAiStream::Gemini(t) => t.push(&event.data),
             ToOpenAiStream::Responses => openai::responses::event_to_chunks(&event.data),
         }
+    }
+
+    /// Hands each chunk for one event to `emit`; an OpenAI chunk is handed on as it is, not copied.
+    pub fn each(&mut self, event: &StreamEvent, mut emit: impl FnMut(&Value)) {
+        match self {
+            ToOpenAiStream::Same(_) => {
+                if !self.leaves_out(event) {
+                    emit(&event.data);
+                }
+            }
+            _ => self.push(event).iter().for_each(emit),
+        }
+    }
+
+    /// An OpenAI usage-only chunk the app did not ask for.
+    fn leaves_out(&self, event: &StreamEvent) -> bool {
+        matches!(self, ToOpenAiStream::Same(false))
+            && event.data["choices"].as_array().is_some_and(Vec::is_empty)
+            && event.data.get("usage").is_some_and(|u| !u.is_null())
     }
 
     /// Chunks owed when the stream has ended cleanly.
@@ -80,5 +94,38 @@ impl ToOpenAiStream {
             ToOpenAiStream::Gemini(t) => t.finish(),
             ToOpenAiStream::Same(_) | ToOpenAiStream::Anthropic(_) | ToOpenAiStream::Responses => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::openai::stream::chunk_event;
+    use serde_json::json;
+
+    fn handed_on(translate: &mut ToOpenAiStream, chunk: &Value) -> Vec<Value> {
+        let mut chunks = Vec::new();
+        translate.each(&chunk_event(chunk.clone()), |chunk| chunks.push(chunk.clone()));
+        chunks
+    }
+
+    #[test]
+    fn openai_chunks_are_handed_on_as_they_are_and_usage_only_when_the_app_asked() {
+        let content = json!({"id": "c", "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": null}]});
+        let usage = json!({"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}});
+        let mut asked = ToOpenAiStream::new(Api::OpenAi, true);
+        let mut not_asked = ToOpenAiStream::new(Api::OpenAi, false);
+        assert_eq!(handed_on(&mut asked, &content), vec![content.clone()]);
+        assert_eq!(handed_on(&mut not_asked, &content), vec![content.clone()]);
+        assert_eq!(handed_on(&mut asked, &usage), vec![usage.clone()]);
+        assert!(handed_on(&mut not_asked, &usage).is_empty(), "the usage chunk Backstop asked for is its own");
+        // `each` and `push` agree, whichever the translator.
+        let mut from_anthropic = ToOpenAiStream::new(Api::Anthropic, true);
+        let start = json!({"type": "message_start", "message": {"id": "m", "model": "claude", "usage": {"input_tokens": 3}}});
+        let event = crate::llm::StreamEvent { data: start, content: false, progress: false, end: false };
+        let mut each = Vec::new();
+        from_anthropic.each(&event, |chunk| each.push(chunk.clone()));
+        assert_eq!(each, ToOpenAiStream::new(Api::Anthropic, true).push(&event));
+        assert!(!each.is_empty(), "message_start opens the OpenAI stream with the assistant's role");
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream};
 use hyper::body::Frame;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::health::Permit;
 use crate::llm::FailureClass;
@@ -168,6 +168,9 @@ enum State<R> {
         tail: Tail,
         /// The usage of the attempts before each seam, added to the usage the app is shown.
         carried: Usage,
+        /// One timer for the stream's life, moved on at each event: moving a timer later is a
+        /// store, where a timeout made per event registers a timer and removes it again.
+        timer: Option<Pin<Box<Sleep>>>,
     },
     Closing(std::vec::IntoIter<Bytes>),
     Failing(BoxError),
@@ -203,14 +206,15 @@ pub fn sse_body<R: StreamRenderer>(
         renderer,
         tail,
         carried: Usage::default(),
+        timer: None,
     };
     let frames = stream::unfold(start, move |state| async move {
         let mut state = state;
         loop {
             match state {
-                State::Live { mut pending, mut held, mut rest, mut renderer, mut tail, mut carried } => {
+                State::Live { mut pending, mut held, mut rest, mut renderer, mut tail, mut carried, mut timer } => {
                     if let Some(frame) = pending.next() {
-                        let live = State::Live { pending, held, rest, renderer, tail, carried };
+                        let live = State::Live { pending, held, rest, renderer, tail, carried, timer };
                         return Some((Ok(Frame::data(frame)), live));
                     }
                     let next = match held.next() {
@@ -218,7 +222,20 @@ pub fn sse_body<R: StreamRenderer>(
                         None => {
                             let idle_until = idle.map(|idle| Instant::now() + idle);
                             match idle_until.into_iter().chain(deadline).min() {
-                                Some(until) => tokio::time::timeout_at(until, rest.next()).await,
+                                Some(until) => {
+                                    let sleep = match &mut timer {
+                                        Some(sleep) => {
+                                            sleep.as_mut().reset(until);
+                                            sleep
+                                        }
+                                        None => timer.insert(Box::pin(tokio::time::sleep_until(until))),
+                                    };
+                                    tokio::select! {
+                                        biased;
+                                        next = rest.next() => Ok(next),
+                                        () = sleep.as_mut() => Err(()),
+                                    }
+                                }
                                 None => Ok(rest.next().await),
                             }
                         }
@@ -228,13 +245,13 @@ pub fn sse_body<R: StreamRenderer>(
                             tail.event(&event);
                             carried.add_to(&mut event.data);
                             let pending = renderer.event(&event).into_iter();
-                            State::Live { pending, held, rest, renderer, tail, carried }
+                            State::Live { pending, held, rest, renderer, tail, carried, timer }
                         }
                         Ok(Some(Ok(Relayed::Resumed(seam)))) => {
                             tail.resumed(&seam);
                             carried.add(&seam.info);
                             let pending = seam.comment().into_iter().collect::<Vec<_>>().into_iter();
-                            State::Live { pending, held, rest, renderer, tail, carried }
+                            State::Live { pending, held, rest, renderer, tail, carried, timer }
                         }
                         Ok(None) => {
                             tail.end(StreamEnd::Finished, "");

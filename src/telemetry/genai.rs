@@ -26,8 +26,8 @@ pub struct AnswerInfo {
     pub cache_written_tokens: Option<u64>,
 }
 
-fn text(value: &Value) -> Option<String> {
-    value.as_str().filter(|s| !s.is_empty()).map(str::to_string)
+fn text(value: &Value) -> Option<&str> {
+    value.as_str().filter(|s| !s.is_empty())
 }
 
 fn number(value: &Value) -> Option<u64> {
@@ -45,27 +45,29 @@ impl AnswerInfo {
         info
     }
 
-    fn keep(&mut self, field: &str, value: Option<String>) {
-        if value.is_some() {
-            match field {
-                "id" => self.id = value,
-                _ => self.model = value,
-            }
+    /// Keeps the latest `id` or `model`, copied only when it changes (a stream repeats both in
+    /// every event).
+    fn keep(&mut self, field: &str, value: Option<&str>) {
+        let slot = if field == "id" { &mut self.id } else { &mut self.model };
+        if let Some(value) = value
+            && slot.as_deref() != Some(value)
+        {
+            *slot = Some(value.to_string());
         }
     }
 
-    fn finish(&mut self, reason: Option<String>) {
+    fn finish(&mut self, reason: Option<&str>) {
         if let Some(reason) = reason
-            && !self.finish_reasons.contains(&reason)
+            && !self.finish_reasons.iter().any(|known| known == reason)
         {
-            self.finish_reasons.push(reason);
+            self.finish_reasons.push(reason.to_string());
         }
     }
 
     fn responses(&mut self, response: &Value) {
         self.keep("id", text(&response["id"]));
         self.keep("model", text(&response["model"]));
-        let status = text(&response["status"]).filter(|s| s != "in_progress");
+        let status = text(&response["status"]).filter(|s| *s != "in_progress");
         self.finish(status);
         let usage = &response["usage"];
         self.input_tokens = number(&usage["input_tokens"]).or(self.input_tokens);

@@ -65,9 +65,10 @@ pub fn chunk_event(chunk: Value) -> StreamEvent {
 fn carries_reasoning(chunk: &Value) -> bool {
     chunk.get("choices").and_then(Value::as_array).is_some_and(|choices| {
         choices.iter().any(|choice| {
+            let delta = choice.get("delta");
             ["reasoning_content", "reasoning"]
                 .iter()
-                .any(|k| choice.pointer(&format!("/delta/{k}")).and_then(Value::as_str).is_some_and(|s| !s.is_empty()))
+                .any(|k| delta.and_then(|d| d.get(k)).and_then(Value::as_str).is_some_and(|s| !s.is_empty()))
         })
     })
 }

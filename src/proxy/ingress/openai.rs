@@ -107,7 +107,9 @@ pub struct OpenAiStream {
 
 impl StreamRenderer for OpenAiStream {
     fn event(&mut self, event: &StreamEvent) -> Vec<Bytes> {
-        self.translate.push(event).iter().map(|chunk| relay::encode(None, chunk)).collect()
+        let mut frames = Vec::with_capacity(1);
+        self.translate.each(event, |chunk| frames.push(relay::encode(None, chunk)));
+        frames
     }
 
     fn finish(&mut self) -> Vec<Bytes> {
