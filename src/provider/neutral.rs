@@ -112,7 +112,8 @@ mod tests {
     #[test]
     fn openai_chunks_are_handed_on_as_they_are_and_usage_only_when_the_app_asked() {
         let content = json!({"id": "c", "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": null}]});
-        let usage = json!({"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}});
+        let usage =
+            json!({"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}});
         let mut asked = ToOpenAiStream::new(Api::OpenAi, true);
         let mut not_asked = ToOpenAiStream::new(Api::OpenAi, false);
         assert_eq!(handed_on(&mut asked, &content), vec![content.clone()]);
@@ -121,7 +122,8 @@ mod tests {
         assert!(handed_on(&mut not_asked, &usage).is_empty(), "the usage chunk Backstop asked for is its own");
         // `each` and `push` agree, whichever the translator.
         let mut from_anthropic = ToOpenAiStream::new(Api::Anthropic, true);
-        let start = json!({"type": "message_start", "message": {"id": "m", "model": "claude", "usage": {"input_tokens": 3}}});
+        let start =
+            json!({"type": "message_start", "message": {"id": "m", "model": "claude", "usage": {"input_tokens": 3}}});
         let event = crate::llm::StreamEvent { data: start, content: false, progress: false, end: false };
         let mut each = Vec::new();
         from_anthropic.each(&event, |chunk| each.push(chunk.clone()));
