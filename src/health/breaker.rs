@@ -129,7 +129,7 @@ impl Breaker {
     /// open breaker: a success from a request admitted before it opened (a long stream ending
     /// late) says nothing about the target now.
     pub fn on_success(&mut self, now: Instant, admitted_while_open: bool) {
-        self.consecutive = circuit::streak_after(self.consecutive, SUCCESS);
+        self.consecutive = circuit::streak_after(self.consecutive, SUCCESS, 0);
         self.window.record(now, SUCCESS);
         if admitted_while_open && !self.circuit.is_closed() {
             self.close();
@@ -149,7 +149,7 @@ impl Breaker {
             self.release_probe(probe);
             return false;
         }
-        self.consecutive = circuit::streak_after(self.consecutive, FAILURE);
+        self.consecutive = circuit::streak_after(self.consecutive, FAILURE, FAILURE.failures);
         self.window.record(now, FAILURE);
         let asked = retry_after.filter(|_| matches!(class, FailureClass::RateLimited | FailureClass::Overloaded));
         match self.phase(now) {

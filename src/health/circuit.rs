@@ -129,9 +129,11 @@ pub fn verdict(settings: &BreakerSettings, counts: Counts, streak: u64) -> Optio
         .then_some(Verdict::Streak(streak))
 }
 
-/// The failures-in-a-row count after `counts` (a success anywhere in them resets it).
-pub fn streak_after(streak: u64, counts: Counts) -> u64 {
-    if counts.successes > 0 { 0 } else { streak + counts.failures }
+/// The failures-in-a-row count after `counts`, of whose failures the last `trailing` came after
+/// their last success: a success in them ends the run before it and starts one of the failures
+/// that follow it; with none, their failures add to the run.
+pub fn streak_after(streak: u64, counts: Counts, trailing: u64) -> u64 {
+    if counts.successes > 0 { trailing.min(counts.failures) } else { streak + counts.failures }
 }
 
 /// Where a circuit stands. What half-open holds (`P`) is the user's: probes in flight for a
@@ -296,7 +298,7 @@ mod tests {
         );
         assert_eq!(verdict(&both, counts(9, 3), 3), Some(Verdict::Streak(3)));
         assert_eq!(verdict(&settings(0, None), counts(0, 100), 100), None, "0 turns the streak rule off");
-        assert_eq!((streak_after(4, counts(0, 2)), streak_after(4, counts(1, 2))), (6, 0));
+        assert_eq!((streak_after(4, counts(0, 2), 0), streak_after(4, counts(1, 2), 0)), (6, 0));
         assert!(counts(1, 1).failing(50) && !counts(3, 1).failing(50) && !counts(0, 0).failing(0));
     }
 

@@ -223,13 +223,8 @@ pub fn sse_body<R: StreamRenderer>(
                             let idle_until = idle.map(|idle| Instant::now() + idle);
                             match idle_until.into_iter().chain(deadline).min() {
                                 Some(until) => {
-                                    let sleep = match &mut timer {
-                                        Some(sleep) => {
-                                            sleep.as_mut().reset(until);
-                                            sleep
-                                        }
-                                        None => timer.insert(Box::pin(tokio::time::sleep_until(until))),
-                                    };
+                                    let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+                                    sleep.as_mut().reset(until);
                                     tokio::select! {
                                         biased;
                                         next = rest.next() => Ok(next),

@@ -30,6 +30,16 @@ fn text(value: &Value) -> Option<&str> {
     value.as_str().filter(|s| !s.is_empty())
 }
 
+/// Keeps the latest `value` in `slot`, copied only when it changes (a stream repeats its `id` and
+/// `model` in every event).
+fn keep(slot: &mut Option<String>, value: Option<&str>) {
+    if let Some(value) = value
+        && slot.as_deref() != Some(value)
+    {
+        *slot = Some(value.to_string());
+    }
+}
+
 fn number(value: &Value) -> Option<u64> {
     value.as_u64()
 }
@@ -45,17 +55,6 @@ impl AnswerInfo {
         info
     }
 
-    /// Keeps the latest `id` or `model`, copied only when it changes (a stream repeats both in
-    /// every event).
-    fn keep(&mut self, field: &str, value: Option<&str>) {
-        let slot = if field == "id" { &mut self.id } else { &mut self.model };
-        if let Some(value) = value
-            && slot.as_deref() != Some(value)
-        {
-            *slot = Some(value.to_string());
-        }
-    }
-
     fn finish(&mut self, reason: Option<&str>) {
         if let Some(reason) = reason
             && !self.finish_reasons.iter().any(|known| known == reason)
@@ -65,8 +64,8 @@ impl AnswerInfo {
     }
 
     fn responses(&mut self, response: &Value) {
-        self.keep("id", text(&response["id"]));
-        self.keep("model", text(&response["model"]));
+        keep(&mut self.id, text(&response["id"]));
+        keep(&mut self.model, text(&response["model"]));
         let status = text(&response["status"]).filter(|s| *s != "in_progress");
         self.finish(status);
         let usage = &response["usage"];
@@ -79,8 +78,8 @@ impl AnswerInfo {
     pub fn observe(&mut self, api: Api, event: &Value) {
         match api {
             Api::OpenAi => {
-                self.keep("id", text(&event["id"]));
-                self.keep("model", text(&event["model"]));
+                keep(&mut self.id, text(&event["id"]));
+                keep(&mut self.model, text(&event["model"]));
                 for choice in event["choices"].as_array().into_iter().flatten() {
                     self.finish(text(&choice["finish_reason"]));
                 }
@@ -92,8 +91,8 @@ impl AnswerInfo {
             Api::Anthropic => {
                 // A whole message, or `message_start` (which holds one) and `message_delta`.
                 let message = if event["type"] == "message_start" { &event["message"] } else { event };
-                self.keep("id", text(&message["id"]));
-                self.keep("model", text(&message["model"]));
+                keep(&mut self.id, text(&message["id"]));
+                keep(&mut self.model, text(&message["model"]));
                 self.finish(text(&message["stop_reason"]).or_else(|| text(&event["delta"]["stop_reason"])));
                 let usage = &message["usage"];
                 let input = number(&usage["input_tokens"]);
@@ -107,8 +106,8 @@ impl AnswerInfo {
                 self.output_tokens = number(&usage["output_tokens"]).or(self.output_tokens);
             }
             Api::Gemini => {
-                self.keep("id", text(&event["responseId"]));
-                self.keep("model", text(&event["modelVersion"]));
+                keep(&mut self.id, text(&event["responseId"]));
+                keep(&mut self.model, text(&event["modelVersion"]));
                 for candidate in event["candidates"].as_array().into_iter().flatten() {
                     self.finish(text(&candidate["finishReason"]));
                 }

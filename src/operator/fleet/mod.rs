@@ -141,12 +141,6 @@ impl SpendFleet {
     }
 }
 
-/// Failures in a row after a pod's report: a report with a success ends the run before it and
-/// starts one of the failures it ends with; one without adds its failures to the run.
-fn streak_after(streak: u64, report: &TargetReport) -> u64 {
-    if report.successes > 0 { report.trailing_failures.min(report.failures) } else { streak + report.failures }
-}
-
 /// What the view needs to know of a target to judge it: the breaker settings and label of the
 /// first policy (in name order) that uses it with `scope: fleet`.
 #[derive(Clone, Debug)]
@@ -275,8 +269,8 @@ impl TargetFleet {
                 let window = circuit::window_of(&self.rule.settings);
                 self.pods.entry(pod.to_string()).or_insert_with(|| Window::new(window)).record(now, counts);
                 let own = self.pod_streaks.entry(pod.to_string()).or_default();
-                *own = streak_after(*own, report);
-                self.streak = streak_after(self.streak, report);
+                *own = circuit::streak_after(*own, counts, report.trailing_failures);
+                self.streak = circuit::streak_after(self.streak, counts, report.trailing_failures);
                 self.expire(now);
                 if let Some(wait) = retry_after {
                     let wait = wait.min(max_open);
