@@ -55,13 +55,16 @@ pub fn stream_everywhere(api: Api, bytes: &[u8]) {
     for part in [first, second] {
         decoder.push(part);
         while let Ok(Some(event)) = decoder.next_event() {
+            if api == Api::OpenAi {
+                chat_chunk_read_alike(&event.data);
+            }
             if let Parsed::Event(event) = parser.event(event) {
                 let _ = to_openai.push(&event);
                 let _ = to_anthropic.push(&event);
                 let _ = to_responses.push(&event);
-                let _ = neutral::to_openai_completion(api, &event.data);
-                let _ = to_anthropic_message(api, event.data.clone());
-                let _ = from_chat_completion(&neutral::to_openai_completion(api, &event.data), &request);
+                let _ = neutral::to_openai_completion(api, event.data());
+                let _ = to_anthropic_message(api, event.data().clone());
+                let _ = from_chat_completion(&neutral::to_openai_completion(api, event.data()), &request);
             }
         }
     }
@@ -70,6 +73,17 @@ pub fn stream_everywhere(api: Api, bytes: &[u8]) {
     let _ = to_openai.finish();
     let _ = to_anthropic.finish();
     let _ = to_responses.finish();
+}
+
+/// A chat chunk's text read in place gives what decoding it whole gives, and passes on to the
+/// app as the same text.
+fn chat_chunk_read_alike(text: &str) {
+    assert!(openai::stream::readings_agree(text), "the chunk's readings disagree: {text}");
+    assert!(crate::telemetry::genai::chat_readings_agree(text), "the chunk's facts disagree: {text}");
+    let mut decoder = Decoder::new(usize::MAX);
+    decoder.push(&crate::proxy::relay::encode_text(None, text));
+    let passed_on = decoder.next_event().ok().flatten().map(|event| event.data);
+    assert_eq!(passed_on.as_deref(), Some(text), "the chunk's text is not passed on as it came");
 }
 
 /// Parses and compiles a policy document.
@@ -98,6 +112,11 @@ pub fn hostile_inputs() -> Vec<Vec<u8>> {
         json!({"model": "m", "input": [{"type": "function_call"}, {"type": "function_call_output", "output": {"a": 1}}, {"role": "user", "content": [{"type": "input_image"}]}], "text": {"format": {"type": "json_schema"}}})
             .to_string()
             .into_bytes(),
+        // Chat chunks the in-place reading must leave to the whole one, or read alike.
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"},\"delta\":{}}]}\n\n".to_vec(),
+        b"data: {\"choices\":[[null,\"stop\"]],\"usage\":[]}\n\n".to_vec(),
+        b"data: {\"id\":\ndata:  \"c\",\"choices\":[],\r\ndata: \"usage\":{\"prompt_tokens\":1}}\n\n".to_vec(),
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"a\\\"\\u00e9\"},\"finish_reason\":\"st\\u006fp\"}]}\n\n".to_vec(),
         deep.into_bytes(),
         Value::String("\u{0}\u{ffff}".into()).to_string().into_bytes(),
     ]

@@ -2,6 +2,7 @@
 //! own wire format and flagged with what the fallback loop needs to know of it.
 
 use std::pin::Pin;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -50,10 +51,15 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, AttemptErro
 
 /// One streamed event in its provider's own format, with what the fallback loop needs to
 /// know of it.
+///
+/// An event read off the wire keeps its text: an app that speaks the provider's API gets it as
+/// it came, and its JSON is decoded only if something asks for it (a translation, a resume).
 #[derive(Clone, Debug)]
 pub struct StreamEvent {
-    /// The event's JSON payload.
-    pub data: Value,
+    /// The event's data as the provider sent it, while it is still what `json` holds.
+    text: Option<String>,
+    /// The event's JSON payload, decoded from `text` on first use.
+    json: OnceLock<Value>,
     /// It carries text, a refusal or a tool call the app will see: it commits a held stream.
     pub content: bool,
     /// It shows the model working: content, or thinking the app may not see. The first one
@@ -61,6 +67,48 @@ pub struct StreamEvent {
     pub progress: bool,
     /// It ends the answer (a finish or stop reason).
     pub end: bool,
+}
+
+impl StreamEvent {
+    /// An event built here, or already decoded.
+    pub fn new(data: Value, content: bool, progress: bool, end: bool) -> Self {
+        StreamEvent { text: None, json: OnceLock::from(data), content, progress, end }
+    }
+
+    /// An event kept as the provider's text, which its parser has checked is a JSON object.
+    pub fn from_text(text: String, content: bool, progress: bool, end: bool) -> Self {
+        StreamEvent { text: Some(text), json: OnceLock::new(), content, progress, end }
+    }
+
+    /// The event's JSON payload.
+    pub fn data(&self) -> &Value {
+        self.json.get_or_init(|| decode(self.text.as_deref()))
+    }
+
+    /// Changes the payload; the event no longer passes on as the provider sent it.
+    pub fn edit(&mut self, change: impl FnOnce(&mut Value)) {
+        let mut json = std::mem::take(&mut self.json).into_inner().unwrap_or_else(|| decode(self.text.as_deref()));
+        change(&mut json);
+        self.text = None;
+        self.json = OnceLock::from(json);
+    }
+
+    /// The payload, taken.
+    pub fn into_data(self) -> Value {
+        self.json.into_inner().unwrap_or_else(|| decode(self.text.as_deref()))
+    }
+
+    /// The event's data exactly as the provider sent it, if it was read off the wire and not
+    /// changed since.
+    pub fn text(&self) -> Option<&str> {
+        self.text.as_deref()
+    }
+}
+
+/// An event's text as JSON. Its parser checked that it is a JSON object; text that is not
+/// decodes as `Null`.
+fn decode(text: Option<&str>) -> Value {
+    text.and_then(|text| serde_json::from_str(text).ok()).unwrap_or_default()
 }
 
 /// One embedding as OpenAI writes it: a float array, or with `encoding_format: base64`

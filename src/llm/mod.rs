@@ -7,6 +7,7 @@
 //! so nothing here knows a wire format but the neutral one. It imports nothing of Backstop.
 
 pub mod answer;
+pub mod chunk;
 pub mod failure;
 pub mod feature;
 pub mod go_duration;

@@ -5,6 +5,7 @@
 use serde_json::Value;
 
 use super::{anthropic, gemini, openai};
+use crate::llm::chunk::ChunkView;
 use crate::llm::{Api, StreamEvent};
 
 /// Whether a complete answer has text, a refusal or a tool call.
@@ -31,6 +32,15 @@ pub fn into_openai_completion(api: Api, answer: Value) -> Value {
         Api::OpenAi => answer,
         other => to_openai_completion(other, &answer),
     }
+}
+
+/// A chat chunk handed on: the provider's own text, or JSON.
+#[derive(Clone, Copy, Debug)]
+pub enum Chunk<'a> {
+    /// As the provider sent it.
+    Text(&'a str),
+    /// Decoded or built here.
+    Json(&'a Value),
 }
 
 /// Turns a provider's stream events into OpenAI `chat.completion.chunk`s.
@@ -62,30 +72,38 @@ impl ToOpenAiStream {
     pub fn push(&mut self, event: &StreamEvent) -> Vec<Value> {
         match self {
             ToOpenAiStream::Same(_) if self.leaves_out(event) => Vec::new(),
-            ToOpenAiStream::Same(_) => vec![event.data.clone()],
-            ToOpenAiStream::Anthropic(t) => t.push(&event.data),
-            ToOpenAiStream::Gemini(t) => t.push(&event.data),
-            ToOpenAiStream::Responses => openai::responses::event_to_chunks(&event.data),
+            ToOpenAiStream::Same(_) => vec![event.data().clone()],
+            ToOpenAiStream::Anthropic(t) => t.push(event.data()),
+            ToOpenAiStream::Gemini(t) => t.push(event.data()),
+            ToOpenAiStream::Responses => openai::responses::event_to_chunks(event.data()),
         }
     }
 
-    /// Hands each chunk for one event to `emit`; an OpenAI chunk is handed on as it is, not copied.
-    pub fn each(&mut self, event: &StreamEvent, mut emit: impl FnMut(&Value)) {
+    /// Hands each chunk for one event to `emit`; an OpenAI chunk is handed on as it is, not
+    /// copied, and as the provider's own text when it still is that.
+    pub fn each(&mut self, event: &StreamEvent, mut emit: impl FnMut(Chunk<'_>)) {
         match self {
             ToOpenAiStream::Same(_) => {
                 if !self.leaves_out(event) {
-                    emit(&event.data);
+                    emit(event.text().map_or_else(|| Chunk::Json(event.data()), Chunk::Text));
                 }
             }
-            _ => self.push(event).iter().for_each(emit),
+            _ => self.push(event).iter().map(Chunk::Json).for_each(emit),
         }
     }
 
     /// An OpenAI usage-only chunk the app did not ask for.
     fn leaves_out(&self, event: &StreamEvent) -> bool {
-        matches!(self, ToOpenAiStream::Same(false))
-            && event.data["choices"].as_array().is_some_and(Vec::is_empty)
-            && event.data.get("usage").is_some_and(|u| !u.is_null())
+        if !matches!(self, ToOpenAiStream::Same(false)) {
+            return false;
+        }
+        match event.text().and_then(ChunkView::read) {
+            Some(chunk) => chunk.usage_only(),
+            None => {
+                let data = event.data();
+                data["choices"].as_array().is_some_and(Vec::is_empty) && data.get("usage").is_some_and(|u| !u.is_null())
+            }
+        }
     }
 
     /// Chunks owed when the stream has ended cleanly.
@@ -103,9 +121,16 @@ mod tests {
     use crate::provider::openai::stream::chunk_event;
     use serde_json::json;
 
+    fn decoded(chunk: Chunk<'_>) -> Value {
+        match chunk {
+            Chunk::Text(text) => serde_json::from_str(text).expect("JSON"),
+            Chunk::Json(json) => json.clone(),
+        }
+    }
+
     fn handed_on(translate: &mut ToOpenAiStream, chunk: &Value) -> Vec<Value> {
         let mut chunks = Vec::new();
-        translate.each(&chunk_event(chunk.clone()), |chunk| chunks.push(chunk.clone()));
+        translate.each(&chunk_event(chunk.clone()), |chunk| chunks.push(decoded(chunk)));
         chunks
     }
 
@@ -124,9 +149,9 @@ mod tests {
         let mut from_anthropic = ToOpenAiStream::new(Api::Anthropic, true);
         let start =
             json!({"type": "message_start", "message": {"id": "m", "model": "claude", "usage": {"input_tokens": 3}}});
-        let event = crate::llm::StreamEvent { data: start, content: false, progress: false, end: false };
+        let event = crate::llm::StreamEvent::new(start, false, false, false);
         let mut each = Vec::new();
-        from_anthropic.each(&event, |chunk| each.push(chunk.clone()));
+        from_anthropic.each(&event, |chunk| each.push(decoded(chunk)));
         assert_eq!(each, ToOpenAiStream::new(Api::Anthropic, true).push(&event));
         assert!(!each.is_empty(), "message_start opens the OpenAI stream with the assistant's role");
     }

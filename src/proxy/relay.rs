@@ -37,17 +37,38 @@ pub fn plain(rest: ChunkStream) -> RelayStream {
 
 /// One server-sent event: `event: NAME` when named, then the JSON `data` line.
 pub fn encode(name: Option<&str>, data: &serde_json::Value) -> Bytes {
-    let mut bytes = Vec::with_capacity(256);
+    let mut bytes = head(name, 256);
+    // Serializing a `Value` to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut bytes, data);
+    bytes.extend_from_slice(b"\n\n");
+    Bytes::from(bytes)
+}
+
+/// One server-sent event whose data is JSON text as a provider sent it. Text the provider spread
+/// over several lines (JSON allows line breaks only between tokens) goes as several `data:`
+/// lines, which an SSE client joins back into the same text.
+pub fn encode_text(name: Option<&str>, text: &str) -> Bytes {
+    let mut bytes = head(name, text.len() + 16);
+    let mut lines = text.split(['\n', '\r']);
+    bytes.extend_from_slice(lines.next().unwrap_or_default().as_bytes());
+    for line in lines {
+        bytes.extend_from_slice(b"\ndata: ");
+        bytes.extend_from_slice(line.as_bytes());
+    }
+    bytes.extend_from_slice(b"\n\n");
+    Bytes::from(bytes)
+}
+
+/// An event's opening: its name if it has one, and `data: `.
+fn head(name: Option<&str>, capacity: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(capacity);
     if let Some(name) = name {
         bytes.extend_from_slice(b"event: ");
         bytes.extend_from_slice(name.as_bytes());
         bytes.push(b'\n');
     }
     bytes.extend_from_slice(b"data: ");
-    // Serializing a `Value` to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut bytes, data);
-    bytes.extend_from_slice(b"\n\n");
-    Bytes::from(bytes)
+    bytes
 }
 
 /// Writes one ingress API's stream format.
@@ -238,7 +259,7 @@ pub fn sse_body<R: StreamRenderer>(
                     state = match next {
                         Ok(Some(Ok(Relayed::Event(mut event)))) => {
                             tail.event(&event);
-                            carried.add_to(&mut event.data);
+                            carried.add_to(&mut event);
                             let pending = renderer.event(&event).into_iter();
                             State::Live { pending, held, rest, renderer, tail, carried, timer }
                         }
@@ -311,19 +332,21 @@ impl Usage {
     }
 
     /// Adds the carried tokens to a chunk's `usage`, if it has one.
-    fn add_to(&self, chunk: &mut serde_json::Value) {
-        if self.input == 0 && self.output == 0 {
+    fn add_to(&self, chunk: &mut StreamEvent) {
+        if (self.input == 0 && self.output == 0) || chunk.data().get("usage").is_none_or(|u| !u.is_object()) {
             return;
         }
-        let Some(usage) = chunk.get_mut("usage").and_then(serde_json::Value::as_object_mut) else { return };
-        let mut bump = |field: &str, by: u64| {
-            if let Some(n) = usage.get(field).and_then(serde_json::Value::as_u64) {
-                usage.insert(field.to_string(), serde_json::Value::from(n + by));
-            }
-        };
-        bump("prompt_tokens", self.input);
-        bump("completion_tokens", self.output);
-        bump("total_tokens", self.input + self.output);
+        chunk.edit(|chunk| {
+            let Some(usage) = chunk.get_mut("usage").and_then(serde_json::Value::as_object_mut) else { return };
+            let mut bump = |field: &str, by: u64| {
+                if let Some(n) = usage.get(field).and_then(serde_json::Value::as_u64) {
+                    usage.insert(field.to_string(), serde_json::Value::from(n + by));
+                }
+            };
+            bump("prompt_tokens", self.input);
+            bump("completion_tokens", self.output);
+            bump("total_tokens", self.input + self.output);
+        });
     }
 }
 

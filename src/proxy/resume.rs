@@ -181,7 +181,7 @@ pub fn arm(
     });
     let raw = std::mem::take(held);
     for event in &raw {
-        resume.info.observe(resume.api, &event.data);
+        resume.info.observe_event(resume.api, event);
         let chunks = resume.translate.push(event);
         held.extend(resume.neutral(chunks));
     }
@@ -241,7 +241,7 @@ impl Resume {
                 match next {
                     Some(Ok(event)) => {
                         let chunks = live.resume.translate.push(&event);
-                        live.resume.info.observe(live.resume.api, &event.data);
+                        live.resume.info.observe_event(live.resume.api, &event);
                         let neutral = live.resume.neutral(chunks);
                         live.out.extend(neutral.into_iter().map(Relayed::Event));
                     }

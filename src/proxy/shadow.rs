@@ -518,7 +518,7 @@ impl StreamShadow {
 
 impl StreamWatch for StreamShadow {
     fn event(&mut self, event: &StreamEvent) {
-        self.info.observe(self.api, &event.data);
+        self.info.observe_event(self.api, event);
         self.gist.push(event);
     }
 
@@ -588,12 +588,8 @@ mod tests {
     #[test]
     fn a_stream_s_gist_is_its_text_and_its_assembled_tool_calls() {
         let mut gist = StreamGist::new(Api::OpenAi);
-        let chunk = |delta: Value| StreamEvent {
-            data: json!({"choices": [{"index": 0, "delta": delta}]}),
-            content: true,
-            progress: true,
-            end: false,
-        };
+        let chunk =
+            |delta: Value| StreamEvent::new(json!({"choices": [{"index": 0, "delta": delta}]}), true, true, false);
         gist.push(&chunk(json!({"content": "Hel"})));
         gist.push(&chunk(json!({"content": "lo"})));
         gist.push(&chunk(json!({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "{\"a\""}}]})));

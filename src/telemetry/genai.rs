@@ -4,7 +4,8 @@
 
 use serde_json::Value;
 
-use crate::llm::Api;
+use crate::llm::chunk::{ChunkView, Object};
+use crate::llm::{Api, StreamEvent};
 
 /// An answer's facts, as the GenAI conventions name them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -72,6 +73,28 @@ impl AnswerInfo {
         self.input_tokens = number(&usage["input_tokens"]).or(self.input_tokens);
         self.output_tokens = number(&usage["output_tokens"]).or(self.output_tokens);
         self.cached_tokens = number(&usage["input_tokens_details"]["cached_tokens"]).or(self.cached_tokens);
+    }
+
+    /// Gathers what one stream event in `api`'s format says; a usual chat chunk is read in
+    /// place.
+    pub fn observe_event(&mut self, api: Api, event: &StreamEvent) {
+        match event.text().filter(|_| api == Api::OpenAi).and_then(ChunkView::read) {
+            Some(chunk) => self.chunk(&chunk),
+            None => self.observe(api, event.data()),
+        }
+    }
+
+    fn chunk(&mut self, chunk: &ChunkView<'_>) {
+        keep(&mut self.id, chunk.id.filter(|s| !s.is_empty()));
+        keep(&mut self.model, chunk.model.filter(|s| !s.is_empty()));
+        for reason in chunk.finish_reasons() {
+            self.finish(Some(reason));
+        }
+        if let Some(Object(usage)) = &chunk.usage {
+            self.input_tokens = usage.prompt_tokens.or(self.input_tokens);
+            self.output_tokens = usage.completion_tokens.or(self.output_tokens);
+            self.cached_tokens = usage.cached_tokens().or(self.cached_tokens);
+        }
     }
 
     /// Gathers what one stream event (or a whole answer) in `api`'s format says.
@@ -146,6 +169,16 @@ impl AnswerInfo {
                 / 1e6,
         )
     }
+}
+
+/// Whether a chat chunk's facts read in place are those decoding it whole gives (when it is
+/// read in place at all). The fuzz target checks it on any input.
+pub fn chat_readings_agree(text: &str) -> bool {
+    let Ok(whole) = serde_json::from_str::<Value>(text) else { return true };
+    let (mut in_place, mut decoded) = (AnswerInfo::default(), AnswerInfo::default());
+    in_place.observe_event(Api::OpenAi, &StreamEvent::from_text(text.to_string(), false, false, false));
+    decoded.observe(Api::OpenAi, &whole);
+    in_place == decoded
 }
 
 #[cfg(test)]
@@ -225,6 +258,30 @@ mod tests {
             &json!({"id": "c", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}),
         );
         assert_eq!((info.finish_reasons.as_slice(), info.output_tokens), (&["stop".to_string()][..], Some(2)));
+    }
+
+    #[test]
+    fn chat_chunks_read_in_place_give_what_decoding_them_gives() {
+        let chunks = [
+            json!({"id": "c", "model": "m", "choices": [{"delta": {"content": "x"}, "finish_reason": null}]}),
+            json!({"id": "c2", "model": "", "choices": [{"finish_reason": "stop"}, {"finish_reason": "length"}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
+                "prompt_tokens_details": {"cached_tokens": 1}}}),
+            json!({"choices": [], "usage": {"prompt_tokens": 3, "prompt_tokens_details": null}}),
+        ];
+        let (mut in_place, mut decoded) = (AnswerInfo::default(), AnswerInfo::default());
+        for chunk in &chunks {
+            let event = StreamEvent::from_text(chunk.to_string(), false, false, false);
+            assert!(ChunkView::read(event.text().expect("text")).is_some(), "read in place: {chunk}");
+            in_place.observe_event(Api::OpenAi, &event);
+            decoded.observe(Api::OpenAi, chunk);
+            assert!(chat_readings_agree(&chunk.to_string()), "{chunk}");
+        }
+        assert_eq!(in_place, decoded);
+        assert_eq!(
+            (in_place.id.as_deref(), in_place.model.as_deref(), in_place.finish_reasons.len(), in_place.cached_tokens),
+            (Some("c2"), Some("m"), 2, Some(1))
+        );
     }
 
     #[test]

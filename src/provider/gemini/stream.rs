@@ -46,7 +46,7 @@ impl WireStream for EventParser {
             .pointer("/content/parts")
             .and_then(Value::as_array)
             .is_some_and(|parts| parts.iter().any(|p| p.get("thought") == Some(&Value::Bool(true))));
-        Parsed::Event(StreamEvent { data, content, progress: content || thinking, end })
+        Parsed::Event(StreamEvent::new(data, content, content || thinking, end))
     }
 
     fn may_end(&self) -> bool {
@@ -158,7 +158,7 @@ mod tests {
         };
         assert!(stop.end && parser.may_end());
         let mut translate = ToOpenAiStream::new(false);
-        let chunks = translate.push(&stop.data);
+        let chunks = translate.push(stop.data());
         assert_eq!(chunks.last().and_then(|c| c.pointer("/choices/0/finish_reason")), Some(&json!("content_filter")));
     }
 }

@@ -65,7 +65,7 @@ impl WireStream for EventParser {
             }
             _ => (false, false, false),
         };
-        Parsed::Event(StreamEvent { data, content, progress, end })
+        Parsed::Event(StreamEvent::new(data, content, progress, end))
     }
 
     fn may_end(&self) -> bool {

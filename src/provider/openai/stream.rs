@@ -5,6 +5,7 @@ use serde_json::Value;
 use super::content::carries_content;
 use super::error::stream_error;
 use crate::llm::FailureClass;
+use crate::llm::chunk::ChunkView;
 use crate::llm::{AttemptError, StreamEvent};
 use crate::provider::sse::{self, Parsed, WireStream};
 
@@ -20,9 +21,13 @@ impl WireStream for ChunkParser {
         if event.data.trim() == "[DONE]" {
             return Parsed::End;
         }
-        match parse_chunk(&event.data) {
-            Ok(chunk) => {
-                let event = chunk_event(chunk);
+        let read = match ChunkView::read(&event.data).map(|view| shows(&view)) {
+            // The usual chunk, read in place and kept as it came.
+            Some((content, progress, end)) => Ok(StreamEvent::from_text(event.data, content, progress, end)),
+            None => parse_chunk(&event.data).map(chunk_event),
+        };
+        match read {
+            Ok(event) => {
                 self.finished |= event.end;
                 Parsed::Event(event)
             }
@@ -57,7 +62,14 @@ fn has_finish_reason(chunk: &Value) -> bool {
 pub fn chunk_event(chunk: Value) -> StreamEvent {
     let content = carries_content(&chunk);
     let progress = content || carries_reasoning(&chunk);
-    StreamEvent { content, progress, end: has_finish_reason(&chunk), data: chunk }
+    let end = has_finish_reason(&chunk);
+    StreamEvent::new(chunk, content, progress, end)
+}
+
+/// What a chunk read in place shows: content, progress, an end.
+fn shows(view: &ChunkView<'_>) -> (bool, bool, bool) {
+    let content = view.content();
+    (content, content || view.reasoning(), view.end())
 }
 
 /// Whether a chunk carries reasoning that OpenAI-compatible servers stream before the answer
@@ -70,6 +82,16 @@ fn carries_reasoning(chunk: &Value) -> bool {
                 .iter()
                 .any(|k| delta.and_then(|d| d.get(k)).and_then(Value::as_str).is_some_and(|s| !s.is_empty()))
         })
+    })
+}
+
+/// Whether the two readings of a chunk agree: the in-place one, wherever it answers, shows what
+/// decoding the chunk whole does. The fuzz target checks it on any input.
+pub fn readings_agree(text: &str) -> bool {
+    let Some(view) = ChunkView::read(text) else { return true };
+    parse_chunk(text).is_ok_and(|whole| {
+        let event = chunk_event(whole);
+        shows(&view) == (event.content, event.progress, event.end)
     })
 }
 
@@ -100,5 +122,45 @@ mod tests {
         );
         assert_eq!(parse_chunk("not json").expect_err("garbage").class, FailureClass::ServerError);
         assert!(parse_chunk(r#"{"choices":[]}"#).is_ok());
+        let mut parser = ChunkParser::default();
+        let error = sse::Event { event: None, data: r#"{"error":{"message":"x","type":"rate_limit_error"}}"#.into() };
+        assert!(matches!(parser.event(error), Parsed::Fail(e) if e.class == FailureClass::RateLimited));
+    }
+
+    #[test]
+    fn a_usual_chunk_is_kept_as_it_came_and_read_as_the_whole_one() {
+        let chunks = [
+            json!({"id": "c", "object": "chat.completion.chunk", "model": "m",
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
+            json!({"id": "c", "choices": [{"index": 0, "delta": {"content": "Hi\n"}, "logprobs": null}]}),
+            json!({"choices": [{"delta": {"refusal": "no"}}]}),
+            json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}}]}),
+            json!({"choices": [{"delta": {"tool_calls": []}}]}),
+            json!({"choices": [{"delta": {"function_call": {"name": "f"}}}]}),
+            json!({"choices": [{"delta": {"content": [{"type": "text", "text": "x"}]}}]}),
+            json!({"choices": [{"delta": {"reasoning_content": "thinking"}}]}),
+            json!({"choices": [{"delta": {"reasoning": ""}}]}),
+            json!({"choices": [{"delta": {}, "finish_reason": "stop"}, {"delta": {}, "finish_reason": null}]}),
+            json!({"choices": [{"delta": {}, "finish_reason": ""}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}),
+            json!({"choices": [{"delta": null}], "error": null}),
+        ];
+        for chunk in chunks {
+            // Spaced as a provider might write it: the app gets these bytes, not a re-encoding.
+            let text = serde_json::to_string_pretty(&chunk).expect("encodes");
+            assert!(readings_agree(&text), "{text}");
+            let Parsed::Event(event) = ChunkParser::default().event(sse::Event { event: None, data: text.clone() })
+            else {
+                panic!("{text} is an event")
+            };
+            assert_eq!(event.text(), Some(text.as_str()), "kept as it came");
+            let whole = chunk_event(chunk.clone());
+            assert_eq!(
+                (event.content, event.progress, event.end),
+                (whole.content, whole.progress, whole.end),
+                "{text}"
+            );
+            assert_eq!(event.data(), &chunk, "decoded when asked");
+        }
     }
 }

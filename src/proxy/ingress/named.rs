@@ -39,8 +39,9 @@ impl<T: FromChat> ToNamedEvents<T> {
     pub fn push(&mut self, event: &StreamEvent) -> Vec<(String, Value)> {
         match self {
             ToNamedEvents::Same => {
-                let name = event.data.get("type").and_then(Value::as_str).unwrap_or("message").to_string();
-                vec![(name, event.data.clone())]
+                let data = event.data();
+                let name = data.get("type").and_then(Value::as_str).unwrap_or("message").to_string();
+                vec![(name, data.clone())]
             }
             ToNamedEvents::Via(pair) => {
                 let (to_chat, to_named) = &mut **pair;

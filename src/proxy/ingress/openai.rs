@@ -11,7 +11,7 @@ use crate::llm::request::{Message, Operation, json_object};
 use crate::llm::status::{openai_error_type, openai_error_type_of_class};
 use crate::llm::{Api, ChatRequest, InvalidRequest, StreamEvent};
 use crate::net::body::{Body, json_response};
-use crate::provider::neutral;
+use crate::provider::neutral::{self, Chunk};
 use crate::proxy::relay::{self, StreamRenderer};
 use crate::snapshot::PolicySnapshot;
 
@@ -108,7 +108,12 @@ pub struct OpenAiStream {
 impl StreamRenderer for OpenAiStream {
     fn event(&mut self, event: &StreamEvent) -> Vec<Bytes> {
         let mut frames = Vec::with_capacity(1);
-        self.translate.each(event, |chunk| frames.push(relay::encode(None, chunk)));
+        self.translate.each(event, |chunk| {
+            frames.push(match chunk {
+                Chunk::Text(text) => relay::encode_text(None, text),
+                Chunk::Json(json) => relay::encode(None, json),
+            })
+        });
         frames
     }
 
@@ -140,6 +145,33 @@ pub fn models(snapshot: &PolicySnapshot) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::openai::stream::ChunkParser;
+    use crate::provider::sse::{self, Decoder, Parsed, WireStream};
+
+    #[test]
+    fn an_openai_stream_passes_on_the_provider_s_own_text() {
+        let read = |text: &str| match ChunkParser::default().event(sse::Event { event: None, data: text.into() }) {
+            Parsed::Event(event) => event,
+            other => panic!("{other:?}"),
+        };
+        let chunk = "{\"id\": \"c\",\n  \"choices\": [{\"index\": 0, \"delta\": {\"content\": \"Hi\"}, \"logprobs\": {\"x\": 1.10}}]}";
+        let usage = r#"{"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+        let request = |asked: bool| {
+            let body = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "x"}],
+                "stream_options": {"include_usage": asked}});
+            parse_chat(body.to_string().as_bytes()).expect("a request")
+        };
+        let mut renderer = OpenAiDialect::renderer(Api::OpenAi, &request(false));
+        let frames = renderer.event(&read(chunk));
+        assert_eq!(frames.len(), 1);
+        let mut decoder = Decoder::new(1 << 20);
+        decoder.push(&frames[0]);
+        let sent = decoder.next_event().expect("one event").expect("complete");
+        assert_eq!(sent.data, chunk, "the same text, `1.10` and the line break kept, not a re-encoding");
+        assert!(renderer.event(&read(usage)).is_empty(), "the usage chunk Backstop asked for is its own");
+        let mut asked = OpenAiDialect::renderer(Api::OpenAi, &request(true));
+        assert_eq!(asked.event(&read(usage)), [Bytes::from(format!("data: {usage}\n\n"))]);
+    }
 
     #[test]
     fn rejects_what_no_provider_would_take() {

@@ -170,7 +170,7 @@ impl Summary {
             Committed::Stream { held, api, .. } => {
                 let mut info = AnswerInfo::default();
                 for event in held {
-                    info.observe(*api, &event.data);
+                    info.observe_event(*api, event);
                 }
                 (info, Some(*api), true)
             }

@@ -36,7 +36,7 @@ impl StreamObserver {
 impl StreamWatch for StreamObserver {
     fn event(&mut self, event: &StreamEvent) {
         if let Some(api) = self.summary.api {
-            self.summary.info.observe(api, &event.data);
+            self.summary.info.observe_event(api, event);
         }
     }
 
