@@ -80,6 +80,7 @@ pub fn stream_everywhere(api: Api, bytes: &[u8]) {
 fn chat_chunk_read_alike(text: &str) {
     assert!(openai::stream::readings_agree(text), "the chunk's readings disagree: {text}");
     assert!(crate::telemetry::genai::chat_readings_agree(text), "the chunk's facts disagree: {text}");
+    assert!(neutral::answer_readings_agree(text.as_bytes()), "the answer's readings disagree: {text}");
     let mut decoder = Decoder::new(usize::MAX);
     decoder.push(&crate::proxy::relay::encode_text(None, text));
     let passed_on = decoder.next_event().ok().flatten().map(|event| event.data);
@@ -117,6 +118,7 @@ pub fn hostile_inputs() -> Vec<Vec<u8>> {
         b"data: {\"choices\":[[null,\"stop\"]],\"usage\":[]}\n\n".to_vec(),
         b"data: {\"id\":\ndata:  \"c\",\"choices\":[],\r\ndata: \"usage\":{\"prompt_tokens\":1}}\n\n".to_vec(),
         b"data: {\"choices\":[{\"delta\":{\"content\":\"a\\\"\\u00e9\"},\"finish_reason\":\"st\\u006fp\"}]}\n\n".to_vec(),
+        b"data: {\"choices\":[{\"message\":{\"content\":null},\"finish_reason\":\"content_filter\"},{\"message\":[]}]}\n\n".to_vec(),
         deep.into_bytes(),
         Value::String("\u{0}\u{ffff}".into()).to_string().into_bytes(),
     ]

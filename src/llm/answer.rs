@@ -22,7 +22,7 @@ pub enum Reply {
 impl std::fmt::Debug for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Reply::Complete(whole) => f.debug_tuple("Complete").field(&whole.json).finish(),
+            Reply::Complete(whole) => f.debug_tuple("Complete").field(whole.json()).finish(),
             Reply::Stream(_) => f.write_str("Stream(..)"),
         }
     }
@@ -30,19 +30,41 @@ impl std::fmt::Debug for Reply {
 
 /// A whole answer: its JSON, and the bytes it arrived as when it was read off the wire. An app
 /// that speaks the provider's own API gets those bytes as they are, not decoded and encoded
-/// again.
+/// again; an answer whose reader checked it in place is decoded only if something asks.
 #[derive(Clone, Debug)]
 pub struct Whole {
-    /// The answer.
-    pub json: Value,
+    /// The answer, decoded from `raw` on first use.
+    json: OnceLock<Value>,
     /// Its bytes as the provider sent them; `None` for an answer built here (a translation,
     /// the mock provider).
     pub raw: Option<Bytes>,
 }
 
+impl Whole {
+    /// An answer read off the wire and decoded.
+    pub fn decoded(json: Value, raw: Bytes) -> Whole {
+        Whole { json: OnceLock::from(json), raw: Some(raw) }
+    }
+
+    /// An answer read off the wire whose reader checked it is a JSON object, not yet decoded.
+    pub fn undecoded(raw: Bytes) -> Whole {
+        Whole { json: OnceLock::new(), raw: Some(raw) }
+    }
+
+    /// The answer.
+    pub fn json(&self) -> &Value {
+        self.json.get_or_init(|| decode_bytes(self.raw.as_deref()))
+    }
+
+    /// The answer, taken.
+    pub fn into_json(self) -> Value {
+        self.json.into_inner().unwrap_or_else(|| decode_bytes(self.raw.as_deref()))
+    }
+}
+
 impl From<Value> for Whole {
     fn from(json: Value) -> Whole {
-        Whole { json, raw: None }
+        Whole { json: OnceLock::from(json), raw: None }
     }
 }
 
@@ -108,7 +130,12 @@ impl StreamEvent {
 /// An event's text as JSON. Its parser checked that it is a JSON object; text that is not
 /// decodes as `Null`.
 fn decode(text: Option<&str>) -> Value {
-    text.and_then(|text| serde_json::from_str(text).ok()).unwrap_or_default()
+    decode_bytes(text.map(str::as_bytes))
+}
+
+/// Bytes as JSON, as [`decode`] reads text.
+fn decode_bytes(bytes: Option<&[u8]>) -> Value {
+    bytes.and_then(|bytes| serde_json::from_slice(bytes).ok()).unwrap_or_default()
 }
 
 /// One embedding as OpenAI writes it: a float array, or with `encoding_format: base64`
@@ -130,5 +157,20 @@ mod tests {
     fn embeddings_encode_as_the_sdks_expect() {
         assert_eq!(embedding_value(&[1.0, -0.5], false), serde_json::json!([1.0, -0.5]));
         assert_eq!(embedding_value(&[1.0, -0.5], true), serde_json::json!("AACAPwAAAL8="));
+    }
+
+    #[test]
+    fn a_payload_kept_as_text_is_decoded_when_asked_and_an_edit_drops_the_text() {
+        let text = r#"{"id": "c", "usage": {"total_tokens": 4}}"#;
+        let whole = Whole::undecoded(Bytes::from_static(text.as_bytes()));
+        assert_eq!(whole.json(), &serde_json::json!({"id": "c", "usage": {"total_tokens": 4}}));
+        assert_eq!(whole.clone().into_json(), whole.json().clone());
+        assert_eq!(whole.raw.as_deref(), Some(text.as_bytes()), "the bytes stay for the app");
+        let mut event = StreamEvent::from_text(text.to_string(), false, false, false);
+        assert_eq!(event.text(), Some(text));
+        event.edit(|data| data["usage"]["total_tokens"] = serde_json::json!(9));
+        assert_eq!(event.text(), None, "changed, it no longer passes on as the provider sent it");
+        assert_eq!(event.data()["usage"]["total_tokens"], 9);
+        assert_eq!(event.into_data()["id"], "c");
     }
 }

@@ -7,7 +7,6 @@
 //! so nothing here knows a wire format but the neutral one. It imports nothing of Backstop.
 
 pub mod answer;
-pub mod chunk;
 pub mod failure;
 pub mod feature;
 pub mod go_duration;
@@ -15,6 +14,7 @@ pub mod outcome;
 pub mod ratelimit;
 pub mod request;
 pub mod status;
+pub mod view;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -64,11 +64,15 @@ pub(crate) fn encode(body: &impl serde::Serialize) -> Result<Vec<u8>, AttemptErr
 
 /// Reads a 2xx answer as JSON, keeping its bytes.
 pub(crate) async fn read_json(body: hyper::body::Incoming) -> Result<Whole, AttemptError> {
-    let raw = read_body(body).await?;
+    decode_answer(read_body(body).await?)
+}
+
+/// A 2xx answer's bytes decoded as JSON, and kept.
+pub(crate) fn decode_answer(raw: Bytes) -> Result<Whole, AttemptError> {
     let json = serde_json::from_slice(&raw).map_err(|e| {
         AttemptError::new(FailureClass::ServerError, format!("upstream answered 200 with invalid JSON: {e}"))
     })?;
-    Ok(Whole { json, raw: Some(raw) })
+    Ok(Whole::decoded(json, raw))
 }
 
 /// Classifies a failed connection: whether it never opened or broke before an answer, the

@@ -5,8 +5,8 @@
 use serde_json::Value;
 
 use super::{anthropic, gemini, openai};
-use crate::llm::chunk::ChunkView;
-use crate::llm::{Api, StreamEvent};
+use crate::llm::view::ChatView;
+use crate::llm::{Api, StreamEvent, Whole};
 
 /// Whether a complete answer has text, a refusal or a tool call.
 pub fn has_content(api: Api, answer: &Value) -> bool {
@@ -14,6 +14,25 @@ pub fn has_content(api: Api, answer: &Value) -> bool {
         Api::OpenAi => openai::content::completion_has_content(answer),
         other => openai::content::completion_has_content(&to_openai_completion(other, answer)),
     }
+}
+
+/// Whether a whole answer has text, a refusal or a tool call; a usual chat answer is read in
+/// place.
+pub fn whole_has_content(api: Api, answer: &Whole) -> bool {
+    match answer.raw.as_deref().filter(|_| api == Api::OpenAi).and_then(ChatView::read_bytes) {
+        Some(view) => view.message_content(),
+        None => has_content(api, answer.json()),
+    }
+}
+
+/// Whether a chat answer read in place says what decoding it whole says about its content and
+/// the content filter (wherever it is read in place). The fuzz targets check it on any input.
+pub fn answer_readings_agree(bytes: &[u8]) -> bool {
+    let Some(view) = ChatView::read_bytes(bytes) else { return true };
+    serde_json::from_slice::<Value>(bytes).is_ok_and(|whole| {
+        view.message_content() == openai::content::completion_has_content(&whole)
+            && view.filtered_without_content() == openai::content::filtered_without_content(&whole)
+    })
 }
 
 /// A complete answer as an OpenAI `chat.completion`.
@@ -97,7 +116,7 @@ impl ToOpenAiStream {
         if !matches!(self, ToOpenAiStream::Same(false)) {
             return false;
         }
-        match event.text().and_then(ChunkView::read) {
+        match event.text().and_then(ChatView::read) {
             Some(chunk) => chunk.usage_only(),
             None => {
                 let data = event.data();

@@ -344,10 +344,8 @@ impl Primary {
     /// A whole answer, for the comparison to read later; `None` for a stream.
     pub fn of(answered: &Answered) -> Option<Primary> {
         let Committed::Complete { body, api } = &answered.reply else { return None };
-        let body = match &body.raw {
-            Some(raw) => Whole { json: Value::Null, raw: Some(raw.clone()) },
-            None => body.clone(),
-        };
+        // The bytes alone, when there are bytes: decoded, if ever, when the comparison reads them.
+        let body = body.raw.clone().map_or_else(|| body.clone(), Whole::undecoded);
         let latency = answered.record.attempts.last()?.elapsed;
         Some(Primary::Whole { target: answered.target.clone(), api: *api, body, latency })
     }
@@ -356,11 +354,8 @@ impl Primary {
         match self {
             Primary::Read(side) => side,
             Primary::Whole { target, api, body, latency } => {
-                let json = match body.raw {
-                    Some(raw) => serde_json::from_slice(&raw).unwrap_or(Value::Null),
-                    None => body.json,
-                };
-                let info = AnswerInfo::of_complete(api, &json);
+                let info = AnswerInfo::of_whole(api, &body);
+                let json = body.into_json();
                 let completion = neutral::into_openai_completion(api, json);
                 Side {
                     target: target.label.clone(),
@@ -403,8 +398,8 @@ impl Pending {
         let shadow = match sent {
             Ok(Ok(sent)) => match sent.reply {
                 Reply::Complete(whole) => {
-                    let info = AnswerInfo::of_complete(sent.api, &whole.json);
-                    let completion = neutral::to_openai_completion(sent.api, &whole.json);
+                    let info = AnswerInfo::of_whole(sent.api, &whole);
+                    let completion = neutral::to_openai_completion(sent.api, whole.json());
                     Ok(Side {
                         target: self.target.label.clone(),
                         cost: info.cost(self.target.price.as_ref()),

@@ -153,13 +153,7 @@ impl Verifier {
         let latency = started.elapsed();
         let (info, failure) = match sent {
             Ok(Ok(sent)) => match sent.reply {
-                Reply::Complete(whole) => {
-                    let json = match &whole.raw {
-                        Some(raw) => serde_json::from_slice(raw).unwrap_or(Value::Null),
-                        None => whole.json,
-                    };
-                    (AnswerInfo::of_complete(sent.api, &json), None)
-                }
+                Reply::Complete(whole) => (AnswerInfo::of_whole(sent.api, &whole), None),
                 Reply::Stream(_) => {
                     (AnswerInfo::default(), Some(("serverError", "answered with a stream".to_string())))
                 }

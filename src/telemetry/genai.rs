@@ -4,8 +4,8 @@
 
 use serde_json::Value;
 
-use crate::llm::chunk::{ChunkView, Object};
-use crate::llm::{Api, StreamEvent};
+use crate::llm::view::{ChatView, Object};
+use crate::llm::{Api, StreamEvent, Whole};
 
 /// An answer's facts, as the GenAI conventions name them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -75,16 +75,28 @@ impl AnswerInfo {
         self.cached_tokens = number(&usage["input_tokens_details"]["cached_tokens"]).or(self.cached_tokens);
     }
 
+    /// The facts of a whole answer in `api`'s format; a usual chat answer is read in place.
+    pub fn of_whole(api: Api, answer: &Whole) -> AnswerInfo {
+        match answer.raw.as_deref().filter(|_| api == Api::OpenAi).and_then(ChatView::read_bytes) {
+            Some(view) => {
+                let mut info = AnswerInfo::default();
+                info.chunk(&view);
+                info
+            }
+            None => AnswerInfo::of_complete(api, answer.json()),
+        }
+    }
+
     /// Gathers what one stream event in `api`'s format says; a usual chat chunk is read in
     /// place.
     pub fn observe_event(&mut self, api: Api, event: &StreamEvent) {
-        match event.text().filter(|_| api == Api::OpenAi).and_then(ChunkView::read) {
+        match event.text().filter(|_| api == Api::OpenAi).and_then(ChatView::read) {
             Some(chunk) => self.chunk(&chunk),
             None => self.observe(api, event.data()),
         }
     }
 
-    fn chunk(&mut self, chunk: &ChunkView<'_>) {
+    fn chunk(&mut self, chunk: &ChatView<'_>) {
         keep(&mut self.id, chunk.id.filter(|s| !s.is_empty()));
         keep(&mut self.model, chunk.model.filter(|s| !s.is_empty()));
         for reason in chunk.finish_reasons() {
@@ -272,7 +284,7 @@ mod tests {
         let (mut in_place, mut decoded) = (AnswerInfo::default(), AnswerInfo::default());
         for chunk in &chunks {
             let event = StreamEvent::from_text(chunk.to_string(), false, false, false);
-            assert!(ChunkView::read(event.text().expect("text")).is_some(), "read in place: {chunk}");
+            assert!(ChatView::read(event.text().expect("text")).is_some(), "read in place: {chunk}");
             in_place.observe_event(Api::OpenAi, &event);
             decoded.observe(Api::OpenAi, chunk);
             assert!(chat_readings_agree(&chunk.to_string()), "{chunk}");

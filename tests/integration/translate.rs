@@ -234,6 +234,26 @@ async fn azure_content_filter_falls_to_the_on_content_filtered_chain() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_the_output_filter_emptied_falls_to_the_on_content_filtered_chain() {
+    // Azure's output filter answers 200 with a `content_filter` finish and nothing to show.
+    let emptied = json!({"id": "chatcmpl-f", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": null}, "finish_reason": "content_filter"}]});
+    let shown = json!({"id": "chatcmpl-s", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "partly shown"}, "finish_reason": "content_filter"}]});
+    for (body, answered) in [(emptied, "unfiltered"), (shown, "partly shown")] {
+        let upstream = Upstream::start(Fault::Status { status: 200, body, headers: vec![] }).await;
+        let providers = format!(
+            "    - {{name: az, type: openai-compatible, baseUrl: \"{}\"}}\n    - {{name: m, type: mock, mock: {{reply: unfiltered}}}}",
+            upstream.base_url()
+        );
+        let chain = "[{provider: az, model: gpt-4o}]\n      onContentFiltered: [{provider: m, model: other}]";
+        let sidecar = TestSidecar::start(&policy(&providers, chain, "")).await;
+        let answer = post(&sidecar.url("/v1/chat/completions"), &chat(false)).await;
+        assert_eq!((answer.status, answer.text().as_str()), (200, answered));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn targets_that_cannot_express_a_request_are_skipped() {
     let anthropic = Upstream::speaking(Wire::Anthropic, vec![], Fault::Ok).await;
     let openai = Upstream::start(Fault::Ok).await;

@@ -76,7 +76,7 @@ impl Anthropic {
             return Ok(Sent { reply: Reply::Stream(events), headroom, api: Api::Anthropic });
         }
         let whole = read_json(response.into_body()).await?;
-        let answer = &whole.json;
+        let answer = whole.json();
         if answer.get("type").and_then(Value::as_str) == Some("error") {
             let error = answer.get("error").unwrap_or(&Value::Null);
             return Err(AttemptError::in_answer(error::classify_error(None, error), message_of(error)));

@@ -59,7 +59,7 @@ impl Gemini {
             return Ok(Sent { reply: Reply::Stream(events), headroom: Headroom::default(), api: Api::Gemini });
         }
         let whole = read_json(response.into_body()).await?;
-        let answer = &whole.json;
+        let answer = whole.json();
         if embeddings {
             let base64 = request.rest.get("encoding_format").and_then(Value::as_str) == Some("base64");
             return match from_wire::embeddings_to_openai(answer, model, base64) {

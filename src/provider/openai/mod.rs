@@ -13,11 +13,12 @@ use http::{HeaderValue, Uri};
 use serde_json::Value;
 
 use super::credentials::Credentials;
-use super::http::{encode, post_json, read_json};
+use super::http::{decode_answer, encode, post_json, read_body, read_json};
 use super::{Call, InvalidBackend, Sent, endpoint, sse};
 use crate::chain::CompiledProvider;
 use crate::llm::ratelimit::Headroom;
-use crate::llm::{Api, AttemptError, ChatRequest, Operation, Reply};
+use crate::llm::view::ChatView;
+use crate::llm::{Api, AttemptError, ChatRequest, Operation, Reply, Whole};
 use crate::policy::{Continuation, ProviderKind};
 
 use crate::llm::FailureClass;
@@ -118,8 +119,15 @@ impl OpenAi {
                 api: Api::OpenAi,
             });
         }
-        let whole = read_json(response.into_body()).await?;
-        let answer = &whole.json;
+        let raw = read_body(response.into_body()).await?;
+        // The usual chat answer, checked in place and passed on undecoded.
+        match ChatView::read_bytes(&raw).filter(|view| view.choices.is_some() && !embeddings) {
+            Some(view) if view.filtered_without_content() => return Err(filtered()),
+            Some(_) => return Ok(Sent { reply: Reply::Complete(Whole::undecoded(raw)), headroom, api: Api::OpenAi }),
+            None => {}
+        }
+        let whole = decode_answer(raw)?;
+        let answer = whole.json();
         if let Some(error) = answer.get("error").filter(|e| e.is_object()) {
             return Err(error::in_answer(error));
         }
@@ -133,10 +141,7 @@ impl OpenAi {
             return Err(AttemptError::new(FailureClass::ServerError, "upstream answer has no `choices`"));
         }
         if content::filtered_without_content(answer) {
-            return Err(AttemptError::new(
-                FailureClass::ContentFiltered,
-                "the provider's content filter withheld the answer",
-            ));
+            return Err(filtered());
         }
         Ok(Sent { reply: Reply::Complete(whole), headroom, api: Api::OpenAi })
     }
@@ -169,7 +174,7 @@ impl OpenAi {
             return Ok(Sent { reply: Reply::Stream(events), headroom, api: Api::Responses });
         }
         let whole = read_json(response.into_body()).await?;
-        let answer = &whole.json;
+        let answer = whole.json();
         if answer.get("status").and_then(Value::as_str) == Some("failed") {
             return Err(error::in_answer(answer.get("error").unwrap_or(&Value::Null)));
         }
@@ -178,6 +183,11 @@ impl OpenAi {
         }
         Ok(Sent { reply: Reply::Complete(whole), headroom, api: Api::Responses })
     }
+}
+
+/// A chat answer the provider's content filter withheld.
+fn filtered() -> AttemptError {
+    AttemptError::new(FailureClass::ContentFiltered, "the provider's content filter withheld the answer")
 }
 
 /// Why a Chat Completions target cannot serve `request` faithfully, if it cannot: only fields

@@ -5,7 +5,7 @@ use serde_json::Value;
 use super::content::carries_content;
 use super::error::stream_error;
 use crate::llm::FailureClass;
-use crate::llm::chunk::ChunkView;
+use crate::llm::view::ChatView;
 use crate::llm::{AttemptError, StreamEvent};
 use crate::provider::sse::{self, Parsed, WireStream};
 
@@ -21,7 +21,7 @@ impl WireStream for ChunkParser {
         if event.data.trim() == "[DONE]" {
             return Parsed::End;
         }
-        let read = match ChunkView::read(&event.data).map(|view| shows(&view)) {
+        let read = match ChatView::read(&event.data).map(|view| shows(&view)) {
             // The usual chunk, read in place and kept as it came.
             Some((content, progress, end)) => Ok(StreamEvent::from_text(event.data, content, progress, end)),
             None => parse_chunk(&event.data).map(chunk_event),
@@ -67,7 +67,7 @@ pub fn chunk_event(chunk: Value) -> StreamEvent {
 }
 
 /// What a chunk read in place shows: content, progress, an end.
-fn shows(view: &ChunkView<'_>) -> (bool, bool, bool) {
+fn shows(view: &ChatView<'_>) -> (bool, bool, bool) {
     let content = view.content();
     (content, content || view.reasoning(), view.end())
 }
@@ -88,7 +88,7 @@ fn carries_reasoning(chunk: &Value) -> bool {
 /// Whether the two readings of a chunk agree: the in-place one, wherever it answers, shows what
 /// decoding the chunk whole does. The fuzz target checks it on any input.
 pub fn readings_agree(text: &str) -> bool {
-    let Some(view) = ChunkView::read(text) else { return true };
+    let Some(view) = ChatView::read(text) else { return true };
     parse_chunk(text).is_ok_and(|whole| {
         let event = chunk_event(whole);
         shows(&view) == (event.content, event.progress, event.end)

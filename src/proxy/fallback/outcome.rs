@@ -45,7 +45,7 @@ impl Committed {
     /// stream is committed at its first content event or its end).
     pub(super) fn is_empty(&self) -> bool {
         match self {
-            Committed::Complete { body, api } => !neutral::has_content(*api, &body.json),
+            Committed::Complete { body, api } => !neutral::whole_has_content(*api, body),
             Committed::Stream { held, .. } => !held.iter().any(|e| e.content),
         }
     }

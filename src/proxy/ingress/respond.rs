@@ -98,10 +98,10 @@ fn answer<D: Dialect>(
 ) -> Response<Body> {
     let Answered { target, reply, record } = answered;
     let mut response = match reply {
-        Committed::Complete { body, api } => match body.raw {
+        Committed::Complete { body, api } => match &body.raw {
             // Same API, nothing to change: the provider's bytes, not decoded and encoded again.
-            Some(raw) if api == D::API && D::FORWARDS_OWN_API => json_bytes_response(StatusCode::OK, raw),
-            _ => json_response(StatusCode::OK, &D::complete(api, body.json, request)),
+            Some(raw) if api == D::API && D::FORWARDS_OWN_API => json_bytes_response(StatusCode::OK, raw.clone()),
+            _ => json_response(StatusCode::OK, &D::complete(api, body.into_json(), request)),
         },
         Committed::Stream { held, rest, idle_timeout, api, permit, stream_deadline } => {
             let renderer = D::renderer(api, request);

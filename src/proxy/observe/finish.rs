@@ -166,7 +166,7 @@ impl Summary {
             }
         };
         let (info, api, streamed) = match &answered.reply {
-            Committed::Complete { body, api } => (AnswerInfo::of_complete(*api, &body.json), Some(*api), false),
+            Committed::Complete { body, api } => (AnswerInfo::of_whole(*api, body), Some(*api), false),
             Committed::Stream { held, api, .. } => {
                 let mut info = AnswerInfo::default();
                 for event in held {

@@ -1,10 +1,10 @@
-//! A neutral (Chat Completions) stream chunk read in place: what the fallback loop, the
-//! renderer and telemetry need of it, borrowed from the event's text, with no JSON tree built.
+//! A neutral (Chat Completions) answer or stream chunk read in place: what the fallback loop,
+//! the renderer and telemetry need of it, borrowed from its text, with no JSON tree built.
 //!
-//! Only the usual shape is read here. A chunk with a field of an unexpected type, a key given
+//! Only the usual shape is read here. One with a field of an unexpected type, a key given
 //! twice, an escaped `id`, `model` or finish reason, or an `error` object gives `None`, and its
 //! reader decodes it whole instead; so wherever this reading answers, it agrees with the whole
-//! one (a property the fuzz target checks).
+//! one (a property the fuzz targets check).
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -13,9 +13,9 @@ use serde::Deserialize;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-/// What a chunk says, borrowed from its text.
+/// What a chat answer or chunk says, borrowed from its text.
 #[derive(Debug, Default, Deserialize)]
-pub struct ChunkView<'a> {
+pub struct ChatView<'a> {
     /// `id`.
     #[serde(borrow)]
     pub id: Option<&'a str>,
@@ -31,10 +31,19 @@ pub struct ChunkView<'a> {
     error: Shape,
 }
 
-impl<'a> ChunkView<'a> {
-    /// The chunk in `text`, if it has the usual shape.
+impl<'a> ChatView<'a> {
+    /// The answer or chunk in `text`, if it has the usual shape.
     pub fn read(text: &'a str) -> Option<Self> {
-        let Object(view) = serde_json::from_str::<Object<ChunkView<'a>>>(text).ok()?;
+        Self::usual(serde_json::from_str::<Object<ChatView<'a>>>(text))
+    }
+
+    /// The answer or chunk in `bytes`, if it has the usual shape.
+    pub fn read_bytes(bytes: &'a [u8]) -> Option<Self> {
+        Self::usual(serde_json::from_slice::<Object<ChatView<'a>>>(bytes))
+    }
+
+    fn usual(read: serde_json::Result<Object<ChatView<'a>>>) -> Option<Self> {
+        let Object(view) = read.ok()?;
         (view.error != Shape::Object).then_some(view)
     }
 
@@ -46,6 +55,18 @@ impl<'a> ChunkView<'a> {
     /// A choice's delta has text, a refusal or a tool call (a finish alone does not count).
     pub fn content(&self) -> bool {
         self.choices().content
+    }
+
+    /// A choice's message (a whole answer's) has text, a refusal or a tool call.
+    pub fn message_content(&self) -> bool {
+        self.choices().message_content
+    }
+
+    /// A whole answer whose every choice the provider's content filter ended, with nothing to
+    /// show.
+    pub fn filtered_without_content(&self) -> bool {
+        let choices = self.choices();
+        choices.count > 0 && choices.all_filtered && !choices.message_content
     }
 
     /// A choice's delta has reasoning (`reasoning_content`, `reasoning`).
@@ -74,14 +95,23 @@ impl<'a> ChunkView<'a> {
 pub struct Choices<'a> {
     count: usize,
     content: bool,
+    message_content: bool,
+    all_filtered: bool,
     reasoning: bool,
     end: bool,
     finish_reasons: Vec<&'a str>,
 }
 
 impl Choices<'_> {
-    const EMPTY: Choices<'static> =
-        Choices { count: 0, content: false, reasoning: false, end: false, finish_reasons: Vec::new() };
+    const EMPTY: Choices<'static> = Choices {
+        count: 0,
+        content: false,
+        message_content: false,
+        all_filtered: true,
+        reasoning: false,
+        end: false,
+        finish_reasons: Vec::new(),
+    };
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Choices<'a> {
@@ -93,13 +123,17 @@ impl<'de: 'a, 'a> Deserialize<'de> for Choices<'a> {
                 f.write_str("a list of choices")
             }
             fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Choices<'a>, S::Error> {
-                let mut choices = Choices::default();
+                let mut choices = Choices { all_filtered: true, ..Choices::default() };
                 while let Some(Object(choice)) = seq.next_element::<Object<Choice<'a>>>()? {
                     choices.count += 1;
                     if let Some(Object(delta)) = &choice.delta {
                         choices.content |= delta.content();
                         choices.reasoning |= delta.reasoning_content.is_text() || delta.reasoning.is_text();
                     }
+                    if let Some(Object(message)) = &choice.message {
+                        choices.message_content |= message.content();
+                    }
+                    choices.all_filtered &= choice.finish_reason == Some("content_filter");
                     if let Some(reason) = choice.finish_reason {
                         choices.end = true;
                         if !reason.is_empty() {
@@ -117,10 +151,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for Choices<'a> {
 #[derive(Deserialize)]
 struct Choice<'a> {
     delta: Option<Object<Delta>>,
+    message: Option<Object<Delta>>,
     #[serde(borrow)]
     finish_reason: Option<&'a str>,
 }
 
+/// A chunk's `delta` or an answer's `message`.
 #[derive(Deserialize)]
 struct Delta {
     #[serde(default)]
@@ -268,16 +304,36 @@ mod tests {
             {"index":1,"delta":{"reasoning_content":"hm"},"finish_reason":"stop"},
             {"index":2,"delta":{},"finish_reason":""}],
             "usage":{"prompt_tokens":3,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":2}}}"#;
-        let view = ChunkView::read(text).expect("the usual shape");
+        let view = ChatView::read(text).expect("the usual shape");
         assert_eq!((view.id, view.model), (Some("c"), Some("m")));
         assert_eq!((view.content(), view.reasoning(), view.end()), (true, true, true));
         assert_eq!(view.finish_reasons(), ["stop"]);
         assert!(!view.usage_only());
         let Some(Object(usage)) = &view.usage else { panic!("usage") };
         assert_eq!((usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens()), (Some(3), Some(1), Some(2)));
-        let usage_only = ChunkView::read(r#"{"choices":[],"usage":{"total_tokens":4}}"#).expect("usual");
+        let usage_only = ChatView::read(r#"{"choices":[],"usage":{"total_tokens":4}}"#).expect("usual");
         assert!(usage_only.usage_only() && !usage_only.end());
-        assert!(!ChunkView::read(r#"{"choices":[],"usage":null}"#).expect("usual").usage_only());
+        assert!(!ChatView::read(r#"{"choices":[],"usage":null}"#).expect("usual").usage_only());
+    }
+
+    #[test]
+    fn a_whole_answer_is_read_in_place() {
+        let answer = |message: &str, finish: &str| {
+            format!(r#"{{"id":"a","choices":[{{"index":0,"message":{message},"finish_reason":{finish}}}]}}"#)
+        };
+        let read = |text: &str| {
+            let view = ChatView::read_bytes(text.as_bytes()).expect("the usual shape");
+            (view.message_content(), view.filtered_without_content(), view.content())
+        };
+        assert_eq!(read(&answer(r#"{"role":"assistant","content":"Hi"}"#, r#""stop""#)), (true, false, false));
+        assert_eq!(
+            read(&answer(r#"{"role":"assistant","content":null}"#, r#""content_filter""#)),
+            (false, true, false)
+        );
+        assert_eq!(read(&answer(r#"{"content":"part"}"#, r#""content_filter""#)), (true, false, false));
+        assert_eq!(read(&answer(r#"{"tool_calls":[{"id":"t"}]}"#, r#""tool_calls""#)), (true, false, false));
+        assert_eq!(read(&answer(r#"{"content":""}"#, "null")), (false, false, false));
+        assert_eq!(read(r#"{"choices":[]}"#), (false, false, false), "no choice is not a filtered one");
     }
 
     #[test]
@@ -293,8 +349,8 @@ mod tests {
             r#"{"error": {"message": "overloaded"}}"#,
             r#"{"choices": []} trailing"#,
         ] {
-            assert!(ChunkView::read(text).is_none(), "{text}");
+            assert!(ChatView::read(text).is_none(), "{text}");
         }
-        assert!(ChunkView::read(r#"{"error": null, "choices": []}"#).is_some());
+        assert!(ChatView::read(r#"{"error": null, "choices": []}"#).is_some());
     }
 }
