@@ -119,6 +119,8 @@ pub fn hostile_inputs() -> Vec<Vec<u8>> {
         b"data: {\"id\":\ndata:  \"c\",\"choices\":[],\r\ndata: \"usage\":{\"prompt_tokens\":1}}\n\n".to_vec(),
         b"data: {\"choices\":[{\"delta\":{\"content\":\"a\\\"\\u00e9\"},\"finish_reason\":\"st\\u006fp\"}]}\n\n".to_vec(),
         b"data: {\"choices\":[{\"message\":{\"content\":null},\"finish_reason\":\"content_filter\"},{\"message\":[]}]}\n\n".to_vec(),
+        b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"\\ud83d\"}}]}}]}\n\n".to_vec(),
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"created\":1e400}\n\n".to_vec(),
         deep.into_bytes(),
         Value::String("\u{0}\u{ffff}".into()).to_string().into_bytes(),
     ]

@@ -56,6 +56,11 @@ impl Whole {
         self.json.get_or_init(|| decode_bytes(self.raw.as_deref()))
     }
 
+    /// The answer if it is decoded already.
+    pub fn json_if_decoded(&self) -> Option<&Value> {
+        self.json.get()
+    }
+
     /// The answer, taken.
     pub fn into_json(self) -> Value {
         self.json.into_inner().unwrap_or_else(|| decode_bytes(self.raw.as_deref()))

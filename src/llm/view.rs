@@ -3,8 +3,10 @@
 //!
 //! Only the usual shape is read here. One with a field of an unexpected type, a key given
 //! twice, an escaped `id`, `model` or finish reason, or an `error` object gives `None`, and its
-//! reader decodes it whole instead; so wherever this reading answers, it agrees with the whole
-//! one (a property the fuzz targets check).
+//! reader decodes it whole instead; so does text that decoding would refuse anywhere, in the
+//! fields read or not (a lone surrogate escape, a number out of range, nesting too deep, bytes
+//! that are not UTF-8). Wherever this reading answers, it agrees with the whole one (a property
+//! the fuzz targets check).
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -32,13 +34,26 @@ pub struct ChatView<'a> {
 }
 
 impl<'a> ChatView<'a> {
-    /// The answer or chunk in `text`, if it has the usual shape.
+    /// The answer or chunk in `text`, if it has the usual shape and would decode.
     pub fn read(text: &'a str) -> Option<Self> {
+        serde_json::from_str::<Checked>(text).ok()?;
+        Self::reread(text)
+    }
+
+    /// The answer or chunk in `bytes`, if it has the usual shape and would decode.
+    pub fn read_bytes(bytes: &'a [u8]) -> Option<Self> {
+        serde_json::from_slice::<Checked>(bytes).ok()?;
+        Self::reread_bytes(bytes)
+    }
+
+    /// [`read`](Self::read) again, for text that has passed it (or decoded) once: its shape
+    /// only, not every value again.
+    pub fn reread(text: &'a str) -> Option<Self> {
         Self::usual(serde_json::from_str::<Object<ChatView<'a>>>(text))
     }
 
-    /// The answer or chunk in `bytes`, if it has the usual shape.
-    pub fn read_bytes(bytes: &'a [u8]) -> Option<Self> {
+    /// [`reread`](Self::reread) for bytes.
+    pub fn reread_bytes(bytes: &'a [u8]) -> Option<Self> {
         Self::usual(serde_json::from_slice::<Object<ChatView<'a>>>(bytes))
     }
 
@@ -226,6 +241,50 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
     }
 }
 
+/// Any JSON value, checked as decoding it into a `Value` checks it (escapes and UTF-8, number
+/// range, nesting depth) but not kept. Fields the view does not read are otherwise skipped
+/// with fewer checks.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Check;
+        impl<'de> Visitor<'de> for Check {
+            type Value = Checked;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Checked, S::Error> {
+                while seq.next_element::<Checked>()?.is_some() {}
+                Ok(Checked)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+                while map.next_entry::<Checked, Checked>()?.is_some() {}
+                Ok(Checked)
+            }
+        }
+        deserializer.deserialize_any(Check)
+    }
+}
+
 /// What a field holds, as far as showing something goes; read without copying it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum Shape {
@@ -348,9 +407,18 @@ mod tests {
             r#"{"usage": {"prompt_tokens": 1.5}}"#,
             r#"{"error": {"message": "overloaded"}}"#,
             r#"{"choices": []} trailing"#,
+            // Refused by decoding, though in fields the view does not read.
+            r#"{"choices": [{"delta": {"tool_calls": [{"function": {"arguments": "\ud83d"}}]}}]}"#,
+            r#"{"choices": [], "created": 1e400}"#,
         ] {
             assert!(ChatView::read(text).is_none(), "{text}");
         }
         assert!(ChatView::read(r#"{"error": null, "choices": []}"#).is_some());
+        let deep = format!(r#"{{"choices": [], "x": {}{}}}"#, "[".repeat(200), "]".repeat(200));
+        assert!(ChatView::read(&deep).is_none(), "nested deeper than decoding takes");
+        assert!(ChatView::reread(&deep).is_some(), "a reread checks the shape only");
+        let not_utf8 = b"{\"choices\": [{\"message\": {\"content\": \"Hi\"}, \"logprobs\": \"\xff\"}]}";
+        assert!(ChatView::read_bytes(not_utf8).is_none());
+        assert!(serde_json::from_slice::<serde_json::Value>(not_utf8).is_err(), "as decoding refuses it");
     }
 }

@@ -16,10 +16,11 @@ pub fn has_content(api: Api, answer: &Value) -> bool {
     }
 }
 
-/// Whether a whole answer has text, a refusal or a tool call; a usual chat answer is read in
-/// place.
+/// Whether a whole answer has text, a refusal or a tool call; a usual chat answer not decoded
+/// is read in place.
 pub fn whole_has_content(api: Api, answer: &Whole) -> bool {
-    match answer.raw.as_deref().filter(|_| api == Api::OpenAi).and_then(ChatView::read_bytes) {
+    let undecoded = answer.raw.as_deref().filter(|_| api == Api::OpenAi && answer.json_if_decoded().is_none());
+    match undecoded.and_then(ChatView::reread_bytes) {
         Some(view) => view.message_content(),
         None => has_content(api, answer.json()),
     }
@@ -116,7 +117,7 @@ impl ToOpenAiStream {
         if !matches!(self, ToOpenAiStream::Same(false)) {
             return false;
         }
-        match event.text().and_then(ChatView::read) {
+        match event.text().and_then(ChatView::reread) {
             Some(chunk) => chunk.usage_only(),
             None => {
                 let data = event.data();

@@ -121,7 +121,8 @@ impl OpenAi {
         }
         let raw = read_body(response.into_body()).await?;
         // The usual chat answer, checked in place and passed on undecoded.
-        match ChatView::read_bytes(&raw).filter(|view| view.choices.is_some() && !embeddings) {
+        let view = if embeddings { None } else { ChatView::read_bytes(&raw) };
+        match view.filter(|view| view.choices.is_some()) {
             Some(view) if view.filtered_without_content() => return Err(filtered()),
             Some(_) => return Ok(Sent { reply: Reply::Complete(Whole::undecoded(raw)), headroom, api: Api::OpenAi }),
             None => {}
