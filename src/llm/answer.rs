@@ -120,11 +120,6 @@ impl StreamEvent {
         self.json = OnceLock::from(json);
     }
 
-    /// The payload, taken.
-    pub fn into_data(self) -> Value {
-        self.json.into_inner().unwrap_or_else(|| decode(self.text.as_deref()))
-    }
-
     /// The event's data exactly as the provider sent it, if it was read off the wire and not
     /// changed since.
     pub fn text(&self) -> Option<&str> {
@@ -176,6 +171,6 @@ mod tests {
         event.edit(|data| data["usage"]["total_tokens"] = serde_json::json!(9));
         assert_eq!(event.text(), None, "changed, it no longer passes on as the provider sent it");
         assert_eq!(event.data()["usage"]["total_tokens"], 9);
-        assert_eq!(event.into_data()["id"], "c");
+        assert_eq!(event.data()["id"], "c");
     }
 }

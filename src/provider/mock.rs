@@ -245,7 +245,7 @@ mod tests {
     async fn streams_the_reply_with_usage() {
         let mock = Mock::new(MockBehaviour { reply: "one two three".into(), chunks: 3, ..Default::default() });
         let Ok(Reply::Stream(stream)) = mock.send("m", &request(true)).await else { panic!("expected a stream") };
-        let chunks: Vec<Value> = stream.map(|c| c.expect("chunk").into_data()).collect().await;
+        let chunks: Vec<Value> = stream.map(|c| c.expect("chunk").data().clone()).collect().await;
         let text: String =
             chunks.iter().filter_map(|c| c.pointer("/choices/0/delta/content").and_then(Value::as_str)).collect();
         assert_eq!(text, "one two three");
