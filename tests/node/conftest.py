@@ -5,7 +5,9 @@ import time
 
 import pytest
 
-from support import KUBECONFIG, STEPS
+from support import KUBECONFIG, RELEASE_NAMESPACE, ROOT, STEPS, kubectl
+
+DIAGNOSTICS = ROOT / "target" / "node-diagnostics"
 
 
 def pytest_collection_modifyitems(items):
@@ -19,6 +21,46 @@ def pytest_runtest_call(item):
     outcome = yield
     result = "failed" if outcome.excinfo else "passed"
     STEPS.record(item.name, time.monotonic() - started, result, **getattr(item, "facts", {}))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed step keeps what explains it: the policies' status, the Lease, every pod's state
+    and the operators' and sidecars' logs, under target/node-diagnostics/<step>/; the report
+    shows the policies, the Lease and the operators' last lines, which CI keeps."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    folder = DIAGNOSTICS / item.name
+    folder.mkdir(parents=True, exist_ok=True)
+    shown = []
+
+    def keep(name, *args, show=None):
+        try:
+            result = kubectl(*args, check=False, timeout=30)
+            text = result.stdout + result.stderr
+        except Exception as error:  # noqa: BLE001 - diagnostics must not hide the failure
+            text = f"cannot run kubectl {' '.join(args)}: {error}"
+        (folder / name).write_text(text)
+        if show:
+            shown.append((name, "\n".join(text.splitlines()[-show:])))
+
+    keep("policies.yaml", "get", "fallbackpolicy", "-A", "-o", "yaml", show=400)
+    keep("leases.yaml", "get", "lease", "-n", RELEASE_NAMESPACE, "-o", "yaml", show=60)
+    keep("pods.txt", "get", "pods", "-A", "-o", "wide", show=40)
+    listed = kubectl("get", "pods", "-A", "--no-headers", "-o",
+                     "custom-columns=NS:.metadata.namespace,NAME:.metadata.name", check=False, timeout=30)
+    for line in listed.stdout.splitlines():
+        namespace, name = line.split()
+        if namespace == "kube-system":
+            continue
+        operator = namespace == RELEASE_NAMESPACE
+        keep(f"{namespace}.{name}.log", "logs", "-n", namespace, name, "--all-containers", "--timestamps",
+             "--tail=3000", show=150 if operator else None)
+    for name, text in shown:
+        report.sections.append((f"node diagnostics: {name}", text))
+    report.sections.append(("node diagnostics", f"kept in {folder}"))
 
 
 def pytest_terminal_summary(terminalreporter):

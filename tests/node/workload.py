@@ -123,7 +123,11 @@ spec:
         return get("fallbackpolicy", self.app_name, namespace=self.namespace).get("status", {})
 
     def sidecars_current(self, expected):
-        return self.policy_status().get("sidecars", {}).get("current", 0) == expected
+        """True once the policy's status counts `expected` sidecars serving its version; until
+        then it fails naming what the status says, for `until` to report."""
+        counted = self.policy_status().get("sidecars", {})
+        assert counted.get("current", 0) == expected, f"status.sidecars is {counted}"
+        return True
 
     def sidecars_connected(self):
         """Whether every app pod's sidecar has its stream to the operator up."""
