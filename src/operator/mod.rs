@@ -347,6 +347,11 @@ pub async fn run(
             .build();
     }
     let fleet_ticks = tokio::spawn(fleet.clone().run(FLEET_TICK, shutdown.clone()));
+    // One watched store of policies per scope (a namespace, or all): its controller reconciles
+    // from it, and the fleet status writer sees in it what the API server holds.
+    let scopes: Vec<Option<String>> =
+        if config.namespaces.is_empty() { vec![None] } else { config.namespaces.iter().cloned().map(Some).collect() };
+    let scopes: Vec<_> = scopes.into_iter().map(|scope| (scope, reflector::store::<FallbackPolicy>())).collect();
     let fleet_status = FleetStatus::new(
         client.clone(),
         ctx.served.clone(),
@@ -354,6 +359,7 @@ pub async fn run(
         sidecars.clone(),
         ctx.recorder.clone(),
         leader.clone(),
+        scopes.iter().map(|(_, (reader, _))| reader.clone()).collect(),
     );
     let fleet_status = tokio::spawn(fleet_status.run(FLEET_STATUS_EVERY, shutdown.clone()));
     let service = async move {
@@ -370,10 +376,10 @@ pub async fn run(
             async move { response }
         })
     };
-    let scopes: Vec<Option<String>> =
-        if config.namespaces.is_empty() { vec![None] } else { config.namespaces.iter().cloned().map(Some).collect() };
     let controllers = futures_util::future::join_all(
-        scopes.into_iter().map(|scope| controller(scope, ctx.clone(), shutdown.clone())),
+        scopes
+            .into_iter()
+            .map(|(scope, (reader, writer))| controller(scope, reader, writer, ctx.clone(), shutdown.clone())),
     );
     let webhook = {
         let shutdown = shutdown.clone();
@@ -392,7 +398,13 @@ pub async fn run(
 
 /// One controller: the policies of one namespace (or all), triggered by their changes, by the
 /// Secrets they name, and by this replica becoming the leader.
-async fn controller(scope: Option<String>, ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
+async fn controller(
+    scope: Option<String>,
+    reader: Store<FallbackPolicy>,
+    writer: reflector::store::Writer<FallbackPolicy>,
+    ctx: Arc<Context>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     // `PartialObjectMeta` makes the Secret watch metadata-only: the operator learns that a
     // Secret changed without ever holding Secrets it does not use.
     let (policies, secrets): (Api<FallbackPolicy>, Api<PartialObjectMeta<Secret>>) = match &scope {
@@ -401,7 +413,6 @@ async fn controller(scope: Option<String>, ctx: Arc<Context>, mut shutdown: watc
         }
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
-    let (reader, writer) = reflector::store();
     let (served, listed) = (ctx.served.clone(), reader.clone());
     let scope_for_prune = scope.clone();
     let changes = watcher(policies, watcher::Config::default())

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
-use kube::api::ListParams;
+use kube::api::{ListParams, Patch, PatchParams};
 use serde_json::Value;
 
 use crate::cluster::{Cluster, cluster};
@@ -462,6 +462,40 @@ async fn two_replicas_share_one_fleet_view_and_only_the_leader_writes_status() {
         "{}",
         follower.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_writes_its_fleet_status_again_over_a_write_of_a_replica_that_led_before() {
+    let Some(s) = setup("bs-overwrite").await else { return };
+    s.apply(&policy(&s.namespace, "chat", "first", "")).await;
+    let operator = s.operator("overwrite").await;
+    let pod = s.sidecar(operator.config, "web-1").await;
+    s.policy_until("chat", Duration::from_secs(15), |p| sidecars(p) == (1, 1, 0)).await;
+    assert_eq!(text_of(&pod).await, "first");
+
+    // A replica that led until a moment ago writes once more, after the leader's last write,
+    // under the same field manager: the fleet fields as it saw them, without this sidecar.
+    let api = Api::<FallbackPolicy>::namespaced(s.cluster.client().await, &s.namespace);
+    let stale = serde_json::json!({
+        "apiVersion": "backstop.dev/v1alpha1",
+        "kind": "FallbackPolicy",
+        "status": {"sidecars": {"connected": 0, "current": 0, "rejected": 0}, "targets": [], "degraded": 0, "conditions": []},
+    });
+    api.patch_status("chat", &PatchParams::apply("backstop-fleet").force(), &Patch::Apply(&stale))
+        .await
+        .expect("the stale write");
+    let overwritten = Instant::now();
+    assert_eq!(sidecars(&api.get("chat").await.expect("policy")), (0, 0, 0));
+    // Nothing in the fleet changes, so only checking the status it holds brings it back.
+    let fixed = s.policy_until("chat", Duration::from_secs(20), |p| sidecars(p) == (1, 1, 0)).await;
+    let took = overwritten.elapsed();
+    assert!(
+        fixed.status.as_ref().and_then(|s| s.targets.as_ref()).is_some_and(|t| t.len() == 2),
+        "the targets are written again too: {:?}",
+        fixed.status
+    );
+    assert!(took >= Duration::from_secs(4), "not before the watch could have lagged: {took:?}");
+    assert!(operator.log().contains("the fleet status shows another writer's fields"), "{}", operator.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

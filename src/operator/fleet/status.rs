@@ -10,6 +10,12 @@
 //! once a second per policy however much the fleet churns. Events follow state transitions, not
 //! writes, and the leader starts from the status the API server holds: a new leader repeats no
 //! Event its predecessor recorded.
+//!
+//! The leader remembers what it wrote, but does not take it on trust: a replica that led a
+//! moment ago may write once more after the new leader's first write (it learns it lost only at
+//! its next renewal), and a person may edit the status. When the watched policy shows fleet
+//! fields other than those written for longer than the watch can lag
+//! ([`FOREIGN_WRITE_GRACE`]), the leader reads the status afresh and writes its own again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,9 +26,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::{DecisionPhase, Decisions, FleetView};
 use crate::chain::{CompiledPolicy, unix_ms_now};
@@ -30,14 +38,17 @@ use crate::operator::leader::Leadership;
 use crate::operator::served::{ServedPolicies, ServedPolicy};
 use crate::operator::service::sidecars::{Sidecar, Sidecars, tally};
 use crate::policy::{
-    API_VERSION, FallbackPolicy, OverrideState, SidecarsStatus, TargetState, TargetStatus, VerifiedStatus,
-    VerifyOutcome,
+    API_VERSION, FallbackPolicy, FallbackPolicyStatus, OverrideState, SidecarsStatus, TargetState, TargetStatus,
+    VerifiedStatus, VerifyOutcome,
 };
 
 /// The field manager of the fleet's status fields.
 pub const FIELD_MANAGER: &str = "backstop-fleet";
 /// The condition that says whether every verified target answered its last probe.
 pub const BACKUPS_VERIFIED: &str = "BackupsVerified";
+/// How long the watched status may show other fleet fields than the leader wrote before the
+/// leader takes it for someone else's write: well past how far a watch lags behind a write.
+pub const FOREIGN_WRITE_GRACE: Duration = Duration::from_secs(5);
 
 /// One policy's fleet fields.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -50,6 +61,31 @@ pub struct FleetFields {
     pub degraded: u32,
     /// The `BackupsVerified` condition, when the policy verifies any target.
     pub verified: Option<Condition>,
+}
+
+impl FleetFields {
+    /// The fleet fields `status` holds.
+    pub fn held(status: &FallbackPolicyStatus) -> FleetFields {
+        FleetFields {
+            sidecars: status.sidecars.clone().unwrap_or_default(),
+            targets: status.targets.clone().unwrap_or_default(),
+            degraded: status.degraded.unwrap_or_default(),
+            verified: status.conditions.iter().find(|c| c.type_ == BACKUPS_VERIFIED).cloned(),
+        }
+    }
+
+    /// Whether `other` shows what these fields show, times aside: the API server keeps times
+    /// to the second, these may be finer.
+    pub fn shows_the_same(&self, other: &FleetFields) -> bool {
+        let targets = |f: &FleetFields| -> Vec<(String, TargetState, Option<String>)> {
+            f.targets.iter().map(|t| (t.target.clone(), t.state, t.reason.clone())).collect()
+        };
+        let verified = |f: &FleetFields| f.verified.as_ref().map(|c| (c.status.clone(), c.reason.clone()));
+        self.sidecars == other.sidecars
+            && self.degraded == other.degraded
+            && targets(self) == targets(other)
+            && verified(self) == verified(other)
+    }
 }
 
 fn time(ms: i64) -> Option<Time> {
@@ -283,12 +319,17 @@ pub struct FleetStatus {
     sidecars: Arc<Sidecars>,
     recorder: Recorder,
     leader: Leadership,
+    /// The policies as watched, status included: what the API server holds, a moment late.
+    watched: Vec<Store<FallbackPolicy>>,
     /// What the API server holds, per `namespace/name`, as last read or written.
     written: HashMap<(String, String), FleetFields>,
+    /// Since when the watched status of a policy shows other fleet fields than `written`.
+    differs_since: HashMap<(String, String), Instant>,
 }
 
 impl FleetStatus {
-    /// A writer for the fleet of `fleet` and `sidecars`.
+    /// A writer for the fleet of `fleet` and `sidecars`, checking what it wrote against the
+    /// policies `watched`.
     pub fn new(
         client: Client,
         served: Arc<ServedPolicies>,
@@ -296,8 +337,19 @@ impl FleetStatus {
         sidecars: Arc<Sidecars>,
         recorder: Recorder,
         leader: Leadership,
+        watched: Vec<Store<FallbackPolicy>>,
     ) -> Self {
-        FleetStatus { client, served, fleet, sidecars, recorder, leader, written: HashMap::new() }
+        FleetStatus {
+            client,
+            served,
+            fleet,
+            sidecars,
+            recorder,
+            leader,
+            watched,
+            written: HashMap::new(),
+            differs_since: HashMap::new(),
+        }
     }
 
     /// Writes every `every` while leading, until `shutdown`.
@@ -313,6 +365,7 @@ impl FleetStatus {
                     } else {
                         // Another replica writes meanwhile: read afresh when leading again.
                         self.written.clear();
+                        self.differs_since.clear();
                     }
                 }
             }
@@ -336,6 +389,29 @@ impl FleetStatus {
             }
         }
         self.written.retain(|key, _| seen.contains(key));
+        self.differs_since.retain(|key, _| seen.contains(key));
+    }
+
+    /// Forgets what was written to `key` when the watched status has shown something else for
+    /// longer than [`FOREIGN_WRITE_GRACE`], so that the status is read afresh.
+    fn forget_if_overwritten(&mut self, key: &(String, String)) {
+        let Some(written) = self.written.get(key) else { return };
+        let reference = ObjectRef::<FallbackPolicy>::new(&key.1).within(&key.0);
+        let watched = self.watched.iter().find_map(|store| store.get(&reference));
+        let differs = watched.is_some_and(|policy| {
+            !FleetFields::held(&policy.status.clone().unwrap_or_default()).shows_the_same(written)
+        });
+        if !differs {
+            self.differs_since.remove(key);
+            return;
+        }
+        let since = *self.differs_since.entry(key.clone()).or_insert_with(Instant::now);
+        if since.elapsed() >= FOREIGN_WRITE_GRACE {
+            tracing::info!(policy = %format!("{}/{}", key.0, key.1),
+                "the fleet status shows another writer's fields (a replica that led before, or an edit): writing it again");
+            self.written.remove(key);
+            self.differs_since.remove(key);
+        }
     }
 
     async fn write(
@@ -347,16 +423,10 @@ impl FleetStatus {
         now_ms: i64,
     ) -> kube::Result<()> {
         let api = Api::<FallbackPolicy>::namespaced(self.client.clone(), &key.0);
+        self.forget_if_overwritten(key);
         if !self.written.contains_key(key) {
             let Some(current) = api.get_opt(&key.1).await? else { return Ok(()) };
-            let status = current.status.unwrap_or_default();
-            let held = FleetFields {
-                sidecars: status.sidecars.unwrap_or_default(),
-                targets: status.targets.unwrap_or_default(),
-                degraded: status.degraded.unwrap_or_default(),
-                verified: status.conditions.into_iter().find(|c| c.type_ == BACKUPS_VERIFIED),
-            };
-            self.written.insert(key.clone(), held);
+            self.written.insert(key.clone(), FleetFields::held(&current.status.unwrap_or_default()));
         }
         let before = self.written.get(key).cloned().unwrap_or_default();
         let desired = fields(policy, &key.0, decisions, sidecars, now_ms, &before);
@@ -403,6 +473,43 @@ mod tests {
 
     use super::*;
     use crate::operator::fleet::Decision;
+
+    #[test]
+    fn fleet_fields_read_back_from_the_api_server_show_the_same_times_aside() {
+        let at = |text: &str| Some(Time(text.parse::<Timestamp>().expect("time")));
+        let target = |state, since| TargetStatus {
+            target: "a/m".into(),
+            state,
+            reason: Some("5 failures".into()),
+            since,
+            until: None,
+            verified: None,
+        };
+        let written = FleetFields {
+            sidecars: SidecarsStatus { connected: 2, current: 2, rejected: 0 },
+            targets: vec![target(TargetState::Open, at("2026-12-07T10:00:00.123Z"))],
+            degraded: 1,
+            verified: None,
+        };
+        // What a write reads back as: its times to the second.
+        let status = FallbackPolicyStatus {
+            sidecars: Some(written.sidecars.clone()),
+            targets: Some(vec![target(TargetState::Open, at("2026-12-07T10:00:00Z"))]),
+            degraded: Some(1),
+            ..FallbackPolicyStatus::default()
+        };
+        let held = FleetFields::held(&status);
+        assert_ne!(held, written);
+        assert!(held.shows_the_same(&written));
+        // Another writer's count, or state, is not the same.
+        let fewer = FallbackPolicyStatus {
+            sidecars: Some(SidecarsStatus { connected: 1, current: 1, rejected: 0 }),
+            ..status.clone()
+        };
+        assert!(!FleetFields::held(&fewer).shows_the_same(&written));
+        let closed = FallbackPolicyStatus { targets: Some(vec![target(TargetState::Closed, None)]), ..status };
+        assert!(!FleetFields::held(&closed).shows_the_same(&written));
+    }
 
     #[test]
     fn targets_show_overrides_over_the_fleet_and_transitions_make_one_event_each() {
