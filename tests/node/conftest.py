@@ -49,9 +49,12 @@ def pytest_runtest_makereport(item, call):
     keep("policies.yaml", "get", "fallbackpolicy", "-A", "-o", "yaml", show=400)
     keep("leases.yaml", "get", "lease", "-n", RELEASE_NAMESPACE, "-o", "yaml", show=60)
     keep("pods.txt", "get", "pods", "-A", "-o", "wide", show=40)
-    listed = kubectl("get", "pods", "-A", "--no-headers", "-o",
-                     "custom-columns=NS:.metadata.namespace,NAME:.metadata.name", check=False, timeout=30)
-    for line in listed.stdout.splitlines():
+    try:
+        listed = kubectl("get", "pods", "-A", "--no-headers", "-o",
+                         "custom-columns=NS:.metadata.namespace,NAME:.metadata.name", check=False, timeout=30).stdout
+    except Exception:  # noqa: BLE001 - as above
+        listed = ""
+    for line in listed.splitlines():
         namespace, name = line.split()
         if namespace == "kube-system":
             continue
