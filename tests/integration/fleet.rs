@@ -467,19 +467,37 @@ async fn two_replicas_share_one_fleet_view_and_only_the_leader_writes_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_writes_its_fleet_status_again_over_a_write_of_a_replica_that_led_before() {
     let Some(s) = setup("bs-overwrite").await else { return };
-    s.apply(&policy(&s.namespace, "chat", "first", "")).await;
+    let upstream =
+        Upstream::scripted(vec![Fault::status(500), Fault::status(500), Fault::status(500)], Fault::Ok).await;
+    let yaml = format!(
+        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: chat, namespace: {}}}\nspec:\n  providers:\n    - {{name: flaky, type: openai-compatible, baseUrl: '{}'}}\n    - {{name: backup, type: mock, mock: {{reply: backup}}}}\n  routes:\n    - model: chat\n      chain: [{{provider: flaky, model: m}}, {{provider: backup, model: m}}]\n  retry: {{attempts: 1}}\n  circuitBreaker: {{consecutiveFailures: 3, openFor: 120s}}\n",
+        s.namespace,
+        upstream.base_url()
+    );
+    s.apply(&yaml).await;
     let operator = s.operator("overwrite").await;
     let pod = s.sidecar(operator.config, "web-1").await;
     s.policy_until("chat", Duration::from_secs(15), |p| sidecars(p) == (1, 1, 0)).await;
-    assert_eq!(text_of(&pod).await, "first");
+    for _ in 0..3 {
+        assert_eq!(text_of(&pod).await, "backup");
+    }
+    s.policy_until("chat", Duration::from_secs(10), |p| target_state(p, "flaky/m") == Some(TargetState::Open)).await;
+    let ejections = || operator.log().matches("TargetEjected").count();
+    assert_eq!(ejections(), 1, "{}", operator.log());
 
     // A replica that led until a moment ago writes once more, after the leader's last write,
-    // under the same field manager: the fleet fields as it saw them, without this sidecar.
+    // under the same field manager: the fleet as it saw it, without this pod's sidecar or its
+    // evidence.
     let api = Api::<FallbackPolicy>::namespaced(s.cluster.client().await, &s.namespace);
     let stale = serde_json::json!({
         "apiVersion": "backstop.dev/v1alpha1",
         "kind": "FallbackPolicy",
-        "status": {"sidecars": {"connected": 0, "current": 0, "rejected": 0}, "targets": [], "degraded": 0, "conditions": []},
+        "status": {
+            "sidecars": {"connected": 0, "current": 0, "rejected": 0},
+            "targets": [{"target": "flaky/m", "state": "Closed"}, {"target": "backup/m", "state": "Closed"}],
+            "degraded": 0,
+            "conditions": [],
+        },
     });
     api.patch_status("chat", &PatchParams::apply("backstop-fleet").force(), &Patch::Apply(&stale))
         .await
@@ -487,15 +505,22 @@ async fn the_leader_writes_its_fleet_status_again_over_a_write_of_a_replica_that
     let overwritten = Instant::now();
     assert_eq!(sidecars(&api.get("chat").await.expect("policy")), (0, 0, 0));
     // Nothing in the fleet changes, so only checking the status it holds brings it back.
-    let fixed = s.policy_until("chat", Duration::from_secs(20), |p| sidecars(p) == (1, 1, 0)).await;
+    let fixed = s
+        .policy_until("chat", Duration::from_secs(20), |p| {
+            sidecars(p) == (1, 1, 0) && target_state(p, "flaky/m") == Some(TargetState::Open)
+        })
+        .await;
     let took = overwritten.elapsed();
-    assert!(
-        fixed.status.as_ref().and_then(|s| s.targets.as_ref()).is_some_and(|t| t.len() == 2),
-        "the targets are written again too: {:?}",
-        fixed.status
-    );
+    assert_eq!(fixed.status.as_ref().and_then(|s| s.degraded), Some(1));
     assert!(took >= Duration::from_secs(4), "not before the watch could have lagged: {took:?}");
     assert!(operator.log().contains("the fleet status shows another writer's fields"), "{}", operator.log());
+    // The ejection was announced once: the other writer's `Closed` was never this leader's.
+    assert_eq!(ejections(), 1, "{}", operator.log());
+    assert!(!operator.log().contains("TargetRestored"), "{}", operator.log());
+
+    // Its own writes, read back, are not taken for another writer's: no second rewrite.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(operator.log().matches("the fleet status shows another writer's fields").count(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,9 +13,11 @@
 //!
 //! The leader remembers what it wrote, but does not take it on trust: a replica that led a
 //! moment ago may write once more after the new leader's first write (it learns it lost only at
-//! its next renewal), and a person may edit the status. When the watched policy shows fleet
-//! fields other than those written for longer than the watch can lag
-//! ([`FOREIGN_WRITE_GRACE`]), the leader reads the status afresh and writes its own again.
+//! its next renewal), and a person may edit the status. When the watched policy shows other
+//! fleet fields than the API server answered the leader's last write with, for longer than the
+//! watch can lag ([`FOREIGN_WRITE_GRACE`]), the leader reads the status afresh and writes its
+//! own again. Its Events still follow what it last wrote, not the other writer's fields: a
+//! rewrite announces nothing it announced before.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -321,10 +323,23 @@ pub struct FleetStatus {
     leader: Leadership,
     /// The policies as watched, status included: what the API server holds, a moment late.
     watched: Vec<Store<FallbackPolicy>>,
-    /// What the API server holds, per `namespace/name`, as last read or written.
-    written: HashMap<(String, String), FleetFields>,
-    /// Since when the watched status of a policy shows other fleet fields than `written`.
+    /// What this leader last wrote to each `namespace/name`, or read when it began leading.
+    written: HashMap<(String, String), Written>,
+    /// Since when the watched status of a policy shows other fleet fields than `written` holds.
     differs_since: HashMap<(String, String), Instant>,
+    /// What this leader wrote (and announced in Events) before another writer's fields made it
+    /// read a policy's status afresh, until it writes its own again.
+    announced: HashMap<(String, String), FleetFields>,
+}
+
+/// One policy's fleet fields as this leader wrote them.
+struct Written {
+    /// The fields written: the next write is made only when they change.
+    fields: FleetFields,
+    /// What the API server answered the write with (or held when read): what the watched policy
+    /// shows once the watch catches up. Another manager's entries, which this leader's write
+    /// cannot remove, are part of it.
+    held: FleetFields,
 }
 
 impl FleetStatus {
@@ -349,6 +364,7 @@ impl FleetStatus {
             watched,
             written: HashMap::new(),
             differs_since: HashMap::new(),
+            announced: HashMap::new(),
         }
     }
 
@@ -366,6 +382,7 @@ impl FleetStatus {
                         // Another replica writes meanwhile: read afresh when leading again.
                         self.written.clear();
                         self.differs_since.clear();
+                        self.announced.clear();
                     }
                 }
             }
@@ -390,6 +407,7 @@ impl FleetStatus {
         }
         self.written.retain(|key, _| seen.contains(key));
         self.differs_since.retain(|key, _| seen.contains(key));
+        self.announced.retain(|key, _| seen.contains(key));
     }
 
     /// Forgets what was written to `key` when the watched status has shown something else for
@@ -399,7 +417,7 @@ impl FleetStatus {
         let reference = ObjectRef::<FallbackPolicy>::new(&key.1).within(&key.0);
         let watched = self.watched.iter().find_map(|store| store.get(&reference));
         let differs = watched.is_some_and(|policy| {
-            !FleetFields::held(&policy.status.clone().unwrap_or_default()).shows_the_same(written)
+            !FleetFields::held(&policy.status.clone().unwrap_or_default()).shows_the_same(&written.held)
         });
         if !differs {
             self.differs_since.remove(key);
@@ -409,7 +427,9 @@ impl FleetStatus {
         if since.elapsed() >= FOREIGN_WRITE_GRACE {
             tracing::info!(policy = %format!("{}/{}", key.0, key.1),
                 "the fleet status shows another writer's fields (a replica that led before, or an edit): writing it again");
-            self.written.remove(key);
+            if let Some(written) = self.written.remove(key) {
+                self.announced.insert(key.clone(), written.fields);
+            }
             self.differs_since.remove(key);
         }
     }
@@ -426,11 +446,13 @@ impl FleetStatus {
         self.forget_if_overwritten(key);
         if !self.written.contains_key(key) {
             let Some(current) = api.get_opt(&key.1).await? else { return Ok(()) };
-            self.written.insert(key.clone(), FleetFields::held(&current.status.unwrap_or_default()));
+            let held = FleetFields::held(&current.status.unwrap_or_default());
+            self.written.insert(key.clone(), Written { fields: held.clone(), held });
         }
-        let before = self.written.get(key).cloned().unwrap_or_default();
+        let before = self.written.get(key).map(|w| w.fields.clone()).unwrap_or_default();
         let desired = fields(policy, &key.0, decisions, sidecars, now_ms, &before);
         if before == desired {
+            self.announced.remove(key);
             return Ok(());
         }
         // Only the condition this manager owns: the reconciler's `Ready` is its own.
@@ -445,7 +467,8 @@ impl FleetStatus {
                 "conditions": conditions,
             },
         });
-        api.patch_status(&key.1, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+        let answered =
+            api.patch_status(&key.1, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
         let reference = ObjectReference {
             api_version: Some(API_VERSION.into()),
             kind: Some("FallbackPolicy".into()),
@@ -454,7 +477,11 @@ impl FleetStatus {
             uid: Some(policy.uid.clone()).filter(|uid| !uid.is_empty()),
             ..ObjectReference::default()
         };
-        for (type_, reason, note) in transitions(&before.targets, &desired.targets) {
+        // Transitions from what this leader announced last, when another writer's fields came
+        // in between: their states were never this leader's to announce.
+        let announced = self.announced.remove(key);
+        let from = announced.as_ref().unwrap_or(&before);
+        for (type_, reason, note) in transitions(&from.targets, &desired.targets) {
             tracing::info!(policy = %format!("{}/{}", key.0, key.1), reason, %note, "fleet");
             let event =
                 Event { type_, reason: reason.into(), note: Some(note), action: "Failover".into(), secondary: None };
@@ -462,7 +489,9 @@ impl FleetStatus {
                 tracing::warn!(%error, "cannot record an event");
             }
         }
-        self.written.insert(key.clone(), desired);
+        let held = FleetFields::held(&answered.status.unwrap_or_default());
+        self.written.insert(key.clone(), Written { fields: desired, held });
+        self.differs_since.remove(key);
         Ok(())
     }
 }
