@@ -65,6 +65,10 @@ pub struct FleetFields {
     pub verified: Option<Condition>,
 }
 
+/// What a target's status shows, times aside: its name, state, reason and last verification's
+/// outcome and class.
+type ShownTarget<'a> = (&'a str, TargetState, Option<&'a str>, Option<(VerifyOutcome, Option<&'a str>)>);
+
 impl FleetFields {
     /// The fleet fields `status` holds.
     pub fn held(status: &FallbackPolicyStatus) -> FleetFields {
@@ -77,12 +81,19 @@ impl FleetFields {
     }
 
     /// Whether `other` shows what these fields show, times aside: the API server keeps times
-    /// to the second, these may be finer.
+    /// to the second, these may be finer (a probe's latency and message go with its time).
     pub fn shows_the_same(&self, other: &FleetFields) -> bool {
-        let targets = |f: &FleetFields| -> Vec<(String, TargetState, Option<String>)> {
-            f.targets.iter().map(|t| (t.target.clone(), t.state, t.reason.clone())).collect()
-        };
-        let verified = |f: &FleetFields| f.verified.as_ref().map(|c| (c.status.clone(), c.reason.clone()));
+        fn targets(f: &FleetFields) -> Vec<ShownTarget<'_>> {
+            f.targets
+                .iter()
+                .map(|t| {
+                    let verified = t.verified.as_ref().map(|v| (v.outcome, v.class.as_deref()));
+                    (t.target.as_str(), t.state, t.reason.as_deref(), verified)
+                })
+                .collect()
+        }
+        let verified =
+            |f: &FleetFields| f.verified.as_ref().map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
         self.sidecars == other.sidecars
             && self.degraded == other.degraded
             && targets(self) == targets(other)
@@ -536,8 +547,25 @@ mod tests {
             ..status.clone()
         };
         assert!(!FleetFields::held(&fewer).shows_the_same(&written));
-        let closed = FallbackPolicyStatus { targets: Some(vec![target(TargetState::Closed, None)]), ..status };
+        let closed = FallbackPolicyStatus { targets: Some(vec![target(TargetState::Closed, None)]), ..status.clone() };
         assert!(!FleetFields::held(&closed).shows_the_same(&written));
+        // Nor is another verification outcome, though the probe's time and latency do not count.
+        let probed = |outcome, at_ms: &str, latency_ms| {
+            let mut shown = target(TargetState::Open, at("2026-12-07T10:00:00Z"));
+            shown.verified = Some(VerifiedStatus {
+                at: Time(at_ms.parse::<Timestamp>().expect("time")),
+                outcome,
+                class: None,
+                message: None,
+                latency_ms: Some(latency_ms),
+            });
+            FallbackPolicyStatus { targets: Some(vec![shown]), ..status.clone() }
+        };
+        let passed = FleetFields::held(&probed(VerifyOutcome::Passed, "2026-12-07T10:00:01.250Z", 120));
+        assert!(FleetFields::held(&probed(VerifyOutcome::Passed, "2026-12-07T10:00:01Z", 90)).shows_the_same(&passed));
+        assert!(
+            !FleetFields::held(&probed(VerifyOutcome::Failed, "2026-12-07T10:00:01Z", 120)).shows_the_same(&passed)
+        );
     }
 
     #[test]
