@@ -27,6 +27,19 @@ fn policy(namespace: &str, name: &str, reply: &str, extra: &str) -> String {
     )
 }
 
+/// An upstream that fails three times and then answers, and a policy `chat` in `namespace` that
+/// falls from it (`flaky/m`) to a mock `backup`, its breaker opening after three failures for
+/// `open_for`.
+async fn flaky_policy(namespace: &str, open_for: &str) -> (Upstream, String) {
+    let upstream =
+        Upstream::scripted(vec![Fault::status(500), Fault::status(500), Fault::status(500)], Fault::Ok).await;
+    let yaml = format!(
+        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: chat, namespace: {namespace}}}\nspec:\n  providers:\n    - {{name: flaky, type: openai-compatible, baseUrl: '{}'}}\n    - {{name: backup, type: mock, mock: {{reply: backup}}}}\n  routes:\n    - model: chat\n      chain: [{{provider: flaky, model: m}}, {{provider: backup, model: m}}]\n  retry: {{attempts: 1}}\n  circuitBreaker: {{consecutiveFailures: 3, openFor: {open_for}}}\n",
+        upstream.base_url()
+    );
+    (upstream, yaml)
+}
+
 struct Setup {
     cluster: Arc<Cluster>,
     namespace: String,
@@ -162,14 +175,7 @@ async fn every_sidecar_applies_a_policy_change_and_an_invalid_change_leaves_them
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_failing_at_one_sidecar_is_avoided_by_every_sidecar_and_comes_back_after_recovery() {
     let Some(s) = setup("bs-fleet").await else { return };
-    // Three failures, then healthy.
-    let upstream =
-        Upstream::scripted(vec![Fault::status(500), Fault::status(500), Fault::status(500)], Fault::Ok).await;
-    let yaml = format!(
-        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: chat, namespace: {}}}\nspec:\n  providers:\n    - {{name: flaky, type: openai-compatible, baseUrl: '{}'}}\n    - {{name: backup, type: mock, mock: {{reply: backup}}}}\n  routes:\n    - model: chat\n      chain: [{{provider: flaky, model: m}}, {{provider: backup, model: m}}]\n  retry: {{attempts: 1}}\n  circuitBreaker: {{consecutiveFailures: 3, openFor: 3s}}\n",
-        s.namespace,
-        upstream.base_url()
-    );
+    let (upstream, yaml) = flaky_policy(&s.namespace, "3s").await;
     s.apply(&yaml).await;
     let operator = s.operator("fleet").await;
     let (a, b, c) = (
@@ -409,13 +415,7 @@ async fn a_pod_gets_only_its_own_namespace_and_selection_wrong_tokens_get_401_an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_fleet_view_and_only_the_leader_writes_status() {
     let Some(s) = setup("bs-replicas").await else { return };
-    let upstream =
-        Upstream::scripted(vec![Fault::status(500), Fault::status(500), Fault::status(500)], Fault::Ok).await;
-    let yaml = format!(
-        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: chat, namespace: {}}}\nspec:\n  providers:\n    - {{name: flaky, type: openai-compatible, baseUrl: '{}'}}\n    - {{name: backup, type: mock, mock: {{reply: backup}}}}\n  routes:\n    - model: chat\n      chain: [{{provider: flaky, model: m}}, {{provider: backup, model: m}}]\n  retry: {{attempts: 1}}\n  circuitBreaker: {{consecutiveFailures: 3, openFor: 60s}}\n",
-        s.namespace,
-        upstream.base_url()
-    );
+    let (upstream, yaml) = flaky_policy(&s.namespace, "60s").await;
     s.apply(&yaml).await;
     // Both replicas run as the operator's ServiceAccount, each with its own token for peers.
     let account = format!("backstop-operator-{}", s.operator_ns);
@@ -467,13 +467,7 @@ async fn two_replicas_share_one_fleet_view_and_only_the_leader_writes_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_writes_its_fleet_status_again_over_a_write_of_a_replica_that_led_before() {
     let Some(s) = setup("bs-overwrite").await else { return };
-    let upstream =
-        Upstream::scripted(vec![Fault::status(500), Fault::status(500), Fault::status(500)], Fault::Ok).await;
-    let yaml = format!(
-        "apiVersion: backstop.dev/v1alpha1\nkind: FallbackPolicy\nmetadata: {{name: chat, namespace: {}}}\nspec:\n  providers:\n    - {{name: flaky, type: openai-compatible, baseUrl: '{}'}}\n    - {{name: backup, type: mock, mock: {{reply: backup}}}}\n  routes:\n    - model: chat\n      chain: [{{provider: flaky, model: m}}, {{provider: backup, model: m}}]\n  retry: {{attempts: 1}}\n  circuitBreaker: {{consecutiveFailures: 3, openFor: 120s}}\n",
-        s.namespace,
-        upstream.base_url()
-    );
+    let (_upstream, yaml) = flaky_policy(&s.namespace, "120s").await;
     s.apply(&yaml).await;
     let operator = s.operator("overwrite").await;
     let pod = s.sidecar(operator.config, "web-1").await;

@@ -336,8 +336,6 @@ pub struct FleetStatus {
     watched: Vec<Store<FallbackPolicy>>,
     /// What this leader last wrote to each `namespace/name`, or read when it began leading.
     written: HashMap<(String, String), Written>,
-    /// Since when the watched status of a policy shows other fleet fields than `written` holds.
-    differs_since: HashMap<(String, String), Instant>,
     /// What this leader wrote (and announced in Events) before another writer's fields made it
     /// read a policy's status afresh, until it writes its own again.
     announced: HashMap<(String, String), FleetFields>,
@@ -351,6 +349,15 @@ struct Written {
     /// shows once the watch catches up. Another manager's entries, which this leader's write
     /// cannot remove, are part of it.
     held: FleetFields,
+    /// Since when the watched policy shows other fleet fields than `held`.
+    differs_since: Option<Instant>,
+}
+
+impl Written {
+    /// Fields just written (or read) as `fields`, which the API server holds as `held`.
+    fn new(fields: FleetFields, held: FleetFields) -> Written {
+        Written { fields, held, differs_since: None }
+    }
 }
 
 impl FleetStatus {
@@ -374,7 +381,6 @@ impl FleetStatus {
             leader,
             watched,
             written: HashMap::new(),
-            differs_since: HashMap::new(),
             announced: HashMap::new(),
         }
     }
@@ -392,7 +398,6 @@ impl FleetStatus {
                     } else {
                         // Another replica writes meanwhile: read afresh when leading again.
                         self.written.clear();
-                        self.differs_since.clear();
                         self.announced.clear();
                     }
                 }
@@ -417,31 +422,28 @@ impl FleetStatus {
             }
         }
         self.written.retain(|key, _| seen.contains(key));
-        self.differs_since.retain(|key, _| seen.contains(key));
         self.announced.retain(|key, _| seen.contains(key));
     }
 
     /// Forgets what was written to `key` when the watched status has shown something else for
     /// longer than [`FOREIGN_WRITE_GRACE`], so that the status is read afresh.
     fn forget_if_overwritten(&mut self, key: &(String, String)) {
-        let Some(written) = self.written.get(key) else { return };
+        let Some(written) = self.written.get_mut(key) else { return };
         let reference = ObjectRef::<FallbackPolicy>::new(&key.1).within(&key.0);
         let watched = self.watched.iter().find_map(|store| store.get(&reference));
         let differs = watched.is_some_and(|policy| {
-            !FleetFields::held(&policy.status.clone().unwrap_or_default()).shows_the_same(&written.held)
+            !policy.status.as_ref().map(FleetFields::held).unwrap_or_default().shows_the_same(&written.held)
         });
         if !differs {
-            self.differs_since.remove(key);
+            written.differs_since = None;
             return;
         }
-        let since = *self.differs_since.entry(key.clone()).or_insert_with(Instant::now);
-        if since.elapsed() >= FOREIGN_WRITE_GRACE {
+        if written.differs_since.get_or_insert_with(Instant::now).elapsed() >= FOREIGN_WRITE_GRACE {
             tracing::info!(policy = %format!("{}/{}", key.0, key.1),
                 "the fleet status shows another writer's fields (a replica that led before, or an edit): writing it again");
             if let Some(written) = self.written.remove(key) {
                 self.announced.insert(key.clone(), written.fields);
             }
-            self.differs_since.remove(key);
         }
     }
 
@@ -458,7 +460,7 @@ impl FleetStatus {
         if !self.written.contains_key(key) {
             let Some(current) = api.get_opt(&key.1).await? else { return Ok(()) };
             let held = FleetFields::held(&current.status.unwrap_or_default());
-            self.written.insert(key.clone(), Written { fields: held.clone(), held });
+            self.written.insert(key.clone(), Written::new(held.clone(), held));
         }
         let before = self.written.get(key).map(|w| w.fields.clone()).unwrap_or_default();
         let desired = fields(policy, &key.0, decisions, sidecars, now_ms, &before);
@@ -501,8 +503,7 @@ impl FleetStatus {
             }
         }
         let held = FleetFields::held(&answered.status.unwrap_or_default());
-        self.written.insert(key.clone(), Written { fields: desired, held });
-        self.differs_since.remove(key);
+        self.written.insert(key.clone(), Written::new(desired, held));
         Ok(())
     }
 }
